@@ -1,0 +1,106 @@
+/*
+ * config: meshlet-proxy's JSON configuration (DESIGN.md, "meshlet-proxy"),
+ * validated whole before anything is bound. Relative file names are taken
+ * relative to the directory of the config file.
+ */
+#ifndef MESHLET_CONFIG_H
+#define MESHLET_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <jansson.h>
+#include "meshlet/identity.h"
+#include "meshlet/json.h"
+
+#define CONFIG_MAX_FILE (1024 * 1024)
+#define CONFIG_MAX_LISTENERS 64
+#define CONFIG_MAX_ENDPOINTS 256
+
+enum listener_protocol { PROTO_TCP = 0, PROTO_HTTP = 1 };
+
+/* A socket address given as "ip:port" or "[ipv6]:port" (hostnames are
+ * resolved once, at load). text keeps the form as written. */
+struct config_addr {
+	struct sockaddr_storage ss;
+	socklen_t len;
+	char text[128];
+};
+
+struct config_inbound {
+	struct config_addr listen;
+	struct config_addr forward;
+	struct config_addr advertise;
+	enum listener_protocol protocol;
+};
+
+struct config_outbound {
+	struct config_addr listen;
+	char service[SERVICE_NAME_MAX + 1];
+	enum listener_protocol protocol;
+	struct config_addr *endpoints;
+	size_t n_endpoints;
+};
+
+struct config_timeouts {            /* all in milliseconds */
+	uint32_t handshake_ms;          /* TLS handshake: default 10 s */
+	uint32_t connect_ms;            /* upstream TCP connect: default 5 s */
+	uint32_t idle_ms;               /* no bytes either way: default 300 s */
+	uint32_t drain_ms;              /* SIGTERM drain: default 30 s */
+};
+
+enum config_log_level { CONFIG_LOG_DEBUG, CONFIG_LOG_INFO, CONFIG_LOG_WARN, CONFIG_LOG_ERROR };
+
+struct config {
+	char *file;                     /* the config file as given */
+	char service[SERVICE_NAME_MAX + 1];
+	char trust_domain[TRUST_DOMAIN_MAX + 1];
+	char *state_dir;                /* default /var/lib/meshlet-proxy */
+
+	bool has_control;
+	char *control_url;
+	char *control_token_file;
+
+	bool has_tls;                   /* static mode */
+	char *tls_cert, *tls_key, *tls_bundle;
+	int tls_min_version;            /* TLS1_3_VERSION (default) or TLS1_2_VERSION */
+	char *tls_groups;               /* OpenSSL group list; NULL = library default */
+	char *policy_file;
+
+	struct config_inbound *inbound;   size_t n_inbound;
+	struct config_outbound *outbound; size_t n_outbound;
+
+	bool has_transparent;
+	struct config_addr transparent_listen;
+
+	struct config_addr admin_listen;  /* default 127.0.0.1:15000 */
+
+	int workers;                    /* 0 in the file = one per core, resolved here */
+	uint32_t max_connections;       /* per process; default 10000 */
+	struct config_timeouts timeouts;
+	enum config_log_level log_level; /* default info */
+	bool access_log;                 /* default true */
+};
+
+/*
+ * Validates doc (from the file at file, used for relative paths and for
+ * messages) into a new config. Every error names its JSON path. Returns 0
+ * and *out (free with config_free), or -EINVAL with err set.
+ */
+int config_parse(const json_t *doc, const char *file, struct config **out,
+                 struct meshlet_err *err);
+
+/* Reads file (json_load_strict) and config_parse()s it. */
+int config_load(const char *file, struct config **out, struct meshlet_err *err);
+
+void config_free(struct config *c);
+
+/* Parses "ip:port", "[ipv6]:port" or "host:port" into out. Returns 0 or -EINVAL
+ * with a reason in *why. */
+int config_parse_addr(const char *text, struct config_addr *out, const char **why);
+
+/* Port of an address, in host order. */
+uint16_t config_addr_port(const struct config_addr *a);
+
+#endif

@@ -1,0 +1,78 @@
+/*
+ * metrics: the counters, gauges and histogram of DESIGN.md, updated with
+ * relaxed atomics from any worker thread and rendered as Prometheus text.
+ */
+#ifndef MESHLET_METRICS_H
+#define MESHLET_METRICS_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <pthread.h>
+#include "meshlet/identity.h"
+
+enum metrics_direction { DIR_INBOUND = 0, DIR_OUTBOUND = 1, DIR_COUNT };
+
+/* Upper bounds (seconds) of meshlet_request_duration_seconds. */
+#define METRICS_DURATION_BUCKETS 12
+
+/* One (decision, rule) pair of meshlet_policy_decisions_total. */
+struct metrics_decision {
+	struct metrics_decision *next;
+	atomic_uint_fast64_t count;
+	int allow;
+	char rule[];
+};
+
+struct metrics {
+	atomic_uint_fast64_t connections_total[DIR_COUNT];
+	atomic_int_fast64_t connections_active[DIR_COUNT];
+	atomic_uint_fast64_t bytes_total[DIR_COUNT];
+	atomic_uint_fast64_t handshake_failures[ID_REASON_COUNT + 8]; /* see metrics_tls_reason */
+	atomic_uint_fast64_t http_requests[600];                      /* by status code */
+	atomic_uint_fast64_t duration_buckets[METRICS_DURATION_BUCKETS + 1]; /* last: +Inf */
+	atomic_uint_fast64_t duration_count;
+	atomic_uint_fast64_t duration_sum_us;
+	atomic_int_fast64_t cert_expiry;      /* unix seconds */
+	atomic_int_fast64_t config_version;
+	atomic_int_fast64_t control_connected;
+	pthread_mutex_t lock;                 /* guards the decisions list only */
+	struct metrics_decision *decisions;
+};
+
+/*
+ * Reasons for meshlet_tls_handshake_failures_total beyond identity's:
+ * indices ID_REASON_COUNT + n. Label strings from metrics_tls_reason_str().
+ */
+enum metrics_tls_reason {
+	TLS_FAIL_HANDSHAKE = ID_REASON_COUNT, /* "handshake": protocol error, alert */
+	TLS_FAIL_UNTRUSTED,                   /* "untrusted": chain did not verify */
+	TLS_FAIL_EXPIRED,                     /* "expired": a certificate out of its validity */
+	TLS_FAIL_NO_PEER_CERT,                /* "no_peer_certificate" */
+	TLS_FAIL_TIMEOUT,                     /* "timeout" */
+	TLS_FAIL_REASON_END
+};
+
+const char *metrics_tls_reason_str(int reason);
+
+struct metrics *metrics_new(void);
+void metrics_free(struct metrics *m);
+
+/*
+ * Returns the counter of (allow, rule), creating it on first use. The pointer
+ * stays valid until metrics_free: resolve once (e.g. per policy load) and
+ * bump with metrics_inc() on the hot path. NULL only on allocation failure.
+ */
+struct metrics_decision *metrics_decision(struct metrics *m, int allow, const char *rule);
+
+static inline void metrics_inc(atomic_uint_fast64_t *c) { atomic_fetch_add_explicit(c, 1, memory_order_relaxed); }
+static inline void metrics_add(atomic_uint_fast64_t *c, uint64_t n) { atomic_fetch_add_explicit(c, n, memory_order_relaxed); }
+
+void metrics_observe_duration(struct metrics *m, double seconds);
+void metrics_count_http(struct metrics *m, int status);
+
+/* Writes the Prometheus text exposition (version 0.0.4) of m to out.
+ * Returns 0 or -EIO. */
+int metrics_render(struct metrics *m, FILE *out);
+
+#endif
