@@ -1,1 +1,468 @@
-/* placeholder until implemented */
+/* tls: shared SSL_CTX construction and SVID verification for mutual TLS. */
+#include "meshlet/tls.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509v3.h>
+
+#include "meshlet/log.h"
+#include "meshlet/metrics.h"
+
+#define TLS_MAX_PEM_FILE (1024 * 1024)
+#define TLS_VERIFY_DEPTH 4
+
+/*
+ * What the verify callback needs from the context: copied at context build
+ * so the context does not depend on the lifetime of tls_material.
+ */
+struct tls_ctx_data {
+	enum identity_role peer_role;
+	char **revoked;
+	size_t n_revoked;
+	char trust_domain[TRUST_DOMAIN_MAX + 1];
+};
+
+/* Ex-data indices: set once by tls_init() before threads start. */
+static int ssl_verify_index = -1;
+static int ctx_data_index = -1;
+
+static void ctx_data_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                          void *argp)
+{
+	struct tls_ctx_data *d = ptr;
+
+	if (!d)
+		return;
+	for (size_t i = 0; i < d->n_revoked; i++)
+		free(d->revoked[i]);
+	free(d->revoked);
+	free(d);
+}
+
+int tls_init(void)
+{
+	if (ssl_verify_index >= 0)
+		return 0;
+	ssl_verify_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+	ctx_data_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, ctx_data_free);
+	return ssl_verify_index >= 0 && ctx_data_index >= 0 ? 0 : -EIO;
+}
+
+/* Most recent OpenSSL error as text, for messages; clears the queue. */
+static const char *ssl_error_text(char *buf, size_t len)
+{
+	unsigned long e = ERR_peek_last_error();
+
+	if (!e)
+		snprintf(buf, len, "unknown error");
+	else
+		ERR_error_string_n(e, buf, len);
+	ERR_clear_error();
+	return buf;
+}
+
+/* Reads a whole PEM file, refusing huge ones; returns a memory BIO. */
+static BIO *pem_open(const char *file, const char *what, struct meshlet_err *err)
+{
+	struct stat st;
+	BIO *bio;
+
+	if (stat(file, &st) < 0) {
+		err_set(err, "", "%s %s: %s", what, file, strerror(errno));
+		return NULL;
+	}
+	if (!S_ISREG(st.st_mode) || st.st_size > TLS_MAX_PEM_FILE) {
+		err_set(err, "", "%s %s: not a regular file of at most 1 MiB", what, file);
+		return NULL;
+	}
+	bio = BIO_new_file(file, "r");
+	if (!bio)
+		err_set(err, "", "%s %s: cannot open", what, file);
+	return bio;
+}
+
+/* All certificates of a PEM file, in order; NULL with err set if none. */
+static STACK_OF(X509) *load_cert_list(const char *file, const char *what, struct meshlet_err *err)
+{
+	STACK_OF(X509) *list;
+	X509 *x;
+	BIO *bio = pem_open(file, what, err);
+
+	if (!bio)
+		return NULL;
+	list = sk_X509_new_null();
+	while (list && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+		if (!sk_X509_push(list, x)) {
+			X509_free(x);
+			break;
+		}
+	}
+	ERR_clear_error();    /* the loop ends on a "no start line" error */
+	BIO_free(bio);
+	if (!list || sk_X509_num(list) == 0) {
+		sk_X509_pop_free(list, X509_free);
+		err_set(err, "", "%s %s: no PEM certificate in it", what, file);
+		return NULL;
+	}
+	return list;
+}
+
+static EVP_PKEY *load_key(const char *file, struct meshlet_err *err)
+{
+	char buf[256];
+	struct stat st;
+	EVP_PKEY *key;
+	BIO *bio = pem_open(file, "key", err);
+
+	if (!bio)
+		return NULL;
+	if (stat(file, &st) == 0 && (st.st_mode & 077))
+		log_warn("key %s is readable by group or others (mode %03o); use 0600",
+		         file, (unsigned)(st.st_mode & 0777));
+	key = PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL);
+	BIO_free(bio);
+	if (!key)
+		err_set(err, "", "key %s: %s", file, ssl_error_text(buf, sizeof(buf)));
+	return key;
+}
+
+time_t tls_cert_not_after(const X509 *cert)
+{
+	struct tm tm;
+	const ASN1_TIME *t = X509_get0_notAfter(cert);
+
+	if (!t || !ASN1_TIME_to_tm(t, &tm))
+		return 0;
+	return timegm(&tm);
+}
+
+/* Our own leaf must be a currently valid SVID of the trust domain. */
+static int check_own_leaf(struct tls_material *m, const char *file, const char *td,
+                          struct meshlet_err *err)
+{
+	enum identity_reason r;
+
+	m->id = calloc(1, sizeof(*m->id));
+	if (!m->id)
+		return err_set(err, "", "out of memory");
+	r = identity_check_svid(m->cert, td, ROLE_SERVER, m->id);
+	if (r == ID_OK)
+		r = identity_check_svid(m->cert, td, ROLE_CLIENT, m->id);
+	if (r != ID_OK)
+		return err_set(err, "", "cert %s: not a usable SVID of %s: %s", file, td,
+		               identity_reason_str(r));
+	if (X509_cmp_current_time(X509_get0_notBefore(m->cert)) > 0)
+		return err_set(err, "", "cert %s: not valid yet", file);
+	if (X509_cmp_current_time(X509_get0_notAfter(m->cert)) < 0)
+		return err_set(err, "", "cert %s: expired", file);
+	m->not_after = tls_cert_not_after(m->cert);
+	return 0;
+}
+
+int tls_material_load(const char *cert_file, const char *key_file, const char *bundle_file,
+                      const char *trust_domain, struct tls_material **out,
+                      struct meshlet_err *err)
+{
+	struct tls_material *m = calloc(1, sizeof(*m));
+	STACK_OF(X509) *certs = NULL;
+
+	if (!m)
+		return err_set(err, "", "out of memory");
+	certs = load_cert_list(cert_file, "cert", err);
+	if (!certs)
+		goto fail;
+	m->cert = sk_X509_shift(certs);
+	m->chain = certs;
+	m->key = load_key(key_file, err);
+	if (!m->key)
+		goto fail;
+	if (X509_check_private_key(m->cert, m->key) != 1) {
+		ERR_clear_error();
+		err_set(err, "", "key %s does not match cert %s", key_file, cert_file);
+		goto fail;
+	}
+	m->roots = load_cert_list(bundle_file, "bundle", err);
+	if (!m->roots)
+		goto fail;
+	if (check_own_leaf(m, cert_file, trust_domain, err) < 0)
+		goto fail;
+	*out = m;
+	return 0;
+fail:
+	tls_material_free(m);
+	return -EINVAL;
+}
+
+void tls_material_free(struct tls_material *m)
+{
+	if (!m)
+		return;
+	EVP_PKEY_free(m->key);
+	X509_free(m->cert);
+	sk_X509_pop_free(m->chain, X509_free);
+	sk_X509_pop_free(m->roots, X509_free);
+	for (size_t i = 0; i < m->n_revoked; i++)
+		free(m->revoked[i]);
+	free(m->revoked);
+	free(m->id);
+	free(m);
+}
+
+static int cmp_serial(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* True when the certificate's serial (lowercase hex) is on the sorted list. */
+static bool serial_revoked(X509 *cert, const struct tls_ctx_data *d)
+{
+	BIGNUM *bn;
+	char *hex, *p;
+	bool found;
+
+	if (d->n_revoked == 0)
+		return false;
+	bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), NULL);
+	hex = bn ? BN_bn2hex(bn) : NULL;
+	BN_free(bn);
+	if (!hex)
+		return true;    /* fail closed */
+	for (p = hex; *p; p++)
+		*p = (char)(*p >= 'A' && *p <= 'F' ? *p + 32 : *p);
+	p = hex;
+	while (*p == '0' && p[1])
+		p++;
+	found = bsearch(&p, d->revoked, d->n_revoked, sizeof(char *), cmp_serial) != NULL;
+	OPENSSL_free(hex);
+	return found;
+}
+
+static int chain_error_reason(int e)
+{
+	switch (e) {
+	case X509_V_ERR_CERT_HAS_EXPIRED:
+	case X509_V_ERR_CERT_NOT_YET_VALID:
+		return TLS_FAIL_EXPIRED;
+	default:
+		return TLS_FAIL_UNTRUSTED;
+	}
+}
+
+/* Checks the leaf (depth 0) as an SVID of the expected role and identity. */
+static int check_peer_leaf(X509 *leaf, const struct tls_ctx_data *d, struct tls_verify *v)
+{
+	struct spiffe_id id;
+	enum identity_reason r = identity_check_svid(leaf, d->trust_domain, d->peer_role, &id);
+
+	if (r == ID_OK && v && v->expect_id && strcmp(id.uri, v->expect_id) != 0)
+		r = ID_WRONG_IDENTITY;
+	if (r == ID_OK && !v->expect_id && id.service[0] == '\0')
+		r = ID_NOT_A_SERVICE;
+	if (r == ID_OK && serial_revoked(leaf, d))
+		r = ID_REVOKED;
+	return (int)r;
+}
+
+static int verify_cb(int preverify_ok, X509_STORE_CTX *store)
+{
+	SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
+	struct tls_verify *v = ssl ? SSL_get_ex_data(ssl, ssl_verify_index) : NULL;
+	const struct tls_ctx_data *d = ssl ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_data_index) : NULL;
+	int reason;
+
+	if (!v || !d)
+		return 0;    /* no verification state: never accept */
+	if (!preverify_ok) {
+		if (!v->reason)
+			v->reason = chain_error_reason(X509_STORE_CTX_get_error(store));
+		return 0;
+	}
+	if (X509_STORE_CTX_get_error_depth(store) != 0)
+		return 1;
+	reason = check_peer_leaf(X509_STORE_CTX_get_current_cert(store), d, v);
+	if (reason != ID_OK) {
+		v->reason = reason;
+		X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
+		return 0;
+	}
+	return 1;
+}
+
+static int attach_ctx_data(SSL_CTX *ctx, const struct tls_material *m, const char *td,
+                           enum identity_role peer_role)
+{
+	struct tls_ctx_data *d = calloc(1, sizeof(*d));
+
+	if (!d)
+		return -ENOMEM;
+	d->peer_role = peer_role;
+	snprintf(d->trust_domain, sizeof(d->trust_domain), "%s", td);
+	if (m->n_revoked) {
+		d->revoked = calloc(m->n_revoked, sizeof(char *));
+		for (size_t i = 0; d->revoked && i < m->n_revoked; i++) {
+			d->revoked[i] = strdup(m->revoked[i]);
+			if (!d->revoked[i])
+				break;
+			d->n_revoked = i + 1;
+		}
+		if (d->n_revoked != m->n_revoked) {
+			ctx_data_free(NULL, d, NULL, 0, 0, NULL);
+			return -ENOMEM;
+		}
+		qsort(d->revoked, d->n_revoked, sizeof(char *), cmp_serial);
+	}
+	if (!SSL_CTX_set_ex_data(ctx, ctx_data_index, d)) {
+		ctx_data_free(NULL, d, NULL, 0, 0, NULL);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+static X509_STORE *build_store(const struct tls_material *m)
+{
+	X509_STORE *store = X509_STORE_new();
+
+	if (!store)
+		return NULL;
+	for (int i = 0; i < sk_X509_num(m->roots); i++) {
+		if (!X509_STORE_add_cert(store, sk_X509_value(m->roots, i))) {
+			X509_STORE_free(store);
+			return NULL;
+		}
+	}
+	return store;
+}
+
+/* Settings common to both sides. */
+static SSL_CTX *ctx_common(const SSL_METHOD *method, const struct tls_material *m,
+                           const struct tls_options *o, enum identity_role peer_role,
+                           struct meshlet_err *err)
+{
+	char buf[256];
+	SSL_CTX *ctx = SSL_CTX_new(method);
+	X509_STORE *store = NULL;
+
+	if (!ctx)
+		goto fail;
+	SSL_CTX_set_min_proto_version(ctx, o->min_version ? o->min_version : TLS1_3_VERSION);
+	SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
+	                         SSL_OP_CIPHER_SERVER_PREFERENCE);
+	/* Small idle connections, moving retry buffers, partial writes for relaying. */
+	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE |
+	                      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+	SSL_CTX_set_read_ahead(ctx, 1);
+	if (!SSL_CTX_set1_groups_list(ctx, o->groups ? o->groups : "X25519:P-256")) {
+		err_set(err, "tls.groups", "unknown key-exchange group in \"%s\"",
+		        o->groups ? o->groups : "");
+		goto fail_quiet;
+	}
+	if (!SSL_CTX_set_cipher_list(ctx, "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+	                                  "ECDHE-ECDSA-CHACHA20-POLY1305"))
+		goto fail;
+	if (SSL_CTX_use_cert_and_key(ctx, m->cert, m->key, m->chain, 1) != 1)
+		goto fail;
+	store = build_store(m);
+	if (!store || !SSL_CTX_set1_verify_cert_store(ctx, store))
+		goto fail;
+	X509_STORE_free(store);
+	store = NULL;
+	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, verify_cb);
+	SSL_CTX_set_verify_depth(ctx, TLS_VERIFY_DEPTH);
+	if (attach_ctx_data(ctx, m, o->trust_domain, peer_role) < 0)
+		goto fail;
+	return ctx;
+fail:
+	err_set(err, "", "TLS context: %s", ssl_error_text(buf, sizeof(buf)));
+fail_quiet:
+	X509_STORE_free(store);
+	SSL_CTX_free(ctx);
+	return NULL;
+}
+
+SSL_CTX *tls_server_ctx(const struct tls_material *m, const struct tls_options *o,
+                        struct meshlet_err *err)
+{
+	static const unsigned char sid_ctx[] = "meshlet";
+	SSL_CTX *ctx = ctx_common(TLS_server_method(), m, o, ROLE_CLIENT, err);
+
+	if (!ctx)
+		return NULL;
+	/*
+	 * Stateless tickets only, one per handshake: no server-side cache to
+	 * grow, and the ticket keys are this context's own, so a new bundle
+	 * (a new context) invalidates every older session.
+	 */
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+	SSL_CTX_set_num_tickets(ctx, 1);
+	SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1);
+	return ctx;
+}
+
+SSL_CTX *tls_client_ctx(const struct tls_material *m, const struct tls_options *o,
+                        struct meshlet_err *err)
+{
+	SSL_CTX *ctx = ctx_common(TLS_client_method(), m, o, ROLE_SERVER, err);
+
+	if (!ctx)
+		return NULL;
+	/* The caller keeps sessions per upstream (new-session callback). */
+	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+	return ctx;
+}
+
+void tls_attach_verify(SSL *ssl, struct tls_verify *v)
+{
+	SSL_set_ex_data(ssl, ssl_verify_index, v);
+}
+
+int tls_peer_id(SSL *ssl, char *out, size_t len)
+{
+	X509 *peer = SSL_get0_peer_certificate(ssl);
+	GENERAL_NAMES *names;
+	int found = -ENOENT;
+
+	if (!peer)
+		return -ENOENT;
+	names = X509_get_ext_d2i(peer, NID_subject_alt_name, NULL, NULL);
+	for (int i = 0; names && i < sk_GENERAL_NAME_num(names); i++) {
+		const GENERAL_NAME *gn = sk_GENERAL_NAME_value(names, i);
+		const ASN1_IA5STRING *uri;
+
+		if (gn->type != GEN_URI)
+			continue;
+		uri = gn->d.uniformResourceIdentifier;
+		if ((size_t)uri->length >= len || found == 0) {
+			found = -ENOENT;    /* too long, or a second URI SAN */
+			break;
+		}
+		memcpy(out, uri->data, (size_t)uri->length);
+		out[uri->length] = '\0';
+		found = 0;
+	}
+	GENERAL_NAMES_free(names);
+	return found;
+}
+
+int tls_failure_reason(SSL *ssl, const struct tls_verify *v)
+{
+	unsigned long e;
+	int reason = TLS_FAIL_HANDSHAKE;
+
+	if (v && v->reason)
+		reason = v->reason;
+	else if ((e = ERR_peek_error()) != 0) {
+		if (ERR_GET_REASON(e) == SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE)
+			reason = TLS_FAIL_NO_PEER_CERT;
+		else if (ERR_GET_REASON(e) == SSL_R_CERTIFICATE_VERIFY_FAILED)
+			reason = chain_error_reason((int)SSL_get_verify_result(ssl));
+	}
+	ERR_clear_error();
+	return reason;
+}

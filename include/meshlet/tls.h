@@ -1,0 +1,100 @@
+/*
+ * tls: OpenSSL contexts for meshlet's mutual TLS.
+ *
+ * Credentials (our SVID, its key, the trust bundle) are loaded once per
+ * config snapshot into struct tls_material; from it one server SSL_CTX and
+ * one client SSL_CTX are built and shared by every connection of that
+ * snapshot. Peer identity checks run inside the verify callback, so a wrong
+ * peer fails the handshake with an alert rather than after it.
+ */
+#ifndef MESHLET_TLS_H
+#define MESHLET_TLS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <time.h>
+#include <openssl/ssl.h>
+#include "meshlet/identity.h"
+#include "meshlet/json.h"
+
+struct tls_material {
+	EVP_PKEY *key;
+	X509 *cert;                    /* our leaf SVID */
+	STACK_OF(X509) *chain;         /* intermediates sent after the leaf */
+	STACK_OF(X509) *roots;         /* trust bundle */
+	struct spiffe_id *id;          /* our identity, from the leaf */
+	time_t not_after;              /* leaf expiry */
+	char **revoked;                /* lowercase hex serials, sorted; may be NULL */
+	size_t n_revoked;
+};
+
+struct tls_options {
+	const char *trust_domain;
+	int min_version;               /* TLS1_3_VERSION or TLS1_2_VERSION */
+	const char *groups;            /* NULL: "X25519:P-256" */
+};
+
+/*
+ * Per-connection verification state, attached to the SSL with
+ * tls_attach_verify() before the handshake; the verify callback reads the
+ * role and expectation and records why it refused.
+ */
+struct tls_verify {
+	const char *expect_id;         /* exact SPIFFE ID the peer must present, or NULL */
+	int reason;                    /* 0, an enum identity_reason or metrics_tls_reason */
+};
+
+/* One-time process setup (ex-data index). Call before any thread starts.
+ * Returns 0 or -EIO. */
+int tls_init(void);
+
+/*
+ * Loads our certificate (leaf first, then intermediates), private key and
+ * bundle (one or more root certificates) from PEM files, checks that key and
+ * certificate match, that the leaf is a valid SVID of trust_domain, and that
+ * it is currently valid. Warns when the key file is readable by others.
+ * Returns 0 and *out (free with tls_material_free), or -errno with err set.
+ */
+int tls_material_load(const char *cert_file, const char *key_file, const char *bundle_file,
+                      const char *trust_domain, struct tls_material **out,
+                      struct meshlet_err *err);
+
+void tls_material_free(struct tls_material *m);
+
+/*
+ * Builds the context for accepting mutual TLS (server) or for connecting
+ * (client): our SVID and key, peer verification against the roots with the
+ * SVID checks of identity_check_svid(), TLS 1.3 (or 1.2 if min_version
+ * allows), released idle buffers, read-ahead. The server side issues one
+ * stateless ticket per handshake under keys private to this context, so
+ * sessions never outlive the material they were made under. The context
+ * keeps its own references: m may be freed afterwards.
+ * Returns the context (SSL_CTX_free) or NULL with err set.
+ */
+SSL_CTX *tls_server_ctx(const struct tls_material *m, const struct tls_options *o,
+                        struct meshlet_err *err);
+SSL_CTX *tls_client_ctx(const struct tls_material *m, const struct tls_options *o,
+                        struct meshlet_err *err);
+
+/* Attaches v (owned by the caller, must outlive the handshake) to ssl. */
+void tls_attach_verify(SSL *ssl, struct tls_verify *v);
+
+/*
+ * After a completed handshake: copies the peer's SPIFFE ID (already checked
+ * by the verify callback, or taken from a resumed session) into out.
+ * Returns 0, or -ENOENT when the peer presented no usable ID.
+ */
+int tls_peer_id(SSL *ssl, char *out, size_t len);
+
+/*
+ * Classifies a failed handshake: the reason the verify callback recorded,
+ * else one read from the OpenSSL error queue (no certificate, expired,
+ * untrusted, protocol). Clears the error queue. Returns a
+ * metrics_tls_reason-compatible index.
+ */
+int tls_failure_reason(SSL *ssl, const struct tls_verify *v);
+
+/* Expiry of a certificate as unix time (0 if unreadable). */
+time_t tls_cert_not_after(const X509 *cert);
+
+#endif

@@ -1,0 +1,234 @@
+/* admin: health, readiness, metrics and config over plain HTTP on loopback. */
+#include "admin.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <event2/buffer.h>
+#include <event2/http.h>
+#include <jansson.h>
+
+#include "meshlet/log.h"
+
+#define ADMIN_MAX_HEADERS 8192
+#define ADMIN_MAX_BODY 4096
+#define ADMIN_TIMEOUT_S 10
+
+struct admin_route {
+	enum evhttp_cmd_type method;
+	const char *path;
+	void (*handler)(struct meshlet_proxy *p, struct evhttp_request *req);
+};
+
+static void reply(struct evhttp_request *req, int code, const char *type, const char *body,
+                  size_t len)
+{
+	struct evbuffer *out = evbuffer_new();
+	struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+
+	evhttp_add_header(h, "Content-Type", type);
+	evhttp_add_header(h, "Cache-Control", "no-store");
+	if (out)
+		evbuffer_add(out, body, len);
+	evhttp_send_reply(req, code, NULL, out);
+	if (out)
+		evbuffer_free(out);
+}
+
+static void reply_json(struct evhttp_request *req, int code, json_t *doc)
+{
+	char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+
+	if (!text) {
+		reply(req, 500, "application/json", "{\"error\":\"out of memory\"}\n", 26);
+		return;
+	}
+	reply(req, code, "application/json", text, strlen(text));
+	free(text);
+}
+
+static void on_healthz(struct meshlet_proxy *p, struct evhttp_request *req)
+{
+	reply(req, 200, "text/plain", "ok\n", 3);
+}
+
+/* Ready = a policy and a currently valid SVID are loaded, and not draining. */
+static void on_ready(struct meshlet_proxy *p, struct evhttp_request *req)
+{
+	struct snapshot *s = proxy_snapshot(p);
+	const char *why = NULL;
+	json_t *doc;
+
+	if (atomic_load(&p->draining))
+		why = "draining";
+	else if (!s->policy)
+		why = "no policy loaded";
+	else if (s->cert_not_after <= time(NULL))
+		why = "certificate expired";
+	doc = json_pack("{s:b, s:s, s:I, s:s?}", "ready", why == NULL, "identity", s->self_id,
+	                "config_version", (json_int_t)s->version, "reason", why);
+	reply_json(req, why ? 503 : 200, doc);
+	json_decref(doc);
+	snapshot_unref(s);
+}
+
+static void on_metrics(struct meshlet_proxy *p, struct evhttp_request *req)
+{
+	char *text = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&text, &len);
+
+	if (!f || metrics_render(p->metrics, f) < 0) {
+		if (f)
+			fclose(f);
+		free(text);
+		reply(req, 500, "text/plain", "metrics unavailable\n", 20);
+		return;
+	}
+	fclose(f);
+	reply(req, 200, "text/plain; version=0.0.4", text, len);
+	free(text);
+}
+
+static const char *proto_str(enum listener_protocol pr)
+{
+	return pr == PROTO_HTTP ? "http" : "tcp";
+}
+
+static json_t *inbound_json(const struct config *c)
+{
+	json_t *a = json_array();
+
+	for (size_t i = 0; a && i < c->n_inbound; i++)
+		json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:s}",
+		        "listen", c->inbound[i].listen.text, "forward", c->inbound[i].forward.text,
+		        "advertise", c->inbound[i].advertise.text,
+		        "protocol", proto_str(c->inbound[i].protocol)));
+	return a;
+}
+
+static json_t *outbound_json(const struct config *c)
+{
+	json_t *a = json_array();
+
+	for (size_t i = 0; a && i < c->n_outbound; i++) {
+		json_t *eps = json_array();
+
+		for (size_t j = 0; eps && j < c->outbound[i].n_endpoints; j++)
+			json_array_append_new(eps, json_string(c->outbound[i].endpoints[j].text));
+		json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:o*}",
+		        "listen", c->outbound[i].listen.text, "service", c->outbound[i].service,
+		        "protocol", proto_str(c->outbound[i].protocol), "endpoints", eps));
+	}
+	return a;
+}
+
+/* The running config: file names but never key material (not even the key's path). */
+static void on_config(struct meshlet_proxy *p, struct evhttp_request *req)
+{
+	struct snapshot *s = proxy_snapshot(p);
+	const struct config *c = s->cfg;
+	json_t *doc = json_pack("{s:I, s:s, s:s, s:s, s:I, s:s, s:{s:s?, s:s?, s:s}, s:s?,"
+	                        " s:{s:i, s:s}, s:o*, s:o*, s:s, s:i, s:i,"
+	                        " s:{s:f, s:f, s:f, s:f}}",
+	        "version", (json_int_t)s->version, "service", c->service,
+	        "trust_domain", c->trust_domain, "identity", s->self_id,
+	        "cert_expires_at", (json_int_t)s->cert_not_after,
+	        "mode", c->has_tls ? "static" : "control",
+	        "tls", "cert", c->tls_cert, "bundle", c->tls_bundle,
+	        "min_version", c->tls_min_version == TLS1_2_VERSION ? "1.2" : "1.3",
+	        "policy_file", c->policy_file,
+	        "policy", "rules", (int)(s->policy ? s->policy->n_rules : 0),
+	        "default", s->policy ? policy_action_str(s->policy->default_action) : "deny",
+	        "inbound", inbound_json(c), "outbound", outbound_json(c),
+	        "admin", c->admin_listen.text, "workers", c->workers,
+	        "max_connections", (int)c->max_connections,
+	        "timeouts", "handshake_seconds", c->timeouts.handshake_ms / 1000.0,
+	        "connect_seconds", c->timeouts.connect_ms / 1000.0,
+	        "idle_seconds", c->timeouts.idle_ms / 1000.0,
+	        "drain_seconds", c->timeouts.drain_ms / 1000.0);
+
+	reply_json(req, doc ? 200 : 500, doc);
+	json_decref(doc);
+	snapshot_unref(s);
+}
+
+static void on_drain(struct meshlet_proxy *p, struct evhttp_request *req)
+{
+	proxy_drain(p, false);
+	reply(req, 200, "application/json", "{\"draining\":true}\n", 18);
+}
+
+static const struct admin_route routes[] = {
+	{ EVHTTP_REQ_GET, "/healthz", on_healthz },
+	{ EVHTTP_REQ_GET, "/ready", on_ready },
+	{ EVHTTP_REQ_GET, "/metrics", on_metrics },
+	{ EVHTTP_REQ_GET, "/config", on_config },
+	{ EVHTTP_REQ_POST, "/drain", on_drain },
+};
+
+static void on_request(struct evhttp_request *req, void *arg)
+{
+	const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+	const char *path = uri ? evhttp_uri_get_path(uri) : NULL;
+	enum evhttp_cmd_type method = evhttp_request_get_command(req);
+	bool path_known = false;
+
+	for (size_t i = 0; path && i < sizeof(routes) / sizeof(routes[0]); i++) {
+		if (strcmp(path, routes[i].path) != 0)
+			continue;
+		path_known = true;
+		if (routes[i].method == method ||
+		    (method == EVHTTP_REQ_HEAD && routes[i].method == EVHTTP_REQ_GET)) {
+			routes[i].handler(arg, req);
+			return;
+		}
+	}
+	if (path_known) {
+		evhttp_add_header(evhttp_request_get_output_headers(req), "Allow",
+		                  strcmp(path, "/drain") == 0 ? "POST" : "GET, HEAD");
+		reply(req, 405, "application/json", "{\"error\":\"method not allowed\"}\n", 31);
+		return;
+	}
+	reply(req, 404, "application/json", "{\"error\":\"not found\"}\n", 22);
+}
+
+int admin_start(struct meshlet_proxy *p)
+{
+	const struct config_addr *a = &p->snap->cfg->admin_listen;
+	struct evhttp_bound_socket *sock;
+	char host[128];
+	const char *colon;
+
+	p->admin = evhttp_new(p->base);
+	if (!p->admin)
+		return -ENOMEM;
+	evhttp_set_max_headers_size(p->admin, ADMIN_MAX_HEADERS);
+	evhttp_set_max_body_size(p->admin, ADMIN_MAX_BODY);
+	evhttp_set_timeout(p->admin, ADMIN_TIMEOUT_S);
+	evhttp_set_allowed_methods(p->admin, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD | EVHTTP_REQ_POST);
+	evhttp_set_gencb(p->admin, on_request, p);
+	/* evhttp binds by host and port: split the validated "host:port" text. */
+	colon = strrchr(a->text, ':');
+	snprintf(host, sizeof(host), "%.*s", (int)(colon - a->text), a->text);
+	if (host[0] == '[') {
+		memmove(host, host + 1, strlen(host));
+		host[strlen(host) - 1] = '\0';
+	}
+	sock = evhttp_bind_socket_with_handle(p->admin, host, config_addr_port(a));
+	if (!sock) {
+		log_error("cannot listen on admin address %s: %s", a->text, strerror(errno));
+		return -EADDRINUSE;
+	}
+	return 0;
+}
+
+void admin_stop(struct meshlet_proxy *p)
+{
+	if (p->admin)
+		evhttp_free(p->admin);
+	p->admin = NULL;
+}

@@ -1,0 +1,940 @@
+/* conn: the per-connection state machine and the TLS <-> plain relay. */
+#include "conn.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event_struct.h>
+#include <openssl/err.h>
+
+#include "meshlet/log.h"
+
+/*
+ * One TLS record of plaintext: each read fills at most one record, so a
+ * read is followed by exactly one SSL_write (one record, one send).
+ */
+#define RELAY_BUF_SIZE 16384
+/* Buffers a worker keeps for reuse; more are returned to malloc. */
+#define RELAY_FREE_MAX 256
+/* Read/write rounds per wakeup before yielding to other connections. */
+#define RELAY_ROUNDS 16
+
+struct relay_buf {
+	struct relay_buf *next;
+	uint32_t off, len;
+	char data[RELAY_BUF_SIZE];
+};
+
+/* Readiness we learned from events and lost on EAGAIN (bits of c->ready). */
+enum {
+	PLAIN_R = 1 << 0,
+	PLAIN_W = 1 << 1,
+	TLS_R = 1 << 2,
+	TLS_W = 1 << 3,
+};
+
+struct conn {
+	struct conn *prev, *next;
+	struct worker *w;
+	struct snapshot *snap;
+	uint64_t id;
+	enum conn_state state;
+	enum metrics_direction dir;
+	bool inbound;
+	uint16_t listener;
+	uint16_t endpoint;          /* outbound: endpoint being tried or used */
+	uint16_t tries;             /* outbound: endpoints tried so far */
+	uint8_t ready;
+	bool plain_eof, tls_eof;    /* read EOF seen on that side */
+	bool plain_shut, tls_shut;  /* EOF passed on to that side */
+	bool decided;
+	enum policy_action decision;
+	int tls_fd, plain_fd;
+	short tls_reg, plain_reg;   /* events registered now */
+	short ssl_read_wants, ssl_write_wants;
+	SSL *ssl;
+	struct event tls_ev, plain_ev;
+	struct relay_buf *up;       /* plain -> TLS */
+	struct relay_buf *down;     /* TLS -> plain */
+	struct tls_verify verify;
+	const char *rule;           /* deciding rule, owned by snap */
+	char *peer;                 /* verified SPIFFE ID */
+	uint64_t bytes_up, bytes_down;
+	struct timespec started;    /* CLOCK_MONOTONIC */
+	struct timespec started_wall;
+	time_t last_active;         /* event-base cached seconds */
+	struct sockaddr_storage from;
+};
+
+static const char *const state_names[] = {
+	[CONN_HANDSHAKE] = "handshake",
+	[CONN_AUTHORIZING] = "authorizing",
+	[CONN_CONNECTING] = "connecting",
+	[CONN_RELAYING] = "relaying",
+	[CONN_CLOSED] = "closed",
+};
+
+static const char *const reason_names[] = {
+	[CR_DONE] = "done",
+	[CR_DENIED] = "denied",
+	[CR_HANDSHAKE_FAILED] = "handshake_failed",
+	[CR_HANDSHAKE_TIMEOUT] = "handshake_timeout",
+	[CR_UPSTREAM_REFUSED] = "upstream_refused",
+	[CR_UPSTREAM_TIMEOUT] = "upstream_timeout",
+	[CR_IDLE_TIMEOUT] = "idle_timeout",
+	[CR_RESET] = "reset",
+	[CR_TLS_ERROR] = "tls_error",
+	[CR_DRAIN_TIMEOUT] = "drain_timeout",
+	[CR_OVERLOAD] = "overload",
+	[CR_INTERNAL] = "internal_error",
+	[CR_EXPIRED_SESSION] = "expired_peer_certificate",
+};
+
+const char *conn_reason_str(enum conn_reason r)
+{
+	return (size_t)r < sizeof(reason_names) / sizeof(reason_names[0]) ? reason_names[r] : "?";
+}
+
+static void conn_step(struct conn *c, bool tls_side);
+static void on_tls_event(evutil_socket_t fd, short what, void *arg);
+static void on_plain_event(evutil_socket_t fd, short what, void *arg);
+
+/* ---- buffers ---------------------------------------------------------- */
+
+static struct relay_buf *buf_get(struct worker *w)
+{
+	struct relay_buf *b = w->free_bufs;
+
+	if (b) {
+		w->free_bufs = b->next;
+		w->n_free_bufs--;
+	} else {
+		b = malloc(sizeof(*b));
+		if (!b)
+			return NULL;
+	}
+	b->off = b->len = 0;
+	b->next = NULL;
+	return b;
+}
+
+static void buf_put(struct worker *w, struct relay_buf *b)
+{
+	if (!b)
+		return;
+	if (w->n_free_bufs >= RELAY_FREE_MAX) {
+		free(b);
+		return;
+	}
+	b->next = w->free_bufs;
+	w->free_bufs = b;
+	w->n_free_bufs++;
+}
+
+void conn_free_buffers(struct worker *w)
+{
+	while (w->free_bufs) {
+		struct relay_buf *b = w->free_bufs;
+
+		w->free_bufs = b->next;
+		free(b);
+	}
+	w->n_free_bufs = 0;
+}
+
+/* ---- helpers ---------------------------------------------------------- */
+
+static const struct config *conn_cfg(const struct conn *c)
+{
+	return c->snap->cfg;
+}
+
+static const struct timeval *timeout_of(struct conn *c, uint32_t ms)
+{
+	struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
+
+	/* Common timeouts: O(1) queues shared by every connection of the base. */
+	return event_base_init_common_timeout(c->w->base, &tv);
+}
+
+static void set_state(struct conn *c, enum conn_state s)
+{
+	log_debug("conn %llu: %s -> %s", (unsigned long long)c->id, state_names[c->state],
+	          state_names[s]);
+	c->state = s;
+}
+
+static void touch(struct conn *c)
+{
+	struct timeval now;
+
+	event_base_gettimeofday_cached(c->w->base, &now);
+	c->last_active = now.tv_sec;
+}
+
+static void addr_text(const struct sockaddr_storage *ss, char *out, size_t len)
+{
+	char host[INET6_ADDRSTRLEN] = "?";
+	unsigned port = 0;
+
+	if (ss->ss_family == AF_INET) {
+		const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+
+		inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+		port = ntohs(a->sin_port);
+		snprintf(out, len, "%s:%u", host, port);
+	} else if (ss->ss_family == AF_INET6) {
+		const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+
+		inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+		port = ntohs(a->sin6_port);
+		snprintf(out, len, "[%s]:%u", host, port);
+	} else {
+		snprintf(out, len, "?");
+	}
+}
+
+static const struct config_addr *conn_destination(const struct conn *c)
+{
+	const struct config *cfg = conn_cfg(c);
+
+	if (c->inbound)
+		return &cfg->inbound[c->listener].forward;
+	if (cfg->outbound[c->listener].n_endpoints == 0)
+		return NULL;
+	return &cfg->outbound[c->listener].endpoints[c->endpoint];
+}
+
+static double elapsed_ms(const struct timespec *since)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return (double)(now.tv_sec - since->tv_sec) * 1e3 + (double)(now.tv_nsec - since->tv_nsec) / 1e6;
+}
+
+/* One JSON line per connection: who, where, what was decided, how it ended. */
+static void access_log(struct conn *c, enum conn_reason reason, int tls_reason)
+{
+	char line[2048], when[40], from[80], peer[SPIFFE_ID_MAX * 2 + 8] = "null";
+	char tls_err[96] = "null", rule[POLICY_RULE_NAME_MAX * 2 + 8] = "null";
+	const struct config_addr *dest = conn_destination(c);
+	int n;
+
+	if (!conn_cfg(c)->access_log)
+		return;
+	log_format_time(when, sizeof(when), c->started_wall.tv_sec, c->started_wall.tv_nsec);
+	addr_text(&c->from, from, sizeof(from));
+	if (c->peer) {
+		peer[0] = '"';
+		n = (int)log_json_escape(peer + 1, sizeof(peer) - 2, c->peer);
+		snprintf(peer + 1 + n, sizeof(peer) - 1 - (size_t)n, "\"");
+	}
+	if (c->rule) {
+		rule[0] = '"';
+		n = (int)log_json_escape(rule + 1, sizeof(rule) - 2, c->rule);
+		snprintf(rule + 1 + n, sizeof(rule) - 1 - (size_t)n, "\"");
+	}
+	if (tls_reason)
+		snprintf(tls_err, sizeof(tls_err), "\"%s\"", metrics_tls_reason_str(tls_reason));
+	n = snprintf(line, sizeof(line),
+	             "{\"time\":\"%s\",\"conn\":%llu,\"direction\":\"%s\",\"protocol\":\"tcp\","
+	             "\"source\":\"%s\",\"peer\":%s,\"destination\":\"%s\",\"decision\":%s%s%s,"
+	             "\"rule\":%s,\"status\":\"%s\",\"tls_error\":%s,\"bytes_in\":%llu,"
+	             "\"bytes_out\":%llu,\"duration_ms\":%.3f}",
+	             when, (unsigned long long)c->id, c->inbound ? "inbound" : "outbound", from,
+	             peer, dest ? dest->text : "", c->decided ? "\"" : "",
+	             c->decided ? policy_action_str(c->decision) : "null", c->decided ? "\"" : "",
+	             rule, conn_reason_str(reason), tls_err,
+	             (unsigned long long)(c->inbound ? c->bytes_down : c->bytes_up),
+	             (unsigned long long)(c->inbound ? c->bytes_up : c->bytes_down),
+	             elapsed_ms(&c->started));
+	if (n > 0 && (size_t)n < sizeof(line))
+		log_access(line, (size_t)n);
+}
+
+/* ---- the one way out -------------------------------------------------- */
+
+static void unlink_conn(struct conn *c)
+{
+	struct worker *w = c->w;
+
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		w->conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	w->n_conns--;
+}
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+/*
+ * Logs once and frees everything the connection holds. tls_reason is set
+ * for handshake failures (metric label and access log).
+ */
+static void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
+{
+	struct worker *w = c->w;
+	struct metrics *m = w->p->metrics;
+
+	if (reason != CR_DONE && reason != CR_DENIED)
+		log_debug("conn %llu: closed in %s: %s", (unsigned long long)c->id,
+		          state_names[c->state], conn_reason_str(reason));
+	set_state(c, CONN_CLOSED);
+	access_log(c, reason, tls_reason);
+	if (event_initialized(&c->tls_ev))
+		event_del(&c->tls_ev);
+	if (event_initialized(&c->plain_ev))
+		event_del(&c->plain_ev);
+	if (c->ssl) {
+		/* A close_notify only when the handshake finished and we did not send one yet. */
+		if (SSL_is_init_finished(c->ssl) && !c->tls_shut && reason != CR_RESET)
+			SSL_shutdown(c->ssl);
+		SSL_free(c->ssl);
+		ERR_clear_error();
+	}
+	close_fd(&c->tls_fd);
+	close_fd(&c->plain_fd);
+	buf_put(w, c->up);
+	buf_put(w, c->down);
+	metrics_add(&m->bytes_total[c->dir], c->bytes_up + c->bytes_down);
+	atomic_fetch_sub_explicit(&m->connections_active[c->dir], 1, memory_order_relaxed);
+	atomic_fetch_sub_explicit(&w->p->open_conns, 1, memory_order_relaxed);
+	unlink_conn(c);
+	snapshot_unref(c->snap);
+	free(c->peer);
+	free(c);
+	if (w->draining)
+		worker_maybe_finish(w);
+}
+
+void conn_close_all(struct worker *w, enum conn_reason reason)
+{
+	while (w->conns)
+		conn_close(w->conns, reason, 0);
+}
+
+/* ---- event registration ----------------------------------------------- */
+
+/*
+ * Makes ev wait for exactly `what` (EV_READ/EV_WRITE, 0 = nothing), with an
+ * optional timeout. The event stays persistent; changing the flags costs
+ * one epoll change, keeping them costs nothing.
+ */
+static void watch(struct conn *c, struct event *ev, short *reg, int fd, short what,
+                  const struct timeval *tv, event_callback_fn cb)
+{
+	if (what != *reg || !event_initialized(ev)) {
+		if (event_initialized(ev))
+			event_del(ev);
+		event_assign(ev, c->w->base, fd, what | EV_PERSIST, cb, c);
+		*reg = what;
+		if (what || tv)
+			event_add(ev, tv);
+		return;
+	}
+	if (tv && !event_pending(ev, EV_TIMEOUT, NULL))
+		event_add(ev, tv);
+}
+
+static void watch_tls(struct conn *c, short what, uint32_t timeout_ms)
+{
+	watch(c, &c->tls_ev, &c->tls_reg, c->tls_fd, what,
+	      timeout_ms ? timeout_of(c, timeout_ms) : NULL, on_tls_event);
+}
+
+static void watch_plain(struct conn *c, short what, uint32_t timeout_ms)
+{
+	watch(c, &c->plain_ev, &c->plain_reg, c->plain_fd, what,
+	      timeout_ms ? timeout_of(c, timeout_ms) : NULL, on_plain_event);
+}
+
+/* ---- relay -------------------------------------------------------------- */
+
+static short want_bit(short ev_flag)
+{
+	return ev_flag == EV_READ ? TLS_R : TLS_W;
+}
+
+static bool tls_ready_for(const struct conn *c, short wants)
+{
+	return (c->ready & want_bit(wants)) != 0;
+}
+
+/* Classifies a failed SSL_read/SSL_write. Returns 1 to retry later, 0 on
+ * clean EOF (reads only), -1 on a fatal error. */
+static int ssl_retry(struct conn *c, int rc, short *wants)
+{
+	int e = SSL_get_error(c->ssl, rc);
+
+	switch (e) {
+	case SSL_ERROR_WANT_READ:
+		*wants = EV_READ;
+		c->ready &= (uint8_t)~TLS_R;
+		return 1;
+	case SSL_ERROR_WANT_WRITE:
+		*wants = EV_WRITE;
+		c->ready &= (uint8_t)~TLS_W;
+		return 1;
+	case SSL_ERROR_ZERO_RETURN:
+		return 0;
+	case SSL_ERROR_SSL:
+		/* A peer that closes TCP without close_notify ends its stream too. */
+		if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+			ERR_clear_error();
+			return 0;
+		}
+		return -1;
+	default:
+		return -1;
+	}
+}
+
+/* plain -> TLS. Returns progress (0/1) or -1 when the connection closed. */
+static int relay_up(struct conn *c)
+{
+	int progress = 0;
+
+	if (!c->up && !c->plain_eof && (c->ready & PLAIN_R)) {
+		struct relay_buf *b = buf_get(c->w);
+		ssize_t n;
+
+		if (!b)
+			return conn_close(c, CR_INTERNAL, 0), -1;
+		n = recv(c->plain_fd, b->data, sizeof(b->data), 0);
+		if (n > 0) {
+			b->len = (uint32_t)n;
+			c->up = b;
+			/* A short read drained the socket: skip the EAGAIN round trip. */
+			if ((size_t)n < sizeof(b->data))
+				c->ready &= (uint8_t)~PLAIN_R;
+			progress = 1;
+		} else {
+			buf_put(c->w, b);
+			if (n == 0) {
+				c->plain_eof = true;
+				progress = 1;
+			} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+				c->ready &= (uint8_t)~PLAIN_R;
+			} else if (errno != EINTR) {
+				return conn_close(c, CR_RESET, 0), -1;
+			}
+		}
+	}
+	if (c->up && tls_ready_for(c, c->ssl_write_wants)) {
+		int n = SSL_write(c->ssl, c->up->data + c->up->off, (int)(c->up->len - c->up->off));
+
+		if (n > 0) {
+			c->up->off += (uint32_t)n;
+			c->bytes_up += (uint64_t)n;
+			c->ssl_write_wants = EV_WRITE;
+			if (c->up->off == c->up->len) {
+				buf_put(c->w, c->up);
+				c->up = NULL;
+			}
+			progress = 1;
+		} else if (ssl_retry(c, n, &c->ssl_write_wants) <= 0) {
+			return conn_close(c, CR_RESET, 0), -1;
+		}
+	}
+	if (!c->up && c->plain_eof && !c->tls_shut) {
+		/* close_notify: TLS 1.3 half-close; reading the other way goes on. */
+		int rc = SSL_shutdown(c->ssl);
+
+		if (rc >= 0 || ssl_retry(c, rc, &c->ssl_write_wants) < 0) {
+			c->tls_shut = true;
+			ERR_clear_error();
+			progress = 1;
+		}
+	}
+	return progress;
+}
+
+/* TLS -> plain. Returns progress (0/1) or -1 when the connection closed. */
+static int relay_down(struct conn *c)
+{
+	int progress = 0;
+
+	if (!c->down && !c->tls_eof &&
+	    (tls_ready_for(c, c->ssl_read_wants) || SSL_has_pending(c->ssl))) {
+		struct relay_buf *b = buf_get(c->w);
+		int n, r;
+
+		if (!b)
+			return conn_close(c, CR_INTERNAL, 0), -1;
+		n = SSL_read(c->ssl, b->data, (int)sizeof(b->data));
+		if (n > 0) {
+			b->len = (uint32_t)n;
+			c->down = b;
+			c->ssl_read_wants = EV_READ;
+			progress = 1;
+		} else {
+			buf_put(c->w, b);
+			r = ssl_retry(c, n, &c->ssl_read_wants);
+			if (r < 0)
+				return conn_close(c, CR_TLS_ERROR, 0), -1;
+			if (r == 0) {
+				c->tls_eof = true;
+				progress = 1;
+			}
+		}
+	}
+	if (c->down && (c->ready & PLAIN_W)) {
+		ssize_t n = send(c->plain_fd, c->down->data + c->down->off,
+		                 c->down->len - c->down->off, MSG_NOSIGNAL);
+
+		if (n > 0) {
+			c->down->off += (uint32_t)n;
+			c->bytes_down += (uint64_t)n;
+			if (c->down->off == c->down->len) {
+				buf_put(c->w, c->down);
+				c->down = NULL;
+			} else {
+				c->ready &= (uint8_t)~PLAIN_W;
+			}
+			progress = 1;
+		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			c->ready &= (uint8_t)~PLAIN_W;
+		} else if (n < 0 && errno != EINTR) {
+			return conn_close(c, CR_RESET, 0), -1;
+		}
+	}
+	if (!c->down && c->tls_eof && !c->plain_shut) {
+		shutdown(c->plain_fd, SHUT_WR);
+		c->plain_shut = true;
+		progress = 1;
+	}
+	return progress;
+}
+
+/* Registers for what the relay is waiting on; each side also carries the idle timer. */
+static void relay_watch(struct conn *c)
+{
+	uint32_t idle = conn_cfg(c)->timeouts.idle_ms;
+	short plain = 0, tls = 0;
+
+	if (!c->up && !c->plain_eof && !(c->ready & PLAIN_R))
+		plain |= EV_READ;
+	if (c->down && !(c->ready & PLAIN_W))
+		plain |= EV_WRITE;
+	if (!c->down && !c->tls_eof && !tls_ready_for(c, c->ssl_read_wants))
+		tls |= c->ssl_read_wants;
+	if ((c->up || (c->plain_eof && !c->tls_shut)) && !tls_ready_for(c, c->ssl_write_wants))
+		tls |= c->ssl_write_wants;
+	watch_plain(c, plain, idle);
+	watch_tls(c, tls, idle);
+}
+
+static void relay(struct conn *c)
+{
+	int rounds = 0, progress;
+
+	do {
+		int up = relay_up(c), down;
+
+		if (up < 0)
+			return;
+		down = relay_down(c);
+		if (down < 0)
+			return;
+		progress = up + down;
+	} while (progress && ++rounds < RELAY_ROUNDS);
+	if (rounds)
+		touch(c);
+	if (c->plain_eof && c->tls_eof && c->tls_shut && c->plain_shut && !c->up && !c->down) {
+		conn_close(c, CR_DONE, 0);
+		return;
+	}
+	relay_watch(c);
+	if (progress) {
+		/* Out of rounds with work left: come back after other connections ran. */
+		event_active(&c->tls_ev, 0, 0);
+	}
+}
+
+/* ---- connect ------------------------------------------------------------ */
+
+static void set_nodelay(int fd)
+{
+	int one = 1;
+
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+/* Starts a non-blocking connect to a. Returns the fd (connecting), or -errno. */
+static int start_connect(const struct config_addr *a)
+{
+	int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+
+	if (fd < 0)
+		return -errno;
+	set_nodelay(fd);
+	if (connect(fd, (const struct sockaddr *)&a->ss, a->len) < 0 && errno != EINPROGRESS) {
+		int e = errno;
+
+		close(fd);
+		return -e;
+	}
+	return fd;
+}
+
+static int *upstream_fd(struct conn *c)
+{
+	return c->inbound ? &c->plain_fd : &c->tls_fd;
+}
+
+static void watch_upstream(struct conn *c, short what, uint32_t ms)
+{
+	if (c->inbound)
+		watch_plain(c, what, ms);
+	else
+		watch_tls(c, what, ms);
+}
+
+static void outbound_handshake_start(struct conn *c);
+static void relay_start(struct conn *c);
+
+/* Connects to the current destination; outbound moves to the next endpoint on failure. */
+static void connect_next(struct conn *c)
+{
+	const struct config *cfg = conn_cfg(c);
+	size_t n_eps = c->inbound ? 1 : cfg->outbound[c->listener].n_endpoints;
+
+	while (c->tries < n_eps) {
+		const struct config_addr *dest;
+		int fd;
+
+		if (!c->inbound)
+			c->endpoint = (uint16_t)((c->endpoint + (c->tries ? 1 : 0)) % n_eps);
+		c->tries++;
+		dest = conn_destination(c);
+		fd = start_connect(dest);
+		if (fd >= 0) {
+			*upstream_fd(c) = fd;
+			set_state(c, CONN_CONNECTING);
+			watch_upstream(c, EV_WRITE, cfg->timeouts.connect_ms);
+			return;
+		}
+		log_warn("conn %llu: connect to %s failed: %s", (unsigned long long)c->id,
+		         dest->text, strerror(-fd));
+	}
+	conn_close(c, CR_UPSTREAM_REFUSED, 0);
+}
+
+static void connect_done(struct conn *c)
+{
+	int *fd = upstream_fd(c);
+	int err = 0;
+	socklen_t len = sizeof(err);
+
+	if (getsockopt(*fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+		err = errno;
+	if (err == EINPROGRESS)
+		return;
+	if (err) {
+		log_warn("conn %llu: connect to %s failed: %s", (unsigned long long)c->id,
+		         conn_destination(c)->text, strerror(err));
+		watch_upstream(c, 0, 0);
+		close_fd(fd);
+		connect_next(c);
+		return;
+	}
+	if (c->inbound)
+		relay_start(c);
+	else
+		outbound_handshake_start(c);
+}
+
+/* ---- handshake and authorization -------------------------------------- */
+
+static void authorize(struct conn *c)
+{
+	const struct config *cfg = conn_cfg(c);
+	struct policy_request req = {
+		.peer_id = c->peer,
+		.port = config_addr_port(&cfg->inbound[c->listener].forward),
+	};
+	struct policy_decision d = policy_eval(c->snap->policy, &req);
+	struct metrics_decision *counter = snapshot_decision_counter(c->snap, &d);
+
+	set_state(c, CONN_AUTHORIZING);
+	c->decided = true;
+	c->decision = d.action;
+	c->rule = policy_decision_rule(&d);
+	if (counter)
+		metrics_inc(&counter->count);
+	watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
+	if (d.action != POLICY_ALLOW) {
+		log_info("conn %llu: %s denied by rule %s", (unsigned long long)c->id, c->peer, c->rule);
+		conn_close(c, CR_DENIED, 0);
+		return;
+	}
+	connect_next(c);
+}
+
+static bool peer_cert_expired(SSL *ssl)
+{
+	X509 *peer = SSL_get0_peer_certificate(ssl);
+
+	return !peer || X509_cmp_current_time(X509_get0_notAfter(peer)) < 0;
+}
+
+static void handshake_done(struct conn *c)
+{
+	char id[SPIFFE_ID_MAX + 1];
+
+	/* A resumed session skips verification: its certificate may have expired since. */
+	if (SSL_session_reused(c->ssl) && peer_cert_expired(c->ssl)) {
+		conn_close(c, CR_EXPIRED_SESSION, 0);
+		return;
+	}
+	if (tls_peer_id(c->ssl, id, sizeof(id)) < 0 || !(c->peer = strdup(id))) {
+		conn_close(c, CR_HANDSHAKE_FAILED, ID_NO_URI_SAN);
+		return;
+	}
+	c->ready |= TLS_R | TLS_W;
+	if (c->inbound)
+		authorize(c);
+	else
+		relay_start(c);
+}
+
+static void handshake(struct conn *c)
+{
+	int rc = SSL_do_handshake(c->ssl);
+	int e, reason;
+
+	if (rc == 1) {
+		handshake_done(c);
+		return;
+	}
+	e = SSL_get_error(c->ssl, rc);
+	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+		watch_tls(c, e == SSL_ERROR_WANT_READ ? EV_READ : EV_WRITE,
+		          conn_cfg(c)->timeouts.handshake_ms);
+		return;
+	}
+	reason = tls_failure_reason(c->ssl, &c->verify);
+	metrics_inc(&c->w->p->metrics->handshake_failures[reason]);
+	log_info("conn %llu: TLS handshake %s failed: %s", (unsigned long long)c->id,
+	         c->inbound ? "from peer" : "with upstream", metrics_tls_reason_str(reason));
+	conn_close(c, CR_HANDSHAKE_FAILED, reason);
+}
+
+static void outbound_handshake_start(struct conn *c)
+{
+	SSL_SESSION *sess;
+
+	c->ssl = SSL_new(c->snap->client_ctx);
+	if (!c->ssl || !SSL_set_fd(c->ssl, c->tls_fd)) {
+		conn_close(c, CR_INTERNAL, 0);
+		return;
+	}
+	SSL_set_app_data(c->ssl, c);
+	c->verify.expect_id = c->snap->outbound[c->listener].expect_id;
+	tls_attach_verify(c->ssl, &c->verify);
+	SSL_set_connect_state(c->ssl);
+	sess = snapshot_session(c->snap, c->listener, c->endpoint, c->w->id);
+	if (sess)
+		SSL_set_session(c->ssl, sess);
+	set_state(c, CONN_HANDSHAKE);
+	watch_tls(c, 0, 0);    /* ends the connect timer; handshake() sets its own */
+	handshake(c);
+}
+
+/* Both sockets are up (and the peer verified): start moving bytes. */
+static void relay_start(struct conn *c)
+{
+	set_state(c, CONN_RELAYING);
+	c->ready |= PLAIN_R | PLAIN_W | TLS_R | TLS_W;
+	c->ssl_read_wants = EV_READ;
+	c->ssl_write_wants = EV_WRITE;
+	touch(c);
+	/* Drop the connect/handshake timers: from here on the idle timer rules. */
+	watch_plain(c, 0, 0);
+	watch_tls(c, 0, 0);
+	relay(c);
+}
+
+int conn_on_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+	struct conn *c = SSL_get_app_data(ssl);
+
+	if (!c || c->inbound)
+		return 0;
+	snapshot_save_session(c->snap, c->listener, c->endpoint, c->w->id, sess);
+	return 1;    /* we keep the reference */
+}
+
+/* ---- events ------------------------------------------------------------ */
+
+static void on_timeout(struct conn *c)
+{
+	struct timeval now;
+
+	switch (c->state) {
+	case CONN_HANDSHAKE:
+		metrics_inc(&c->w->p->metrics->handshake_failures[TLS_FAIL_TIMEOUT]);
+		conn_close(c, CR_HANDSHAKE_TIMEOUT, TLS_FAIL_TIMEOUT);
+		return;
+	case CONN_CONNECTING:
+		log_warn("conn %llu: connect to %s timed out", (unsigned long long)c->id,
+		         conn_destination(c)->text);
+		conn_close(c, CR_UPSTREAM_TIMEOUT, 0);
+		return;
+	case CONN_RELAYING:
+		event_base_gettimeofday_cached(c->w->base, &now);
+		if ((uint64_t)(now.tv_sec - c->last_active) * 1000 >= conn_cfg(c)->timeouts.idle_ms)
+			conn_close(c, CR_IDLE_TIMEOUT, 0);
+		return;
+	default:
+		return;
+	}
+}
+
+static void on_event(struct conn *c, short what, bool tls_side)
+{
+	if (what & EV_TIMEOUT) {
+		on_timeout(c);
+		return;
+	}
+	if (what & EV_READ)
+		c->ready |= tls_side ? TLS_R : PLAIN_R;
+	if (what & EV_WRITE)
+		c->ready |= tls_side ? TLS_W : PLAIN_W;
+	conn_step(c, tls_side);
+}
+
+static void on_tls_event(evutil_socket_t fd, short what, void *arg)
+{
+	on_event(arg, what, true);
+}
+
+static void on_plain_event(evutil_socket_t fd, short what, void *arg)
+{
+	on_event(arg, what, false);
+}
+
+static void conn_step(struct conn *c, bool tls_side)
+{
+	switch (c->state) {
+	case CONN_HANDSHAKE:
+		handshake(c);
+		break;
+	case CONN_CONNECTING:
+		/* Only the upstream socket's writability ends a connect. */
+		if (tls_side != c->inbound)
+			connect_done(c);
+		break;
+	case CONN_RELAYING:
+		relay(c);
+		break;
+	default:
+		break;
+	}
+}
+
+/* ---- accept ------------------------------------------------------------ */
+
+/* Takes over the snapshot reference s. */
+static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
+                             const struct sockaddr *from, int fromlen)
+{
+	struct worker *w = l->w;
+	struct conn *c = calloc(1, sizeof(*c));
+
+	if (!c)
+		return NULL;
+	c->w = w;
+	c->snap = s;
+	c->id = atomic_fetch_add_explicit(&w->p->next_conn_id, 1, memory_order_relaxed) + 1;
+	c->inbound = l->inbound;
+	c->dir = l->inbound ? DIR_INBOUND : DIR_OUTBOUND;
+	c->listener = (uint16_t)l->index;
+	c->tls_fd = l->inbound ? fd : -1;
+	c->plain_fd = l->inbound ? -1 : fd;
+	c->ssl_read_wants = EV_READ;
+	c->ssl_write_wants = EV_WRITE;
+	if (fromlen > 0 && (size_t)fromlen <= sizeof(c->from))
+		memcpy(&c->from, from, (size_t)fromlen);
+	clock_gettime(CLOCK_MONOTONIC, &c->started);
+	clock_gettime(CLOCK_REALTIME, &c->started_wall);
+	c->next = w->conns;
+	if (w->conns)
+		w->conns->prev = c;
+	w->conns = c;
+	w->n_conns++;
+	atomic_fetch_add_explicit(&w->p->open_conns, 1, memory_order_relaxed);
+	metrics_inc(&w->p->metrics->connections_total[c->dir]);
+	atomic_fetch_add_explicit(&w->p->metrics->connections_active[c->dir], 1, memory_order_relaxed);
+	return c;
+}
+
+static void inbound_start(struct conn *c)
+{
+	c->ssl = SSL_new(c->snap->server_ctx);
+	if (!c->ssl || !SSL_set_fd(c->ssl, c->tls_fd)) {
+		conn_close(c, CR_INTERNAL, 0);
+		return;
+	}
+	SSL_set_app_data(c->ssl, c);
+	tls_attach_verify(c->ssl, &c->verify);
+	SSL_set_accept_state(c->ssl);
+	set_state(c, CONN_HANDSHAKE);
+	watch_tls(c, EV_READ, conn_cfg(c)->timeouts.handshake_ms);
+}
+
+static void outbound_start(struct conn *c)
+{
+	const struct config_outbound *o = &conn_cfg(c)->outbound[c->listener];
+
+	if (o->n_endpoints == 0) {
+		log_warn("conn %llu: no endpoint known for %s", (unsigned long long)c->id, o->service);
+		conn_close(c, CR_UPSTREAM_REFUSED, 0);
+		return;
+	}
+	c->endpoint = (uint16_t)(c->w->rr[c->listener]++ % o->n_endpoints);
+	connect_next(c);
+}
+
+void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fromlen)
+{
+	struct meshlet_proxy *p = l->w->p;
+	struct conn *c;
+	struct snapshot *s;
+	uint32_t max;
+
+	s = proxy_snapshot(p);
+	max = s->cfg->max_connections;
+	if (atomic_load_explicit(&p->open_conns, memory_order_relaxed) >= max) {
+		log_warn("refusing a connection: max_connections (%u) reached", max);
+		snapshot_unref(s);
+		close(fd);
+		return;
+	}
+	set_nodelay(fd);
+	c = conn_new(l, s, fd, from, fromlen);
+	if (!c) {
+		snapshot_unref(s);
+		close(fd);
+		return;
+	}
+	if (l->inbound)
+		inbound_start(c);
+	else
+		outbound_start(c);
+}

@@ -1,0 +1,361 @@
+/* proxy: process setup, worker threads, reload and drain. */
+#include "proxy.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/thread.h>
+
+#include "admin.h"
+#include "conn.h"
+#include "meshlet/log.h"
+#include "meshlet/tls.h"
+
+#define LISTEN_BACKLOG 4096
+
+struct snapshot *proxy_snapshot(struct meshlet_proxy *p)
+{
+	struct snapshot *s;
+
+	pthread_mutex_lock(&p->snap_lock);
+	s = snapshot_ref(p->snap);
+	pthread_mutex_unlock(&p->snap_lock);
+	return s;
+}
+
+static void swap_snapshot(struct meshlet_proxy *p, struct snapshot *s)
+{
+	struct snapshot *old;
+
+	pthread_mutex_lock(&p->snap_lock);
+	old = p->snap;
+	p->snap = s;
+	p->version = s->version;
+	pthread_mutex_unlock(&p->snap_lock);
+	atomic_store(&p->metrics->config_version, (int_fast64_t)s->version);
+	atomic_store(&p->metrics->cert_expiry, (int_fast64_t)s->cert_not_after);
+	snapshot_unref(old);    /* connections still using it keep it alive */
+}
+
+int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
+{
+	struct config *cfg = NULL;
+	struct snapshot *s;
+
+	if (config_load(p->config_file, &cfg, err) < 0)
+		return -EINVAL;
+	if (p->snap && snapshot_check_reloadable(p->snap->cfg, cfg, err) < 0) {
+		config_free(cfg);
+		return -EINVAL;
+	}
+	s = snapshot_build(cfg, p->metrics, p->version + 1, err);
+	if (!s)
+		return -EINVAL;
+	SSL_CTX_sess_set_new_cb(s->client_ctx, conn_on_new_session);
+	swap_snapshot(p, s);
+	return 0;
+}
+
+/* ---- workers ------------------------------------------------------------ */
+
+static void on_accept(struct evconnlistener *ev, evutil_socket_t fd, struct sockaddr *from,
+                      int fromlen, void *arg)
+{
+	conn_accept(arg, fd, from, fromlen);
+}
+
+static void on_accept_error(struct evconnlistener *ev, void *arg)
+{
+	int e = EVUTIL_SOCKET_ERROR();
+
+	/* EMFILE and friends: keep the listener, the next connection may fit. */
+	log_warn("accept failed: %s", evutil_socket_error_to_string(e));
+}
+
+static void free_listeners(struct worker *w)
+{
+	for (size_t i = 0; i < w->n_listeners; i++) {
+		if (w->listeners[i].ev)
+			evconnlistener_free(w->listeners[i].ev);
+		w->listeners[i].ev = NULL;
+	}
+}
+
+void worker_maybe_finish(struct worker *w)
+{
+	if (w->draining && w->n_conns == 0)
+		event_base_loopbreak(w->base);
+}
+
+static void on_worker_cmd(evutil_socket_t fd, short what, void *arg)
+{
+	struct worker *w = arg;
+
+	switch (atomic_load(&w->cmd)) {
+	case WORKER_DRAIN:
+		if (!w->draining) {
+			w->draining = true;
+			free_listeners(w);    /* new connections are refused from here on */
+		}
+		worker_maybe_finish(w);
+		break;
+	case WORKER_STOP:
+		w->draining = true;
+		free_listeners(w);
+		conn_close_all(w, CR_DRAIN_TIMEOUT);
+		event_base_loopbreak(w->base);
+		break;
+	default:
+		break;
+	}
+}
+
+static int bind_one(struct worker *w, struct listener *l, const struct config_addr *a)
+{
+	unsigned flags = LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC | LEV_OPT_REUSEABLE |
+	                 LEV_OPT_REUSEABLE_PORT;
+
+	l->w = w;
+	l->ev = evconnlistener_new_bind(w->base, on_accept, l, flags, LISTEN_BACKLOG,
+	                                 (const struct sockaddr *)&a->ss, (int)a->len);
+	if (!l->ev) {
+		log_error("cannot listen on %s: %s", a->text, strerror(errno));
+		return -errno;
+	}
+	evconnlistener_set_error_cb(l->ev, on_accept_error);
+	return 0;
+}
+
+static int worker_listen(struct worker *w, const struct config *cfg)
+{
+	size_t n = cfg->n_inbound + cfg->n_outbound, k = 0;
+
+	w->listeners = calloc(n ? n : 1, sizeof(*w->listeners));
+	w->rr = calloc(cfg->n_outbound ? cfg->n_outbound : 1, sizeof(*w->rr));
+	if (!w->listeners || !w->rr)
+		return -ENOMEM;
+	w->n_listeners = n;
+	for (size_t i = 0; i < cfg->n_inbound; i++, k++) {
+		w->listeners[k].inbound = true;
+		w->listeners[k].index = i;
+		if (bind_one(w, &w->listeners[k], &cfg->inbound[i].listen) < 0)
+			return -EADDRINUSE;
+	}
+	for (size_t i = 0; i < cfg->n_outbound; i++, k++) {
+		w->listeners[k].index = i;
+		if (bind_one(w, &w->listeners[k], &cfg->outbound[i].listen) < 0)
+			return -EADDRINUSE;
+	}
+	return 0;
+}
+
+static struct event_base *new_base(void)
+{
+	struct event_config *ec = event_config_new();
+	struct event_base *base;
+
+	if (!ec)
+		return NULL;
+	/* Coalesce del+add of the same fd within one loop turn into one epoll_ctl. */
+	event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+	base = event_base_new_with_config(ec);
+	event_config_free(ec);
+	return base;
+}
+
+static int worker_init(struct meshlet_proxy *p, struct worker *w, int id, const struct config *cfg)
+{
+	w->p = p;
+	w->id = id;
+	w->base = new_base();
+	if (!w->base)
+		return -ENOMEM;
+	w->cmd_ev = event_new(w->base, -1, 0, on_worker_cmd, w);
+	if (!w->cmd_ev)
+		return -ENOMEM;
+	return worker_listen(w, cfg);
+}
+
+static void worker_destroy(struct worker *w)
+{
+	free_listeners(w);
+	conn_close_all(w, CR_DRAIN_TIMEOUT);
+	conn_free_buffers(w);
+	if (w->cmd_ev)
+		event_free(w->cmd_ev);
+	if (w->base)
+		event_base_free(w->base);
+	free(w->listeners);
+	free(w->rr);
+}
+
+static void *worker_main(void *arg)
+{
+	struct worker *w = arg;
+
+	event_base_loop(w->base, EVLOOP_NO_EXIT_ON_EMPTY);
+	return NULL;
+}
+
+static void worker_send(struct worker *w, enum worker_cmd cmd)
+{
+	atomic_store(&w->cmd, (int)cmd);
+	event_active(w->cmd_ev, EV_READ, 0);    /* thread-safe: bases have locks */
+}
+
+/* ---- drain and signals ------------------------------------------------- */
+
+static void on_drain_timeout(evutil_socket_t fd, short what, void *arg)
+{
+	struct meshlet_proxy *p = arg;
+
+	log_warn("drain timeout reached: closing the remaining connections");
+	for (int i = 0; i < p->n_workers; i++)
+		worker_send(&p->workers[i], WORKER_STOP);
+}
+
+void proxy_drain(struct meshlet_proxy *p, bool exit_after)
+{
+	struct snapshot *s = proxy_snapshot(p);
+	uint32_t ms = s->cfg->timeouts.drain_ms;
+	struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
+
+	snapshot_unref(s);
+	if (!atomic_exchange(&p->draining, true))
+		log_info("draining: no new connections; waiting up to %u ms for open ones", ms);
+	for (int i = 0; i < p->n_workers; i++)
+		worker_send(&p->workers[i], WORKER_DRAIN);
+	if (exit_after && !p->drain_timer) {
+		p->drain_timer = evtimer_new(p->base, on_drain_timeout, p);
+		if (p->drain_timer)
+			evtimer_add(p->drain_timer, &tv);
+		/* The main loop ends when every worker has finished (see wait_workers). */
+		event_base_loopexit(p->base, NULL);
+	}
+}
+
+static void on_signal(evutil_socket_t sig, short what, void *arg)
+{
+	struct meshlet_proxy *p = arg;
+	struct meshlet_err err = { { 0 }, { 0 } };
+	char msg[600];
+
+	if (sig == SIGHUP) {
+		if (proxy_load(p, &err) < 0)
+			log_error("reload refused, keeping config version %llu: %s",
+			          (unsigned long long)p->version, err_str(&err, msg, sizeof(msg)));
+		else
+			log_info("reloaded %s: config version %llu", p->config_file,
+			         (unsigned long long)p->version);
+		return;
+	}
+	log_info("%s: draining", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+	proxy_drain(p, true);
+}
+
+/* ---- run ---------------------------------------------------------------- */
+
+static int start_workers(struct meshlet_proxy *p, const struct config *cfg)
+{
+	sigset_t block, old;
+	int rc = 0;
+
+	p->n_workers = cfg->workers;
+	p->workers = calloc((size_t)p->n_workers, sizeof(*p->workers));
+	if (!p->workers)
+		return -ENOMEM;
+	for (int i = 0; i < p->n_workers; i++)
+		if ((rc = worker_init(p, &p->workers[i], i, cfg)) < 0)
+			return rc;
+	/* Signals are the main thread's: workers block them. */
+	sigfillset(&block);
+	pthread_sigmask(SIG_BLOCK, &block, &old);
+	for (int i = 0; i < p->n_workers && rc == 0; i++)
+		rc = -pthread_create(&p->workers[i].thread, NULL, worker_main, &p->workers[i]);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return rc;
+}
+
+/* After the main loop ended for a drain: wait for workers, running the
+ * main base so the drain timer and admin keep working. */
+static void wait_workers(struct meshlet_proxy *p)
+{
+	for (int i = 0; i < p->n_workers; i++) {
+		struct worker *w = &p->workers[i];
+
+		if (!w->thread)
+			continue;
+		while (pthread_tryjoin_np(w->thread, NULL) == EBUSY)
+			event_base_loop(p->base, EVLOOP_ONCE | EVLOOP_NONBLOCK), usleep(10000);
+		w->thread = 0;
+	}
+}
+
+static void proxy_free(struct meshlet_proxy *p)
+{
+	for (int i = 0; p->workers && i < p->n_workers; i++)
+		worker_destroy(&p->workers[i]);
+	free(p->workers);
+	admin_stop(p);
+	if (p->drain_timer)
+		event_free(p->drain_timer);
+	snapshot_unref(p->snap);
+	if (p->base)
+		event_base_free(p->base);
+	metrics_free(p->metrics);
+	pthread_mutex_destroy(&p->snap_lock);
+}
+
+static int add_signal(struct meshlet_proxy *p, int sig, struct event **out)
+{
+	*out = evsignal_new(p->base, sig, on_signal, p);
+	return *out && evsignal_add(*out, NULL) == 0 ? 0 : -ENOMEM;
+}
+
+int proxy_run(const char *config_file)
+{
+	struct meshlet_proxy p = { .config_file = config_file, .exit_code = 1 };
+	struct meshlet_err err = { { 0 }, { 0 } };
+	struct event *sigs[3] = { NULL, NULL, NULL };
+	char msg[600];
+
+	signal(SIGPIPE, SIG_IGN);
+	pthread_mutex_init(&p.snap_lock, NULL);
+	if (evthread_use_pthreads() < 0 || tls_init() < 0 || !(p.metrics = metrics_new()) ||
+	    !(p.base = new_base())) {
+		log_error("start-up failed: out of memory");
+		goto out;
+	}
+	if (proxy_load(&p, &err) < 0) {
+		log_error("%s", err_str(&err, msg, sizeof(msg)));
+		goto out;
+	}
+	if (admin_start(&p) < 0 || start_workers(&p, p.snap->cfg) < 0)
+		goto out;
+	if (add_signal(&p, SIGHUP, &sigs[0]) < 0 || add_signal(&p, SIGTERM, &sigs[1]) < 0 ||
+	    add_signal(&p, SIGINT, &sigs[2]) < 0)
+		goto out;
+	log_info("%s ready: %zu inbound, %zu outbound listener(s), %d worker(s), admin on %s",
+	         p.snap->self_id, p.snap->cfg->n_inbound, p.snap->cfg->n_outbound, p.n_workers,
+	         p.snap->cfg->admin_listen.text);
+	event_base_loop(p.base, EVLOOP_NO_EXIT_ON_EMPTY);
+	wait_workers(&p);
+	log_info("drained; exiting");
+	p.exit_code = 0;
+out:
+	for (size_t i = 0; i < 3; i++)
+		if (sigs[i])
+			event_free(sigs[i]);
+	if (p.workers && p.exit_code != 0) {
+		for (int i = 0; i < p.n_workers; i++)
+			if (p.workers[i].thread)
+				worker_send(&p.workers[i], WORKER_STOP);
+		wait_workers(&p);
+	}
+	proxy_free(&p);
+	return p.exit_code;
+}

@@ -1,0 +1,91 @@
+/*
+ * proxy: the meshlet-proxy process. One struct meshlet_proxy holds what the
+ * process shares (current snapshot, metrics, workers); each worker thread
+ * runs its own event base with its own SO_REUSEPORT listening sockets. The
+ * main thread runs the admin listener and handles signals.
+ */
+#ifndef MESHLET_PROXY_PROXY_H
+#define MESHLET_PROXY_PROXY_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+
+#include "meshlet/config.h"
+#include "meshlet/metrics.h"
+#include "snapshot.h"
+
+struct conn;
+struct relay_buf;
+
+enum worker_cmd { WORKER_RUN = 0, WORKER_DRAIN, WORKER_STOP };
+
+/* A listening socket of one worker: which config entry it serves. */
+struct listener {
+	struct worker *w;
+	struct evconnlistener *ev;
+	bool inbound;
+	size_t index;                   /* into cfg->inbound or cfg->outbound */
+};
+
+struct worker {
+	struct meshlet_proxy *p;
+	int id;
+	pthread_t thread;
+	struct event_base *base;
+	struct listener *listeners;
+	size_t n_listeners;
+	struct event *cmd_ev;           /* activated by the main thread */
+	atomic_int cmd;
+	struct conn *conns;             /* open connections, for drain and stop */
+	size_t n_conns;
+	struct relay_buf *free_bufs;    /* recycled relay buffers */
+	size_t n_free_bufs;
+	unsigned *rr;                   /* round-robin position per outbound listener */
+	bool draining;
+};
+
+struct meshlet_proxy {
+	const char *config_file;
+	struct event_base *base;        /* main thread: admin, signals, timers */
+	struct metrics *metrics;
+	pthread_mutex_t snap_lock;
+	struct snapshot *snap;          /* current; guarded by snap_lock */
+	uint64_t version;               /* of the current snapshot */
+	struct worker *workers;
+	int n_workers;
+	struct evhttp *admin;
+	struct event *drain_timer;
+	atomic_bool draining;
+	atomic_uint_fast64_t next_conn_id;
+	atomic_uint open_conns;         /* across workers, for max_connections */
+	int exit_code;
+};
+
+/* The current snapshot with a new reference (snapshot_unref when done). */
+struct snapshot *proxy_snapshot(struct meshlet_proxy *p);
+
+/*
+ * Loads the config file, builds a snapshot and makes it current. On the
+ * first call (no snapshot yet) it is what start-up uses; later it is a
+ * reload that refuses listener changes. Returns 0, or -EINVAL with err set
+ * and the current snapshot untouched.
+ */
+int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err);
+
+/* Stop accepting and let connections finish (SIGTERM, POST /drain). When
+ * exit is true the process exits once all are done or the drain timeout
+ * passed. */
+void proxy_drain(struct meshlet_proxy *p, bool exit);
+
+/* Runs meshlet-proxy with an already validated config file. Returns the
+ * process exit code. */
+int proxy_run(const char *config_file);
+
+/* Called by workers when they have no connection left while draining. */
+void worker_maybe_finish(struct worker *w);
+
+#endif
