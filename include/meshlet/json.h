@@ -75,4 +75,13 @@ int json_get_array(const json_t *obj, const char *path, const char *key, bool re
 int json_get_object(const json_t *obj, const char *path, const char *key, bool required,
                     const json_t **out, struct meshlet_err *err);
 
+/*
+ * The same checks for a value already in hand (an array element at path):
+ * json_as_str borrows the string from v; json_as_int refuses reals and
+ * booleans. Return 0, or -EINVAL with err naming path.
+ */
+int json_as_str(const json_t *v, const char *path, const char **out, struct meshlet_err *err);
+int json_as_int(const json_t *v, const char *path, long long min, long long max,
+                long long *out, struct meshlet_err *err);
+
 #endif

@@ -19,6 +19,7 @@
 
 #define POLICY_MAX_RULES 4096
 #define POLICY_RULE_NAME_MAX 128
+#define POLICY_MAX_FILE (1024 * 1024)   /* policy_load(); as control's body limit */
 
 enum policy_action { POLICY_DENY = 0, POLICY_ALLOW = 1 };
 
