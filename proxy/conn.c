@@ -22,7 +22,7 @@
  */
 #define RELAY_BUF_SIZE 16384
 /* Buffers a worker keeps for reuse; more are returned to malloc. */
-#define RELAY_FREE_MAX 256
+#define RELAY_FREE_MAX 64
 /* Read/write rounds per wakeup before yielding to other connections. */
 #define RELAY_ROUNDS 16
 
@@ -54,6 +54,7 @@ struct conn {
 	uint8_t ready;
 	bool plain_eof, tls_eof;    /* read EOF seen on that side */
 	bool plain_shut, tls_shut;  /* EOF passed on to that side */
+	bool tls_drained;           /* the last socket read under SSL came back short */
 	bool decided;
 	enum policy_action decision;
 	int tls_fd, plain_fd;
@@ -476,11 +477,15 @@ static int relay_down(struct conn *c)
 
 		if (!b)
 			return conn_close(c, CR_INTERNAL, 0), -1;
+		c->tls_drained = false;
 		n = SSL_read(c->ssl, b->data, (int)sizeof(b->data));
 		if (n > 0) {
 			b->len = (uint32_t)n;
 			c->down = b;
 			c->ssl_read_wants = EV_READ;
+			/* Socket drained and nothing buffered: the next SSL_read would only get EAGAIN. */
+			if (c->tls_drained && !SSL_has_pending(c->ssl))
+				c->ready &= (uint8_t)~TLS_R;
 			progress = 1;
 		} else {
 			buf_put(c->w, b);
@@ -560,6 +565,13 @@ static void relay(struct conn *c)
 		return;
 	}
 	relay_watch(c);
+	/*
+	 * Quiet for now: hand OpenSSL's record buffers back (about 16 KiB of
+	 * read-ahead buffer that SSL_MODE_RELEASE_BUFFERS keeps after an
+	 * EAGAIN), so an idle connection costs its structs only.
+	 */
+	if (!progress && !c->up && !c->down)
+		SSL_free_buffers(c->ssl);
 	if (progress) {
 		/* Out of rounds with work left: come back after other connections ran. */
 		event_active(&c->tls_ev, 0, 0);
@@ -567,6 +579,36 @@ static void relay(struct conn *c)
 }
 
 /* ---- connect ------------------------------------------------------------ */
+
+/*
+ * Watches the socket reads OpenSSL makes for us: a short read means the
+ * kernel had no more, which saves the EAGAIN round trip after each record
+ * (one syscall in five on a keep-alive request).
+ */
+static long on_bio_event(BIO *bio, int oper, const char *argp, size_t len, int argi, long argl,
+                         int ret, size_t *processed)
+{
+	struct conn *c = (struct conn *)BIO_get_callback_arg(bio);
+
+	if (oper == (BIO_CB_READ | BIO_CB_RETURN) && (ret <= 0 || (processed && *processed < len)))
+		c->tls_drained = true;
+	return ret;
+}
+
+static int ssl_attach(struct conn *c, SSL_CTX *ctx)
+{
+	BIO *bio;
+
+	c->ssl = SSL_new(ctx);
+	if (!c->ssl || !SSL_set_fd(c->ssl, c->tls_fd))
+		return -ENOMEM;
+	bio = SSL_get_rbio(c->ssl);
+	BIO_set_callback_arg(bio, (char *)c);
+	BIO_set_callback_ex(bio, on_bio_event);
+	SSL_set_app_data(c->ssl, c);
+	tls_attach_verify(c->ssl, &c->verify);
+	return 0;
+}
 
 static void set_nodelay(int fd)
 {
@@ -739,14 +781,11 @@ static void outbound_handshake_start(struct conn *c)
 {
 	SSL_SESSION *sess;
 
-	c->ssl = SSL_new(c->snap->client_ctx);
-	if (!c->ssl || !SSL_set_fd(c->ssl, c->tls_fd)) {
+	c->verify.expect_id = c->snap->outbound[c->listener].expect_id;
+	if (ssl_attach(c, c->snap->client_ctx) < 0) {
 		conn_close(c, CR_INTERNAL, 0);
 		return;
 	}
-	SSL_set_app_data(c->ssl, c);
-	c->verify.expect_id = c->snap->outbound[c->listener].expect_id;
-	tls_attach_verify(c->ssl, &c->verify);
 	SSL_set_connect_state(c->ssl);
 	sess = snapshot_session(c->snap, c->listener, c->endpoint, c->w->id);
 	if (sess)
@@ -886,13 +925,10 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 
 static void inbound_start(struct conn *c)
 {
-	c->ssl = SSL_new(c->snap->server_ctx);
-	if (!c->ssl || !SSL_set_fd(c->ssl, c->tls_fd)) {
+	if (ssl_attach(c, c->snap->server_ctx) < 0) {
 		conn_close(c, CR_INTERNAL, 0);
 		return;
 	}
-	SSL_set_app_data(c->ssl, c);
-	tls_attach_verify(c->ssl, &c->verify);
 	SSL_set_accept_state(c->ssl);
 	set_state(c, CONN_HANDSHAKE);
 	watch_tls(c, EV_READ, conn_cfg(c)->timeouts.handshake_ms);

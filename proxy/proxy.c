@@ -68,12 +68,33 @@ static void on_accept(struct evconnlistener *ev, evutil_socket_t fd, struct sock
 	conn_accept(arg, fd, from, fromlen);
 }
 
+static void on_accept_retry(evutil_socket_t fd, short what, void *arg)
+{
+	struct listener *l = arg;
+
+	if (l->ev)
+		evconnlistener_enable(l->ev);
+}
+
+/*
+ * Out of descriptors or memory: the pending connection stays in the
+ * backlog and the listener would fire again at once, so pause accepting
+ * for a moment instead of spinning.
+ */
 static void on_accept_error(struct evconnlistener *ev, void *arg)
 {
+	static const struct timeval pause = { 0, 100 * 1000 };
+	struct listener *l = arg;
 	int e = EVUTIL_SOCKET_ERROR();
 
-	/* EMFILE and friends: keep the listener, the next connection may fit. */
-	log_warn("accept failed: %s", evutil_socket_error_to_string(e));
+	log_warn("accept failed: %s; pausing this listener for 100 ms",
+	         evutil_socket_error_to_string(e));
+	if (!l->retry)
+		l->retry = evtimer_new(l->w->base, on_accept_retry, l);
+	if (l->retry) {
+		evconnlistener_disable(ev);
+		evtimer_add(l->retry, &pause);
+	}
 }
 
 static void free_listeners(struct worker *w)
@@ -81,7 +102,10 @@ static void free_listeners(struct worker *w)
 	for (size_t i = 0; i < w->n_listeners; i++) {
 		if (w->listeners[i].ev)
 			evconnlistener_free(w->listeners[i].ev);
+		if (w->listeners[i].retry)
+			event_free(w->listeners[i].retry);
 		w->listeners[i].ev = NULL;
+		w->listeners[i].retry = NULL;
 	}
 }
 

@@ -27,6 +27,7 @@ enum worker_cmd { WORKER_RUN = 0, WORKER_DRAIN, WORKER_STOP };
 struct listener {
 	struct worker *w;
 	struct evconnlistener *ev;
+	struct event *retry;            /* re-enables accepting after EMFILE */
 	bool inbound;
 	size_t index;                   /* into cfg->inbound or cfg->outbound */
 };
