@@ -12,6 +12,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
+#include "meshlet/ca.h"
 #include "meshlet/log.h"
 #include "meshlet/metrics.h"
 
@@ -220,28 +221,17 @@ static int cmp_serial(const void *a, const void *b)
 	return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* True when the certificate's serial (lowercase hex) is on the sorted list. */
+/* True when the certificate's serial (canonical lowercase hex) is on the sorted list. */
 static bool serial_revoked(X509 *cert, const struct tls_ctx_data *d)
 {
-	BIGNUM *bn;
-	char *hex, *p;
-	bool found;
+	char hex[CA_SERIAL_HEX_MAX];
+	const char *key = hex;
 
 	if (d->n_revoked == 0)
 		return false;
-	bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), NULL);
-	hex = bn ? BN_bn2hex(bn) : NULL;
-	BN_free(bn);
-	if (!hex)
+	if (ca_serial_hex(cert, hex) < 0)
 		return true;    /* fail closed */
-	for (p = hex; *p; p++)
-		*p = (char)(*p >= 'A' && *p <= 'F' ? *p + 32 : *p);
-	p = hex;
-	while (*p == '0' && p[1])
-		p++;
-	found = bsearch(&p, d->revoked, d->n_revoked, sizeof(char *), cmp_serial) != NULL;
-	OPENSSL_free(hex);
-	return found;
+	return bsearch(&key, d->revoked, d->n_revoked, sizeof(char *), cmp_serial) != NULL;
 }
 
 static int chain_error_reason(int e)
@@ -261,7 +251,7 @@ static int check_peer_leaf(X509 *leaf, const struct tls_ctx_data *d, struct tls_
 	struct spiffe_id id;
 	enum identity_reason r = identity_check_svid(leaf, d->trust_domain, d->peer_role, &id);
 
-	if (r == ID_OK && v && v->expect_id && strcmp(id.uri, v->expect_id) != 0)
+	if (r == ID_OK && v->expect_id && strcmp(id.uri, v->expect_id) != 0)
 		r = ID_WRONG_IDENTITY;
 	if (r == ID_OK && !v->expect_id && id.service[0] == '\0')
 		r = ID_NOT_A_SERVICE;
