@@ -76,16 +76,16 @@ static BIO *pem_open(const char *file, const char *what, struct meshlet_err *err
 	BIO *bio;
 
 	if (stat(file, &st) < 0) {
-		err_set(err, "", "%s %s: %s", what, file, strerror(errno));
+		err_set(err, what, "%s %s: %s", what, file, strerror(errno));
 		return NULL;
 	}
 	if (!S_ISREG(st.st_mode) || st.st_size > TLS_MAX_PEM_FILE) {
-		err_set(err, "", "%s %s: not a regular file of at most 1 MiB", what, file);
+		err_set(err, what, "%s %s: not a regular file of at most 1 MiB", what, file);
 		return NULL;
 	}
 	bio = BIO_new_file(file, "r");
 	if (!bio)
-		err_set(err, "", "%s %s: cannot open", what, file);
+		err_set(err, what, "%s %s: cannot open", what, file);
 	return bio;
 }
 
@@ -109,7 +109,7 @@ static STACK_OF(X509) *load_cert_list(const char *file, const char *what, struct
 	BIO_free(bio);
 	if (!list || sk_X509_num(list) == 0) {
 		sk_X509_pop_free(list, X509_free);
-		err_set(err, "", "%s %s: no PEM certificate in it", what, file);
+		err_set(err, what, "%s %s: no PEM certificate in it", what, file);
 		return NULL;
 	}
 	return list;
@@ -130,7 +130,7 @@ static EVP_PKEY *load_key(const char *file, struct meshlet_err *err)
 	key = PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL);
 	BIO_free(bio);
 	if (!key)
-		err_set(err, "", "key %s: %s", file, ssl_error_text(buf, sizeof(buf)));
+		err_set(err, "key", "key %s: %s", file, ssl_error_text(buf, sizeof(buf)));
 	return key;
 }
 
@@ -157,12 +157,12 @@ static int check_own_leaf(struct tls_material *m, const char *file, const char *
 	if (r == ID_OK)
 		r = identity_check_svid(m->cert, td, ROLE_CLIENT, m->id);
 	if (r != ID_OK)
-		return err_set(err, "", "cert %s: not a usable SVID of %s: %s", file, td,
+		return err_set(err, "cert", "cert %s: not a usable SVID of %s: %s", file, td,
 		               identity_reason_str(r));
 	if (X509_cmp_current_time(X509_get0_notBefore(m->cert)) > 0)
-		return err_set(err, "", "cert %s: not valid yet", file);
+		return err_set(err, "cert", "cert %s: not valid yet", file);
 	if (X509_cmp_current_time(X509_get0_notAfter(m->cert)) < 0)
-		return err_set(err, "", "cert %s: expired", file);
+		return err_set(err, "cert", "cert %s: expired", file);
 	m->not_after = tls_cert_not_after(m->cert);
 	return 0;
 }
@@ -186,7 +186,7 @@ int tls_material_load(const char *cert_file, const char *key_file, const char *b
 		goto fail;
 	if (X509_check_private_key(m->cert, m->key) != 1) {
 		ERR_clear_error();
-		err_set(err, "", "key %s does not match cert %s", key_file, cert_file);
+		err_set(err, "key", "key %s does not match cert %s", key_file, cert_file);
 		goto fail;
 	}
 	m->roots = load_cert_list(bundle_file, "bundle", err);

@@ -208,9 +208,11 @@ static const struct config_addr *conn_destination(const struct conn *c)
 
 	if (c->inbound)
 		return &cfg->inbound[c->listener].forward;
-	if (cfg->outbound[c->listener].n_endpoints == 0)
+	const struct snapshot_outbound *o = &c->snap->outbound[c->listener];
+
+	if (o->n_endpoints == 0)
 		return NULL;
-	return &cfg->outbound[c->listener].endpoints[c->endpoint];
+	return &o->endpoints[c->endpoint];
 }
 
 static double elapsed_ms(const struct timespec *since)
@@ -654,7 +656,7 @@ static void relay_start(struct conn *c);
 static void connect_next(struct conn *c)
 {
 	const struct config *cfg = conn_cfg(c);
-	size_t n_eps = c->inbound ? 1 : cfg->outbound[c->listener].n_endpoints;
+	size_t n_eps = c->inbound ? 1 : c->snap->outbound[c->listener].n_endpoints;
 
 	while (c->tries < n_eps) {
 		const struct config_addr *dest;
@@ -936,10 +938,10 @@ static void inbound_start(struct conn *c)
 
 static void outbound_start(struct conn *c)
 {
-	const struct config_outbound *o = &conn_cfg(c)->outbound[c->listener];
+	const struct snapshot_outbound *o = &c->snap->outbound[c->listener];
 
 	if (o->n_endpoints == 0) {
-		log_warn("conn %llu: no endpoint known for %s", (unsigned long long)c->id, o->service);
+		log_warn("conn %llu: no endpoint known for %s", (unsigned long long)c->id, o->expect_id);
 		conn_close(c, CR_UPSTREAM_REFUSED, 0);
 		return;
 	}

@@ -35,9 +35,23 @@ static int check_config(const char *file)
 
 	if (tls_init() < 0 || !m)
 		goto out;
+	struct snapshot_source src = { 0 };
+
 	if (config_load(file, &cfg, &err) < 0)
 		goto out;
-	s = snapshot_build(cfg, m, 1, &err);
+	if (!cfg->has_tls) {
+		/* Control mode: certificates and policy come from control at run time. */
+		printf("%s: ok (control mode, %s)\n", file, cfg->control_url);
+		config_free(cfg);
+		rc = 0;
+		goto out;
+	}
+	if (snapshot_source_from_files(cfg, &src, &err) < 0) {
+		config_free(cfg);
+		snapshot_source_free(&src);
+		goto out;
+	}
+	s = snapshot_build(cfg, &src, m, 1, &err);
 	if (!s)
 		goto out;
 	printf("%s: ok (%s, %zu inbound, %zu outbound)\n", file, s->self_id, s->cfg->n_inbound,

@@ -43,6 +43,7 @@ static void swap_snapshot(struct meshlet_proxy *p, struct snapshot *s)
 
 int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
 {
+	struct snapshot_source src = { 0 };
 	struct config *cfg = NULL;
 	struct snapshot *s;
 
@@ -52,7 +53,17 @@ int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
 		config_free(cfg);
 		return -EINVAL;
 	}
-	s = snapshot_build(cfg, p->metrics, p->version + 1, err);
+	if (!cfg->has_tls) {
+		config_free(cfg);
+		return err_set(err, "control", "control mode is not available in this build yet; "
+		               "use tls + policy_file");
+	}
+	if (snapshot_source_from_files(cfg, &src, err) < 0) {
+		config_free(cfg);
+		snapshot_source_free(&src);
+		return -EINVAL;
+	}
+	s = snapshot_build(cfg, &src, p->metrics, p->version + 1, err);
 	if (!s)
 		return -EINVAL;
 	SSL_CTX_sess_set_new_cb(s->client_ctx, conn_on_new_session);

@@ -5,34 +5,59 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int build_tls(struct snapshot *s, struct meshlet_err *err)
+int snapshot_source_from_files(const struct config *cfg, struct snapshot_source *src,
+                               struct meshlet_err *err)
+{
+	char msg[sizeof(err->message)];
+
+	if (tls_material_load(cfg->tls_cert, cfg->tls_key, cfg->tls_bundle, cfg->trust_domain,
+	                      &src->tls, err) < 0) {
+		char path[MESHLET_PATH_MAX];
+
+		/* Name the config field: "cert" -> "tls.cert". */
+		json_path_key(path, sizeof(path), "tls", err->path[0] ? err->path : "cert");
+		snprintf(err->path, sizeof(err->path), "%s", path);
+		return -EINVAL;
+	}
+	src->policy = policy_load(cfg->policy_file, err);
+	if (!src->policy) {
+		/* "rules[1].ports[0]: must be 1..65535 (in /etc/meshlet/policy.json)" */
+		snprintf(msg, sizeof(msg), "%s", err->message);
+		if (!strstr(msg, cfg->policy_file))
+			snprintf(err->message, sizeof(err->message), "%.*s (in %s)", 160, msg,
+			         cfg->policy_file);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+void snapshot_source_free(struct snapshot_source *src)
+{
+	tls_material_free(src->tls);
+	policy_free(src->policy);
+	for (size_t i = 0; i < src->n_registry; i++)
+		free(src->registry[i].addrs);
+	free(src->registry);
+	memset(src, 0, sizeof(*src));
+}
+
+static int build_tls(struct snapshot *s, const struct tls_material *m, struct meshlet_err *err)
 {
 	const struct config *c = s->cfg;
-	struct tls_material *m = NULL;
 	struct tls_options o = {
 		.trust_domain = c->trust_domain,
 		.min_version = c->tls_min_version,
 		.groups = c->tls_groups,
 	};
 
-	if (tls_material_load(c->tls_cert, c->tls_key, c->tls_bundle, c->trust_domain, &m, err) < 0)
-		return -EINVAL;
-	if (strcmp(m->id->service, c->service) != 0) {
-		err_set(err, "tls.cert", "certificate is for %s, not for service %s", m->id->uri,
-		        c->service);
-		goto fail;
-	}
+	if (strcmp(m->id->service, c->service) != 0)
+		return err_set(err, "tls.cert", "certificate is for %s, not for service %s",
+		               m->id->uri, c->service);
 	snprintf(s->self_id, sizeof(s->self_id), "%s", m->id->uri);
 	s->cert_not_after = m->not_after;
 	s->server_ctx = tls_server_ctx(m, &o, err);
 	s->client_ctx = s->server_ctx ? tls_client_ctx(m, &o, err) : NULL;
-	if (!s->client_ctx)
-		goto fail;
-	tls_material_free(m);
-	return 0;
-fail:
-	tls_material_free(m);
-	return -EINVAL;
+	return s->client_ctx ? 0 : -EINVAL;
 }
 
 static int build_counters(struct snapshot *s, struct metrics *m)
@@ -52,7 +77,31 @@ static int build_counters(struct snapshot *s, struct metrics *m)
 	return s->default_counter ? 0 : -ENOMEM;
 }
 
-static int build_outbound(struct snapshot *s, struct meshlet_err *err)
+/* The config's endpoints, else the registry's for that service (may be none). */
+static int copy_endpoints(struct snapshot_outbound *o, const struct config_outbound *co,
+                          const struct snapshot_source *src)
+{
+	const struct config_addr *from = co->endpoints;
+	size_t n = co->n_endpoints;
+
+	for (size_t i = 0; n == 0 && i < src->n_registry; i++) {
+		if (strcmp(src->registry[i].service, co->service) == 0) {
+			from = src->registry[i].addrs;
+			n = src->registry[i].n_addrs;
+		}
+	}
+	if (n == 0)
+		return 0;
+	o->endpoints = malloc(n * sizeof(*o->endpoints));
+	if (!o->endpoints)
+		return -ENOMEM;
+	memcpy(o->endpoints, from, n * sizeof(*o->endpoints));
+	o->n_endpoints = n;
+	return 0;
+}
+
+static int build_outbound(struct snapshot *s, const struct snapshot_source *src,
+                          struct meshlet_err *err)
 {
 	const struct config *c = s->cfg;
 
@@ -61,11 +110,14 @@ static int build_outbound(struct snapshot *s, struct meshlet_err *err)
 		return err_set(err, "", "out of memory");
 	for (size_t i = 0; i < c->n_outbound; i++) {
 		struct snapshot_outbound *o = &s->outbound[i];
-		size_t slots = c->outbound[i].n_endpoints * (size_t)c->workers;
+		size_t slots;
 
 		if (identity_format(o->expect_id, sizeof(o->expect_id), c->trust_domain,
 		                    c->outbound[i].service) < 0)
 			return err_set(err, "outbound", "cannot form the upstream's SPIFFE ID");
+		if (copy_endpoints(o, &c->outbound[i], src) < 0)
+			return err_set(err, "", "out of memory");
+		slots = o->n_endpoints * (size_t)c->workers;
 		o->sessions = calloc(slots ? slots : 1, sizeof(*o->sessions));
 		if (!o->sessions)
 			return err_set(err, "", "out of memory");
@@ -73,45 +125,41 @@ static int build_outbound(struct snapshot *s, struct meshlet_err *err)
 	return 0;
 }
 
-struct snapshot *snapshot_build(struct config *cfg, struct metrics *m, uint64_t version,
-                                struct meshlet_err *err)
+struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
+                                struct metrics *m, uint64_t version, struct meshlet_err *err)
 {
 	struct snapshot *s = calloc(1, sizeof(*s));
 
 	if (!s) {
 		config_free(cfg);
+		snapshot_source_free(src);
 		err_set(err, "", "out of memory");
 		return NULL;
 	}
 	atomic_init(&s->refs, 1);
 	s->version = version;
 	s->cfg = cfg;
-	if (!cfg->has_tls) {
-		err_set(err, "control", "control mode is not available in this build yet; "
-		        "use tls + policy_file");
-		goto fail;
-	}
-	s->policy = policy_load(cfg->policy_file, err);
-	if (!s->policy) {
-		char msg[sizeof(err->message)];
-
-		snprintf(msg, sizeof(msg), "%s", err->message);
-		err_set(err, err->path, "%s: %s", cfg->policy_file, msg);
+	s->policy = src->policy;
+	src->policy = NULL;
+	if (!s->policy || !src->tls) {
+		err_set(err, "", "no policy or no certificate to serve with");
 		goto fail;
 	}
 	if (strcmp(s->policy->service, cfg->service) != 0) {
-		err_set(err, "service", "policy %s is for service %s, not %s", cfg->policy_file,
-		        s->policy->service, cfg->service);
+		err_set(err, "service", "the policy is for service %s, not %s", s->policy->service,
+		        cfg->service);
 		goto fail;
 	}
-	if (build_tls(s, err) < 0 || build_outbound(s, err) < 0)
+	if (build_tls(s, src->tls, err) < 0 || build_outbound(s, src, err) < 0)
 		goto fail;
 	if (build_counters(s, m) < 0) {
 		err_set(err, "", "out of memory");
 		goto fail;
 	}
+	snapshot_source_free(src);
 	return s;
 fail:
+	snapshot_source_free(src);
 	snapshot_unref(s);
 	return NULL;
 }
@@ -122,14 +170,16 @@ struct snapshot *snapshot_ref(struct snapshot *s)
 	return s;
 }
 
-static void free_sessions(struct snapshot *s)
+static void free_outbound(struct snapshot *s)
 {
 	for (size_t i = 0; s->outbound && i < s->cfg->n_outbound; i++) {
-		size_t slots = s->cfg->outbound[i].n_endpoints * (size_t)s->cfg->workers;
+		struct snapshot_outbound *o = &s->outbound[i];
+		size_t slots = o->n_endpoints * (size_t)s->cfg->workers;
 
-		for (size_t j = 0; s->outbound[i].sessions && j < slots; j++)
-			SSL_SESSION_free(s->outbound[i].sessions[j]);
-		free(s->outbound[i].sessions);
+		for (size_t j = 0; o->sessions && j < slots; j++)
+			SSL_SESSION_free(o->sessions[j]);
+		free(o->sessions);
+		free(o->endpoints);
 	}
 	free(s->outbound);
 }
@@ -138,7 +188,7 @@ void snapshot_unref(struct snapshot *s)
 {
 	if (!s || atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1)
 		return;
-	free_sessions(s);
+	free_outbound(s);
 	SSL_CTX_free(s->server_ctx);
 	SSL_CTX_free(s->client_ctx);
 	policy_free(s->policy);
@@ -152,7 +202,7 @@ void snapshot_save_session(struct snapshot *s, size_t listener, size_t endpoint,
 {
 	SSL_SESSION **slot;
 
-	if (listener >= s->cfg->n_outbound || endpoint >= s->cfg->outbound[listener].n_endpoints)
+	if (listener >= s->cfg->n_outbound || endpoint >= s->outbound[listener].n_endpoints)
 		return;
 	slot = &s->outbound[listener].sessions[endpoint * (size_t)s->cfg->workers + (size_t)worker];
 	SSL_SESSION_free(*slot);
@@ -164,7 +214,7 @@ SSL_SESSION *snapshot_session(const struct snapshot *s, size_t listener, size_t 
 {
 	SSL_SESSION *sess;
 
-	if (listener >= s->cfg->n_outbound || endpoint >= s->cfg->outbound[listener].n_endpoints)
+	if (listener >= s->cfg->n_outbound || endpoint >= s->outbound[listener].n_endpoints)
 		return NULL;
 	sess = s->outbound[listener].sessions[endpoint * (size_t)s->cfg->workers + (size_t)worker];
 	return sess && SSL_SESSION_is_resumable(sess) ? sess : NULL;

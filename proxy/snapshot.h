@@ -17,11 +17,33 @@
 #include "meshlet/policy.h"
 #include "meshlet/tls.h"
 
-/* Per outbound listener: whom we expect upstream, and resumable sessions. */
+/* Per outbound listener: whom we expect upstream, where it is, resumable sessions. */
 struct snapshot_outbound {
 	char expect_id[SPIFFE_ID_MAX + 1];
+	struct config_addr *endpoints;  /* the config's, or control's registry's */
+	size_t n_endpoints;
 	/* sessions[endpoint * workers + worker]: each worker touches only its own slots. */
 	SSL_SESSION **sessions;
+};
+
+/*
+ * What a snapshot is built from besides the config: in static mode the
+ * files the config names, in control mode what control sent. Everything
+ * here is taken over by snapshot_build (also on failure).
+ */
+struct snapshot_source {
+	struct tls_material *tls;
+	struct policy *policy;
+	/* Endpoints by upstream service name, for outbound listeners that name
+	 * none in the config (control mode); NULL in static mode. */
+	struct snapshot_endpoints *registry;
+	size_t n_registry;
+};
+
+struct snapshot_endpoints {
+	char service[SERVICE_NAME_MAX + 1];
+	struct config_addr *addrs;
+	size_t n_addrs;
 };
 
 struct snapshot {
@@ -39,13 +61,24 @@ struct snapshot {
 };
 
 /*
- * Builds a snapshot from cfg (taken over: freed with the snapshot, also on
- * failure): loads the policy and TLS material, builds both SSL contexts and
- * resolves the decision counters. Returns it with one reference, or NULL
- * with err set.
+ * Static mode: loads the TLS material and the policy from the files cfg
+ * names into src. Returns 0, or -EINVAL with err naming the file.
  */
-struct snapshot *snapshot_build(struct config *cfg, struct metrics *m, uint64_t version,
-                                struct meshlet_err *err);
+int snapshot_source_from_files(const struct config *cfg, struct snapshot_source *src,
+                               struct meshlet_err *err);
+
+/* Frees what src holds (what snapshot_build did not take). */
+void snapshot_source_free(struct snapshot_source *src);
+
+/*
+ * Builds a snapshot from cfg and src (both taken over: freed with the
+ * snapshot, also on failure): checks that policy and certificate belong to
+ * cfg's service, builds both SSL contexts, resolves the decision counters
+ * and each outbound listener's endpoints. Returns it with one reference, or
+ * NULL with err set.
+ */
+struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
+                                struct metrics *m, uint64_t version, struct meshlet_err *err);
 
 struct snapshot *snapshot_ref(struct snapshot *s);
 void snapshot_unref(struct snapshot *s);

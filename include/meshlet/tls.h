@@ -53,7 +53,8 @@ int tls_init(void);
  * bundle (one or more root certificates) from PEM files, checks that key and
  * certificate match, that the leaf is a valid SVID of trust_domain, and that
  * it is currently valid. Warns when the key file is readable by others.
- * Returns 0 and *out (free with tls_material_free), or -errno with err set.
+ * Returns 0 and *out (free with tls_material_free), or -errno with err set;
+ * err->path is "cert", "key" or "bundle": the file at fault.
  */
 int tls_material_load(const char *cert_file, const char *key_file, const char *bundle_file,
                       const char *trust_domain, struct tls_material **out,
