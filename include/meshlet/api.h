@@ -1,0 +1,184 @@
+/*
+ * api: the pieces of meshlet-control's HTTP API that are worth testing on
+ * their own: route patterns, request bodies and query strings, join tokens,
+ * durations, and the error shape of DESIGN.md:
+ *
+ *   {"error": {"code": "bad_request", "message": "...", "path": "rules[0].ports[0]"}}
+ *
+ * Everything here is pure (no I/O, no global state) and validates strictly:
+ * unknown fields, wrong types and out-of-range values are refused with the
+ * JSON path of the offending value in err.path.
+ */
+#ifndef MESHLET_API_H
+#define MESHLET_API_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <jansson.h>
+#include "meshlet/json.h"
+
+/* Request bodies over this are refused with 413 (DESIGN.md). */
+#define API_BODY_MAX (1024 * 1024)
+/* Nesting deeper than this is refused with 400 (DESIGN.md). */
+#define API_JSON_DEPTH MESHLET_JSON_MAX_DEPTH
+
+/*
+ * Join tokens: "mlt1.<service>.<pin>.<secret>"
+ *   mlt1     format tag (version 1)
+ *   service  the service the token may obtain an SVID for
+ *   pin      64 lowercase hex digits: SHA-256 of the SubjectPublicKeyInfo of
+ *            the root that signs control's server certificate (ca_pin_sha256),
+ *            so that a sidecar needs only the control URL and the token to
+ *            authenticate control on first contact
+ *   secret   32 random bytes, base64url without padding (43 characters)
+ * Control stores only api_token_hash() of the whole string.
+ */
+#define API_TOKEN_TAG "mlt1"
+#define API_TOKEN_SECRET_BYTES 32
+#define API_TOKEN_SECRET_LEN 43          /* base64url of 32 bytes, no padding */
+#define API_TOKEN_MAX 192                /* longest token, NUL included */
+#define API_SHA256_HEX_LEN 65            /* 64 hex digits and a NUL */
+
+/* Limits of the bodies below. */
+#define API_TOKEN_TTL_DEFAULT 3600
+#define API_TOKEN_TTL_MAX ((int64_t)366 * 24 * 3600)
+#define API_TOKEN_USES_MAX 1000000
+#define API_ENDPOINT_PORTS_MAX 64
+#define API_CHECK_HEADERS_MAX 64
+#define API_WAIT_DEFAULT 30
+#define API_WAIT_MAX 300
+
+/* The parts of a join token, as parsed by api_token_parse(). */
+struct api_join_token {
+	char service[64];
+	char pin[API_SHA256_HEX_LEN];
+};
+
+/* An API refusal: HTTP status, and where/why for the error body. */
+struct api_error {
+	int status;
+	struct meshlet_err e;
+};
+
+/* Records status, path and message in ae (may be NULL); returns -status so
+ * handlers can `return api_fail(...)`. */
+int api_fail(struct api_error *ae, int status, const char *path, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+/* The error code of DESIGN.md's error shape for an HTTP status:
+ * 400 "bad_request", 401 "unauthorized", 403 "forbidden", 404 "not_found",
+ * 405 "method_not_allowed", 409 "conflict", 412 "precondition_failed",
+ * 413 "payload_too_large", 503 "unavailable", else "internal". */
+const char *api_status_code(int status);
+
+/* {"error": {"code", "message", "path"}} for ae; a new reference or NULL. */
+json_t *api_error_body(const struct api_error *ae);
+
+/*
+ * Matches path against pattern, where each "{name}" of pattern matches one
+ * non-empty path segment (no '/'). Up to ncaps captured segments are
+ * copied, NUL-terminated, into caps[i] (each capsz bytes); a segment that
+ * does not fit makes the match fail. Returns true on a match.
+ */
+bool api_route_match(const char *pattern, const char *path, char (*caps)[64], size_t ncaps);
+
+/*
+ * A duration: plain seconds ("90"), or one or more <number><unit> with
+ * units s, m, h, d ("90s", "15m", "1h", "1h30m"). Must lie in [min, max].
+ * Returns 0 and *out seconds, or -EINVAL with err set (path "").
+ */
+int api_parse_duration(const char *s, int64_t min, int64_t max, int64_t *out,
+                       struct meshlet_err *err);
+
+/* Formats a join token into out (API_TOKEN_MAX bytes) from service, the
+ * pin (64 hex digits) and API_TOKEN_SECRET_BYTES secret bytes.
+ * Returns 0, or -EINVAL for a bad service or pin. */
+int api_token_format(char *out, size_t len, const char *service, const char *pin,
+                     const unsigned char *secret);
+
+/* Parses a join token. Returns 0 and *out, or -EINVAL with err set (path
+ * "token") when token is not one; says nothing about whether it is valid. */
+int api_token_parse(const char *token, struct api_join_token *out, struct meshlet_err *err);
+
+/* Lowercase hex SHA-256 of the bytes of s into out (API_SHA256_HEX_LEN). */
+void api_sha256_hex(const char *s, size_t len, char *out);
+
+/*
+ * An If-Match header: a version as a decimal integer, bare or in double
+ * quotes (an ETag as we send it: "5"); "*" gives *version = 0 (any
+ * existing version). Returns 0, or -EINVAL with err set (path "If-Match").
+ */
+int api_parse_if_match(const char *value, int64_t *version, struct meshlet_err *err);
+
+/* GET /v1/services/{svc}/config?after=V&wait=S. Missing: after 0, wait
+ * API_WAIT_DEFAULT. Unknown or repeated parameters are refused. */
+struct api_config_query {
+	int64_t after;
+	int wait;          /* seconds, 0..API_WAIT_MAX */
+};
+int api_parse_config_query(const char *query, struct api_config_query *out,
+                           struct meshlet_err *err);
+
+/* POST /v1/tokens {"service", "ttl_seconds"?, "uses"?} */
+struct api_token_req {
+	const char *service;       /* borrowed from the body */
+	int64_t ttl;               /* default API_TOKEN_TTL_DEFAULT */
+	int64_t uses;              /* default 1 */
+};
+int api_parse_token_req(const json_t *body, struct api_token_req *out, struct meshlet_err *err);
+
+/* POST /v1/svid {"csr", "service"?}: service, when given, must be the
+ * caller's own (checked by the caller). */
+struct api_svid_req {
+	const char *csr;
+	size_t csr_len;
+	const char *service;       /* NULL when absent */
+};
+int api_parse_svid_req(const json_t *body, struct api_svid_req *out, struct meshlet_err *err);
+
+/* POST /v1/check {"from", "service", "port", "method"?, "path"?, "headers"?} */
+struct api_check_req {
+	const char *from;
+	const char *service;
+	uint16_t port;
+	bool http;                 /* method, path or headers given */
+	const char *method;        /* NULL when absent */
+	const char *path;
+	const json_t *headers;     /* object of string values, or NULL */
+};
+int api_parse_check_req(const json_t *body, struct api_check_req *out, struct meshlet_err *err);
+
+/* POST /v1/services/{svc}/endpoints {"address": "ip:port", "ports"?: [..]} */
+struct api_endpoint_req {
+	const char *address;       /* canonical form: a.b.c.d:p or [v6]:p */
+	uint16_t ports[API_ENDPOINT_PORTS_MAX];
+	size_t n_ports;
+};
+int api_parse_endpoint_req(const json_t *body, struct api_endpoint_req *out,
+                           struct meshlet_err *err);
+
+/* True when s is "a.b.c.d:port" or "[ipv6]:port" with a port of 1..65535. */
+bool api_valid_address(const char *s);
+
+/* POST /v1/certs/rotate {"service"} | {"all": true} */
+struct api_rotate_req {
+	const char *service;       /* NULL when all */
+	bool all;
+};
+int api_parse_rotate_req(const json_t *body, struct api_rotate_req *out, struct meshlet_err *err);
+
+/* POST /v1/certs/revoke {"serial"}: serial normalised (ca_serial_normalize). */
+struct api_revoke_req {
+	char serial[41];
+};
+int api_parse_revoke_req(const json_t *body, struct api_revoke_req *out, struct meshlet_err *err);
+
+/* POST /v1/ca/rotate {} | {"force": bool} */
+struct api_ca_rotate_req {
+	bool force;
+};
+int api_parse_ca_rotate_req(const json_t *body, struct api_ca_rotate_req *out,
+                            struct meshlet_err *err);
+
+#endif

@@ -1,0 +1,520 @@
+/* api: validation of meshlet-control's requests; see api.h. */
+#include "meshlet/api.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/evp.h>
+
+#include "meshlet/ca.h"
+#include "meshlet/identity.h"
+
+int api_fail(struct api_error *ae, int status, const char *path, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!ae)
+		return -status;
+	ae->status = status;
+	snprintf(ae->e.path, sizeof(ae->e.path), "%s", path ? path : "");
+	va_start(ap, fmt);
+	vsnprintf(ae->e.message, sizeof(ae->e.message), fmt, ap);
+	va_end(ap);
+	return -status;
+}
+
+const char *api_status_code(int status)
+{
+	switch (status) {
+	case 400: return "bad_request";
+	case 401: return "unauthorized";
+	case 403: return "forbidden";
+	case 404: return "not_found";
+	case 405: return "method_not_allowed";
+	case 409: return "conflict";
+	case 412: return "precondition_failed";
+	case 413: return "payload_too_large";
+	case 499: return "client_closed_request";
+	case 503: return "unavailable";
+	default: return "internal";
+	}
+}
+
+json_t *api_error_body(const struct api_error *ae)
+{
+	return json_pack("{s:{s:s, s:s, s:s}}", "error",
+	                 "code", api_status_code(ae->status),
+	                 "message", ae->e.message,
+	                 "path", ae->e.path);
+}
+
+bool api_route_match(const char *pattern, const char *path, char (*caps)[64], size_t ncaps)
+{
+	size_t ncap = 0;
+
+	while (*pattern) {
+		if (*pattern == '{') {
+			const char *end = strchr(pattern, '}');
+			size_t n = strcspn(path, "/");
+
+			if (!end || n == 0 || n >= 64 || ncap >= ncaps)
+				return false;
+			memcpy(caps[ncap], path, n);
+			caps[ncap][n] = '\0';
+			ncap++;
+			path += n;
+			pattern = end + 1;
+			continue;
+		}
+		if (*pattern++ != *path++)
+			return false;
+	}
+	return *path == '\0';
+}
+
+/* ---- durations ---- */
+
+int api_parse_duration(const char *s, int64_t min, int64_t max, int64_t *out,
+                       struct meshlet_err *err)
+{
+	const char *p = s;
+	int64_t total = 0;
+
+	if (!s || !*s)
+		return err_set(err, "", "empty duration");
+	while (*p) {
+		int64_t v = 0, unit;
+
+		if (!isdigit((unsigned char)*p))
+			goto bad;
+		while (isdigit((unsigned char)*p)) {
+			if (v > (INT64_MAX - 9) / 10)
+				goto range;
+			v = v * 10 + (*p++ - '0');
+		}
+		switch (*p) {
+		case '\0':
+			if (p != s + strspn(s, "0123456789"))
+				goto bad;    /* "1h30": a bare number only on its own */
+			unit = 1;
+			break;
+		case 's': unit = 1; p++; break;
+		case 'm': unit = 60; p++; break;
+		case 'h': unit = 3600; p++; break;
+		case 'd': unit = 86400; p++; break;
+		default: goto bad;
+		}
+		if (v > (INT64_MAX - total) / unit)
+			goto range;
+		total += v * unit;
+	}
+	if (total < min || total > max)
+		goto range;
+	*out = total;
+	return 0;
+bad:
+	return err_set(err, "", "'%s' is not a duration (seconds, or e.g. 90s, 15m, 1h, 1h30m, 2d)",
+	               s);
+range:
+	return err_set(err, "", "duration '%s' must be %lld..%lld seconds", s, (long long)min,
+	               (long long)max);
+}
+
+/* ---- join tokens ---- */
+
+static const char b64url[] =
+	"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/* base64url without padding of in[0..n) into out (4 * ceil(n / 3) + 1). */
+static size_t b64url_encode(const unsigned char *in, size_t n, char *out)
+{
+	size_t o = 0, i;
+
+	for (i = 0; i + 2 < n; i += 3) {
+		uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
+		out[o++] = b64url[v >> 18 & 63];
+		out[o++] = b64url[v >> 12 & 63];
+		out[o++] = b64url[v >> 6 & 63];
+		out[o++] = b64url[v & 63];
+	}
+	if (n - i == 1) {
+		uint32_t v = (uint32_t)in[i] << 16;
+		out[o++] = b64url[v >> 18 & 63];
+		out[o++] = b64url[v >> 12 & 63];
+	} else if (n - i == 2) {
+		uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8;
+		out[o++] = b64url[v >> 18 & 63];
+		out[o++] = b64url[v >> 12 & 63];
+		out[o++] = b64url[v >> 6 & 63];
+	}
+	out[o] = '\0';
+	return o;
+}
+
+static bool is_lower_hex(const char *s, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return false;
+	}
+	return true;
+}
+
+int api_token_format(char *out, size_t len, const char *service, const char *pin,
+                     const unsigned char *secret)
+{
+	char sec[API_TOKEN_SECRET_LEN + 4];
+	int n;
+
+	if (!identity_valid_service(service) || strlen(pin) != 64 || !is_lower_hex(pin, 64))
+		return -EINVAL;
+	b64url_encode(secret, API_TOKEN_SECRET_BYTES, sec);
+	n = snprintf(out, len, "%s.%s.%s.%s", API_TOKEN_TAG, service, pin, sec);
+	return n > 0 && (size_t)n < len ? 0 : -EINVAL;
+}
+
+int api_token_parse(const char *token, struct api_join_token *out, struct meshlet_err *err)
+{
+	const char *p = token, *dot;
+	size_t n;
+
+	if (!token || strlen(token) >= API_TOKEN_MAX)
+		return err_set(err, "token", "not a meshlet join token");
+	if (strncmp(p, API_TOKEN_TAG ".", sizeof(API_TOKEN_TAG)) != 0)
+		return err_set(err, "token", "not a meshlet join token (expected %s.<service>.<pin>.<secret>)",
+		               API_TOKEN_TAG);
+	p += sizeof(API_TOKEN_TAG);
+	dot = strchr(p, '.');
+	n = dot ? (size_t)(dot - p) : 0;
+	if (!dot || n >= sizeof(out->service))
+		return err_set(err, "token", "malformed join token: bad service part");
+	memcpy(out->service, p, n);
+	out->service[n] = '\0';
+	if (!identity_valid_service(out->service))
+		return err_set(err, "token", "malformed join token: bad service part");
+	p = dot + 1;
+	dot = strchr(p, '.');
+	if (!dot || dot - p != 64 || !is_lower_hex(p, 64))
+		return err_set(err, "token", "malformed join token: bad pin part");
+	memcpy(out->pin, p, 64);
+	out->pin[64] = '\0';
+	p = dot + 1;
+	if (strlen(p) != API_TOKEN_SECRET_LEN || strspn(p, b64url) != API_TOKEN_SECRET_LEN)
+		return err_set(err, "token", "malformed join token: bad secret part");
+	return 0;
+}
+
+void api_sha256_hex(const char *s, size_t len, char *out)
+{
+	unsigned char md[32];
+	unsigned int mdlen = 0;
+
+	EVP_Digest(s, len, md, &mdlen, EVP_sha256(), NULL);
+	for (unsigned int i = 0; i < 32; i++)
+		snprintf(out + 2 * i, 3, "%02x", md[i]);
+	out[64] = '\0';
+}
+
+/* ---- headers and queries ---- */
+
+/* A non-negative decimal integer of n bytes without sign or leading zeros. */
+static int parse_uint(const char *s, size_t n, int64_t max, int64_t *out)
+{
+	int64_t v = 0;
+
+	if (n == 0 || n > 19 || (n > 1 && s[0] == '0'))
+		return -EINVAL;
+	for (size_t i = 0; i < n; i++) {
+		if (!isdigit((unsigned char)s[i]))
+			return -EINVAL;
+		if (v > (max - (s[i] - '0')) / 10)
+			return -ERANGE;
+		v = v * 10 + (s[i] - '0');
+	}
+	*out = v;
+	return 0;
+}
+
+int api_parse_if_match(const char *value, int64_t *version, struct meshlet_err *err)
+{
+	size_t n;
+
+	if (!value)
+		return err_set(err, "If-Match", "missing");
+	while (*value == ' ' || *value == '\t')
+		value++;
+	n = strlen(value);
+	while (n > 0 && (value[n - 1] == ' ' || value[n - 1] == '\t'))
+		n--;
+	if (n == 1 && value[0] == '*') {
+		*version = 0;
+		return 0;
+	}
+	if (n >= 2 && value[0] == '"' && value[n - 1] == '"') {
+		value++;
+		n -= 2;
+	}
+	if (parse_uint(value, n, INT64_MAX, version) < 0 || *version == 0)
+		return err_set(err, "If-Match", "must be a policy version (a positive integer, as in ETag)");
+	return 0;
+}
+
+int api_parse_config_query(const char *query, struct api_config_query *out,
+                           struct meshlet_err *err)
+{
+	bool seen_after = false, seen_wait = false;
+	const char *p = query;
+
+	out->after = 0;
+	out->wait = API_WAIT_DEFAULT;
+	while (p && *p) {
+		size_t n = strcspn(p, "&");
+		const char *eq = memchr(p, '=', n);
+		int64_t v;
+
+		if (!eq)
+			return err_set(err, "query", "'%.*s': expected name=value", (int)(n > 64 ? 64 : n), p);
+		if (eq - p == 5 && memcmp(p, "after", 5) == 0 && !seen_after) {
+			if (parse_uint(eq + 1, n - 6, INT64_MAX, &v) < 0)
+				return err_set(err, "after", "must be a non-negative integer");
+			out->after = v;
+			seen_after = true;
+		} else if (eq - p == 4 && memcmp(p, "wait", 4) == 0 && !seen_wait) {
+			if (parse_uint(eq + 1, n - 5, INT64_MAX, &v) < 0 || v > API_WAIT_MAX)
+				return err_set(err, "wait", "must be 0..%d seconds", API_WAIT_MAX);
+			out->wait = (int)v;
+			seen_wait = true;
+		} else {
+			return err_set(err, "query", "unknown or repeated parameter '%.*s'",
+			               (int)((eq - p) > 64 ? 64 : (eq - p)), p);
+		}
+		p += n;
+		if (*p == '&')
+			p++;
+	}
+	return 0;
+}
+
+/* ---- bodies ---- */
+
+static int check_fields(const json_t *body, const char *const *allowed, struct meshlet_err *err)
+{
+	if (!json_is_object(body))
+		return err_set(err, "", "the request body must be a JSON object");
+	return json_check_object(body, "", allowed, err);
+}
+
+static int get_service(const json_t *body, const char *key, bool required, const char **out,
+                       struct meshlet_err *err)
+{
+	const char *s = NULL;
+	int r = json_get_str(body, "", key, required, &s, err);
+
+	if (r < 0)
+		return r;
+	if (s && !identity_valid_service(s))
+		return err_set(err, key, "'%.64s' is not a service name ([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)",
+		               s);
+	*out = s;
+	return 0;
+}
+
+int api_parse_token_req(const json_t *body, struct api_token_req *out, struct meshlet_err *err)
+{
+	static const char *const allowed[] = {"service", "ttl_seconds", "uses", NULL};
+	long long ttl = API_TOKEN_TTL_DEFAULT, uses = 1;
+
+	memset(out, 0, sizeof(*out));
+	if (check_fields(body, allowed, err) < 0 ||
+	    get_service(body, "service", true, &out->service, err) < 0 ||
+	    json_get_int(body, "", "ttl_seconds", false, 1, API_TOKEN_TTL_MAX, &ttl, err) < 0 ||
+	    json_get_int(body, "", "uses", false, 1, API_TOKEN_USES_MAX, &uses, err) < 0)
+		return -EINVAL;
+	out->ttl = ttl;
+	out->uses = uses;
+	return 0;
+}
+
+int api_parse_svid_req(const json_t *body, struct api_svid_req *out, struct meshlet_err *err)
+{
+	static const char *const allowed[] = {"csr", "service", NULL};
+	const json_t *csr;
+
+	memset(out, 0, sizeof(*out));
+	if (check_fields(body, allowed, err) < 0 ||
+	    json_get_str(body, "", "csr", true, &out->csr, err) < 0 ||
+	    get_service(body, "service", false, &out->service, err) < 0)
+		return -EINVAL;
+	csr = json_object_get(body, "csr");
+	out->csr_len = json_string_length(csr);
+	if (out->csr_len == 0 || out->csr_len > CA_CSR_MAX)
+		return err_set(err, "csr", "must be a PEM certificate request of at most %d bytes",
+		               CA_CSR_MAX);
+	return 0;
+}
+
+/* An HTTP token (RFC 9110): method and header names. */
+static bool is_token(const char *s, size_t max)
+{
+	size_t n = strlen(s);
+
+	if (n == 0 || n > max)
+		return false;
+	return strspn(s, "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+	                 "abcdefghijklmnopqrstuvwxyz") == n;
+}
+
+int api_parse_check_req(const json_t *body, struct api_check_req *out, struct meshlet_err *err)
+{
+	static const char *const allowed[] = {"from", "service", "port", "method", "path",
+	                                      "headers", NULL};
+	struct spiffe_id id;
+	const char *why = NULL;
+	long long port = 0;
+	const json_t *h = NULL, *v;
+	const char *k;
+	char path[MESHLET_PATH_MAX];
+
+	memset(out, 0, sizeof(*out));
+	if (check_fields(body, allowed, err) < 0 ||
+	    json_get_str(body, "", "from", true, &out->from, err) < 0 ||
+	    get_service(body, "service", true, &out->service, err) < 0 ||
+	    json_get_int(body, "", "port", true, 1, 65535, &port, err) < 0 ||
+	    json_get_str(body, "", "method", false, &out->method, err) < 0 ||
+	    json_get_str(body, "", "path", false, &out->path, err) < 0 ||
+	    json_get_object(body, "", "headers", false, &h, err) < 0)
+		return -EINVAL;
+	if (identity_parse(out->from, strlen(out->from), &id, &why) < 0)
+		return err_set(err, "from", "not a SPIFFE ID: %s", why ? why : "malformed");
+	out->port = (uint16_t)port;
+	if (out->method && !is_token(out->method, 32))
+		return err_set(err, "method", "not an HTTP method");
+	if (out->path && (out->path[0] != '/' || strlen(out->path) > 8192))
+		return err_set(err, "path", "must start with '/' (at most 8192 bytes)");
+	if (h) {
+		if (json_object_size(h) > API_CHECK_HEADERS_MAX)
+			return err_set(err, "headers", "at most %d headers", API_CHECK_HEADERS_MAX);
+		json_object_foreach((json_t *)h, k, v) {
+			json_path_key(path, sizeof(path), "headers", k);
+			if (!is_token(k, 256))
+				return err_set(err, path, "not an HTTP header name");
+			if (!json_is_string(v))
+				return err_set(err, path, "must be a string");
+		}
+	}
+	out->headers = h;
+	out->http = out->method || out->path || h;
+	return 0;
+}
+
+bool api_valid_address(const char *s)
+{
+	char host[INET6_ADDRSTRLEN + 2];
+	unsigned char buf[sizeof(struct in6_addr)];
+	const char *colon;
+	int64_t port;
+	size_t n;
+
+	if (!s)
+		return false;
+	if (s[0] == '[') {
+		const char *end = strchr(s, ']');
+		if (!end || end[1] != ':')
+			return false;
+		n = (size_t)(end - s - 1);
+		if (n == 0 || n >= sizeof(host))
+			return false;
+		memcpy(host, s + 1, n);
+		host[n] = '\0';
+		if (inet_pton(AF_INET6, host, buf) != 1)
+			return false;
+		colon = end + 1;
+	} else {
+		colon = strrchr(s, ':');
+		if (!colon)
+			return false;
+		n = (size_t)(colon - s);
+		if (n == 0 || n >= sizeof(host))
+			return false;
+		memcpy(host, s, n);
+		host[n] = '\0';
+		if (inet_pton(AF_INET, host, buf) != 1)
+			return false;
+	}
+	return parse_uint(colon + 1, strlen(colon + 1), 65535, &port) == 0 && port > 0;
+}
+
+int api_parse_endpoint_req(const json_t *body, struct api_endpoint_req *out,
+                           struct meshlet_err *err)
+{
+	static const char *const allowed[] = {"address", "ports", NULL};
+	const json_t *ports = NULL, *v;
+	char path[MESHLET_PATH_MAX];
+	size_t i;
+
+	memset(out, 0, sizeof(*out));
+	if (check_fields(body, allowed, err) < 0 ||
+	    json_get_str(body, "", "address", true, &out->address, err) < 0 ||
+	    json_get_array(body, "", "ports", false, &ports, err) < 0)
+		return -EINVAL;
+	if (!api_valid_address(out->address))
+		return err_set(err, "address", "must be ip:port (IPv4, or [IPv6]:port), port 1..65535");
+	if (ports && json_array_size(ports) > API_ENDPOINT_PORTS_MAX)
+		return err_set(err, "ports", "at most %d ports", API_ENDPOINT_PORTS_MAX);
+	json_array_foreach(ports, i, v) {
+		long long p;
+
+		json_path_index(path, sizeof(path), "ports", i);
+		if (json_as_int(v, path, 1, 65535, &p, err) < 0)
+			return -EINVAL;
+		out->ports[out->n_ports++] = (uint16_t)p;
+	}
+	return 0;
+}
+
+int api_parse_rotate_req(const json_t *body, struct api_rotate_req *out, struct meshlet_err *err)
+{
+	static const char *const allowed[] = {"service", "all", NULL};
+
+	memset(out, 0, sizeof(*out));
+	if (check_fields(body, allowed, err) < 0 ||
+	    get_service(body, "service", false, &out->service, err) < 0 ||
+	    json_get_bool(body, "", "all", false, &out->all, err) < 0)
+		return -EINVAL;
+	if (out->service && out->all)
+		return err_set(err, "", "give either \"service\" or \"all\": true, not both");
+	if (!out->service && !out->all)
+		return err_set(err, "service", "required (or \"all\": true)");
+	return 0;
+}
+
+int api_parse_revoke_req(const json_t *body, struct api_revoke_req *out, struct meshlet_err *err)
+{
+	static const char *const allowed[] = {"serial", NULL};
+	const char *s = NULL;
+
+	memset(out, 0, sizeof(*out));
+	if (check_fields(body, allowed, err) < 0 ||
+	    json_get_str(body, "", "serial", true, &s, err) < 0)
+		return -EINVAL;
+	if (ca_serial_normalize(s, out->serial) < 0)
+		return err_set(err, "serial", "must be a certificate serial in hex (at most 40 digits)");
+	return 0;
+}
+
+int api_parse_ca_rotate_req(const json_t *body, struct api_ca_rotate_req *out,
+                            struct meshlet_err *err)
+{
+	static const char *const allowed[] = {"force", NULL};
+
+	memset(out, 0, sizeof(*out));
+	if (check_fields(body, allowed, err) < 0 ||
+	    json_get_bool(body, "", "force", false, &out->force, err) < 0)
+		return -EINVAL;
+	return 0;
+}

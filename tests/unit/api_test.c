@@ -1,0 +1,440 @@
+/* Unit tests for lib/api.c: request validation of meshlet-control's API. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "meshlet/api.h"
+
+static json_t *parse(const char *text)
+{
+	json_error_t je;
+	json_t *v = json_loads(text, 0, &je);
+
+	assert_non_null(v);
+	return v;
+}
+
+static void test_route_match(void **state)
+{
+	char caps[2][64];
+
+	assert_true(api_route_match("/v1/policies", "/v1/policies", caps, 2));
+	assert_false(api_route_match("/v1/policies", "/v1/policies/", caps, 2));
+	assert_false(api_route_match("/v1/policies", "/v1/policie", caps, 2));
+	assert_true(api_route_match("/v1/policies/{svc}", "/v1/policies/orders", caps, 2));
+	assert_string_equal(caps[0], "orders");
+	assert_false(api_route_match("/v1/policies/{svc}", "/v1/policies/", caps, 2));
+	assert_false(api_route_match("/v1/policies/{svc}", "/v1/policies/a/b", caps, 2));
+	assert_true(api_route_match("/v1/services/{svc}/config", "/v1/services/web/config", caps, 2));
+	assert_string_equal(caps[0], "web");
+	assert_false(api_route_match("/v1/services/{svc}/config", "/v1/services/web/configx", caps, 2));
+	assert_false(api_route_match("/v1/services/{svc}/config", "/v1/services//config", caps, 2));
+	/* A segment too long to capture does not match. */
+	char longpath[200];
+	snprintf(longpath, sizeof(longpath), "/v1/policies/%0100d", 0);
+	assert_false(api_route_match("/v1/policies/{svc}", longpath, caps, 2));
+}
+
+static void test_duration(void **state)
+{
+	struct meshlet_err e = {0};
+	int64_t v = 0;
+
+	assert_int_equal(api_parse_duration("90", 1, 1000000, &v, &e), 0);
+	assert_int_equal(v, 90);
+	assert_int_equal(api_parse_duration("90s", 1, 1000000, &v, &e), 0);
+	assert_int_equal(v, 90);
+	assert_int_equal(api_parse_duration("15m", 1, 1000000, &v, &e), 0);
+	assert_int_equal(v, 900);
+	assert_int_equal(api_parse_duration("1h", 1, 1000000, &v, &e), 0);
+	assert_int_equal(v, 3600);
+	assert_int_equal(api_parse_duration("1h30m", 1, 1000000, &v, &e), 0);
+	assert_int_equal(v, 5400);
+	assert_int_equal(api_parse_duration("2d", 1, 1000000, &v, &e), 0);
+	assert_int_equal(v, 172800);
+	assert_int_equal(api_parse_duration("", 1, 100, &v, &e), -EINVAL);
+	assert_int_equal(api_parse_duration("h", 1, 100, &v, &e), -EINVAL);
+	assert_int_equal(api_parse_duration("1h30", 1, 1000000, &v, &e), -EINVAL);
+	assert_int_equal(api_parse_duration("-5", 1, 100, &v, &e), -EINVAL);
+	assert_int_equal(api_parse_duration("10x", 1, 100, &v, &e), -EINVAL);
+	assert_int_equal(api_parse_duration("1 h", 1, 100000, &v, &e), -EINVAL);
+	assert_int_equal(api_parse_duration("0", 1, 100, &v, &e), -EINVAL);
+	assert_int_equal(api_parse_duration("101", 1, 100, &v, &e), -EINVAL);
+	assert_int_equal(api_parse_duration("99999999999999999999999d", 1, 100, &v, &e), -EINVAL);
+	assert_int_equal(api_parse_duration("9223372036854775807d", 1, 100, &v, &e), -EINVAL);
+}
+
+static const char pin[] = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+static void test_token_roundtrip(void **state)
+{
+	unsigned char secret[API_TOKEN_SECRET_BYTES];
+	char tok[API_TOKEN_MAX], h1[API_SHA256_HEX_LEN], h2[API_SHA256_HEX_LEN];
+	struct api_join_token jt;
+	struct meshlet_err e = {0};
+
+	for (size_t i = 0; i < sizeof(secret); i++)
+		secret[i] = (unsigned char)(i * 37 + 255);
+	assert_int_equal(api_token_format(tok, sizeof(tok), "orders", pin, secret), 0);
+	assert_int_equal(strncmp(tok, "mlt1.orders.", 12), 0);
+	assert_int_equal(strlen(tok), 4 + 1 + 6 + 1 + 64 + 1 + API_TOKEN_SECRET_LEN);
+	assert_int_equal(api_token_parse(tok, &jt, &e), 0);
+	assert_string_equal(jt.service, "orders");
+	assert_string_equal(jt.pin, pin);
+	api_sha256_hex(tok, strlen(tok), h1);
+	api_sha256_hex(tok, strlen(tok), h2);
+	assert_string_equal(h1, h2);
+	assert_int_equal(strlen(h1), 64);
+	/* The hash covers the whole token. */
+	tok[strlen(tok) - 1] ^= 1;
+	api_sha256_hex(tok, strlen(tok), h2);
+	assert_string_not_equal(h1, h2);
+	/* Bad inputs to format. */
+	assert_int_equal(api_token_format(tok, sizeof(tok), "Orders", pin, secret), -EINVAL);
+	assert_int_equal(api_token_format(tok, sizeof(tok), "orders", "abc", secret), -EINVAL);
+	assert_int_equal(api_token_format(tok, 20, "orders", pin, secret), -EINVAL);
+}
+
+static void test_token_parse_refusals(void **state)
+{
+	struct api_join_token jt;
+	struct meshlet_err e = {0};
+	char buf[300];
+	const char *sec = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";   /* 43 */
+
+	snprintf(buf, sizeof(buf), "mlt1.orders.%s.%s", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), 0);
+	assert_int_equal(api_token_parse("", &jt, &e), -EINVAL);
+	assert_string_equal(e.path, "token");
+	assert_int_equal(api_token_parse("Bearer x", &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt2.orders.%s.%s", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt1.Orders.%s.%s", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt1..%s.%s", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt1.orders.%.63s.%s", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt1.orders.%s.%s", "0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef", sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt1.orders.%s.%sA", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt1.orders.%s.%.42s=", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt1.orders.%s", pin);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+}
+
+static void test_if_match(void **state)
+{
+	struct meshlet_err e = {0};
+	int64_t v = -1;
+
+	assert_int_equal(api_parse_if_match("5", &v, &e), 0);
+	assert_int_equal(v, 5);
+	assert_int_equal(api_parse_if_match("\"12\"", &v, &e), 0);
+	assert_int_equal(v, 12);
+	assert_int_equal(api_parse_if_match(" 7 ", &v, &e), 0);
+	assert_int_equal(v, 7);
+	assert_int_equal(api_parse_if_match("*", &v, &e), 0);
+	assert_int_equal(v, 0);
+	assert_int_equal(api_parse_if_match("0", &v, &e), -EINVAL);
+	assert_string_equal(e.path, "If-Match");
+	assert_int_equal(api_parse_if_match("W/\"5\"", &v, &e), -EINVAL);
+	assert_int_equal(api_parse_if_match("abc", &v, &e), -EINVAL);
+	assert_int_equal(api_parse_if_match("-1", &v, &e), -EINVAL);
+	assert_int_equal(api_parse_if_match("\"", &v, &e), -EINVAL);
+	assert_int_equal(api_parse_if_match("99999999999999999999", &v, &e), -EINVAL);
+	assert_int_equal(api_parse_if_match("", &v, &e), -EINVAL);
+}
+
+static void test_config_query(void **state)
+{
+	struct api_config_query q;
+	struct meshlet_err e = {0};
+
+	assert_int_equal(api_parse_config_query(NULL, &q, &e), 0);
+	assert_int_equal(q.after, 0);
+	assert_int_equal(q.wait, API_WAIT_DEFAULT);
+	assert_int_equal(api_parse_config_query("after=42&wait=5", &q, &e), 0);
+	assert_int_equal(q.after, 42);
+	assert_int_equal(q.wait, 5);
+	assert_int_equal(api_parse_config_query("wait=0", &q, &e), 0);
+	assert_int_equal(q.wait, 0);
+	assert_int_equal(api_parse_config_query("wait=301", &q, &e), -EINVAL);
+	assert_string_equal(e.path, "wait");
+	assert_int_equal(api_parse_config_query("after=-1", &q, &e), -EINVAL);
+	assert_string_equal(e.path, "after");
+	assert_int_equal(api_parse_config_query("after=1&after=2", &q, &e), -EINVAL);
+	assert_int_equal(api_parse_config_query("foo=1", &q, &e), -EINVAL);
+	assert_int_equal(api_parse_config_query("after", &q, &e), -EINVAL);
+	assert_int_equal(api_parse_config_query("after=", &q, &e), -EINVAL);
+}
+
+static void test_token_req(void **state)
+{
+	struct api_token_req r;
+	struct meshlet_err e = {0};
+	json_t *b;
+
+	b = parse("{\"service\": \"orders\"}");
+	assert_int_equal(api_parse_token_req(b, &r, &e), 0);
+	assert_string_equal(r.service, "orders");
+	assert_int_equal(r.ttl, API_TOKEN_TTL_DEFAULT);
+	assert_int_equal(r.uses, 1);
+	json_decref(b);
+
+	b = parse("{\"service\": \"orders\", \"ttl_seconds\": 60, \"uses\": 3}");
+	assert_int_equal(api_parse_token_req(b, &r, &e), 0);
+	assert_int_equal(r.ttl, 60);
+	assert_int_equal(r.uses, 3);
+	json_decref(b);
+
+	b = parse("{\"service\": \"orders\", \"extra\": 1}");
+	assert_int_equal(api_parse_token_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "extra");
+	json_decref(b);
+
+	b = parse("{\"service\": \"Bad_Name\"}");
+	assert_int_equal(api_parse_token_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "service");
+	json_decref(b);
+
+	b = parse("{\"service\": \"orders\", \"uses\": 0}");
+	assert_int_equal(api_parse_token_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "uses");
+	json_decref(b);
+
+	b = parse("{\"service\": \"orders\", \"ttl_seconds\": \"1h\"}");
+	assert_int_equal(api_parse_token_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "ttl_seconds");
+	json_decref(b);
+
+	b = parse("{}");
+	assert_int_equal(api_parse_token_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "service");
+	json_decref(b);
+
+	b = parse("[1]");
+	assert_int_equal(api_parse_token_req(b, &r, &e), -EINVAL);
+	json_decref(b);
+}
+
+static void test_svid_req(void **state)
+{
+	struct api_svid_req r;
+	struct meshlet_err e = {0};
+	json_t *b;
+
+	b = parse("{\"csr\": \"-----BEGIN CERTIFICATE REQUEST-----\"}");
+	assert_int_equal(api_parse_svid_req(b, &r, &e), 0);
+	assert_null(r.service);
+	assert_true(r.csr_len > 0);
+	json_decref(b);
+
+	b = parse("{\"csr\": \"x\", \"service\": \"web\"}");
+	assert_int_equal(api_parse_svid_req(b, &r, &e), 0);
+	assert_string_equal(r.service, "web");
+	json_decref(b);
+
+	b = parse("{\"csr\": \"\"}");
+	assert_int_equal(api_parse_svid_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "csr");
+	json_decref(b);
+
+	b = parse("{\"csr\": 5}");
+	assert_int_equal(api_parse_svid_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "csr");
+	json_decref(b);
+
+	b = parse("{\"csr\": \"x\", \"spiffe_id\": \"spiffe://a/svc/b\"}");
+	assert_int_equal(api_parse_svid_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "spiffe_id");
+	json_decref(b);
+}
+
+static void test_check_req(void **state)
+{
+	struct api_check_req r;
+	struct meshlet_err e = {0};
+	json_t *b;
+
+	b = parse("{\"from\": \"spiffe://mesh.local/svc/web\", \"service\": \"orders\", \"port\": 8080}");
+	assert_int_equal(api_parse_check_req(b, &r, &e), 0);
+	assert_false(r.http);
+	assert_int_equal(r.port, 8080);
+	json_decref(b);
+
+	b = parse("{\"from\": \"spiffe://mesh.local/svc/web\", \"service\": \"orders\", \"port\": 80,"
+	          " \"method\": \"GET\", \"path\": \"/a\", \"headers\": {\"x-tenant\": \"acme\"}}");
+	assert_int_equal(api_parse_check_req(b, &r, &e), 0);
+	assert_true(r.http);
+	assert_string_equal(r.method, "GET");
+	json_decref(b);
+
+	b = parse("{\"from\": \"web\", \"service\": \"orders\", \"port\": 80}");
+	assert_int_equal(api_parse_check_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "from");
+	json_decref(b);
+
+	b = parse("{\"from\": \"spiffe://mesh.local/svc/web\", \"service\": \"orders\", \"port\": 0}");
+	assert_int_equal(api_parse_check_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "port");
+	json_decref(b);
+
+	b = parse("{\"from\": \"spiffe://mesh.local/svc/web\", \"service\": \"orders\", \"port\": 1,"
+	          " \"path\": \"relative\"}");
+	assert_int_equal(api_parse_check_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "path");
+	json_decref(b);
+
+	b = parse("{\"from\": \"spiffe://mesh.local/svc/web\", \"service\": \"orders\", \"port\": 1,"
+	          " \"headers\": {\"x\": 1}}");
+	assert_int_equal(api_parse_check_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "headers.x");
+	json_decref(b);
+
+	b = parse("{\"from\": \"spiffe://mesh.local/svc/web\", \"service\": \"orders\", \"port\": 1,"
+	          " \"method\": \"G E T\"}");
+	assert_int_equal(api_parse_check_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "method");
+	json_decref(b);
+}
+
+static void test_address(void **state)
+{
+	assert_true(api_valid_address("10.0.0.2:15006"));
+	assert_true(api_valid_address("[::1]:80"));
+	assert_true(api_valid_address("[fe80::1]:65535"));
+	assert_false(api_valid_address("10.0.0.2"));
+	assert_false(api_valid_address("10.0.0.2:0"));
+	assert_false(api_valid_address("10.0.0.2:65536"));
+	assert_false(api_valid_address("10.0.0.256:80"));
+	assert_false(api_valid_address("host:80"));
+	assert_false(api_valid_address("::1:80"));
+	assert_false(api_valid_address("[::1]80"));
+	assert_false(api_valid_address(":80"));
+	assert_false(api_valid_address("1.2.3.4:08"));
+	assert_false(api_valid_address(NULL));
+}
+
+static void test_endpoint_req(void **state)
+{
+	struct api_endpoint_req r;
+	struct meshlet_err e = {0};
+	json_t *b;
+
+	b = parse("{\"address\": \"10.0.0.2:15006\", \"ports\": [8080, 9090]}");
+	assert_int_equal(api_parse_endpoint_req(b, &r, &e), 0);
+	assert_int_equal(r.n_ports, 2);
+	assert_int_equal(r.ports[1], 9090);
+	json_decref(b);
+
+	b = parse("{\"address\": \"10.0.0.2:15006\", \"ports\": [8080, 0]}");
+	assert_int_equal(api_parse_endpoint_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "ports[1]");
+	json_decref(b);
+
+	b = parse("{\"address\": \"nowhere\"}");
+	assert_int_equal(api_parse_endpoint_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "address");
+	json_decref(b);
+}
+
+static void test_rotate_revoke_ca(void **state)
+{
+	struct api_rotate_req r;
+	struct api_revoke_req v;
+	struct api_ca_rotate_req c;
+	struct meshlet_err e = {0};
+	json_t *b;
+
+	b = parse("{\"service\": \"orders\"}");
+	assert_int_equal(api_parse_rotate_req(b, &r, &e), 0);
+	assert_string_equal(r.service, "orders");
+	json_decref(b);
+	b = parse("{\"all\": true}");
+	assert_int_equal(api_parse_rotate_req(b, &r, &e), 0);
+	assert_true(r.all);
+	json_decref(b);
+	b = parse("{}");
+	assert_int_equal(api_parse_rotate_req(b, &r, &e), -EINVAL);
+	json_decref(b);
+	b = parse("{\"all\": true, \"service\": \"x\"}");
+	assert_int_equal(api_parse_rotate_req(b, &r, &e), -EINVAL);
+	json_decref(b);
+	b = parse("{\"all\": false}");
+	assert_int_equal(api_parse_rotate_req(b, &r, &e), -EINVAL);
+	json_decref(b);
+
+	b = parse("{\"serial\": \"00:AB:cd\"}");
+	assert_int_equal(api_parse_revoke_req(b, &v, &e), 0);
+	assert_string_equal(v.serial, "abcd");
+	json_decref(b);
+	b = parse("{\"serial\": \"xyz\"}");
+	assert_int_equal(api_parse_revoke_req(b, &v, &e), -EINVAL);
+	assert_string_equal(e.path, "serial");
+	json_decref(b);
+
+	b = parse("{}");
+	assert_int_equal(api_parse_ca_rotate_req(b, &c, &e), 0);
+	assert_false(c.force);
+	json_decref(b);
+	b = parse("{\"force\": true}");
+	assert_int_equal(api_parse_ca_rotate_req(b, &c, &e), 0);
+	assert_true(c.force);
+	json_decref(b);
+	b = parse("{\"force\": 1}");
+	assert_int_equal(api_parse_ca_rotate_req(b, &c, &e), -EINVAL);
+	assert_string_equal(e.path, "force");
+	json_decref(b);
+}
+
+static void test_error_body(void **state)
+{
+	struct api_error ae = {0};
+	json_t *b;
+
+	assert_int_equal(api_fail(&ae, 412, "If-Match", "version %d", 3), -412);
+	b = api_error_body(&ae);
+	assert_non_null(b);
+	assert_string_equal(json_string_value(json_object_get(json_object_get(b, "error"), "code")),
+	                    "precondition_failed");
+	assert_string_equal(json_string_value(json_object_get(json_object_get(b, "error"), "path")),
+	                    "If-Match");
+	assert_string_equal(json_string_value(json_object_get(json_object_get(b, "error"),
+	                                                      "message")), "version 3");
+	json_decref(b);
+	assert_string_equal(api_status_code(400), "bad_request");
+	assert_string_equal(api_status_code(401), "unauthorized");
+	assert_string_equal(api_status_code(403), "forbidden");
+	assert_string_equal(api_status_code(404), "not_found");
+	assert_string_equal(api_status_code(409), "conflict");
+	assert_string_equal(api_status_code(413), "payload_too_large");
+	assert_string_equal(api_status_code(500), "internal");
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_route_match),
+		cmocka_unit_test(test_duration),
+		cmocka_unit_test(test_token_roundtrip),
+		cmocka_unit_test(test_token_parse_refusals),
+		cmocka_unit_test(test_if_match),
+		cmocka_unit_test(test_config_query),
+		cmocka_unit_test(test_token_req),
+		cmocka_unit_test(test_svid_req),
+		cmocka_unit_test(test_check_req),
+		cmocka_unit_test(test_address),
+		cmocka_unit_test(test_endpoint_req),
+		cmocka_unit_test(test_rotate_revoke_ca),
+		cmocka_unit_test(test_error_body),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
