@@ -1,0 +1,895 @@
+/*
+ * ctl_http: see ctl_http.h. A deliberately small HTTP/1.1 client: one
+ * request per TLS connection, non-blocking socket driven by poll() against a
+ * single deadline, Content-Length, chunked and read-to-close bodies.
+ */
+#include "ctl_http.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
+#define CTL_HOST_MAX 256
+#define CTL_PREFIX_MAX 512
+#define CTL_MAX_IDS 8
+
+struct ctl_http {
+	char host[CTL_HOST_MAX];        /* without brackets */
+	char port[8];
+	char prefix[CTL_PREFIX_MAX];    /* "" or "/base" (no trailing '/') */
+	char host_header[CTL_HOST_MAX + 16];
+	bool host_is_ip;
+	char *token;
+	char *user_agent;
+	int timeout_ms;
+	size_t max_response;
+	SSL_CTX *ctx;
+	/* spiffe://<td>/control for each trust domain of a root in the CA file */
+	char *control_ids[CTL_MAX_IDS];
+	size_t n_ids;
+};
+
+__attribute__((format(printf, 2, 3)))
+static int fail(char *err, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err) {
+		va_start(ap, fmt);
+		vsnprintf(err, CTL_HTTP_ERR_MAX, fmt, ap);
+		va_end(ap);
+	}
+	return -1;
+}
+
+/* The first queued OpenSSL error as text (or "unknown error"), clearing the queue. */
+static const char *ssl_errstr(char *buf, size_t len)
+{
+	unsigned long e = ERR_peek_last_error();
+
+	if (!e) {
+		snprintf(buf, len, "unknown error");
+	} else {
+		const char *reason = ERR_reason_error_string(e);
+
+		snprintf(buf, len, "%s", reason ? reason : "unknown error");
+	}
+	ERR_clear_error();
+	return buf;
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---------------------------------------------------------------- setup */
+
+static int parse_url(struct ctl_http *h, const char *url, char *err)
+{
+	const char *p, *host_end, *rest;
+	size_t n;
+
+	if (strncasecmp(url, "https://", 8) != 0) {
+		if (strncasecmp(url, "http://", 7) == 0)
+			return fail(err, "control URL %s: only https:// is supported", url);
+		return fail(err, "control URL %s: must look like https://HOST[:PORT]", url);
+	}
+	p = url + 8;
+	if (*p == '[') {
+		host_end = strchr(p, ']');
+		if (!host_end)
+			return fail(err, "control URL %s: unterminated [IPv6 address]", url);
+		n = (size_t)(host_end - p - 1);
+		if (n == 0 || n >= sizeof(h->host))
+			return fail(err, "control URL %s: bad host", url);
+		memcpy(h->host, p + 1, n);
+		h->host[n] = '\0';
+		rest = host_end + 1;
+	} else {
+		n = strcspn(p, ":/?#");
+		if (n == 0 || n >= sizeof(h->host))
+			return fail(err, "control URL %s: missing or too long host", url);
+		memcpy(h->host, p, n);
+		h->host[n] = '\0';
+		rest = p + n;
+	}
+	for (const char *c = h->host; *c; c++)
+		if (!isalnum((unsigned char)*c) && !strchr(".-_:%", *c))
+			return fail(err, "control URL %s: bad character in host", url);
+	snprintf(h->port, sizeof(h->port), "443");
+	if (*rest == ':') {
+		char *end;
+		long port;
+
+		rest++;
+		errno = 0;
+		port = strtol(rest, &end, 10);
+		if (end == rest || errno || port < 1 || port > 65535)
+			return fail(err, "control URL %s: bad port", url);
+		snprintf(h->port, sizeof(h->port), "%ld", port);
+		rest = end;
+	}
+	if (*rest == '?' || *rest == '#')
+		return fail(err, "control URL %s: no query or fragment allowed", url);
+	if (*rest && *rest != '/')
+		return fail(err, "control URL %s: bad port", url);
+	n = strlen(rest);
+	while (n > 0 && rest[n - 1] == '/')
+		n--;
+	if (n >= sizeof(h->prefix))
+		return fail(err, "control URL %s: path too long", url);
+	memcpy(h->prefix, rest, n);
+	h->prefix[n] = '\0';
+	for (const char *c = h->prefix; *c; c++)
+		if ((unsigned char)*c <= 0x20 || (unsigned char)*c >= 0x7f || *c == '?' || *c == '#')
+			return fail(err, "control URL %s: bad character in path", url);
+
+	{
+		struct in6_addr a6;
+		struct in_addr a4;
+
+		h->host_is_ip = inet_pton(AF_INET, h->host, &a4) == 1 ||
+		                inet_pton(AF_INET6, h->host, &a6) == 1;
+	}
+	if (strchr(h->host, ':'))
+		snprintf(h->host_header, sizeof(h->host_header), "[%s]", h->host);
+	else
+		snprintf(h->host_header, sizeof(h->host_header), "%s", h->host);
+	if (strcmp(h->port, "443") != 0) {
+		size_t l = strlen(h->host_header);
+
+		snprintf(h->host_header + l, sizeof(h->host_header) - l, ":%s", h->port);
+	}
+	return 0;
+}
+
+/* Collects spiffe://<td>/control for each root in file with a URI SAN spiffe://<td>. */
+static void collect_control_ids(struct ctl_http *h, const char *file)
+{
+	FILE *f = fopen(file, "r");
+	X509 *x;
+
+	if (!f)
+		return;
+	while ((x = PEM_read_X509(f, NULL, NULL, NULL)) != NULL) {
+		GENERAL_NAMES *gens = X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL);
+
+		for (int i = 0; gens && i < sk_GENERAL_NAME_num(gens); i++) {
+			const GENERAL_NAME *g = sk_GENERAL_NAME_value(gens, i);
+			const unsigned char *d;
+			int len;
+			char *id;
+
+			if (g->type != GEN_URI)
+				continue;
+			d = ASN1_STRING_get0_data(g->d.uniformResourceIdentifier);
+			len = ASN1_STRING_length(g->d.uniformResourceIdentifier);
+			if (len <= 9 || len > 255 || strncmp((const char *)d, "spiffe://", 9) != 0 ||
+			    memchr(d + 9, '/', (size_t)len - 9) || memchr(d, '\0', (size_t)len))
+				continue;
+			if (h->n_ids >= CTL_MAX_IDS)
+				break;
+			id = malloc((size_t)len + sizeof("/control"));
+			if (!id)
+				break;
+			memcpy(id, d, (size_t)len);
+			memcpy(id + len, "/control", sizeof("/control"));
+			h->control_ids[h->n_ids++] = id;
+		}
+		GENERAL_NAMES_free(gens);
+		X509_free(x);
+	}
+	ERR_clear_error();
+	fclose(f);
+}
+
+static bool token_ok(const char *t)
+{
+	if (!*t)
+		return false;
+	for (; *t; t++)
+		if ((unsigned char)*t <= 0x20 || (unsigned char)*t >= 0x7f)
+			return false;
+	return true;
+}
+
+int ctl_http_new(struct ctl_http **out, const struct ctl_http_opts *opts, char *err)
+{
+	struct ctl_http *h;
+	char ebuf[256];
+	FILE *f;
+
+	*out = NULL;
+	h = calloc(1, sizeof(*h));
+	if (!h)
+		return fail(err, "out of memory"), CTL_HTTP_EUSAGE;
+	if (!opts->url || parse_url(h, opts->url, err) < 0)
+		goto fail;
+	if (opts->token && !token_ok(opts->token)) {
+		fail(err, "the admin token is empty or holds spaces or control characters");
+		goto fail;
+	}
+	h->token = opts->token ? strdup(opts->token) : NULL;
+	h->user_agent = strdup(opts->user_agent ? opts->user_agent : "meshletctl");
+	if ((opts->token && !h->token) || !h->user_agent) {
+		fail(err, "out of memory");
+		goto fail;
+	}
+	h->timeout_ms = opts->timeout_ms > 0 ? opts->timeout_ms : CTL_HTTP_TIMEOUT_MS_DEFAULT;
+	h->max_response = opts->max_response ? opts->max_response : CTL_HTTP_MAX_RESPONSE_DEFAULT;
+
+	if (!opts->ca_file) {
+		fail(err, "no CA file for the control's certificate");
+		goto fail;
+	}
+	f = fopen(opts->ca_file, "r");
+	if (!f) {
+		fail(err, "cannot read CA file %s: %s", opts->ca_file, strerror(errno));
+		goto fail;
+	}
+	fclose(f);
+
+	h->ctx = SSL_CTX_new(TLS_client_method());
+	if (!h->ctx) {
+		fail(err, "TLS setup: %s", ssl_errstr(ebuf, sizeof(ebuf)));
+		goto fail;
+	}
+	SSL_CTX_set_min_proto_version(h->ctx, TLS1_3_VERSION);
+	SSL_CTX_set_max_proto_version(h->ctx, TLS1_3_VERSION);
+	SSL_CTX_set_verify(h->ctx, SSL_VERIFY_PEER, NULL);
+	SSL_CTX_set_options(h->ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+	SSL_CTX_set_session_cache_mode(h->ctx, SSL_SESS_CACHE_OFF);
+	if (SSL_CTX_load_verify_locations(h->ctx, opts->ca_file, NULL) != 1) {
+		fail(err, "CA file %s: no usable PEM certificate (%s)", opts->ca_file,
+		     ssl_errstr(ebuf, sizeof(ebuf)));
+		goto fail;
+	}
+	collect_control_ids(h, opts->ca_file);
+	*out = h;
+	return 0;
+fail:
+	ctl_http_free(h);
+	return CTL_HTTP_EUSAGE;
+}
+
+void ctl_http_free(struct ctl_http *h)
+{
+	if (!h)
+		return;
+	SSL_CTX_free(h->ctx);
+	if (h->token) {
+		OPENSSL_cleanse(h->token, strlen(h->token));
+		free(h->token);
+	}
+	free(h->user_agent);
+	for (size_t i = 0; i < h->n_ids; i++)
+		free(h->control_ids[i]);
+	free(h);
+}
+
+void ctl_http_response_clear(struct ctl_http_response *resp)
+{
+	free(resp->body);
+	json_decref(resp->json);
+	memset(resp, 0, sizeof(*resp));
+}
+
+int ctl_http_escape(char *out, size_t outlen, const char *s)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	size_t o = strlen(out);
+
+	for (; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+
+		if (isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
+			if (o + 1 >= outlen)
+				return -1;
+			out[o++] = (char)c;
+		} else {
+			if (o + 3 >= outlen)
+				return -1;
+			out[o++] = '%';
+			out[o++] = hex[c >> 4];
+			out[o++] = hex[c & 15];
+		}
+	}
+	out[o] = '\0';
+	return 0;
+}
+
+/* ---------------------------------------------------------------- I/O */
+
+struct conn {
+	int fd;
+	SSL *ssl;
+	int64_t deadline;
+	const struct ctl_http *h;
+};
+
+/* Waits until fd is ready for events or the deadline passes. 0, or -1 (timeout/error). */
+static int wait_fd(struct conn *c, short events)
+{
+	for (;;) {
+		int64_t left = c->deadline - now_ms();
+		struct pollfd p = { .fd = c->fd, .events = events };
+		int r;
+
+		if (left <= 0)
+			return -1;
+		r = poll(&p, 1, (int)(left > INT32_MAX ? INT32_MAX : left));
+		if (r > 0)
+			return 0;
+		if (r == 0)
+			return -1;
+		if (errno != EINTR)
+			return -1;
+	}
+}
+
+static int tcp_connect(struct conn *c, char *err)
+{
+	const struct ctl_http *h = c->h;
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+	                          .ai_flags = AI_ADDRCONFIG | AI_NUMERICSERV };
+	struct addrinfo *res, *ai;
+	char why[256] = "no address";
+	int r;
+
+	if (h->host_is_ip)
+		hints.ai_flags |= AI_NUMERICHOST;
+	r = getaddrinfo(h->host, h->port, &hints, &res);
+	if (r == EAI_ADDRFAMILY || r == EAI_NONAME) {
+		hints.ai_flags &= ~AI_ADDRCONFIG;
+		r = getaddrinfo(h->host, h->port, &hints, &res);
+	}
+	if (r != 0)
+		return fail(err, "cannot resolve %s: %s", h->host, gai_strerror(r));
+	for (ai = res; ai; ai = ai->ai_next) {
+		int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+		                ai->ai_protocol);
+		int one = 1, soerr = 0;
+		socklen_t sl = sizeof(soerr);
+
+		if (fd < 0) {
+			snprintf(why, sizeof(why), "%s", strerror(errno));
+			continue;
+		}
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+			c->fd = fd;
+			break;
+		}
+		if (errno != EINPROGRESS) {
+			snprintf(why, sizeof(why), "%s", strerror(errno));
+			close(fd);
+			continue;
+		}
+		c->fd = fd;
+		if (wait_fd(c, POLLOUT) < 0) {
+			snprintf(why, sizeof(why), "timed out");
+			close(fd);
+			c->fd = -1;
+			break;          /* the deadline is gone: no point in another address */
+		}
+		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0 || soerr) {
+			snprintf(why, sizeof(why), "%s", strerror(soerr ? soerr : errno));
+			close(fd);
+			c->fd = -1;
+			continue;
+		}
+		break;
+	}
+	freeaddrinfo(res);
+	if (c->fd < 0)
+		return fail(err, "cannot connect to %s port %s: %s", h->host, h->port, why);
+	return 0;
+}
+
+/* Runs one SSL_* step until it completes. Returns its result (> 0), 0 on a
+ * clean EOF (reads), or -1 with err set. */
+static int ssl_step(struct conn *c, int (*fn)(SSL *, void *, int), void *buf, int len,
+                    const char *what, char *err)
+{
+	char ebuf[256];
+
+	for (;;) {
+		int r, e;
+
+		ERR_clear_error();
+		r = fn(c->ssl, buf, len);
+		if (r > 0)
+			return r;
+		e = SSL_get_error(c->ssl, r);
+		if (e == SSL_ERROR_WANT_READ) {
+			if (wait_fd(c, POLLIN) < 0)
+				return fail(err, "%s: timed out after %d ms", what, c->h->timeout_ms);
+		} else if (e == SSL_ERROR_WANT_WRITE) {
+			if (wait_fd(c, POLLOUT) < 0)
+				return fail(err, "%s: timed out after %d ms", what, c->h->timeout_ms);
+		} else if (e == SSL_ERROR_ZERO_RETURN) {
+			return 0;
+		} else if (e == SSL_ERROR_SYSCALL) {
+			if (ERR_peek_error())
+				return fail(err, "%s: %s", what, ssl_errstr(ebuf, sizeof(ebuf)));
+			if (errno == 0)
+				return 0;
+			return fail(err, "%s: %s", what, strerror(errno));
+		} else {
+			long vr = SSL_get_verify_result(c->ssl);
+
+			if (vr != X509_V_OK)
+				return fail(err, "%s: the control's certificate does not verify against the CA file: %s",
+				            what, X509_verify_cert_error_string(vr));
+			return fail(err, "%s: %s", what, ssl_errstr(ebuf, sizeof(ebuf)));
+		}
+	}
+}
+
+static int do_handshake(SSL *ssl, void *buf, int len)
+{
+	(void)buf;
+	(void)len;
+	return SSL_connect(ssl);
+}
+
+static int do_read(SSL *ssl, void *buf, int len)
+{
+	return SSL_read(ssl, buf, len);
+}
+
+static int do_write(SSL *ssl, void *buf, int len)
+{
+	return SSL_write(ssl, buf, len);
+}
+
+/* The server's certificate names the URL host, or the control's SPIFFE ID. */
+static int check_name(struct conn *c, char *err)
+{
+	const struct ctl_http *h = c->h;
+	X509 *cert = SSL_get0_peer_certificate(c->ssl);
+	GENERAL_NAMES *gens;
+	bool ok = false;
+
+	if (!cert)
+		return fail(err, "the control presented no certificate");
+	if (h->host_is_ip)
+		ok = X509_check_ip_asc(cert, h->host, 0) == 1;
+	else
+		ok = X509_check_host(cert, h->host, 0, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS, NULL) == 1;
+	if (ok)
+		return 0;
+	gens = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL);
+	for (int i = 0; !ok && gens && i < sk_GENERAL_NAME_num(gens); i++) {
+		const GENERAL_NAME *g = sk_GENERAL_NAME_value(gens, i);
+		const unsigned char *d;
+		int len;
+
+		if (g->type != GEN_URI)
+			continue;
+		d = ASN1_STRING_get0_data(g->d.uniformResourceIdentifier);
+		len = ASN1_STRING_length(g->d.uniformResourceIdentifier);
+		for (size_t k = 0; k < h->n_ids; k++)
+			if ((size_t)len == strlen(h->control_ids[k]) &&
+			    memcmp(d, h->control_ids[k], (size_t)len) == 0)
+				ok = true;
+	}
+	GENERAL_NAMES_free(gens);
+	ERR_clear_error();
+	if (ok)
+		return 0;
+	return fail(err, "the control's certificate is not valid for %s (nor does it carry the "
+	            "control's SPIFFE ID of the CA file's trust domain)", h->host);
+}
+
+/* ---------------------------------------------------------------- response parsing */
+
+struct buf {
+	char *d;
+	size_t len, cap;
+};
+
+static int buf_add(struct buf *b, const void *d, size_t n)
+{
+	if (b->len + n + 1 > b->cap) {
+		size_t cap = b->cap ? b->cap : 4096;
+		char *nd;
+
+		while (cap < b->len + n + 1)
+			cap *= 2;
+		nd = realloc(b->d, cap);
+		if (!nd)
+			return -1;
+		b->d = nd;
+		b->cap = cap;
+	}
+	memcpy(b->d + b->len, d, n);
+	b->len += n;
+	b->d[b->len] = '\0';
+	return 0;
+}
+
+__attribute__((format(printf, 2, 3)))
+static int buf_printf(struct buf *b, const char *fmt, ...)
+{
+	char tmp[1024];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= sizeof(tmp))
+		return -1;
+	return buf_add(b, tmp, (size_t)n);
+}
+
+struct head {
+	bool done;              /* headers parsed */
+	size_t hdr_len;         /* bytes up to and including the blank line */
+	int status;
+	bool chunked;
+	bool has_length;
+	size_t length;
+	char etag[128];
+	char content_type[128];
+};
+
+static void copy_value(char *dst, size_t dlen, const char *v, size_t vlen)
+{
+	while (vlen && (*v == ' ' || *v == '\t'))
+		v++, vlen--;
+	while (vlen && (v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
+		vlen--;
+	if (vlen >= dlen)
+		vlen = dlen - 1;
+	memcpy(dst, v, vlen);
+	dst[vlen] = '\0';
+}
+
+/* Parses the status line and headers once they are complete in b.
+ * Returns 1 when parsed, 0 when more is needed, -1 on malformed HTTP. */
+static int parse_head(const struct buf *b, struct head *hd, char *err)
+{
+	const char *end = b->len ? strstr(b->d, "\r\n\r\n") : NULL;
+	const char *line, *eol;
+
+	if (!end) {
+		if (b->len > CTL_HTTP_MAX_HEADER)
+			return fail(err, "response headers over %d bytes", CTL_HTTP_MAX_HEADER);
+		return 0;
+	}
+	hd->hdr_len = (size_t)(end - b->d) + 4;
+	if (strncmp(b->d, "HTTP/1.", 7) != 0 || !isdigit((unsigned char)b->d[7]) ||
+	    b->d[8] != ' ' || !isdigit((unsigned char)b->d[9]) ||
+	    !isdigit((unsigned char)b->d[10]) || !isdigit((unsigned char)b->d[11]))
+		return fail(err, "malformed HTTP status line from the control");
+	hd->status = (b->d[9] - '0') * 100 + (b->d[10] - '0') * 10 + (b->d[11] - '0');
+	line = strstr(b->d, "\r\n") + 2;
+	while (line < end + 2) {
+		const char *colon;
+		size_t nlen, vlen;
+
+		eol = strstr(line, "\r\n");
+		colon = memchr(line, ':', (size_t)(eol - line));
+		if (!colon)
+			return fail(err, "malformed HTTP header from the control");
+		nlen = (size_t)(colon - line);
+		vlen = (size_t)(eol - colon - 1);
+		if (nlen == 14 && strncasecmp(line, "Content-Length", 14) == 0) {
+			char tmp[32], *e;
+			unsigned long long v;
+
+			copy_value(tmp, sizeof(tmp), colon + 1, vlen);
+			errno = 0;
+			v = strtoull(tmp, &e, 10);
+			if (!tmp[0] || *e || errno || !isdigit((unsigned char)tmp[0]))
+				return fail(err, "bad Content-Length from the control");
+			if (hd->has_length && hd->length != v)
+				return fail(err, "conflicting Content-Length headers from the control");
+			hd->has_length = true;
+			hd->length = (size_t)v;
+		} else if (nlen == 17 && strncasecmp(line, "Transfer-Encoding", 17) == 0) {
+			char tmp[64];
+
+			copy_value(tmp, sizeof(tmp), colon + 1, vlen);
+			if (strcasecmp(tmp, "chunked") == 0)
+				hd->chunked = true;
+			else if (strcasecmp(tmp, "identity") != 0)
+				return fail(err, "unsupported Transfer-Encoding %s from the control", tmp);
+		} else if (nlen == 4 && strncasecmp(line, "ETag", 4) == 0) {
+			copy_value(hd->etag, sizeof(hd->etag), colon + 1, vlen);
+		} else if (nlen == 12 && strncasecmp(line, "Content-Type", 12) == 0) {
+			copy_value(hd->content_type, sizeof(hd->content_type), colon + 1, vlen);
+		}
+		line = eol + 2;
+	}
+	if (hd->chunked)
+		hd->has_length = false;
+	hd->done = true;
+	return 1;
+}
+
+/* Decodes a chunked body from in[0..n). Returns 1 with the body in out when
+ * the last chunk was seen, 0 when more is needed, -1 when malformed. */
+static int dechunk(const char *in, size_t n, struct buf *out, char *err)
+{
+	size_t i = 0;
+
+	out->len = 0;
+	for (;;) {
+		const char *eol = NULL;
+		unsigned long long sz;
+		char *e;
+
+		for (size_t k = i; k + 1 < n; k++)
+			if (in[k] == '\r' && in[k + 1] == '\n') {
+				eol = in + k;
+				break;
+			}
+		if (!eol)
+			return 0;
+		if (!isxdigit((unsigned char)in[i]))
+			return fail(err, "malformed chunked body from the control");
+		errno = 0;
+		sz = strtoull(in + i, &e, 16);
+		if (errno || sz > (1ull << 40) || (e != eol && *e != ';' && *e != ' '))
+			return fail(err, "malformed chunk size from the control");
+		i = (size_t)(eol - in) + 2;
+		if (sz == 0) {
+			/* trailers, up to an empty line */
+			for (;;) {
+				const char *t = NULL;
+
+				for (size_t k = i; k + 1 < n; k++)
+					if (in[k] == '\r' && in[k + 1] == '\n') {
+						t = in + k;
+						break;
+					}
+				if (!t)
+					return 0;
+				if (t == in + i)
+					return 1;
+				i = (size_t)(t - in) + 2;
+			}
+		}
+		if (n - i < sz + 2)
+			return 0;
+		if (buf_add(out, in + i, (size_t)sz) < 0)
+			return fail(err, "out of memory");
+		if (in[i + sz] != '\r' || in[i + sz + 1] != '\n')
+			return fail(err, "malformed chunked body from the control");
+		i += (size_t)sz + 2;
+	}
+}
+
+static bool body_expected(const char *method, int status)
+{
+	return strcmp(method, "HEAD") != 0 && status != 204 && status != 304 &&
+	       !(status >= 100 && status < 200);
+}
+
+/* ---------------------------------------------------------------- request */
+
+int ctl_http_request(struct ctl_http *h, const char *method, const char *path,
+                     const json_t *body, const char *raw_body, size_t raw_len,
+                     const char *const *headers, struct ctl_http_response *resp, char *err)
+{
+	struct conn c = { .fd = -1, .h = h, .deadline = now_ms() + h->timeout_ms };
+	struct buf req = { 0 }, in = { 0 }, dec = { 0 };
+	struct head hd = { 0 };
+	char *payload = NULL;
+	size_t plen = 0, off = 0;
+	int rc = CTL_HTTP_ECONNECT;
+	bool eof = false, complete = false;
+
+	memset(resp, 0, sizeof(*resp));
+	if (body) {
+		payload = json_dumps(body, JSON_COMPACT);
+		if (!payload) {
+			fail(err, "cannot serialise the request body");
+			return CTL_HTTP_EUSAGE;
+		}
+		plen = strlen(payload);
+	} else if (raw_body) {
+		plen = raw_len;
+	}
+	if (buf_printf(&req, "%s %s%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n"
+	               "Accept: application/json\r\nConnection: close\r\n",
+	               method, h->prefix, path, h->host_header, h->user_agent) < 0)
+		goto oom;
+	if (h->token && (buf_add(&req, "Authorization: Bearer ", 22) < 0 ||
+	                 buf_add(&req, h->token, strlen(h->token)) < 0 || buf_add(&req, "\r\n", 2) < 0))
+		goto oom;
+	for (size_t i = 0; headers && headers[i]; i++)
+		if (buf_printf(&req, "%s\r\n", headers[i]) < 0)
+			goto oom;
+	if (body || raw_body) {
+		if (buf_printf(&req, "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n", plen) < 0)
+			goto oom;
+		if (buf_add(&req, payload ? payload : raw_body, plen) < 0)
+			goto oom;
+	} else if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0) {
+		if (buf_printf(&req, "Content-Length: 0\r\n\r\n") < 0)
+			goto oom;
+	} else if (buf_add(&req, "\r\n", 2) < 0) {
+		goto oom;
+	}
+
+	if (tcp_connect(&c, err) < 0)
+		goto out;
+	c.ssl = SSL_new(h->ctx);
+	if (!c.ssl || SSL_set_fd(c.ssl, c.fd) != 1) {
+		fail(err, "TLS setup failed");
+		goto out;
+	}
+	if (!h->host_is_ip)
+		SSL_set_tlsext_host_name(c.ssl, h->host);
+	if (ssl_step(&c, do_handshake, NULL, 0, "TLS handshake with the control", err) <= 0) {
+		if (!err || !*err)
+			fail(err, "TLS handshake with the control: connection closed");
+		goto out;
+	}
+	if (check_name(&c, err) < 0)
+		goto out;
+
+	while (off < req.len) {
+		size_t chunk = req.len - off > (1u << 30) ? (1u << 30) : req.len - off;
+		int n = ssl_step(&c, do_write, req.d + off, (int)chunk, "sending the request", err);
+
+		if (n <= 0) {
+			if (n == 0)
+				fail(err, "sending the request: connection closed by the control");
+			/* The server may have answered early (413) and closed: try to read it. */
+			break;
+		}
+		off += (size_t)n;
+	}
+
+	while (!complete) {
+		char tmp[16384];
+		int n;
+
+		if (eof)
+			break;
+		n = ssl_step(&c, do_read, tmp, sizeof(tmp), "reading the response", err);
+		if (n < 0) {
+			if (!hd.done || hd.has_length || hd.chunked)
+				goto out;
+			break;
+		}
+		if (n == 0) {
+			eof = true;
+		} else {
+			if (in.len + (size_t)n > h->max_response) {
+				fail(err, "the control's response is over %zu bytes", h->max_response);
+				goto out;
+			}
+			if (buf_add(&in, tmp, (size_t)n) < 0)
+				goto oom;
+		}
+		if (!hd.done) {
+			int r = parse_head(&in, &hd, err);
+
+			if (r < 0)
+				goto out;
+			if (r == 0) {
+				if (eof) {
+					fail(err, "the control closed the connection %s",
+					     in.len ? "in the middle of the response headers" : "without answering");
+					goto out;
+				}
+				continue;
+			}
+			if (hd.status >= 100 && hd.status < 200) {
+				/* interim response: drop it and parse the next head */
+				memmove(in.d, in.d + hd.hdr_len, in.len - hd.hdr_len);
+				in.len -= hd.hdr_len;
+				in.d[in.len] = '\0';
+				memset(&hd, 0, sizeof(hd));
+				continue;
+			}
+		}
+		if (!body_expected(method, hd.status)) {
+			complete = true;
+		} else if (hd.chunked) {
+			int r = dechunk(in.d + hd.hdr_len, in.len - hd.hdr_len, &dec, err);
+
+			if (r < 0)
+				goto out;
+			complete = r == 1;
+			if (!complete && eof) {
+				fail(err, "the control closed the connection in the middle of the body");
+				goto out;
+			}
+		} else if (hd.has_length) {
+			complete = in.len - hd.hdr_len >= hd.length;
+			if (!complete && eof) {
+				fail(err, "the control closed the connection in the middle of the body");
+				goto out;
+			}
+		} else {
+			complete = eof;
+		}
+	}
+	if (!hd.done) {
+		if (!err || !*err)
+			fail(err, "no response from the control");
+		goto out;
+	}
+	if (err)
+		err[0] = '\0';
+
+	resp->status = hd.status;
+	snprintf(resp->etag, sizeof(resp->etag), "%s", hd.etag);
+	snprintf(resp->content_type, sizeof(resp->content_type), "%s", hd.content_type);
+	{
+		const char *src = "";
+		size_t n = 0;
+
+		if (!body_expected(method, hd.status)) {
+			n = 0;
+		} else if (hd.chunked) {
+			src = dec.d ? dec.d : "";
+			n = dec.len;
+		} else {
+			src = in.d + hd.hdr_len;
+			n = in.len - hd.hdr_len;
+			if (hd.has_length && n > hd.length)
+				n = hd.length;
+		}
+		resp->body = malloc(n + 1);
+		if (!resp->body)
+			goto oom;
+		memcpy(resp->body, src, n);
+		resp->body[n] = '\0';
+		resp->body_len = n;
+		if (n > 0)
+			resp->json = json_loadb(resp->body, n, JSON_DECODE_ANY, NULL);
+	}
+	rc = 0;
+	goto out;
+oom:
+	fail(err, "out of memory");
+out:
+	if (c.ssl) {
+		if (rc == 0)
+			SSL_shutdown(c.ssl);    /* one close_notify, no waiting for the peer's */
+		SSL_free(c.ssl);
+	}
+	if (c.fd >= 0)
+		close(c.fd);
+	ERR_clear_error();
+	free(payload);
+	free(req.d);
+	free(in.d);
+	free(dec.d);
+	if (rc != 0)
+		ctl_http_response_clear(resp);
+	return rc;
+}

@@ -1,0 +1,360 @@
+/* handlers: the control API's routes; see handlers.h and DESIGN.md. */
+#include "handlers.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <event2/http.h>
+#include <openssl/evp.h>
+
+#include "meshlet/api.h"
+#include "meshlet/ca.h"
+#include "meshlet/policy.h"
+#include "state.h"
+#include "watch.h"
+
+#ifndef MESHLET_VERSION
+#define MESHLET_VERSION "dev"
+#endif
+
+/* A validation error: 400 with its JSON path. */
+static int bad_request(struct api_call *call, const struct meshlet_err *e)
+{
+	return api_fail(&call->err, 400, e->path, "%s", e->message);
+}
+
+static int ok(struct api_call *call, int status, json_t *out)
+{
+	call->status = status;
+	call->out = out;
+	return out ? 0 : api_fail(&call->err, 500, "", "out of memory");
+}
+
+static void set_etag(struct api_call *call, int64_t version)
+{
+	snprintf(call->etag, sizeof(call->etag), "\"%lld\"", (long long)version);
+}
+
+/* The If-Match header: -1 when absent. */
+static int if_match(struct api_call *call, int64_t *version)
+{
+	const char *h = evhttp_find_header(evhttp_request_get_input_headers(call->req), "If-Match");
+	struct meshlet_err e = {0};
+
+	*version = -1;
+	if (!h)
+		return 0;
+	if (api_parse_if_match(h, version, &e) < 0)
+		return bad_request(call, &e);
+	return 0;
+}
+
+/* ---- anyone ---- */
+
+static int h_health(struct api_call *call)
+{
+	return ok(call, 200, json_pack("{s:s, s:s, s:s}", "status", "ok", "version", MESHLET_VERSION,
+	                               "trust_domain", state_trust_domain(call->st)));
+}
+
+/* ---- proxies ---- */
+
+static int h_svid(struct api_call *call)
+{
+	struct api_svid_req r;
+	struct api_join_token jt;
+	struct meshlet_err e = {0};
+	EVP_PKEY *pub = NULL;
+	json_t *out = NULL;
+	const char *service, *token;
+	int ret;
+
+	if (api_parse_svid_req(call->body, &r, &e) < 0)
+		return bad_request(call, &e);
+	if (call->caller != CALLER_SVID) {
+		/* A join token: it names the service. (With a valid SVID too, the
+		 * SVID decides and the token is not consumed.) */
+		snprintf(call->caller_id, sizeof(call->caller_id), "token:invalid");
+		if (api_token_parse(call->bearer, &jt, &e) < 0)
+			return api_fail(&call->err, 403, "", "%s", e.message);
+		if (r.service && strcmp(r.service, jt.service) != 0)
+			return api_fail(&call->err, 403, "service", "this join token is for service %s, "
+			                "not %s", jt.service, r.service);
+		service = jt.service;
+	} else {
+		/* Renewal over mTLS: only for the caller's own service. */
+		if (r.service && strcmp(r.service, call->peer_svc) != 0)
+			return api_fail(&call->err, 403, "service", "an SVID of %s may not obtain an SVID "
+			                "for %s", call->peer_svc, r.service);
+		service = call->peer_svc;
+	}
+	if (ca_csr_check(r.csr, r.csr_len, &pub, &e) < 0)
+		return bad_request(call, &e);
+	token = call->caller == CALLER_SVID ? NULL : call->bearer;
+	ret = state_svid_issue(call->st, service, token, token ? NULL : call->peer_serial, pub, &out,
+	                       &call->err);
+	EVP_PKEY_free(pub);
+	if (ret)
+		return ret;
+	if (token)
+		snprintf(call->caller_id, sizeof(call->caller_id), "token:%s", service);
+	return ok(call, 200, out);
+}
+
+static void seen(struct api_call *call, int64_t held, int polling)
+{
+	if (call->caller == CALLER_SVID)
+		state_proxy_seen(call->st, call->peer_serial, call->peer_svc, call->peer_not_after, held,
+		                 polling);
+}
+
+static int h_bundle(struct api_call *call)
+{
+	seen(call, -1, 0);
+	return ok(call, 200, state_bundle(call->st));
+}
+
+static int config_answer(struct api_call *call)
+{
+	json_t *out = NULL;
+	int ret = state_config(call->st, call->svc, &out, &call->err);
+
+	if (ret)
+		return ret;
+	set_etag(call, json_integer_value(json_object_get(out, "version")));
+	return ok(call, 200, out);
+}
+
+static int h_config(struct api_call *call)
+{
+	struct api_config_query q;
+	struct meshlet_err e = {0};
+	int64_t v = 0;
+
+	if (api_parse_config_query(call->query, &q, &e) < 0)
+		return bad_request(call, &e);
+	if (state_config_version(call->st, call->svc, &v) < 0)
+		return api_fail(&call->err, 500, "", "the state store failed; see control's log");
+	/* Past V: answer. Behind V (control's state was restored, or V came
+	 * from elsewhere): answer too, so that the proxy resynchronises. */
+	if (v != q.after || q.wait == 0) {
+		seen(call, q.after, 0);
+		return config_answer(call);
+	}
+	if (watch_add(call->watch, call, call->svc, q.after, q.wait) < 0)
+		return api_fail(&call->err, 503, "", "cannot wait now; retry");
+	seen(call, q.after, +1);
+	return SERVER_ASYNC;
+}
+
+void handlers_config_done(struct api_call *call, bool aborted)
+{
+	seen(call, -1, -1);
+	if (aborted) {
+		server_abort(call);
+		return;
+	}
+	if (config_answer(call) < 0)
+		call->status = call->err.status;
+	server_reply(call);
+}
+
+static int h_endpoints(struct api_call *call)
+{
+	struct api_endpoint_req r;
+	struct meshlet_err e = {0};
+	json_t *out = NULL;
+	int ret;
+
+	if (api_parse_endpoint_req(call->body, &r, &e) < 0)
+		return bad_request(call, &e);
+	ret = state_endpoint_register(call->st, call->svc, &r, call->peer_serial,
+	                              call->peer_not_after, &out, &call->err);
+	if (ret)
+		return ret;
+	seen(call, -1, 0);
+	watch_notify(call->watch, NULL);
+	return ok(call, 200, out);
+}
+
+/* ---- policies ---- */
+
+static int h_policy_put(struct api_call *call)
+{
+	struct meshlet_err e = {0};
+	struct policy *p = policy_parse(call->body, &e);
+	const char *svc;
+	int64_t expect, version = 0;
+	int ret;
+
+	if (!p)
+		return bad_request(call, &e);
+	policy_free(p);
+	svc = json_string_value(json_object_get(call->body, "service"));
+	if (!svc || strcmp(svc, call->svc) != 0)
+		return api_fail(&call->err, 400, "service", "the policy is for service %s but the URL "
+		                "names %s", svc ? svc : "(none)", call->svc);
+	if ((ret = if_match(call, &expect)) < 0)
+		return ret;
+	ret = state_policy_put(call->st, call->svc, call->body, expect, &version, &call->err);
+	if (ret)
+		return ret;
+	set_etag(call, version);
+	watch_notify(call->watch, call->svc);
+	return ok(call, 200, json_pack("{s:s, s:I}", "service", call->svc,
+	                               "version", (json_int_t)version));
+}
+
+static int h_policy_get(struct api_call *call)
+{
+	json_t *doc = NULL;
+	int64_t version = 0;
+	int ret = state_policy_get(call->st, call->svc, &doc, &version, &call->err);
+
+	if (ret)
+		return ret;
+	set_etag(call, version);
+	return ok(call, 200, json_pack("{s:I, s:o}", "version", (json_int_t)version, "policy", doc));
+}
+
+static int h_policy_delete(struct api_call *call)
+{
+	int64_t expect, rev = 0;
+	int ret;
+
+	if ((ret = if_match(call, &expect)) < 0)
+		return ret;
+	ret = state_policy_delete(call->st, call->svc, expect, &rev, &call->err);
+	if (ret)
+		return ret;
+	watch_notify(call->watch, call->svc);
+	return ok(call, 200, json_pack("{s:s, s:b, s:I}", "service", call->svc, "deleted", 1,
+	                               "version", (json_int_t)rev));
+}
+
+static int h_policy_list(struct api_call *call)
+{
+	json_t *out = NULL;
+	int ret = state_policy_list(call->st, &out, &call->err);
+
+	return ret ? ret : ok(call, 200, out);
+}
+
+/* ---- admin ---- */
+
+static int h_tokens(struct api_call *call)
+{
+	struct api_token_req r;
+	struct meshlet_err e = {0};
+	json_t *out = NULL;
+	int ret;
+
+	if (api_parse_token_req(call->body, &r, &e) < 0)
+		return bad_request(call, &e);
+	ret = state_token_create(call->st, &r, &out, &call->err);
+	return ret ? ret : ok(call, 200, out);
+}
+
+static int h_proxies(struct api_call *call)
+{
+	return ok(call, 200, state_proxies(call->st));
+}
+
+static int h_certs(struct api_call *call)
+{
+	json_t *out = NULL;
+	int ret = state_certs_list(call->st, &out, &call->err);
+
+	return ret ? ret : ok(call, 200, out);
+}
+
+static int h_certs_rotate(struct api_call *call)
+{
+	struct api_rotate_req r;
+	struct meshlet_err e = {0};
+	json_t *out = NULL;
+	int ret;
+
+	if (api_parse_rotate_req(call->body, &r, &e) < 0)
+		return bad_request(call, &e);
+	ret = state_certs_rotate(call->st, &r, &out, &call->err);
+	if (ret)
+		return ret;
+	watch_notify(call->watch, r.service);
+	return ok(call, 200, out);
+}
+
+static int h_certs_revoke(struct api_call *call)
+{
+	struct api_revoke_req r;
+	struct meshlet_err e = {0};
+	json_t *out = NULL;
+	int ret;
+
+	if (api_parse_revoke_req(call->body, &r, &e) < 0)
+		return bad_request(call, &e);
+	ret = state_certs_revoke(call->st, r.serial, &out, &call->err);
+	if (ret)
+		return ret;
+	watch_notify(call->watch, NULL);
+	return ok(call, 200, out);
+}
+
+static int h_ca(struct api_call *call)
+{
+	return ok(call, 200, state_ca_show(call->st));
+}
+
+static int h_ca_rotate(struct api_call *call)
+{
+	struct api_ca_rotate_req r;
+	struct meshlet_err e = {0};
+	json_t *out = NULL;
+	bool tls_changed = false;
+	int ret;
+
+	if (api_parse_ca_rotate_req(call->body, &r, &e) < 0)
+		return bad_request(call, &e);
+	ret = state_ca_rotate(call->st, r.force, &out, &tls_changed, &call->err);
+	if (ret)
+		return ret;
+	if (tls_changed)
+		server_tls_changed(call->srv);
+	watch_notify(call->watch, NULL);
+	return ok(call, 200, out);
+}
+
+static int h_check(struct api_call *call)
+{
+	struct api_check_req r;
+	struct meshlet_err e = {0};
+	json_t *out = NULL;
+	int ret;
+
+	if (api_parse_check_req(call->body, &r, &e) < 0)
+		return bad_request(call, &e);
+	ret = state_check(call->st, &r, &out, &call->err);
+	return ret ? ret : ok(call, 200, out);
+}
+
+const struct route handlers_routes[] = {
+	{ "GET",    "/v1/health",                   AUTH_NONE,         false, h_health },
+	{ "POST",   "/v1/svid",                     AUTH_ISSUE,        true,  h_svid },
+	{ "GET",    "/v1/bundle",                   AUTH_ANY_SVID,     false, h_bundle },
+	{ "GET",    "/v1/services/{svc}/config",    AUTH_SVC_OR_ADMIN, false, h_config },
+	{ "POST",   "/v1/services/{svc}/endpoints", AUTH_SVC_SVID,     true,  h_endpoints },
+	{ "GET",    "/v1/policies",                 AUTH_ADMIN,        false, h_policy_list },
+	{ "PUT",    "/v1/policies/{svc}",           AUTH_ADMIN,        true,  h_policy_put },
+	{ "GET",    "/v1/policies/{svc}",           AUTH_ADMIN,        false, h_policy_get },
+	{ "DELETE", "/v1/policies/{svc}",           AUTH_ADMIN,        false, h_policy_delete },
+	{ "POST",   "/v1/tokens",                   AUTH_ADMIN,        true,  h_tokens },
+	{ "GET",    "/v1/proxies",                  AUTH_ADMIN,        false, h_proxies },
+	{ "GET",    "/v1/certs",                    AUTH_ADMIN,        false, h_certs },
+	{ "POST",   "/v1/certs/rotate",             AUTH_ADMIN,        true,  h_certs_rotate },
+	{ "POST",   "/v1/certs/revoke",             AUTH_ADMIN,        true,  h_certs_revoke },
+	{ "GET",    "/v1/ca",                       AUTH_ADMIN,        false, h_ca },
+	{ "POST",   "/v1/ca/rotate",                AUTH_ADMIN,        true,  h_ca_rotate },
+	{ "POST",   "/v1/check",                    AUTH_ADMIN,        true,  h_check },
+	{ NULL, NULL, AUTH_NONE, false, NULL },
+};

@@ -1,0 +1,150 @@
+/*
+ * meshlet-control: the mesh's certificate authority, policy store and
+ * HTTPS JSON API. See DESIGN.md and control/README.md.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "meshlet/api.h"
+#include "meshlet/log.h"
+#include "server.h"
+#include "state.h"
+
+#ifndef MESHLET_VERSION
+#define MESHLET_VERSION "dev"
+#endif
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+	        "usage: meshlet-control --state-dir DIR --trust-domain TD [options]\n"
+	        "\n"
+	        "The meshlet control plane: certificate authority, policy store and HTTPS API.\n"
+	        "\n"
+	        "  --listen ADDR        address to serve HTTPS on, host:port or [v6]:port\n"
+	        "                       (default 0.0.0.0:7443; port 0 picks a free one)\n"
+	        "  --state-dir DIR      CA keys, admin token and state (created 0700 on first start)\n"
+	        "  --trust-domain TD    the mesh's SPIFFE trust domain, e.g. mesh.local\n"
+	        "  --san NAME           DNS name or IP address for control's server certificate;\n"
+	        "                       repeatable (localhost, 127.0.0.1 and ::1 are always included)\n"
+	        "  --svid-ttl DURATION  lifetime of issued SVIDs: 90s, 15m, 1h, or seconds (default 1h)\n"
+	        "  --store sqlite:PATH  the state database (default sqlite:DIR/state.db)\n"
+	        "  --log-level LEVEL    debug, info, warn or error (default info)\n"
+	        "  --help               this text\n"
+	        "  --version            the version\n"
+	        "\n"
+	        "First start creates DIR/ca.key (0600), DIR/ca-0.pem, DIR/ca.pem (the trust bundle\n"
+	        "clients of control use as CA file) and DIR/admin.token (0600). Logs go to stderr;\n"
+	        "one JSON line per API request goes to stdout. SIGTERM or SIGINT stop it.\n");
+}
+
+/* Parses the command line into o. Returns 0, 1 (--help/--version: exit 0)
+ * or -1 (usage error, reported). */
+static int parse_args(int argc, char **argv, struct control_opts *o)
+{
+	static const struct option longopts[] = {
+		{ "listen", required_argument, NULL, 'l' },
+		{ "state-dir", required_argument, NULL, 'd' },
+		{ "trust-domain", required_argument, NULL, 't' },
+		{ "san", required_argument, NULL, 's' },
+		{ "svid-ttl", required_argument, NULL, 'T' },
+		{ "store", required_argument, NULL, 'S' },
+		{ "log-level", required_argument, NULL, 'L' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct meshlet_err e = {0};
+	int c;
+
+	memset(o, 0, sizeof(*o));
+	o->listen = "0.0.0.0:7443";
+	o->svid_ttl = CONTROL_SVID_TTL_DEFAULT;
+	o->log_level = LOG_INFO;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'l': o->listen = optarg; break;
+		case 'd': o->state_dir = optarg; break;
+		case 't': o->trust_domain = optarg; break;
+		case 's':
+			if (o->n_sans >= CONTROL_MAX_SANS) {
+				fprintf(stderr, "meshlet-control: at most %d --san\n", CONTROL_MAX_SANS);
+				return -1;
+			}
+			o->sans[o->n_sans++] = optarg;
+			break;
+		case 'T':
+			if (api_parse_duration(optarg, CONTROL_SVID_TTL_MIN, CA_TTL_MAX, &o->svid_ttl,
+			                       &e) < 0) {
+				fprintf(stderr, "meshlet-control: --svid-ttl: %s\n", e.message);
+				return -1;
+			}
+			break;
+		case 'S':
+			if (strncmp(optarg, "sqlite:", 7) == 0 && optarg[7]) {
+				o->store_path = optarg + 7;
+			} else if (strncmp(optarg, "etcd:", 5) == 0) {
+				fprintf(stderr, "meshlet-control: --store etcd: is not supported yet\n");
+				return -1;
+			} else {
+				fprintf(stderr, "meshlet-control: --store: expected sqlite:PATH\n");
+				return -1;
+			}
+			break;
+		case 'L':
+			if (log_level_parse(optarg, &o->log_level) < 0) {
+				fprintf(stderr, "meshlet-control: --log-level: debug, info, warn or error\n");
+				return -1;
+			}
+			break;
+		case 'h': usage(stdout); return 1;
+		case 'V': printf("meshlet-control %s\n", MESHLET_VERSION); return 1;
+		default:
+			fprintf(stderr, "meshlet-control: unknown or incomplete option '%s' (see --help)\n",
+			        argv[optind - 1]);
+			return -1;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "meshlet-control: unexpected argument '%s' (see --help)\n", argv[optind]);
+		return -1;
+	}
+	if (!o->state_dir || !o->trust_domain) {
+		fprintf(stderr, "meshlet-control: --state-dir and --trust-domain are required "
+		        "(see --help)\n");
+		return -1;
+	}
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct control_opts o;
+	struct control_state *st = NULL;
+	struct control_server *srv = NULL;
+	struct meshlet_err err = {0};
+	char msg[600];
+	int r = parse_args(argc, argv, &o);
+
+	if (r != 0)
+		return r > 0 ? 0 : 2;
+	log_init(o.log_level, "meshlet-control");
+	if (state_open(&st, &o, &err) < 0) {
+		log_error("%s", err_str(&err, msg, sizeof(msg)));
+		return 1;
+	}
+	if (server_new(&srv, st, &o, &err) < 0) {
+		log_error("%s", err_str(&err, msg, sizeof(msg)));
+		state_close(st);
+		return 1;
+	}
+	server_run(srv);
+	server_free(srv);
+	state_close(st);
+	log_info("stopped");
+	return 0;
+}

@@ -1,0 +1,127 @@
+/*
+ * server: meshlet-control's HTTPS front: evhttp over bufferevent_openssl,
+ * TLS 1.3 with optional client certificates (verified as SVIDs against the
+ * bundle during the handshake), explicit limits, the route table walk,
+ * authentication, and one JSON access-log line per request.
+ *
+ * Limits (libevent's evhttp has none by default):
+ *   headers 16 KiB; bodies over API_BODY_MAX answered 413 (JSON) and over
+ *   SERVER_BODY_HARD_MAX refused by evhttp itself while reading; read and
+ *   write timeouts SERVER_IO_TIMEOUT; a connection that completes no
+ *   request within SERVER_REQUEST_DEADLINE of accepting it (or of its last
+ *   answer) is shut down, so trickling bytes cannot hold it; at most
+ *   SERVER_MAX_CONNS connections (accepting pauses above it); methods other
+ *   than GET HEAD POST PUT DELETE OPTIONS PATCH refused by evhttp.
+ *
+ * A request is an api_call, handed to the route's handler after the route
+ * matched (404/405), its credentials were checked (401/403) and its body
+ * read and parsed (413/400). The handler answers synchronously (returns
+ * 0 with status/out or err set) or keeps the call (SERVER_ASYNC) and later
+ * calls server_reply() or server_abort().
+ */
+#ifndef MESHLET_CONTROL_SERVER_H
+#define MESHLET_CONTROL_SERVER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+#include <event2/http.h>
+#include <jansson.h>
+
+#include "meshlet/api.h"
+#include "meshlet/ca.h"
+#include "meshlet/identity.h"
+#include "state.h"
+
+#define SERVER_MAX_HEADERS (16 * 1024)
+#define SERVER_BODY_HARD_MAX (4 * 1024 * 1024)
+#define SERVER_IO_TIMEOUT 10
+#define SERVER_REQUEST_DEADLINE 30
+#define SERVER_MAX_CONNS 4096
+/* Control's own server certificate: lifetime, renewed at half of it. */
+#define SERVER_CERT_TTL (24 * 3600)
+#define SERVER_ASYNC 1
+/* spiffe://<trust domain>/svc/<service> and a NUL fit. */
+#define SERVER_CALLER_MAX (TRUST_DOMAIN_MAX + SERVICE_NAME_MAX + 16)
+
+struct control_server;
+struct watch;
+struct ctl_conn;
+
+/* Who is calling, as established by server.c before the handler runs. */
+enum caller_kind { CALLER_ANONYMOUS, CALLER_ADMIN, CALLER_TOKEN, CALLER_SVID };
+
+/* What a route requires. */
+enum route_auth {
+	AUTH_NONE,         /* anyone */
+	AUTH_ADMIN,        /* the admin token */
+	AUTH_ANY_SVID,     /* any valid proxy SVID (or the admin token) */
+	AUTH_SVC_SVID,     /* an SVID of the service in the path */
+	AUTH_SVC_OR_ADMIN, /* an SVID of the service in the path, or the admin token */
+	AUTH_ISSUE,        /* a join token (checked by the handler) or any SVID */
+};
+
+struct api_call {
+	struct control_server *srv;
+	struct control_state *st;
+	struct watch *watch;
+	struct evhttp_request *req;
+	struct evhttp_connection *evcon;
+	struct timespec start;
+	const char *method;            /* "GET", ... (static) */
+	char path[256];                /* request path, for the log */
+	const char *query;             /* raw query string or NULL (owned by req) */
+	char svc[64];                  /* the {svc} of the path, "" if none */
+	json_t *body;                  /* parsed body for routes that take one */
+
+	enum caller_kind caller;
+	const char *bearer;            /* Bearer credential (owned by req), or NULL */
+	char caller_id[SERVER_CALLER_MAX];   /* for the log: "admin", "token:<svc>", the ID */
+	char peer_svc[SERVICE_NAME_MAX + 1]; /* CALLER_SVID: its service */
+	char peer_serial[CA_SERIAL_HEX_MAX]; /* CALLER_SVID: its certificate's serial */
+	int64_t peer_not_after;
+	char remote[64];               /* "ip:port" of the client */
+
+	int status;                    /* answer: 2xx with out, or an error in err */
+	json_t *out;
+	char etag[32];
+	struct api_error err;
+};
+
+struct route {
+	const char *method;
+	const char *pattern;           /* "{svc}" captures one segment into call->svc */
+	enum route_auth auth;
+	bool body;                     /* takes a JSON object body */
+	int (*handler)(struct api_call *call);
+};
+
+/*
+ * Sets everything up: TLS context from the state's signing root, evhttp
+ * bound to o->listen, limits, signals (SIGTERM/SIGINT stop the loop),
+ * timers (certificate renewal, housekeeping). Returns 0 and *out or a
+ * negative errno with err set.
+ */
+int server_new(struct control_server **out, struct control_state *st,
+               const struct control_opts *o, struct meshlet_err *err);
+
+/* Runs the event loop until a stop signal. Returns 0. */
+int server_run(struct control_server *srv);
+
+/* Closes every connection, frees everything but the state. */
+void server_free(struct control_server *srv);
+
+/* Sends the answer of call (status + out, or err), logs it, frees call. */
+void server_reply(struct api_call *call);
+
+/* The client of a kept call went away: logs it (status 499), frees call. */
+void server_abort(struct api_call *call);
+
+/* The bundle or the signing root changed: new connections get a new
+ * context (new server certificate, new client roots). */
+void server_tls_changed(struct control_server *srv);
+
+/* The long-poll waiters (watch.h). */
+struct watch *server_watch(struct control_server *srv);
+
+#endif

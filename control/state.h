@@ -1,0 +1,207 @@
+/*
+ * state: meshlet-control's durable state (the state directory and the
+ * store) and every operation of the API on it. Nothing here knows HTTP:
+ * handlers.c parses requests, calls these, and turns struct api_error into
+ * the error body.
+ *
+ * State directory (0700, refused when group or others may access it):
+ *   ca.pem          the trust bundle for clients of control: every root
+ *                   currently in the bundle (just the first root until a CA
+ *                   rotation), rewritten atomically when the bundle changes
+ *   ca-<n>.pem      root n's certificate (n = 0, 1, ...)
+ *   ca.key          root 0's private key (0600); ca-<n>.key for n >= 1
+ *   admin.token     the admin bearer token, 64 hex digits (0600)
+ *   state.db        the store (unless --store names another file)
+ *
+ * Store keys (values are JSON objects):
+ *   meta/control            {trust_domain, created_at}
+ *   meta/ca                 {phase, roots: [root ids, bundle order], signing: id, next_id}
+ *   meta/bundle             {version}            bumped when roots or revocations change
+ *   meta/endpoints          {version}            bumped with every endpoint change
+ *   meta/rotate-all         {cert_generation}    certs rotate --all, CA switch
+ *   services/<svc>          {policy_writes, cert_generation}: policy_writes bumped
+ *                           with every policy write of <svc>, cert_generation by
+ *                           certs rotate --service <svc>
+ *   policies/<svc>          the policy document; its revision is the policy version
+ *   tokens/<sha256 hex>     {service, expires_at, uses_left, created_at}
+ *   certs/<serial>          {service, not_after, issued_at, root, via}
+ *   revoked/<serial>        {service, not_after, revoked_at}
+ *   endpoints/<svc>/<addr>  {address, ports, serial, not_after, registered_at}
+ *   proxies/<serial>        {service, address, ports, last_seen, not_after, config_version}
+ *
+ * A service's config version is the largest revision among services/<svc>,
+ * meta/bundle, meta/endpoints and meta/rotate-all: it passes any V a proxy
+ * holds as soon as anything in its config answer changes.
+ *
+ * Single-threaded: use from control's event loop only.
+ */
+#ifndef MESHLET_CONTROL_STATE_H
+#define MESHLET_CONTROL_STATE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <jansson.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+
+#include "meshlet/api.h"
+#include "meshlet/ca.h"
+#include "meshlet/log.h"
+
+/* Defaults and limits of the command line. */
+#define CONTROL_SVID_TTL_DEFAULT 3600
+#define CONTROL_SVID_TTL_MIN 60
+#define CONTROL_MAX_SANS 16
+
+/* The command line of meshlet-control; strings borrowed from argv. */
+struct control_opts {
+	const char *listen;            /* "host:port" */
+	const char *state_dir;
+	const char *trust_domain;
+	const char *sans[CONTROL_MAX_SANS];
+	size_t n_sans;
+	int64_t svid_ttl;              /* seconds */
+	const char *store_path;        /* NULL: <state_dir>/state.db */
+	enum log_level log_level;
+};
+
+enum ca_phase { CA_PHASE_STABLE, CA_PHASE_PREPARED, CA_PHASE_SWITCHED };
+
+struct control_state;
+
+/*
+ * Opens the state directory: on first start creates it (0700), a root CA,
+ * admin.token and the store, and logs where they are and the root's pin;
+ * later starts reuse them. Refuses (-EACCES / -EINVAL / -EIO, message in
+ * err): a directory others may access, a trust domain other than the
+ * stored one, a damaged or foreign database, a half-initialised directory.
+ * Returns 0 and *out (free with state_close()).
+ */
+int state_open(struct control_state **out, const struct control_opts *o, struct meshlet_err *err);
+
+/* Writes what is only in memory (proxies last seen) and frees st. */
+void state_close(struct control_state *st);
+
+/* ---- identity ---- */
+
+const char *state_trust_domain(const struct control_state *st);
+
+/* True when token is the admin token (constant time over SHA-256 digests). */
+bool state_admin_ok(const struct control_state *st, const char *token);
+
+/* True when serial (canonical hex) is on the revocation list. */
+bool state_is_revoked(const struct control_state *st, const char *serial);
+
+/* ---- TLS material for control's own server ---- */
+
+/* The root that signs now (borrowed). */
+const struct ca *state_signing_ca(const struct control_state *st);
+
+/* The roots of the bundle, oldest first (borrowed; *n of them). */
+X509 *const *state_roots(const struct control_state *st, size_t *n);
+
+/* ---- policies ---- */
+
+/* if_match: -1 none, 0 "*" (must exist), > 0 the version it must have. */
+int state_policy_put(struct control_state *st, const char *svc, const json_t *doc,
+                     int64_t if_match, int64_t *version, struct api_error *ae);
+int state_policy_get(struct control_state *st, const char *svc, json_t **doc, int64_t *version,
+                     struct api_error *ae);
+int state_policy_delete(struct control_state *st, const char *svc, int64_t if_match,
+                        int64_t *revision, struct api_error *ae);
+int state_policy_list(struct control_state *st, json_t **out, struct api_error *ae);
+
+/* ---- tokens and SVIDs ---- */
+
+/* Creates a join token; *out is {token, service, expires_at, uses}. */
+int state_token_create(struct control_state *st, const struct api_token_req *r, json_t **out,
+                       struct api_error *ae);
+
+/*
+ * Issues an SVID for service to pubkey and records it. With token (a join
+ * token presented by the caller), the token must be valid for service and
+ * one of its uses is consumed in the same atomic write that records the
+ * certificate. Without, the caller proved service with its SVID
+ * renew_serial (moved to the new serial in the proxies registry).
+ * *out: {cert_chain, serial, expires_at, spiffe_id, trust_domain, bundle,
+ * bundle_version}.
+ */
+int state_svid_issue(struct control_state *st, const char *service, const char *token,
+                     const char *renew_serial, EVP_PKEY *pubkey, json_t **out,
+                     struct api_error *ae);
+
+/* ---- bundle and config ---- */
+
+/* {trust_domain, roots[], revoked[], version}: a new reference. */
+json_t *state_bundle(struct control_state *st);
+
+/* The config version of svc (see above). Returns 0 or -EIO. */
+int state_config_version(struct control_state *st, const char *svc, int64_t *version);
+
+/* The same in two parts, for checking many services at once: the part
+ * every service shares, and svc's own; the version is the larger. */
+int state_config_version_shared(struct control_state *st, int64_t *version);
+int state_config_version_own(struct control_state *st, const char *svc, int64_t *version);
+
+/* {service, version, policy|null, policy_version, bundle_version,
+ *  cert_generation, endpoints: {svc: ["ip:port"]}} */
+int state_config(struct control_state *st, const char *svc, json_t **out, struct api_error *ae);
+
+/* ---- registry ---- */
+
+/* Records that the proxy holding SVID serial (of svc, valid until
+ * not_after) serves r. *out: {service, address, ports, version}. */
+int state_endpoint_register(struct control_state *st, const char *svc,
+                            const struct api_endpoint_req *r, const char *serial,
+                            int64_t not_after, json_t **out, struct api_error *ae);
+
+/* Notes a request from the proxy with SVID serial. held: the config
+ * version it holds (-1: unknown). polling: +1 when a long poll starts,
+ * -1 when it ends, 0 otherwise. Kept in memory, written to the store by
+ * state_maintain(). */
+void state_proxy_seen(struct control_state *st, const char *serial, const char *svc,
+                      int64_t not_after, int64_t held, int polling);
+
+/* {"proxies": [...]} */
+json_t *state_proxies(struct control_state *st);
+
+/* ---- certificates ---- */
+
+int state_certs_list(struct control_state *st, json_t **out, struct api_error *ae);
+int state_certs_rotate(struct control_state *st, const struct api_rotate_req *r, json_t **out,
+                       struct api_error *ae);
+int state_certs_revoke(struct control_state *st, const char *serial, json_t **out,
+                       struct api_error *ae);
+
+/* ---- CA ---- */
+
+/* {roots: [PEM], signing: index, phase, pins: [...], bundle_version} */
+json_t *state_ca_show(struct control_state *st);
+
+/*
+ * Advances CA rotation one phase: stable -> prepared (a new root joins the
+ * bundle), prepared -> switched (the new root signs; every proxy is told
+ * to renew), switched -> stable (the old root leaves the bundle: refused
+ * with 409 while SVIDs it signed are unexpired and unrevoked, unless
+ * force). *tls_changed: control's server context must be rebuilt.
+ */
+int state_ca_rotate(struct control_state *st, bool force, json_t **out, bool *tls_changed,
+                    struct api_error *ae);
+
+/* ---- dry run ---- */
+
+int state_check(struct control_state *st, const struct api_check_req *r, json_t **out,
+                struct api_error *ae);
+
+/* ---- housekeeping ---- */
+
+/*
+ * Prunes expired tokens, certificate records, revocations of expired
+ * certificates and endpoints whose SVID expired or was revoked; writes the
+ * proxies registry. *changed: some config version moved (wake waiters).
+ * Returns 0 or a negative errno (logged).
+ */
+int state_maintain(struct control_state *st, bool *changed);
+
+#endif
