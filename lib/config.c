@@ -34,8 +34,9 @@ static const char *const tls_keys[] = {"cert", "key", "bundle", "min_version", "
 static const char *const inbound_keys[] = {"listen", "forward", "protocol", "advertise", NULL};
 static const char *const outbound_keys[] = {"listen", "service", "protocol", "endpoints", NULL};
 static const char *const listen_keys[] = {"listen", NULL};
+static const char *const transparent_keys[] = {"listen", "outside_mesh", NULL};
 static const char *const timeout_keys[] = {"handshake_seconds", "connect_seconds",
-                                           "idle_seconds", "drain_seconds", NULL};
+	"idle_seconds", "drain_seconds", "request_head_seconds", "response_head_seconds", NULL};
 static const char *const log_keys[] = {"level", "access_log", NULL};
 
 /* What every parse step needs: the config being filled, the directory
@@ -660,7 +661,23 @@ static int parse_outbound(const json_t *doc, struct parse_ctx *x)
 	return 0;
 }
 
-/* transparent {listen} and admin {listen}. */
+/* transparent.outside_mesh: what to do with a destination no service has. */
+static int parse_outside_mesh(const json_t *o, struct parse_ctx *x)
+{
+	const char *mode = NULL;
+
+	if (json_get_str(o, "transparent", "outside_mesh", false, &mode, x->err) < 0)
+		return -EINVAL;
+	if (!mode || strcmp(mode, "refuse") == 0)
+		x->c->outside_mesh_passthrough = false;
+	else if (strcmp(mode, "passthrough") == 0)
+		x->c->outside_mesh_passthrough = true;
+	else
+		return err_set(x->err, "transparent.outside_mesh", "must be \"refuse\" or \"passthrough\"");
+	return 0;
+}
+
+/* transparent {listen, outside_mesh} and admin {listen}. */
 static int parse_single_listeners(const json_t *doc, struct parse_ctx *x)
 {
 	const json_t *o = NULL;
@@ -669,11 +686,13 @@ static int parse_single_listeners(const json_t *doc, struct parse_ctx *x)
 
 	if (json_get_object(doc, "", "transparent", false, &o, x->err) < 0)
 		return -EINVAL;
-	if (o && (json_check_object(o, "transparent", listen_keys, x->err) < 0 ||
+	if (o && (json_check_object(o, "transparent", transparent_keys, x->err) < 0 ||
 	          get_addr(o, "transparent", "listen", true, &x->c->transparent_listen,
 	                   x->err) < 0))
 		return -EINVAL;
 	x->c->has_transparent = o != NULL;
+	if (o && parse_outside_mesh(o, x) < 0)
+		return -EINVAL;
 
 	if (config_parse_addr(DEFAULT_ADMIN_LISTEN, &x->c->admin_listen, &why) < 0)
 		return err_set(x->err, "admin.listen", "default: %s", why);
@@ -711,7 +730,7 @@ static int parse_timeouts(const json_t *doc, struct parse_ctx *x)
 	const json_t *o = NULL;
 	struct meshlet_err *err = x->err;
 
-	*t = (struct config_timeouts){10000, 5000, 300000, 30000};
+	*t = (struct config_timeouts){10000, 5000, 300000, 30000, 10000, 30000};
 	if (json_get_object(doc, "", "timeouts", false, &o, err) < 0)
 		return -EINVAL;
 	if (!o)
@@ -722,7 +741,11 @@ static int parse_timeouts(const json_t *doc, struct parse_ctx *x)
 	    json_get_seconds(o, "timeouts", "connect_seconds", 0.1, 3600, &t->connect_ms,
 	                     err) < 0 ||
 	    json_get_seconds(o, "timeouts", "idle_seconds", 1, 86400, &t->idle_ms, err) < 0 ||
-	    json_get_seconds(o, "timeouts", "drain_seconds", 0, 3600, &t->drain_ms, err) < 0)
+	    json_get_seconds(o, "timeouts", "drain_seconds", 0, 3600, &t->drain_ms, err) < 0 ||
+	    json_get_seconds(o, "timeouts", "request_head_seconds", 0.1, 3600,
+	                     &t->request_head_ms, err) < 0 ||
+	    json_get_seconds(o, "timeouts", "response_head_seconds", 0.1, 86400,
+	                     &t->response_head_ms, err) < 0)
 		return -EINVAL;
 	return 0;
 }

@@ -12,6 +12,7 @@
 #include <jansson.h>
 
 #include "meshlet/log.h"
+#include "ctlclient.h"
 
 #define ADMIN_MAX_HEADERS 8192
 #define ADMIN_MAX_BODY 4096
@@ -55,21 +56,33 @@ static void on_healthz(struct meshlet_proxy *p, struct evhttp_request *req)
 	reply(req, 200, "text/plain", "ok\n", 3);
 }
 
-/* Ready = a policy and a currently valid SVID are loaded, and not draining. */
+/*
+ * Ready = a policy and a currently valid SVID are loaded, and not draining.
+ * In control mode the body also says how control is doing: a proxy serving
+ * from its cache while control is down is ready, but degraded.
+ */
 static void on_ready(struct meshlet_proxy *p, struct evhttp_request *req)
 {
 	struct snapshot *s = proxy_snapshot(p);
 	const char *why = NULL;
+	char control[1024] = "static";
 	json_t *doc;
 
+	if (p->ctl)
+		ctlclient_status(p->ctl, control, sizeof(control));
 	if (atomic_load(&p->draining))
 		why = "draining";
+	else if (!s)
+		why = "waiting for a certificate and a policy from control";
 	else if (!s->policy)
 		why = "no policy loaded";
 	else if (s->cert_not_after <= time(NULL))
 		why = "certificate expired";
-	doc = json_pack("{s:b, s:s, s:I, s:s?}", "ready", why == NULL, "identity", s->self_id,
-	                "config_version", (json_int_t)s->version, "reason", why);
+	doc = json_pack("{s:b, s:s?, s:I, s:s?, s:s, s:b}", "ready", why == NULL,
+	                "identity", s ? s->self_id : NULL,
+	                "config_version", (json_int_t)(s ? s->version : 0), "reason", why,
+	                "control", control,
+	                "degraded", p->ctl && strcmp(control, "connected") != 0);
 	reply_json(req, why ? 503 : 200, doc);
 	json_decref(doc);
 	snapshot_unref(s);
@@ -130,8 +143,18 @@ static json_t *outbound_json(const struct config *c)
 static void on_config(struct meshlet_proxy *p, struct evhttp_request *req)
 {
 	struct snapshot *s = proxy_snapshot(p);
-	const struct config *c = s->cfg;
-	json_t *doc = json_pack("{s:I, s:s, s:s, s:s, s:I, s:s, s:{s:s?, s:s?, s:s}, s:s?,"
+	const struct config *c = s ? s->cfg : NULL;
+	json_t *doc;
+
+	if (!s) {
+		doc = json_pack("{s:s, s:s, s:s, s:s}", "service", p->boot_cfg->service,
+		                "trust_domain", p->boot_cfg->trust_domain, "mode", "control",
+		                "state", "waiting for control");
+		reply_json(req, 200, doc);
+		json_decref(doc);
+		return;
+	}
+	doc = json_pack("{s:I, s:s, s:s, s:s, s:I, s:s, s:{s:s?, s:s?, s:s}, s:s?,"
 	                        " s:{s:i, s:s}, s:o*, s:o*, s:s, s:i, s:i,"
 	                        " s:{s:f, s:f, s:f, s:f}}",
 	        "version", (json_int_t)s->version, "service", c->service,
@@ -198,7 +221,7 @@ static void on_request(struct evhttp_request *req, void *arg)
 
 int admin_start(struct meshlet_proxy *p)
 {
-	const struct config_addr *a = &p->snap->cfg->admin_listen;
+	const struct config_addr *a = &p->boot_cfg->admin_listen;
 	struct evhttp_bound_socket *sock;
 	char host[128];
 	const char *colon;

@@ -15,63 +15,20 @@
 #include <openssl/err.h>
 
 #include "meshlet/log.h"
+#include "conn-t.h"
+#include "httpflow.h"
 
-/*
- * One TLS record of plaintext: each read fills at most one record, so a
- * read is followed by exactly one SSL_write (one record, one send).
- */
-#define RELAY_BUF_SIZE 16384
 /* Buffers a worker keeps for reuse; more are returned to malloc. */
 #define RELAY_FREE_MAX 64
 /* Read/write rounds per wakeup before yielding to other connections. */
 #define RELAY_ROUNDS 16
 
-struct relay_buf {
-	struct relay_buf *next;
-	uint32_t off, len;
-	char data[RELAY_BUF_SIZE];
-};
-
-/* Readiness we learned from events and lost on EAGAIN (bits of c->ready). */
+/* Shorter names for the readiness bits of conn-t.h. */
 enum {
-	PLAIN_R = 1 << 0,
-	PLAIN_W = 1 << 1,
-	TLS_R = 1 << 2,
-	TLS_W = 1 << 3,
-};
-
-struct conn {
-	struct conn *prev, *next;
-	struct worker *w;
-	struct snapshot *snap;
-	uint64_t id;
-	enum conn_state state;
-	enum metrics_direction dir;
-	bool inbound;
-	uint16_t listener;
-	uint16_t endpoint;          /* outbound: endpoint being tried or used */
-	uint16_t tries;             /* outbound: endpoints tried so far */
-	uint8_t ready;
-	bool plain_eof, tls_eof;    /* read EOF seen on that side */
-	bool plain_shut, tls_shut;  /* EOF passed on to that side */
-	bool tls_drained;           /* the last socket read under SSL came back short */
-	bool decided;
-	enum policy_action decision;
-	int tls_fd, plain_fd;
-	short tls_reg, plain_reg;   /* events registered now */
-	short ssl_read_wants, ssl_write_wants;
-	SSL *ssl;
-	struct event tls_ev, plain_ev;
-	struct relay_buf *up;       /* plain -> TLS */
-	struct relay_buf *down;     /* TLS -> plain */
-	struct tls_verify verify;
-	const char *rule;           /* deciding rule, owned by snap */
-	char *peer;                 /* verified SPIFFE ID */
-	uint64_t bytes_up, bytes_down;
-	struct timespec started;    /* CLOCK_MONOTONIC */
-	struct timespec started_wall;
-	time_t last_active;         /* event-base cached seconds */
-	struct sockaddr_storage from;
+	PLAIN_R = CONN_PLAIN_R,
+	PLAIN_W = CONN_PLAIN_W,
+	TLS_R = CONN_TLS_R,
+	TLS_W = CONN_TLS_W,
 };
 
 static const char *const state_names[] = {
@@ -96,6 +53,8 @@ static const char *const reason_names[] = {
 	[CR_OVERLOAD] = "overload",
 	[CR_INTERNAL] = "internal_error",
 	[CR_EXPIRED_SESSION] = "expired_peer_certificate",
+	[CR_REVOKED] = "peer_revoked",
+	[CR_OUTSIDE_MESH] = "outside_mesh",
 };
 
 const char *conn_reason_str(enum conn_reason r)
@@ -208,11 +167,25 @@ static const struct config_addr *conn_destination(const struct conn *c)
 
 	if (c->inbound)
 		return &cfg->inbound[c->listener].forward;
+	if (c->tdest)
+		return &c->tdest->addr;
 	const struct snapshot_outbound *o = &c->snap->outbound[c->listener];
 
 	if (o->n_endpoints == 0)
 		return NULL;
 	return &o->endpoints[c->endpoint];
+}
+
+void conn_source_text(const struct conn *c, char *out, size_t len)
+{
+	addr_text(&c->from, out, len);
+}
+
+const char *conn_destination_text(const struct conn *c)
+{
+	const struct config_addr *a = conn_destination(c);
+
+	return a ? a->text : "";
 }
 
 static double elapsed_ms(const struct timespec *since)
@@ -223,6 +196,16 @@ static double elapsed_ms(const struct timespec *since)
 	return (double)(now.tv_sec - since->tv_sec) * 1e3 + (double)(now.tv_nsec - since->tv_nsec) / 1e6;
 }
 
+uint64_t conn_bytes_from_client(const struct conn *c)
+{
+	return c->d[c->inbound ? RELAY_DOWN : RELAY_UP].bytes;
+}
+
+uint64_t conn_bytes_to_client(const struct conn *c)
+{
+	return c->d[c->inbound ? RELAY_UP : RELAY_DOWN].bytes;
+}
+
 /* One JSON line per connection: who, where, what was decided, how it ended. */
 static void access_log(struct conn *c, enum conn_reason reason, int tls_reason)
 {
@@ -231,7 +214,7 @@ static void access_log(struct conn *c, enum conn_reason reason, int tls_reason)
 	const struct config_addr *dest = conn_destination(c);
 	int n;
 
-	if (!conn_cfg(c)->access_log)
+	if (!conn_cfg(c)->access_log || httpflow_logged(c))
 		return;
 	log_format_time(when, sizeof(when), c->started_wall.tv_sec, c->started_wall.tv_nsec);
 	addr_text(&c->from, from, sizeof(from));
@@ -256,8 +239,8 @@ static void access_log(struct conn *c, enum conn_reason reason, int tls_reason)
 	             peer, dest ? dest->text : "", c->decided ? "\"" : "",
 	             c->decided ? policy_action_str(c->decision) : "null", c->decided ? "\"" : "",
 	             rule, conn_reason_str(reason), tls_err,
-	             (unsigned long long)(c->inbound ? c->bytes_down : c->bytes_up),
-	             (unsigned long long)(c->inbound ? c->bytes_up : c->bytes_down),
+	             (unsigned long long)conn_bytes_from_client(c),
+	             (unsigned long long)conn_bytes_to_client(c),
 	             elapsed_ms(&c->started));
 	if (n > 0 && (size_t)n < sizeof(line))
 		log_access(line, (size_t)n);
@@ -285,11 +268,7 @@ static void close_fd(int *fd)
 	*fd = -1;
 }
 
-/*
- * Logs once and frees everything the connection holds. tls_reason is set
- * for handshake failures (metric label and access log).
- */
-static void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
+void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
 {
 	struct worker *w = c->w;
 	struct metrics *m = w->p->metrics;
@@ -305,16 +284,20 @@ static void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
 		event_del(&c->plain_ev);
 	if (c->ssl) {
 		/* A close_notify only when the handshake finished and we did not send one yet. */
-		if (SSL_is_init_finished(c->ssl) && !c->tls_shut && reason != CR_RESET)
+		if (SSL_is_init_finished(c->ssl) && !c->d[RELAY_UP].dst_shut && reason != CR_RESET)
 			SSL_shutdown(c->ssl);
 		SSL_free(c->ssl);
 		ERR_clear_error();
 	}
 	close_fd(&c->tls_fd);
 	close_fd(&c->plain_fd);
-	buf_put(w, c->up);
-	buf_put(w, c->down);
-	metrics_add(&m->bytes_total[c->dir], c->bytes_up + c->bytes_down);
+	for (int d = 0; d < 2; d++) {
+		buf_put(w, c->d[d].in);
+		free(c->d[d].owned);
+	}
+	httpflow_free(c);
+	free(c->tdest);
+	metrics_add(&m->bytes_total[c->dir], c->d[RELAY_UP].bytes + c->d[RELAY_DOWN].bytes);
 	atomic_fetch_sub_explicit(&m->connections_active[c->dir], 1, memory_order_relaxed);
 	atomic_fetch_sub_explicit(&w->p->open_conns, 1, memory_order_relaxed);
 	unlink_conn(c);
@@ -331,6 +314,32 @@ void conn_close_all(struct worker *w, enum conn_reason reason)
 		conn_close(w->conns, reason, 0);
 }
 
+void conn_drain(struct worker *w)
+{
+	struct conn *c = w->conns, *next;
+
+	for (; c; c = next) {
+		next = c->next;
+		if (c->hf && c->state == CONN_RELAYING && httpflow_drain(c))
+			conn_close(c, CR_DONE, 0);
+	}
+}
+
+void conn_close_revoked(struct worker *w, struct snapshot *s)
+{
+	struct conn *c = w->conns, *next;
+
+	for (; c; c = next) {
+		next = c->next;
+		if (c->ssl && SSL_is_init_finished(c->ssl) &&
+		    tls_is_revoked(s->server_ctx, SSL_get0_peer_certificate(c->ssl))) {
+			log_info("conn %llu: closing: %s's certificate was revoked",
+			         (unsigned long long)c->id, c->peer ? c->peer : "peer");
+			conn_close(c, CR_REVOKED, 0);
+		}
+	}
+}
+
 /* ---- event registration ----------------------------------------------- */
 
 /*
@@ -338,36 +347,51 @@ void conn_close_all(struct worker *w, enum conn_reason reason)
  * optional timeout. The event stays persistent; changing the flags costs
  * one epoll change, keeping them costs nothing.
  */
-static void watch(struct conn *c, struct event *ev, short *reg, int fd, short what,
-                  const struct timeval *tv, event_callback_fn cb)
+static void watch(struct conn *c, struct event *ev, short *reg, uint32_t *tmo, int fd,
+                  short what, uint32_t ms, event_callback_fn cb)
 {
+	const struct timeval *tv = ms ? timeout_of(c, ms) : NULL;
+
 	if (what != *reg || !event_initialized(ev)) {
 		if (event_initialized(ev))
 			event_del(ev);
 		event_assign(ev, c->w->base, fd, what | EV_PERSIST, cb, c);
 		*reg = what;
+		*tmo = ms;
 		if (what || tv)
 			event_add(ev, tv);
 		return;
 	}
-	if (tv && !event_pending(ev, EV_TIMEOUT, NULL))
-		event_add(ev, tv);
+	/* Same events: touch the timer only when its length changed or it is not armed. */
+	if (ms != *tmo || (tv && !event_pending(ev, EV_TIMEOUT, NULL))) {
+		*tmo = ms;
+		if (!what && !tv)
+			event_del(ev);
+		else
+			event_add(ev, tv);
+	}
 }
 
 static void watch_tls(struct conn *c, short what, uint32_t timeout_ms)
 {
-	watch(c, &c->tls_ev, &c->tls_reg, c->tls_fd, what,
-	      timeout_ms ? timeout_of(c, timeout_ms) : NULL, on_tls_event);
+	watch(c, &c->tls_ev, &c->tls_reg, &c->tls_tmo, c->tls_fd, what, timeout_ms, on_tls_event);
 }
 
 static void watch_plain(struct conn *c, short what, uint32_t timeout_ms)
 {
-	watch(c, &c->plain_ev, &c->plain_reg, c->plain_fd, what,
-	      timeout_ms ? timeout_of(c, timeout_ms) : NULL, on_plain_event);
+	watch(c, &c->plain_ev, &c->plain_reg, &c->plain_tmo, c->plain_fd, what, timeout_ms,
+	      on_plain_event);
 }
 
-/* ---- relay -------------------------------------------------------------- */
+/* ---- I/O on either side ------------------------------------------------ */
 
+/*
+ * The relay moves bytes between two sides: the plain socket and the TLS
+ * one. These four calls hide which is which; they keep the readiness bits
+ * (cleared on EAGAIN) and, for TLS, what OpenSSL waits for.
+ * Results: > 0 bytes moved, 0 end of stream (reads), -EAGAIN, or another
+ * negative errno on a fatal error.
+ */
 static short want_bit(short ev_flag)
 {
 	return ev_flag == EV_READ ? TLS_R : TLS_W;
@@ -378,21 +402,17 @@ static bool tls_ready_for(const struct conn *c, short wants)
 	return (c->ready & want_bit(wants)) != 0;
 }
 
-/* Classifies a failed SSL_read/SSL_write. Returns 1 to retry later, 0 on
- * clean EOF (reads only), -1 on a fatal error. */
-static int ssl_retry(struct conn *c, int rc, short *wants)
+static int ssl_result(struct conn *c, int rc, short *wants)
 {
-	int e = SSL_get_error(c->ssl, rc);
-
-	switch (e) {
+	switch (SSL_get_error(c->ssl, rc)) {
 	case SSL_ERROR_WANT_READ:
 		*wants = EV_READ;
 		c->ready &= (uint8_t)~TLS_R;
-		return 1;
+		return -EAGAIN;
 	case SSL_ERROR_WANT_WRITE:
 		*wants = EV_WRITE;
 		c->ready &= (uint8_t)~TLS_W;
-		return 1;
+		return -EAGAIN;
 	case SSL_ERROR_ZERO_RETURN:
 		return 0;
 	case SSL_ERROR_SSL:
@@ -401,149 +421,255 @@ static int ssl_retry(struct conn *c, int rc, short *wants)
 			ERR_clear_error();
 			return 0;
 		}
-		return -1;
+		return -EPROTO;
 	default:
-		return -1;
+		return -EPROTO;
 	}
 }
 
-/* plain -> TLS. Returns progress (0/1) or -1 when the connection closed. */
-static int relay_up(struct conn *c)
+/*
+ * The "TLS side" is plain too for a transparent passthrough (no c->ssl):
+ * then both sides use the socket calls, each with its own fd and bits.
+ */
+static int side_fd(const struct conn *c, bool tls)
 {
-	int progress = 0;
-
-	if (!c->up && !c->plain_eof && (c->ready & PLAIN_R)) {
-		struct relay_buf *b = buf_get(c->w);
-		ssize_t n;
-
-		if (!b)
-			return conn_close(c, CR_INTERNAL, 0), -1;
-		n = recv(c->plain_fd, b->data, sizeof(b->data), 0);
-		if (n > 0) {
-			b->len = (uint32_t)n;
-			c->up = b;
-			/* A short read drained the socket: skip the EAGAIN round trip. */
-			if ((size_t)n < sizeof(b->data))
-				c->ready &= (uint8_t)~PLAIN_R;
-			progress = 1;
-		} else {
-			buf_put(c->w, b);
-			if (n == 0) {
-				c->plain_eof = true;
-				progress = 1;
-			} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-				c->ready &= (uint8_t)~PLAIN_R;
-			} else if (errno != EINTR) {
-				return conn_close(c, CR_RESET, 0), -1;
-			}
-		}
-	}
-	if (c->up && tls_ready_for(c, c->ssl_write_wants)) {
-		int n = SSL_write(c->ssl, c->up->data + c->up->off, (int)(c->up->len - c->up->off));
-
-		if (n > 0) {
-			c->up->off += (uint32_t)n;
-			c->bytes_up += (uint64_t)n;
-			c->ssl_write_wants = EV_WRITE;
-			if (c->up->off == c->up->len) {
-				buf_put(c->w, c->up);
-				c->up = NULL;
-			}
-			progress = 1;
-		} else if (ssl_retry(c, n, &c->ssl_write_wants) <= 0) {
-			return conn_close(c, CR_RESET, 0), -1;
-		}
-	}
-	if (!c->up && c->plain_eof && !c->tls_shut) {
-		/* close_notify: TLS 1.3 half-close; reading the other way goes on. */
-		int rc = SSL_shutdown(c->ssl);
-
-		if (rc >= 0 || ssl_retry(c, rc, &c->ssl_write_wants) < 0) {
-			c->tls_shut = true;
-			ERR_clear_error();
-			progress = 1;
-		}
-	}
-	return progress;
+	return tls ? c->tls_fd : c->plain_fd;
 }
 
-/* TLS -> plain. Returns progress (0/1) or -1 when the connection closed. */
-static int relay_down(struct conn *c)
+static uint8_t rbit(bool tls)
 {
-	int progress = 0;
+	return tls ? TLS_R : PLAIN_R;
+}
 
-	if (!c->down && !c->tls_eof &&
-	    (tls_ready_for(c, c->ssl_read_wants) || SSL_has_pending(c->ssl))) {
-		struct relay_buf *b = buf_get(c->w);
-		int n, r;
+static uint8_t wbit(bool tls)
+{
+	return tls ? TLS_W : PLAIN_W;
+}
 
-		if (!b)
-			return conn_close(c, CR_INTERNAL, 0), -1;
+static bool io_readable(const struct conn *c, bool tls)
+{
+	if (!tls || !c->ssl)
+		return (c->ready & rbit(tls)) != 0;
+	/*
+	 * Buffered bytes count only until SSL_read asked for the socket: they may
+	 * be a partial record, which only more bytes from the peer complete.
+	 */
+	return tls_ready_for(c, c->ssl_read_wants) || (!c->ssl_starved && SSL_has_pending(c->ssl));
+}
+
+static bool io_writable(const struct conn *c, bool tls)
+{
+	return tls && c->ssl ? tls_ready_for(c, c->ssl_write_wants) : (c->ready & wbit(tls)) != 0;
+}
+
+static ssize_t io_read(struct conn *c, bool tls, char *buf, size_t len)
+{
+	ssize_t n;
+
+	if (tls && c->ssl) {
 		c->tls_drained = false;
-		n = SSL_read(c->ssl, b->data, (int)sizeof(b->data));
-		if (n > 0) {
-			b->len = (uint32_t)n;
-			c->down = b;
-			c->ssl_read_wants = EV_READ;
-			/* Socket drained and nothing buffered: the next SSL_read would only get EAGAIN. */
-			if (c->tls_drained && !SSL_has_pending(c->ssl))
-				c->ready &= (uint8_t)~TLS_R;
-			progress = 1;
-		} else {
-			buf_put(c->w, b);
-			r = ssl_retry(c, n, &c->ssl_read_wants);
-			if (r < 0)
-				return conn_close(c, CR_TLS_ERROR, 0), -1;
-			if (r == 0) {
-				c->tls_eof = true;
-				progress = 1;
-			}
+		n = SSL_read(c->ssl, buf, (int)len);
+		if (n <= 0) {
+			n = ssl_result(c, (int)n, &c->ssl_read_wants);
+			c->ssl_starved = n == -EAGAIN;
+			return n;
 		}
+		c->ssl_read_wants = EV_READ;
+		c->ssl_starved = false;
+		/* Socket drained and nothing buffered: the next SSL_read would only get EAGAIN. */
+		if (c->tls_drained && !SSL_has_pending(c->ssl))
+			c->ready &= (uint8_t)~TLS_R;
+		return n;
 	}
-	if (c->down && (c->ready & PLAIN_W)) {
-		ssize_t n = send(c->plain_fd, c->down->data + c->down->off,
-		                 c->down->len - c->down->off, MSG_NOSIGNAL);
-
-		if (n > 0) {
-			c->down->off += (uint32_t)n;
-			c->bytes_down += (uint64_t)n;
-			if (c->down->off == c->down->len) {
-				buf_put(c->w, c->down);
-				c->down = NULL;
-			} else {
-				c->ready &= (uint8_t)~PLAIN_W;
-			}
-			progress = 1;
-		} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			c->ready &= (uint8_t)~PLAIN_W;
-		} else if (n < 0 && errno != EINTR) {
-			return conn_close(c, CR_RESET, 0), -1;
-		}
+	n = recv(side_fd(c, tls), buf, len, 0);
+	if (n > 0 && (size_t)n < len)
+		c->ready &= (uint8_t)~rbit(tls);    /* a short read drained the socket */
+	if (n >= 0)
+		return n;
+	if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+		c->ready &= (uint8_t)~rbit(tls);
+		return -EAGAIN;
 	}
-	if (!c->down && c->tls_eof && !c->plain_shut) {
-		shutdown(c->plain_fd, SHUT_WR);
-		c->plain_shut = true;
-		progress = 1;
-	}
-	return progress;
+	return -errno;
 }
 
-/* Registers for what the relay is waiting on; each side also carries the idle timer. */
+static ssize_t io_write(struct conn *c, bool tls, const char *buf, size_t len)
+{
+	ssize_t n;
+
+	if (tls && c->ssl) {
+		n = SSL_write(c->ssl, buf, (int)len);
+		if (n <= 0)
+			return ssl_result(c, (int)n, &c->ssl_write_wants);
+		c->ssl_write_wants = EV_WRITE;
+		return n;
+	}
+	n = send(side_fd(c, tls), buf, len, MSG_NOSIGNAL);
+	if (n > 0 && (size_t)n < len)
+		c->ready &= (uint8_t)~wbit(tls);
+	if (n >= 0)
+		return n;
+	if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+		c->ready &= (uint8_t)~wbit(tls);
+		return -EAGAIN;
+	}
+	return -errno;
+}
+
+/* Passes EOF on: close_notify on TLS (a TLS 1.3 half-close), FIN on plain. */
+static int io_shutdown(struct conn *c, bool tls)
+{
+	int rc;
+
+	if (!tls || !c->ssl)
+		return shutdown(side_fd(c, tls), SHUT_WR), 0;
+	rc = SSL_shutdown(c->ssl);
+	if (rc >= 0)
+		return 0;
+	rc = ssl_result(c, rc, &c->ssl_write_wants);
+	ERR_clear_error();
+	return rc == -EAGAIN ? -EAGAIN : 0;    /* a failed close_notify still ends our side */
+}
+
+/* ---- relay -------------------------------------------------------------- */
+
+static bool src_is_tls(int d)
+{
+	return d == RELAY_DOWN;
+}
+
+/* tcp listeners: what was read is what gets written, without a copy. */
+static int produce_raw(struct conn *c, int d)
+{
+	struct relay_dir *r = &c->d[d];
+
+	if (!r->in || r->in->off == r->in->len)
+		return 0;
+	r->out = r->in->data + r->in->off;
+	r->out_len = r->in->len - r->in->off;
+	r->in->off = r->in->len;
+	return 1;
+}
+
+static int produce(struct conn *c, int d)
+{
+	return c->hf ? httpflow_produce(c, d) : produce_raw(c, d);
+}
+
+/* Writes what direction d has pending. Returns progress (0/1) or -1 when closed. */
+static int pump_write(struct conn *c, int d)
+{
+	struct relay_dir *r = &c->d[d];
+	ssize_t n;
+
+	if (!io_writable(c, !src_is_tls(d)))
+		return 0;
+	n = io_write(c, !src_is_tls(d), r->out, r->out_len);
+	if (n == -EAGAIN)
+		return 0;
+	if (n < 0)
+		return conn_close(c, CR_RESET, 0), -1;
+	r->out += n;
+	r->out_len -= (size_t)n;
+	r->bytes += (uint64_t)n;
+	if (r->out_len == 0) {
+		free(r->owned);
+		r->owned = NULL;
+		r->out = NULL;
+	}
+	return 1;
+}
+
+/* Reads the next input of direction d. Returns progress (0/1) or -1 when closed. */
+static int pump_read(struct conn *c, int d)
+{
+	struct relay_dir *r = &c->d[d];
+	ssize_t n;
+
+	if (r->in && r->in->off < r->in->len)
+		return 0;    /* input not processed yet: produce() is blocked */
+	if (!io_readable(c, src_is_tls(d)))
+		return 0;
+	if (!r->in && !(r->in = buf_get(c->w)))
+		return conn_close(c, CR_INTERNAL, 0), -1;
+	r->in->off = r->in->len = 0;
+	n = io_read(c, src_is_tls(d), r->in->data, sizeof(r->in->data));
+	if (n > 0) {
+		r->in->len = (uint32_t)n;
+		return 1;
+	}
+	buf_put(c->w, r->in);
+	r->in = NULL;
+	if (n == -EAGAIN)
+		return 0;
+	if (n < 0)
+		return conn_close(c, src_is_tls(d) ? CR_TLS_ERROR : CR_RESET, 0), -1;
+	r->src_eof = true;
+	return c->hf ? (httpflow_eof(c, d) < 0 ? -1 : 1) : 1;
+}
+
+/*
+ * Moves direction d forward as far as it goes without blocking: write what
+ * is pending, else produce output from the input, else read. Returns
+ * progress (0/1) or -1 when the connection was closed.
+ */
+static int pump(struct conn *c, int d)
+{
+	struct relay_dir *r = &c->d[d];
+	int rc;
+
+	if (r->out_len)
+		return pump_write(c, d);
+	rc = produce(c, d);
+	if (rc != 0)
+		return rc;
+	if (r->in && r->in->off == r->in->len) {
+		buf_put(c->w, r->in);    /* fully relayed: an idle direction holds no buffer */
+		r->in = NULL;
+	}
+	if (!r->src_eof && !r->paused)
+		return pump_read(c, d);
+	if (r->src_eof && !r->dst_shut && !c->closing) {
+		rc = io_shutdown(c, !src_is_tls(d));
+		if (rc == -EAGAIN)
+			return 0;
+		r->dst_shut = true;
+		return 1;
+	}
+	return 0;
+}
+
+static bool dir_done(const struct relay_dir *r)
+{
+	return r->src_eof && r->dst_shut && r->out_len == 0;
+}
+
+/* What a side must wait for: reading as a source, writing as a sink. */
+static short side_wants(const struct conn *c, bool tls)
+{
+	const struct relay_dir *src = &c->d[tls ? RELAY_DOWN : RELAY_UP];
+	const struct relay_dir *dst = &c->d[tls ? RELAY_UP : RELAY_DOWN];
+	short rd = tls && c->ssl ? c->ssl_read_wants : EV_READ;
+	short wr = tls && c->ssl ? c->ssl_write_wants : EV_WRITE;
+	short what = 0;
+
+	if (!src->src_eof && !src->paused && !src->out_len && (!src->in || src->in->off == src->in->len) &&
+	    !io_readable(c, tls))
+		what |= rd;
+	if ((dst->out_len || (dst->src_eof && !dst->dst_shut && !c->closing)) && !io_writable(c, tls))
+		what |= wr;
+	return what;
+}
+
+/* Registers for what the relay waits on; each side carries a timer (idle or HTTP's). */
 static void relay_watch(struct conn *c)
 {
 	uint32_t idle = conn_cfg(c)->timeouts.idle_ms;
-	short plain = 0, tls = 0;
+	uint32_t tls_tmo = c->hf ? httpflow_timeout(c, true) : 0;
+	uint32_t plain_tmo = c->hf ? httpflow_timeout(c, false) : 0;
 
-	if (!c->up && !c->plain_eof && !(c->ready & PLAIN_R))
-		plain |= EV_READ;
-	if (c->down && !(c->ready & PLAIN_W))
-		plain |= EV_WRITE;
-	if (!c->down && !c->tls_eof && !tls_ready_for(c, c->ssl_read_wants))
-		tls |= c->ssl_read_wants;
-	if ((c->up || (c->plain_eof && !c->tls_shut)) && !tls_ready_for(c, c->ssl_write_wants))
-		tls |= c->ssl_write_wants;
-	watch_plain(c, plain, idle);
-	watch_tls(c, tls, idle);
+	watch_plain(c, side_wants(c, false), plain_tmo ? plain_tmo : idle);
+	watch_tls(c, side_wants(c, true), tls_tmo ? tls_tmo : idle);
 }
 
 static void relay(struct conn *c)
@@ -551,18 +677,20 @@ static void relay(struct conn *c)
 	int rounds = 0, progress;
 
 	do {
-		int up = relay_up(c), down;
+		int up = pump(c, RELAY_UP), down;
 
 		if (up < 0)
 			return;
-		down = relay_down(c);
+		down = pump(c, RELAY_DOWN);
 		if (down < 0)
 			return;
 		progress = up + down;
 	} while (progress && ++rounds < RELAY_ROUNDS);
 	if (rounds)
 		touch(c);
-	if (c->plain_eof && c->tls_eof && c->tls_shut && c->plain_shut && !c->up && !c->down) {
+	if ((dir_done(&c->d[RELAY_UP]) && dir_done(&c->d[RELAY_DOWN])) ||
+	    (c->closing && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len &&
+	     (!c->hf || httpflow_done(c)))) {
 		conn_close(c, CR_DONE, 0);
 		return;
 	}
@@ -572,12 +700,33 @@ static void relay(struct conn *c)
 	 * read-ahead buffer that SSL_MODE_RELEASE_BUFFERS keeps after an
 	 * EAGAIN), so an idle connection costs its structs only.
 	 */
-	if (!progress && !c->up && !c->down)
-		SSL_free_buffers(c->ssl);
+	if (!progress && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len) {
+		if (c->ssl)
+			SSL_free_buffers(c->ssl);
+		if (c->hf)
+			httpflow_shrink(c);
+	}
 	if (progress) {
 		/* Out of rounds with work left: come back after other connections ran. */
 		event_active(&c->tls_ev, 0, 0);
 	}
+}
+
+void conn_kick(struct conn *c)
+{
+	event_active(&c->tls_ev, 0, 0);
+}
+
+void conn_write_client_now(struct conn *c, const char *buf, size_t len)
+{
+	bool tls = c->inbound;
+
+	/* Best effort on a socket that just connected or handshook: it has room. */
+	if (tls && (!c->ssl || !SSL_is_init_finished(c->ssl)))
+		return;
+	c->ready |= tls ? TLS_W : PLAIN_W;
+	if (io_write(c, tls, buf, len) > 0)
+		c->d[c->inbound ? RELAY_UP : RELAY_DOWN].bytes += len;
 }
 
 /* ---- connect ------------------------------------------------------------ */
@@ -656,13 +805,13 @@ static void relay_start(struct conn *c);
 static void connect_next(struct conn *c)
 {
 	const struct config *cfg = conn_cfg(c);
-	size_t n_eps = c->inbound ? 1 : c->snap->outbound[c->listener].n_endpoints;
+	size_t n_eps = c->inbound || c->tdest ? 1 : c->snap->outbound[c->listener].n_endpoints;
 
 	while (c->tries < n_eps) {
 		const struct config_addr *dest;
 		int fd;
 
-		if (!c->inbound)
+		if (!c->inbound && !c->tdest)
 			c->endpoint = (uint16_t)((c->endpoint + (c->tries ? 1 : 0)) % n_eps);
 		c->tries++;
 		dest = conn_destination(c);
@@ -676,7 +825,10 @@ static void connect_next(struct conn *c)
 		log_warn("conn %llu: connect to %s failed: %s", (unsigned long long)c->id,
 		         dest->text, strerror(-fd));
 	}
-	conn_close(c, CR_UPSTREAM_REFUSED, 0);
+	if (c->hf)
+		httpflow_fail_early(c, 502, CR_UPSTREAM_REFUSED);
+	else
+		conn_close(c, CR_UPSTREAM_REFUSED, 0);
 }
 
 static void connect_done(struct conn *c)
@@ -697,8 +849,8 @@ static void connect_done(struct conn *c)
 		connect_next(c);
 		return;
 	}
-	if (c->inbound)
-		relay_start(c);
+	if (c->inbound || (c->tdest && !c->tdest->expect_id[0]))
+		relay_start(c);    /* to the app, or a passthrough outside the mesh */
 	else
 		outbound_handshake_start(c);
 }
@@ -722,6 +874,13 @@ static void authorize(struct conn *c)
 	if (counter)
 		metrics_inc(&counter->count);
 	watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
+	if (c->hf) {
+		/* http: every request is decided on its own, with its method, path and headers. */
+		c->decided = false;
+		c->rule = NULL;
+		connect_next(c);
+		return;
+	}
 	if (d.action != POLICY_ALLOW) {
 		log_info("conn %llu: %s denied by rule %s", (unsigned long long)c->id, c->peer, c->rule);
 		conn_close(c, CR_DENIED, 0);
@@ -776,20 +935,24 @@ static void handshake(struct conn *c)
 	metrics_inc(&c->w->p->metrics->handshake_failures[reason]);
 	log_info("conn %llu: TLS handshake %s failed: %s", (unsigned long long)c->id,
 	         c->inbound ? "from peer" : "with upstream", metrics_tls_reason_str(reason));
-	conn_close(c, CR_HANDSHAKE_FAILED, reason);
+	if (c->hf && !c->inbound)
+		httpflow_fail_early(c, 502, CR_HANDSHAKE_FAILED);
+	else
+		conn_close(c, CR_HANDSHAKE_FAILED, reason);
 }
 
 static void outbound_handshake_start(struct conn *c)
 {
 	SSL_SESSION *sess;
 
-	c->verify.expect_id = c->snap->outbound[c->listener].expect_id;
+	c->verify.expect_id = c->tdest ? c->tdest->expect_id
+	                               : c->snap->outbound[c->listener].expect_id;
 	if (ssl_attach(c, c->snap->client_ctx) < 0) {
 		conn_close(c, CR_INTERNAL, 0);
 		return;
 	}
 	SSL_set_connect_state(c->ssl);
-	sess = snapshot_session(c->snap, c->listener, c->endpoint, c->w->id);
+	sess = c->tdest ? NULL : snapshot_session(c->snap, c->listener, c->endpoint, c->w->id);
 	if (sess)
 		SSL_set_session(c->ssl, sess);
 	set_state(c, CONN_HANDSHAKE);
@@ -815,7 +978,7 @@ int conn_on_new_session(SSL *ssl, SSL_SESSION *sess)
 {
 	struct conn *c = SSL_get_app_data(ssl);
 
-	if (!c || c->inbound)
+	if (!c || c->inbound || c->tdest)
 		return 0;
 	snapshot_save_session(c->snap, c->listener, c->endpoint, c->w->id, sess);
 	return 1;    /* we keep the reference */
@@ -835,9 +998,14 @@ static void on_timeout(struct conn *c)
 	case CONN_CONNECTING:
 		log_warn("conn %llu: connect to %s timed out", (unsigned long long)c->id,
 		         conn_destination(c)->text);
-		conn_close(c, CR_UPSTREAM_TIMEOUT, 0);
+		if (c->hf)
+			httpflow_fail_early(c, 504, CR_UPSTREAM_TIMEOUT);
+		else
+			conn_close(c, CR_UPSTREAM_TIMEOUT, 0);
 		return;
 	case CONN_RELAYING:
+		if (c->hf && httpflow_on_timeout(c))
+			return;
 		event_base_gettimeofday_cached(c->w->base, &now);
 		if ((uint64_t)(now.tv_sec - c->last_active) * 1000 >= conn_cfg(c)->timeouts.idle_ms)
 			conn_close(c, CR_IDLE_TIMEOUT, 0);
@@ -903,13 +1071,21 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 	c->w = w;
 	c->snap = s;
 	c->id = atomic_fetch_add_explicit(&w->p->next_conn_id, 1, memory_order_relaxed) + 1;
-	c->inbound = l->inbound;
-	c->dir = l->inbound ? DIR_INBOUND : DIR_OUTBOUND;
+	c->inbound = l->kind == LISTENER_INBOUND;
+	c->transparent = l->kind == LISTENER_TRANSPARENT;
+	c->dir = c->inbound ? DIR_INBOUND : DIR_OUTBOUND;
 	c->listener = (uint16_t)l->index;
-	c->tls_fd = l->inbound ? fd : -1;
-	c->plain_fd = l->inbound ? -1 : fd;
+	c->tls_fd = c->inbound ? fd : -1;
+	c->plain_fd = c->inbound ? -1 : fd;
 	c->ssl_read_wants = EV_READ;
 	c->ssl_write_wants = EV_WRITE;
+	/* Transparent connections are relayed as TCP: their protocol is unknown. */
+	c->http = !c->transparent && (c->inbound ? s->cfg->inbound[l->index].protocol
+	                                         : s->cfg->outbound[l->index].protocol) == PROTO_HTTP;
+	if (c->http && httpflow_new(c) < 0) {
+		free(c);
+		return NULL;
+	}
 	if (fromlen > 0 && (size_t)fromlen <= sizeof(c->from))
 		memcpy(&c->from, from, (size_t)fromlen);
 	clock_gettime(CLOCK_MONOTONIC, &c->started);
@@ -949,6 +1125,72 @@ static void outbound_start(struct conn *c)
 	connect_next(c);
 }
 
+#ifndef SO_ORIGINAL_DST
+#define SO_ORIGINAL_DST 80          /* linux/netfilter_ipv4.h; same value for IPv6 */
+#endif
+
+/* Where the app was connecting before iptables redirected it to us. */
+static int original_destination(int fd, struct sockaddr_storage *dst, socklen_t *len)
+{
+	struct sockaddr_storage self;
+	socklen_t slen = sizeof(self);
+
+	*len = sizeof(*dst);
+	if (getsockname(fd, (struct sockaddr *)&self, &slen) < 0)
+		return -errno;
+	if (getsockopt(fd, self.ss_family == AF_INET6 ? SOL_IPV6 : SOL_IP, SO_ORIGINAL_DST, dst,
+	               len) < 0)
+		return -errno;
+	/* Not redirected (someone dialled the listener itself): no destination. */
+	if (*len == slen && memcmp(dst, &self, slen) == 0)
+		return -ELOOP;
+	return 0;
+}
+
+/*
+ * Transparent: the original destination names a service through control's
+ * registry (the instance's IP); we then connect to its inbound listener and
+ * expect its SPIFFE ID. Anything else is outside the mesh: refused, or
+ * relayed as plain TCP when the config says passthrough.
+ */
+static void transparent_start(struct conn *c, int fd)
+{
+	const char *svc;
+	const struct config_addr *inbound = NULL;
+	struct sockaddr_storage dst;
+	socklen_t len;
+	int rc = original_destination(fd, &dst, &len);
+
+	if (rc < 0) {
+		log_warn("conn %llu: transparent: no original destination: %s",
+		         (unsigned long long)c->id, strerror(-rc));
+		conn_close(c, CR_UPSTREAM_REFUSED, 0);
+		return;
+	}
+	c->tdest = calloc(1, sizeof(*c->tdest));
+	if (!c->tdest) {
+		conn_close(c, CR_INTERNAL, 0);
+		return;
+	}
+	svc = snapshot_lookup_ip(c->snap, &dst, &inbound);
+	if (svc) {
+		c->tdest->addr = *inbound;
+		identity_format(c->tdest->expect_id, sizeof(c->tdest->expect_id),
+		                conn_cfg(c)->trust_domain, svc);
+	} else {
+		memcpy(&c->tdest->addr.ss, &dst, len);
+		c->tdest->addr.len = len;
+		addr_text(&dst, c->tdest->addr.text, sizeof(c->tdest->addr.text));
+		if (!conn_cfg(c)->outside_mesh_passthrough) {
+			log_info("conn %llu: %s is outside the mesh: refused", (unsigned long long)c->id,
+			         c->tdest->addr.text);
+			conn_close(c, CR_OUTSIDE_MESH, 0);
+			return;
+		}
+	}
+	connect_next(c);
+}
+
 void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fromlen)
 {
 	struct meshlet_proxy *p = l->w->p;
@@ -971,8 +1213,10 @@ void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fr
 		close(fd);
 		return;
 	}
-	if (l->inbound)
+	if (l->kind == LISTENER_INBOUND)
 		inbound_start(c);
+	else if (l->kind == LISTENER_TRANSPARENT)
+		transparent_start(c, fd);
 	else
 		outbound_start(c);
 }

@@ -35,15 +35,46 @@ enum conn_reason {
 	CR_OVERLOAD,
 	CR_INTERNAL,
 	CR_EXPIRED_SESSION,
+	CR_REVOKED,
+	CR_OUTSIDE_MESH,
 };
 
 const char *conn_reason_str(enum conn_reason r);
+
+/*
+ * The one way out: logs the connection once (tls_reason set for handshake
+ * failures: metric label and access log) and frees everything it holds.
+ * c is gone afterwards.
+ */
+void conn_close(struct conn *c, enum conn_reason reason, int tls_reason);
+
+/* Bytes relayed from the connection's client (the side that connected to
+ * us) to the upstream, and back. */
+uint64_t conn_bytes_from_client(const struct conn *c);
+uint64_t conn_bytes_to_client(const struct conn *c);
+
+/* "ip:port" of the client, into out; the upstream's address text. */
+void conn_source_text(const struct conn *c, char *out, size_t len);
+const char *conn_destination_text(const struct conn *c);
+
+/* Runs the relay again soon (after a timer changed what is pending). */
+void conn_kick(struct conn *c);
+
+/* One best-effort write to the client outside the relay (early errors). */
+void conn_write_client_now(struct conn *c, const char *buf, size_t len);
 
 /* Takes over fd, accepted on listener l of worker w. */
 void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fromlen);
 
 /* Closes every connection of w with reason (drain timeout, stop). */
 void conn_close_all(struct worker *w, enum conn_reason reason);
+
+/* Draining: closes idle HTTP keep-alive connections now and makes busy ones
+ * close after their response. TCP connections finish on their own. */
+void conn_drain(struct worker *w);
+
+/* Closes w's connections whose peer certificate s's bundle revokes. */
+void conn_close_revoked(struct worker *w, struct snapshot *s);
 
 /* Client-side new-session callback: keeps the session for the upstream. */
 int conn_on_new_session(SSL *ssl, SSL_SESSION *sess);

@@ -12,6 +12,7 @@
 
 #include "admin.h"
 #include "conn.h"
+#include "ctlclient.h"
 #include "meshlet/log.h"
 #include "meshlet/tls.h"
 
@@ -22,10 +23,12 @@ struct snapshot *proxy_snapshot(struct meshlet_proxy *p)
 	struct snapshot *s;
 
 	pthread_mutex_lock(&p->snap_lock);
-	s = snapshot_ref(p->snap);
+	s = p->snap ? snapshot_ref(p->snap) : NULL;
 	pthread_mutex_unlock(&p->snap_lock);
 	return s;
 }
+
+static void worker_send(struct worker *w, enum worker_cmd cmd);
 
 static void swap_snapshot(struct meshlet_proxy *p, struct snapshot *s)
 {
@@ -36,6 +39,10 @@ static void swap_snapshot(struct meshlet_proxy *p, struct snapshot *s)
 	p->snap = s;
 	p->version = s->version;
 	pthread_mutex_unlock(&p->snap_lock);
+	/* A new bundle may revoke peers of open connections. */
+	if (old && old->server_ctx != s->server_ctx && p->workers_started)
+		for (int i = 0; i < p->n_workers; i++)
+			worker_send(&p->workers[i], WORKER_RECHECK);
 	atomic_store(&p->metrics->config_version, (int_fast64_t)s->version);
 	atomic_store(&p->metrics->cert_expiry, (int_fast64_t)s->cert_not_after);
 	snapshot_unref(old);    /* connections still using it keep it alive */
@@ -49,14 +56,13 @@ int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
 
 	if (config_load(p->config_file, &cfg, err) < 0)
 		return -EINVAL;
-	if (p->snap && snapshot_check_reloadable(p->snap->cfg, cfg, err) < 0) {
+	if (snapshot_check_reloadable(p->boot_cfg, cfg, err) < 0) {
 		config_free(cfg);
 		return -EINVAL;
 	}
 	if (!cfg->has_tls) {
 		config_free(cfg);
-		return err_set(err, "control", "control mode is not available in this build yet; "
-		               "use tls + policy_file");
+		return err_set(err, "control", "the file switched to control mode: restart to apply");
 	}
 	if (snapshot_source_from_files(cfg, &src, err) < 0) {
 		config_free(cfg);
@@ -69,6 +75,45 @@ int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
 	SSL_CTX_sess_set_new_cb(s->client_ctx, conn_on_new_session);
 	swap_snapshot(p, s);
 	return 0;
+}
+
+int proxy_install(struct meshlet_proxy *p, struct snapshot_source *src, struct meshlet_err *err)
+{
+	struct config *cfg = NULL;
+	struct snapshot *cur = NULL, *s;
+	uint64_t version;
+	int rc = -EINVAL;
+
+	/* The file may have changed since start (SIGHUP): same reload rules. */
+	if (config_load(p->config_file, &cfg, err) < 0 ||
+	    snapshot_check_reloadable(p->boot_cfg, cfg, err) < 0)
+		goto fail;
+	pthread_mutex_lock(&p->snap_lock);
+	cur = p->snap ? snapshot_ref(p->snap) : NULL;
+	version = p->version + 1;
+	pthread_mutex_unlock(&p->snap_lock);
+	if (!src->tls && !cur) {
+		err_set(err, "", "no certificate yet");
+		goto fail;
+	}
+	src->reuse_tls = cur;
+	s = snapshot_build(cfg, src, p->metrics, version, err);
+	cfg = NULL;
+	if (!s)
+		goto out;
+	if (s->client_ctx != (cur ? cur->client_ctx : NULL))
+		SSL_CTX_sess_set_new_cb(s->client_ctx, conn_on_new_session);
+	swap_snapshot(p, s);
+	if (!p->workers_started)
+		event_active(p->installed_ev, EV_READ, 0);    /* the main thread starts them */
+	rc = 0;
+	goto out;
+fail:
+	config_free(cfg);
+	snapshot_source_free(src);
+out:
+	snapshot_unref(cur);
+	return rc;
 }
 
 /* ---- workers ------------------------------------------------------------ */
@@ -129,23 +174,28 @@ void worker_maybe_finish(struct worker *w)
 static void on_worker_cmd(evutil_socket_t fd, short what, void *arg)
 {
 	struct worker *w = arg;
+	unsigned cmd = atomic_exchange(&w->cmd, 0);
 
-	switch (atomic_load(&w->cmd)) {
-	case WORKER_DRAIN:
-		if (!w->draining) {
-			w->draining = true;
-			free_listeners(w);    /* new connections are refused from here on */
-		}
-		worker_maybe_finish(w);
-		break;
-	case WORKER_STOP:
+	if (cmd & WORKER_RECHECK) {
+		struct snapshot *s = proxy_snapshot(w->p);
+
+		conn_close_revoked(w, s);
+		snapshot_unref(s);
+	}
+	if (cmd & WORKER_STOP) {
 		w->draining = true;
 		free_listeners(w);
 		conn_close_all(w, CR_DRAIN_TIMEOUT);
 		event_base_loopbreak(w->base);
-		break;
-	default:
-		break;
+		return;
+	}
+	if (cmd & WORKER_DRAIN) {
+		if (!w->draining) {
+			w->draining = true;
+			free_listeners(w);    /* new connections are refused from here on */
+			conn_drain(w);
+		}
+		worker_maybe_finish(w);
 	}
 }
 
@@ -167,7 +217,7 @@ static int bind_one(struct worker *w, struct listener *l, const struct config_ad
 
 static int worker_listen(struct worker *w, const struct config *cfg)
 {
-	size_t n = cfg->n_inbound + cfg->n_outbound, k = 0;
+	size_t n = cfg->n_inbound + cfg->n_outbound + (cfg->has_transparent ? 1 : 0), k = 0;
 
 	w->listeners = calloc(n ? n : 1, sizeof(*w->listeners));
 	w->rr = calloc(cfg->n_outbound ? cfg->n_outbound : 1, sizeof(*w->rr));
@@ -175,14 +225,20 @@ static int worker_listen(struct worker *w, const struct config *cfg)
 		return -ENOMEM;
 	w->n_listeners = n;
 	for (size_t i = 0; i < cfg->n_inbound; i++, k++) {
-		w->listeners[k].inbound = true;
+		w->listeners[k].kind = LISTENER_INBOUND;
 		w->listeners[k].index = i;
 		if (bind_one(w, &w->listeners[k], &cfg->inbound[i].listen) < 0)
 			return -EADDRINUSE;
 	}
 	for (size_t i = 0; i < cfg->n_outbound; i++, k++) {
+		w->listeners[k].kind = LISTENER_OUTBOUND;
 		w->listeners[k].index = i;
 		if (bind_one(w, &w->listeners[k], &cfg->outbound[i].listen) < 0)
+			return -EADDRINUSE;
+	}
+	if (cfg->has_transparent) {
+		w->listeners[k].kind = LISTENER_TRANSPARENT;
+		if (bind_one(w, &w->listeners[k], &cfg->transparent_listen) < 0)
 			return -EADDRINUSE;
 	}
 	return 0;
@@ -196,7 +252,7 @@ static struct event_base *new_base(void)
 	if (!ec)
 		return NULL;
 	/* Coalesce del+add of the same fd within one loop turn into one epoll_ctl. */
-	event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+	/* no changelist: it can misapply changes to a reused fd */
 	base = event_base_new_with_config(ec);
 	event_config_free(ec);
 	return base;
@@ -238,7 +294,7 @@ static void *worker_main(void *arg)
 
 static void worker_send(struct worker *w, enum worker_cmd cmd)
 {
-	atomic_store(&w->cmd, (int)cmd);
+	atomic_fetch_or(&w->cmd, (unsigned)cmd);
 	event_active(w->cmd_ev, EV_READ, 0);    /* thread-safe: bases have locks */
 }
 
@@ -255,11 +311,9 @@ static void on_drain_timeout(evutil_socket_t fd, short what, void *arg)
 
 void proxy_drain(struct meshlet_proxy *p, bool exit_after)
 {
-	struct snapshot *s = proxy_snapshot(p);
-	uint32_t ms = s->cfg->timeouts.drain_ms;
+	uint32_t ms = p->boot_cfg->timeouts.drain_ms;
 	struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
 
-	snapshot_unref(s);
 	if (!atomic_exchange(&p->draining, true))
 		log_info("draining: no new connections; waiting up to %u ms for open ones", ms);
 	for (int i = 0; i < p->n_workers; i++)
@@ -280,6 +334,12 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 	char msg[600];
 
 	if (sig == SIGHUP) {
+		if (p->ctl) {
+			/* Control mode: the file only holds listeners and settings; the next
+			 * state from control applies them, since each install re-reads it. */
+			log_info("SIGHUP: the next update from control re-reads %s", p->config_file);
+			return;
+		}
 		if (proxy_load(p, &err) < 0)
 			log_error("reload refused, keeping config version %llu: %s",
 			          (unsigned long long)p->version, err_str(&err, msg, sizeof(msg)));
@@ -299,6 +359,7 @@ static int start_workers(struct meshlet_proxy *p, const struct config *cfg)
 	sigset_t block, old;
 	int rc = 0;
 
+	p->workers_started = true;
 	p->n_workers = cfg->workers;
 	p->workers = calloc((size_t)p->n_workers, sizeof(*p->workers));
 	if (!p->workers)
@@ -332,10 +393,16 @@ static void wait_workers(struct meshlet_proxy *p)
 
 static void proxy_free(struct meshlet_proxy *p)
 {
+	if (p->ctl)
+		ctlclient_stop(p->ctl);    /* first: it may install snapshots */
+	p->ctl = NULL;
 	for (int i = 0; p->workers && i < p->n_workers; i++)
 		worker_destroy(&p->workers[i]);
 	free(p->workers);
 	admin_stop(p);
+	if (p->installed_ev)
+		event_free(p->installed_ev);
+	config_free(p->boot_cfg);
 	if (p->drain_timer)
 		event_free(p->drain_timer);
 	snapshot_unref(p->snap);
@@ -343,6 +410,47 @@ static void proxy_free(struct meshlet_proxy *p)
 		event_base_free(p->base);
 	metrics_free(p->metrics);
 	pthread_mutex_destroy(&p->snap_lock);
+}
+
+/* Control mode: the first snapshot arrived; serve. */
+static void on_installed(evutil_socket_t fd, short what, void *arg)
+{
+	struct meshlet_proxy *p = arg;
+	struct snapshot *s;
+
+	if (p->workers_started || atomic_load(&p->draining))
+		return;
+	s = proxy_snapshot(p);
+	if (start_workers(p, p->boot_cfg) < 0) {
+		log_error("cannot start serving: %s", strerror(errno));
+		p->exit_code = 1;
+		event_base_loopbreak(p->base);
+	} else {
+		log_info("%s serving: %zu inbound, %zu outbound listener(s), %d worker(s)", s->self_id,
+		         s->cfg->n_inbound, s->cfg->n_outbound, p->n_workers);
+	}
+	snapshot_unref(s);
+}
+
+/* Static mode serves at once; control mode once control (or the cache) gave a state. */
+static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
+{
+	if (p->boot_cfg->has_tls) {
+		if (proxy_load(p, err) < 0 || admin_start(p) < 0)
+			return -EINVAL;
+		if (start_workers(p, p->boot_cfg) < 0)
+			return err_set(err, "", "cannot start the workers");
+		log_info("%s ready: %zu inbound, %zu outbound listener(s), %d worker(s), admin on %s",
+		         p->snap->self_id, p->boot_cfg->n_inbound, p->boot_cfg->n_outbound,
+		         p->n_workers, p->boot_cfg->admin_listen.text);
+		return 0;
+	}
+	p->installed_ev = event_new(p->base, -1, 0, on_installed, p);
+	if (!p->installed_ev || admin_start(p) < 0)
+		return -EINVAL;
+	log_info("control mode: %s; admin on %s", p->boot_cfg->control_url,
+	         p->boot_cfg->admin_listen.text);
+	return ctlclient_start(p, p->boot_cfg, &p->ctl, err);
 }
 
 static int add_signal(struct meshlet_proxy *p, int sig, struct event **out)
@@ -365,22 +473,20 @@ int proxy_run(const char *config_file)
 		log_error("start-up failed: out of memory");
 		goto out;
 	}
-	if (proxy_load(&p, &err) < 0) {
-		log_error("%s", err_str(&err, msg, sizeof(msg)));
+	if (config_load(config_file, &p.boot_cfg, &err) < 0 || start_serving(&p, &err) < 0) {
+		if (err.message[0])
+			log_error("%s", err_str(&err, msg, sizeof(msg)));
 		goto out;
 	}
-	if (admin_start(&p) < 0 || start_workers(&p, p.snap->cfg) < 0)
-		goto out;
 	if (add_signal(&p, SIGHUP, &sigs[0]) < 0 || add_signal(&p, SIGTERM, &sigs[1]) < 0 ||
 	    add_signal(&p, SIGINT, &sigs[2]) < 0)
 		goto out;
-	log_info("%s ready: %zu inbound, %zu outbound listener(s), %d worker(s), admin on %s",
-	         p.snap->self_id, p.snap->cfg->n_inbound, p.snap->cfg->n_outbound, p.n_workers,
-	         p.snap->cfg->admin_listen.text);
 	event_base_loop(p.base, EVLOOP_NO_EXIT_ON_EMPTY);
 	wait_workers(&p);
-	log_info("drained; exiting");
-	p.exit_code = 0;
+	if (p.exit_code == 1 && atomic_load(&p.draining)) {
+		log_info("drained; exiting");
+		p.exit_code = 0;
+	}
 out:
 	for (size_t i = 0; i < 3; i++)
 		if (sigs[i])

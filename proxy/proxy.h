@@ -21,14 +21,21 @@
 struct conn;
 struct relay_buf;
 
-enum worker_cmd { WORKER_RUN = 0, WORKER_DRAIN, WORKER_STOP };
+/* Commands from the main or control thread to a worker: bits, so none is lost. */
+enum worker_cmd {
+	WORKER_DRAIN = 1 << 0,          /* stop accepting, finish open connections */
+	WORKER_STOP = 1 << 1,           /* close everything now */
+	WORKER_RECHECK = 1 << 2,        /* close connections whose peer is now revoked */
+};
+
+enum listener_kind { LISTENER_INBOUND, LISTENER_OUTBOUND, LISTENER_TRANSPARENT };
 
 /* A listening socket of one worker: which config entry it serves. */
 struct listener {
 	struct worker *w;
 	struct evconnlistener *ev;
 	struct event *retry;            /* re-enables accepting after EMFILE */
-	bool inbound;
+	enum listener_kind kind;
 	size_t index;                   /* into cfg->inbound or cfg->outbound */
 };
 
@@ -39,8 +46,8 @@ struct worker {
 	struct event_base *base;
 	struct listener *listeners;
 	size_t n_listeners;
-	struct event *cmd_ev;           /* activated by the main thread */
-	atomic_int cmd;
+	struct event *cmd_ev;           /* activated by other threads */
+	atomic_uint cmd;                /* enum worker_cmd bits pending */
 	struct conn *conns;             /* open connections, for drain and stop */
 	size_t n_conns;
 	struct relay_buf *free_bufs;    /* recycled relay buffers */
@@ -49,8 +56,11 @@ struct worker {
 	bool draining;
 };
 
+struct ctlclient;
+
 struct meshlet_proxy {
 	const char *config_file;
+	struct config *boot_cfg;        /* as loaded at start: listeners, mode */
 	struct event_base *base;        /* main thread: admin, signals, timers */
 	struct metrics *metrics;
 	pthread_mutex_t snap_lock;
@@ -59,6 +69,9 @@ struct meshlet_proxy {
 	struct worker *workers;
 	int n_workers;
 	struct evhttp *admin;
+	struct ctlclient *ctl;          /* control mode: the control-plane client */
+	struct event *installed_ev;     /* a snapshot was installed from another thread */
+	bool workers_started;
 	struct event *drain_timer;
 	atomic_bool draining;
 	atomic_uint_fast64_t next_conn_id;
@@ -66,16 +79,27 @@ struct meshlet_proxy {
 	int exit_code;
 };
 
-/* The current snapshot with a new reference (snapshot_unref when done). */
+/* The current snapshot with a new reference (snapshot_unref when done);
+ * NULL in control mode until the first state arrived. */
 struct snapshot *proxy_snapshot(struct meshlet_proxy *p);
 
 /*
- * Loads the config file, builds a snapshot and makes it current. On the
- * first call (no snapshot yet) it is what start-up uses; later it is a
- * reload that refuses listener changes. Returns 0, or -EINVAL with err set
- * and the current snapshot untouched.
+ * Static mode: loads the config file and the files it names, builds a
+ * snapshot and makes it current. On the first call it is what start-up
+ * uses; later it is a reload that refuses listener changes. Returns 0, or
+ * -EINVAL with err set and the current snapshot untouched.
  */
 int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err);
+
+/*
+ * Control mode: makes a snapshot of the config file and src (certificate,
+ * bundle, policy, endpoints: taken over, also on failure) current. A NULL
+ * src->tls keeps the current snapshot's TLS contexts (and so its sessions'
+ * validity): pass it when only policy or endpoints changed. Callable from
+ * any thread. Connections whose peer the new bundle revokes are closed.
+ * Returns 0, or -EINVAL with err set and the current snapshot untouched.
+ */
+int proxy_install(struct meshlet_proxy *p, struct snapshot_source *src, struct meshlet_err *err);
 
 /* Stop accepting and let connections finish (SIGTERM, POST /drain). When
  * exit is true the process exits once all are done or the drain timeout

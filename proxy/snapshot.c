@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
 
 int snapshot_source_from_files(const struct config *cfg, struct snapshot_source *src,
                                struct meshlet_err *err)
@@ -60,6 +61,30 @@ static int build_tls(struct snapshot *s, const struct tls_material *m, struct me
 	return s->client_ctx ? 0 : -EINVAL;
 }
 
+static int collect_policy_headers(struct snapshot *s)
+{
+	const struct policy *p = s->policy;
+	size_t total = 0;
+
+	for (size_t i = 0; i < p->n_rules; i++)
+		total += p->rules[i].n_headers;
+	s->policy_headers = calloc(total ? total : 1, sizeof(char *));
+	if (!s->policy_headers)
+		return -ENOMEM;
+	for (size_t i = 0; i < p->n_rules; i++) {
+		for (size_t j = 0; j < p->rules[i].n_headers; j++) {
+			const char *name = p->rules[i].headers[j].name;
+			size_t k = 0;
+
+			while (k < s->n_policy_headers && strcmp(s->policy_headers[k], name) != 0)
+				k++;
+			if (k == s->n_policy_headers)
+				s->policy_headers[s->n_policy_headers++] = name;
+		}
+	}
+	return 0;
+}
+
 static int build_counters(struct snapshot *s, struct metrics *m)
 {
 	const struct policy *p = s->policy;
@@ -75,6 +100,22 @@ static int build_counters(struct snapshot *s, struct metrics *m)
 	}
 	s->default_counter = metrics_decision(m, p->default_action == POLICY_ALLOW, "default");
 	return s->default_counter ? 0 : -ENOMEM;
+}
+
+/* Same certificate and bundle as before: the same contexts, tickets and all. */
+static int share_tls(struct snapshot *s, const struct snapshot *from)
+{
+	if (!SSL_CTX_up_ref(from->server_ctx))
+		return -ENOMEM;
+	if (!SSL_CTX_up_ref(from->client_ctx)) {
+		SSL_CTX_free(from->server_ctx);
+		return -ENOMEM;
+	}
+	s->server_ctx = from->server_ctx;
+	s->client_ctx = from->client_ctx;
+	snprintf(s->self_id, sizeof(s->self_id), "%s", from->self_id);
+	s->cert_not_after = from->cert_not_after;
+	return 0;
 }
 
 /* The config's endpoints, else the registry's for that service (may be none). */
@@ -141,7 +182,7 @@ struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
 	s->cfg = cfg;
 	s->policy = src->policy;
 	src->policy = NULL;
-	if (!s->policy || !src->tls) {
+	if (!s->policy || (!src->tls && !src->reuse_tls)) {
 		err_set(err, "", "no policy or no certificate to serve with");
 		goto fail;
 	}
@@ -150,12 +191,18 @@ struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
 		        cfg->service);
 		goto fail;
 	}
-	if (build_tls(s, src->tls, err) < 0 || build_outbound(s, src, err) < 0)
+	if (src->tls ? build_tls(s, src->tls, err) < 0 : share_tls(s, src->reuse_tls) < 0)
 		goto fail;
-	if (build_counters(s, m) < 0) {
+	if (build_outbound(s, src, err) < 0)
+		goto fail;
+	if (build_counters(s, m) < 0 || collect_policy_headers(s) < 0) {
 		err_set(err, "", "out of memory");
 		goto fail;
 	}
+	s->registry = src->registry;
+	s->n_registry = src->n_registry;
+	src->registry = NULL;
+	src->n_registry = 0;
 	snapshot_source_free(src);
 	return s;
 fail:
@@ -193,6 +240,10 @@ void snapshot_unref(struct snapshot *s)
 	SSL_CTX_free(s->client_ctx);
 	policy_free(s->policy);
 	free(s->rule_counters);
+	free(s->policy_headers);
+	for (size_t i = 0; i < s->n_registry; i++)
+		free(s->registry[i].addrs);
+	free(s->registry);
 	config_free(s->cfg);
 	free(s);
 }
@@ -218,6 +269,40 @@ SSL_SESSION *snapshot_session(const struct snapshot *s, size_t listener, size_t 
 		return NULL;
 	sess = s->outbound[listener].sessions[endpoint * (size_t)s->cfg->workers + (size_t)worker];
 	return sess && SSL_SESSION_is_resumable(sess) ? sess : NULL;
+}
+
+static bool same_ip(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+	if (a->ss_family != b->ss_family)
+		return false;
+	if (a->ss_family == AF_INET)
+		return ((const struct sockaddr_in *)a)->sin_addr.s_addr ==
+		       ((const struct sockaddr_in *)b)->sin_addr.s_addr;
+	if (a->ss_family == AF_INET6)
+		return memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr,
+		              &((const struct sockaddr_in6 *)b)->sin6_addr, 16) == 0;
+	return false;
+}
+
+static const struct config_addr *find_ip(const struct config_addr *addrs, size_t n,
+                                         const struct sockaddr_storage *dst)
+{
+	for (size_t i = 0; i < n; i++)
+		if (same_ip(&addrs[i].ss, dst))
+			return &addrs[i];
+	return NULL;
+}
+
+const char *snapshot_lookup_ip(const struct snapshot *s, const struct sockaddr_storage *dst,
+                               const struct config_addr **inbound)
+{
+	for (size_t i = 0; i < s->n_registry; i++)
+		if ((*inbound = find_ip(s->registry[i].addrs, s->registry[i].n_addrs, dst)))
+			return s->registry[i].service;
+	for (size_t i = 0; i < s->cfg->n_outbound; i++)
+		if ((*inbound = find_ip(s->outbound[i].endpoints, s->outbound[i].n_endpoints, dst)))
+			return s->cfg->outbound[i].service;
+	return NULL;
 }
 
 struct metrics_decision *snapshot_decision_counter(const struct snapshot *s,

@@ -32,7 +32,8 @@ struct snapshot_outbound {
  * here is taken over by snapshot_build (also on failure).
  */
 struct snapshot_source {
-	struct tls_material *tls;
+	struct tls_material *tls;       /* NULL: share reuse_tls's contexts */
+	const struct snapshot *reuse_tls;
 	struct policy *policy;
 	/* Endpoints by upstream service name, for outbound listeners that name
 	 * none in the config (control mode); NULL in static mode. */
@@ -58,6 +59,13 @@ struct snapshot {
 	struct metrics_decision **rule_counters;   /* one per policy rule */
 	struct metrics_decision *default_counter;
 	struct snapshot_outbound *outbound;        /* one per cfg->outbound */
+	/* Header names the policy evaluates (lower-case, each once): a request
+	 * carrying one of them twice is refused, never first-wins. */
+	const char **policy_headers;
+	size_t n_policy_headers;
+	/* control's registry (control mode): for transparent destinations */
+	struct snapshot_endpoints *registry;
+	size_t n_registry;
 };
 
 /*
@@ -88,6 +96,15 @@ void snapshot_save_session(struct snapshot *s, size_t listener, size_t endpoint,
                            SSL_SESSION *sess);
 SSL_SESSION *snapshot_session(const struct snapshot *s, size_t listener, size_t endpoint,
                               int worker);
+
+/*
+ * Transparent mode: the service with an instance at dst's IP (one service
+ * per instance address), from control's registry or, failing that, the
+ * outbound listeners' static endpoints; that instance's inbound address in
+ * *inbound. Returns the service name, or NULL when dst is outside the mesh.
+ */
+const char *snapshot_lookup_ip(const struct snapshot *s, const struct sockaddr_storage *dst,
+                               const struct config_addr **inbound);
 
 /* Counter for a decision (rule NULL: the default). */
 struct metrics_decision *snapshot_decision_counter(const struct snapshot *s,

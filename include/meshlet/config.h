@@ -48,6 +48,8 @@ struct config_timeouts {            /* all in milliseconds */
 	uint32_t connect_ms;            /* upstream TCP connect: default 5 s */
 	uint32_t idle_ms;               /* no bytes either way: default 300 s */
 	uint32_t drain_ms;              /* SIGTERM drain: default 30 s */
+	uint32_t request_head_ms;       /* http: a request head must arrive whole: 10 s */
+	uint32_t response_head_ms;      /* http: upstream's response head, else 504: 30 s */
 };
 
 enum config_log_level { CONFIG_LOG_DEBUG, CONFIG_LOG_INFO, CONFIG_LOG_WARN, CONFIG_LOG_ERROR };
@@ -73,6 +75,8 @@ struct config {
 
 	bool has_transparent;
 	struct config_addr transparent_listen;
+	bool outside_mesh_passthrough;   /* transparent: plain TCP to non-mesh destinations
+	                                    (default: refused and logged) */
 
 	struct config_addr admin_listen;  /* default 127.0.0.1:15000 */
 

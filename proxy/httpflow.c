@@ -1,0 +1,700 @@
+/* httpflow: per-request policy, rewriting and logging on http listeners. */
+#include "httpflow.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/rand.h>
+
+#include "meshlet/http.h"
+#include "meshlet/log.h"
+#include "conn-t.h"
+#include "snapshot.h"
+
+/*
+ * Requests read but not yet answered. Past this many, the request side
+ * stops reading (backpressure on pipelining clients).
+ */
+#define HTTPFLOW_INFLIGHT 16
+#define REQUEST_ID_LEN 32
+
+/* A request between its head and its answer. */
+struct req_entry {
+	unsigned flags;             /* HTTP_REQ_*: what its response looks like */
+	int local_status;           /* 0: forwarded; else the proxy answers with it */
+	const char *local_reason;   /* short text for 400-class answers */
+	bool close_after;           /* close the connection after the answer */
+	bool decided;
+	enum policy_action decision;
+	const char *rule;           /* owned by the connection's snapshot */
+	int status;                 /* final status sent to the client */
+	char *method, *path;        /* copies, for the log */
+	char request_id[REQUEST_ID_LEN + 1];
+	uint64_t bytes_in, bytes_out;
+	struct timespec started;    /* CLOCK_MONOTONIC: head complete */
+	struct timespec started_wall;
+};
+
+struct httpflow {
+	struct http_parser_state req, resp;
+	struct req_entry q[HTTPFLOW_INFLIGHT];
+	size_t q_first, q_len;
+	bool req_dropping;          /* body of a refused request: read, not forwarded */
+	bool req_between;           /* no request head begun since the last one ended */
+	bool req_stopped;           /* no more requests: the connection will close */
+	uint64_t requests;          /* request heads completed on this connection */
+	struct timespec head_started; /* the current head's first byte, or the connection's start */
+	bool resp_expected;         /* http_response_expect() done for the front request */
+	bool resp_in_message;       /* a response head was relayed, its end not yet */
+	bool resp_sent_any;         /* bytes of the front request's response went out */
+	struct timespec waiting_since; /* front request forwarded, response head awaited */
+	bool tunnel;
+	bool logged;
+	bool draining;              /* the proxy drains: last response says close */
+};
+
+static int req_dir(const struct conn *c)
+{
+	return c->inbound ? RELAY_DOWN : RELAY_UP;
+}
+
+static int resp_dir(const struct conn *c)
+{
+	return c->inbound ? RELAY_UP : RELAY_DOWN;
+}
+
+static double ms_since(const struct timespec *t)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return (double)(now.tv_sec - t->tv_sec) * 1e3 + (double)(now.tv_nsec - t->tv_nsec) / 1e6;
+}
+
+int httpflow_new(struct conn *c)
+{
+	struct httpflow *hf = calloc(1, sizeof(*hf));
+
+	if (!hf)
+		return -ENOMEM;
+	http_request_init(&hf->req, NULL);
+	http_response_init(&hf->resp, NULL);
+	hf->req_between = true;
+	clock_gettime(CLOCK_MONOTONIC, &hf->head_started);
+	c->hf = hf;
+	return 0;
+}
+
+static struct req_entry *front(struct httpflow *hf)
+{
+	return hf->q_len ? &hf->q[hf->q_first] : NULL;
+}
+
+static void entry_clear(struct req_entry *e)
+{
+	free(e->method);
+	free(e->path);
+	memset(e, 0, sizeof(*e));
+}
+
+void httpflow_free(struct conn *c)
+{
+	struct httpflow *hf = c->hf;
+
+	if (!hf)
+		return;
+	for (size_t i = 0; i < HTTPFLOW_INFLIGHT; i++)
+		entry_clear(&hf->q[i]);
+	http_cleanup(&hf->req);
+	http_cleanup(&hf->resp);
+	free(hf);
+	c->hf = NULL;
+}
+
+bool httpflow_drain(struct conn *c)
+{
+	struct httpflow *hf = c->hf;
+
+	if (hf->tunnel)
+		return false;
+	hf->draining = true;
+	if (hf->q_len == 0 && hf->req_between)
+		return true;    /* idle keep-alive: nothing to finish */
+	/* A request in flight: its response carries "connection: close", then we close. */
+	return false;
+}
+
+void httpflow_shrink(struct conn *c)
+{
+	http_shrink(&c->hf->req);
+	http_shrink(&c->hf->resp);
+}
+
+bool httpflow_logged(const struct conn *c)
+{
+	return c->hf && c->hf->logged;
+}
+
+/* ---- the per-request log line ------------------------------------------ */
+
+static void json_str(char *out, size_t len, const char *s)
+{
+	size_t n;
+
+	if (!s) {
+		snprintf(out, len, "null");
+		return;
+	}
+	out[0] = '"';
+	n = log_json_escape(out + 1, len - 2, s);
+	snprintf(out + 1 + n, len - 1 - n, "\"");
+}
+
+static void log_request(struct conn *c, struct req_entry *e)
+{
+	struct metrics *m = c->w->p->metrics;
+	char line[4096], when[40], from[80], peer[SPIFFE_ID_MAX + 8], path[1024], method[64];
+	char rule[POLICY_RULE_NAME_MAX + 8], rid[REQUEST_ID_LEN + 8];
+	double ms = ms_since(&e->started);
+	int n;
+
+	c->hf->logged = true;
+	metrics_count_http(m, e->status);
+	metrics_observe_duration(m, ms / 1e3);
+	if (!c->snap->cfg->access_log)
+		return;
+	log_format_time(when, sizeof(when), e->started_wall.tv_sec, e->started_wall.tv_nsec);
+	conn_source_text(c, from, sizeof(from));
+	json_str(peer, sizeof(peer), c->peer);
+	json_str(path, sizeof(path), e->path);
+	json_str(method, sizeof(method), e->method);
+	json_str(rule, sizeof(rule), e->rule);
+	json_str(rid, sizeof(rid), e->request_id);
+	n = snprintf(line, sizeof(line),
+	             "{\"time\":\"%s\",\"conn\":%llu,\"direction\":\"%s\",\"protocol\":\"http\","
+	             "\"source\":\"%s\",\"peer\":%s,\"destination\":\"%s\",\"method\":%s,"
+	             "\"path\":%s,\"request_id\":%s,\"decision\":%s%s%s,\"rule\":%s,\"status\":%d,"
+	             "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.3f}",
+	             when, (unsigned long long)c->id, c->inbound ? "inbound" : "outbound", from, peer,
+	             conn_destination_text(c), method, path, rid, e->decided ? "\"" : "",
+	             e->decided ? policy_action_str(e->decision) : "null", e->decided ? "\"" : "",
+	             rule, e->status, (unsigned long long)e->bytes_in,
+	             (unsigned long long)e->bytes_out, ms);
+	if (n > 0 && (size_t)n < sizeof(line))
+		log_access(line, (size_t)n);
+}
+
+/* ---- the proxy's own answers ------------------------------------------- */
+
+/* A complete response with a short JSON body, in a new heap block. */
+static char *local_response(const struct req_entry *e, int status, const char *reason,
+                            bool close_after, size_t *len)
+{
+	char body[512], esc[256], *out;
+	int blen, n;
+
+	if (status == 403) {
+		log_json_escape(esc, sizeof(esc), e && e->rule ? e->rule : "default");
+		blen = snprintf(body, sizeof(body), "{\"error\":\"forbidden\",\"rule\":\"%s\"}\n", esc);
+	} else {
+		log_json_escape(esc, sizeof(esc), reason ? reason : http_status_reason(status));
+		blen = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"status\":%d}\n", esc, status);
+	}
+	out = malloc(1024);
+	if (!out)
+		return NULL;
+	n = snprintf(out, 1024,
+	             "HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+	             "%s%s%s%s\r\n%s",
+	             status, http_status_reason(status), blen,
+	             e && e->request_id[0] ? "x-request-id: " : "",
+	             e && e->request_id[0] ? e->request_id : "", e && e->request_id[0] ? "\r\n" : "",
+	             close_after ? "connection: close\r\n" : "", body);
+	*len = (size_t)n;
+	return out;
+}
+
+static void pop_front(struct httpflow *hf)
+{
+	entry_clear(&hf->q[hf->q_first]);
+	hf->q_first = (hf->q_first + 1) % HTTPFLOW_INFLIGHT;
+	hf->q_len--;
+	hf->resp_expected = false;
+	hf->resp_sent_any = false;
+	clock_gettime(CLOCK_MONOTONIC, &hf->waiting_since);
+}
+
+/* Stop taking requests: what is queued is answered, then the connection closes. */
+static void stop_requests(struct conn *c)
+{
+	c->hf->req_stopped = true;
+	c->d[req_dir(c)].paused = true;
+}
+
+/* The front request is the proxy's to answer: queue the answer for the client. */
+static int answer_front(struct conn *c)
+{
+	struct httpflow *hf = c->hf;
+	struct relay_dir *r = &c->d[resp_dir(c)];
+	struct req_entry *e = front(hf);
+	size_t len;
+
+	r->owned = local_response(e, e->local_status, e->local_reason, e->close_after, &len);
+	if (!r->owned)
+		return conn_close(c, CR_INTERNAL, 0), -1;
+	r->out = r->owned;
+	r->out_len = len;
+	e->status = e->local_status;
+	e->bytes_out = len;
+	if (e->close_after) {
+		stop_requests(c);
+		c->closing = true;
+	}
+	log_request(c, e);
+	pop_front(hf);
+	return 1;
+}
+
+/* ---- the request side -------------------------------------------------- */
+
+/* Input of a direction not yet fed to its parser. */
+static const char *pending(const struct relay_dir *r)
+{
+	return r->in ? r->in->data + r->in->off : "";
+}
+
+static size_t pending_len(const struct relay_dir *r)
+{
+	return r->in ? r->in->len - r->in->off : 0;
+}
+
+static struct req_entry *push_entry(struct conn *c, const struct http_head *h)
+{
+	struct httpflow *hf = c->hf;
+	struct req_entry *e = &hf->q[(hf->q_first + hf->q_len) % HTTPFLOW_INFLIGHT];
+	const char *rid = NULL;
+	unsigned char raw[REQUEST_ID_LEN / 2];
+
+	hf->q_len++;
+	e->flags = h->req_flags;
+	e->method = strdup(h->method ? h->method : "");
+	e->path = strdup(h->path ? h->path : "");
+	clock_gettime(CLOCK_MONOTONIC, &e->started);
+	clock_gettime(CLOCK_REALTIME, &e->started_wall);
+	/* Keep the caller's request ID (bounded, one copy); make one otherwise. */
+	if (http_head_count(h, "x-request-id", &rid) == 1 && strlen(rid) <= REQUEST_ID_LEN)
+		snprintf(e->request_id, sizeof(e->request_id), "%s", rid);
+	else if (RAND_bytes(raw, sizeof(raw)) == 1)
+		for (size_t i = 0; i < sizeof(raw); i++)
+			snprintf(e->request_id + 2 * i, 3, "%02x", raw[i]);
+	if (hf->q_len == 1)
+		clock_gettime(CLOCK_MONOTONIC, &hf->waiting_since);
+	return e;
+}
+
+/* Inbound: the policy decides the request. Returns true to forward it. */
+static bool decide(struct conn *c, struct req_entry *e, const struct http_head *h)
+{
+	const struct snapshot *s = c->snap;
+	struct policy_request req = {
+		.peer_id = c->peer,
+		.port = config_addr_port(&s->cfg->inbound[c->listener].forward),
+		.http = true,
+		.method = h->method,
+		.path = h->path,
+		.header = http_head_policy_header,
+		.header_ctx = h,
+	};
+	struct policy_decision d;
+	struct metrics_decision *counter;
+
+	if (http_head_find_duplicate(h, s->policy_headers, s->n_policy_headers)) {
+		e->local_status = 400;
+		e->local_reason = "repeated header that the policy evaluates";
+		return false;
+	}
+	d = policy_eval(s->policy, &req);
+	counter = snapshot_decision_counter(s, &d);
+	if (counter)
+		metrics_inc(&counter->count);
+	e->decided = true;
+	e->decision = d.action;
+	e->rule = policy_decision_rule(&d);
+	if (d.action == POLICY_ALLOW)
+		return true;
+	e->local_status = 403;
+	log_info("conn %llu: %s %s %s denied by rule %s", (unsigned long long)c->id, c->peer,
+	         h->method, h->path, e->rule);
+	return false;
+}
+
+/* Serialises the head to forward, with our x-forwarded-client-cert and x-request-id. */
+static int forward_head(struct conn *c, struct req_entry *e, const struct http_head *h)
+{
+	struct relay_dir *r = &c->d[req_dir(c)];
+	char xfcc[2 * SPIFFE_ID_MAX + 16];
+	struct http_rewrite_field set = { "x-forwarded-client-cert", NULL };
+	struct http_rewrite_field add = { "x-request-id", e->request_id };
+	struct http_rewrite rw = { &set, 1, &add, 1 };
+	size_t need = 0;
+
+	/* Inbound sets it from the verified peer; outbound only strips the app's copy. */
+	if (c->inbound) {
+		snprintf(xfcc, sizeof(xfcc), "By=%s;URI=%s", c->snap->self_id, c->peer);
+		set.value = xfcc;
+	}
+	if (http_head_serialize(h, &rw, NULL, 0, &need) != -ENOSPC || !(r->owned = malloc(need)))
+		return -1;
+	if (http_head_serialize(h, &rw, r->owned, need, &need) < 0)
+		return -1;
+	r->out = r->owned;
+	r->out_len = need;
+	e->bytes_in += need;
+	return 0;
+}
+
+static int on_request_head(struct conn *c, const struct http_head *h)
+{
+	struct httpflow *hf = c->hf;
+	struct req_entry *e = push_entry(c, h);
+	bool has_body = h->framing != HTTP_BODY_NONE;
+	bool tunnel_ask = (h->req_flags & (HTTP_REQ_UPGRADE | HTTP_REQ_CONNECT)) != 0;
+
+	hf->req_between = false;
+	if (!e->method || !e->path)
+		return conn_close(c, CR_INTERNAL, 0), -1;
+	if (c->inbound && !decide(c, e, h)) {
+		/* A body we would have to read just to skip it, or a tunnel: answer and close. */
+		e->close_after = has_body || tunnel_ask || !h->keep_alive || e->local_status != 403;
+		hf->req_dropping = true;
+		if (e->close_after)
+			stop_requests(c);
+		return 1;
+	}
+	if (forward_head(c, e, h) < 0) {
+		e->local_status = 500;
+		e->close_after = true;
+		hf->req_dropping = true;
+		stop_requests(c);
+	}
+	return 1;
+}
+
+/* A request the parser refused: answer after what is queued, then close. */
+static int on_request_error(struct conn *c, int status, const char *reason)
+{
+	struct httpflow *hf = c->hf;
+	struct req_entry *e;
+
+	log_info("conn %llu: bad request from %s: %d %s", (unsigned long long)c->id,
+	         c->peer ? c->peer : "app", status, reason);
+	if (hf->q_len == HTTPFLOW_INFLIGHT)
+		return conn_close(c, CR_RESET, 0), -1;
+	e = &hf->q[(hf->q_first + hf->q_len) % HTTPFLOW_INFLIGHT];
+	hf->q_len++;
+	clock_gettime(CLOCK_MONOTONIC, &e->started);
+	clock_gettime(CLOCK_REALTIME, &e->started_wall);
+	e->local_status = status;
+	e->local_reason = reason;
+	e->close_after = true;
+	stop_requests(c);
+	return 1;
+}
+
+/*
+ * The request-head clock runs while a head is arriving, and before the
+ * first request of a connection: a client must say what it wants within
+ * request_head_ms (slowloris). Between keep-alive requests the idle timer
+ * rules instead.
+ */
+static bool head_clock_running(const struct conn *c)
+{
+	const struct httpflow *hf = c->hf;
+
+	return !hf->req_stopped && !hf->tunnel && (!hf->req_between || hf->requests == 0);
+}
+
+static bool head_too_slow(const struct conn *c)
+{
+	return head_clock_running(c) &&
+	       ms_since(&c->hf->head_started) >= c->snap->cfg->timeouts.request_head_ms;
+}
+
+static int produce_request(struct conn *c)
+{
+	struct httpflow *hf = c->hf;
+	struct relay_dir *r = &c->d[req_dir(c)];
+	struct http_event ev;
+	size_t used = 0;
+
+	if (hf->req_stopped || hf->q_len == HTTPFLOW_INFLIGHT)
+		return 0;
+	/* Fed even with no bytes left: a message may end exactly at the buffer's end. */
+	ev = http_feed(&hf->req, pending(r), pending_len(r), &used);
+	if (used)
+		r->in->off += (uint32_t)used;
+	switch (ev.type) {
+	case HTTP_EV_NEED_MORE:
+		if (used && hf->req_between) {
+			hf->req_between = false;    /* a head has begun: its clock runs */
+			clock_gettime(CLOCK_MONOTONIC, &hf->head_started);
+		}
+		if (head_too_slow(c))
+			return on_request_error(c, 408, "request head not complete in time");
+		return used ? 1 : 0;
+	case HTTP_EV_HEAD_COMPLETE:
+		hf->requests++;
+		return on_request_head(c, ev.head);
+	case HTTP_EV_BODY:
+		if (hf->req_dropping)
+			return 1;
+		r->out = ev.data;
+		r->out_len = ev.len;
+		c->hf->q[(hf->q_first + hf->q_len - 1) % HTTPFLOW_INFLIGHT].bytes_in += ev.len;
+		return 1;
+	case HTTP_EV_MESSAGE_COMPLETE:
+		hf->req_dropping = false;
+		hf->req_between = true;
+		return 1;
+	case HTTP_EV_PAUSED:
+		r->paused = true;    /* an upgrade: its response decides what comes next */
+		return 1;
+	case HTTP_EV_ERROR:
+	default:
+		return on_request_error(c, ev.status, ev.reason);
+	}
+}
+
+/* ---- the response side ------------------------------------------------- */
+
+static int forward_response_head(struct conn *c, const struct http_head *h)
+{
+	struct httpflow *hf = c->hf;
+	struct relay_dir *r = &c->d[resp_dir(c)];
+	struct req_entry *e = front(hf);
+	struct http_rewrite_field close_it = { "connection", "close" };
+	struct http_rewrite rw = { &close_it, 1, NULL, 0 };
+	/* Draining: this is the connection's last response, and the client is told so. */
+	const struct http_rewrite *rwp = hf->draining && h->status >= 200 && !h->tunnel ? &rw : NULL;
+	size_t need = 0;
+
+	if (http_head_serialize(h, rwp, NULL, 0, &need) != -ENOSPC || !(r->owned = malloc(need)) ||
+	    http_head_serialize(h, rwp, r->owned, need, &need) < 0)
+		return conn_close(c, CR_INTERNAL, 0), -1;
+	r->out = r->owned;
+	r->out_len = need;
+	e->bytes_out += need;
+	hf->resp_in_message = true;
+	hf->resp_sent_any = true;
+	if (h->status >= 200 || h->tunnel)
+		e->status = h->status;
+	if (h->tunnel) {
+		hf->tunnel = true;
+		http_resume(&hf->req, true);
+		c->d[req_dir(c)].paused = false;
+	} else if (h->status >= 200 && (e->flags & (HTTP_REQ_UPGRADE | HTTP_REQ_CONNECT))) {
+		http_resume(&hf->req, false);
+		if (!hf->req_stopped)
+			c->d[req_dir(c)].paused = false;
+	}
+	if (h->status >= 200 && (!h->keep_alive || rwp)) {
+		/* The app ends the connection after this response: take no more requests. */
+		stop_requests(c);
+	}
+	return 1;
+}
+
+/* The upstream's response was malformed: 502 if nothing of it went out yet. */
+static int on_response_error(struct conn *c, const char *reason)
+{
+	struct httpflow *hf = c->hf;
+	struct req_entry *e = front(hf);
+
+	log_warn("conn %llu: bad response from %s: %s", (unsigned long long)c->id,
+	         conn_destination_text(c), reason);
+	if (!e || hf->resp_sent_any)
+		return conn_close(c, CR_RESET, 0), -1;
+	e->local_status = 502;
+	e->local_reason = reason;
+	e->close_after = true;
+	return answer_front(c);
+}
+
+static int produce_response(struct conn *c)
+{
+	struct httpflow *hf = c->hf;
+	struct relay_dir *r = &c->d[resp_dir(c)];
+	struct req_entry *e = front(hf);
+	struct http_event ev;
+	size_t used = 0;
+
+	if (e && e->local_status && !hf->resp_in_message)
+		return answer_front(c);
+	if (!hf->resp_expected && !hf->tunnel) {
+		if (pending_len(r) == 0)
+			return 0;
+		if (!e)
+			return on_response_error(c, "response without a request");
+		http_response_expect(&hf->resp, e->flags);
+		hf->resp_expected = true;
+	}
+	ev = http_feed(&hf->resp, pending(r), pending_len(r), &used);
+	if (used)
+		r->in->off += (uint32_t)used;
+	switch (ev.type) {
+	case HTTP_EV_NEED_MORE:
+		return used ? 1 : 0;
+	case HTTP_EV_HEAD_COMPLETE:
+		return forward_response_head(c, ev.head);
+	case HTTP_EV_BODY:
+		r->out = ev.data;
+		r->out_len = ev.len;
+		if (e)
+			e->bytes_out += ev.len;
+		return 1;
+	case HTTP_EV_MESSAGE_COMPLETE:
+		hf->resp_in_message = false;
+		if (e && e->status >= 200) {
+			log_request(c, e);
+			pop_front(hf);
+		}
+		if (hf->req_stopped && hf->q_len == 0)
+			c->closing = true;
+		return 1;
+	case HTTP_EV_ERROR:
+	default:
+		return on_response_error(c, ev.reason);
+	}
+}
+
+int httpflow_produce(struct conn *c, int d)
+{
+	return d == req_dir(c) ? produce_request(c) : produce_response(c);
+}
+
+/* ---- end of stream, timers, early failures ----------------------------- */
+
+/* The upstream is gone: requests it never answered get a 502 from us. */
+static void fail_unanswered(struct conn *c)
+{
+	struct httpflow *hf = c->hf;
+
+	for (size_t i = 0; i < hf->q_len; i++) {
+		struct req_entry *e = &hf->q[(hf->q_first + i) % HTTPFLOW_INFLIGHT];
+
+		if (!e->local_status && !(i == 0 && hf->resp_sent_any)) {
+			e->local_status = 502;
+			e->local_reason = "upstream closed the connection";
+		}
+		e->close_after = true;
+	}
+	stop_requests(c);
+	c->d[resp_dir(c)].paused = true;    /* nothing more from the upstream is relayed */
+	c->closing = true;
+}
+
+int httpflow_eof(struct conn *c, int d)
+{
+	struct httpflow *hf = c->hf;
+	struct http_event ev;
+
+	if (hf->tunnel)
+		return 0;
+	if (d == req_dir(c)) {
+		ev = http_finish(&hf->req);
+		/* A request cut short cannot be answered: its head may be upstream already. */
+		if (ev.type == HTTP_EV_ERROR && !hf->req_between)
+			return conn_close(c, CR_RESET, 0), -1;
+		if (hf->q_len)
+			c->closing = true;    /* answer what was asked, then close */
+		return 0;
+	}
+	ev = http_finish(&hf->resp);
+	if (ev.type == HTTP_EV_MESSAGE_COMPLETE && front(hf)) {
+		front(hf)->status = front(hf)->status ? front(hf)->status : 200;
+		log_request(c, front(hf));
+		pop_front(hf);
+		hf->resp_in_message = false;
+	} else if (ev.type == HTTP_EV_ERROR && hf->resp_sent_any) {
+		return conn_close(c, CR_RESET, 0), -1;
+	}
+	hf->resp_in_message = false;
+	if (hf->q_len)
+		fail_unanswered(c);
+	return 0;
+}
+
+/* The front request waits for its response head from the upstream. */
+static bool awaiting_response(const struct httpflow *hf)
+{
+	const struct req_entry *e = hf->q_len ? &hf->q[hf->q_first] : NULL;
+
+	return e && !e->local_status && !hf->resp_sent_any && !hf->tunnel;
+}
+
+uint32_t httpflow_timeout(const struct conn *c, bool tls_side)
+{
+	const struct config_timeouts *t = &c->snap->cfg->timeouts;
+	bool client_side = tls_side == c->inbound;
+
+	if (client_side && head_clock_running(c))
+		return t->request_head_ms;
+	if (!client_side && awaiting_response(c->hf))
+		return t->response_head_ms;
+	return 0;
+}
+
+bool httpflow_done(const struct conn *c)
+{
+	return c->hf->q_len == 0;
+}
+
+bool httpflow_on_timeout(struct conn *c)
+{
+	struct httpflow *hf = c->hf;
+	const struct config_timeouts *t = &c->snap->cfg->timeouts;
+	struct req_entry *e = front(hf);
+
+	if (awaiting_response(hf) && ms_since(&hf->waiting_since) >= t->response_head_ms) {
+		log_warn("conn %llu: no response from %s within %u ms", (unsigned long long)c->id,
+		         conn_destination_text(c), t->response_head_ms);
+		e->local_status = 504;
+		e->local_reason = "upstream timed out";
+		fail_unanswered(c);
+		conn_kick(c);
+		return true;
+	}
+	if (!head_too_slow(c))
+		return false;
+	if (hf->req_between) {
+		conn_close(c, CR_IDLE_TIMEOUT, 0);    /* connected, never asked anything */
+		return true;
+	}
+	/* Slowloris: a head that never completes. Nothing of it was forwarded. */
+	if (on_request_error(c, 408, "request head not complete in time") > 0)
+		conn_kick(c);
+	return true;
+}
+
+void httpflow_fail_early(struct conn *c, int status, int reason)
+{
+	struct req_entry e = { 0 };
+	size_t len;
+	char *resp;
+
+	clock_gettime(CLOCK_MONOTONIC, &e.started);
+	clock_gettime(CLOCK_REALTIME, &e.started_wall);
+	resp = local_response(NULL, status, status == 504 ? "upstream timed out" :
+	                      "upstream unavailable", true, &len);
+	if (resp) {
+		conn_write_client_now(c, resp, len);
+		free(resp);
+	}
+	e.status = status;
+	e.bytes_out = len;
+	log_request(c, &e);
+	conn_close(c, reason, 0);
+}
