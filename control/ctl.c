@@ -37,7 +37,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
-#include "ctl_http.h"
+#include "meshlet/httpc.h"
 
 #ifndef MESHLET_VERSION
 #define MESHLET_VERSION "0.1.0"
@@ -66,7 +66,7 @@ struct ctl {
 	const char *state_dir;
 	enum ctl_output output;
 	int timeout_ms;
-	struct ctl_http *http;     /* opened by ctl_connect() */
+	struct httpc *http;     /* opened by ctl_connect() */
 };
 
 /* One option of a command: --name (and -s), taking an argument unless arg is NULL. */
@@ -612,8 +612,8 @@ static int load_token(const struct ctl *ctl, char **out)
 /* Opens the HTTPS client (CA file and token loaded). 0 or EXIT_USAGE. */
 static int ctl_connect(struct ctl *ctl)
 {
-	char ca_path[PATH_MAX], err[CTL_HTTP_ERR_MAX];
-	struct ctl_http_opts o = { 0 };
+	char ca_path[PATH_MAX], err[HTTPC_ERR_MAX];
+	struct httpc_opts o = { 0 };
 	char *token = NULL;
 	int rc;
 
@@ -640,7 +640,7 @@ static int ctl_connect(struct ctl *ctl)
 	o.token = token;
 	o.timeout_ms = ctl->timeout_ms;
 	o.user_agent = "meshletctl/" MESHLET_VERSION;
-	rc = ctl_http_new(&ctl->http, &o, err);
+	rc = httpc_new(&ctl->http, &o, err);
 	OPENSSL_cleanse(token, strlen(token));
 	free(token);
 	if (rc)
@@ -649,7 +649,7 @@ static int ctl_connect(struct ctl *ctl)
 }
 
 /* Prints the API's error for a non-2xx response and returns EXIT_REFUSED. */
-static int api_error(const struct ctl *ctl, const struct ctl_http_response *r)
+static int api_error(const struct ctl *ctl, const struct httpc_response *r)
 {
 	const json_t *e = r->json ? json_object_get(r->json, "error") : NULL;
 	const char *msg = NULL, *path = NULL, *code = NULL;
@@ -688,22 +688,22 @@ static int api_error(const struct ctl *ctl, const struct ctl_http_response *r)
  */
 static int api_call(struct ctl *ctl, const char *method, const char *path, const json_t *body,
                     const char *raw, size_t raw_len, const char *const *headers,
-                    struct ctl_http_response *resp)
+                    struct httpc_response *resp)
 {
-	char err[CTL_HTTP_ERR_MAX] = "";
+	char err[HTTPC_ERR_MAX] = "";
 	int rc = ctl_connect(ctl);
 
 	memset(resp, 0, sizeof(*resp));
 	if (rc)
 		return rc;
-	rc = ctl_http_request(ctl->http, method, path, body, raw, raw_len, headers, resp, err);
-	if (rc == CTL_HTTP_EUSAGE)
+	rc = httpc_request(ctl->http, method, path, body, raw, raw_len, headers, resp, err);
+	if (rc == HTTPC_EUSAGE)
 		return usage_error(ctl, "%s", err);
 	if (rc)
 		return refused(ctl, "%s: %s", ctl->control, err);
 	if (resp->status < 200 || resp->status > 299) {
 		rc = api_error(ctl, resp);
-		ctl_http_response_clear(resp);
+		httpc_response_clear(resp);
 		return rc;
 	}
 	return 0;
@@ -713,7 +713,7 @@ static int api_call(struct ctl *ctl, const char *method, const char *path, const
 static int api_path(const struct ctl *ctl, char *out, size_t len, const char *prefix, const char *seg)
 {
 	snprintf(out, len, "%s", prefix);
-	if (ctl_http_escape(out, len, seg) < 0)
+	if (httpc_escape(out, len, seg) < 0)
 		return usage_error(ctl, "argument too long: %.40s...", seg);
 	return 0;
 }
@@ -745,7 +745,7 @@ static int cmd_policy_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 	const char *file = arg(cmd, a, "file"), *if_match = arg(cmd, a, "if-match");
 	char path[CTL_URL_PATH_MAX], hdr[160];
 	const char *headers[2] = { NULL, NULL };
-	struct ctl_http_response r;
+	struct httpc_response r;
 	json_error_t jerr;
 	json_t *doc, *svc;
 	size_t len;
@@ -794,7 +794,7 @@ static int cmd_policy_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 		print_json(r.json);
 	else
 		print_object(r.json, policy_list_cols, stdout);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 out:
 	json_decref(doc);
 	free(text);
@@ -857,7 +857,7 @@ static void print_policy(const json_t *resp)
 static int cmd_policy_get(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
 	char path[CTL_URL_PATH_MAX];
-	struct ctl_http_response r;
+	struct httpc_response r;
 	int rc = api_path(ctl, path, sizeof(path), "/v1/policies/", a->pos[0]);
 
 	if (rc || (rc = api_call(ctl, "GET", path, NULL, NULL, 0, NULL, &r)))
@@ -868,7 +868,7 @@ static int cmd_policy_get(struct ctl *ctl, const struct ctl_cmd *cmd, const stru
 		print_policy(r.json);
 	else
 		print_object(r.json, NULL, stdout);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
@@ -877,7 +877,7 @@ static int cmd_policy_delete(struct ctl *ctl, const struct ctl_cmd *cmd, const s
 	const char *if_match = arg(cmd, a, "if-match");
 	const char *headers[2] = { NULL, NULL };
 	char path[CTL_URL_PATH_MAX], hdr[160];
-	struct ctl_http_response r;
+	struct httpc_response r;
 	int rc = api_path(ctl, path, sizeof(path), "/v1/policies/", a->pos[0]);
 
 	if (rc)
@@ -897,7 +897,7 @@ static int cmd_policy_delete(struct ctl *ctl, const struct ctl_cmd *cmd, const s
 	} else {
 		printf("policy %s deleted\n", a->pos[0]);
 	}
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
@@ -920,7 +920,7 @@ static const json_t *list_of(const json_t *resp, const char *key)
 static int list_command(struct ctl *ctl, const char *path, const char *key,
                         const char *const *cols)
 {
-	struct ctl_http_response r;
+	struct httpc_response r;
 	const json_t *list;
 	int rc = api_call(ctl, "GET", path, NULL, NULL, 0, NULL, &r);
 
@@ -933,7 +933,7 @@ static int list_command(struct ctl *ctl, const char *path, const char *key,
 		print_object_list(list, cols, true, stdout);
 	else
 		print_object(r.json, cols, stdout);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
@@ -949,7 +949,7 @@ static int cmd_token_create(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 	static const char *const cols[] = { "token", "service", "expires_at", "uses", NULL };
 	const char *svc = arg(cmd, a, "service"), *ttl = arg(cmd, a, "ttl"), *uses = arg(cmd, a, "uses");
 	long long ttl_s = 3600, n_uses = 1;
-	struct ctl_http_response r;
+	struct httpc_response r;
 	json_t *body;
 	int rc;
 
@@ -972,7 +972,7 @@ static int cmd_token_create(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 		print_json(r.json);
 	else
 		print_object(r.json, cols, stdout);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
@@ -990,7 +990,7 @@ static int cmd_certs_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 {
 	const char *svc = arg(cmd, a, "service");
 	bool all = arg(cmd, a, "all") != NULL;
-	struct ctl_http_response r;
+	struct httpc_response r;
 	json_t *body;
 	int rc;
 
@@ -1009,14 +1009,14 @@ static int cmd_certs_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 		print_object(r.json, (const char *const[]){ "service", "all", NULL }, stdout);
 	else
 		printf("rotation requested for %s\n", all ? "all services" : svc);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
 static int cmd_certs_revoke(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
 	char serial[64];
-	struct ctl_http_response r;
+	struct httpc_response r;
 	json_t *body;
 	int rc;
 
@@ -1036,7 +1036,7 @@ static int cmd_certs_revoke(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 		print_object(r.json, (const char *const[]){ "serial", NULL }, stdout);
 	else
 		printf("certificate %s revoked\n", serial);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
@@ -1112,7 +1112,7 @@ static void print_ca_summary(const json_t *ca, bool with_next)
 
 static int cmd_ca_show(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
-	struct ctl_http_response r;
+	struct httpc_response r;
 	const json_t *roots, *root;
 	json_int_t signing;
 	struct table t;
@@ -1123,7 +1123,7 @@ static int cmd_ca_show(struct ctl *ctl, const struct ctl_cmd *cmd, const struct 
 		return rc;
 	if (ctl->output == OUT_JSON) {
 		print_json(r.json);
-		ctl_http_response_clear(&r);
+		httpc_response_clear(&r);
 		return 0;
 	}
 	print_ca_summary(r.json, false);
@@ -1143,13 +1143,13 @@ static int cmd_ca_show(struct ctl *ctl, const struct ctl_cmd *cmd, const struct 
 	}
 	table_print(&t, stdout);
 	table_free(&t);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
 static int cmd_ca_status(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
-	struct ctl_http_response r;
+	struct httpc_response r;
 	int rc = api_call(ctl, "GET", "/v1/ca", NULL, NULL, 0, NULL, &r);
 
 	if (rc)
@@ -1158,13 +1158,13 @@ static int cmd_ca_status(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 		print_json(r.json);
 	else
 		print_ca_summary(r.json, true);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
 static int cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
-	struct ctl_http_response r;
+	struct httpc_response r;
 	json_t *body = json_object();
 	int rc;
 
@@ -1176,7 +1176,7 @@ static int cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 		return rc;
 	if (!json_is_string(json_object_get(r.json, "phase"))) {
 		/* The answer does not say: ask. */
-		ctl_http_response_clear(&r);
+		httpc_response_clear(&r);
 		rc = api_call(ctl, "GET", "/v1/ca", NULL, NULL, 0, NULL, &r);
 		if (rc)
 			return rc;
@@ -1185,7 +1185,7 @@ static int cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 		print_json(r.json);
 	else
 		print_ca_summary(r.json, true);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
@@ -1204,7 +1204,7 @@ static int cmd_check(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ct
 {
 	const char *from = arg(cmd, a, "from"), *to = arg(cmd, a, "to"), *port = arg(cmd, a, "port");
 	const char *method = arg(cmd, a, "method"), *path = arg(cmd, a, "path");
-	struct ctl_http_response r;
+	struct httpc_response r;
 	json_t *body, *headers = NULL;
 	long long p;
 	int rc;
@@ -1250,7 +1250,7 @@ static int cmd_check(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ct
 		print_json(r.json);
 	else
 		print_object(r.json, (const char *const[]){ "decision", "rule", NULL }, stdout);
-	ctl_http_response_clear(&r);
+	httpc_response_clear(&r);
 	return 0;
 }
 
@@ -1729,13 +1729,13 @@ int main(int argc, char **argv)
 		const char *t = getenv("MESHLET_TIMEOUT");
 		long long s;
 
-		ctl.timeout_ms = CTL_HTTP_TIMEOUT_MS_DEFAULT;
+		ctl.timeout_ms = HTTPC_TIMEOUT_MS_DEFAULT;
 		if (t && *t && parse_duration(t, &s) == 0 && s <= 3600)
 			ctl.timeout_ms = (int)(s * 1000);
 	}
 
 	rc = cmd->run(&ctl, cmd, &a);
-	ctl_http_free(ctl.http);
+	httpc_free(ctl.http);
 	if (fflush(stdout) != 0 || ferror(stdout)) {
 		fprintf(stderr, "meshletctl: cannot write the output: %s\n", strerror(errno));
 		return rc ? rc : EXIT_USAGE;

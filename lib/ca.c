@@ -889,3 +889,47 @@ int ca_issue_server(const struct ca *ca, EVP_PKEY *pubkey, const char *const *sa
 	GENERAL_NAMES_free(gens);
 	return ret;
 }
+
+int ca_make_csr(EVP_PKEY *key, const char *service, char **pem, struct meshlet_err *err)
+{
+	X509_REQ *req = X509_REQ_new();
+	X509_NAME *name = X509_NAME_new();
+	BIO *b = BIO_new(BIO_s_mem());
+	char *data;
+	long len;
+	int ret = -EIO;
+
+	*pem = NULL;
+	if (!identity_valid_service(service)) {
+		ret = err_set(err, "service", "not a service name");
+		goto out;
+	}
+	if (!req || !name || !b ||
+	    X509_NAME_add_entry_by_txt(name, "O", MBSTRING_ASC, (const unsigned char *)"meshlet",
+	                               -1, -1, 0) != 1 ||
+	    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, (const unsigned char *)service,
+	                               -1, -1, 0) != 1 ||
+	    X509_REQ_set_version(req, X509_REQ_VERSION_1) != 1 ||
+	    X509_REQ_set_subject_name(req, name) != 1 || X509_REQ_set_pubkey(req, key) != 1 ||
+	    X509_REQ_sign(req, key, EVP_sha256()) <= 0 || PEM_write_bio_X509_REQ(b, req) != 1) {
+		err_set(err, "", "cannot build the CSR: %s",
+		        ERR_reason_error_string(ERR_peek_last_error()) ?
+		        ERR_reason_error_string(ERR_peek_last_error()) : "out of memory");
+		goto out;
+	}
+	len = BIO_get_mem_data(b, &data);
+	*pem = malloc((size_t)len + 1);
+	if (!*pem) {
+		err_set(err, "", "out of memory");
+		goto out;
+	}
+	memcpy(*pem, data, (size_t)len);
+	(*pem)[len] = '\0';
+	ret = 0;
+out:
+	X509_REQ_free(req);
+	X509_NAME_free(name);
+	BIO_free(b);
+	ERR_clear_error();
+	return ret;
+}

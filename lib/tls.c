@@ -221,6 +221,98 @@ static int cmp_serial(const void *a, const void *b)
 	return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/* All certificates of PEM text, in order; NULL with err set if none. */
+static STACK_OF(X509) *cert_list_from_pem(const char *pem, const char *what,
+                                          struct meshlet_err *err)
+{
+	size_t len = pem ? strlen(pem) : 0;
+	STACK_OF(X509) *list = NULL;
+	BIO *bio;
+	X509 *x;
+
+	if (len == 0 || len > TLS_MAX_PEM_FILE) {
+		err_set(err, what, "%s: empty or over 1 MiB", what);
+		return NULL;
+	}
+	bio = BIO_new_mem_buf(pem, (int)len);
+	list = bio ? sk_X509_new_null() : NULL;
+	while (list && (x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+		if (!sk_X509_push(list, x)) {
+			X509_free(x);
+			break;
+		}
+	}
+	ERR_clear_error();
+	BIO_free(bio);
+	if (!list || sk_X509_num(list) == 0) {
+		sk_X509_pop_free(list, X509_free);
+		err_set(err, what, "%s: no PEM certificate in it", what);
+		return NULL;
+	}
+	return list;
+}
+
+static int copy_revoked(struct tls_material *m, const char *const *revoked, size_t n,
+                        struct meshlet_err *err)
+{
+	char hex[CA_SERIAL_HEX_MAX];
+
+	if (n == 0)
+		return 0;
+	m->revoked = calloc(n, sizeof(char *));
+	if (!m->revoked)
+		return err_set(err, "", "out of memory");
+	for (size_t i = 0; i < n; i++) {
+		if (ca_serial_normalize(revoked[i], hex) < 0)
+			return err_set(err, "revoked", "revoked serial %zu is not a serial", i);
+		m->revoked[i] = strdup(hex);
+		if (!m->revoked[i])
+			return err_set(err, "", "out of memory");
+		m->n_revoked = i + 1;
+	}
+	qsort(m->revoked, m->n_revoked, sizeof(char *), cmp_serial);
+	return 0;
+}
+
+int tls_material_from_pem(const char *cert_pem, EVP_PKEY *key, const char *bundle_pem,
+                          const char *const *revoked, size_t n_revoked,
+                          const char *trust_domain, struct tls_material **out,
+                          struct meshlet_err *err)
+{
+	struct tls_material *m = calloc(1, sizeof(*m));
+	STACK_OF(X509) *certs;
+
+	if (!m)
+		return err_set(err, "", "out of memory");
+	certs = cert_list_from_pem(cert_pem, "cert", err);
+	if (!certs)
+		goto fail;
+	m->cert = sk_X509_shift(certs);
+	m->chain = certs;
+	if (!key || !EVP_PKEY_up_ref(key)) {
+		err_set(err, "key", "no key");
+		goto fail;
+	}
+	m->key = key;
+	if (X509_check_private_key(m->cert, m->key) != 1) {
+		ERR_clear_error();
+		err_set(err, "key", "the key does not match the certificate");
+		goto fail;
+	}
+	m->roots = cert_list_from_pem(bundle_pem, "bundle", err);
+	if (!m->roots)
+		goto fail;
+	if (copy_revoked(m, revoked, n_revoked, err) < 0)
+		goto fail;
+	if (check_own_leaf(m, "(in memory)", trust_domain, err) < 0)
+		goto fail;
+	*out = m;
+	return 0;
+fail:
+	tls_material_free(m);
+	return -EINVAL;
+}
+
 /* True when the certificate's serial (canonical lowercase hex) is on the sorted list. */
 static bool serial_revoked(X509 *cert, const struct tls_ctx_data *d)
 {
@@ -232,6 +324,13 @@ static bool serial_revoked(X509 *cert, const struct tls_ctx_data *d)
 	if (ca_serial_hex(cert, hex) < 0)
 		return true;    /* fail closed */
 	return bsearch(&key, d->revoked, d->n_revoked, sizeof(char *), cmp_serial) != NULL;
+}
+
+bool tls_is_revoked(SSL_CTX *ctx, X509 *cert)
+{
+	const struct tls_ctx_data *d = SSL_CTX_get_ex_data(ctx, ctx_data_index);
+
+	return d && cert && serial_revoked(cert, d);
 }
 
 static int chain_error_reason(int e)

@@ -124,6 +124,15 @@ int ca_issue_svid(const struct ca *ca, const char *service, EVP_PKEY *pubkey, in
 int ca_issue_server(const struct ca *ca, EVP_PKEY *pubkey, const char *const *sans, size_t n,
                     int64_t ttl, X509 **out, char *serial, struct meshlet_err *err);
 
+/*
+ * A PKCS#10 request for key (subject O=meshlet, CN=<service>, no
+ * extensions: control builds the SVID from the caller's identity and uses
+ * only the public key), signed with key (SHA-256). Returns 0 and *pem
+ * (malloc'd, NUL-terminated; caller frees), or -EINVAL (bad service name) /
+ * -EIO with a message in err.
+ */
+int ca_make_csr(EVP_PKEY *key, const char *service, char **pem, struct meshlet_err *err);
+
 /* PEM text of certs[0..n) in order (leaf first for a chain), malloc'd and
  * NUL-terminated (caller frees); NULL on allocation failure. */
 char *ca_pem_encode(X509 *const *certs, size_t n);

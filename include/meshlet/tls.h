@@ -60,6 +60,19 @@ int tls_material_load(const char *cert_file, const char *key_file, const char *b
                       const char *trust_domain, struct tls_material **out,
                       struct meshlet_err *err);
 
+/*
+ * The same from memory (the proxy's control mode): cert_pem (leaf first,
+ * then intermediates), key (the material takes its own reference),
+ * bundle_pem (one or more roots) and the revoked serials (any case, ':'
+ * allowed: stored canonical and sorted, copied), with the same checks as
+ * tls_material_load. Returns 0 and *out (tls_material_free), or -EINVAL
+ * with err set; err->path is "cert", "key", "bundle" or "revoked".
+ */
+int tls_material_from_pem(const char *cert_pem, EVP_PKEY *key, const char *bundle_pem,
+                          const char *const *revoked, size_t n_revoked,
+                          const char *trust_domain, struct tls_material **out,
+                          struct meshlet_err *err);
+
 void tls_material_free(struct tls_material *m);
 
 /*
@@ -94,6 +107,9 @@ int tls_peer_id(SSL *ssl, char *out, size_t len);
  * metrics_tls_reason-compatible index.
  */
 int tls_failure_reason(SSL *ssl, const struct tls_verify *v);
+
+/* True when cert's serial is on the revocation list ctx was built with. */
+bool tls_is_revoked(SSL_CTX *ctx, X509 *cert);
 
 /* Expiry of a certificate as unix time (0 if unreadable). */
 time_t tls_cert_not_after(const X509 *cert);

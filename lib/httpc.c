@@ -1,9 +1,10 @@
 /*
- * ctl_http: see ctl_http.h. A deliberately small HTTP/1.1 client: one
+ * httpc: see meshlet/httpc.h. A deliberately small HTTP/1.1 client: one
  * request per TLS connection, non-blocking socket driven by poll() against a
- * single deadline, Content-Length, chunked and read-to-close bodies.
+ * single deadline and an eventfd that httpc_cancel() signals; Content-Length,
+ * chunked and read-to-close bodies.
  */
-#include "ctl_http.h"
+#include "meshlet/httpc.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -11,6 +12,7 @@
 #include <netdb.h>
 #include <poll.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,6 +24,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 
 #include <openssl/err.h>
@@ -30,24 +33,38 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
-#define CTL_HOST_MAX 256
-#define CTL_PREFIX_MAX 512
-#define CTL_MAX_IDS 8
+#include "meshlet/ca.h"
 
-struct ctl_http {
-	char host[CTL_HOST_MAX];        /* without brackets */
+#define HTTPC_HOST_MAX 256
+#define HTTPC_PREFIX_MAX 512
+#define HTTPC_MAX_IDS 8
+
+/* How the server's certificate is checked (see httpc.h). */
+enum httpc_verify {
+	VERIFY_CA_FILE,                 /* meshletctl: CA file, URL host or control ID */
+	VERIFY_ROOTS,                   /* roots in memory, leaf URI SAN expect_uri */
+	VERIFY_PIN,                     /* anchor pinned by SPKI hash, leaf URI SAN expect_uri */
+};
+
+struct httpc {
+	char host[HTTPC_HOST_MAX];        /* without brackets */
 	char port[8];
-	char prefix[CTL_PREFIX_MAX];    /* "" or "/base" (no trailing '/') */
-	char host_header[CTL_HOST_MAX + 16];
+	char prefix[HTTPC_PREFIX_MAX];    /* "" or "/base" (no trailing '/') */
+	char host_header[HTTPC_HOST_MAX + 16];
 	bool host_is_ip;
 	char *token;
 	char *user_agent;
 	int timeout_ms;
 	size_t max_response;
 	SSL_CTX *ctx;
+	enum httpc_verify verify;
+	char pin[CA_PIN_HEX_LEN];         /* VERIFY_PIN */
+	char *expect_uri;                 /* VERIFY_ROOTS, VERIFY_PIN */
 	/* spiffe://<td>/control for each trust domain of a root in the CA file */
-	char *control_ids[CTL_MAX_IDS];
+	char *control_ids[HTTPC_MAX_IDS];
 	size_t n_ids;
+	int cancel_fd;                    /* eventfd, readable once cancelled */
+	atomic_bool cancelled;
 };
 
 __attribute__((format(printf, 2, 3)))
@@ -57,7 +74,7 @@ static int fail(char *err, const char *fmt, ...)
 
 	if (err) {
 		va_start(ap, fmt);
-		vsnprintf(err, CTL_HTTP_ERR_MAX, fmt, ap);
+		vsnprintf(err, HTTPC_ERR_MAX, fmt, ap);
 		va_end(ap);
 	}
 	return -1;
@@ -89,7 +106,7 @@ static int64_t now_ms(void)
 
 /* ---------------------------------------------------------------- setup */
 
-static int parse_url(struct ctl_http *h, const char *url, char *err)
+static int parse_url(struct httpc *h, const char *url, char *err)
 {
 	const char *p, *host_end, *rest;
 	size_t n;
@@ -169,7 +186,7 @@ static int parse_url(struct ctl_http *h, const char *url, char *err)
 }
 
 /* Collects spiffe://<td>/control for each root in file with a URI SAN spiffe://<td>. */
-static void collect_control_ids(struct ctl_http *h, const char *file)
+static void collect_control_ids(struct httpc *h, const char *file)
 {
 	FILE *f = fopen(file, "r");
 	X509 *x;
@@ -192,7 +209,7 @@ static void collect_control_ids(struct ctl_http *h, const char *file)
 			if (len <= 9 || len > 255 || strncmp((const char *)d, "spiffe://", 9) != 0 ||
 			    memchr(d + 9, '/', (size_t)len - 9) || memchr(d, '\0', (size_t)len))
 				continue;
-			if (h->n_ids >= CTL_MAX_IDS)
+			if (h->n_ids >= HTTPC_MAX_IDS)
 				break;
 			id = malloc((size_t)len + sizeof("/control"));
 			if (!id)
@@ -218,41 +235,93 @@ static bool token_ok(const char *t)
 	return true;
 }
 
-int ctl_http_new(struct ctl_http **out, const struct ctl_http_opts *opts, char *err)
+static bool pin_ok(const char *pin)
 {
-	struct ctl_http *h;
+	size_t n = 0;
+
+	for (; pin[n]; n++)
+		if (!isxdigit((unsigned char)pin[n]) || isupper((unsigned char)pin[n]))
+			return false;
+	return n == CA_PIN_HEX_LEN - 1;
+}
+
+static int verify_pin(X509_STORE_CTX *xs, void *arg);
+
+/* The server verification of opts into h->ctx. 0, or -1 with err set. */
+static int setup_verify(struct httpc *h, const struct httpc_opts *o, char *err)
+{
 	char ebuf[256];
+	int modes = (o->ca_file != NULL) + (o->roots != NULL) + (o->pin_sha256 != NULL);
 	FILE *f;
+
+	if (modes != 1)
+		return fail(err, "give exactly one of a CA file, roots or a pin to verify the control with");
+	SSL_CTX_set_verify(h->ctx, SSL_VERIFY_PEER, NULL);
+	if (o->ca_file) {
+		h->verify = VERIFY_CA_FILE;
+		f = fopen(o->ca_file, "r");
+		if (!f)
+			return fail(err, "cannot read CA file %s: %s", o->ca_file, strerror(errno));
+		fclose(f);
+		if (SSL_CTX_load_verify_locations(h->ctx, o->ca_file, NULL) != 1)
+			return fail(err, "CA file %s: no usable PEM certificate (%s)", o->ca_file,
+			            ssl_errstr(ebuf, sizeof(ebuf)));
+		collect_control_ids(h, o->ca_file);
+		return 0;
+	}
+	if (!o->expect_uri || !*o->expect_uri)
+		return fail(err, "no SPIFFE ID to expect of the control");
+	h->expect_uri = strdup(o->expect_uri);
+	if (!h->expect_uri)
+		return fail(err, "out of memory");
+	if (o->roots) {
+		X509_STORE *store = SSL_CTX_get_cert_store(h->ctx);
+
+		h->verify = VERIFY_ROOTS;
+		if (sk_X509_num(o->roots) == 0)
+			return fail(err, "no root to verify the control with");
+		for (int i = 0; i < sk_X509_num(o->roots); i++)
+			if (X509_STORE_add_cert(store, sk_X509_value(o->roots, i)) != 1)
+				return fail(err, "cannot use a root: %s", ssl_errstr(ebuf, sizeof(ebuf)));
+		return 0;
+	}
+	h->verify = VERIFY_PIN;
+	if (!pin_ok(o->pin_sha256))
+		return fail(err, "the pin must be 64 lowercase hex digits");
+	memcpy(h->pin, o->pin_sha256, CA_PIN_HEX_LEN);
+	SSL_CTX_set_cert_verify_callback(h->ctx, verify_pin, h);
+	return 0;
+}
+
+int httpc_new(struct httpc **out, const struct httpc_opts *opts, char *err)
+{
+	struct httpc *h;
+	char ebuf[256];
 
 	*out = NULL;
 	h = calloc(1, sizeof(*h));
 	if (!h)
-		return fail(err, "out of memory"), CTL_HTTP_EUSAGE;
+		return fail(err, "out of memory"), HTTPC_EUSAGE;
+	h->cancel_fd = -1;
+	h->cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (h->cancel_fd < 0) {
+		fail(err, "eventfd: %s", strerror(errno));
+		goto fail;
+	}
 	if (!opts->url || parse_url(h, opts->url, err) < 0)
 		goto fail;
 	if (opts->token && !token_ok(opts->token)) {
-		fail(err, "the admin token is empty or holds spaces or control characters");
+		fail(err, "the token is empty or holds spaces or control characters");
 		goto fail;
 	}
 	h->token = opts->token ? strdup(opts->token) : NULL;
-	h->user_agent = strdup(opts->user_agent ? opts->user_agent : "meshletctl");
+	h->user_agent = strdup(opts->user_agent ? opts->user_agent : "meshlet");
 	if ((opts->token && !h->token) || !h->user_agent) {
 		fail(err, "out of memory");
 		goto fail;
 	}
-	h->timeout_ms = opts->timeout_ms > 0 ? opts->timeout_ms : CTL_HTTP_TIMEOUT_MS_DEFAULT;
-	h->max_response = opts->max_response ? opts->max_response : CTL_HTTP_MAX_RESPONSE_DEFAULT;
-
-	if (!opts->ca_file) {
-		fail(err, "no CA file for the control's certificate");
-		goto fail;
-	}
-	f = fopen(opts->ca_file, "r");
-	if (!f) {
-		fail(err, "cannot read CA file %s: %s", opts->ca_file, strerror(errno));
-		goto fail;
-	}
-	fclose(f);
+	h->timeout_ms = opts->timeout_ms > 0 ? opts->timeout_ms : HTTPC_TIMEOUT_MS_DEFAULT;
+	h->max_response = opts->max_response ? opts->max_response : HTTPC_MAX_RESPONSE_DEFAULT;
 
 	h->ctx = SSL_CTX_new(TLS_client_method());
 	if (!h->ctx) {
@@ -261,23 +330,29 @@ int ctl_http_new(struct ctl_http **out, const struct ctl_http_opts *opts, char *
 	}
 	SSL_CTX_set_min_proto_version(h->ctx, TLS1_3_VERSION);
 	SSL_CTX_set_max_proto_version(h->ctx, TLS1_3_VERSION);
-	SSL_CTX_set_verify(h->ctx, SSL_VERIFY_PEER, NULL);
 	SSL_CTX_set_options(h->ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
 	SSL_CTX_set_session_cache_mode(h->ctx, SSL_SESS_CACHE_OFF);
-	if (SSL_CTX_load_verify_locations(h->ctx, opts->ca_file, NULL) != 1) {
-		fail(err, "CA file %s: no usable PEM certificate (%s)", opts->ca_file,
-		     ssl_errstr(ebuf, sizeof(ebuf)));
+	if (setup_verify(h, opts, err) < 0)
 		goto fail;
+	if (opts->cert || opts->key) {
+		if (!opts->cert || !opts->key) {
+			fail(err, "a client certificate needs both the certificate and its key");
+			goto fail;
+		}
+		if (SSL_CTX_use_cert_and_key(h->ctx, opts->cert, opts->key, opts->chain, 1) != 1 ||
+		    SSL_CTX_check_private_key(h->ctx) != 1) {
+			fail(err, "client certificate: %s", ssl_errstr(ebuf, sizeof(ebuf)));
+			goto fail;
+		}
 	}
-	collect_control_ids(h, opts->ca_file);
 	*out = h;
 	return 0;
 fail:
-	ctl_http_free(h);
-	return CTL_HTTP_EUSAGE;
+	httpc_free(h);
+	return HTTPC_EUSAGE;
 }
 
-void ctl_http_free(struct ctl_http *h)
+void httpc_free(struct httpc *h)
 {
 	if (!h)
 		return;
@@ -287,19 +362,38 @@ void ctl_http_free(struct ctl_http *h)
 		free(h->token);
 	}
 	free(h->user_agent);
+	free(h->expect_uri);
 	for (size_t i = 0; i < h->n_ids; i++)
 		free(h->control_ids[i]);
+	if (h->cancel_fd >= 0)
+		close(h->cancel_fd);
 	free(h);
 }
 
-void ctl_http_response_clear(struct ctl_http_response *resp)
+void httpc_set_timeout(struct httpc *h, int timeout_ms)
+{
+	h->timeout_ms = timeout_ms > 0 ? timeout_ms : HTTPC_TIMEOUT_MS_DEFAULT;
+}
+
+void httpc_cancel(struct httpc *h)
+{
+	uint64_t one = 1;
+
+	atomic_store(&h->cancelled, true);
+	/* Wakes a poll() in progress; the counter stays readable from then on. */
+	if (write(h->cancel_fd, &one, sizeof(one)) < 0) {
+		/* EAGAIN: the counter is already non-zero, which is all we need. */
+	}
+}
+
+void httpc_response_clear(struct httpc_response *resp)
 {
 	free(resp->body);
 	json_decref(resp->json);
 	memset(resp, 0, sizeof(*resp));
 }
 
-int ctl_http_escape(char *out, size_t outlen, const char *s)
+int httpc_escape(char *out, size_t outlen, const char *s)
 {
 	static const char hex[] = "0123456789ABCDEF";
 	size_t o = strlen(out);
@@ -329,20 +423,35 @@ struct conn {
 	int fd;
 	SSL *ssl;
 	int64_t deadline;
-	const struct ctl_http *h;
+	const struct httpc *h;
+	int why;                        /* enum httpc_status of a failure */
+	const char *verify_why;         /* VERIFY_PIN: why the chain was refused */
+	STACK_OF(X509) *anchors;        /* VERIFY_PIN: the pinned certificate (borrowed) */
 };
 
-/* Waits until fd is ready for events or the deadline passes. 0, or -1 (timeout/error). */
+/* Waits until fd is ready for events, the deadline passes or the request is
+ * cancelled. 0, or -1 (c->why says which). */
 static int wait_fd(struct conn *c, short events)
 {
 	for (;;) {
 		int64_t left = c->deadline - now_ms();
-		struct pollfd p = { .fd = c->fd, .events = events };
+		struct pollfd p[2] = {
+			{ .fd = c->fd, .events = events },
+			{ .fd = c->h->cancel_fd, .events = POLLIN },
+		};
 		int r;
 
+		if (atomic_load(&c->h->cancelled)) {
+			c->why = HTTPC_ECANCELED;
+			return -1;
+		}
 		if (left <= 0)
 			return -1;
-		r = poll(&p, 1, (int)(left > INT32_MAX ? INT32_MAX : left));
+		r = poll(p, 2, (int)(left > INT32_MAX ? INT32_MAX : left));
+		if (r > 0 && p[1].revents) {
+			c->why = HTTPC_ECANCELED;
+			return -1;
+		}
 		if (r > 0)
 			return 0;
 		if (r == 0)
@@ -352,9 +461,51 @@ static int wait_fd(struct conn *c, short events)
 	}
 }
 
+/*
+ * VERIFY_PIN, in place of OpenSSL's chain verification: the anchor is the
+ * certificate of the server's own chain whose SPKI pin is ours; the chain
+ * must verify up to it as to any trusted root (signatures, validity, CA
+ * flags, purpose).
+ */
+static int verify_pin(X509_STORE_CTX *xs, void *arg)
+{
+	const struct httpc *h = arg;
+	SSL *ssl = X509_STORE_CTX_get_ex_data(xs, SSL_get_ex_data_X509_STORE_CTX_idx());
+	struct conn *c = ssl ? SSL_get_app_data(ssl) : NULL;
+	STACK_OF(X509) *presented = X509_STORE_CTX_get0_untrusted(xs);
+	X509 *leaf = X509_STORE_CTX_get0_cert(xs), *anchor = NULL;
+	char pin[CA_PIN_HEX_LEN];
+
+	if (!c)
+		return 0;
+	for (int i = 0; i < sk_X509_num(presented) && !anchor; i++) {
+		X509 *x = sk_X509_value(presented, i);
+
+		if (x != leaf && ca_pin_sha256(x, pin) == 0 && strcmp(pin, h->pin) == 0)
+			anchor = x;
+	}
+	if (!anchor) {
+		c->verify_why = "it is not the control the join token pins (no certificate of its "
+		                "chain has the pinned root key)";
+		X509_STORE_CTX_set_error(xs, X509_V_ERR_APPLICATION_VERIFICATION);
+		return 0;
+	}
+	if (!c->anchors)
+		c->anchors = sk_X509_new_null();
+	if (!c->anchors || !sk_X509_push(c->anchors, anchor)) {
+		X509_STORE_CTX_set_error(xs, X509_V_ERR_OUT_OF_MEM);
+		return 0;
+	}
+	X509_STORE_CTX_set0_trusted_stack(xs, c->anchors);
+	if (X509_verify_cert(xs) == 1)
+		return 1;
+	c->verify_why = "its chain does not verify up to the pinned root";
+	return 0;
+}
+
 static int tcp_connect(struct conn *c, char *err)
 {
-	const struct ctl_http *h = c->h;
+	const struct httpc *h = c->h;
 	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
 	                          .ai_flags = AI_ADDRCONFIG | AI_NUMERICSERV };
 	struct addrinfo *res, *ai;
@@ -392,7 +543,7 @@ static int tcp_connect(struct conn *c, char *err)
 		}
 		c->fd = fd;
 		if (wait_fd(c, POLLOUT) < 0) {
-			snprintf(why, sizeof(why), "timed out");
+			snprintf(why, sizeof(why), "%s", c->why == HTTPC_ECANCELED ? "cancelled" : "timed out");
 			close(fd);
 			c->fd = -1;
 			break;          /* the deadline is gone: no point in another address */
@@ -411,8 +562,33 @@ static int tcp_connect(struct conn *c, char *err)
 	return 0;
 }
 
+static int do_handshake(SSL *ssl, void *buf, int len);
+
+/* The message for a server certificate that did not verify. */
+static int verify_failed(struct conn *c, const char *what, char *err)
+{
+	long vr = SSL_get_verify_result(c->ssl);
+	const char *detail = vr != X509_V_OK ? X509_verify_cert_error_string(vr) : "refused";
+
+	c->why = HTTPC_EVERIFY;
+	switch (c->h->verify) {
+	case VERIFY_CA_FILE:
+		return fail(err, "%s: the control's certificate does not verify against the CA file: %s",
+		            what, detail);
+	case VERIFY_ROOTS:
+		return fail(err, "%s: the control's certificate does not verify against the trust "
+		            "bundle: %s", what, detail);
+	case VERIFY_PIN:
+	default:
+		if (c->verify_why)
+			return fail(err, "%s: refusing the server: %s", what, c->verify_why);
+		return fail(err, "%s: refusing the server: its certificate does not verify: %s", what,
+		            detail);
+	}
+}
+
 /* Runs one SSL_* step until it completes. Returns its result (> 0), 0 on a
- * clean EOF (reads), or -1 with err set. */
+ * clean EOF (reads), or -1 with err set and c->why. */
 static int ssl_step(struct conn *c, int (*fn)(SSL *, void *, int), void *buf, int len,
                     const char *what, char *err)
 {
@@ -426,12 +602,12 @@ static int ssl_step(struct conn *c, int (*fn)(SSL *, void *, int), void *buf, in
 		if (r > 0)
 			return r;
 		e = SSL_get_error(c->ssl, r);
-		if (e == SSL_ERROR_WANT_READ) {
-			if (wait_fd(c, POLLIN) < 0)
+		if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+			if (wait_fd(c, e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT) < 0) {
+				if (c->why == HTTPC_ECANCELED)
+					return fail(err, "%s: cancelled", what);
 				return fail(err, "%s: timed out after %d ms", what, c->h->timeout_ms);
-		} else if (e == SSL_ERROR_WANT_WRITE) {
-			if (wait_fd(c, POLLOUT) < 0)
-				return fail(err, "%s: timed out after %d ms", what, c->h->timeout_ms);
+			}
 		} else if (e == SSL_ERROR_ZERO_RETURN) {
 			return 0;
 		} else if (e == SSL_ERROR_SYSCALL) {
@@ -441,11 +617,8 @@ static int ssl_step(struct conn *c, int (*fn)(SSL *, void *, int), void *buf, in
 				return 0;
 			return fail(err, "%s: %s", what, strerror(errno));
 		} else {
-			long vr = SSL_get_verify_result(c->ssl);
-
-			if (vr != X509_V_OK)
-				return fail(err, "%s: the control's certificate does not verify against the CA file: %s",
-				            what, X509_verify_cert_error_string(vr));
+			if (fn == do_handshake && SSL_get_verify_result(c->ssl) != X509_V_OK)
+				return verify_failed(c, what, err);
 			return fail(err, "%s: %s", what, ssl_errstr(ebuf, sizeof(ebuf)));
 		}
 	}
@@ -468,22 +641,56 @@ static int do_write(SSL *ssl, void *buf, int len)
 	return SSL_write(ssl, buf, len);
 }
 
-/* The server's certificate names the URL host, or the control's SPIFFE ID. */
+/* True when cert carries exactly one URI SAN, and it is uri. */
+static bool has_only_uri(X509 *cert, const char *uri)
+{
+	GENERAL_NAMES *gens = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL);
+	int n = 0;
+	bool match = false;
+
+	for (int i = 0; gens && i < sk_GENERAL_NAME_num(gens); i++) {
+		const GENERAL_NAME *g = sk_GENERAL_NAME_value(gens, i);
+		const unsigned char *d;
+		int len;
+
+		if (g->type != GEN_URI)
+			continue;
+		n++;
+		d = ASN1_STRING_get0_data(g->d.uniformResourceIdentifier);
+		len = ASN1_STRING_length(g->d.uniformResourceIdentifier);
+		match = (size_t)len == strlen(uri) && memcmp(d, uri, (size_t)len) == 0;
+	}
+	GENERAL_NAMES_free(gens);
+	ERR_clear_error();
+	return n == 1 && match;
+}
+
+/*
+ * After the handshake, before anything is sent: VERIFY_CA_FILE wants the
+ * URL host or the control's SPIFFE ID, the other modes the expected URI SAN.
+ */
 static int check_name(struct conn *c, char *err)
 {
-	const struct ctl_http *h = c->h;
+	const struct httpc *h = c->h;
 	X509 *cert = SSL_get0_peer_certificate(c->ssl);
 	GENERAL_NAMES *gens;
 	bool ok = false;
 
+	c->why = HTTPC_EVERIFY;
 	if (!cert)
 		return fail(err, "the control presented no certificate");
+	if (h->verify != VERIFY_CA_FILE) {
+		if (has_only_uri(cert, h->expect_uri))
+			return c->why = 0;
+		return fail(err, "refusing the server: its certificate does not carry the control's "
+		            "SPIFFE ID %s", h->expect_uri);
+	}
 	if (h->host_is_ip)
 		ok = X509_check_ip_asc(cert, h->host, 0) == 1;
 	else
 		ok = X509_check_host(cert, h->host, 0, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS, NULL) == 1;
 	if (ok)
-		return 0;
+		return c->why = 0;
 	gens = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL);
 	for (int i = 0; !ok && gens && i < sk_GENERAL_NAME_num(gens); i++) {
 		const GENERAL_NAME *g = sk_GENERAL_NAME_value(gens, i);
@@ -502,7 +709,7 @@ static int check_name(struct conn *c, char *err)
 	GENERAL_NAMES_free(gens);
 	ERR_clear_error();
 	if (ok)
-		return 0;
+		return c->why = 0;
 	return fail(err, "the control's certificate is not valid for %s (nor does it carry the "
 	            "control's SPIFFE ID of the CA file's trust domain)", h->host);
 }
@@ -580,8 +787,8 @@ static int parse_head(const struct buf *b, struct head *hd, char *err)
 	const char *line, *eol;
 
 	if (!end) {
-		if (b->len > CTL_HTTP_MAX_HEADER)
-			return fail(err, "response headers over %d bytes", CTL_HTTP_MAX_HEADER);
+		if (b->len > HTTPC_MAX_HEADER)
+			return fail(err, "response headers over %d bytes", HTTPC_MAX_HEADER);
 		return 0;
 	}
 	hd->hdr_len = (size_t)(end - b->d) + 4;
@@ -696,24 +903,30 @@ static bool body_expected(const char *method, int status)
 
 /* ---------------------------------------------------------------- request */
 
-int ctl_http_request(struct ctl_http *h, const char *method, const char *path,
+int httpc_request(struct httpc *h, const char *method, const char *path,
                      const json_t *body, const char *raw_body, size_t raw_len,
-                     const char *const *headers, struct ctl_http_response *resp, char *err)
+                     const char *const *headers, struct httpc_response *resp, char *err)
 {
 	struct conn c = { .fd = -1, .h = h, .deadline = now_ms() + h->timeout_ms };
 	struct buf req = { 0 }, in = { 0 }, dec = { 0 };
 	struct head hd = { 0 };
 	char *payload = NULL;
 	size_t plen = 0, off = 0;
-	int rc = CTL_HTTP_ECONNECT;
+	int rc = HTTPC_ECONNECT;
 	bool eof = false, complete = false;
 
 	memset(resp, 0, sizeof(*resp));
+	if (err)
+		err[0] = '\0';
+	if (atomic_load(&h->cancelled)) {
+		fail(err, "cancelled");
+		return HTTPC_ECANCELED;
+	}
 	if (body) {
 		payload = json_dumps(body, JSON_COMPACT);
 		if (!payload) {
 			fail(err, "cannot serialise the request body");
-			return CTL_HTTP_EUSAGE;
+			return HTTPC_EUSAGE;
 		}
 		plen = strlen(payload);
 	} else if (raw_body) {
@@ -748,6 +961,7 @@ int ctl_http_request(struct ctl_http *h, const char *method, const char *path,
 		fail(err, "TLS setup failed");
 		goto out;
 	}
+	SSL_set_app_data(c.ssl, &c);
 	if (!h->host_is_ip)
 		SSL_set_tlsext_host_name(c.ssl, h->host);
 	if (ssl_step(&c, do_handshake, NULL, 0, "TLS handshake with the control", err) <= 0) {
@@ -884,12 +1098,15 @@ out:
 	}
 	if (c.fd >= 0)
 		close(c.fd);
+	sk_X509_free(c.anchors);
+	if (rc != 0 && c.why != 0)
+		rc = c.why;
 	ERR_clear_error();
 	free(payload);
 	free(req.d);
 	free(in.d);
 	free(dec.d);
 	if (rc != 0)
-		ctl_http_response_clear(resp);
+		httpc_response_clear(resp);
 	return rc;
 }

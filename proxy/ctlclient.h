@@ -1,0 +1,50 @@
+/*
+ * ctlclient: the proxy's control-plane client (control mode).
+ *
+ * It runs in a thread of its own with blocking HTTPS calls, so the data path
+ * never waits on control, and hands each new state to the proxy with
+ * proxy_install(). It:
+ *  - serves from the cache in state_dir at start when it holds a valid SVID
+ *    (last-known-good: control may be down);
+ *  - otherwise joins: reads the join token, trusts control only if its root
+ *    matches the token's pin, makes a P-256 key (0600 in state_dir, never
+ *    sent anywhere), sends a CSR, stores the SVID and the bundle;
+ *  - registers the inbound listeners' advertise addresses with control;
+ *  - long-polls /v1/services/{svc}/config and installs policy, bundle
+ *    (revocations included), endpoints; renews the SVID at 50 % of its
+ *    lifetime (with jitter) and at once when control bumps cert_generation;
+ *  - caches every installed state atomically in state_dir;
+ *  - retries with exponential backoff and jitter, and keeps
+ *    meshlet_control_connected up to date.
+ */
+#ifndef MESHLET_PROXY_CTLCLIENT_H
+#define MESHLET_PROXY_CTLCLIENT_H
+
+#include <stdbool.h>
+
+#include "meshlet/config.h"
+#include "meshlet/json.h"
+
+struct meshlet_proxy;
+struct ctlclient;
+
+/*
+ * Starts the client for cfg (control mode; borrowed, must outlive the
+ * client). If the cache in state_dir holds a currently valid SVID, the
+ * cached state is installed before this returns. Returns 0 and *out, or
+ * -errno with err set (unusable state_dir, unreadable token file when
+ * there is no cache).
+ */
+int ctlclient_start(struct meshlet_proxy *p, const struct config *cfg, struct ctlclient **out,
+                    struct meshlet_err *err);
+
+/* Stops the thread (interrupting a pending poll) and frees the client. */
+void ctlclient_stop(struct ctlclient *c);
+
+/*
+ * For /ready's body: "connected", "connecting", "joining" or
+ * "disconnected: <last error>" into out.
+ */
+void ctlclient_status(struct ctlclient *c, char *out, size_t len);
+
+#endif
