@@ -864,23 +864,24 @@ static void authorize(struct conn *c)
 		.peer_id = c->peer,
 		.port = config_addr_port(&cfg->inbound[c->listener].forward),
 	};
-	struct policy_decision d = policy_eval(c->snap->policy, &req);
-	struct metrics_decision *counter = snapshot_decision_counter(c->snap, &d);
+	struct policy_decision d;
+	struct metrics_decision *counter;
 
 	set_state(c, CONN_AUTHORIZING);
+	watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
+	if (c->hf) {
+		/* http: every request is decided (and counted) on its own, with its
+		 * method, path and headers. */
+		connect_next(c);
+		return;
+	}
+	d = policy_eval(c->snap->policy, &req);
+	counter = snapshot_decision_counter(c->snap, &d);
 	c->decided = true;
 	c->decision = d.action;
 	c->rule = policy_decision_rule(&d);
 	if (counter)
 		metrics_inc(&counter->count);
-	watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
-	if (c->hf) {
-		/* http: every request is decided on its own, with its method, path and headers. */
-		c->decided = false;
-		c->rule = NULL;
-		connect_next(c);
-		return;
-	}
 	if (d.action != POLICY_ALLOW) {
 		log_info("conn %llu: %s denied by rule %s", (unsigned long long)c->id, c->peer, c->rule);
 		conn_close(c, CR_DENIED, 0);

@@ -924,11 +924,19 @@ static int register_inbound(struct ctlclient *c)
 }
 
 /* The part of control's {service: [addr]} our outbound listeners take
- * their endpoints from (those without endpoints in the file). */
+ * their endpoints from (those without endpoints in the file); all of it in
+ * transparent mode, which maps any original destination through the registry. */
 static json_t *relevant_endpoints(const struct config *cfg, const json_t *all)
 {
 	json_t *out = json_object();
 
+	if (cfg->has_transparent) {
+		if (out && json_is_object(all) && json_object_update(out, (json_t *)all) < 0) {
+			json_decref(out);
+			return NULL;
+		}
+		return out;
+	}
 	for (size_t i = 0; out && i < cfg->n_outbound; i++) {
 		const char *svc = cfg->outbound[i].service;
 		json_t *list = json_object_get(all, svc);
