@@ -95,6 +95,7 @@ struct conn {
 	struct timespec started;    /* CLOCK_MONOTONIC */
 	struct timespec started_wall;
 	time_t last_active;         /* event-base cached seconds */
+	struct timespec deadline;   /* CLOCK_MONOTONIC end of the handshake or connect phase */
 	struct sockaddr_storage from;
 };
 

@@ -36,6 +36,7 @@ static const char *const state_names[] = {
 	[CONN_AUTHORIZING] = "authorizing",
 	[CONN_CONNECTING] = "connecting",
 	[CONN_RELAYING] = "relaying",
+	[CONN_LINGERING] = "lingering",
 	[CONN_CLOSED] = "closed",
 };
 
@@ -63,6 +64,7 @@ const char *conn_reason_str(enum conn_reason r)
 }
 
 static void conn_step(struct conn *c, bool tls_side);
+static void linger_read(struct conn *c);
 static void on_tls_event(evutil_socket_t fd, short what, void *arg);
 static void on_plain_event(evutil_socket_t fd, short what, void *arg);
 
@@ -122,6 +124,30 @@ static const struct timeval *timeout_of(struct conn *c, uint32_t ms)
 
 	/* Common timeouts: O(1) queues shared by every connection of the base. */
 	return event_base_init_common_timeout(c->w->base, &tv);
+}
+
+/*
+ * Handshake and connect phases have a hard deadline: the event timer alone
+ * restarts on every byte, so a peer trickling bytes would never time out.
+ */
+static void set_deadline(struct conn *c, uint32_t ms)
+{
+	clock_gettime(CLOCK_MONOTONIC, &c->deadline);
+	c->deadline.tv_sec += ms / 1000;
+	c->deadline.tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (c->deadline.tv_nsec >= 1000000000L) {
+		c->deadline.tv_sec++;
+		c->deadline.tv_nsec -= 1000000000L;
+	}
+}
+
+static bool past_deadline(const struct conn *c)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return now.tv_sec > c->deadline.tv_sec ||
+	       (now.tv_sec == c->deadline.tv_sec && now.tv_nsec >= c->deadline.tv_nsec);
 }
 
 static void set_state(struct conn *c, enum conn_state s)
@@ -538,6 +564,12 @@ static bool src_is_tls(int d)
 	return d == RELAY_DOWN;
 }
 
+/* The direction whose source is the upstream (the app inbound, the peer proxy outbound). */
+static int upstream_dir(const struct conn *c)
+{
+	return c->inbound ? RELAY_UP : RELAY_DOWN;
+}
+
 /* tcp listeners: what was read is what gets written, without a copy. */
 static int produce_raw(struct conn *c, int d)
 {
@@ -602,8 +634,18 @@ static int pump_read(struct conn *c, int d)
 	r->in = NULL;
 	if (n == -EAGAIN)
 		return 0;
-	if (n < 0)
+	if (n < 0 && !(c->hf && d == upstream_dir(c)))
 		return conn_close(c, src_is_tls(d) ? CR_TLS_ERROR : CR_RESET, 0), -1;
+	if (n < 0) {
+		/* http: a reset upstream is a gone upstream; the client is still owed answers. */
+		struct relay_dir *to_up = &c->d[1 - d];
+
+		to_up->dst_shut = true;
+		to_up->out_len = 0;
+		to_up->src_eof = true;
+		log_info("conn %llu: %s reset the connection", (unsigned long long)c->id,
+		         conn_destination_text(c));
+	}
 	r->src_eof = true;
 	return c->hf ? (httpflow_eof(c, d) < 0 ? -1 : 1) : 1;
 }
@@ -672,6 +714,75 @@ static void relay_watch(struct conn *c)
 	watch_tls(c, side_wants(c, true), tls_tmo ? tls_tmo : idle);
 }
 
+/*
+ * Closing while the client may still be sending (a refused upload, a bad
+ * request): closing a socket with unread input makes the kernel send a
+ * reset, which can destroy our answer before the client read it. So: end
+ * our sending side, drop the upstream, and read and discard what the client
+ * still sends until it closes too, or LINGER_IDLE_MS passes quietly, or
+ * LINGER_MAX_MS in all (nginx's lingering close).
+ */
+#define LINGER_IDLE_MS 2000
+#define LINGER_MAX_MS 10000
+
+static void drop_upstream(struct conn *c)
+{
+	if (c->inbound) {
+		watch_plain(c, 0, 0);
+		close_fd(&c->plain_fd);
+		return;
+	}
+	watch_tls(c, 0, 0);
+	if (c->ssl) {
+		SSL_free(c->ssl);    /* no close_notify: the upstream is abandoned */
+		c->ssl = NULL;
+	}
+	close_fd(&c->tls_fd);
+}
+
+static void linger_start(struct conn *c)
+{
+	bool tls = c->inbound;    /* the client's side */
+
+	set_state(c, CONN_LINGERING);
+	drop_upstream(c);
+	io_shutdown(c, tls);
+	shutdown(tls ? c->tls_fd : c->plain_fd, SHUT_WR);
+	c->d[c->inbound ? RELAY_UP : RELAY_DOWN].dst_shut = true;
+	set_deadline(c, LINGER_MAX_MS);
+	c->ready |= tls ? TLS_R : PLAIN_R;
+	if (tls)
+		c->ssl_read_wants = EV_READ;
+	linger_read(c);
+}
+
+static void linger_read(struct conn *c)
+{
+	bool tls = c->inbound;
+	char sink[4096];
+	ssize_t n = 0;
+
+	for (int i = 0; i < 64; i++) {
+		if (past_deadline(c))
+			break;
+		n = io_read(c, tls, sink, sizeof(sink));
+		if (n == -EAGAIN) {
+			if (tls)
+				watch_tls(c, c->ssl_read_wants, LINGER_IDLE_MS);
+			else
+				watch_plain(c, EV_READ, LINGER_IDLE_MS);
+			return;
+		}
+		if (n <= 0)
+			break;
+	}
+	if (!past_deadline(c) && n > 0) {
+		conn_kick(c);    /* more to discard: after the others had their turn */
+		return;
+	}
+	conn_close(c, CR_DONE, 0);
+}
+
 static void relay(struct conn *c)
 {
 	int rounds = 0, progress;
@@ -688,10 +799,13 @@ static void relay(struct conn *c)
 	} while (progress && ++rounds < RELAY_ROUNDS);
 	if (rounds)
 		touch(c);
-	if ((dir_done(&c->d[RELAY_UP]) && dir_done(&c->d[RELAY_DOWN])) ||
-	    (c->closing && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len &&
-	     (!c->hf || httpflow_done(c)))) {
+	if (dir_done(&c->d[RELAY_UP]) && dir_done(&c->d[RELAY_DOWN])) {
 		conn_close(c, CR_DONE, 0);
+		return;
+	}
+	if (c->closing && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len &&
+	    (!c->hf || httpflow_done(c))) {
+		linger_start(c);
 		return;
 	}
 	relay_watch(c);
@@ -890,6 +1004,20 @@ static void authorize(struct conn *c)
 	connect_next(c);
 }
 
+/*
+ * The handshake ran under c's snapshot; a newer one may revoke the peer
+ * (the revocation sweep skips unfinished handshakes).
+ */
+static bool revoked_since(struct conn *c)
+{
+	struct snapshot *cur = proxy_snapshot(c->w->p);
+	bool revoked = cur && cur->server_ctx != c->snap->server_ctx &&
+	               tls_is_revoked(cur->server_ctx, SSL_get0_peer_certificate(c->ssl));
+
+	snapshot_unref(cur);
+	return revoked;
+}
+
 static bool peer_cert_expired(SSL *ssl)
 {
 	X509 *peer = SSL_get0_peer_certificate(ssl);
@@ -906,6 +1034,12 @@ static void handshake_done(struct conn *c)
 		conn_close(c, CR_EXPIRED_SESSION, 0);
 		return;
 	}
+	if (revoked_since(c)) {
+		log_info("conn %llu: the peer's certificate was revoked during the handshake",
+		         (unsigned long long)c->id);
+		conn_close(c, CR_REVOKED, 0);
+		return;
+	}
 	if (tls_peer_id(c->ssl, id, sizeof(id)) < 0 || !(c->peer = strdup(id))) {
 		conn_close(c, CR_HANDSHAKE_FAILED, ID_NO_URI_SAN);
 		return;
@@ -917,10 +1051,24 @@ static void handshake_done(struct conn *c)
 		relay_start(c);
 }
 
+static void handshake_timeout(struct conn *c)
+{
+	metrics_inc(&c->w->p->metrics->handshake_failures[TLS_FAIL_TIMEOUT]);
+	if (c->hf && !c->inbound)
+		httpflow_fail_early(c, 504, CR_HANDSHAKE_TIMEOUT);
+	else
+		conn_close(c, CR_HANDSHAKE_TIMEOUT, TLS_FAIL_TIMEOUT);
+}
+
 static void handshake(struct conn *c)
 {
-	int rc = SSL_do_handshake(c->ssl);
-	int e, reason;
+	int rc, e, reason;
+
+	if (past_deadline(c)) {
+		handshake_timeout(c);
+		return;
+	}
+	rc = SSL_do_handshake(c->ssl);
 
 	if (rc == 1) {
 		handshake_done(c);
@@ -957,6 +1105,7 @@ static void outbound_handshake_start(struct conn *c)
 	if (sess)
 		SSL_set_session(c->ssl, sess);
 	set_state(c, CONN_HANDSHAKE);
+	set_deadline(c, conn_cfg(c)->timeouts.handshake_ms);
 	watch_tls(c, 0, 0);    /* ends the connect timer; handshake() sets its own */
 	handshake(c);
 }
@@ -981,8 +1130,8 @@ int conn_on_new_session(SSL *ssl, SSL_SESSION *sess)
 
 	if (!c || c->inbound || c->tdest)
 		return 0;
-	snapshot_save_session(c->snap, c->listener, c->endpoint, c->w->id, sess);
-	return 1;    /* we keep the reference */
+	/* 1: we keep the reference; 0: OpenSSL frees it. */
+	return snapshot_save_session(c->snap, c->listener, c->endpoint, c->w->id, sess) == 0;
 }
 
 /* ---- events ------------------------------------------------------------ */
@@ -993,8 +1142,7 @@ static void on_timeout(struct conn *c)
 
 	switch (c->state) {
 	case CONN_HANDSHAKE:
-		metrics_inc(&c->w->p->metrics->handshake_failures[TLS_FAIL_TIMEOUT]);
-		conn_close(c, CR_HANDSHAKE_TIMEOUT, TLS_FAIL_TIMEOUT);
+		handshake_timeout(c);
 		return;
 	case CONN_CONNECTING:
 		log_warn("conn %llu: connect to %s timed out", (unsigned long long)c->id,
@@ -1003,6 +1151,9 @@ static void on_timeout(struct conn *c)
 			httpflow_fail_early(c, 504, CR_UPSTREAM_TIMEOUT);
 		else
 			conn_close(c, CR_UPSTREAM_TIMEOUT, 0);
+		return;
+	case CONN_LINGERING:
+		conn_close(c, CR_DONE, 0);    /* the client went quiet: enough */
 		return;
 	case CONN_RELAYING:
 		if (c->hf && httpflow_on_timeout(c))
@@ -1052,6 +1203,9 @@ static void conn_step(struct conn *c, bool tls_side)
 		break;
 	case CONN_RELAYING:
 		relay(c);
+		break;
+	case CONN_LINGERING:
+		linger_read(c);
 		break;
 	default:
 		break;
@@ -1110,6 +1264,7 @@ static void inbound_start(struct conn *c)
 	}
 	SSL_set_accept_state(c->ssl);
 	set_state(c, CONN_HANDSHAKE);
+	set_deadline(c, conn_cfg(c)->timeouts.handshake_ms);
 	watch_tls(c, EV_READ, conn_cfg(c)->timeouts.handshake_ms);
 }
 

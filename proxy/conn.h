@@ -17,6 +17,7 @@ enum conn_state {
 	CONN_AUTHORIZING,
 	CONN_CONNECTING,
 	CONN_RELAYING,
+	CONN_LINGERING,     /* answered and closing: discarding what the client still sends */
 	CONN_CLOSED,
 };
 

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include <openssl/rand.h>
@@ -19,7 +20,9 @@
  * stops reading (backpressure on pipelining clients).
  */
 #define HTTPFLOW_INFLIGHT 16
-#define REQUEST_ID_LEN 32
+#define REQUEST_ID_LEN 128    /* longest caller x-request-id we keep */
+/* Room for "x-request-id: <128 chars>\r\n" added by a proxy on the way. */
+#define MESH_FIELD_ALLOWANCE 160
 
 /* A request between its head and its answer. */
 struct req_entry {
@@ -28,11 +31,13 @@ struct req_entry {
 	const char *local_reason;   /* short text for 400-class answers */
 	bool close_after;           /* close the connection after the answer */
 	bool decided;
+	bool complete;              /* the whole request was read */
 	enum policy_action decision;
 	const char *rule;           /* owned by the connection's snapshot */
 	int status;                 /* final status sent to the client */
 	char *method, *path;        /* copies, for the log */
 	char request_id[REQUEST_ID_LEN + 1];
+	bool replace_request_id;    /* ours goes upstream instead of the caller's copies */
 	uint64_t bytes_in, bytes_out;
 	struct timespec started;    /* CLOCK_MONOTONIC: head complete */
 	struct timespec started_wall;
@@ -43,7 +48,8 @@ struct httpflow {
 	struct req_entry q[HTTPFLOW_INFLIGHT];
 	size_t q_first, q_len;
 	bool req_dropping;          /* body of a refused request: read, not forwarded */
-	bool req_between;           /* no request head begun since the last one ended */
+	bool req_between;           /* no request begun since the last one ended */
+	bool in_head;               /* a request head is arriving (its clock runs) */
 	bool req_stopped;           /* no more requests: the connection will close */
 	uint64_t requests;          /* request heads completed on this connection */
 	struct timespec head_started; /* the current head's first byte, or the connection's start */
@@ -54,6 +60,7 @@ struct httpflow {
 	bool tunnel;
 	bool logged;
 	bool draining;              /* the proxy drains: last response says close */
+	bool upstream_closing;      /* the app's last response said connection: close */
 };
 
 static int req_dir(const struct conn *c)
@@ -80,7 +87,19 @@ int httpflow_new(struct conn *c)
 
 	if (!hf)
 		return -ENOMEM;
-	http_request_init(&hf->req, NULL);
+	struct http_limits lim;
+
+	/*
+	 * The inbound's peer is a proxy that may have added x-request-id to a
+	 * request at the limits: the parser allows that much more, and
+	 * within_limits() applies the limits to the rest.
+	 */
+	http_limits_default(&lim);
+	if (c->inbound) {
+		lim.max_headers += 1;
+		lim.max_header_bytes += MESH_FIELD_ALLOWANCE;
+	}
+	http_request_init(&hf->req, &lim);
 	http_response_init(&hf->resp, NULL);
 	hf->req_between = true;
 	clock_gettime(CLOCK_MONOTONIC, &hf->head_started);
@@ -91,6 +110,12 @@ int httpflow_new(struct conn *c)
 static struct req_entry *front(struct httpflow *hf)
 {
 	return hf->q_len ? &hf->q[hf->q_first] : NULL;
+}
+
+/* The newest request (the one whose body may still be arriving). */
+static struct req_entry *last(struct httpflow *hf)
+{
+	return &hf->q[(hf->q_first + hf->q_len - 1) % HTTPFLOW_INFLIGHT];
 }
 
 static void entry_clear(struct req_entry *e)
@@ -212,7 +237,8 @@ static char *local_response(const struct req_entry *e, int status, const char *r
 	             status, http_status_reason(status), blen,
 	             e && e->request_id[0] ? "x-request-id: " : "",
 	             e && e->request_id[0] ? e->request_id : "", e && e->request_id[0] ? "\r\n" : "",
-	             close_after ? "connection: close\r\n" : "", body);
+	             close_after ? "connection: close\r\n" : "",
+	             e && (e->flags & HTTP_REQ_HEAD) ? "" : body);    /* HEAD: length only */
 	*len = (size_t)n;
 	return out;
 }
@@ -271,12 +297,24 @@ static size_t pending_len(const struct relay_dir *r)
 	return r->in ? r->in->len - r->in->off : 0;
 }
 
+static bool usable_request_id(const char *id)
+{
+	size_t n = strlen(id);
+
+	if (n == 0 || n > REQUEST_ID_LEN)
+		return false;
+	for (; *id; id++)
+		if (*id <= ' ' || *id > '~' || *id == '"' || *id == '\\')
+			return false;
+	return true;
+}
+
 static struct req_entry *push_entry(struct conn *c, const struct http_head *h)
 {
 	struct httpflow *hf = c->hf;
 	struct req_entry *e = &hf->q[(hf->q_first + hf->q_len) % HTTPFLOW_INFLIGHT];
 	const char *rid = NULL;
-	unsigned char raw[REQUEST_ID_LEN / 2];
+	unsigned char raw[16];
 
 	hf->q_len++;
 	e->flags = h->req_flags;
@@ -284,12 +322,18 @@ static struct req_entry *push_entry(struct conn *c, const struct http_head *h)
 	e->path = strdup(h->path ? h->path : "");
 	clock_gettime(CLOCK_MONOTONIC, &e->started);
 	clock_gettime(CLOCK_REALTIME, &e->started_wall);
-	/* Keep the caller's request ID (bounded, one copy); make one otherwise. */
-	if (http_head_count(h, "x-request-id", &rid) == 1 && strlen(rid) <= REQUEST_ID_LEN)
+	/*
+	 * Keep the caller's request ID when it sent one usable copy; otherwise
+	 * ours replaces every copy, so the app and every log see the same ID.
+	 */
+	if (http_head_count(h, "x-request-id", &rid) == 1 && usable_request_id(rid)) {
 		snprintf(e->request_id, sizeof(e->request_id), "%s", rid);
-	else if (RAND_bytes(raw, sizeof(raw)) == 1)
-		for (size_t i = 0; i < sizeof(raw); i++)
-			snprintf(e->request_id + 2 * i, 3, "%02x", raw[i]);
+	} else {
+		e->replace_request_id = true;
+		if (RAND_bytes(raw, sizeof(raw)) == 1)
+			for (size_t i = 0; i < sizeof(raw); i++)
+				snprintf(e->request_id + 2 * i, 3, "%02x", raw[i]);
+	}
 	if (hf->q_len == 1)
 		clock_gettime(CLOCK_MONOTONIC, &hf->waiting_since);
 	return e;
@@ -336,15 +380,17 @@ static int forward_head(struct conn *c, struct req_entry *e, const struct http_h
 {
 	struct relay_dir *r = &c->d[req_dir(c)];
 	char xfcc[2 * SPIFFE_ID_MAX + 16];
-	struct http_rewrite_field set = { "x-forwarded-client-cert", NULL };
-	struct http_rewrite_field add = { "x-request-id", e->request_id };
-	struct http_rewrite rw = { &set, 1, &add, 1 };
+	struct http_rewrite_field set[2] = {
+		{ "x-forwarded-client-cert", NULL },
+		{ "x-request-id", e->request_id },
+	};
+	struct http_rewrite rw = { set, e->replace_request_id ? 2 : 1, NULL, 0 };
 	size_t need = 0;
 
 	/* Inbound sets it from the verified peer; outbound only strips the app's copy. */
 	if (c->inbound) {
 		snprintf(xfcc, sizeof(xfcc), "By=%s;URI=%s", c->snap->self_id, c->peer);
-		set.value = xfcc;
+		set[0].value = xfcc;
 	}
 	if (http_head_serialize(h, &rw, NULL, 0, &need) != -ENOSPC || !(r->owned = malloc(need)))
 		return -1;
@@ -354,6 +400,28 @@ static int forward_head(struct conn *c, struct req_entry *e, const struct http_h
 	r->out_len = need;
 	e->bytes_in += need;
 	return 0;
+}
+
+/*
+ * Inbound: the header limits (100 fields, 64 KiB) apply to what the client
+ * sent, not counting one x-request-id line a proxy on the way added.
+ */
+static bool within_limits(const struct http_head *h)
+{
+	size_t fields = h->n_fields, bytes = 2;
+
+	for (size_t i = 0; i < h->n_fields; i++)
+		bytes += h->fields[i].name_len + h->fields[i].value_len + 4;
+	if (http_head_count(h, "x-request-id", NULL) == 1) {
+		for (size_t i = 0; i < h->n_fields; i++) {
+			if (h->fields[i].name_len == 12 && !strncasecmp(h->fields[i].name, "x-request-id", 12)) {
+				fields--;
+				bytes -= h->fields[i].name_len + h->fields[i].value_len + 4;
+				break;
+			}
+		}
+	}
+	return fields <= HTTP_DEFAULT_MAX_HEADERS && bytes <= HTTP_DEFAULT_MAX_HEADER_BYTES;
 }
 
 static int on_request_head(struct conn *c, const struct http_head *h)
@@ -366,6 +434,14 @@ static int on_request_head(struct conn *c, const struct http_head *h)
 	hf->req_between = false;
 	if (!e->method || !e->path)
 		return conn_close(c, CR_INTERNAL, 0), -1;
+	if (c->inbound && !within_limits(h)) {
+		e->local_status = 431;
+		e->local_reason = "too many header fields or header block too large";
+		e->close_after = true;
+		hf->req_dropping = true;
+		stop_requests(c);
+		return 1;
+	}
 	if (c->inbound && !decide(c, e, h)) {
 		/* A body we would have to read just to skip it, or a tunnel: answer and close. */
 		e->close_after = has_body || tunnel_ask || !h->keep_alive || e->local_status != 403;
@@ -391,6 +467,21 @@ static int on_request_error(struct conn *c, int status, const char *reason)
 
 	log_info("conn %llu: bad request from %s: %d %s", (unsigned long long)c->id,
 	         c->peer ? c->peer : "app", status, reason);
+	if (hf->q_len && !hf->req_between && !last(hf)->complete && !last(hf)->local_status) {
+		/*
+		 * The body of a request already forwarded broke: the app holds half a
+		 * request and cannot answer it. That request gets our error instead,
+		 * and if nothing before it waits for the app, the app is done with.
+		 */
+		e = last(hf);
+		e->local_status = status;
+		e->local_reason = reason;
+		e->close_after = true;
+		stop_requests(c);
+		if (e == front(hf) && !hf->resp_sent_any)
+			c->d[resp_dir(c)].paused = true;
+		return 1;
+	}
 	if (hf->q_len == HTTPFLOW_INFLIGHT)
 		return conn_close(c, CR_RESET, 0), -1;
 	e = &hf->q[(hf->q_first + hf->q_len) % HTTPFLOW_INFLIGHT];
@@ -414,7 +505,7 @@ static bool head_clock_running(const struct conn *c)
 {
 	const struct httpflow *hf = c->hf;
 
-	return !hf->req_stopped && !hf->tunnel && (!hf->req_between || hf->requests == 0);
+	return !hf->req_stopped && !hf->tunnel && (hf->in_head || hf->requests == 0);
 }
 
 static bool head_too_slow(const struct conn *c)
@@ -430,7 +521,7 @@ static int produce_request(struct conn *c)
 	struct http_event ev;
 	size_t used = 0;
 
-	if (hf->req_stopped || hf->q_len == HTTPFLOW_INFLIGHT)
+	if (hf->req_stopped || r->paused || hf->q_len == HTTPFLOW_INFLIGHT)
 		return 0;
 	/* Fed even with no bytes left: a message may end exactly at the buffer's end. */
 	ev = http_feed(&hf->req, pending(r), pending_len(r), &used);
@@ -440,6 +531,7 @@ static int produce_request(struct conn *c)
 	case HTTP_EV_NEED_MORE:
 		if (used && hf->req_between) {
 			hf->req_between = false;    /* a head has begun: its clock runs */
+			hf->in_head = true;
 			clock_gettime(CLOCK_MONOTONIC, &hf->head_started);
 		}
 		if (head_too_slow(c))
@@ -447,17 +539,26 @@ static int produce_request(struct conn *c)
 		return used ? 1 : 0;
 	case HTTP_EV_HEAD_COMPLETE:
 		hf->requests++;
+		hf->in_head = false;
+		hf->req_between = false;
 		return on_request_head(c, ev.head);
 	case HTTP_EV_BODY:
 		if (hf->req_dropping)
 			return 1;
 		r->out = ev.data;
 		r->out_len = ev.len;
-		c->hf->q[(hf->q_first + hf->q_len - 1) % HTTPFLOW_INFLIGHT].bytes_in += ev.len;
+		if (hf->q_len)    /* an early response may have answered it already */
+			last(hf)->bytes_in += ev.len;
 		return 1;
 	case HTTP_EV_MESSAGE_COMPLETE:
 		hf->req_dropping = false;
 		hf->req_between = true;
+		if (hf->q_len && !last(hf)->complete) {
+			last(hf)->complete = true;
+			/* The response clock starts once the app has the whole request. */
+			if (hf->q_len == 1)
+				clock_gettime(CLOCK_MONOTONIC, &hf->waiting_since);
+		}
 		return 1;
 	case HTTP_EV_PAUSED:
 		r->paused = true;    /* an upgrade: its response decides what comes next */
@@ -495,11 +596,14 @@ static int forward_response_head(struct conn *c, const struct http_head *h)
 		hf->tunnel = true;
 		http_resume(&hf->req, true);
 		c->d[req_dir(c)].paused = false;
+		log_request(c, e);    /* a tunnel has no end to log at: log its start */
 	} else if (h->status >= 200 && (e->flags & (HTTP_REQ_UPGRADE | HTTP_REQ_CONNECT))) {
 		http_resume(&hf->req, false);
 		if (!hf->req_stopped)
 			c->d[req_dir(c)].paused = false;
 	}
+	if (h->status >= 200 && !h->keep_alive)
+		hf->upstream_closing = true;
 	if (h->status >= 200 && (!h->keep_alive || rwp)) {
 		/* The app ends the connection after this response: take no more requests. */
 		stop_requests(c);
@@ -561,6 +665,9 @@ static int produce_response(struct conn *c)
 			log_request(c, e);
 			pop_front(hf);
 		}
+		/* Draining: the connection ends with its last answered request. */
+		if (hf->draining && hf->q_len == 0)
+			stop_requests(c);
 		if (hf->req_stopped && hf->q_len == 0)
 			c->closing = true;
 		return 1;
@@ -581,6 +688,13 @@ int httpflow_produce(struct conn *c, int d)
 static void fail_unanswered(struct conn *c)
 {
 	struct httpflow *hf = c->hf;
+
+	/*
+	 * The app announced the close: what it never saw was never processed.
+	 * Closing without an answer lets the client retry them (RFC 9112 9.3.2).
+	 */
+	while (hf->upstream_closing && hf->q_len && !hf->resp_sent_any)
+		pop_front(hf);
 
 	for (size_t i = 0; i < hf->q_len; i++) {
 		struct req_entry *e = &hf->q[(hf->q_first + i) % HTTPFLOW_INFLIGHT];
@@ -632,7 +746,7 @@ static bool awaiting_response(const struct httpflow *hf)
 {
 	const struct req_entry *e = hf->q_len ? &hf->q[hf->q_first] : NULL;
 
-	return e && !e->local_status && !hf->resp_sent_any && !hf->tunnel;
+	return e && e->complete && !e->local_status && !hf->resp_sent_any && !hf->tunnel;
 }
 
 uint32_t httpflow_timeout(const struct conn *c, bool tls_side)
@@ -682,7 +796,7 @@ bool httpflow_on_timeout(struct conn *c)
 void httpflow_fail_early(struct conn *c, int status, int reason)
 {
 	struct req_entry e = { 0 };
-	size_t len;
+	size_t len = 0;
 	char *resp;
 
 	clock_gettime(CLOCK_MONOTONIC, &e.started);

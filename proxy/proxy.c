@@ -40,7 +40,7 @@ static void swap_snapshot(struct meshlet_proxy *p, struct snapshot *s)
 	p->version = s->version;
 	pthread_mutex_unlock(&p->snap_lock);
 	/* A new bundle may revoke peers of open connections. */
-	if (old && old->server_ctx != s->server_ctx && p->workers_started)
+	if (old && old->server_ctx != s->server_ctx && atomic_load(&p->workers_started))
 		for (int i = 0; i < p->n_workers; i++)
 			worker_send(&p->workers[i], WORKER_RECHECK);
 	atomic_store(&p->metrics->config_version, (int_fast64_t)s->version);
@@ -77,6 +77,35 @@ int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
 	return 0;
 }
 
+/*
+ * Control mode: the settings for the next snapshot. The file is re-read (it
+ * may have been edited), but a file that no longer loads, or that changes
+ * what needs a restart, must not stop certificates and revocations from
+ * applying: then the last good document is used, and the problem logged.
+ */
+static struct config *install_config(struct meshlet_proxy *p, struct meshlet_err *err)
+{
+	struct meshlet_err ferr = { { 0 }, { 0 } };
+	struct config *cfg = NULL;
+	json_t *doc = json_load_strict(p->config_file, CONFIG_MAX_FILE, MESHLET_JSON_MAX_DEPTH, &ferr);
+	char msg[600];
+
+	if (doc && config_parse(doc, p->config_file, &cfg, &ferr) == 0 &&
+	    snapshot_check_reloadable(p->boot_cfg, cfg, &ferr) == 0) {
+		json_decref(p->good_doc);
+		p->good_doc = doc;
+		return cfg;
+	}
+	log_error("%s: %s; keeping the settings it had", p->config_file,
+	          err_str(&ferr, msg, sizeof(msg)));
+	config_free(cfg);
+	json_decref(doc);
+	cfg = NULL;
+	if (config_parse(p->good_doc, p->config_file, &cfg, err) < 0)
+		return NULL;
+	return cfg;
+}
+
 int proxy_install(struct meshlet_proxy *p, struct snapshot_source *src, struct meshlet_err *err)
 {
 	struct config *cfg = NULL;
@@ -84,9 +113,8 @@ int proxy_install(struct meshlet_proxy *p, struct snapshot_source *src, struct m
 	uint64_t version;
 	int rc = -EINVAL;
 
-	/* The file may have changed since start (SIGHUP): same reload rules. */
-	if (config_load(p->config_file, &cfg, err) < 0 ||
-	    snapshot_check_reloadable(p->boot_cfg, cfg, err) < 0)
+	cfg = install_config(p, err);
+	if (!cfg)
 		goto fail;
 	pthread_mutex_lock(&p->snap_lock);
 	cur = p->snap ? snapshot_ref(p->snap) : NULL;
@@ -104,7 +132,7 @@ int proxy_install(struct meshlet_proxy *p, struct snapshot_source *src, struct m
 	if (s->client_ctx != (cur ? cur->client_ctx : NULL))
 		SSL_CTX_sess_set_new_cb(s->client_ctx, conn_on_new_session);
 	swap_snapshot(p, s);
-	if (!p->workers_started)
+	if (!atomic_load(&p->workers_started))
 		event_active(p->installed_ev, EV_READ, 0);    /* the main thread starts them */
 	rc = 0;
 	goto out;
@@ -251,8 +279,11 @@ static struct event_base *new_base(void)
 
 	if (!ec)
 		return NULL;
-	/* Coalesce del+add of the same fd within one loop turn into one epoll_ctl. */
-	/* no changelist: it can misapply changes to a reused fd */
+	/*
+	 * Go back to epoll after 64 callbacks: a busy connection re-activates
+	 * itself (event_active) to yield, and must not starve its neighbours.
+	 */
+	event_config_set_max_dispatch_interval(ec, NULL, 64, 0);
 	base = event_base_new_with_config(ec);
 	event_config_free(ec);
 	return base;
@@ -359,7 +390,6 @@ static int start_workers(struct meshlet_proxy *p, const struct config *cfg)
 	sigset_t block, old;
 	int rc = 0;
 
-	p->workers_started = true;
 	p->n_workers = cfg->workers;
 	p->workers = calloc((size_t)p->n_workers, sizeof(*p->workers));
 	if (!p->workers)
@@ -373,6 +403,9 @@ static int start_workers(struct meshlet_proxy *p, const struct config *cfg)
 	for (int i = 0; i < p->n_workers && rc == 0; i++)
 		rc = -pthread_create(&p->workers[i].thread, NULL, worker_main, &p->workers[i]);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	/* Only now may other threads (the control client) send workers commands. */
+	if (rc == 0)
+		atomic_store(&p->workers_started, true);
 	return rc;
 }
 
@@ -402,6 +435,7 @@ static void proxy_free(struct meshlet_proxy *p)
 	admin_stop(p);
 	if (p->installed_ev)
 		event_free(p->installed_ev);
+	json_decref(p->good_doc);
 	config_free(p->boot_cfg);
 	if (p->drain_timer)
 		event_free(p->drain_timer);
@@ -418,7 +452,7 @@ static void on_installed(evutil_socket_t fd, short what, void *arg)
 	struct meshlet_proxy *p = arg;
 	struct snapshot *s;
 
-	if (p->workers_started || atomic_load(&p->draining))
+	if (atomic_load(&p->workers_started) || atomic_load(&p->draining))
 		return;
 	s = proxy_snapshot(p);
 	if (start_workers(p, p->boot_cfg) < 0) {
@@ -446,7 +480,8 @@ static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
 		return 0;
 	}
 	p->installed_ev = event_new(p->base, -1, 0, on_installed, p);
-	if (!p->installed_ev || admin_start(p) < 0)
+	p->good_doc = json_load_strict(p->config_file, CONFIG_MAX_FILE, MESHLET_JSON_MAX_DEPTH, err);
+	if (!p->installed_ev || !p->good_doc || admin_start(p) < 0)
 		return -EINVAL;
 	log_info("control mode: %s; admin on %s", p->boot_cfg->control_url,
 	         p->boot_cfg->admin_listen.text);

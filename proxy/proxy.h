@@ -61,6 +61,7 @@ struct ctlclient;
 struct meshlet_proxy {
 	const char *config_file;
 	struct config *boot_cfg;        /* as loaded at start: listeners, mode */
+	json_t *good_doc;               /* control mode: the last config document that applied */
 	struct event_base *base;        /* main thread: admin, signals, timers */
 	struct metrics *metrics;
 	pthread_mutex_t snap_lock;
@@ -71,7 +72,7 @@ struct meshlet_proxy {
 	struct evhttp *admin;
 	struct ctlclient *ctl;          /* control mode: the control-plane client */
 	struct event *installed_ev;     /* a snapshot was installed from another thread */
-	bool workers_started;
+	atomic_bool workers_started;    /* set once every worker runs */
 	struct event *drain_timer;
 	atomic_bool draining;
 	atomic_uint_fast64_t next_conn_id;

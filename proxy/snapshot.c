@@ -248,16 +248,17 @@ void snapshot_unref(struct snapshot *s)
 	free(s);
 }
 
-void snapshot_save_session(struct snapshot *s, size_t listener, size_t endpoint, int worker,
-                           SSL_SESSION *sess)
+int snapshot_save_session(struct snapshot *s, size_t listener, size_t endpoint, int worker,
+                          SSL_SESSION *sess)
 {
 	SSL_SESSION **slot;
 
 	if (listener >= s->cfg->n_outbound || endpoint >= s->outbound[listener].n_endpoints)
-		return;
+		return -ENOENT;
 	slot = &s->outbound[listener].sessions[endpoint * (size_t)s->cfg->workers + (size_t)worker];
 	SSL_SESSION_free(*slot);
 	*slot = sess;
+	return 0;
 }
 
 SSL_SESSION *snapshot_session(const struct snapshot *s, size_t listener, size_t endpoint,

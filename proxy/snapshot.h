@@ -91,9 +91,13 @@ struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
 struct snapshot *snapshot_ref(struct snapshot *s);
 void snapshot_unref(struct snapshot *s);
 
-/* The snapshot of an SSL_CTX's new-session callback: see snapshot_save_session. */
-void snapshot_save_session(struct snapshot *s, size_t listener, size_t endpoint, int worker,
-                           SSL_SESSION *sess);
+/*
+ * Keeps sess (taking the caller's reference) as the resumable session of
+ * (outbound listener, endpoint) for worker. Returns 0, or -ENOENT when there
+ * is no such slot (the caller still owns sess).
+ */
+int snapshot_save_session(struct snapshot *s, size_t listener, size_t endpoint, int worker,
+                          SSL_SESSION *sess);
 SSL_SESSION *snapshot_session(const struct snapshot *s, size_t listener, size_t endpoint,
                               int worker);
 
