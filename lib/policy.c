@@ -110,6 +110,40 @@ static bool is_td_uri(const char *s, size_t n)
 	return identity_valid_trust_domain(td);
 }
 
+/* Parses one element v (at epath) of a rule's list into item. */
+typedef int (*list_entry_fn)(const json_t *v, const char *epath, void *item,
+                             struct meshlet_err *err);
+
+/*
+ * The shape every list field of a rule shares: absent = any, else a
+ * non-empty array whose elements entry() parses into a new array of
+ * elem_size items (*items, *n; freed by policy_free even when half done).
+ */
+static int parse_list(const json_t *rule, const char *path, const char *key, size_t elem_size,
+                      void **items, size_t *n, list_entry_fn entry, struct meshlet_err *err)
+{
+	char apath[MESHLET_PATH_MAX], epath[MESHLET_PATH_MAX];
+	const json_t *arr, *v;
+	size_t i;
+	int rc;
+
+	if (get_nonempty_array(rule, path, key, &arr, apath, sizeof(apath), err) < 0)
+		return -EINVAL;
+	if (!arr)
+		return 0;
+	*items = calloc(json_array_size(arr), elem_size);
+	if (!*items)
+		return -ENOMEM;
+	json_array_foreach(arr, i, v) {
+		json_path_index(epath, sizeof(epath), apath, i);
+		rc = entry(v, epath, (char *)*items + i * elem_size, err);
+		if (rc < 0)
+			return rc;
+		*n = i + 1;
+	}
+	return 0;
+}
+
 static int parse_from_entry(const char *s, const char *path, struct policy_from *f,
                             struct meshlet_err *err)
 {
@@ -143,89 +177,59 @@ static int parse_from_entry(const char *s, const char *path, struct policy_from 
 	return 0;
 }
 
+static int from_entry(const json_t *v, const char *epath, void *item, struct meshlet_err *err)
+{
+	const char *str;
+
+	if (json_as_str(v, epath, &str, err) < 0)
+		return -EINVAL;
+	return parse_from_entry(str, epath, item, err);
+}
+
 static int parse_from(const json_t *rule, const char *path, struct policy_rule *r,
                       struct meshlet_err *err)
 {
-	char apath[MESHLET_PATH_MAX], epath[MESHLET_PATH_MAX];
-	const json_t *arr, *v;
-	const char *s;
-	size_t i;
-	int rc;
-
-	if (get_nonempty_array(rule, path, "from", &arr, apath, sizeof(apath), err) < 0)
-		return -EINVAL;
-	if (!arr)
-		return 0;
-	r->from = calloc(json_array_size(arr), sizeof(*r->from));
-	if (!r->from)
-		return -ENOMEM;
-	json_array_foreach(arr, i, v) {
-		json_path_index(epath, sizeof(epath), apath, i);
-		if (json_as_str(v, epath, &s, err) < 0)
-			return -EINVAL;
-		rc = parse_from_entry(s, epath, &r->from[i], err);
-		if (rc < 0)
-			return rc;
-		r->n_from = i + 1;
-	}
-	return 0;
+	return parse_list(rule, path, "from", sizeof(*r->from), (void **)&r->from, &r->n_from,
+	                  from_entry, err);
 }
 
 /* ---- ports, methods --------------------------------------------------- */
 
+static int port_entry(const json_t *v, const char *epath, void *item, struct meshlet_err *err)
+{
+	long long port;
+
+	if (json_as_int(v, epath, 1, 65535, &port, err) < 0)
+		return -EINVAL;
+	*(uint16_t *)item = (uint16_t)port;
+	return 0;
+}
+
 static int parse_ports(const json_t *rule, const char *path, struct policy_rule *r,
                        struct meshlet_err *err)
 {
-	char apath[MESHLET_PATH_MAX], epath[MESHLET_PATH_MAX];
-	const json_t *arr, *v;
-	long long port;
-	size_t i;
+	return parse_list(rule, path, "ports", sizeof(*r->ports), (void **)&r->ports, &r->n_ports,
+	                  port_entry, err);
+}
 
-	if (get_nonempty_array(rule, path, "ports", &arr, apath, sizeof(apath), err) < 0)
+static int method_entry(const json_t *v, const char *epath, void *item, struct meshlet_err *err)
+{
+	const char *str;
+
+	if (json_as_str(v, epath, &str, err) < 0)
 		return -EINVAL;
-	if (!arr)
-		return 0;
-	r->ports = calloc(json_array_size(arr), sizeof(*r->ports));
-	if (!r->ports)
-		return -ENOMEM;
-	json_array_foreach(arr, i, v) {
-		json_path_index(epath, sizeof(epath), apath, i);
-		if (json_as_int(v, epath, 1, 65535, &port, err) < 0)
-			return -EINVAL;
-		r->ports[i] = (uint16_t)port;
-		r->n_ports = i + 1;
-	}
-	return 0;
+	/* Methods are case-sensitive (RFC 7231 4.1): "get" is not GET. */
+	if (!is_token(str))
+		return err_set(err, epath, "not a valid HTTP method (RFC 7230 token)");
+	*(char **)item = strdup(str);
+	return *(char **)item ? 0 : -ENOMEM;
 }
 
 static int parse_methods(const json_t *rule, const char *path, struct policy_rule *r,
                          struct meshlet_err *err)
 {
-	char apath[MESHLET_PATH_MAX], epath[MESHLET_PATH_MAX];
-	const json_t *arr, *v;
-	const char *s;
-	size_t i;
-
-	if (get_nonempty_array(rule, path, "methods", &arr, apath, sizeof(apath), err) < 0)
-		return -EINVAL;
-	if (!arr)
-		return 0;
-	r->methods = calloc(json_array_size(arr), sizeof(*r->methods));
-	if (!r->methods)
-		return -ENOMEM;
-	json_array_foreach(arr, i, v) {
-		json_path_index(epath, sizeof(epath), apath, i);
-		if (json_as_str(v, epath, &s, err) < 0)
-			return -EINVAL;
-		/* Methods are case-sensitive (RFC 7231 4.1): "get" is not GET. */
-		if (!is_token(s))
-			return err_set(err, epath, "not a valid HTTP method (RFC 7230 token)");
-		r->methods[i] = strdup(s);
-		if (!r->methods[i])
-			return -ENOMEM;
-		r->n_methods = i + 1;
-	}
-	return 0;
+	return parse_list(rule, path, "methods", sizeof(*r->methods), (void **)&r->methods,
+	                  &r->n_methods, method_entry, err);
 }
 
 /* ---- paths ------------------------------------------------------------ */
@@ -281,32 +285,20 @@ static int parse_path_entry(const char *s, const char *path, struct policy_path 
 	return 0;
 }
 
+static int path_entry(const json_t *v, const char *epath, void *item, struct meshlet_err *err)
+{
+	const char *str;
+
+	if (json_as_str(v, epath, &str, err) < 0)
+		return -EINVAL;
+	return parse_path_entry(str, epath, item, err);
+}
+
 static int parse_paths(const json_t *rule, const char *path, struct policy_rule *r,
                        struct meshlet_err *err)
 {
-	char apath[MESHLET_PATH_MAX], epath[MESHLET_PATH_MAX];
-	const json_t *arr, *v;
-	const char *s;
-	size_t i;
-	int rc;
-
-	if (get_nonempty_array(rule, path, "paths", &arr, apath, sizeof(apath), err) < 0)
-		return -EINVAL;
-	if (!arr)
-		return 0;
-	r->paths = calloc(json_array_size(arr), sizeof(*r->paths));
-	if (!r->paths)
-		return -ENOMEM;
-	json_array_foreach(arr, i, v) {
-		json_path_index(epath, sizeof(epath), apath, i);
-		if (json_as_str(v, epath, &s, err) < 0)
-			return -EINVAL;
-		rc = parse_path_entry(s, epath, &r->paths[i], err);
-		if (rc < 0)
-			return rc;
-		r->n_paths = i + 1;
-	}
-	return 0;
+	return parse_list(rule, path, "paths", sizeof(*r->paths), (void **)&r->paths, &r->n_paths,
+	                  path_entry, err);
 }
 
 /* ---- headers ---------------------------------------------------------- */
