@@ -103,30 +103,37 @@ struct ctl_cmd {
 
 /* ---------------------------------------------------------------- messages */
 
+/* "meshletctl: message" on stderr; returns code (the exit status to use). */
+static int complain(const struct ctl *ctl, int code, const char *fmt, va_list ap)
+{
+	fprintf(stderr, "%s: ", ctl->prog);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	return code;
+}
+
 __attribute__((format(printf, 2, 3)))
 static int usage_error(const struct ctl *ctl, const char *fmt, ...)
 {
 	va_list ap;
+	int rc;
 
-	fprintf(stderr, "%s: ", ctl->prog);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	rc = complain(ctl, EXIT_USAGE, fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
-	return EXIT_USAGE;
+	return rc;
 }
 
 __attribute__((format(printf, 2, 3)))
 static int refused(const struct ctl *ctl, const char *fmt, ...)
 {
 	va_list ap;
+	int rc;
 
-	fprintf(stderr, "%s: ", ctl->prog);
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	rc = complain(ctl, EXIT_REFUSED, fmt, ap);
 	va_end(ap);
-	fputc('\n', stderr);
-	return EXIT_REFUSED;
+	return rc;
 }
 
 /* ---------------------------------------------------------------- small parsers */

@@ -374,8 +374,10 @@ int json_get_seconds(const json_t *obj, const char *path, const char *key, doubl
 	return 0;
 }
 
-int json_get_array(const json_t *obj, const char *path, const char *key, bool required,
-                   const json_t **out, struct meshlet_err *err)
+/* A field that must be of JSON type t ("an array", "an object"); *out borrowed. */
+static int get_typed(const json_t *obj, const char *path, const char *key, bool required,
+                     json_type t, const char *what, const json_t **out,
+                     struct meshlet_err *err)
 {
 	char p[MESHLET_PATH_MAX];
 	const json_t *v;
@@ -384,28 +386,22 @@ int json_get_array(const json_t *obj, const char *path, const char *key, bool re
 		return -EINVAL;
 	if (!v)
 		return 0;
-	if (!json_is_array(v)) {
+	if (json_typeof(v) != t) {
 		json_path_key(p, sizeof(p), path, key);
-		return err_set(err, p, "must be an array");
+		return err_set(err, p, "must be %s", what);
 	}
 	*out = v;
 	return 0;
 }
 
+int json_get_array(const json_t *obj, const char *path, const char *key, bool required,
+                   const json_t **out, struct meshlet_err *err)
+{
+	return get_typed(obj, path, key, required, JSON_ARRAY, "an array", out, err);
+}
+
 int json_get_object(const json_t *obj, const char *path, const char *key, bool required,
                     const json_t **out, struct meshlet_err *err)
 {
-	char p[MESHLET_PATH_MAX];
-	const json_t *v;
-
-	if (get_field(obj, path, key, required, &v, err) < 0)
-		return -EINVAL;
-	if (!v)
-		return 0;
-	if (!json_is_object(v)) {
-		json_path_key(p, sizeof(p), path, key);
-		return err_set(err, p, "must be an object");
-	}
-	*out = v;
-	return 0;
+	return get_typed(obj, path, key, required, JSON_OBJECT, "an object", out, err);
 }
