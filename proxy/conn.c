@@ -734,7 +734,15 @@ static void drop_upstream(struct conn *c)
 	}
 	watch_tls(c, 0, 0);
 	if (c->ssl) {
-		SSL_free(c->ssl);    /* no close_notify: the upstream is abandoned */
+		/*
+		 * A best-effort close_notify: OpenSSL marks the session of a
+		 * connection freed without one as not resumable, and our session
+		 * cache holds that very session.
+		 */
+		if (SSL_is_init_finished(c->ssl))
+			SSL_shutdown(c->ssl);
+		ERR_clear_error();
+		SSL_free(c->ssl);
 		c->ssl = NULL;
 	}
 	close_fd(&c->tls_fd);

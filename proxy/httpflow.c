@@ -738,6 +738,9 @@ int httpflow_eof(struct conn *c, int d)
 	hf->resp_in_message = false;
 	if (hf->q_len)
 		fail_unanswered(c);
+	/* No more requests are read (connection: close): nothing keeps it open now. */
+	if (hf->req_stopped && hf->q_len == 0)
+		c->closing = true;
 	return 0;
 }
 

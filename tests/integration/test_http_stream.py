@@ -343,3 +343,62 @@ def test_bad_responses_from_the_app(mesh, pki, via):
         if any(b"SMUGGLED" in g[1] for g in got if isinstance(g, tuple)):
             wrong.append(f"{path}: the client received the smuggled response: {got}")
     assert not wrong, "\n" + "\n".join(wrong)
+
+
+
+class HalfCloseApp:
+    """Answers one request with an HTTP/1.0 close-delimited response, then
+    half-closes and waits for the proxy to close its side (as a server
+    doing a bidirectional TLS or TCP shutdown would). Records whether and
+    how fast the proxy closed."""
+
+    def __init__(self):
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.closed_after = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        conn.settimeout(10)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += conn.recv(4096)
+        conn.sendall(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nold-style body\n")
+        conn.shutdown(socket.SHUT_WR)
+        t0 = time.monotonic()
+        try:
+            while conn.recv(4096):
+                pass
+            self.closed_after = time.monotonic() - t0
+        except OSError:
+            self.closed_after = time.monotonic() - t0
+        conn.close()
+
+    def stop(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("via", ["outbound", "inbound-direct"])
+def test_close_delimited_response_closes_both_sides(mesh, pki, via):
+    """An HTTP/1.0 answer without a length ends at the app's EOF. The proxy
+    reads no more requests on that connection, so it must close both
+    sides then, not hold the app's connection until the idle timer."""
+    from http_helpers import HttpClient, frontend_ctx, http_mesh
+    app = HalfCloseApp()
+    mesh.apps.append(app)
+    hm = http_mesh(mesh, RULES, app=app, outbound=via == "outbound")
+    port, ctx = (hm.out_port, None) if via == "outbound" else (hm.in_port, frontend_ctx(pki))
+    with HttpClient(port, ctx, timeout=5) as c:
+        c.send(b"GET /old HTTP/1.1\r\nhost: orders\r\n\r\n")
+        r = c.read_response()
+        assert r is not None and r.status == 200 and r.body == b"old-style body\n", r
+        assert c.closed_within(3), "the client's connection stays open"
+        app.thread.join(5)
+        assert app.closed_after is not None and app.closed_after < 3, \
+            f"the app's connection was not closed by the proxy ({app.closed_after})"
+
