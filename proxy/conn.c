@@ -376,26 +376,26 @@ void conn_close_revoked(struct worker *w, struct snapshot *s)
 static void watch(struct conn *c, struct event *ev, short *reg, uint32_t *tmo, int fd,
                   short what, uint32_t ms, event_callback_fn cb)
 {
-	const struct timeval *tv = ms ? timeout_of(c, ms) : NULL;
+	bool changed = what != *reg || !event_initialized(ev);
 
-	if (what != *reg || !event_initialized(ev)) {
+	/*
+	 * The steady state of a relaying connection (same events, same timer,
+	 * timer armed) returns here without touching libevent: this runs after
+	 * every read and write.
+	 */
+	if (!changed && ms == *tmo && (!ms || event_pending(ev, EV_TIMEOUT, NULL)))
+		return;
+	if (changed) {
 		if (event_initialized(ev))
 			event_del(ev);
 		event_assign(ev, c->w->base, fd, what | EV_PERSIST, cb, c);
 		*reg = what;
-		*tmo = ms;
-		if (what || tv)
-			event_add(ev, tv);
-		return;
 	}
-	/* Same events: touch the timer only when its length changed or it is not armed. */
-	if (ms != *tmo || (tv && !event_pending(ev, EV_TIMEOUT, NULL))) {
-		*tmo = ms;
-		if (!what && !tv)
-			event_del(ev);
-		else
-			event_add(ev, tv);
-	}
+	*tmo = ms;
+	if (what || ms)
+		event_add(ev, ms ? timeout_of(c, ms) : NULL);
+	else if (!changed)
+		event_del(ev);
 }
 
 static void watch_tls(struct conn *c, short what, uint32_t timeout_ms)
