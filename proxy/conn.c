@@ -1073,6 +1073,8 @@ static void handshake_done(struct conn *c)
 		conn_close(c, CR_EXPIRED_SESSION, 0);
 		return;
 	}
+	if (SSL_session_reused(c->ssl))
+		metrics_inc(&c->w->p->metrics->tls_resumed[c->dir]);
 	if (revoked_since(c)) {
 		log_info("conn %llu: the peer's certificate was revoked during the handshake",
 		         (unsigned long long)c->id);
@@ -1128,6 +1130,23 @@ static void handshake(struct conn *c)
 		conn_close(c, CR_HANDSHAKE_FAILED, reason);
 }
 
+/*
+ * The first outbound handshake of a worker under a newer snapshot takes
+ * over the sessions the worker cached under the one before, when the two
+ * share their TLS contexts (a reload that changed only the policy).
+ */
+static void adopt_sessions(struct conn *c)
+{
+	struct worker *w = c->w;
+
+	if (w->sessions_from == c->snap ||
+	    (w->sessions_from && w->sessions_from->version > c->snap->version))
+		return;
+	snapshot_adopt_sessions(c->snap, w->sessions_from, w->id);
+	snapshot_unref(w->sessions_from);
+	w->sessions_from = snapshot_ref(c->snap);
+}
+
 static void outbound_handshake_start(struct conn *c)
 {
 	SSL_SESSION *sess;
@@ -1139,6 +1158,8 @@ static void outbound_handshake_start(struct conn *c)
 		return;
 	}
 	SSL_set_connect_state(c->ssl);
+	if (!c->tdest)
+		adopt_sessions(c);
 	sess = c->tdest ? NULL : snapshot_session(c->snap, c->listener, c->endpoint, c->w->id);
 	if (sess)
 		SSL_set_session(c->ssl, sess);

@@ -52,7 +52,8 @@ int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
 {
 	struct snapshot_source src = { 0 };
 	struct config *cfg = NULL;
-	struct snapshot *s;
+	struct snapshot *s, *cur;
+	bool kept;
 
 	if (config_load(p->config_file, &cfg, err) < 0)
 		return -EINVAL;
@@ -69,11 +70,18 @@ int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
 		snapshot_source_free(&src);
 		return -EINVAL;
 	}
+	/* Unchanged certificate, chain and bundle: the same contexts, sessions and all. */
+	cur = proxy_snapshot(p);
+	src.reuse_tls = cur;
 	s = snapshot_build(cfg, &src, p->metrics, p->version + 1, err);
+	kept = s && cur && s->server_ctx == cur->server_ctx;
+	snapshot_unref(cur);
 	if (!s)
 		return -EINVAL;
 	SSL_CTX_sess_set_new_cb(s->client_ctx, conn_on_new_session);
 	swap_snapshot(p, s);
+	if (kept)
+		log_info("certificate and bundle unchanged: TLS contexts and sessions kept");
 	return 0;
 }
 
@@ -288,6 +296,8 @@ static void worker_destroy(struct worker *w)
 	free_listeners(w);
 	conn_close_all(w, CR_DRAIN_TIMEOUT);
 	conn_free_buffers(w);
+	snapshot_unref(w->sessions_from);
+	w->sessions_from = NULL;
 	if (w->cmd_ev)
 		event_free(w->cmd_ev);
 	if (w->base)

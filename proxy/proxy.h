@@ -54,6 +54,7 @@ struct worker {
 	struct relay_buf *free_bufs;    /* recycled relay buffers */
 	size_t n_free_bufs;
 	unsigned *rr;                   /* round-robin position per outbound listener */
+	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
 	bool draining;
 };
 

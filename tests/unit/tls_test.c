@@ -288,6 +288,43 @@ static void test_material_refusals(void **state)
 	assert_null(m);
 }
 
+static void test_material_digest(void **state)
+{
+	struct fixture *fx = *state;
+	struct tls_material *a = load(fx, "orders", "bundle.pem");
+	struct tls_material *b = load(fx, "orders", "bundle.pem");
+	struct tls_material *other_bundle = load(fx, "orders", "other-bundle.pem");
+	struct tls_material *other_cert = load(fx, "frontend", "bundle.pem");
+	struct tls_options o12 = opts, groups = opts;
+	unsigned char da[TLS_DIGEST_LEN], d[TLS_DIGEST_LEN];
+
+	o12.min_version = TLS1_2_VERSION;
+	groups.groups = "P-256";
+	assert_int_equal(tls_material_digest(a, &opts, da), 0);
+	/* The same files read again: the same contexts would come out. */
+	assert_int_equal(tls_material_digest(b, &opts, d), 0);
+	assert_memory_equal(da, d, sizeof(d));
+	/* Anything a context is built from changes it. */
+	assert_int_equal(tls_material_digest(other_bundle, &opts, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	assert_int_equal(tls_material_digest(other_cert, &opts, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	assert_int_equal(tls_material_digest(a, &o12, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	assert_int_equal(tls_material_digest(a, &groups, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	b->revoked = calloc(1, sizeof(char *));
+	assert_non_null(b->revoked);
+	b->revoked[0] = strdup("01");
+	b->n_revoked = 1;
+	assert_int_equal(tls_material_digest(b, &opts, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	tls_material_free(a);
+	tls_material_free(b);
+	tls_material_free(other_bundle);
+	tls_material_free(other_cert);
+}
+
 /* ---- the X509-SVID profile, through real handshakes ---------------------- */
 
 /*
@@ -431,6 +468,7 @@ int main(void)
 		cmocka_unit_test(test_revoked_client),
 		cmocka_unit_test(test_material_refusals),
 		cmocka_unit_test(test_svid_profile_in_handshakes),
+		cmocka_unit_test(test_material_digest),
 	};
 
 	return cmocka_run_group_tests(tests, setup, teardown);
