@@ -532,7 +532,8 @@ static int digest_cert(EVP_MD_CTX *md, X509 *x)
 
 static int digest_certs(EVP_MD_CTX *md, STACK_OF(X509) *list)
 {
-	int n = sk_X509_num(list), rc = digest_bytes(md, NULL, n > 0 ? (size_t)n : 0);    /* count */
+	int n = sk_X509_num(list);
+	int rc = digest_bytes(md, NULL, n > 0 ? (size_t)n : 0);    /* the count */
 
 	for (int i = 0; rc == 0 && i < n; i++)
 		rc = digest_cert(md, sk_X509_value(list, i));

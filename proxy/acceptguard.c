@@ -33,7 +33,8 @@ void accept_guard_failed(struct accept_guard *g)
 	if (log_enabled(LOG_WARN) && log_limit_pass(&g->log, monotonic_ms(), &held))
 		log_write(LOG_WARN, "%s: accept failed: %s; pausing it for %d ms "
 		          "(%llu more such failures since the last line)", g->what,
-		          evutil_socket_error_to_string(e), ACCEPT_PAUSE_MS, (unsigned long long)held);
+		          evutil_socket_error_to_string(e), ACCEPT_PAUSE_MS,
+		          (unsigned long long)held);
 }
 
 int accept_guard_init(struct accept_guard *g, struct evconnlistener *lev, const char *what)

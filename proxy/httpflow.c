@@ -52,11 +52,11 @@ struct httpflow {
 	bool in_head;               /* a request head is arriving (its clock runs) */
 	bool req_stopped;           /* no more requests: the connection will close */
 	uint64_t requests;          /* request heads completed on this connection */
-	uint64_t head_started;      /* conn_clock_ms(): the current head's first byte, or the connection's start */
+	uint64_t head_started;      /* conn_clock_ms: this head's first byte, or the connection's start */
 	bool resp_expected;         /* http_response_expect() done for the front request */
 	bool resp_in_message;       /* a response head was relayed, its end not yet */
 	bool resp_sent_any;         /* bytes of the front request's response went out */
-	uint64_t waiting_since;     /* conn_clock_ms(): front request forwarded, response head awaited */
+	uint64_t waiting_since;     /* conn_clock_ms: front request forwarded, response head awaited */
 	bool tunnel;
 	bool logged;
 	bool draining;              /* the proxy drains: last response says close */
@@ -763,8 +763,9 @@ static bool awaiting_response(const struct httpflow *hf)
 /* When the response head must have come (conn_clock_ms() time), 0: none awaited. */
 static uint64_t response_due(const struct conn *c)
 {
-	return awaiting_response(c->hf) ? c->hf->waiting_since + c->snap->cfg->timeouts.response_head_ms
-	                                : 0;
+	const struct httpflow *hf = c->hf;
+
+	return awaiting_response(hf) ? hf->waiting_since + c->snap->cfg->timeouts.response_head_ms : 0;
 }
 
 uint64_t httpflow_due(const struct conn *c, bool tls_side)
