@@ -1177,6 +1177,8 @@ static void relay_start(struct conn *c)
 	c->ssl_read_wants = EV_READ;
 	c->ssl_write_wants = EV_WRITE;
 	touch(c);
+	if (c->hf)
+		httpflow_start(c);
 	/* Drop the connect/handshake timers: from here on the idle timer rules. */
 	watch_plain(c, 0, 0);
 	watch_tls(c, 0, 0);

@@ -498,8 +498,9 @@ static int on_request_error(struct conn *c, int status, const char *reason)
 /*
  * The request-head clock runs while a head is arriving, and before the
  * first request of a connection: a client must say what it wants within
- * request_head_ms (slowloris). Between keep-alive requests the idle timer
- * rules instead.
+ * request_head_ms (slowloris) of connecting, and each later head must be
+ * whole within request_head_ms of its first byte. Between keep-alive
+ * requests the idle timer rules instead.
  */
 static bool head_clock_running(const struct conn *c)
 {
@@ -540,7 +541,8 @@ static int produce_request(struct conn *c)
 		if (used && hf->req_between) {
 			hf->req_between = false;    /* a head has begun: its clock runs */
 			hf->in_head = true;
-			hf->head_started = conn_clock_ms();
+			if (hf->requests > 0)       /* the first one's runs since connecting */
+				hf->head_started = conn_clock_ms();
 		}
 		if (head_too_slow(c, conn_clock_ms()))
 			return on_request_error(c, 408, "request head not complete in time");
@@ -773,6 +775,12 @@ uint64_t httpflow_due(const struct conn *c, bool tls_side)
 	bool client_side = tls_side == c->inbound;
 
 	return client_side ? head_due(c) : response_due(c);
+}
+
+void httpflow_start(struct conn *c)
+{
+	if (c->inbound && c->hf->requests == 0 && !c->hf->in_head)
+		c->hf->head_started = conn_clock_ms();
 }
 
 bool httpflow_done(const struct conn *c)

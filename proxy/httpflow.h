@@ -37,6 +37,16 @@ int httpflow_eof(struct conn *c, int d);
  */
 uint64_t httpflow_due(const struct conn *c, bool tls_side);
 
+/*
+ * Relaying begins. On an inbound connection the first request's head clock
+ * starts now, after the mTLS handshake and the connect to the app, not at
+ * accept: the calling sidecar started its own clock when its client
+ * connected, before it connected here, so it is the one that answers a
+ * slow client 408, rather than this side closing the mesh connection
+ * under it a moment earlier.
+ */
+void httpflow_start(struct conn *c);
+
 /* A side's timer fired while relaying, now (conn_clock_ms()) at or past its
  * deadline. Returns true when HTTP handled it (the connection may be
  * closed), false to apply the idle rule. */

@@ -87,24 +87,54 @@ def test_concurrent_504s_are_on_time(mesh, pki, via):
 
 @pytest.mark.parametrize("via", ["inbound-direct", "outbound"])
 def test_concurrent_408s_are_on_time(mesh, pki, via):
-    """8 clients each send half a request head and stop: every 408 comes
-    within 100 ms of request_head_seconds."""
+    """8 clients each send one request, then half of the next head and stop:
+    every 408 comes within 100 ms of request_head_seconds after that head's
+    first byte."""
     limit = 1.0
     tmo = {"request_head_seconds": limit}
     hm = http_mesh(mesh, RULES, outbound=via == "outbound",
                    in_tmo=tmo if via == "inbound-direct" else None,
                    out_tmo=tmo if via == "outbound" else None)
     port, ctx = (hm.out_port, None) if via == "outbound" else (hm.in_port, frontend_ctx(pki))
+
+    def slow_second_head(c, i):
+        c.send(request("GET", f"/first/{i}"))
+        r = c.read_response()
+        assert r is not None and r.status == 200, r
+        return timed_response(c, b"GET /slow HTTP/1.1\r\nhost: orders\r\n", 408)
     for rnd in range(ROUNDS):
         clients = [HttpClient(port, ctx, timeout=20) for _ in range(CONCURRENT)]
-        settle()
         try:
-            elapsed = run_parallel([lambda c=c: timed_response(
-                c, b"GET /slow HTTP/1.1\r\nhost: orders\r\n", 408) for c in clients])
+            elapsed = run_parallel([lambda c=c, i=i: slow_second_head(c, i)
+                                    for i, c in enumerate(clients)])
         finally:
             for c in clients:
                 c.close()
         on_time(f"round {rnd} 408", elapsed, limit)
+
+
+def test_first_head_clock_runs_from_connecting(mesh, pki):
+    """The first request's head must be whole within request_head_seconds
+    of connecting (not of its first byte), and through a pair it is the
+    client's sidecar that answers 408: the upstream sidecar's clock starts
+    after its handshake, so it does not close the mesh connection first."""
+    limit = 1.0
+    tmo = {"request_head_seconds": limit}
+    hm = http_mesh(mesh, RULES, in_tmo=tmo, out_tmo=tmo)
+
+    def slow_first_head(i):
+        with HttpClient(hm.out_port, None, timeout=20) as c:
+            t0 = time.monotonic()
+            time.sleep(0.3 + 0.05 * i)
+            c.send(b"GET /slow HTTP/1.1\r\n")
+            r = c.read_response()
+            assert r is not None and r.status == 408, r
+            return time.monotonic() - t0
+    # One at a time: the clock starts when the proxy accepts, which the
+    # client cannot see; with many connecting at once their handshakes
+    # upstream would delay the later accepts.
+    on_time("first-head 408", [slow_first_head(i) for i in range(4)], limit)
+    assert hm.app.requests == []
 
 
 def wait_eof(sock, timeout):
