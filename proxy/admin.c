@@ -265,7 +265,7 @@ int admin_start(struct meshlet_proxy *p)
 	}
 	snprintf(what, sizeof(what), "admin %s", a->text);
 	lev = evhttp_bound_socket_get_listener(sock);
-	if (accept_guard_init(&p->admin_guard, lev, what) < 0)
+	if (!lev || accept_guard_init(&p->admin_guard, lev, what) < 0)
 		return -ENOMEM;
 	admin_guard = &p->admin_guard;
 	evconnlistener_set_error_cb(lev, on_admin_accept_error);
