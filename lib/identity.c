@@ -31,6 +31,7 @@ static const char *const reason_names[ID_REASON_COUNT] = {
 	[ID_BAD_EXT_KEY_USAGE] = "bad_ext_key_usage",
 	[ID_WRONG_IDENTITY] = "wrong_identity",
 	[ID_REVOKED] = "revoked",
+	[ID_NO_BASIC_CONSTRAINTS] = "no_basic_constraints",
 };
 
 /* Returns the stable label of r ("unknown" when out of range). */
@@ -277,24 +278,30 @@ out:
 	return r;
 }
 
-/* The usage part of the check: a leaf, able to sign, for this role. */
+/*
+ * The usage part of the check, as the X509-SVID profile has it: a leaf
+ * (basicConstraints present, CA:FALSE), able to sign (keyUsage present with
+ * digitalSignature, without keyCertSign/cRLSign), and an extKeyUsage that
+ * allows the holder's role. The extensions must be there: RFC 5280 reads
+ * an absent keyUsage or extKeyUsage as "any use", which an SVID may not be.
+ */
 static enum identity_reason check_usage(X509 *leaf, enum identity_role role)
 {
 	uint32_t flags = X509_get_extension_flags(leaf);
 	uint32_t ku = X509_get_key_usage(leaf);     /* UINT32_MAX: absent */
 	uint32_t xku = X509_get_extended_key_usage(leaf);
+	uint32_t need = role == ROLE_CLIENT ? XKU_SSL_CLIENT : XKU_SSL_SERVER;
 
 	if (flags & EXFLAG_CA)
 		return ID_LEAF_IS_CA;
 	if (ku != UINT32_MAX && (ku & (KU_KEY_CERT_SIGN | KU_CRL_SIGN)))
 		return ID_LEAF_IS_CA;
-	if (ku != UINT32_MAX && !(ku & KU_DIGITAL_SIGNATURE))
+	if (!(flags & EXFLAG_BCONS))
+		return ID_NO_BASIC_CONSTRAINTS;
+	if (ku == UINT32_MAX || !(ku & KU_DIGITAL_SIGNATURE))
 		return ID_BAD_KEY_USAGE;
-	if (xku != UINT32_MAX) {
-		uint32_t need = role == ROLE_CLIENT ? XKU_SSL_CLIENT : XKU_SSL_SERVER;
-		if (!(xku & need))
-			return ID_BAD_EXT_KEY_USAGE;
-	}
+	if (xku == UINT32_MAX || !(xku & need))
+		return ID_BAD_EXT_KEY_USAGE;
 	return ID_OK;
 }
 

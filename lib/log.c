@@ -58,6 +58,18 @@ bool log_enabled(enum log_level level)
 	       (int)level >= atomic_load_explicit(&log_level, memory_order_relaxed);
 }
 
+bool log_limit_pass(struct log_limit *l, uint64_t now_ms, uint64_t *suppressed)
+{
+	if (l->next_ms && now_ms < l->next_ms) {
+		l->suppressed++;
+		return false;
+	}
+	*suppressed = l->suppressed;
+	l->suppressed = 0;
+	l->next_ms = now_ms + (l->interval_ms ? l->interval_ms : 1);
+	return true;
+}
+
 /* Parses "debug"|"info"|"warn"|"error". Returns 0 or -EINVAL (*out untouched). */
 int log_level_parse(const char *s, enum log_level *out)
 {

@@ -202,6 +202,11 @@ static void render_tls_failures(struct metrics *m, FILE *out)
 	for (int r = ID_OK + 1; r < TLS_FAIL_REASON_END; r++)
 		fprintf(out, "meshlet_tls_handshake_failures_total{reason=\"%s\"} %" PRIu64 "\n",
 		        metrics_tls_reason_str(r), load_u(&m->handshake_failures[r]));
+	header(out, "meshlet_tls_resumptions_total", "counter",
+	       "TLS handshakes that resumed an earlier session (no certificate exchange).");
+	for (int d = 0; d < DIR_COUNT; d++)
+		fprintf(out, "meshlet_tls_resumptions_total{direction=\"%s\"} %" PRIu64 "\n",
+		        direction_names[d], load_u(&m->tls_resumed[d]));
 }
 
 static void render_decisions(struct metrics *m, FILE *out)

@@ -3,12 +3,14 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
@@ -504,6 +506,73 @@ SSL_CTX *tls_client_ctx(const struct tls_material *m, const struct tls_options *
 	/* The caller keeps sessions per upstream (new-session callback). */
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
 	return ctx;
+}
+
+/*
+ * Adds one length-prefixed field, so that no two sequences hash alike;
+ * p NULL adds the length alone (a count).
+ */
+static int digest_bytes(EVP_MD_CTX *md, const void *p, size_t len)
+{
+	uint64_t n = len;
+
+	return EVP_DigestUpdate(md, &n, sizeof(n)) == 1 &&
+	       (!p || len == 0 || EVP_DigestUpdate(md, p, len) == 1) ? 0 : -ENOMEM;
+}
+
+static int digest_cert(EVP_MD_CTX *md, X509 *x)
+{
+	unsigned char *der = NULL;
+	int len = i2d_X509(x, &der);
+	int rc = len > 0 ? digest_bytes(md, der, (size_t)len) : -ENOMEM;
+
+	OPENSSL_free(der);
+	return rc;
+}
+
+static int digest_certs(EVP_MD_CTX *md, STACK_OF(X509) *list)
+{
+	int n = sk_X509_num(list);
+	int rc = digest_bytes(md, NULL, n > 0 ? (size_t)n : 0);    /* the count */
+
+	for (int i = 0; rc == 0 && i < n; i++)
+		rc = digest_cert(md, sk_X509_value(list, i));
+	return rc;
+}
+
+static int digest_text(EVP_MD_CTX *md, const char *s)
+{
+	return digest_bytes(md, s ? s : "", s ? strlen(s) : 0);
+}
+
+int tls_material_digest(const struct tls_material *m, const struct tls_options *o,
+                        unsigned char out[TLS_DIGEST_LEN])
+{
+	EVP_MD_CTX *md = EVP_MD_CTX_new();
+	unsigned int len = 0;
+	int64_t min_version = o->min_version;
+	int rc = md && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 ? 0 : -ENOMEM;
+
+	if (rc == 0)
+		rc = digest_cert(md, m->cert);
+	if (rc == 0)
+		rc = digest_certs(md, m->chain);
+	if (rc == 0)
+		rc = digest_certs(md, m->roots);
+	if (rc == 0)
+		rc = digest_bytes(md, NULL, m->n_revoked);    /* the count, then each */
+	for (size_t i = 0; rc == 0 && i < m->n_revoked; i++)
+		rc = digest_text(md, m->revoked[i]);
+	if (rc == 0)
+		rc = digest_text(md, o->trust_domain);
+	if (rc == 0)
+		rc = digest_bytes(md, &min_version, sizeof(min_version));
+	if (rc == 0)
+		rc = digest_text(md, o->groups);
+	if (rc == 0 && (EVP_DigestFinal_ex(md, out, &len) != 1 || len != TLS_DIGEST_LEN))
+		rc = -ENOMEM;
+	EVP_MD_CTX_free(md);
+	return rc;
 }
 
 void tls_attach_verify(SSL *ssl, struct tls_verify *v)

@@ -9,6 +9,7 @@
 
 #include <event2/buffer.h>
 #include <event2/http.h>
+#include <event2/listener.h>
 #include <jansson.h>
 
 #include "meshlet/log.h"
@@ -193,6 +194,21 @@ static const struct admin_route routes[] = {
 	{ EVHTTP_REQ_POST, "/drain", on_drain },
 };
 
+/*
+ * evhttp owns its listener's callback argument, so the accept error
+ * callback cannot be handed the guard: it is this one pointer, set by
+ * admin_start() on the main thread (one admin listener per process).
+ */
+static struct accept_guard *admin_guard;
+
+static void on_admin_accept_error(struct evconnlistener *lev, void *http)
+{
+	if (admin_guard)
+		accept_guard_failed(admin_guard);
+	else
+		evconnlistener_disable(lev);    /* never spin */
+}
+
 static void on_request(struct evhttp_request *req, void *arg)
 {
 	const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
@@ -223,7 +239,8 @@ int admin_start(struct meshlet_proxy *p)
 {
 	const struct config_addr *a = &p->boot_cfg->admin_listen;
 	struct evhttp_bound_socket *sock;
-	char host[128];
+	struct evconnlistener *lev;
+	char host[128], what[sizeof(p->admin_guard.what)];
 	const char *colon;
 
 	p->admin = evhttp_new(p->base);
@@ -246,11 +263,19 @@ int admin_start(struct meshlet_proxy *p)
 		log_error("cannot listen on admin address %s: %s", a->text, strerror(errno));
 		return -EADDRINUSE;
 	}
+	snprintf(what, sizeof(what), "admin %s", a->text);
+	lev = evhttp_bound_socket_get_listener(sock);
+	if (!lev || accept_guard_init(&p->admin_guard, lev, what) < 0)
+		return -ENOMEM;
+	admin_guard = &p->admin_guard;
+	evconnlistener_set_error_cb(lev, on_admin_accept_error);
 	return 0;
 }
 
 void admin_stop(struct meshlet_proxy *p)
 {
+	admin_guard = NULL;
+	accept_guard_stop(&p->admin_guard);
 	if (p->admin)
 		evhttp_free(p->admin);
 	p->admin = NULL;

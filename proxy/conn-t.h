@@ -82,7 +82,7 @@ struct conn {
 	enum policy_action decision;
 	int tls_fd, plain_fd;
 	short tls_reg, plain_reg;   /* events registered now */
-	uint32_t tls_tmo, plain_tmo; /* their timeouts (ms) */
+	uint64_t tls_armed, plain_armed; /* conn_clock_ms() their timers end at; 0: none */
 	short ssl_read_wants, ssl_write_wants;
 	SSL *ssl;
 	struct event tls_ev, plain_ev;
@@ -94,8 +94,8 @@ struct conn {
 	char *peer;                 /* verified SPIFFE ID */
 	struct timespec started;    /* CLOCK_MONOTONIC */
 	struct timespec started_wall;
-	time_t last_active;         /* event-base cached seconds */
-	struct timespec deadline;   /* CLOCK_MONOTONIC end of the handshake or connect phase */
+	uint64_t last_active;       /* conn_clock_ms() of the last byte moved */
+	uint64_t deadline;          /* conn_clock_ms() end of the handshake, connect or linger phase */
 	struct sockaddr_storage from;
 };
 

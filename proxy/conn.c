@@ -118,36 +118,27 @@ static const struct config *conn_cfg(const struct conn *c)
 	return c->snap->cfg;
 }
 
-static const struct timeval *timeout_of(struct conn *c, uint32_t ms)
-{
-	struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
-
-	/* Common timeouts: O(1) queues shared by every connection of the base. */
-	return event_base_init_common_timeout(c->w->base, &tv);
-}
-
-/*
- * Handshake and connect phases have a hard deadline: the event timer alone
- * restarts on every byte, so a peer trickling bytes would never time out.
- */
-static void set_deadline(struct conn *c, uint32_t ms)
-{
-	clock_gettime(CLOCK_MONOTONIC, &c->deadline);
-	c->deadline.tv_sec += ms / 1000;
-	c->deadline.tv_nsec += (long)(ms % 1000) * 1000000L;
-	if (c->deadline.tv_nsec >= 1000000000L) {
-		c->deadline.tv_sec++;
-		c->deadline.tv_nsec -= 1000000000L;
-	}
-}
-
-static bool past_deadline(const struct conn *c)
+uint64_t conn_clock_ms(void)
 {
 	struct timespec now;
 
 	clock_gettime(CLOCK_MONOTONIC, &now);
-	return now.tv_sec > c->deadline.tv_sec ||
-	       (now.tv_sec == c->deadline.tv_sec && now.tv_nsec >= c->deadline.tv_nsec);
+	return (uint64_t)now.tv_sec * 1000 + (uint64_t)now.tv_nsec / 1000000;
+}
+
+/*
+ * Handshake, connect and lingering have a hard deadline: the event timer
+ * alone would restart on every byte, so a peer trickling bytes would never
+ * time out.
+ */
+static void set_deadline(struct conn *c, uint32_t ms)
+{
+	c->deadline = conn_clock_ms() + ms;
+}
+
+static bool past_deadline(const struct conn *c)
+{
+	return conn_clock_ms() >= c->deadline;
 }
 
 static void set_state(struct conn *c, enum conn_state s)
@@ -159,10 +150,7 @@ static void set_state(struct conn *c, enum conn_state s)
 
 static void touch(struct conn *c)
 {
-	struct timeval now;
-
-	event_base_gettimeofday_cached(c->w->base, &now);
-	c->last_active = now.tv_sec;
+	c->last_active = conn_clock_ms();
 }
 
 static void addr_text(const struct sockaddr_storage *ss, char *out, size_t len)
@@ -366,46 +354,93 @@ void conn_close_revoked(struct worker *w, struct snapshot *s)
 	}
 }
 
-/* ---- event registration ----------------------------------------------- */
+/* ---- deadlines and event registration ---------------------------------- */
+
+#define LINGER_IDLE_MS 2000
+#define LINGER_MAX_MS 10000
 
 /*
- * Makes ev wait for exactly `what` (EV_READ/EV_WRITE, 0 = nothing), with an
- * optional timeout. The event stays persistent; changing the flags costs
- * one epoll change, keeping them costs nothing.
+ * When a side's timer must fire next (conn_clock_ms() time, 0: none): the
+ * deadline of the current state. The timers are armed from this, and
+ * on_timeout checks against this, so the two never disagree.
  */
-static void watch(struct conn *c, struct event *ev, short *reg, uint32_t *tmo, int fd,
-                  short what, uint32_t ms, event_callback_fn cb)
+static uint64_t side_due(const struct conn *c, bool tls_side)
+{
+	uint64_t due;
+
+	switch (c->state) {
+	case CONN_HANDSHAKE:
+	case CONN_CONNECTING:
+		return c->deadline;
+	case CONN_RELAYING:
+		due = c->hf ? httpflow_due(c, tls_side) : 0;
+		return due ? due : c->last_active + conn_cfg(c)->timeouts.idle_ms;
+	case CONN_LINGERING:
+		due = c->last_active + LINGER_IDLE_MS;
+		return due < c->deadline ? due : c->deadline;
+	default:
+		return 0;
+	}
+}
+
+/*
+ * Makes ev wait for exactly `what` (EV_READ/EV_WRITE, 0 = nothing), and
+ * wake up by `due` (conn_clock_ms() time, 0 = no timer). The event stays
+ * persistent; changing the flags costs one epoll change, keeping them
+ * costs nothing.
+ *
+ * Deadlines are kept on conn_clock_ms() and only ever compared with it:
+ * libevent arms a timer from its cached loop time, which lags the real
+ * one, so a timer may fire a little early. It must never fire late, so it
+ * is armed for exactly what is left until due; one that fires early is
+ * re-armed for the rest (see on_timeout), never for a whole period.
+ * *armed is when the current timer ends (0: none). A timer that
+ * ends no later than due is kept: a deadline that moved later (the idle
+ * one, on every byte) costs nothing until the timer fires.
+ */
+#define TIMER_UNKNOWN UINT64_MAX    /* fired and re-armed by libevent for another period */
+
+static void watch(struct conn *c, struct event *ev, short *reg, uint64_t *armed, int fd,
+                  short what, uint64_t due, event_callback_fn cb)
 {
 	bool changed = what != *reg || !event_initialized(ev);
+	uint64_t now, left;
+	struct timeval tv;
 
-	/*
-	 * The steady state of a relaying connection (same events, same timer,
-	 * timer armed) returns here without touching libevent: this runs after
-	 * every read and write.
-	 */
-	if (!changed && ms == *tmo && (!ms || event_pending(ev, EV_TIMEOUT, NULL)))
+	/* The steady state of a relaying connection returns here without
+	 * touching libevent: this runs after every read and write. */
+	if (!changed && (due ? *armed && *armed != TIMER_UNKNOWN && *armed <= due : !*armed))
 		return;
 	if (changed) {
 		if (event_initialized(ev))
 			event_del(ev);
 		event_assign(ev, c->w->base, fd, what | EV_PERSIST, cb, c);
 		*reg = what;
+	} else if (*armed) {
+		event_del(ev);    /* event_add(ev, NULL) would leave the old timer */
 	}
-	*tmo = ms;
-	if (what || ms)
-		event_add(ev, ms ? timeout_of(c, ms) : NULL);
-	else if (!changed)
-		event_del(ev);
+	*armed = 0;
+	if (!due) {
+		if (what)
+			event_add(ev, NULL);
+		return;
+	}
+	now = conn_clock_ms();
+	left = due > now ? due - now : 0;
+	tv.tv_sec = (time_t)(left / 1000);
+	tv.tv_usec = (suseconds_t)(left % 1000) * 1000;
+	if (event_add(ev, &tv) == 0)
+		*armed = now + left;
 }
 
-static void watch_tls(struct conn *c, short what, uint32_t timeout_ms)
+static void watch_tls(struct conn *c, short what, uint64_t due)
 {
-	watch(c, &c->tls_ev, &c->tls_reg, &c->tls_tmo, c->tls_fd, what, timeout_ms, on_tls_event);
+	watch(c, &c->tls_ev, &c->tls_reg, &c->tls_armed, c->tls_fd, what, due, on_tls_event);
 }
 
-static void watch_plain(struct conn *c, short what, uint32_t timeout_ms)
+static void watch_plain(struct conn *c, short what, uint64_t due)
 {
-	watch(c, &c->plain_ev, &c->plain_reg, &c->plain_tmo, c->plain_fd, what, timeout_ms,
+	watch(c, &c->plain_ev, &c->plain_reg, &c->plain_armed, c->plain_fd, what, due,
 	      on_plain_event);
 }
 
@@ -706,12 +741,8 @@ static short side_wants(const struct conn *c, bool tls)
 /* Registers for what the relay waits on; each side carries a timer (idle or HTTP's). */
 static void relay_watch(struct conn *c)
 {
-	uint32_t idle = conn_cfg(c)->timeouts.idle_ms;
-	uint32_t tls_tmo = c->hf ? httpflow_timeout(c, true) : 0;
-	uint32_t plain_tmo = c->hf ? httpflow_timeout(c, false) : 0;
-
-	watch_plain(c, side_wants(c, false), plain_tmo ? plain_tmo : idle);
-	watch_tls(c, side_wants(c, true), tls_tmo ? tls_tmo : idle);
+	watch_plain(c, side_wants(c, false), side_due(c, false));
+	watch_tls(c, side_wants(c, true), side_due(c, true));
 }
 
 /*
@@ -722,9 +753,6 @@ static void relay_watch(struct conn *c)
  * still sends until it closes too, or LINGER_IDLE_MS passes quietly, or
  * LINGER_MAX_MS in all (nginx's lingering close).
  */
-#define LINGER_IDLE_MS 2000
-#define LINGER_MAX_MS 10000
-
 static void drop_upstream(struct conn *c)
 {
 	if (c->inbound) {
@@ -758,6 +786,7 @@ static void linger_start(struct conn *c)
 	shutdown(tls ? c->tls_fd : c->plain_fd, SHUT_WR);
 	c->d[c->inbound ? RELAY_UP : RELAY_DOWN].dst_shut = true;
 	set_deadline(c, LINGER_MAX_MS);
+	touch(c);
 	c->ready |= tls ? TLS_R : PLAIN_R;
 	if (tls)
 		c->ssl_read_wants = EV_READ;
@@ -776,13 +805,14 @@ static void linger_read(struct conn *c)
 		n = io_read(c, tls, sink, sizeof(sink));
 		if (n == -EAGAIN) {
 			if (tls)
-				watch_tls(c, c->ssl_read_wants, LINGER_IDLE_MS);
+				watch_tls(c, c->ssl_read_wants, side_due(c, true));
 			else
-				watch_plain(c, EV_READ, LINGER_IDLE_MS);
+				watch_plain(c, EV_READ, side_due(c, false));
 			return;
 		}
 		if (n <= 0)
 			break;
+		touch(c);
 	}
 	if (!past_deadline(c) && n > 0) {
 		conn_kick(c);    /* more to discard: after the others had their turn */
@@ -912,12 +942,12 @@ static int *upstream_fd(struct conn *c)
 	return c->inbound ? &c->plain_fd : &c->tls_fd;
 }
 
-static void watch_upstream(struct conn *c, short what, uint32_t ms)
+static void watch_upstream(struct conn *c, short what, uint64_t due)
 {
 	if (c->inbound)
-		watch_plain(c, what, ms);
+		watch_plain(c, what, due);
 	else
-		watch_tls(c, what, ms);
+		watch_tls(c, what, due);
 }
 
 static void outbound_handshake_start(struct conn *c);
@@ -941,7 +971,8 @@ static void connect_next(struct conn *c)
 		if (fd >= 0) {
 			*upstream_fd(c) = fd;
 			set_state(c, CONN_CONNECTING);
-			watch_upstream(c, EV_WRITE, cfg->timeouts.connect_ms);
+			set_deadline(c, cfg->timeouts.connect_ms);
+			watch_upstream(c, EV_WRITE, c->deadline);
 			return;
 		}
 		log_warn("conn %llu: connect to %s failed: %s", (unsigned long long)c->id,
@@ -1042,6 +1073,8 @@ static void handshake_done(struct conn *c)
 		conn_close(c, CR_EXPIRED_SESSION, 0);
 		return;
 	}
+	if (SSL_session_reused(c->ssl))
+		metrics_inc(&c->w->p->metrics->tls_resumed[c->dir]);
 	if (revoked_since(c)) {
 		log_info("conn %llu: the peer's certificate was revoked during the handshake",
 		         (unsigned long long)c->id);
@@ -1084,8 +1117,7 @@ static void handshake(struct conn *c)
 	}
 	e = SSL_get_error(c->ssl, rc);
 	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-		watch_tls(c, e == SSL_ERROR_WANT_READ ? EV_READ : EV_WRITE,
-		          conn_cfg(c)->timeouts.handshake_ms);
+		watch_tls(c, e == SSL_ERROR_WANT_READ ? EV_READ : EV_WRITE, c->deadline);
 		return;
 	}
 	reason = tls_failure_reason(c->ssl, &c->verify);
@@ -1096,6 +1128,23 @@ static void handshake(struct conn *c)
 		httpflow_fail_early(c, 502, CR_HANDSHAKE_FAILED);
 	else
 		conn_close(c, CR_HANDSHAKE_FAILED, reason);
+}
+
+/*
+ * The first outbound handshake of a worker under a newer snapshot takes
+ * over the sessions the worker cached under the one before, when the two
+ * share their TLS contexts (a reload that changed only the policy).
+ */
+static void adopt_sessions(struct conn *c)
+{
+	struct worker *w = c->w;
+
+	if (w->sessions_from == c->snap ||
+	    (w->sessions_from && w->sessions_from->version > c->snap->version))
+		return;
+	snapshot_adopt_sessions(c->snap, w->sessions_from, w->id);
+	snapshot_unref(w->sessions_from);
+	w->sessions_from = snapshot_ref(c->snap);
 }
 
 static void outbound_handshake_start(struct conn *c)
@@ -1109,6 +1158,8 @@ static void outbound_handshake_start(struct conn *c)
 		return;
 	}
 	SSL_set_connect_state(c->ssl);
+	if (!c->tdest)
+		adopt_sessions(c);
 	sess = c->tdest ? NULL : snapshot_session(c->snap, c->listener, c->endpoint, c->w->id);
 	if (sess)
 		SSL_set_session(c->ssl, sess);
@@ -1126,6 +1177,8 @@ static void relay_start(struct conn *c)
 	c->ssl_read_wants = EV_READ;
 	c->ssl_write_wants = EV_WRITE;
 	touch(c);
+	if (c->hf)
+		httpflow_start(c);
 	/* Drop the connect/handshake timers: from here on the idle timer rules. */
 	watch_plain(c, 0, 0);
 	watch_tls(c, 0, 0);
@@ -1144,10 +1197,22 @@ int conn_on_new_session(SSL *ssl, SSL_SESSION *sess)
 
 /* ---- events ------------------------------------------------------------ */
 
-static void on_timeout(struct conn *c)
+/*
+ * A side's timer fired: early (libevent's cached clock, or a deadline that
+ * moved since it was armed) or on time. Early, it is re-armed for exactly
+ * what is left; on time, the state's deadline applies.
+ */
+static void on_timeout(struct conn *c, bool tls_side)
 {
-	struct timeval now;
+	uint64_t now = conn_clock_ms(), due = side_due(c, tls_side);
 
+	if (due > now) {
+		if (tls_side)
+			watch_tls(c, c->tls_reg, due);
+		else
+			watch_plain(c, c->plain_reg, due);
+		return;
+	}
 	switch (c->state) {
 	case CONN_HANDSHAKE:
 		handshake_timeout(c);
@@ -1164,11 +1229,9 @@ static void on_timeout(struct conn *c)
 		conn_close(c, CR_DONE, 0);    /* the client went quiet: enough */
 		return;
 	case CONN_RELAYING:
-		if (c->hf && httpflow_on_timeout(c))
+		if (c->hf && httpflow_on_timeout(c, now))
 			return;
-		event_base_gettimeofday_cached(c->w->base, &now);
-		if ((uint64_t)(now.tv_sec - c->last_active) * 1000 >= conn_cfg(c)->timeouts.idle_ms)
-			conn_close(c, CR_IDLE_TIMEOUT, 0);
+		conn_close(c, CR_IDLE_TIMEOUT, 0);    /* due was the idle deadline */
 		return;
 	default:
 		return;
@@ -1178,7 +1241,9 @@ static void on_timeout(struct conn *c)
 static void on_event(struct conn *c, short what, bool tls_side)
 {
 	if (what & EV_TIMEOUT) {
-		on_timeout(c);
+		/* libevent re-armed the persistent timer for another period. */
+		*(tls_side ? &c->tls_armed : &c->plain_armed) = TIMER_UNKNOWN;
+		on_timeout(c, tls_side);
 		return;
 	}
 	if (what & EV_READ)
@@ -1273,7 +1338,7 @@ static void inbound_start(struct conn *c)
 	SSL_set_accept_state(c->ssl);
 	set_state(c, CONN_HANDSHAKE);
 	set_deadline(c, conn_cfg(c)->timeouts.handshake_ms);
-	watch_tls(c, EV_READ, conn_cfg(c)->timeouts.handshake_ms);
+	watch_tls(c, EV_READ, c->deadline);
 }
 
 static void outbound_start(struct conn *c)

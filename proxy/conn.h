@@ -43,6 +43,13 @@ enum conn_reason {
 const char *conn_reason_str(enum conn_reason r);
 
 /*
+ * Milliseconds on CLOCK_MONOTONIC: the one clock every connection deadline
+ * (handshake, connect, idle, HTTP head and response head, linger) is set
+ * with and checked against.
+ */
+uint64_t conn_clock_ms(void);
+
+/*
  * The one way out: logs the connection once (tls_reason set for handshake
  * failures: metric label and access log) and frees everything it holds.
  * c is gone afterwards.

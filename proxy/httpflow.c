@@ -52,11 +52,11 @@ struct httpflow {
 	bool in_head;               /* a request head is arriving (its clock runs) */
 	bool req_stopped;           /* no more requests: the connection will close */
 	uint64_t requests;          /* request heads completed on this connection */
-	struct timespec head_started; /* the current head's first byte, or the connection's start */
+	uint64_t head_started;      /* conn_clock_ms: this head's first byte, or the connection's start */
 	bool resp_expected;         /* http_response_expect() done for the front request */
 	bool resp_in_message;       /* a response head was relayed, its end not yet */
 	bool resp_sent_any;         /* bytes of the front request's response went out */
-	struct timespec waiting_since; /* front request forwarded, response head awaited */
+	uint64_t waiting_since;     /* conn_clock_ms: front request forwarded, response head awaited */
 	bool tunnel;
 	bool logged;
 	bool draining;              /* the proxy drains: last response says close */
@@ -102,7 +102,7 @@ int httpflow_new(struct conn *c)
 	http_request_init(&hf->req, &lim);
 	http_response_init(&hf->resp, NULL);
 	hf->req_between = true;
-	clock_gettime(CLOCK_MONOTONIC, &hf->head_started);
+	hf->head_started = conn_clock_ms();
 	c->hf = hf;
 	return 0;
 }
@@ -250,7 +250,7 @@ static void pop_front(struct httpflow *hf)
 	hf->q_len--;
 	hf->resp_expected = false;
 	hf->resp_sent_any = false;
-	clock_gettime(CLOCK_MONOTONIC, &hf->waiting_since);
+	hf->waiting_since = conn_clock_ms();
 }
 
 /* Stop taking requests: what is queued is answered, then the connection closes. */
@@ -335,7 +335,7 @@ static struct req_entry *push_entry(struct conn *c, const struct http_head *h)
 				snprintf(e->request_id + 2 * i, 3, "%02x", raw[i]);
 	}
 	if (hf->q_len == 1)
-		clock_gettime(CLOCK_MONOTONIC, &hf->waiting_since);
+		hf->waiting_since = conn_clock_ms();
 	return e;
 }
 
@@ -498,8 +498,9 @@ static int on_request_error(struct conn *c, int status, const char *reason)
 /*
  * The request-head clock runs while a head is arriving, and before the
  * first request of a connection: a client must say what it wants within
- * request_head_ms (slowloris). Between keep-alive requests the idle timer
- * rules instead.
+ * request_head_ms (slowloris) of connecting, and each later head must be
+ * whole within request_head_ms of its first byte. Between keep-alive
+ * requests the idle timer rules instead.
  */
 static bool head_clock_running(const struct conn *c)
 {
@@ -508,10 +509,18 @@ static bool head_clock_running(const struct conn *c)
 	return !hf->req_stopped && !hf->tunnel && (hf->in_head || hf->requests == 0);
 }
 
-static bool head_too_slow(const struct conn *c)
+/* When the request head must be complete (conn_clock_ms() time), 0: no clock runs. */
+static uint64_t head_due(const struct conn *c)
 {
-	return head_clock_running(c) &&
-	       ms_since(&c->hf->head_started) >= c->snap->cfg->timeouts.request_head_ms;
+	return head_clock_running(c) ? c->hf->head_started + c->snap->cfg->timeouts.request_head_ms
+	                             : 0;
+}
+
+static bool head_too_slow(const struct conn *c, uint64_t now)
+{
+	uint64_t due = head_due(c);
+
+	return due && now >= due;
 }
 
 static int produce_request(struct conn *c)
@@ -532,9 +541,10 @@ static int produce_request(struct conn *c)
 		if (used && hf->req_between) {
 			hf->req_between = false;    /* a head has begun: its clock runs */
 			hf->in_head = true;
-			clock_gettime(CLOCK_MONOTONIC, &hf->head_started);
+			if (hf->requests > 0)       /* the first one's runs since connecting */
+				hf->head_started = conn_clock_ms();
 		}
-		if (head_too_slow(c))
+		if (head_too_slow(c, conn_clock_ms()))
 			return on_request_error(c, 408, "request head not complete in time");
 		return used ? 1 : 0;
 	case HTTP_EV_HEAD_COMPLETE:
@@ -557,7 +567,7 @@ static int produce_request(struct conn *c)
 			last(hf)->complete = true;
 			/* The response clock starts once the app has the whole request. */
 			if (hf->q_len == 1)
-				clock_gettime(CLOCK_MONOTONIC, &hf->waiting_since);
+				hf->waiting_since = conn_clock_ms();
 		}
 		return 1;
 	case HTTP_EV_PAUSED:
@@ -752,16 +762,25 @@ static bool awaiting_response(const struct httpflow *hf)
 	return e && e->complete && !e->local_status && !hf->resp_sent_any && !hf->tunnel;
 }
 
-uint32_t httpflow_timeout(const struct conn *c, bool tls_side)
+/* When the response head must have come (conn_clock_ms() time), 0: none awaited. */
+static uint64_t response_due(const struct conn *c)
 {
-	const struct config_timeouts *t = &c->snap->cfg->timeouts;
+	const struct httpflow *hf = c->hf;
+
+	return awaiting_response(hf) ? hf->waiting_since + c->snap->cfg->timeouts.response_head_ms : 0;
+}
+
+uint64_t httpflow_due(const struct conn *c, bool tls_side)
+{
 	bool client_side = tls_side == c->inbound;
 
-	if (client_side && head_clock_running(c))
-		return t->request_head_ms;
-	if (!client_side && awaiting_response(c->hf))
-		return t->response_head_ms;
-	return 0;
+	return client_side ? head_due(c) : response_due(c);
+}
+
+void httpflow_start(struct conn *c)
+{
+	if (c->inbound && c->hf->requests == 0 && !c->hf->in_head)
+		c->hf->head_started = conn_clock_ms();
 }
 
 bool httpflow_done(const struct conn *c)
@@ -769,13 +788,14 @@ bool httpflow_done(const struct conn *c)
 	return c->hf->q_len == 0;
 }
 
-bool httpflow_on_timeout(struct conn *c)
+bool httpflow_on_timeout(struct conn *c, uint64_t now)
 {
 	struct httpflow *hf = c->hf;
 	const struct config_timeouts *t = &c->snap->cfg->timeouts;
 	struct req_entry *e = front(hf);
+	uint64_t due = response_due(c);
 
-	if (awaiting_response(hf) && ms_since(&hf->waiting_since) >= t->response_head_ms) {
+	if (due && now >= due) {
 		log_warn("conn %llu: no response from %s within %u ms", (unsigned long long)c->id,
 		         conn_destination_text(c), t->response_head_ms);
 		e->local_status = 504;
@@ -784,7 +804,7 @@ bool httpflow_on_timeout(struct conn *c)
 		conn_kick(c);
 		return true;
 	}
-	if (!head_too_slow(c))
+	if (!head_too_slow(c, now))
 		return false;
 	if (hf->req_between) {
 		conn_close(c, CR_IDLE_TIMEOUT, 0);    /* connected, never asked anything */

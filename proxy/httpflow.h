@@ -30,12 +30,27 @@ int httpflow_produce(struct conn *c, int d);
 /* The source of direction d reached EOF. Returns 0, or -1 when closed. */
 int httpflow_eof(struct conn *c, int d);
 
-/* The timer a side should carry now (ms), 0 for the idle timer. */
-uint32_t httpflow_timeout(const struct conn *c, bool tls_side);
+/*
+ * The deadline of a side while relaying, in conn_clock_ms() time: the
+ * request head's on the client's side, the response head's on the
+ * upstream's; 0 when none runs (the idle timer rules).
+ */
+uint64_t httpflow_due(const struct conn *c, bool tls_side);
 
-/* A side's timer fired while relaying. Returns true when HTTP handled it
- * (the connection may be closed), false to apply the idle rule. */
-bool httpflow_on_timeout(struct conn *c);
+/*
+ * Relaying begins. On an inbound connection the first request's head clock
+ * starts now, after the mTLS handshake and the connect to the app, not at
+ * accept: the calling sidecar started its own clock when its client
+ * connected, before it connected here, so it is the one that answers a
+ * slow client 408, rather than this side closing the mesh connection
+ * under it a moment earlier.
+ */
+void httpflow_start(struct conn *c);
+
+/* A side's timer fired while relaying, now (conn_clock_ms()) at or past its
+ * deadline. Returns true when HTTP handled it (the connection may be
+ * closed), false to apply the idle rule. */
+bool httpflow_on_timeout(struct conn *c, uint64_t now);
 
 /*
  * The upstream could not be reached or verified before any byte was

@@ -52,7 +52,8 @@ int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
 {
 	struct snapshot_source src = { 0 };
 	struct config *cfg = NULL;
-	struct snapshot *s;
+	struct snapshot *s, *cur;
+	bool kept;
 
 	if (config_load(p->config_file, &cfg, err) < 0)
 		return -EINVAL;
@@ -69,11 +70,18 @@ int proxy_load(struct meshlet_proxy *p, struct meshlet_err *err)
 		snapshot_source_free(&src);
 		return -EINVAL;
 	}
+	/* Unchanged certificate, chain and bundle: the same contexts, sessions and all. */
+	cur = proxy_snapshot(p);
+	src.reuse_tls = cur;
 	s = snapshot_build(cfg, &src, p->metrics, p->version + 1, err);
+	kept = s && cur && s->server_ctx == cur->server_ctx;
+	snapshot_unref(cur);
 	if (!s)
 		return -EINVAL;
 	SSL_CTX_sess_set_new_cb(s->client_ctx, conn_on_new_session);
 	swap_snapshot(p, s);
+	if (kept)
+		log_info("certificate and bundle unchanged: TLS contexts and sessions kept");
 	return 0;
 }
 
@@ -152,44 +160,21 @@ static void on_accept(struct evconnlistener *ev, evutil_socket_t fd, struct sock
 	conn_accept(arg, fd, from, fromlen);
 }
 
-static void on_accept_retry(evutil_socket_t fd, short what, void *arg)
-{
-	struct listener *l = arg;
-
-	if (l->ev)
-		evconnlistener_enable(l->ev);
-}
-
-/*
- * Out of descriptors or memory: the pending connection stays in the
- * backlog and the listener would fire again at once, so pause accepting
- * for a moment instead of spinning.
- */
+/* Out of descriptors or memory: pause this listener (see acceptguard.h). */
 static void on_accept_error(struct evconnlistener *ev, void *arg)
 {
-	static const struct timeval pause = { 0, 100 * 1000 };
 	struct listener *l = arg;
-	int e = EVUTIL_SOCKET_ERROR();
 
-	log_warn("accept failed: %s; pausing this listener for 100 ms",
-	         evutil_socket_error_to_string(e));
-	if (!l->retry)
-		l->retry = evtimer_new(l->w->base, on_accept_retry, l);
-	if (l->retry) {
-		evconnlistener_disable(ev);
-		evtimer_add(l->retry, &pause);
-	}
+	accept_guard_failed(&l->guard);
 }
 
 static void free_listeners(struct worker *w)
 {
 	for (size_t i = 0; i < w->n_listeners; i++) {
+		accept_guard_stop(&w->listeners[i].guard);
 		if (w->listeners[i].ev)
 			evconnlistener_free(w->listeners[i].ev);
-		if (w->listeners[i].retry)
-			event_free(w->listeners[i].retry);
 		w->listeners[i].ev = NULL;
-		w->listeners[i].retry = NULL;
 	}
 }
 
@@ -231,6 +216,7 @@ static int bind_one(struct worker *w, struct listener *l, const struct config_ad
 {
 	unsigned flags = LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC | LEV_OPT_REUSEABLE |
 	                 LEV_OPT_REUSEABLE_PORT;
+	char what[sizeof(l->guard.what)];
 
 	l->w = w;
 	l->ev = evconnlistener_new_bind(w->base, on_accept, l, flags, LISTEN_BACKLOG,
@@ -239,6 +225,9 @@ static int bind_one(struct worker *w, struct listener *l, const struct config_ad
 		log_error("cannot listen on %s: %s", a->text, strerror(errno));
 		return -errno;
 	}
+	snprintf(what, sizeof(what), "listener %s", a->text);
+	if (accept_guard_init(&l->guard, l->ev, what) < 0)
+		return -ENOMEM;
 	evconnlistener_set_error_cb(l->ev, on_accept_error);
 	return 0;
 }
@@ -307,6 +296,8 @@ static void worker_destroy(struct worker *w)
 	free_listeners(w);
 	conn_close_all(w, CR_DRAIN_TIMEOUT);
 	conn_free_buffers(w);
+	snapshot_unref(w->sessions_from);
+	w->sessions_from = NULL;
 	if (w->cmd_ev)
 		event_free(w->cmd_ev);
 	if (w->base)

@@ -16,6 +16,7 @@
 
 #include "meshlet/config.h"
 #include "meshlet/metrics.h"
+#include "acceptguard.h"
 #include "snapshot.h"
 
 struct conn;
@@ -34,7 +35,7 @@ enum listener_kind { LISTENER_INBOUND, LISTENER_OUTBOUND, LISTENER_TRANSPARENT }
 struct listener {
 	struct worker *w;
 	struct evconnlistener *ev;
-	struct event *retry;            /* re-enables accepting after EMFILE */
+	struct accept_guard guard;      /* pauses accepting after EMFILE */
 	enum listener_kind kind;
 	size_t index;                   /* into cfg->inbound or cfg->outbound */
 };
@@ -53,6 +54,7 @@ struct worker {
 	struct relay_buf *free_bufs;    /* recycled relay buffers */
 	size_t n_free_bufs;
 	unsigned *rr;                   /* round-robin position per outbound listener */
+	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
 	bool draining;
 };
 
@@ -70,6 +72,7 @@ struct meshlet_proxy {
 	struct worker *workers;
 	int n_workers;
 	struct evhttp *admin;
+	struct accept_guard admin_guard;
 	struct ctlclient *ctl;          /* control mode: the control-plane client */
 	struct event *installed_ev;     /* a snapshot was installed from another thread */
 	atomic_bool workers_started;    /* set once every worker runs */

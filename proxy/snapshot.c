@@ -42,18 +42,25 @@ void snapshot_source_free(struct snapshot_source *src)
 	memset(src, 0, sizeof(*src));
 }
 
-static int build_tls(struct snapshot *s, const struct tls_material *m, struct meshlet_err *err)
+static struct tls_options tls_options_of(const struct config *c)
 {
-	const struct config *c = s->cfg;
-	struct tls_options o = {
+	return (struct tls_options){
 		.trust_domain = c->trust_domain,
 		.min_version = c->tls_min_version,
 		.groups = c->tls_groups,
 	};
+}
+
+static int build_tls(struct snapshot *s, const struct tls_material *m, struct meshlet_err *err)
+{
+	const struct config *c = s->cfg;
+	struct tls_options o = tls_options_of(c);
 
 	if (strcmp(m->id->service, c->service) != 0)
 		return err_set(err, "tls.cert", "certificate is for %s, not for service %s",
 		               m->id->uri, c->service);
+	if (tls_material_digest(m, &o, s->tls_digest) < 0)
+		return err_set(err, "", "out of memory");
 	snprintf(s->self_id, sizeof(s->self_id), "%s", m->id->uri);
 	s->cert_not_after = m->not_after;
 	s->server_ctx = tls_server_ctx(m, &o, err);
@@ -113,9 +120,27 @@ static int share_tls(struct snapshot *s, const struct snapshot *from)
 	}
 	s->server_ctx = from->server_ctx;
 	s->client_ctx = from->client_ctx;
+	memcpy(s->tls_digest, from->tls_digest, sizeof(s->tls_digest));
 	snprintf(s->self_id, sizeof(s->self_id), "%s", from->self_id);
 	s->cert_not_after = from->cert_not_after;
 	return 0;
+}
+
+/*
+ * True when m and s's options would build the very contexts `from` has: a
+ * reload that changed only the policy (or endpoints) keeps them, and with
+ * them every session ticket the server side issued and the sessions the
+ * client side cached. Rebuilding would make every peer handshake afresh.
+ */
+static bool unchanged_tls(const struct snapshot *s, const struct tls_material *m,
+                          const struct snapshot *from)
+{
+	struct tls_options o = tls_options_of(s->cfg);
+	unsigned char digest[TLS_DIGEST_LEN];
+
+	return from && strcmp(from->cfg->service, s->cfg->service) == 0 &&
+	       tls_material_digest(m, &o, digest) == 0 &&
+	       memcmp(digest, from->tls_digest, sizeof(digest)) == 0;
 }
 
 /* The config's endpoints, else the registry's for that service (may be none). */
@@ -190,6 +215,10 @@ struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
 		err_set(err, "service", "the policy is for service %s, not %s", s->policy->service,
 		        cfg->service);
 		goto fail;
+	}
+	if (src->tls && unchanged_tls(s, src->tls, src->reuse_tls)) {
+		tls_material_free(src->tls);
+		src->tls = NULL;
 	}
 	if (src->tls ? build_tls(s, src->tls, err) < 0 : share_tls(s, src->reuse_tls) < 0)
 		goto fail;
@@ -337,4 +366,37 @@ int snapshot_check_reloadable(const struct config *old, const struct config *n,
 	if (n->has_transparent != old->has_transparent)
 		return err_set(err, "transparent", "changed: restart to apply");
 	return 0;
+}
+
+static SSL_SESSION **session_slot(struct snapshot *s, size_t listener, size_t endpoint, int worker)
+{
+	return &s->outbound[listener].sessions[endpoint * (size_t)s->cfg->workers + (size_t)worker];
+}
+
+void snapshot_adopt_sessions(struct snapshot *s, struct snapshot *from, int worker)
+{
+	size_t n;
+
+	if (!from || from == s || from->client_ctx != s->client_ctx ||
+	    from->cfg->workers != s->cfg->workers)
+		return;
+	n = s->cfg->n_outbound < from->cfg->n_outbound ? s->cfg->n_outbound : from->cfg->n_outbound;
+	for (size_t i = 0; i < n; i++) {
+		const struct snapshot_outbound *to = &s->outbound[i], *old = &from->outbound[i];
+
+		if (strcmp(to->expect_id, old->expect_id) != 0)
+			continue;
+		for (size_t j = 0; j < to->n_endpoints; j++) {
+			SSL_SESSION **dst = session_slot(s, i, j, worker);
+
+			for (size_t k = 0; !*dst && k < old->n_endpoints; k++) {
+				SSL_SESSION **src = session_slot(from, i, k, worker);
+
+				if (*src && same_addr(&to->endpoints[j], &old->endpoints[k])) {
+					*dst = *src;
+					*src = NULL;
+				}
+			}
+		}
+	}
 }

@@ -32,7 +32,10 @@ struct snapshot_outbound {
  * here is taken over by snapshot_build (also on failure).
  */
 struct snapshot_source {
-	struct tls_material *tls;       /* NULL: share reuse_tls's contexts */
+	/* NULL, or the same as reuse_tls's (certificate, chain, bundle,
+	 * revocations, options): reuse_tls's contexts are shared, and with them
+	 * its session tickets and the workers' session caches. */
+	struct tls_material *tls;
 	const struct snapshot *reuse_tls;
 	struct policy *policy;
 	/* Endpoints by upstream service name, for outbound listeners that name
@@ -56,6 +59,7 @@ struct snapshot {
 	time_t cert_not_after;
 	SSL_CTX *server_ctx;
 	SSL_CTX *client_ctx;
+	unsigned char tls_digest[TLS_DIGEST_LEN];  /* what the contexts were built from */
 	struct metrics_decision **rule_counters;   /* one per policy rule */
 	struct metrics_decision *default_counter;
 	struct snapshot_outbound *outbound;        /* one per cfg->outbound */
@@ -100,6 +104,15 @@ int snapshot_save_session(struct snapshot *s, size_t listener, size_t endpoint, 
                           SSL_SESSION *sess);
 SSL_SESSION *snapshot_session(const struct snapshot *s, size_t listener, size_t endpoint,
                               int worker);
+
+/*
+ * Moves worker's sessions from an older snapshot into s when both share
+ * the client context that made them: per outbound listener that expects
+ * the same upstream ID, per endpoint with the same address, into slots s
+ * has empty. Call from that worker's thread only (each worker touches its
+ * own slots). from may be NULL.
+ */
+void snapshot_adopt_sessions(struct snapshot *s, struct snapshot *from, int worker);
 
 /*
  * Transparent mode: the service with an instance at dst's IP (one service

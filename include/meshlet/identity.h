@@ -39,6 +39,7 @@ enum identity_reason {
 	ID_BAD_EXT_KEY_USAGE,    /* "bad_ext_key_usage": EKU lacks the role's purpose */
 	ID_WRONG_IDENTITY,       /* "wrong_identity": valid, but not the one expected */
 	ID_REVOKED,              /* "revoked" */
+	ID_NO_BASIC_CONSTRAINTS, /* "no_basic_constraints": a leaf must say CA:FALSE */
 	ID_REASON_COUNT
 };
 
@@ -65,10 +66,11 @@ int identity_format(char *out, size_t len, const char *trust_domain, const char 
 
 /*
  * Checks leaf as an X.509-SVID held by a peer in the given role: exactly one
- * URI SAN which parses as a SPIFFE ID in trust_domain, CA:FALSE (or no basic
- * constraints), no keyCertSign/cRLSign, digitalSignature when keyUsage is
- * present, and an EKU (when present) that allows clientAuth for ROLE_CLIENT,
- * serverAuth for ROLE_SERVER. Chain validity is OpenSSL's job, not this.
+ * URI SAN which parses as a SPIFFE ID in trust_domain; basicConstraints
+ * CA:FALSE; keyUsage with digitalSignature and without keyCertSign/cRLSign;
+ * an extKeyUsage that holds clientAuth for ROLE_CLIENT, serverAuth for
+ * ROLE_SERVER. All three extensions must be present (X509-SVID profile).
+ * Chain validity is OpenSSL's job, not this.
  * Returns ID_OK and fills *out (may be NULL), or the reason for refusal.
  */
 enum identity_reason identity_check_svid(X509 *leaf, const char *trust_domain,

@@ -11,6 +11,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 enum log_level { LOG_DEBUG = 0, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_OFF };
 
@@ -28,6 +29,28 @@ void log_write(enum log_level level, const char *fmt, ...) __attribute__((format
 #define log_info(...)  do { if (log_enabled(LOG_INFO))  log_write(LOG_INFO,  __VA_ARGS__); } while (0)
 #define log_warn(...)  do { if (log_enabled(LOG_WARN))  log_write(LOG_WARN,  __VA_ARGS__); } while (0)
 #define log_error(...) do { if (log_enabled(LOG_ERROR)) log_write(LOG_ERROR, __VA_ARGS__); } while (0)
+
+/*
+ * A rate limit for one recurring diagnostic (a failing accept(), say), so
+ * that a condition that repeats thousands of times a second cannot fill
+ * the disk: at most one line per interval_ms, and that line says how many
+ * were held back. Not locked: one per object that a single thread owns.
+ */
+struct log_limit {
+	uint32_t interval_ms;
+	uint64_t next_ms;              /* when the next line may go out */
+	uint64_t suppressed;           /* lines held back since the last one */
+};
+
+#define LOG_LIMIT_INIT(ms) ((struct log_limit){ .interval_ms = (ms) })
+
+/*
+ * Called each time the condition occurs, now_ms on any monotonic clock.
+ * Returns true when the line may be written now; then *suppressed is the
+ * number of occurrences held back since the previous line (and starts
+ * again from 0). Returns false, counting this one, otherwise.
+ */
+bool log_limit_pass(struct log_limit *l, uint64_t now_ms, uint64_t *suppressed);
 
 /* Writes one access-log line (a JSON object without the newline) to stdout. */
 void log_access(const char *json, size_t len);

@@ -29,6 +29,7 @@ struct metrics {
 	atomic_int_fast64_t connections_active[DIR_COUNT];
 	atomic_uint_fast64_t bytes_total[DIR_COUNT];
 	atomic_uint_fast64_t handshake_failures[ID_REASON_COUNT + 8]; /* see metrics_tls_reason */
+	atomic_uint_fast64_t tls_resumed[DIR_COUNT];  /* handshakes that resumed a session */
 	atomic_uint_fast64_t http_requests[600];                      /* by status code */
 	atomic_uint_fast64_t duration_buckets[METRICS_DURATION_BUCKETS + 1]; /* last: +Inf */
 	atomic_uint_fast64_t duration_count;

@@ -90,6 +90,19 @@ SSL_CTX *tls_server_ctx(const struct tls_material *m, const struct tls_options *
 SSL_CTX *tls_client_ctx(const struct tls_material *m, const struct tls_options *o,
                         struct meshlet_err *err);
 
+#define TLS_DIGEST_LEN 32
+
+/*
+ * SHA-256 over everything a context is built from: the leaf, chain and
+ * roots (DER), the revoked serials and the options. Two materials with the
+ * same digest make equivalent contexts, so a reload may keep the old ones
+ * (and their session tickets). The key is not hashed: it must match the
+ * leaf's public key, so the same leaf means the same key pair.
+ * Returns 0 or -ENOMEM.
+ */
+int tls_material_digest(const struct tls_material *m, const struct tls_options *o,
+                        unsigned char out[TLS_DIGEST_LEN]);
+
 /* Attaches v (owned by the caller, must outlive the handshake) to ssl. */
 void tls_attach_verify(SSL *ssl, struct tls_verify *v);
 

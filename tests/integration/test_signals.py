@@ -176,3 +176,73 @@ def test_sigterm_drain_is_bounded(mesh, pki):
     except OSError:
         pass
     held.close()
+
+
+def resumptions(p, direction):
+    return p.metrics().get("meshlet_tls_resumptions_total", direction=direction) or 0
+
+
+def change_policy(p, rule_name):
+    """Rewrites p's policy file with one more (harmless) rule."""
+    path = Path(p.cfg["policy_file"])
+    doc = json.loads(path.read_text())
+    doc["rules"] = doc.get("rules", []) + [
+        {"name": rule_name, "action": "deny", "from": [spiffe("nobody")]}]
+    write_json(path, doc)
+
+
+def reload(p):
+    v0 = config_version(p)
+    p.signal(signal.SIGHUP)
+    wait_for(lambda: config_version(p) > v0, 10, what=f"{p.name} to reload")
+
+
+def test_sighup_keeps_tls_sessions_unless_certificates_change(mesh, pki, tmp_path):
+    """Static mode: a SIGHUP that changes only the policy keeps the TLS
+    contexts, so the inbound's session tickets stay valid and the outbound
+    resumes from its session cache; a changed certificate starts afresh
+    (issue 9, defect 16)."""
+    app = mesh.app("echo")
+    out_svid = pki.reissue("frontend", tmp_path / "frontend-svid")
+    in_svid = pki.reissue("orders", tmp_path / "orders-svid")
+    outb, inb, port = mesh.pair(app, in_extra={"svid": in_svid}, out_extra={"svid": out_svid})
+
+    def call():
+        ok, why = try_call(port)
+        assert ok, why
+        time.sleep(0.1)      # the session ticket arrives after the reply
+
+    def counts():
+        return resumptions(outb, "outbound"), resumptions(inb, "inbound")
+
+    call()
+    before = counts()
+    call()
+    assert counts() == (before[0] + 1, before[1] + 1), "the second connection did not resume"
+
+    # Policy only, on both sides: the next connection still resumes.
+    for p, name in ((outb, "hup-out"), (inb, "hup-in")):
+        change_policy(p, name)
+        reload(p)
+    before = counts()
+    call()
+    assert counts() == (before[0] + 1, before[1] + 1), \
+        "no resumption after a policy-only SIGHUP: the TLS contexts were rebuilt"
+
+    # A new certificate for the outbound: its session cache starts afresh.
+    pki.reissue("frontend", tmp_path / "frontend-svid")
+    reload(outb)
+    before = counts()
+    call()
+    assert counts() == before, "resumed a session made with the old certificate"
+    call()
+    assert counts() == (before[0] + 1, before[1] + 1)
+
+    # A new certificate for the inbound: its old tickets are no longer accepted.
+    pki.reissue("orders", tmp_path / "orders-svid")
+    reload(inb)
+    before = counts()
+    call()
+    assert counts() == before, "the inbound accepted a ticket from before its new certificate"
+    call()
+    assert counts() == (before[0] + 1, before[1] + 1)

@@ -21,6 +21,7 @@
 #include <openssl/x509v3.h>
 
 #include "meshlet/ca.h"
+#include "meshlet/identity.h"
 
 #define TD "mesh.local"
 
@@ -446,6 +447,9 @@ static void test_svid_from_p256_csr(void **state)
 	assert_sans(x, uri, id, 1);
 	xku = X509_get_extended_key_usage(x);
 	assert_int_equal(xku, XKU_SSL_SERVER | XKU_SSL_CLIENT);
+	/* The X509-SVID profile the proxies and control check, for both roles. */
+	assert_int_equal(identity_check_svid(x, TD, ROLE_CLIENT, NULL), ID_OK);
+	assert_int_equal(identity_check_svid(x, TD, ROLE_SERVER, NULL), ID_OK);
 	assert_int_equal(EVP_PKEY_eq(X509_get0_pubkey(x), key), 1);
 	assert_subject_cn(x, "orders");
 	assert_serial_format(serial);

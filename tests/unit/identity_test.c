@@ -286,6 +286,7 @@ static void test_reason_str(void **state)
 	assert_string_equal(identity_reason_str(ID_BAD_EXT_KEY_USAGE), "bad_ext_key_usage");
 	assert_string_equal(identity_reason_str(ID_WRONG_IDENTITY), "wrong_identity");
 	assert_string_equal(identity_reason_str(ID_REVOKED), "revoked");
+	assert_string_equal(identity_reason_str(ID_NO_BASIC_CONSTRAINTS), "no_basic_constraints");
 	assert_string_equal(identity_reason_str(ID_REASON_COUNT), "unknown");
 	assert_string_equal(identity_reason_str((enum identity_reason)-1), "unknown");
 }
@@ -365,7 +366,8 @@ static X509 *make_cert(const struct cert_spec *spec)
  * may hold a NUL: the config syntax cannot express that). */
 static X509 *make_cert_raw_uri(const char *uri, int n)
 {
-	struct cert_spec spec = { .bc = "critical,CA:FALSE", .ku = "critical,digitalSignature" };
+	struct cert_spec spec = { .bc = "critical,CA:FALSE", .ku = "critical,digitalSignature",
+	                          .eku = "serverAuth,clientAuth" };
 	X509 *x = make_cert(&spec);
 	GENERAL_NAMES *names = GENERAL_NAMES_new();
 	GENERAL_NAME *gn = GENERAL_NAME_new();
@@ -397,8 +399,21 @@ static const struct svid_case svid_cases[] = {
 	{ "valid SVID", { SVID_SAN, SVID_BC, SVID_KU, SVID_EKU, false }, ID_OK, ID_OK },
 	{ "valid, DNS SAN too", { SVID_SAN ",DNS:orders.mesh.local", SVID_BC, SVID_KU, SVID_EKU, false },
 	  ID_OK, ID_OK },
-	{ "no extensions but SAN", { SVID_SAN, NULL, NULL, NULL, false }, ID_OK, ID_OK },
-	{ "no EKU", { SVID_SAN, SVID_BC, SVID_KU, NULL, false }, ID_OK, ID_OK },
+	/* X509-SVID profile: basicConstraints, keyUsage and extKeyUsage must be there. */
+	{ "no extensions but SAN", { SVID_SAN, NULL, NULL, NULL, false },
+	  ID_NO_BASIC_CONSTRAINTS, ID_NO_BASIC_CONSTRAINTS },
+	{ "no basicConstraints", { SVID_SAN, NULL, SVID_KU, SVID_EKU, false },
+	  ID_NO_BASIC_CONSTRAINTS, ID_NO_BASIC_CONSTRAINTS },
+	{ "no keyUsage", { SVID_SAN, SVID_BC, NULL, SVID_EKU, false },
+	  ID_BAD_KEY_USAGE, ID_BAD_KEY_USAGE },
+	{ "no EKU", { SVID_SAN, SVID_BC, SVID_KU, NULL, false },
+	  ID_BAD_EXT_KEY_USAGE, ID_BAD_EXT_KEY_USAGE },
+	{ "non-critical basicConstraints", { SVID_SAN, "CA:FALSE", SVID_KU, SVID_EKU, false },
+	  ID_OK, ID_OK },
+	{ "CA:TRUE, no keyUsage", { SVID_SAN, "critical,CA:TRUE", NULL, SVID_EKU, false },
+	  ID_LEAF_IS_CA, ID_LEAF_IS_CA },
+	{ "EKU anyExtendedKeyUsage only", { SVID_SAN, SVID_BC, SVID_KU, "anyExtendedKeyUsage",
+	  false }, ID_BAD_EXT_KEY_USAGE, ID_BAD_EXT_KEY_USAGE },
 	{ "no SAN", { NULL, SVID_BC, SVID_KU, SVID_EKU, false }, ID_NO_URI_SAN, ID_NO_URI_SAN },
 	{ "DNS SAN only", { "DNS:orders.mesh.local", SVID_BC, SVID_KU, SVID_EKU, false },
 	  ID_NO_URI_SAN, ID_NO_URI_SAN },

@@ -250,6 +250,29 @@ static void test_format_time(void **state)
 	assert_string_equal(out, "2026-11-27");
 }
 
+static void test_limit(void **state)
+{
+	struct log_limit l = LOG_LIMIT_INIT(1000);
+	uint64_t held = 99;
+
+	(void)state;
+	/* The first line goes out, whatever the clock says. */
+	assert_true(log_limit_pass(&l, 0, &held));
+	assert_int_equal(held, 0);
+	/* A storm within the second: held back and counted. */
+	for (int i = 1; i < 1000; i++)
+		assert_false(log_limit_pass(&l, (uint64_t)i, &held));
+	/* One second on: one line, saying how many were held back. */
+	assert_true(log_limit_pass(&l, 1000, &held));
+	assert_int_equal(held, 999);
+	assert_false(log_limit_pass(&l, 1999, &held));
+	/* Quiet for a while: the next one goes out at once, the count restarted. */
+	assert_true(log_limit_pass(&l, 60000, &held));
+	assert_int_equal(held, 1);
+	assert_true(log_limit_pass(&l, 61000, &held));
+	assert_int_equal(held, 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -261,6 +284,7 @@ int main(void)
 		cmocka_unit_test(test_write_truncates),
 		cmocka_unit_test(test_access),
 		cmocka_unit_test(test_format_time),
+		cmocka_unit_test(test_limit),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

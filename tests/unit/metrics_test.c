@@ -44,6 +44,7 @@ static void test_render_empty(void **state)
 		{ "meshlet_connections_total", "counter" },
 		{ "meshlet_connections_active", "gauge" },
 		{ "meshlet_tls_handshake_failures_total", "counter" },
+		{ "meshlet_tls_resumptions_total", "counter" },
 		{ "meshlet_policy_decisions_total", "counter" },
 		{ "meshlet_http_requests_total", "counter" },
 		{ "meshlet_request_duration_seconds", "histogram" },
@@ -68,6 +69,8 @@ static void test_render_empty(void **state)
 	assert_line(out, "meshlet_connections_total{direction=\"outbound\"} 0");
 	assert_line(out, "meshlet_tls_handshake_failures_total{reason=\"timeout\"} 0");
 	assert_line(out, "meshlet_tls_handshake_failures_total{reason=\"no_uri_san\"} 0");
+	assert_line(out, "meshlet_tls_resumptions_total{direction=\"inbound\"} 0");
+	assert_line(out, "meshlet_tls_resumptions_total{direction=\"outbound\"} 0");
 	assert_null(strstr(out, "reason=\"ok\""));
 	assert_null(strstr(out, "meshlet_http_requests_total{"));
 	assert_null(strstr(out, "meshlet_policy_decisions_total{"));

@@ -17,6 +17,7 @@
 
 #include <openssl/err.h>
 #include <openssl/pem.h>
+#include <openssl/x509v3.h>
 
 #include "meshlet/ca.h"
 #include "meshlet/metrics.h"
@@ -287,6 +288,177 @@ static void test_material_refusals(void **state)
 	assert_null(m);
 }
 
+static void test_material_digest(void **state)
+{
+	struct fixture *fx = *state;
+	struct tls_material *a = load(fx, "orders", "bundle.pem");
+	struct tls_material *b = load(fx, "orders", "bundle.pem");
+	struct tls_material *other_bundle = load(fx, "orders", "other-bundle.pem");
+	struct tls_material *other_cert = load(fx, "frontend", "bundle.pem");
+	struct tls_options o12 = opts, groups = opts;
+	unsigned char da[TLS_DIGEST_LEN], d[TLS_DIGEST_LEN];
+
+	o12.min_version = TLS1_2_VERSION;
+	groups.groups = "P-256";
+	assert_int_equal(tls_material_digest(a, &opts, da), 0);
+	/* The same files read again: the same contexts would come out. */
+	assert_int_equal(tls_material_digest(b, &opts, d), 0);
+	assert_memory_equal(da, d, sizeof(d));
+	/* Anything a context is built from changes it. */
+	assert_int_equal(tls_material_digest(other_bundle, &opts, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	assert_int_equal(tls_material_digest(other_cert, &opts, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	assert_int_equal(tls_material_digest(a, &o12, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	assert_int_equal(tls_material_digest(a, &groups, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	b->revoked = calloc(1, sizeof(char *));
+	assert_non_null(b->revoked);
+	b->revoked[0] = strdup("01");
+	b->n_revoked = 1;
+	assert_int_equal(tls_material_digest(b, &opts, d), 0);
+	assert_memory_not_equal(da, d, sizeof(d));
+	tls_material_free(a);
+	tls_material_free(b);
+	tls_material_free(other_bundle);
+	tls_material_free(other_cert);
+}
+
+/* ---- the X509-SVID profile, through real handshakes ---------------------- */
+
+/*
+ * A root and leaves built here in memory, so that a leaf can lack what
+ * ca_issue_svid always sets. NULL extension values are left out.
+ */
+struct leaf_spec {
+	const char *name;
+	const char *bc, *ku, *eku;
+	int as_client, as_server;    /* the reason the other side gives; 0: accepted */
+};
+
+static void add_ext_nid(X509 *x, X509 *issuer, int nid, const char *value)
+{
+	X509V3_CTX v3;
+	X509_EXTENSION *ext;
+
+	if (!value)
+		return;
+	X509V3_set_ctx(&v3, issuer, x, NULL, NULL, 0);
+	ext = X509V3_EXT_conf_nid(NULL, &v3, nid, value);
+	assert_non_null(ext);
+	assert_int_equal(X509_add_ext(x, ext, -1), 1);
+	X509_EXTENSION_free(ext);
+}
+
+static X509 *make_signed(EVP_PKEY *key, X509 *issuer, EVP_PKEY *issuer_key, const char *san,
+                         const char *bc, const char *ku, const char *eku, long serial)
+{
+	X509 *x = X509_new();
+
+	assert_non_null(x);
+	assert_int_equal(X509_set_version(x, X509_VERSION_3), 1);
+	assert_int_equal(ASN1_INTEGER_set(X509_get_serialNumber(x), serial), 1);
+	assert_int_equal(X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_ASC,
+	                 (const unsigned char *)(san ? "leaf" : "root"), -1, -1, 0), 1);
+	assert_int_equal(X509_set_issuer_name(x, X509_get_subject_name(issuer ? issuer : x)), 1);
+	assert_non_null(X509_gmtime_adj(X509_getm_notBefore(x), -60));
+	assert_non_null(X509_gmtime_adj(X509_getm_notAfter(x), HOUR));
+	assert_int_equal(X509_set_pubkey(x, key), 1);
+	add_ext_nid(x, issuer ? issuer : x, NID_subject_alt_name, san);
+	add_ext_nid(x, issuer ? issuer : x, NID_basic_constraints, bc);
+	add_ext_nid(x, issuer ? issuer : x, NID_key_usage, ku);
+	add_ext_nid(x, issuer ? issuer : x, NID_ext_key_usage, eku);
+	assert_true(X509_sign(x, issuer_key ? issuer_key : key, EVP_sha256()) > 0);
+	return x;
+}
+
+/* Material for service's leaf with the given extensions, under root. */
+static struct tls_material *leaf_material(X509 *root, EVP_PKEY *root_key, const char *service,
+                                          const char *bc, const char *ku, const char *eku)
+{
+	static long serial = 100;
+	struct tls_material *m = calloc(1, sizeof(*m));
+	char san[128];
+
+	assert_non_null(m);
+	snprintf(san, sizeof(san), "URI:spiffe://%s/svc/%s", TD, service);
+	m->key = EVP_EC_gen("P-256");
+	assert_non_null(m->key);
+	m->cert = make_signed(m->key, root, root_key, san, bc, ku, eku, serial++);
+	m->chain = sk_X509_new_null();
+	m->roots = sk_X509_new_null();
+	assert_true(m->chain && m->roots);
+	assert_true(X509_up_ref(root) && sk_X509_push(m->roots, root) > 0);
+	return m;
+}
+
+#define P_BC "critical,CA:FALSE"
+#define P_KU "critical,digitalSignature"
+#define P_EKU "serverAuth,clientAuth"
+
+static void test_svid_profile_in_handshakes(void **state)
+{
+	/* as_client: what a server says of this leaf presented by a client;
+	 * as_server: what a client says of it presented by a server. */
+	static const struct leaf_spec cases[] = {
+		{ "proper SVID", P_BC, P_KU, P_EKU, 0, 0 },
+		{ "no basicConstraints", NULL, P_KU, P_EKU, ID_NO_BASIC_CONSTRAINTS,
+		  ID_NO_BASIC_CONSTRAINTS },
+		{ "no keyUsage", P_BC, NULL, P_EKU, ID_BAD_KEY_USAGE, ID_BAD_KEY_USAGE },
+		{ "no extKeyUsage", P_BC, P_KU, NULL, ID_BAD_EXT_KEY_USAGE, ID_BAD_EXT_KEY_USAGE },
+		{ "none of the three", NULL, NULL, NULL, ID_NO_BASIC_CONSTRAINTS,
+		  ID_NO_BASIC_CONSTRAINTS },
+		{ "CA:TRUE", "critical,CA:TRUE", P_KU, P_EKU, ID_LEAF_IS_CA, ID_LEAF_IS_CA },
+		{ "keyUsage without digitalSignature", P_BC, "critical,keyAgreement", P_EKU,
+		  ID_BAD_KEY_USAGE, ID_BAD_KEY_USAGE },
+		/*
+		 * A present extKeyUsage without the role's purpose fails OpenSSL's
+		 * own purpose check (ssl_client, ssl_server) before ours: untrusted.
+		 * A client needs clientAuth, a server serverAuth.
+		 */
+		{ "extKeyUsage codeSigning", P_BC, P_KU, "codeSigning", TLS_FAIL_UNTRUSTED,
+		  TLS_FAIL_UNTRUSTED },
+		{ "extKeyUsage serverAuth only", P_BC, P_KU, "serverAuth", TLS_FAIL_UNTRUSTED, 0 },
+		{ "extKeyUsage clientAuth only", P_BC, P_KU, "clientAuth", 0, TLS_FAIL_UNTRUSTED },
+	};
+	EVP_PKEY *root_key = EVP_EC_gen("P-256");
+	X509 *root;
+
+	(void)state;
+	assert_non_null(root_key);
+	root = make_signed(root_key, NULL, NULL, NULL, "critical,CA:TRUE",
+	                   "critical,keyCertSign,cRLSign", NULL, 1);
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		const struct leaf_spec *c = &cases[i];
+		struct tls_material *good_orders = leaf_material(root, root_key, "orders", P_BC, P_KU,
+		                                                 P_EKU);
+		struct tls_material *good_front = leaf_material(root, root_key, "frontend", P_BC, P_KU,
+		                                                P_EKU);
+		struct tls_material *client = leaf_material(root, root_key, "frontend", c->bc, c->ku,
+		                                            c->eku);
+		struct tls_material *server = leaf_material(root, root_key, "orders", c->bc, c->ku,
+		                                            c->eku);
+		/* The leaf as a client's, then as a server's. */
+		struct outcome as_client = handshake(good_orders, client, "spiffe://" TD "/svc/orders");
+		struct outcome as_server = handshake(server, good_front, "spiffe://" TD "/svc/orders");
+
+		if (as_client.ok != (c->as_client == 0) || as_client.server_reason != c->as_client ||
+		    as_server.ok != (c->as_server == 0) || as_server.client_reason != c->as_server)
+			fail_msg("%s: as client %s (want %s), as server %s (want %s)", c->name,
+			         metrics_tls_reason_str(as_client.server_reason),
+			         metrics_tls_reason_str(c->as_client),
+			         metrics_tls_reason_str(as_server.client_reason),
+			         metrics_tls_reason_str(c->as_server));
+		tls_material_free(good_orders);
+		tls_material_free(good_front);
+		tls_material_free(client);
+		tls_material_free(server);
+	}
+	X509_free(root);
+	EVP_PKEY_free(root_key);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -295,6 +467,8 @@ int main(void)
 		cmocka_unit_test(test_client_from_other_ca),
 		cmocka_unit_test(test_revoked_client),
 		cmocka_unit_test(test_material_refusals),
+		cmocka_unit_test(test_svid_profile_in_handshakes),
+		cmocka_unit_test(test_material_digest),
 	};
 
 	return cmocka_run_group_tests(tests, setup, teardown);
