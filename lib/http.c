@@ -334,14 +334,18 @@ static int put_raw(unsigned char c, char *out, size_t *o, const struct utf8 *u,
 	return -EINVAL;
 }
 
-/* "%25" followed by two hex digits: an app that decodes twice would differ. */
+/*
+ * An encoded '%' ("%25") anywhere: an app that decodes twice reads "%25XX"
+ * as the byte XX and IIS-style servers read "%25uXXXX" as a UTF-16 code
+ * unit, so no narrower rule is safe. A literal '%' in a path is rare
+ * enough to be worth refusing.
+ */
 static bool double_encoded(const char *s, size_t len)
 {
 	size_t i;
 
-	for (i = 0; i + 4 < len; i++)
-		if (s[i] == '%' && s[i + 1] == '2' && s[i + 2] == '5' &&
-		    hexval((unsigned char)s[i + 3]) >= 0 && hexval((unsigned char)s[i + 4]) >= 0)
+	for (i = 0; i + 2 < len; i++)
+		if (s[i] == '%' && s[i + 1] == '2' && s[i + 2] == '5')
 			return true;
 	return false;
 }

@@ -335,7 +335,8 @@ const char *http_head_policy_header(const void *ctx, const char *lname);
  *   other control characters raw or encoded (%01-%1F, %7F), SP, DEL, raw
  *   bytes >= 0x80, encoded bytes >= 0x80 that are not valid UTF-8 (overlong
  *   forms, surrogates), invalid escapes ("%", "%4", "%zz"), double
- *   encoding ("%25" followed by two hex digits), raw ';' (path parameters:
+ *   encoding (any "%25": whatever follows it, an app that decodes
+ *   twice or reads IIS-style "%uXXXX" would differ), raw ';' (path parameters:
  *   Tomcat/Jetty read "/admin;x/" as "/admin/" and "/..;/" as "/../"), raw
  *   characters outside RFC 3986 pchar ("|^`{}[]<>\"#?"), and ".." above
  *   the root ("/../x").
