@@ -100,6 +100,10 @@ int httpflow_new(struct conn *c)
 		lim.max_header_bytes += MESH_FIELD_ALLOWANCE;
 	}
 	http_request_init(&hf->req, &lim);
+	/* The policy decides on the head: a trailer must not add what it evaluates. */
+	if (c->inbound)
+		http_request_guard_trailers(&hf->req, c->snap->policy_headers,
+		                            c->snap->n_policy_headers);
 	http_response_init(&hf->resp, NULL);
 	hf->req_between = true;
 	clock_gettime(CLOCK_MONOTONIC, &hf->head_started);
@@ -355,9 +359,10 @@ static bool decide(struct conn *c, struct req_entry *e, const struct http_head *
 	struct policy_decision d;
 	struct metrics_decision *counter;
 
-	if (http_head_find_duplicate(h, s->policy_headers, s->n_policy_headers)) {
+	/* Decide on the head as the app will receive it, or not at all. */
+	e->local_reason = http_head_check_policy_fields(h, s->policy_headers, s->n_policy_headers);
+	if (e->local_reason) {
 		e->local_status = 400;
-		e->local_reason = "repeated header that the policy evaluates";
 		return false;
 	}
 	d = policy_eval(s->policy, &req);
