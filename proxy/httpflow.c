@@ -602,6 +602,8 @@ static int forward_response_head(struct conn *c, const struct http_head *h)
 		http_resume(&hf->req, true);
 		c->d[req_dir(c)].paused = false;
 		log_request(c, e);    /* a tunnel has no end to log at: log its start */
+		/* Its "no keep-alive" only means no more HTTP: nothing below applies. */
+		return 1;
 	} else if (h->status >= 200 && (e->flags & (HTTP_REQ_UPGRADE | HTTP_REQ_CONNECT))) {
 		http_resume(&hf->req, false);
 		if (!hf->req_stopped)
@@ -666,6 +668,8 @@ static int produce_response(struct conn *c)
 		return 1;
 	case HTTP_EV_MESSAGE_COMPLETE:
 		hf->resp_in_message = false;
+		if (hf->tunnel)
+			return 1;    /* the head of a 2xx to CONNECT: logged when it went out */
 		if (e && e->status >= 200) {
 			log_request(c, e);
 			pop_front(hf);
