@@ -212,6 +212,13 @@ static bool list_next(const char **s, const char *end, const char **tok, size_t 
 	return true;
 }
 
+/* close, keep-alive and upgrade: kept in Connection, name no field to drop. */
+static bool standard_option(const char *t, size_t tl)
+{
+	return mem_ieq(t, tl, "close", 5) || mem_ieq(t, tl, "keep-alive", 10) ||
+	       mem_ieq(t, tl, "upgrade", 7);
+}
+
 static bool is_token(const char *s, size_t len)
 {
 	size_t i;
@@ -334,14 +341,18 @@ static int put_raw(unsigned char c, char *out, size_t *o, const struct utf8 *u,
 	return -EINVAL;
 }
 
-/* "%25" followed by two hex digits: an app that decodes twice would differ. */
+/*
+ * An encoded '%' ("%25") anywhere: an app that decodes twice reads "%25XX"
+ * as the byte XX and IIS-style servers read "%25uXXXX" as a UTF-16 code
+ * unit, so no narrower rule is safe. A literal '%' in a path is rare
+ * enough to be worth refusing.
+ */
 static bool double_encoded(const char *s, size_t len)
 {
 	size_t i;
 
-	for (i = 0; i + 4 < len; i++)
-		if (s[i] == '%' && s[i + 1] == '2' && s[i + 2] == '5' &&
-		    hexval((unsigned char)s[i + 3]) >= 0 && hexval((unsigned char)s[i + 4]) >= 0)
+	for (i = 0; i + 2 < len; i++)
+		if (s[i] == '%' && s[i + 1] == '2' && s[i + 2] == '5')
 			return true;
 	return false;
 }
@@ -455,6 +466,13 @@ void http_request_init(struct http_parser_state *p, const struct http_limits *li
 void http_response_init(struct http_parser_state *p, const struct http_limits *lim)
 {
 	parser_init(p, HTTP_KIND_RESPONSE, lim);
+}
+
+void http_request_guard_trailers(struct http_parser_state *p, const char *const *names,
+                                 size_t n)
+{
+	p->guarded = names;
+	p->n_guarded = n;
 }
 
 void http_response_expect(struct http_parser_state *p, unsigned req_flags)
@@ -1463,11 +1481,20 @@ static struct verdict trailer_name_done(struct http_parser_state *p)
 
 	if (p->trailer_name_len == 0)
 		return refuse(400, "invalid trailer name");
-	if (p->trailer_name_len > sizeof(p->trailer_name))
-		return ok_verdict;      /* longer than any forbidden name */
+	if (p->trailer_name_len > sizeof(p->trailer_name)) {
+		/* Longer than any forbidden name; a guarded name may be as long. */
+		for (i = 0; i < p->n_guarded; i++)
+			if (strlen(p->guarded[i]) > sizeof(p->trailer_name))
+				return refuse(400, "trailer name too long to check");
+		return ok_verdict;
+	}
 	for (i = 0; i < sizeof(forbidden_trailers) / sizeof(forbidden_trailers[0]); i++)
 		if (name_eq_loose(p->trailer_name, p->trailer_name_len, forbidden_trailers[i]))
 			return refuse(400, "forbidden trailer field");
+	/* The decision was made on the head: a trailer must not add to it. */
+	for (i = 0; i < p->n_guarded; i++)
+		if (name_eq_loose(p->trailer_name, p->trailer_name_len, p->guarded[i]))
+			return refuse(400, "trailer names a header that the policy evaluates");
 	return ok_verdict;
 }
 
@@ -1743,9 +1770,65 @@ const char *http_head_find_duplicate(const struct http_head *h, const char *cons
 
 const char *http_head_policy_header(const void *ctx, const char *lname)
 {
-	const char *v;
+	const struct http_head *h = ctx;
+	const char *v = NULL;
+	size_t i, n = 0;
 
-	return http_head_count(ctx, lname, &v) == 1 ? v : NULL;
+	/* Exact names: a '_' spelling is not what the app reads as lname (and
+	 * http_head_check_policy_fields() refuses it). */
+	for (i = 0; i < h->n_fields; i++)
+		if (name_eq(h->fields[i].name, h->fields[i].name_len, lname) && n++ == 0)
+			v = h->fields[i].value;
+	return n == 1 ? v : NULL;
+}
+
+/* True when a Connection option of h names name ('_' == '-'). */
+static bool connection_names(const struct http_head *h, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < h->n_fields; i++) {
+		const struct http_field *c = &h->fields[i];
+		const char *s = c->value, *end = c->value + c->value_len, *t;
+		size_t tl;
+
+		if (!name_eq(c->name, c->name_len, "connection"))
+			continue;
+		while (list_next(&s, end, &t, &tl))
+			if (!standard_option(t, tl) && name_eq_loose(t, tl, name))
+				return true;
+	}
+	return false;
+}
+
+/* True when a field of h spelt with '_' reads as name once '_' is '-'. */
+static bool underscore_spelling(const struct http_head *h, const char *name)
+{
+	size_t i;
+
+	for (i = 0; i < h->n_fields; i++) {
+		const struct http_field *f = &h->fields[i];
+
+		if (memchr(f->name, '_', f->name_len) && name_eq_loose(f->name, f->name_len, name))
+			return true;
+	}
+	return false;
+}
+
+const char *http_head_check_policy_fields(const struct http_head *h, const char *const *names,
+                                          size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		if (underscore_spelling(h, names[i]))
+			return "'_' spelling of a header that the policy evaluates";
+		if (http_head_count(h, names[i], NULL) > 1)
+			return "repeated header that the policy evaluates";
+		if (connection_names(h, names[i]))
+			return "Connection option names a header that the policy evaluates";
+	}
+	return NULL;
 }
 
 /* ---- serialisation ---------------------------------------------------------- */
@@ -1826,13 +1909,6 @@ static void put_start_line(struct writer *w, const struct http_head *h)
 	put(w, " ", 1);
 	put_str(w, version);
 	put(w, "\r\n", 2);
-}
-
-/* close, keep-alive and upgrade: kept in Connection, name no field to drop. */
-static bool standard_option(const char *t, size_t tl)
-{
-	return mem_ieq(t, tl, "close", 5) || mem_ieq(t, tl, "keep-alive", 10) ||
-	       mem_ieq(t, tl, "upgrade", 7);
 }
 
 /* What serialisation drops; computed once per call. */

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "meshlet/identity.h"
 
@@ -317,6 +318,18 @@ static bool valid_header_value(const char *v)
 	return true;
 }
 
+/* Hop-by-hop fields the proxy removes, and the one it sets itself. */
+static bool not_forwarded_header(const char *name)
+{
+	static const char *const names[] = { "connection", "keep-alive", "proxy-connection",
+		                             "x-forwarded-client-cert" };
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		if (strcasecmp(name, names[i]) == 0)
+			return true;
+	return false;
+}
+
 static int add_header(struct policy_rule *r, const char *name, const char *value,
                       const char *hpath, struct meshlet_err *err)
 {
@@ -327,6 +340,16 @@ static int add_header(struct policy_rule *r, const char *name, const char *value
 		return err_set(err, hpath, "not a valid header name (RFC 7230 token)");
 	if (!valid_header_value(value))
 		return err_set(err, hpath, "must not contain CR, LF or other control characters");
+	/*
+	 * The proxy decides on the head as the app receives it: '_' spellings
+	 * of a policy header are refused on the wire (apps disagree on whether
+	 * x_a is X-A), and these fields never reach the app as the caller sent them.
+	 */
+	if (strchr(name, '_'))
+		return err_set(err, hpath, "'_' in a header name: spell it with '-' (requests "
+		               "spelling a policy header with '_' are refused)");
+	if (not_forwarded_header(name))
+		return err_set(err, hpath, "the proxy does not forward this header as received");
 	h->name = strdup(name);
 	h->value = strdup(value);
 	if (!h->name || !h->value) {

@@ -100,6 +100,10 @@ int httpflow_new(struct conn *c)
 		lim.max_header_bytes += MESH_FIELD_ALLOWANCE;
 	}
 	http_request_init(&hf->req, &lim);
+	/* The policy decides on the head: a trailer must not add what it evaluates. */
+	if (c->inbound)
+		http_request_guard_trailers(&hf->req, c->snap->policy_headers,
+		                            c->snap->n_policy_headers);
 	http_response_init(&hf->resp, NULL);
 	hf->req_between = true;
 	hf->head_started = conn_clock_ms();
@@ -355,9 +359,10 @@ static bool decide(struct conn *c, struct req_entry *e, const struct http_head *
 	struct policy_decision d;
 	struct metrics_decision *counter;
 
-	if (http_head_find_duplicate(h, s->policy_headers, s->n_policy_headers)) {
+	/* Decide on the head as the app will receive it, or not at all. */
+	e->local_reason = http_head_check_policy_fields(h, s->policy_headers, s->n_policy_headers);
+	if (e->local_reason) {
 		e->local_status = 400;
-		e->local_reason = "repeated header that the policy evaluates";
 		return false;
 	}
 	d = policy_eval(s->policy, &req);
@@ -607,6 +612,8 @@ static int forward_response_head(struct conn *c, const struct http_head *h)
 		http_resume(&hf->req, true);
 		c->d[req_dir(c)].paused = false;
 		log_request(c, e);    /* a tunnel has no end to log at: log its start */
+		/* Its "no keep-alive" only means no more HTTP: nothing below applies. */
+		return 1;
 	} else if (h->status >= 200 && (e->flags & (HTTP_REQ_UPGRADE | HTTP_REQ_CONNECT))) {
 		http_resume(&hf->req, false);
 		if (!hf->req_stopped)
@@ -671,6 +678,8 @@ static int produce_response(struct conn *c)
 		return 1;
 	case HTTP_EV_MESSAGE_COMPLETE:
 		hf->resp_in_message = false;
+		if (hf->tunnel)
+			return 1;    /* the head of a 2xx to CONNECT: logged when it went out */
 		if (e && e->status >= 200) {
 			log_request(c, e);
 			pop_front(hf);

@@ -73,9 +73,11 @@
  *   authority must equal Host (case-insensitive; Host required then, also in
  *   1.0), else 400. The query is forwarded verbatim and never normalised.
  * - Field names compare case-insensitively with '_' equal to '-' (CGI-style
- *   apps merge them): x_tenant counts as a copy of x-tenant, and
- *   x_forwarded_client_cert is dropped like x-forwarded-client-cert.
- *   Framing/routing fields spelt with '_' (content_length, host, ...): 400.
+ *   apps merge them) when fields are dropped or counted: x_tenant counts as
+ *   a copy of x-tenant, and x_forwarded_client_cert is dropped like
+ *   x-forwarded-client-cert. Framing/routing fields spelt with '_'
+ *   (content_length, host, ...): 400. Policy lookups use exact names and
+ *   http_head_check_policy_fields() refuses '_' spellings of them.
  * - Unknown methods (valid tokens http-parser does not know, e.g. "get"): 501.
  * - h2c upgrades and HTTP2-Settings: 400. Other Upgrade values are reported.
  * - Connection options other than close/keep-alive/upgrade are removed on
@@ -84,7 +86,8 @@
  *   Keep-Alive and Proxy-Connection fields are dropped.
  * - Trailer fields are validated like header fields; trailers named
  *   content-length, transfer-encoding, host, connection, upgrade, trailer
- *   or x-forwarded-client-cert are refused.
+ *   or x-forwarded-client-cert are refused, and so are trailers naming a
+ *   header the policy evaluates (http_request_guard_trailers()).
  * Path rules: see http_path_normalize().
  */
 #ifndef MESHLET_HTTP_H
@@ -207,8 +210,10 @@ struct http_parser_state {
 	int chunk_state;
 	size_t chunk_line;              /* bytes of the current chunk/trailer line */
 	size_t trailer_bytes, n_trailers;
-	char trailer_name[32];
+	char trailer_name[64];
 	size_t trailer_name_len;
+	const char *const *guarded;     /* trailer names refused (policy's) */
+	size_t n_guarded;
 	/* response side */
 	unsigned expect_flags;
 	bool expecting;
@@ -226,6 +231,15 @@ void http_limits_default(struct http_limits *lim);
  * arrive. Release with http_cleanup().
  */
 void http_request_init(struct http_parser_state *p, const struct http_limits *lim);
+
+/*
+ * Request side: trailers of chunked requests naming one of names[0..n)
+ * (compared case-insensitively, '_' == '-') are refused with 400, because
+ * the policy decided on the head before they arrived. names must outlive
+ * p (the connection's snapshot); n 0 turns it off.
+ */
+void http_request_guard_trailers(struct http_parser_state *p, const char *const *names,
+                                 size_t n);
 
 /*
  * Initialises p as a response parser (upstream -> proxy). Call
@@ -316,11 +330,24 @@ const char *http_head_find_duplicate(const struct http_head *h, const char *cons
 
 /*
  * For struct policy_request.header (ctx: the struct http_head): the value
- * of lname when it occurs exactly once, NULL when absent or repeated. Check
- * http_head_find_duplicate() first: NULL for a repeated field is not a
- * refusal by itself.
+ * of the field named exactly lname (case-insensitive; "x_a" is not "x-a")
+ * when it occurs once, NULL when absent or repeated. Check
+ * http_head_check_policy_fields() first: NULL is not a refusal by itself.
  */
 const char *http_head_policy_header(const void *ctx, const char *lname);
+
+/*
+ * The policy must decide on the head as it is forwarded. For the header
+ * names a policy evaluates (names[0..n), lower-case), returns why h must be
+ * refused with 400, or NULL:
+ * - a field spelt with '_' that reads as one of names with '-' ("x_tenant"
+ *   for "x-tenant"): frameworks disagree on whether that is X-Tenant;
+ * - one of names occurring more than once (counting '_' spellings);
+ * - a Connection option naming one of names: the field would be removed
+ *   before forwarding, so the app would not see what the policy saw.
+ */
+const char *http_head_check_policy_fields(const struct http_head *h, const char *const *names,
+                                          size_t n);
 
 /*
  * Normalises the path of a request target (in, len bytes; the part before
@@ -335,7 +362,8 @@ const char *http_head_policy_header(const void *ctx, const char *lname);
  *   other control characters raw or encoded (%01-%1F, %7F), SP, DEL, raw
  *   bytes >= 0x80, encoded bytes >= 0x80 that are not valid UTF-8 (overlong
  *   forms, surrogates), invalid escapes ("%", "%4", "%zz"), double
- *   encoding ("%25" followed by two hex digits), raw ';' (path parameters:
+ *   encoding (any "%25": whatever follows it, an app that decodes
+ *   twice or reads IIS-style "%uXXXX" would differ), raw ';' (path parameters:
  *   Tomcat/Jetty read "/admin;x/" as "/admin/" and "/..;/" as "/../"), raw
  *   characters outside RFC 3986 pchar ("|^`{}[]<>\"#?"), and ".." above
  *   the root ("/../x").

@@ -69,8 +69,8 @@ class HttpApp:
       ok        answers every request 200 with a JSON body naming the
                 method, path and query; keep-alive unless the request says
                 close
-      upgrade   like ok, but a request with an Upgrade field gets 101 and
-                the connection then echoes raw bytes
+      upgrade   like ok, but a request with an Upgrade field gets 101 (a
+                CONNECT gets 200) and the connection then echoes raw bytes
       silent    reads requests, never answers
       garbage   answers every request with bytes that are not HTTP
       close     closes the connection after reading a request, no answer
@@ -201,6 +201,10 @@ class HttpApp:
                 if self.mode == "garbage":
                     conn.sendall(b"this is not HTTP at all\r\n\r\n")
                     continue
+                if self.mode == "upgrade" and method == "CONNECT":
+                    conn.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    self._echo(conn, buf)
+                    return
                 if self.mode == "upgrade" and "upgrade" in lower:
                     time.sleep(self.upgrade_delay)
                     conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: "

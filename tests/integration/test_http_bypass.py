@@ -55,6 +55,9 @@ CASES = [
     ("pct5c-dotdot", h("/x/..%5cadmin/y"), BAD),
     ("double-encoded-slash", h("/admin%252Fx"), BAD),
     ("double-encoded-dot", h("/x/%252e%252e/admin/y"), BAD),
+    ("double-encoded-u", h("/x/%25u002e%25u002e/%61%64%6d%69%6e/y"), BAD),
+    ("encoded-percent", h("/x/100%25"), BAD),
+    ("pct-u", h("/x/%u002e%u002e/admin/y"), BAD),
     # encoded unreserved characters: decoded, then matched
     ("pct-letter", h("/%61dmin/x"), DENY),
     ("pct-letter-upper", h("/%41DMIN/x"), 200),   # %41 = 'A': /ADMIN/x, see case below

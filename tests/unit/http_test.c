@@ -78,9 +78,6 @@ static const struct norm_case norm_cases[] = {
 	N("/%3f", "/%3F"),
 	N("/%23", "/%23"),
 	N("/a%2bb", "/a%2Bb"),
-	N("/%25", "/%25"),
-	N("/100%25", "/100%25"),
-	N("/%25zz", "/%25zz"),
 	/* path parameters: refused */
 	N("/..;/admin", NULL),
 	N("/a/..;/admin", NULL),
@@ -109,10 +106,34 @@ static const struct norm_case norm_cases[] = {
 	N("/%zz", NULL),
 	N("/%4g", NULL),
 	N("/a%/b", NULL),
-	/* double encoding */
+	/* double encoding: any encoded '%' is refused, whatever follows it */
 	N("/%252e%252e/admin", NULL),
 	N("/%252F", NULL),
 	N("/%25%32%65", NULL),
+	N("/%25", NULL),
+	N("/100%25", NULL),
+	N("/%25zz", NULL),
+	N("/%2525", NULL),
+	N("/a%25/b", NULL),
+	/* IIS-style %u escapes, raw and double-encoded */
+	N("/%u002e%u002e/admin", NULL),
+	N("/%U002E", NULL),
+	N("/a%u2215b", NULL),
+	N("/public/%25u002e%25u002e/%61%64%6d%69%6e", NULL),
+	N("/%25u002e", NULL),
+	N("/%25U002F", NULL),
+	N("/%25u", NULL),
+	/* overlong UTF-8 forms of '.', backslash, 'a' and NUL */
+	N("/%c0%ae", NULL),
+	N("/%C0%AE%C0%AE/admin", NULL),
+	N("/%e0%80%ae", NULL),
+	N("/%f0%80%80%ae", NULL),
+	N("/%f8%80%80%80%ae", NULL),
+	N("/%fc%80%80%80%80%ae", NULL),
+	N("/%c1%9c", NULL),
+	N("/%c1%a1dmin", NULL),
+	N("/%c0%80", NULL),
+	N("/%252fadmin", NULL),
 	/* UTF-8 */
 	N("/caf%c3%a9", "/caf%C3%A9"),
 	N("/caf%C3%A9", "/caf%C3%A9"),
@@ -1161,10 +1182,133 @@ static void test_duplicates(void **state)
 	assert_null(v);
 	assert_string_equal(http_head_find_duplicate(h, names, 2), "x-tenant");
 	assert_null(http_head_find_duplicate(h, names, 1));
-	assert_null(http_head_policy_header(h, "x-tenant"));
+	/* Policy lookups take exact names; the '_' copy is refused elsewhere. */
+	assert_string_equal(http_head_policy_header(h, "x-tenant"), "acme");
+	assert_string_equal(http_head_policy_header(h, "x_tenant"), "evil");
 	assert_string_equal(http_head_policy_header(h, "x-user"), "u");
 	assert_null(http_head_policy_header(h, "x-none"));
 	http_cleanup(&p);
+}
+
+/* ---- the head as forwarded: fields the policy evaluates -------------------- */
+
+struct pf_case {
+	const char *raw;
+	size_t len;
+	bool refused;
+};
+
+#define PF(lit, refused) { lit, sizeof(lit) - 1, refused }
+#define GET1 "GET / HTTP/1.1\r\nHost: a\r\n"
+
+static const struct pf_case pf_cases[] = {
+	PF(GET1 "X-Tenant: acme\r\n\r\n", false),
+	PF(GET1 "x-tenant: acme\r\nx-other: 1\r\nConnection: x-other\r\n\r\n", false),
+	PF(GET1 "x-tenant: acme\r\nx_other: 1\r\n\r\n", false),
+	PF(GET1 "x-tenant: acme\r\nConnection: close, keep-alive\r\n\r\n", false),
+	PF(GET1 "x-tenantx: 1\r\nConnection: x-tenantx\r\n\r\n", false),
+	PF(GET1 "\r\n", false),
+	/* a Connection option naming it: removed before forwarding */
+	PF(GET1 "x-tenant: acme\r\nConnection: x-tenant\r\n\r\n", true),
+	PF(GET1 "x-tenant: acme\r\nConnection: close,X-Tenant\r\n\r\n", true),
+	PF(GET1 "x-tenant: acme\r\nConnection: x_tenant\r\n\r\n", true),
+	PF(GET1 "Connection: keep-alive\r\nx-tenant: a\r\nconnection: x-tenant\r\n\r\n", true),
+	PF(GET1 "Connection: x-role\r\n\r\n", true),
+	/* '_' spellings: frameworks disagree on whether they are the same field */
+	PF(GET1 "x_tenant: acme\r\n\r\n", true),
+	PF(GET1 "X_TENANT: acme\r\n\r\n", true),
+	PF(GET1 "x-tenant: acme\r\nx_role: admin\r\n\r\n", true),
+	/* repeated */
+	PF(GET1 "x-tenant: acme\r\nx-tenant: acme\r\n\r\n", true),
+	PF(GET1 "x-tenant: acme\r\nX-TENANT: evil\r\n\r\n", true),
+};
+
+static void test_policy_fields(void **state)
+{
+	static const char *const names[] = { "x-tenant", "x-role" };
+	size_t i;
+
+	(void)state;
+	for (i = 0; i < ARRAY_LEN(pf_cases); i++) {
+		struct http_parser_state p;
+		const struct http_head *h = parse_one(&p, pf_cases[i].raw, pf_cases[i].len);
+		const char *why = http_head_check_policy_fields(h, names, 2);
+
+		if ((why != NULL) != pf_cases[i].refused)
+			print_error("case %zu: %s\n", i, why ? why : "accepted");
+		assert_int_equal(why != NULL, pf_cases[i].refused);
+		assert_null(http_head_check_policy_fields(h, names, 0));
+		http_cleanup(&p);
+	}
+}
+
+/* Feeds a whole request; returns the error status, or 0 at MESSAGE_COMPLETE. */
+static int feed_request(struct http_parser_state *p, const char *raw, size_t len)
+{
+	for (;;) {
+		size_t used;
+		struct http_event ev = http_feed(p, raw, len, &used);
+
+		raw += used;
+		len -= used;
+		if (ev.type == HTTP_EV_ERROR)
+			return ev.status;
+		if (ev.type == HTTP_EV_MESSAGE_COMPLETE)
+			return 0;
+		if (ev.type == HTTP_EV_NEED_MORE)
+			return -1;
+	}
+}
+
+static void test_guarded_trailers(void **state)
+{
+	static const char *const names[] = { "x-tenant" };
+	static const char long_name[] = "x-a-very-long-header-name-that-is-longer-than-the-"
+	                                "trailer-name-buffer";
+	static const char *const long_names[] = { long_name };
+	static const struct {
+		const char *trailer;
+		int status;
+	} cases[] = {
+		{ "", 0 },
+		{ "x-checksum: 1\r\n", 0 },
+		{ "x-tenant: evil\r\n", 400 },
+		{ "X-TENANT: evil\r\n", 400 },
+		{ "x_tenant: evil\r\n", 400 },
+		{ "x-checksum: 1\r\nx-tenant: evil\r\n", 400 },
+		{ "x-tenants: 1\r\n", 0 },
+	};
+	char raw[512];
+	size_t i;
+
+	(void)state;
+	for (i = 0; i < ARRAY_LEN(cases); i++) {
+		struct http_parser_state p, q;
+		int n = snprintf(raw, sizeof(raw), "POST / HTTP/1.1\r\nHost: a\r\n"
+		                 "Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n%s\r\n",
+		                 cases[i].trailer);
+
+		http_request_init(&p, NULL);
+		http_request_guard_trailers(&p, names, 1);
+		assert_int_equal(feed_request(&p, raw, (size_t)n), cases[i].status);
+		http_cleanup(&p);
+		/* Unguarded, every one of them passes. */
+		http_request_init(&q, NULL);
+		assert_int_equal(feed_request(&q, raw, (size_t)n), 0);
+		http_cleanup(&q);
+	}
+	/* A guarded name longer than what the parser keeps of a trailer name. */
+	for (i = 0; i < 2; i++) {
+		struct http_parser_state p;
+		int n = snprintf(raw, sizeof(raw), "POST / HTTP/1.1\r\nHost: a\r\n"
+		                 "Transfer-Encoding: chunked\r\n\r\n0\r\n%s: 1\r\n\r\n",
+		                 i ? long_name : "x-short");
+
+		http_request_init(&p, NULL);
+		http_request_guard_trailers(&p, long_names, 1);
+		assert_int_equal(feed_request(&p, raw, (size_t)n), i ? 400 : 0);
+		http_cleanup(&p);
+	}
 }
 
 static void test_status_reason(void **state)
@@ -1197,6 +1341,8 @@ int main(void)
 		cmocka_unit_test(test_serialize_hop_by_hop),
 		cmocka_unit_test(test_serialize_other),
 		cmocka_unit_test(test_duplicates),
+		cmocka_unit_test(test_policy_fields),
+		cmocka_unit_test(test_guarded_trailers),
 		cmocka_unit_test(test_status_reason),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
