@@ -109,10 +109,12 @@ def root_links():
 
 
 def root_iptables():
+    """The root namespace's nat and filter rules, IPv4 and IPv6."""
     out = []
-    for table in ("nat", "filter"):
-        r = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True)
-        out += [f"{table}: {line}" for line in r.stdout.splitlines()]
+    for tool in ("iptables", "ip6tables"):
+        for table in ("nat", "filter"):
+            r = subprocess.run([tool, "-w", "-t", table, "-S"], capture_output=True, text=True)
+            out += [f"{tool} {table}: {line}" for line in r.stdout.splitlines()]
     return out
 
 
@@ -142,6 +144,7 @@ class Mesh:
         self.proxy_uid = int(info["PROXY_UID"])
         self.ns = {n: info[f"NS_{n.upper()}"] for n in ("control", "net") + SERVICES}
         self.ip = {n: info[f"IP_{n.upper()}"] for n in ("control",) + SERVICES}
+        self.ip6 = {n: info.get(f"IP6_{n.upper()}", "") for n in ("control",) + SERVICES}
         self.down_done = False
         self._n = 0
 
@@ -152,7 +155,7 @@ class Mesh:
         if p.returncode != 0:
             raise AssertionError(f"demo --setup-only failed ({p.returncode}):\n"
                                  f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        info = dict(re.findall(r"^([A-Z_]+)=(.*)$", p.stdout, re.M))
+        info = dict(re.findall(r"^([A-Z0-9_]+)=(.*)$", p.stdout, re.M))
         return cls(info)
 
     def pids(self):
