@@ -19,12 +19,13 @@ Needs root: skipped with the reason otherwise.
 """
 
 import ipaddress
+import json
 import os
 import subprocess
 import time
 
 import pytest
-from e2e_helpers import IPTABLES_HELPER, netns_list, root_iptables, wait_for
+from e2e_helpers import IPTABLES_HELPER, build_dir, netns_list, root_iptables, wait_for
 from e2e_helpers import e2e_runnable, mesh, root_before  # noqa: F401  (fixtures)
 
 HANDSHAKE_FAILURES = 'meshlet_tls_handshake_failures_total{reason="handshake"}'
@@ -206,6 +207,65 @@ def test_ipv6_off_leaves_ipv6_alone(v6):
     assert "200" not in connect(v6, "control", v6.ip6["orders"], 8080)
 
 
+class Sidecar:
+    """frontend's sidecar restarted by the test with another config (it
+    keeps its SVID in its state_dir); the demo's own process is stopped."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self.proc = None
+        self.n = 0
+
+    def stop_demo_proxy(self):
+        pid, _ = self.mesh.pids()["frontend-proxy"]
+        os.kill(pid, 15)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}/stat")
+                 or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10,
+                 what="the demo's frontend sidecar to exit")
+
+    def start(self, change):
+        self.stop()
+        cfg = json.loads((self.mesh.dir / "frontend" / "proxy.json").read_text())
+        change(cfg)
+        self.n += 1
+        f = self.mesh.dir / "frontend" / f"proxy-e2e-{self.n}.json"
+        f.write_text(json.dumps(cfg))
+        os.chmod(f, 0o644)
+        logs = self.mesh.dir / "logs"
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.mesh.ns["frontend"], "setpriv",
+             f"--reuid={self.mesh.proxy_uid}", f"--regid={self.mesh.proxy_uid}", "--clear-groups",
+             "--", build_dir() / "proxy" / "meshlet-proxy", "-c", str(f)],
+            stdout=open(logs / f"frontend-proxy-e2e-{self.n}.out", "w"),
+            stderr=open(logs / f"frontend-proxy-e2e-{self.n}.err", "w"))
+        wait_for(lambda: '"ready":true' in self.mesh.run(
+            "frontend", "curl", "-sS", "--max-time", "2", "http://127.0.0.1:15000/ready").stdout,
+            20, interval=0.1, what="the restarted frontend sidecar to be ready")
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+            self.proc = None
+
+
+def test_transparent_listener_on_dual_stack_wildcard(v6, echo):
+    """transparent.listen "[::]:15001" (one dual-stack socket) takes the
+    app's IPv4 calls, whose original destination is IPv4 (an IPv4-mapped
+    socket), and its IPv6 ones."""
+    side = Sidecar(v6)
+    side.stop_demo_proxy()
+    try:
+        side.start(lambda c: c["transparent"].update(listen="[::]:15001"))
+        code, body, err = v6.curl("frontend", v6.orders_url())
+        assert code == 200 and "3 open orders" in body, (code, body, err)
+        got = connect(v6, "frontend", echo, ECHO_PORT)
+        assert "echo server" not in got, got
+    finally:
+        side.start(lambda c: None)        # the demo's config again
+    assert v6.curl("frontend", v6.orders_url())[0] == 200
+
+
 def test_remove_takes_away_both_families(v6):
     helper(v6, "orders", "remove")
     try:
@@ -222,6 +282,8 @@ def test_down_leaves_no_ip6tables_rule_behind(mesh, root_before):
     assert p.returncode == 0, p.stderr
     assert [n for n in netns_list() if n.startswith(f"ml-{mesh.id}-")] == []
     assert root_iptables() == root_before["iptables"]
+    reports = mesh.sanitizer_reports()
+    assert not reports, "\n".join(reports)
 
 
 # ---- namespaces of their own: IPv6 disabled, ip6tables missing
