@@ -804,8 +804,7 @@ static int parse_log(const json_t *doc, struct parse_ctx *x)
 struct listen_ref {
 	const struct config_addr *addr;
 	char path[48];
-	struct config_addr twin;        /* the IPv6 side (inbound, transparent) */
-	bool has_twin;
+	bool has_twin;                  /* inbound, transparent: see config_addr_ipv6_twin */
 };
 
 /* All listen addresses in document order: inbound, outbound, transparent,
@@ -818,7 +817,7 @@ static size_t collect_listeners(const struct config *c, struct listen_ref *refs)
 	for (i = 0; i < c->n_inbound; i++, n++) {
 		refs[n].addr = &c->inbound[i].listen;
 		snprintf(refs[n].path, sizeof(refs[n].path), "inbound[%zu].listen", i);
-		refs[n].has_twin = config_addr_ipv6_twin(refs[n].addr, &refs[n].twin);
+		refs[n].has_twin = true;
 	}
 	for (i = 0; i < c->n_outbound; i++, n++) {
 		refs[n].addr = &c->outbound[i].listen;
@@ -828,7 +827,7 @@ static size_t collect_listeners(const struct config *c, struct listen_ref *refs)
 	if (c->has_transparent) {
 		refs[n].addr = &c->transparent_listen;
 		snprintf(refs[n].path, sizeof(refs[n].path), "transparent.listen");
-		refs[n].has_twin = config_addr_ipv6_twin(refs[n].addr, &refs[n].twin);
+		refs[n].has_twin = true;
 		n++;
 	}
 	refs[n].addr = &c->admin_listen;
@@ -837,14 +836,17 @@ static size_t collect_listeners(const struct config *c, struct listen_ref *refs)
 	return n + 1;
 }
 
-/* Another listener must not take the IPv6 side of an earlier one either. */
+/* Another listener must not take the IPv6 side of b either. */
 static int check_twin_clash(const struct listen_ref *a, const struct listen_ref *b,
                             struct meshlet_err *err)
 {
-	if (!b->has_twin || addr_clash(a->addr, &b->twin) == CLASH_NONE)
+	struct config_addr twin;
+
+	if (!b->has_twin || !config_addr_ipv6_twin(b->addr, &twin) ||
+	    addr_clash(a->addr, &twin) == CLASH_NONE)
 		return 0;
 	return err_set(err, a->path, "%s overlaps %s, where %s also listens for IPv6",
-	               a->addr->text, b->twin.text, b->path);
+	               a->addr->text, twin.text, b->path);
 }
 
 static int check_listen_dups(const struct config *c, struct meshlet_err *err)
