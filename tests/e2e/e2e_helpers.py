@@ -22,6 +22,7 @@ with the reason. The mesh is made once per test module and always removed
 at teardown.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -144,7 +145,9 @@ class Mesh:
         self.proxy_uid = int(info["PROXY_UID"])
         self.ns = {n: info[f"NS_{n.upper()}"] for n in ("control", "net") + SERVICES}
         self.ip = {n: info[f"IP_{n.upper()}"] for n in ("control",) + SERVICES}
-        self.ip6 = {n: info.get(f"IP6_{n.upper()}", "") for n in ("control",) + SERVICES}
+        # (canonical, as the proxies print them: fd6d:6c12:345::b, not ...:0345::b)
+        self.ip6 = {n: str(ipaddress.ip_address(info[f"IP6_{n.upper()}"]))
+                    if info.get(f"IP6_{n.upper()}") else "" for n in ("control",) + SERVICES}
         self.down_done = False
         self._n = 0
 

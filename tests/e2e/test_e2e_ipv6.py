@@ -25,7 +25,8 @@ import subprocess
 import time
 
 import pytest
-from e2e_helpers import IPTABLES_HELPER, build_dir, netns_list, root_iptables, wait_for
+from e2e_helpers import (IPTABLES_HELPER, alive, build_dir, netns_list, root_iptables, spiffe,
+                         wait_for)
 from e2e_helpers import e2e_runnable, mesh, root_before  # noqa: F401  (fixtures)
 
 HANDSHAKE_FAILURES = 'meshlet_tls_handshake_failures_total{reason="handshake"}'
@@ -209,7 +210,8 @@ def test_ipv6_off_leaves_ipv6_alone(v6):
 
 class Sidecar:
     """frontend's sidecar restarted by the test with another config (it
-    keeps its SVID in its state_dir); the demo's own process is stopped."""
+    keeps its SVID in its state_dir); the demo's own process is stopped the
+    first time, and one restarted process runs at a time."""
 
     def __init__(self, mesh):
         self.mesh = mesh
@@ -217,13 +219,14 @@ class Sidecar:
         self.n = 0
 
     def stop_demo_proxy(self):
-        pid, _ = self.mesh.pids()["frontend-proxy"]
+        pid, st = self.mesh.pids()["frontend-proxy"]
+        if not alive(pid, st):
+            return
         os.kill(pid, 15)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}/stat")
-                 or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10,
-                 what="the demo's frontend sidecar to exit")
+        wait_for(lambda: not alive(pid, st), 10, what="the demo's frontend sidecar to exit")
 
     def start(self, change):
+        self.stop_demo_proxy()
         self.stop()
         cfg = json.loads((self.mesh.dir / "frontend" / "proxy.json").read_text())
         change(cfg)
@@ -242,6 +245,9 @@ class Sidecar:
             "frontend", "curl", "-sS", "--max-time", "2", "http://127.0.0.1:15000/ready").stdout,
             20, interval=0.1, what="the restarted frontend sidecar to be ready")
 
+    def stderr(self):
+        return (self.mesh.dir / "logs" / f"frontend-proxy-e2e-{self.n}.err").read_text()
+
     def stop(self):
         if self.proc:
             self.proc.terminate()
@@ -249,12 +255,17 @@ class Sidecar:
             self.proc = None
 
 
-def test_transparent_listener_on_dual_stack_wildcard(v6, echo):
+@pytest.fixture(scope="module")
+def side(v6):
+    s = Sidecar(v6)
+    yield s
+    s.stop()
+
+
+def test_transparent_listener_on_dual_stack_wildcard(v6, echo, side):
     """transparent.listen "[::]:15001" (one dual-stack socket) takes the
     app's IPv4 calls, whose original destination is IPv4 (an IPv4-mapped
     socket), and its IPv6 ones."""
-    side = Sidecar(v6)
-    side.stop_demo_proxy()
     try:
         side.start(lambda c: c["transparent"].update(listen="[::]:15001"))
         code, body, err = v6.curl("frontend", v6.orders_url())
@@ -263,6 +274,31 @@ def test_transparent_listener_on_dual_stack_wildcard(v6, echo):
         assert "echo server" not in got, got
     finally:
         side.start(lambda c: None)        # the demo's config again
+    assert v6.curl("frontend", v6.orders_url())[0] == 200
+
+
+def test_meshed_call_over_ipv6_end_to_end(v6, side):
+    """frontend's app calls orders' IPv6 address: its sidecar takes the call
+    (ip6tables -> [::1]:15001), maps the destination to orders, and opens
+    mutual TLS to orders' sidecar over IPv6 ([::]:15006), whose policy
+    allows it. Sidecars register one IPv4 address with control, so the
+    IPv6 endpoint is given in frontend's config here."""
+    url = f"http://[{v6.ip6['orders']}]:8080/orders"
+    try:
+        side.start(lambda c: c.update(outbound=[{
+            "listen": "127.0.0.1:9001", "service": "orders", "protocol": "http",
+            "endpoints": [f"[{v6.ip6['orders']}]:15006"]}]))
+        code, body, err = v6.curl("frontend", url)
+        assert (code, body) == (200, f"orders: 3 open orders (caller {spiffe('frontend')})"), \
+            (code, body, err, side.stderr()[-3000:], v6.stderr("orders-proxy")[-2000:])
+        line = wait_for(lambda: [e for e in v6.access_log("orders")
+                                 if e.get("source", "").startswith(f"[{v6.ip6['frontend']}]:")], 3,
+                        what="orders' access-log line for the IPv6 call")[-1]
+        assert (line["direction"], line["decision"], line["status"]) == ("inbound", "allow", 200)
+        # reports' app, whose sidecar has no such endpoint: outside the mesh, refused
+        assert v6.curl("reports", url)[0] == 0
+    finally:
+        side.start(lambda c: None)
     assert v6.curl("frontend", v6.orders_url())[0] == 200
 
 
