@@ -240,6 +240,27 @@ static bool addr_same_ip(const struct config_addr *a, const struct config_addr *
 	              sizeof(struct in6_addr)) == 0;
 }
 
+bool config_addr_ipv6_twin(const struct config_addr *a, struct config_addr *out)
+{
+	const struct sockaddr_in *sin = (const struct sockaddr_in *)&a->ss;
+	struct sockaddr_in6 six = {.sin6_family = AF_INET6};
+
+	if (a->ss.ss_family != AF_INET)
+		return false;
+	if (sin->sin_addr.s_addr == htonl(INADDR_LOOPBACK))
+		six.sin6_addr = in6addr_loopback;
+	else if (sin->sin_addr.s_addr != htonl(INADDR_ANY))
+		return false;
+	six.sin6_port = sin->sin_port;
+	memset(out, 0, sizeof(*out));
+	memcpy(&out->ss, &six, sizeof(six));
+	out->len = sizeof(six);
+	snprintf(out->text, sizeof(out->text), "[%s]:%u",
+	         IN6_IS_ADDR_LOOPBACK(&six.sin6_addr) ? "::1" : "::",
+	         (unsigned)config_addr_port(a));
+	return true;
+}
+
 enum addr_clash { CLASH_NONE, CLASH_SAME, CLASH_OVERLAP };
 
 /* Two listeners clash on the same port when their addresses are equal, or
@@ -783,10 +804,12 @@ static int parse_log(const json_t *doc, struct parse_ctx *x)
 struct listen_ref {
 	const struct config_addr *addr;
 	char path[48];
+	bool has_twin;                  /* inbound, transparent: see config_addr_ipv6_twin */
 };
 
 /* All listen addresses in document order: inbound, outbound, transparent,
- * admin. refs holds 2 * CONFIG_MAX_LISTENERS + 2 entries. */
+ * admin. refs holds 2 * CONFIG_MAX_LISTENERS + 2 entries. The listeners
+ * iptables redirects to also listen on their IPv6 twin. */
 static size_t collect_listeners(const struct config *c, struct listen_ref *refs)
 {
 	size_t i, n = 0;
@@ -794,19 +817,36 @@ static size_t collect_listeners(const struct config *c, struct listen_ref *refs)
 	for (i = 0; i < c->n_inbound; i++, n++) {
 		refs[n].addr = &c->inbound[i].listen;
 		snprintf(refs[n].path, sizeof(refs[n].path), "inbound[%zu].listen", i);
+		refs[n].has_twin = true;
 	}
 	for (i = 0; i < c->n_outbound; i++, n++) {
 		refs[n].addr = &c->outbound[i].listen;
 		snprintf(refs[n].path, sizeof(refs[n].path), "outbound[%zu].listen", i);
+		refs[n].has_twin = false;
 	}
 	if (c->has_transparent) {
 		refs[n].addr = &c->transparent_listen;
 		snprintf(refs[n].path, sizeof(refs[n].path), "transparent.listen");
+		refs[n].has_twin = true;
 		n++;
 	}
 	refs[n].addr = &c->admin_listen;
 	snprintf(refs[n].path, sizeof(refs[n].path), "admin.listen");
+	refs[n].has_twin = false;
 	return n + 1;
+}
+
+/* Another listener must not take the IPv6 side of b either. */
+static int check_twin_clash(const struct listen_ref *a, const struct listen_ref *b,
+                            struct meshlet_err *err)
+{
+	struct config_addr twin;
+
+	if (!b->has_twin || !config_addr_ipv6_twin(b->addr, &twin) ||
+	    addr_clash(a->addr, &twin) == CLASH_NONE)
+		return 0;
+	return err_set(err, a->path, "%s overlaps %s, where %s also listens for IPv6",
+	               a->addr->text, twin.text, b->path);
 }
 
 static int check_listen_dups(const struct config *c, struct meshlet_err *err)
@@ -826,6 +866,9 @@ static int check_listen_dups(const struct config *c, struct meshlet_err *err)
 			case CLASH_NONE:
 				break;
 			}
+			if (check_twin_clash(&refs[i], &refs[j], err) < 0 ||
+			    check_twin_clash(&refs[j], &refs[i], err) < 0)
+				return -EINVAL;
 		}
 	}
 	return 0;

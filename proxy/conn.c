@@ -1358,7 +1358,24 @@ static void outbound_start(struct conn *c)
 #define SO_ORIGINAL_DST 80          /* linux/netfilter_ipv4.h; same value for IPv6 */
 #endif
 
-/* Where the app was connecting before iptables redirected it to us. */
+/* An IPv4 connection on a dual-stack [::] socket has a v4-mapped address;
+ * its conntrack entry, and so its original destination, is IPv4. */
+static void unmap_v4(struct sockaddr_storage *ss, socklen_t *len)
+{
+	const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)ss;
+	struct sockaddr_in a4 = {.sin_family = AF_INET};
+
+	if (ss->ss_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr))
+		return;
+	a4.sin_port = a6->sin6_port;
+	memcpy(&a4.sin_addr, &a6->sin6_addr.s6_addr[12], 4);
+	memset(ss, 0, sizeof(*ss));
+	memcpy(ss, &a4, sizeof(a4));
+	*len = sizeof(a4);
+}
+
+/* Where the app was connecting before iptables redirected it to us
+ * (IPv4: SO_ORIGINAL_DST at SOL_IP; IPv6: IP6T_SO_ORIGINAL_DST at SOL_IPV6). */
 static int original_destination(int fd, struct sockaddr_storage *dst, socklen_t *len)
 {
 	struct sockaddr_storage self;
@@ -1367,6 +1384,7 @@ static int original_destination(int fd, struct sockaddr_storage *dst, socklen_t 
 	*len = sizeof(*dst);
 	if (getsockname(fd, (struct sockaddr *)&self, &slen) < 0)
 		return -errno;
+	unmap_v4(&self, &slen);
 	if (getsockopt(fd, self.ss_family == AF_INET6 ? SOL_IPV6 : SOL_IP, SO_ORIGINAL_DST, dst,
 	               len) < 0)
 		return -errno;

@@ -232,19 +232,76 @@ static int bind_one(struct worker *w, struct listener *l, const struct config_ad
 	return 0;
 }
 
+/* An IPv6-only socket bound to a (IPV6_V6ONLY: the IPv4 listener beside it
+ * keeps IPv4), or -errno. */
+static int ipv6_only_socket(const struct config_addr *a)
+{
+	int fd = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1, e;
+
+	if (fd < 0)
+		return -errno;
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0 ||
+	    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) < 0 ||
+	    bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0) {
+		e = errno;
+		close(fd);
+		return -e;
+	}
+	return fd;
+}
+
+/*
+ * The IPv6 side of an inbound or transparent listener on 0.0.0.0 or
+ * 127.0.0.1 ([::] or [::1]), where ip6tables redirects IPv6 connections.
+ * A host without IPv6 (no AF_INET6, or no ::1) is not an error: there is
+ * no IPv6 traffic to take, and the first worker says so once.
+ */
+static int bind_twin(struct worker *w, struct listener *l, const struct config_addr *primary)
+{
+	unsigned flags = LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC;
+	struct config_addr twin;
+	int fd;
+
+	if (!config_addr_ipv6_twin(primary, &twin))
+		return 0;
+	l->w = w;
+	fd = ipv6_only_socket(&twin);
+	if (fd == -EAFNOSUPPORT || fd == -EADDRNOTAVAIL) {
+		if (w->id == 0)
+			log_info("no IPv6 here (%s): %s listens on IPv4 only", strerror(-fd),
+			         primary->text);
+		return 0;
+	}
+	if (fd < 0) {
+		log_error("cannot listen on %s (the IPv6 side of %s): %s", twin.text, primary->text,
+		          strerror(-fd));
+		return fd;
+	}
+	l->ev = evconnlistener_new(w->base, on_accept, l, flags, LISTEN_BACKLOG, fd);
+	if (!l->ev) {
+		close(fd);
+		return -ENOMEM;
+	}
+	evconnlistener_set_error_cb(l->ev, on_accept_error);
+	return 0;
+}
+
 static int worker_listen(struct worker *w, const struct config *cfg)
 {
-	size_t n = cfg->n_inbound + cfg->n_outbound + (cfg->has_transparent ? 1 : 0), k = 0;
+	/* each inbound and the transparent listener may have an IPv6 twin */
+	size_t n = 2 * cfg->n_inbound + cfg->n_outbound + (cfg->has_transparent ? 2 : 0), k = 0;
 
 	w->listeners = calloc(n ? n : 1, sizeof(*w->listeners));
 	w->rr = calloc(cfg->n_outbound ? cfg->n_outbound : 1, sizeof(*w->rr));
 	if (!w->listeners || !w->rr)
 		return -ENOMEM;
 	w->n_listeners = n;
-	for (size_t i = 0; i < cfg->n_inbound; i++, k++) {
-		w->listeners[k].kind = LISTENER_INBOUND;
-		w->listeners[k].index = i;
-		if (bind_one(w, &w->listeners[k], &cfg->inbound[i].listen) < 0)
+	for (size_t i = 0; i < cfg->n_inbound; i++, k += 2) {
+		w->listeners[k].kind = w->listeners[k + 1].kind = LISTENER_INBOUND;
+		w->listeners[k].index = w->listeners[k + 1].index = i;
+		if (bind_one(w, &w->listeners[k], &cfg->inbound[i].listen) < 0 ||
+		    bind_twin(w, &w->listeners[k + 1], &cfg->inbound[i].listen) < 0)
 			return -EADDRINUSE;
 	}
 	for (size_t i = 0; i < cfg->n_outbound; i++, k++) {
@@ -254,8 +311,9 @@ static int worker_listen(struct worker *w, const struct config *cfg)
 			return -EADDRINUSE;
 	}
 	if (cfg->has_transparent) {
-		w->listeners[k].kind = LISTENER_TRANSPARENT;
-		if (bind_one(w, &w->listeners[k], &cfg->transparent_listen) < 0)
+		w->listeners[k].kind = w->listeners[k + 1].kind = LISTENER_TRANSPARENT;
+		if (bind_one(w, &w->listeners[k], &cfg->transparent_listen) < 0 ||
+		    bind_twin(w, &w->listeners[k + 1], &cfg->transparent_listen) < 0)
 			return -EADDRINUSE;
 	}
 	return 0;

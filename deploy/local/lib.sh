@@ -8,7 +8,9 @@
 #
 #   netns ml-<id>-net         the bridge "ml-br0" and one veth end per node
 #   netns ml-<id>-<node>      one per node: "lo" and "ml-eth0" (the other
-#                             veth end) with the node's address
+#                             veth end) with the node's IPv4 address and,
+#                             where the kernel has IPv6, an IPv6 address
+#                             from a unique local (ULA) prefix
 #
 # Nothing is added to the root namespace: no interface, address, route or
 # iptables rule. Every namespace and process is written to a state file as
@@ -19,6 +21,8 @@
 #   ML_ID      unique id of this mesh (6 hex digits)
 #   ML_STATE   the state file (one "kind value..." record per line)
 #   ML_SUBNET  the /24 prefix used, e.g. 10.77.0 (addresses are $ML_SUBNET.N)
+#   ML_SUBNET6 the IPv6 /64 used, e.g. fd6d:6c12:3456:: (addresses are
+#              ${ML_SUBNET6}N); empty when the kernel has no IPv6
 
 ML_STATE_DIR_ROOT=/run/meshlet-demo
 
@@ -63,6 +67,13 @@ EOF
 )
     [[ -n $ML_SUBNET ]] || return 1
     ml_record "subnet $ML_SUBNET"
+    # IPv6: a unique local prefix (fd00::/8, never routed outside) whose
+    # 40-bit global ID is "6d6c" ("ml") and the mesh's id.
+    ML_SUBNET6=
+    if [[ -d /proc/sys/net/ipv6 ]]; then
+        ML_SUBNET6=fd6d:6c${ML_ID:0:2}:${ML_ID:2:4}::
+        ml_record "subnet6 $ML_SUBNET6"
+    fi
 }
 
 # Creates the bridge namespace with its bridge.
@@ -77,18 +88,27 @@ ml_net_create() {
 }
 
 # ml_node_add NODE HOST: a namespace for NODE with address $ML_SUBNET.HOST/24
-# on a veth whose other end is plugged into the bridge.
+# (and ${ML_SUBNET6}HOST/64) on a veth whose other end is plugged into the bridge.
 ml_node_add() {
     local node=$1 host=$2 ns br
     ns=$(ml_ns "$node") br=$(ml_ns net)
     ip netns add "$ns" || return 1
     ml_record "ns $ns"
+    if [[ -n ${ML_SUBNET6:-} ]]; then
+        # IPv6 on in this namespace (the host may turn it off by default)
+        ip netns exec "$ns" bash -c 'echo 0 >/proc/sys/net/ipv6/conf/default/disable_ipv6 &&
+            echo 0 >/proc/sys/net/ipv6/conf/all/disable_ipv6' || return 1
+    fi
     ip -n "$ns" link set lo up &&
         ip -n "$br" link add "ml-$node" type veth peer name ml-eth0 netns "$ns" &&
         ip -n "$br" link set "ml-$node" master ml-br0 &&
         ip -n "$br" link set "ml-$node" up &&
-        ip -n "$ns" addr add "$ML_SUBNET.$host/24" dev ml-eth0 &&
-        ip -n "$ns" link set ml-eth0 up
+        ip -n "$ns" addr add "$ML_SUBNET.$host/24" dev ml-eth0 || return 1
+    if [[ -n ${ML_SUBNET6:-} ]]; then
+        # nodad: usable at once, no duplicate-address wait (the prefix is ours alone)
+        ip -n "$ns" addr add "$ML_SUBNET6$host/64" dev ml-eth0 nodad || return 1
+    fi
+    ip -n "$ns" link set ml-eth0 up
 }
 
 # ml_in NODE CMD...: runs CMD inside NODE's namespace.

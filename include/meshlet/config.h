@@ -107,4 +107,10 @@ int config_parse_addr(const char *text, struct config_addr *out, const char **wh
 /* Port of an address, in host order. */
 uint16_t config_addr_port(const struct config_addr *a);
 
+/* The IPv6 twin of an IPv4 wildcard or loopback address: [::]:P for
+ * 0.0.0.0:P, [::1]:P for 127.0.0.1:P. The proxy's inbound and transparent
+ * listeners listen on it too (IPv6 only), so that ip6tables can redirect
+ * to them. Returns true and fills out, false for any other address. */
+bool config_addr_ipv6_twin(const struct config_addr *a, struct config_addr *out);
+
 #endif

@@ -22,6 +22,7 @@ with the reason. The mesh is made once per test module and always removed
 at teardown.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -109,10 +110,12 @@ def root_links():
 
 
 def root_iptables():
+    """The root namespace's nat and filter rules, IPv4 and IPv6."""
     out = []
-    for table in ("nat", "filter"):
-        r = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True)
-        out += [f"{table}: {line}" for line in r.stdout.splitlines()]
+    for tool in ("iptables", "ip6tables"):
+        for table in ("nat", "filter"):
+            r = subprocess.run([tool, "-w", "-t", table, "-S"], capture_output=True, text=True)
+            out += [f"{tool} {table}: {line}" for line in r.stdout.splitlines()]
     return out
 
 
@@ -142,6 +145,9 @@ class Mesh:
         self.proxy_uid = int(info["PROXY_UID"])
         self.ns = {n: info[f"NS_{n.upper()}"] for n in ("control", "net") + SERVICES}
         self.ip = {n: info[f"IP_{n.upper()}"] for n in ("control",) + SERVICES}
+        # (canonical, as the proxies print them: fd6d:6c12:345::b, not ...:0345::b)
+        self.ip6 = {n: str(ipaddress.ip_address(info[f"IP6_{n.upper()}"]))
+                    if info.get(f"IP6_{n.upper()}") else "" for n in ("control",) + SERVICES}
         self.down_done = False
         self._n = 0
 
@@ -152,7 +158,7 @@ class Mesh:
         if p.returncode != 0:
             raise AssertionError(f"demo --setup-only failed ({p.returncode}):\n"
                                  f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        info = dict(re.findall(r"^([A-Z_]+)=(.*)$", p.stdout, re.M))
+        info = dict(re.findall(r"^([A-Z0-9_]+)=(.*)$", p.stdout, re.M))
         return cls(info)
 
     def pids(self):

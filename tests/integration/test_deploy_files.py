@@ -1038,7 +1038,8 @@ def test_meshlet_iptables_script_and_usage():
     p = ipt("--help")
     assert p.returncode == 0
     for word in ("install", "remove", "--proxy-uid", "--outbound-port", "--inbound-port", "--app-ports",
-                 "--exclude-cidr", "--exclude-port", "--dry-run", "MESHLET_OUTPUT", "MESHLET_INBOUND"):
+                 "--exclude-cidr", "--exclude-port", "--dry-run", "MESHLET_OUTPUT", "MESHLET_INBOUND",
+                 "--ipv6", "intercept", "drop", "--ip6tables"):
         assert word in p.stdout, f"--help does not mention {word}"
     assert ipt("--version").returncode == 0
     for bad in ([], ["frobnicate"], ["install", "--dry-run"],                 # no --proxy-uid
@@ -1050,6 +1051,9 @@ def test_meshlet_iptables_script_and_usage():
                 ["install", "--proxy-uid", "1337", "--app-ports", "15006", "--dry-run"],
                 ["install", "--proxy-uid", "no-such-user-xyz", "--dry-run"],
                 ["remove", "--proxy-uid", "1337", "--dry-run"],
+                ["install", "--proxy-uid", "1337", "--ipv6", "both", "--dry-run"],
+                ["install", "--proxy-uid", "1337", "--ipv6", "--dry-run"],
+                ["remove", "--ipv6", "off", "--dry-run"],
                 ["install", "remove", "--proxy-uid", "1337"],
                 ["install", "--proxy-uid"]):
         p = ipt(*bad)
@@ -1065,13 +1069,15 @@ def test_meshlet_iptables_shellcheck():
         assert p.returncode == 0, p.stdout
 
 
-def dry_lines(*args):
+def dry_lines(*args, family="iptables", table="nat"):
+    """The --dry-run commands for one family (iptables or ip6tables) and table."""
     p = ipt(*args)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     for line in lines:
-        assert line.startswith("iptables -w -t nat ") or line.startswith("iptables-legacy -w -t nat "), line
-    return [line.split(" -t nat ", 1)[1] for line in lines]
+        assert re.match(r"ip6?tables(-legacy)? -w -t (nat|filter) ", line), line
+    return [line.split(f" -t {table} ", 1)[1] for line in lines
+            if line.split(" ", 1)[0].removesuffix("-legacy") == family and f" -t {table} " in line]
 
 
 def test_meshlet_iptables_dry_run_install_with_app_ports():
@@ -1094,6 +1100,51 @@ def test_meshlet_iptables_dry_run_install_with_app_ports():
     ]
 
 
+def test_meshlet_iptables_dry_run_ipv6_modes():
+    """intercept (default): the same nat rules with ip6tables (::1 for
+    loopback, no IPv4 CIDRs); drop: a filter chain refusing what intercept
+    would redirect; off: no ip6tables command at all."""
+    args = ["install", "--dry-run", "--proxy-uid", "1337", "--app-ports", "8080",
+            "--exclude-cidr", "10.96.0.0/12", "--exclude-port", "53"]
+    v4 = dry_lines(*args)
+    assert dry_lines(*args, family="ip6tables") == [
+        "-N MESHLET_OUTPUT", "-F MESHLET_OUTPUT", "-N MESHLET_INBOUND", "-F MESHLET_INBOUND",
+        "-A MESHLET_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A MESHLET_OUTPUT -o lo -j RETURN",
+        "-A MESHLET_OUTPUT -d ::1/128 -j RETURN",
+        "-A MESHLET_OUTPUT -p tcp --dport 53 -j RETURN",
+        "-A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+        "-A MESHLET_INBOUND -p tcp --dport 8080 -j REDIRECT --to-ports 15006",
+        "-A OUTPUT -p tcp -j MESHLET_OUTPUT",
+        "-A PREROUTING -p tcp -j MESHLET_INBOUND",
+    ]
+    assert dry_lines(*args, "--ipv6", "intercept", family="ip6tables") == \
+        dry_lines(*args, family="ip6tables")
+    assert dry_lines(*args, family="ip6tables", table="filter") == []
+
+    assert dry_lines(*args, "--ipv6", "drop") == v4
+    assert dry_lines(*args, "--ipv6", "drop", family="ip6tables") == []
+    assert dry_lines(*args, "--ipv6", "drop", family="ip6tables", table="filter") == [
+        "-N MESHLET_OUTPUT", "-F MESHLET_OUTPUT", "-N MESHLET_INBOUND", "-F MESHLET_INBOUND",
+        "-A MESHLET_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A MESHLET_OUTPUT -o lo -j RETURN",
+        "-A MESHLET_OUTPUT -p tcp --dport 53 -j RETURN",
+        "-A MESHLET_OUTPUT -p tcp -j REJECT --reject-with tcp-reset",
+        "-A MESHLET_INBOUND -i lo -j RETURN",
+        "-A MESHLET_INBOUND -p tcp --dport 8080 -j DROP",
+        "-A OUTPUT -p tcp -j MESHLET_OUTPUT",
+        "-A INPUT -p tcp -j MESHLET_INBOUND",
+    ]
+    p = ipt(*args, "--ipv6", "off")
+    assert p.returncode == 0 and "ip6tables" not in p.stdout, p.stdout
+    assert dry_lines(*args, "--ipv6", "off") == v4
+    # the ip6tables twin of --iptables, unless --ip6tables says otherwise
+    p = ipt(*args, "--iptables", "/usr/sbin/iptables-legacy")
+    assert "/usr/sbin/ip6tables-legacy -w -t nat -N MESHLET_OUTPUT" in p.stdout
+    p = ipt(*args, "--iptables", "iptables-legacy", "--ip6tables", "my-ip6")
+    assert "my-ip6 -w -t nat -N MESHLET_OUTPUT" in p.stdout
+
+
 def test_meshlet_iptables_dry_run_install_all_ports_and_remove():
     got = dry_lines("install", "--dry-run", "--proxy-uid", "1337", "--exclude-inbound-port", "15000",
                     "--iptables", "iptables-legacy")
@@ -1107,8 +1158,15 @@ def test_meshlet_iptables_dry_run_install_all_ports_and_remove():
     assert "-A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports 15001" in got, "default outbound port"
     p = ipt("install", "--dry-run", "--proxy-uid", "1337", "--iptables", "iptables-legacy")
     assert p.stdout.startswith("iptables-legacy -w -t nat ")
-    assert dry_lines("remove", "--dry-run") == [
+    nat_remove = [
         "-D OUTPUT -p tcp -j MESHLET_OUTPUT", "-D PREROUTING -p tcp -j MESHLET_INBOUND",
+        "-F MESHLET_OUTPUT", "-X MESHLET_OUTPUT", "-F MESHLET_INBOUND", "-X MESHLET_INBOUND",
+    ]
+    assert dry_lines("remove", "--dry-run") == nat_remove
+    # remove takes both families away, whatever --ipv6 install had
+    assert dry_lines("remove", "--dry-run", family="ip6tables") == nat_remove
+    assert dry_lines("remove", "--dry-run", family="ip6tables", table="filter") == [
+        "-D OUTPUT -p tcp -j MESHLET_OUTPUT", "-D INPUT -p tcp -j MESHLET_INBOUND",
         "-F MESHLET_OUTPUT", "-X MESHLET_OUTPUT", "-F MESHLET_INBOUND", "-X MESHLET_INBOUND",
     ]
 
@@ -1173,10 +1231,20 @@ def netns():
     n.close()
 
 
-def nat_rules(ns, backend):
-    p = run(["ip", "netns", "exec", ns, backend, "-w", "-t", "nat", "-S"])
+def nat_rules(ns, backend, table="nat"):
+    p = run(["ip", "netns", "exec", ns, backend, "-w", "-t", table, "-S"])
     assert p.returncode == 0, p.stderr
     return p.stdout.splitlines()
+
+
+def ip6(backend):
+    """iptables-nft -> ip6tables-nft"""
+    return backend.replace("iptables", "ip6tables")
+
+
+def all_rules(ns, backend):
+    """nat and filter rules of both families (what install may touch)."""
+    return {(b, t): nat_rules(ns, b, t) for b in (backend, ip6(backend)) for t in ("nat", "filter")}
 
 
 def ns_ipt(ns, backend, *args):
@@ -1191,6 +1259,7 @@ def test_meshlet_iptables_install_remove_in_a_netns(netns, backend):
     backend_or_skip(backend)
     ns = netns.add()
     before = nat_rules(ns, backend)
+    before_all = all_rules(ns, backend)
     args = ["install", "--proxy-uid", "1337", "--outbound-port", "15001", "--inbound-port", "15006",
             "--app-ports", "8080", "--exclude-cidr", "10.96.0.0/12", "--exclude-port", "53"]
     p = ns_ipt(ns, backend, *args)
@@ -1210,10 +1279,29 @@ def test_meshlet_iptables_install_remove_in_a_netns(netns, backend):
         assert want in after, f"{backend}: missing '{want}' in:\n" + "\n".join(after)
     out = [r for r in after if r.startswith("-A MESHLET_OUTPUT")]
     assert "--uid-owner" in out[0] and "REDIRECT" in out[-1], "the uid exemption first, REDIRECT last"
+    # IPv6 (on in a new namespace): the same rules with ip6tables
+    after6 = nat_rules(ns, ip6(backend))
+    for want in ("-A OUTPUT -p tcp -j MESHLET_OUTPUT", "-A PREROUTING -p tcp -j MESHLET_INBOUND",
+                 "-A MESHLET_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+                 "-A MESHLET_OUTPUT -d ::1/128 -j RETURN",
+                 "-A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+                 "-A MESHLET_INBOUND -p tcp -m tcp --dport 8080 -j REDIRECT --to-ports 15006"):
+        assert want in after6, f"{ip6(backend)}: missing '{want}' in:\n" + "\n".join(after6)
+    assert not [r for r in after6 if "10.96.0.0/12" in r]
 
     # idempotent: the same install changes nothing
+    installed = all_rules(ns, backend)
     assert ns_ipt(ns, backend, *args).returncode == 0
     assert nat_rules(ns, backend) == after
+    assert all_rules(ns, backend) == installed
+    # --ipv6 drop replaces the ip6tables nat rules with filter rules, and back
+    assert ns_ipt(ns, backend, *args, "--ipv6", "drop").returncode == 0
+    assert not [r for r in nat_rules(ns, ip6(backend)) if "MESHLET" in r]
+    assert "-A INPUT -p tcp -j MESHLET_INBOUND" in nat_rules(ns, ip6(backend), "filter")
+    assert nat_rules(ns, backend) == after
+    assert ns_ipt(ns, backend, *args, "--ipv6", "drop").returncode == 0       # idempotent too
+    assert ns_ipt(ns, backend, *args).returncode == 0
+    assert all_rules(ns, backend) == installed
     # another install replaces the rules; the jumps stay single
     p = ns_ipt(ns, backend, "install", "--proxy-uid", "1337", "--app-ports", "9090")
     assert p.returncode == 0, p.stderr
@@ -1230,8 +1318,13 @@ def test_meshlet_iptables_install_remove_in_a_netns(netns, backend):
     p = ns_ipt(ns, backend, "remove")
     assert p.returncode == 0, p.stderr
     assert nat_rules(ns, backend) == before
+    assert all_rules(ns, backend) == before_all
     assert ns_ipt(ns, backend, "remove").returncode == 0
     assert nat_rules(ns, backend) == before
+    # drop mode's rules go with remove too
+    assert ns_ipt(ns, backend, *args, "--ipv6", "drop").returncode == 0
+    assert ns_ipt(ns, backend, "remove").returncode == 0
+    assert all_rules(ns, backend) == before_all
     # a foreign rule in OUTPUT survives install + remove
     run(["ip", "netns", "exec", ns, backend, "-w", "-t", "nat", "-A", "OUTPUT", "-p", "udp",
          "--dport", "53", "-j", "RETURN"])
@@ -1241,22 +1334,26 @@ def test_meshlet_iptables_install_remove_in_a_netns(netns, backend):
     assert nat_rules(ns, backend) == mark
 
 
+@pytest.mark.parametrize("failing", ["iptables", "ip6tables"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_meshlet_iptables_failed_install_rolls_back(netns, backend, tmp_path):
-    """An iptables error half way (here: REDIRECT refused) -> exit 1, and
-    the table is as it was."""
+def test_meshlet_iptables_failed_install_rolls_back(netns, backend, tmp_path, failing):
+    """An iptables error half way (here: REDIRECT refused, for IPv4 or,
+    after IPv4 is done, for IPv6) -> exit 1, and both families' tables are
+    as they were."""
     backend_or_skip(backend)
     ns = netns.add()
-    before = nat_rules(ns, backend)
-    fake = tmp_path / "failing-iptables"
-    fake.write_text("#!/bin/bash\n"
-                    "for a in \"$@\"; do [[ $a == REDIRECT ]] && { echo 'simulated: no REDIRECT' >&2; exit 4; }; done\n"
-                    f"exec {shutil.which(backend)} \"$@\"\n")
-    fake.chmod(0o755)
-    p = run(["ip", "netns", "exec", ns, IPTABLES, "--iptables", fake, "install", "--proxy-uid", "1337"])
+    before = all_rules(ns, backend)
+    for fam, real in (("iptables", backend), ("ip6tables", ip6(backend))):
+        fake = tmp_path / f"failing-{fam}"
+        fake.write_text("#!/bin/bash\n" + (
+            "for a in \"$@\"; do [[ $a == REDIRECT ]] && { echo 'simulated: no REDIRECT' >&2; exit 4; }; done\n"
+            if fam == failing else "") + f"exec {shutil.which(real)} \"$@\"\n")
+        fake.chmod(0o755)
+    p = run(["ip", "netns", "exec", ns, IPTABLES, "--iptables", tmp_path / "failing-iptables",
+             "install", "--proxy-uid", "1337"])
     assert p.returncode == 1, p.stdout + p.stderr
     assert "simulated: no REDIRECT" in p.stderr and "removing what was added" in p.stderr
-    assert nat_rules(ns, backend) == before
+    assert all_rules(ns, backend) == before
 
 
 SERVER = r"""

@@ -332,6 +332,15 @@ static const struct bad_case bad_cases[] = {
 	 "transparent.listen: localhost:15006 is already used by inbound[0].listen"},
 	{"{" STATIC ", " IN1 ", \"admin\": {\"listen\": \"[::]:15006\"}}",
 	 "admin.listen: [::]:15006 overlaps 127.0.0.1:15006 of inbound[0].listen"},
+	/* the IPv6 twins of inbound and transparent listeners are taken too */
+	{"{" STATIC ", " IN1 ", " OUTB("{\"listen\": \"[::1]:15006\", \"service\": \"pay\","
+	                              " \"endpoints\": [\"10.0.0.1:1\"]}") "}",
+	 "outbound[0].listen: [::1]:15006 overlaps [::1]:15006, where inbound[0].listen also "
+	 "listens for IPv6"},
+	{"{" STATIC ", " INB("{\"listen\": \"[fd00::1]:15001\", \"forward\": \"127.0.0.1:2\"}")
+	 ", \"transparent\": {\"listen\": \"0.0.0.0:15001\"}}",
+	 "inbound[0].listen: [fd00::1]:15001 overlaps [::]:15001, where transparent.listen also "
+	 "listens for IPv6"},
 	{"{" STATIC ", " IN1 ", \"admin\": {\"port\": 1}}", "admin.port: unknown field"},
 	{"{" STATIC ", " IN1 ", \"transparent\": {}}", "transparent.listen: required"},
 	{"{" STATIC "}", "nothing to serve: give inbound, outbound or transparent"},
@@ -532,6 +541,38 @@ static void test_parse_addr_refused(void **state)
 	assert_int_equal(config_parse_addr(NULL, &a, &why), -EINVAL);
 }
 
+/* 0.0.0.0 and 127.0.0.1 have an IPv6 twin ([::], [::1], same port);
+ * other addresses, IPv6 ones included, have none. */
+static void test_ipv6_twin(void **state)
+{
+	static const struct { const char *text, *twin; } cases[] = {
+		{"0.0.0.0:15006", "[::]:15006"},
+		{"127.0.0.1:15001", "[::1]:15001"},
+		{"localhost:1", "[::1]:1"},
+		{"10.0.0.2:15006", NULL},
+		{"127.0.0.2:15001", NULL},
+		{"[::]:15006", NULL},
+		{"[::1]:15001", NULL},
+	};
+	struct config_addr a, t, want;
+	size_t i;
+
+	for (i = 0; i < ARRAY_LEN(cases); i++) {
+		assert_int_equal(config_parse_addr(cases[i].text, &a, NULL), 0);
+		if (!cases[i].twin) {
+			if (config_addr_ipv6_twin(&a, &t))
+				fail_msg("%s: unexpected twin %s", cases[i].text, t.text);
+			continue;
+		}
+		if (!config_addr_ipv6_twin(&a, &t))
+			fail_msg("%s: no twin", cases[i].text);
+		assert_string_equal(t.text, cases[i].twin);
+		assert_int_equal(config_parse_addr(cases[i].twin, &want, NULL), 0);
+		assert_int_equal(t.len, want.len);
+		assert_memory_equal(&t.ss, &want.ss, want.len);
+	}
+}
+
 /* ---- loading ---------------------------------------------------------- */
 
 static void test_load(void **state)
@@ -582,6 +623,7 @@ int main(void)
 		cmocka_unit_test(test_too_many_endpoints),
 		cmocka_unit_test(test_parse_addr_ok),
 		cmocka_unit_test(test_parse_addr_refused),
+		cmocka_unit_test(test_ipv6_twin),
 		cmocka_unit_test(test_load),
 	};
 
