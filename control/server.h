@@ -5,8 +5,12 @@
  * authentication, and one JSON access-log line per request.
  *
  * Limits (libevent's evhttp has none by default):
- *   headers 16 KiB; bodies over API_BODY_MAX answered 413 (JSON) and over
- *   SERVER_BODY_HARD_MAX refused by evhttp itself while reading; read and
+ *   headers 16 KiB; every request head is judged by a gate in front of
+ *   evhttp (server.c) before any of its body is read: a body needs
+ *   Content-Length (411), a route that takes one and a caller it accepts
+ *   (401/403/404/405/400), and at most API_BODY_MAX bytes (16 KiB with an
+ *   unverified join token) (413); refused bodies are read and discarded,
+ *   never held, and the answer is JSON on a connection that stays usable; read and
  *   write timeouts SERVER_IO_TIMEOUT; a connection that completes no
  *   request within SERVER_REQUEST_DEADLINE of accepting it (or of its last
  *   answer) is shut down, so trickling bytes cannot hold it; at most
@@ -34,7 +38,6 @@
 #include "state.h"
 
 #define SERVER_MAX_HEADERS (16 * 1024)
-#define SERVER_BODY_HARD_MAX (4 * 1024 * 1024)
 #define SERVER_IO_TIMEOUT 10
 #define SERVER_REQUEST_DEADLINE 30
 #define SERVER_MAX_CONNS 4096
