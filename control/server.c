@@ -39,6 +39,9 @@
 #define SERVER_SPARE_FDS 64
 /* Request line limit of the gate (evhttp's own is the header limit). */
 #define SERVER_MAX_LINE 8192
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define SERVER_RETRY_AFTER_STR STR(SERVER_RETRY_AFTER)
 /* Marks a head the gate wrote in place of a refused one (see gate_in). */
 #define GATE_MARK "X-Meshlet-Gate"
 
@@ -48,7 +51,8 @@ struct ctl_conn {
 	struct ctl_conn *prev, *next;  /* srv->conns, oldest first */
 	struct bufferevent *bev;       /* TLS; evhttp holds the gate on top of it */
 	struct event *deadline;
-	bool busy;                     /* a request is being handled */
+	bool busy;                     /* a request is being handled (or waits) */
+	bool evicted;                  /* shut to make room (conn_make_room) */
 	bool checked;                  /* peer identity below filled in */
 	bool has_svid;
 	struct spiffe_id id;
@@ -77,7 +81,8 @@ struct control_server {
 	struct event *sigterm, *sigint, *tick;
 	size_t n_conns;
 	struct ctl_conn *conns, *conns_tail;   /* every connection, oldest first */
-	size_t max_conns;              /* SERVER_MAX_CONNS, or less if few fds */
+	struct server_limits lim;
+	size_t max_conns;              /* lim.max_conns, or less if few fds */
 	bool paused;                   /* accepting paused at max_conns */
 	struct event *resume;          /* re-enables accepting after EMFILE */
 	bool stopping;
@@ -182,6 +187,28 @@ static enum bufferevent_filter_result gate_in(struct evbuffer *src, struct evbuf
                                               ev_ssize_t limit,
                                               enum bufferevent_flush_mode mode, void *arg);
 
+/*
+ * The connection table is full. Long polls cannot fill it (they are capped
+ * below the limit, watch.c), so some connections are idle: handshaking, or
+ * between requests. Shut the oldest of them so that a new connection (an
+ * admin call, a proxy's handshake) gets in; evhttp sees EOF and frees it.
+ * Returns false when every connection is busy with a request.
+ */
+static bool conn_make_room(struct control_server *srv)
+{
+	for (struct ctl_conn *c = srv->conns; c; c = c->next) {
+		evutil_socket_t fd = bufferevent_getfd(c->bev);
+
+		if (c->busy || c->evicted || fd < 0)
+			continue;
+		c->evicted = true;
+		log_debug("%zu connections open: closing the oldest idle one", srv->n_conns);
+		shutdown(fd, SHUT_RDWR);
+		return true;
+	}
+	return false;
+}
+
 /* evhttp asks for each accepted connection's bufferevent: TLS, and on top
  * of it the gate (gate_in). It must not get NULL (evhttp would then speak
  * plain HTTP), so allocation failures abort. */
@@ -220,7 +247,11 @@ static struct bufferevent *server_bevcb(struct event_base *base, void *arg)
 	srv->conns_tail = c;
 	bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
 	conn_arm(c);
-	if (srv->n_conns >= srv->max_conns && !srv->paused && srv->listener) {
+	/* Full: make room from the idle; pause accepting only when nothing is
+	 * idle, or when closing cannot keep up (the spare file descriptors). */
+	if (srv->n_conns > srv->max_conns &&
+	    (!conn_make_room(srv) || srv->n_conns >= srv->max_conns + SERVER_SPARE_FDS / 2) &&
+	    !srv->paused && srv->listener) {
 		evconnlistener_disable(srv->listener);
 		srv->paused = true;
 		log_warn("%zu connections open: not accepting more until some close",
@@ -283,22 +314,22 @@ static void on_resume(evutil_socket_t fd, short what, void *arg)
 		evconnlistener_enable(srv->listener);
 }
 
-/* Raises the open-files limit towards what SERVER_MAX_CONNS needs, and
+/* Raises the open-files limit towards what max connections need, and
  * lowers the connection limit to what the files limit allows. */
-static size_t conn_limit(void)
+static size_t conn_limit(size_t max)
 {
 	struct rlimit rl;
-	rlim_t want = SERVER_MAX_CONNS + SERVER_SPARE_FDS;
+	rlim_t want = max + SERVER_SPARE_FDS;
 
 	if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
-		return SERVER_MAX_CONNS;
+		return max;
 	if (rl.rlim_cur < want) {
 		rl.rlim_cur = rl.rlim_max < want ? rl.rlim_max : want;
 		setrlimit(RLIMIT_NOFILE, &rl);
 		getrlimit(RLIMIT_NOFILE, &rl);
 	}
 	if (rl.rlim_cur >= want)
-		return SERVER_MAX_CONNS;
+		return max;
 	log_warn("open files limited to %llu: serving at most %llu connections",
 	         (unsigned long long)rl.rlim_cur,
 	         (unsigned long long)(rl.rlim_cur > 2 * SERVER_SPARE_FDS ?
@@ -456,6 +487,8 @@ void server_reply(struct api_call *call)
 		evhttp_add_header(h, "ETag", call->etag);
 	if (status == 401)
 		evhttp_add_header(h, "WWW-Authenticate", "Bearer realm=\"meshlet-control\"");
+	if (status == 429)
+		evhttp_add_header(h, "Retry-After", SERVER_RETRY_AFTER_STR);
 	if (buf && text) {
 		len = strlen(text);
 		evbuffer_add(buf, text, len);
@@ -1039,8 +1072,41 @@ static void log_bound(struct control_server *srv)
 	}
 }
 
+void server_limits_default(struct server_limits *l)
+{
+	l->max_conns = SERVER_MAX_CONNS;
+	l->polls_per_cert = SERVER_POLLS_PER_CERT;
+	l->polls_per_service = SERVER_POLLS_PER_SERVICE;
+	l->polls_total = 0;
+}
+
+size_t server_limits_reserve(size_t max_conns)
+{
+	return max_conns / 8 > SERVER_MIN_RESERVE ? max_conns / 8 : SERVER_MIN_RESERVE;
+}
+
+int server_limits_check(struct server_limits *l, struct meshlet_err *err)
+{
+	size_t reserve = server_limits_reserve(l->max_conns);
+
+	if (l->max_conns < 2 * SERVER_MIN_RESERVE || l->max_conns > SERVER_MAX_CONNS)
+		return err_set(err, "max-connections", "must be %d..%d", 2 * SERVER_MIN_RESERVE,
+		               SERVER_MAX_CONNS);
+	if (l->polls_total == 0)
+		l->polls_total = l->max_conns - reserve;
+	if (l->polls_total > l->max_conns - reserve)
+		return err_set(err, "max-polls", "must leave %zu of the %zu connections for admin "
+		               "calls and handshakes: at most %zu", reserve, l->max_conns,
+		               l->max_conns - reserve);
+	if (l->polls_per_cert == 0 || l->polls_per_service == 0)
+		return err_set(err, l->polls_per_cert ? "max-polls-per-service" : "max-polls-per-cert",
+		               "must be at least 1");
+	return 0;
+}
+
 int server_new(struct control_server **out, struct control_state *st,
-               const struct control_opts *o, struct meshlet_err *err)
+               const struct control_opts *o, const struct server_limits *lim,
+               struct meshlet_err *err)
 {
 	struct control_server *srv = calloc(1, sizeof(*srv));
 	struct timeval io = { SERVER_IO_TIMEOUT, 0 }, tick = { SERVER_TICK, 0 };
@@ -1052,7 +1118,12 @@ int server_new(struct control_server **out, struct control_state *st,
 		return err_set(err, "", "out of memory");
 	srv->st = st;
 	srv->o = o;
-	srv->max_conns = conn_limit();
+	srv->lim = *lim;
+	if (server_limits_check(&srv->lim, err) < 0)
+		goto fail;
+	srv->max_conns = conn_limit(srv->lim.max_conns);
+	if (srv->lim.polls_total > srv->max_conns - server_limits_reserve(srv->max_conns))
+		srv->lim.polls_total = srv->max_conns - server_limits_reserve(srv->max_conns);
 	if (conn_index < 0)
 		conn_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, conn_free);
 	if (conn_index < 0) {
@@ -1073,6 +1144,12 @@ int server_new(struct control_server **out, struct control_state *st,
 		err_set(err, "", "out of memory");
 		goto fail;
 	}
+	watch_set_limits(srv->watch, srv->lim.polls_per_cert, srv->lim.polls_per_service,
+	                 srv->lim.polls_total);
+	log_info("limits: %zu connections (%zu never used by long polls); long polls at most %zu "
+	         "per certificate, %zu per service, %zu in all", srv->max_conns,
+	         srv->max_conns - srv->lim.polls_total, srv->lim.polls_per_cert,
+	         srv->lim.polls_per_service, srv->lim.polls_total);
 	evhttp_set_bevcb(srv->http, server_bevcb, srv);
 	evhttp_set_gencb(srv->http, server_handle, srv);
 	evhttp_set_max_headers_size(srv->http, SERVER_MAX_HEADERS);

@@ -210,3 +210,100 @@ def test_request_framing_the_gate_refuses(control):
     assert_refused(r, 400)
     # ordinary calls are unaffected
     assert control.api("GET", "/v1/policies").status == 200
+
+
+# ---------------------------------------------------------------- #2 long polls
+
+def config_version(ctrl, svid, service):
+    r = ctrl.api("GET", f"/v1/services/{service}/config?wait=0", token=None, svid=svid)
+    assert r.status == 200, r
+    return r.json["version"]
+
+
+def start_poll(ctrl, ctx, service, version, wait=120):
+    """Opens a connection and sends a long poll that will wait. Returns the
+    socket and the answer if one came within 0.5 s (None: it is waiting)."""
+    raw = socket.create_connection(("127.0.0.1", ctrl.port), timeout=5)
+    s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    s.sendall(head("GET", f"/v1/services/{service}/config?after={version}&wait={wait}"))
+    try:
+        return s, read_response(s, timeout=0.5)
+    except TimeoutError:
+        return s, None
+
+
+def admin_latency(ctrl):
+    """Seconds for GET /v1/health and then GET /v1/certs with the admin
+    token, each on a new connection (None when one failed or took over 5 s)."""
+    t0 = time.monotonic()
+    try:
+        h = request(ctrl.port, ctrl.context(), "GET", "/v1/health", timeout=5)
+        c = request(ctrl.port, ctrl.context(), "GET", "/v1/certs", token=ctrl.token, timeout=5)
+    except (OSError, ssl.SSLError):
+        return None
+    if h.status != 200 or c.status != 200:
+        return None
+    return time.monotonic() - t0
+
+
+def test_long_poll_flood_from_one_identity_leaves_admin_reachable(control_factory, tmp_path):
+    """Thousands of long polls (wait=120) from one SVID, many at a time:
+    at most 4 wait, the rest get 429 with Retry-After, and the admin's calls
+    keep answering within 1 s. The connection limit is lowered to 128 so
+    that the flood needs seconds, not minutes."""
+    ctrl = control_factory.new(extra_args=["--max-connections", "128"])
+    svid = new_svid(ctrl, tmp_path, "orders")
+    version = config_version(ctrl, svid, "orders")
+    ctx = tls_context(ctrl.ca_file, svid.cert, svid.key)
+    lock = threading.Lock()
+    held, refused, stuck, other = [], [], [0], []
+    attempts, target, stop = [0], 2000, threading.Event()
+    deadline = time.monotonic() + 40
+
+    def flood():
+        while not stop.is_set() and time.monotonic() < deadline:
+            with lock:
+                if attempts[0] >= target:
+                    return
+                attempts[0] += 1
+            try:
+                s, answer = start_poll(ctrl, ctx, "orders", version)
+            except (OSError, ssl.SSLError):
+                with lock:
+                    stuck[0] += 1
+                continue
+            if answer is None:
+                with lock:
+                    held.append(s)
+                continue
+            s.close()
+            with lock:
+                (refused if answer[0] == 429 else other).append(answer)
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(48)]
+    for t in threads:
+        t.start()
+    latencies = []
+    try:
+        time.sleep(1.0)
+        while any(t.is_alive() for t in threads) and len(latencies) < 30:
+            latencies.append(admin_latency(ctrl))
+            time.sleep(0.3)
+        for t in threads:
+            t.join(60)
+    finally:
+        stop.set()
+        for s in held:
+            s.close()
+    assert len(latencies) >= 3, latencies
+    slow = [x for x in latencies if x is None or x > 1.0]
+    assert not slow, f"admin calls during the flood (s, None = failed): {latencies}"
+    assert attempts[0] >= target, f"only {attempts[0]} polls in 40 s"
+    assert len(held) <= 4, f"{len(held)} long polls of one certificate were kept waiting"
+    assert not other and stuck[0] == 0, (other[:3], stuck[0])
+    status, hdrs, body = refused[0]
+    assert hdrs.get("retry-after", "").isdigit(), hdrs
+    assert body["error"]["code"] == "too_many_requests", body
+    assert "certificate" in body["error"]["message"], body
+    # the daemon is fine
+    assert ctrl.api("GET", "/v1/health", token=None).status == 200
