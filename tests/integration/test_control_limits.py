@@ -8,6 +8,7 @@ control_factory fixture."""
 import json
 import socket
 import ssl
+import subprocess
 import threading
 import time
 
@@ -307,3 +308,108 @@ def test_long_poll_flood_from_one_identity_leaves_admin_reachable(control_factor
     assert "certificate" in body["error"]["message"], body
     # the daemon is fine
     assert ctrl.api("GET", "/v1/health", token=None).status == 200
+
+
+def wait_poll_admitted(ctrl, ctx, service, version, timeout=5):
+    """Retries a long poll until one waits (a freed slot is seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s, answer = start_poll(ctrl, ctx, service, version)
+        if answer is None:
+            return s
+        s.close()
+        assert answer[0] == 429 and time.monotonic() < deadline, answer
+        time.sleep(0.1)
+
+
+def test_long_poll_caps_per_service_and_in_total(control_factory, tmp_path):
+    ctrl = control_factory.new(extra_args=["--max-polls-per-service", "6", "--max-polls", "8"])
+    a, b = (new_svid(ctrl, tmp_path, "orders") for _ in range(2))
+    c = new_svid(ctrl, tmp_path, "payments")
+    va, vc = config_version(ctrl, a, "orders"), config_version(ctrl, c, "payments")
+    ctx = {x: tls_context(ctrl.ca_file, x.cert, x.key) for x in (a, b, c)}
+    held = []
+
+    def poll(who, service, version, want):
+        s, answer = start_poll(ctrl, ctx[who], service, version)
+        held.append(s)
+        if want is None:
+            assert answer is None, answer
+            return
+        assert answer is not None, "the poll waits but should have been refused"
+        assert_json_error(*answer, 429)
+        assert answer[1]["retry-after"] == "5", answer[1]
+        assert want in answer[2]["error"]["message"], answer[2]
+
+    try:
+        for _ in range(4):
+            poll(a, "orders", va, None)
+        poll(a, "orders", va, "limit per certificate")
+        for _ in range(2):
+            poll(b, "orders", va, None)
+        poll(b, "orders", va, "limit per service")
+        for _ in range(2):
+            poll(c, "payments", vc, None)
+        poll(c, "payments", vc, "its limit")
+        # health and admin calls are served with the polls at their caps
+        assert admin_latency(ctrl) < 1.0
+        # a poll that ends frees its place: b may wait again
+        held[0].close()
+        held.append(wait_poll_admitted(ctrl, ctx[b], "orders", va))
+    finally:
+        for s in held:
+            s.close()
+    assert ctrl.api("GET", "/v1/health", token=None).status == 200
+
+
+def test_idle_connections_cannot_take_the_last_slots(control_factory):
+    """Connections that never send a byte (slowloris) fill the table: the
+    oldest idle ones are closed to make room, so the admin still gets in."""
+    ctrl = control_factory.new(extra_args=["--max-connections", "32"])
+    idle = []
+    try:
+        for _ in range(48):
+            idle.append(socket.create_connection(("127.0.0.1", ctrl.port), timeout=5))
+        time.sleep(0.3)
+        for _ in range(3):
+            t = admin_latency(ctrl)
+            assert t is not None and t < 1.0, t
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_default_limits_are_sane(control):
+    """Defaults: 4 polls per certificate, hundreds of instances per service,
+    and a reserve of connections that long polls never take."""
+    line = next(ln for ln in control.stderr().splitlines() if "limits:" in ln)
+    nums = [int(w) for w in line.replace("(", " ").replace(",", " ").split() if w.isdigit()]
+    conns, reserve, per_cert, per_service, total = nums
+    assert per_cert == 4, line
+    assert per_service >= 512, line
+    assert total + reserve == conns and reserve >= conns // 8 and reserve >= 8, line
+    assert conns == 4096 or "open files limited" in control.stderr(), line
+    # the defaults in action: the 5th waiting poll of one certificate gets 429
+    svid = new_svid(control, control.workdir, "orders")
+    version = config_version(control, svid, "orders")
+    ctx = tls_context(control.ca_file, svid.cert, svid.key)
+    held = [start_poll(control, ctx, "orders", version) for _ in range(5)]
+    try:
+        assert [a is None for _, a in held] == [True] * 4 + [False], held
+        assert_json_error(*held[4][1], 429)
+    finally:
+        for s, _ in held:
+            s.close()
+
+
+def test_limit_flags_are_checked(control_factory):
+    ctrl = control_factory.new(start=False)
+    base = ctrl.argv()
+    for extra, want in ((["--max-polls", "4000"], "at most 3584"),
+                        (["--max-connections", "64", "--max-polls", "60"], "at most 56"),
+                        (["--max-polls-per-cert", "0"], "1.."),
+                        (["--max-polls-per-service", "x"], "1.."),
+                        (["--max-connections", "5000"], "1..4096"),
+                        (["--max-connections", "10"], "16..4096")):
+        p = subprocess.run(base + extra, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2 and want in p.stderr, (extra, p.returncode, p.stderr)
