@@ -14,7 +14,10 @@
  *   write timeouts SERVER_IO_TIMEOUT; a connection that completes no
  *   request within SERVER_REQUEST_DEADLINE of accepting it (or of its last
  *   answer) is shut down, so trickling bytes cannot hold it; at most
- *   SERVER_MAX_CONNS connections (accepting pauses above it); methods other
+ *   struct server_limits.max_conns connections (when full, the oldest idle
+ *   one is closed; accepting pauses only when none is idle); long polls
+ *   capped per certificate, per service and in all, below the connection
+ *   limit (watch.c, 429 with Retry-After); methods other
  *   than GET HEAD POST PUT DELETE OPTIONS PATCH refused by evhttp.
  *
  * A request is an api_call, handed to the route's handler after the route
