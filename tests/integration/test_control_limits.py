@@ -221,14 +221,15 @@ def config_version(ctrl, svid, service):
     return r.json["version"]
 
 
-def start_poll(ctrl, ctx, service, version, wait=120):
+def start_poll(ctrl, ctx, service, version, wait=120, answer_within=0.5):
     """Opens a connection and sends a long poll that will wait. Returns the
-    socket and the answer if one came within 0.5 s (None: it is waiting)."""
+    socket and the answer if one came within answer_within seconds (None:
+    it is waiting)."""
     raw = socket.create_connection(("127.0.0.1", ctrl.port), timeout=5)
     s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
     s.sendall(head("GET", f"/v1/services/{service}/config?after={version}&wait={wait}"))
     try:
-        return s, read_response(s, timeout=0.5)
+        return s, read_response(s, timeout=answer_within)
     except TimeoutError:
         return s, None
 
@@ -268,7 +269,7 @@ def test_long_poll_flood_from_one_identity_leaves_admin_reachable(control_factor
                     return
                 attempts[0] += 1
             try:
-                s, answer = start_poll(ctrl, ctx, "orders", version)
+                s, answer = start_poll(ctrl, ctx, "orders", version, answer_within=2)
             except (OSError, ssl.SSLError):
                 with lock:
                     stuck[0] += 1
@@ -294,13 +295,24 @@ def test_long_poll_flood_from_one_identity_leaves_admin_reachable(control_factor
             t.join(60)
     finally:
         stop.set()
-        for s in held:
+    # a poll counted as held may have had its 429 delayed by the load: only
+    # those still without an answer were really kept waiting
+    waiting = []
+    for s in held:
+        try:
+            answer = read_response(s, timeout=0.5)
+            (refused if answer[0] == 429 else other).append(answer)
+        except TimeoutError:
+            waiting.append(s)
+        except (OSError, ssl.SSLError) as e:
+            other.append(repr(e))
+        finally:
             s.close()
     assert len(latencies) >= 3, latencies
     slow = [x for x in latencies if x is None or x > 1.0]
     assert not slow, f"admin calls during the flood (s, None = failed): {latencies}"
     assert attempts[0] >= target, f"only {attempts[0]} polls in 40 s"
-    assert len(held) <= 4, f"{len(held)} long polls of one certificate were kept waiting"
+    assert len(waiting) <= 4, f"{len(waiting)} long polls of one certificate were kept waiting"
     assert not other and stuck[0] == 0, (other[:3], stuck[0])
     status, hdrs, body = refused[0]
     assert hdrs.get("retry-after", "").isdigit(), hdrs
