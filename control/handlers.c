@@ -131,6 +131,7 @@ static int h_config(struct api_call *call)
 	struct api_config_query q;
 	struct meshlet_err e = {0};
 	int64_t v = 0;
+	int ret;
 
 	if (api_parse_config_query(call->query, &q, &e) < 0)
 		return bad_request(call, &e);
@@ -142,7 +143,10 @@ static int h_config(struct api_call *call)
 		seen(call, q.after, 0);
 		return config_answer(call);
 	}
-	if (watch_add(call->watch, call, call->svc, q.after, q.wait) < 0)
+	ret = watch_add(call->watch, call, call->svc, q.after, q.wait);
+	if (ret == -EBUSY)
+		return ret;        /* over a long-poll limit: 429 in call->err */
+	if (ret < 0)
 		return api_fail(&call->err, 503, "", "cannot wait now; retry");
 	seen(call, q.after, +1);
 	return SERVER_ASYNC;

@@ -33,17 +33,43 @@ static void usage(FILE *f)
 	        "  --svid-ttl DURATION  lifetime of issued SVIDs: 90s, 15m, 1h, or seconds (default 1h)\n"
 	        "  --store sqlite:PATH  the state database (default sqlite:DIR/state.db)\n"
 	        "  --log-level LEVEL    debug, info, warn or error (default info)\n"
+	        "  --max-connections N  open connections at most (default %d); an eighth of them\n"
+	        "                       (at least %d) is never used by long polls, for admin calls\n"
+	        "                       and handshakes\n"
+	        "  --max-polls N        long polls waiting at once, in all (default: the rest)\n"
+	        "  --max-polls-per-service N\n"
+	        "                       long polls waiting at once per service (default %d)\n"
+	        "  --max-polls-per-cert N\n"
+	        "                       long polls waiting at once per client certificate, i.e.\n"
+	        "                       per proxy instance (default %d); over a limit: 429\n"
 	        "  --help               this text\n"
 	        "  --version            the version\n"
 	        "\n"
 	        "First start creates DIR/ca.key (0600), DIR/ca-0.pem, DIR/ca.pem (the trust bundle\n"
 	        "clients of control use as CA file) and DIR/admin.token (0600). Logs go to stderr;\n"
-	        "one JSON line per API request goes to stdout. SIGTERM or SIGINT stop it.\n");
+	        "one JSON line per API request goes to stdout. SIGTERM or SIGINT stop it.\n",
+	        SERVER_MAX_CONNS, SERVER_MIN_RESERVE, SERVER_POLLS_PER_SERVICE, SERVER_POLLS_PER_CERT);
 }
 
 /* Parses the command line into o. Returns 0, 1 (--help/--version: exit 0)
  * or -1 (usage error, reported). */
-static int parse_args(int argc, char **argv, struct control_opts *o)
+/* A count for --NAME: 1..max. */
+static int parse_count(const char *name, const char *s, size_t max, size_t *out)
+{
+	char *end;
+	unsigned long long v;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (!*s || *end || errno || s[0] == '-' || v < 1 || v > max) {
+		fprintf(stderr, "meshlet-control: --%s: expected a number 1..%zu\n", name, max);
+		return -1;
+	}
+	*out = (size_t)v;
+	return 0;
+}
+
+static int parse_args(int argc, char **argv, struct control_opts *o, struct server_limits *lim)
 {
 	static const struct option longopts[] = {
 		{ "listen", required_argument, NULL, 'l' },
@@ -53,6 +79,10 @@ static int parse_args(int argc, char **argv, struct control_opts *o)
 		{ "svid-ttl", required_argument, NULL, 'T' },
 		{ "store", required_argument, NULL, 'S' },
 		{ "log-level", required_argument, NULL, 'L' },
+		{ "max-connections", required_argument, NULL, 'C' },
+		{ "max-polls", required_argument, NULL, 'P' },
+		{ "max-polls-per-service", required_argument, NULL, 'Q' },
+		{ "max-polls-per-cert", required_argument, NULL, 'R' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -61,6 +91,7 @@ static int parse_args(int argc, char **argv, struct control_opts *o)
 	int c;
 
 	memset(o, 0, sizeof(*o));
+	server_limits_default(lim);
 	o->listen = "0.0.0.0:7443";
 	o->svid_ttl = CONTROL_SVID_TTL_DEFAULT;
 	o->log_level = LOG_INFO;
@@ -101,6 +132,24 @@ static int parse_args(int argc, char **argv, struct control_opts *o)
 				return -1;
 			}
 			break;
+		case 'C':
+			if (parse_count("max-connections", optarg, SERVER_MAX_CONNS, &lim->max_conns) < 0)
+				return -1;
+			break;
+		case 'P':
+			if (parse_count("max-polls", optarg, SERVER_MAX_CONNS, &lim->polls_total) < 0)
+				return -1;
+			break;
+		case 'Q':
+			if (parse_count("max-polls-per-service", optarg, SERVER_MAX_CONNS,
+			                &lim->polls_per_service) < 0)
+				return -1;
+			break;
+		case 'R':
+			if (parse_count("max-polls-per-cert", optarg, SERVER_MAX_CONNS,
+			                &lim->polls_per_cert) < 0)
+				return -1;
+			break;
 		case 'h': usage(stdout); return 1;
 		case 'V': printf("meshlet-control %s\n", MESHLET_VERSION); return 1;
 		default:
@@ -118,17 +167,22 @@ static int parse_args(int argc, char **argv, struct control_opts *o)
 		        "(see --help)\n");
 		return -1;
 	}
+	if (server_limits_check(lim, &e) < 0) {
+		fprintf(stderr, "meshlet-control: --%s: %s\n", e.path, e.message);
+		return -1;
+	}
 	return 0;
 }
 
 int main(int argc, char **argv)
 {
 	struct control_opts o;
+	struct server_limits lim;
 	struct control_state *st = NULL;
 	struct control_server *srv = NULL;
 	struct meshlet_err err = {0};
 	char msg[600];
-	int r = parse_args(argc, argv, &o);
+	int r = parse_args(argc, argv, &o, &lim);
 
 	if (r != 0)
 		return r > 0 ? 0 : 2;
@@ -137,7 +191,7 @@ int main(int argc, char **argv)
 		log_error("%s", err_str(&err, msg, sizeof(msg)));
 		return 1;
 	}
-	if (server_new(&srv, st, &o, &err) < 0) {
+	if (server_new(&srv, st, &o, &lim, &err) < 0) {
 		log_error("%s", err_str(&err, msg, sizeof(msg)));
 		state_close(st);
 		return 1;

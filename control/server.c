@@ -26,6 +26,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
+#include "meshlet/http.h"
 #include "meshlet/log.h"
 #include "handlers.h"
 #include "watch.h"
@@ -36,19 +37,35 @@
 #define SERVER_STOP_GRACE_MS 200
 /* File descriptors kept for the store, logs and the listener. */
 #define SERVER_SPARE_FDS 64
+/* Request line limit of the gate (evhttp's own is the header limit). */
+#define SERVER_MAX_LINE 8192
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define SERVER_RETRY_AFTER_STR STR(SERVER_RETRY_AFTER)
+/* Marks a head the gate wrote in place of a refused one (see gate_in). */
+#define GATE_MARK "X-Meshlet-Gate"
 
 /* One TLS connection, attached to its SSL as ex-data and freed with it. */
 struct ctl_conn {
 	struct control_server *srv;
-	struct bufferevent *bev;
+	struct ctl_conn *prev, *next;  /* srv->conns, oldest first */
+	struct bufferevent *bev;       /* TLS; evhttp holds the gate on top of it */
 	struct event *deadline;
-	bool busy;                     /* a request is being handled */
+	bool busy;                     /* a request is being handled (or waits) */
+	bool evicted;                  /* shut to make room (conn_make_room) */
 	bool checked;                  /* peer identity below filled in */
 	bool has_svid;
 	struct spiffe_id id;
 	char serial[CA_SERIAL_HEX_MAX];
 	int64_t not_after;
 	int refused;                   /* why the handshake refused its certificate */
+	/* The gate between TLS and evhttp (gate_in): frames each request with
+	 * lib/http.c and judges its head before evhttp may read a body. */
+	struct http_parser_state gate;
+	bool gate_in_body;             /* between a head and its end */
+	bool gate_drop;                /* this body is refused: read and discard it */
+	bool gate_dead;                /* framing lost or refusals piling up: discard all */
+	struct api_error gate_err;     /* the answer to the marked head (status 0: none) */
 };
 
 struct control_server {
@@ -63,7 +80,9 @@ struct control_server {
 	struct watch *watch;
 	struct event *sigterm, *sigint, *tick;
 	size_t n_conns;
-	size_t max_conns;              /* SERVER_MAX_CONNS, or less if few fds */
+	struct ctl_conn *conns, *conns_tail;   /* every connection, oldest first */
+	struct server_limits lim;
+	size_t max_conns;              /* lim.max_conns, or less if few fds */
 	bool paused;                   /* accepting paused at max_conns */
 	struct event *resume;          /* re-enables accepting after EMFILE */
 	bool stopping;
@@ -95,6 +114,15 @@ static void conn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long
 		         identity_reason_str((enum identity_reason)c->refused));
 	if (c->deadline)
 		event_free(c->deadline);
+	http_cleanup(&c->gate);
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		c->srv->conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	else
+		c->srv->conns_tail = c->prev;
 	c->srv->n_conns--;
 	conn_resume_accepting(c->srv);
 	free(c);
@@ -155,14 +183,43 @@ static int verify_cb(int ok, X509_STORE_CTX *xs)
 	return 1;
 }
 
-/* evhttp asks for each accepted connection's bufferevent. It must not get
- * NULL (evhttp would then speak plain HTTP), so allocation failures abort. */
+static enum bufferevent_filter_result gate_in(struct evbuffer *src, struct evbuffer *dst,
+                                              ev_ssize_t limit,
+                                              enum bufferevent_flush_mode mode, void *arg);
+
+/*
+ * The connection table is full. Long polls cannot fill it (they are capped
+ * below the limit, watch.c), so some connections are idle: handshaking, or
+ * between requests. Shut the oldest of them so that a new connection (an
+ * admin call, a proxy's handshake) gets in; evhttp sees EOF and frees it.
+ * Returns false when every connection is busy with a request.
+ */
+static bool conn_make_room(struct control_server *srv)
+{
+	for (struct ctl_conn *c = srv->conns; c; c = c->next) {
+		evutil_socket_t fd = bufferevent_getfd(c->bev);
+
+		if (c->busy || c->evicted || fd < 0)
+			continue;
+		c->evicted = true;
+		log_debug("%zu connections open: closing the oldest idle one", srv->n_conns);
+		shutdown(fd, SHUT_RDWR);
+		return true;
+	}
+	return false;
+}
+
+/* evhttp asks for each accepted connection's bufferevent: TLS, and on top
+ * of it the gate (gate_in). It must not get NULL (evhttp would then speak
+ * plain HTTP), so allocation failures abort. */
 static struct bufferevent *server_bevcb(struct event_base *base, void *arg)
 {
 	struct control_server *srv = arg;
 	struct ctl_conn *c = calloc(1, sizeof(*c));
 	SSL *ssl = SSL_new(srv->ctx);
-	struct bufferevent *bev;
+	struct bufferevent *bev, *gate;
+	struct http_limits lim = { .max_line = SERVER_MAX_LINE,
+	                           .max_header_bytes = SERVER_MAX_HEADERS };
 
 	if (!c || !ssl) {
 		log_error("out of memory accepting a connection");
@@ -174,25 +231,39 @@ static struct bufferevent *server_bevcb(struct event_base *base, void *arg)
 	bev = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_ACCEPTING,
 	                                     BEV_OPT_CLOSE_ON_FREE);
 	c->deadline = evtimer_new(base, conn_deadline, c);
-	if (!bev || !c->deadline) {
+	http_request_init(&c->gate, &lim);
+	gate = bev ? bufferevent_filter_new(bev, gate_in, NULL, BEV_OPT_CLOSE_ON_FREE, NULL, c)
+	           : NULL;
+	if (!bev || !c->deadline || !gate) {
 		log_error("out of memory accepting a connection");
 		abort();
 	}
 	c->bev = bev;
+	c->prev = srv->conns_tail;
+	if (srv->conns_tail)
+		srv->conns_tail->next = c;
+	else
+		srv->conns = c;
+	srv->conns_tail = c;
 	bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
 	conn_arm(c);
-	if (srv->n_conns >= srv->max_conns && !srv->paused && srv->listener) {
+	/* Full: make room from the idle; pause accepting only when nothing is
+	 * idle, or when closing cannot keep up (the spare file descriptors). */
+	if (srv->n_conns > srv->max_conns &&
+	    (!conn_make_room(srv) || srv->n_conns >= srv->max_conns + SERVER_SPARE_FDS / 2) &&
+	    !srv->paused && srv->listener) {
 		evconnlistener_disable(srv->listener);
 		srv->paused = true;
 		log_warn("%zu connections open: not accepting more until some close",
 		         srv->max_conns);
 	}
-	return bev;
+	return gate;
 }
 
 static struct ctl_conn *conn_of(struct evhttp_connection *evcon)
 {
-	struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+	struct bufferevent *gate = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+	struct bufferevent *bev = gate ? bufferevent_get_underlying(gate) : NULL;
 	SSL *ssl = bev ? bufferevent_openssl_get_ssl(bev) : NULL;
 
 	return ssl ? SSL_get_ex_data(ssl, conn_index) : NULL;
@@ -243,22 +314,22 @@ static void on_resume(evutil_socket_t fd, short what, void *arg)
 		evconnlistener_enable(srv->listener);
 }
 
-/* Raises the open-files limit towards what SERVER_MAX_CONNS needs, and
+/* Raises the open-files limit towards what max connections need, and
  * lowers the connection limit to what the files limit allows. */
-static size_t conn_limit(void)
+static size_t conn_limit(size_t max)
 {
 	struct rlimit rl;
-	rlim_t want = SERVER_MAX_CONNS + SERVER_SPARE_FDS;
+	rlim_t want = max + SERVER_SPARE_FDS;
 
 	if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
-		return SERVER_MAX_CONNS;
+		return max;
 	if (rl.rlim_cur < want) {
 		rl.rlim_cur = rl.rlim_max < want ? rl.rlim_max : want;
 		setrlimit(RLIMIT_NOFILE, &rl);
 		getrlimit(RLIMIT_NOFILE, &rl);
 	}
 	if (rl.rlim_cur >= want)
-		return SERVER_MAX_CONNS;
+		return max;
 	log_warn("open files limited to %llu: serving at most %llu connections",
 	         (unsigned long long)rl.rlim_cur,
 	         (unsigned long long)(rl.rlim_cur > 2 * SERVER_SPARE_FDS ?
@@ -392,6 +463,7 @@ void server_reply(struct api_call *call)
 	struct evkeyvalq *h = evhttp_request_get_output_headers(call->req);
 	struct evbuffer *buf = evbuffer_new();
 	json_t *doc = call->out;
+	struct bufferevent *gate;
 	struct ctl_conn *c;
 	int status = call->status ? call->status : 500;
 	char *text;
@@ -415,8 +487,8 @@ void server_reply(struct api_call *call)
 		evhttp_add_header(h, "ETag", call->etag);
 	if (status == 401)
 		evhttp_add_header(h, "WWW-Authenticate", "Bearer realm=\"meshlet-control\"");
-	if (status == 413)
-		evhttp_add_header(h, "Connection", "close");
+	if (status == 429)
+		evhttp_add_header(h, "Retry-After", SERVER_RETRY_AFTER_STR);
 	if (buf && text) {
 		len = strlen(text);
 		evbuffer_add(buf, text, len);
@@ -430,7 +502,13 @@ void server_reply(struct api_call *call)
 		c->busy = false;
 		conn_arm(c);
 	}
+	gate = call->evcon ? evhttp_connection_get_bufferevent(call->evcon) : NULL;
 	evhttp_send_reply(call->req, status, NULL, buf);
+	/* libevent 2.1's filter bufferevent (the gate) does not pass on output
+	 * added while writing was disabled once it is enabled again, which is
+	 * what evhttp_send_reply() does: push the answer through now. */
+	if (gate)
+		bufferevent_flush(gate, EV_WRITE, BEV_NORMAL);
 	if (buf)
 		evbuffer_free(buf);
 	call_free(call);
@@ -502,17 +580,16 @@ static const struct route *route_find(struct api_call *call, const char *path)
 		call_error(call, 404, "", "no such API path: %s", path);
 		return NULL;
 	}
-	evhttp_add_header(evhttp_request_get_output_headers(call->req), "Allow", allow);
+	if (call->req)
+		evhttp_add_header(evhttp_request_get_output_headers(call->req), "Allow", allow);
 	call_error(call, 405, "", "%s is not allowed on %s (allowed: %s)", call->method, path, allow);
 	return NULL;
 }
 
-/* Establishes who is calling: the Bearer credential and the SVID. */
-static int authenticate(struct api_call *call, struct ctl_conn *c)
+/* Establishes who is calling: the Bearer credential h (the Authorization
+ * field, or NULL) and the SVID. */
+static int authenticate(struct api_call *call, struct ctl_conn *c, const char *h)
 {
-	const char *h = evhttp_find_header(evhttp_request_get_input_headers(call->req),
-	                                   "Authorization");
-
 	if (h) {
 		if (strncasecmp(h, "Bearer ", 7) != 0)
 			return call_error(call, 401, "Authorization", "use Authorization: Bearer <token>");
@@ -594,6 +671,215 @@ static int authorize(struct api_call *call, const struct route *r)
 	                  call->svc[0] ? call->svc : "the mesh");
 }
 
+
+/* ---- the gate: heads judged before bodies ----
+ *
+ * evhttp (libevent 2.1) reads a whole body before it calls us, and has no
+ * server-side hook after the headers. So a filter bufferevent sits between
+ * TLS and evhttp and frames every request with lib/http.c. At each head it
+ * runs the route, authentication and size checks that need no body:
+ * a head that passes goes to evhttp as lib/http.c serialises it (the path
+ * evhttp routes is the one judged here), its body after it; a refused one
+ * is replaced by a bodiless head marked GATE_MARK, which server_handle()
+ * answers with the stored error (JSON), while the body is read and
+ * discarded so that the connection stays usable and nothing is held.
+ * Bodies are only accepted with Content-Length (411 otherwise).
+ *
+ * evhttp must never close a connection after an answer: the filter hands
+ * the answer to TLS at once and reports it written, so evhttp would shut
+ * the socket before TLS wrote it. Heads therefore reach evhttp without
+ * Connection: close (HTTP/1.0 ones with keep-alive), answers never carry
+ * it, and connections end when the client closes them or by the timeouts.
+ * "Expect: 100-continue" is answered here for the same reason.
+ */
+
+/* The largest body a caller may send before its credential is proven: a
+ * join token is checked by the handler, and a CSR is well under 16 KiB. */
+#define GATE_TOKEN_BODY_MAX (16 * 1024)
+
+static int gate_fail(struct api_error *ae, int status, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static int gate_fail(struct api_error *ae, int status, const char *fmt, ...)
+{
+	va_list ap;
+
+	ae->status = status;
+	ae->e.path[0] = '\0';
+	va_start(ap, fmt);
+	vsnprintf(ae->e.message, sizeof(ae->e.message), fmt, ap);
+	va_end(ap);
+	return status;
+}
+
+static bool gate_method_ok(const char *m)
+{
+	static const char *const ok[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
+	                                 "PATCH"};
+
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
+		if (strcmp(m, ok[i]) == 0)
+			return true;
+	return false;
+}
+
+/* Judges a head: 0 (evhttp may read it and its body) or an HTTP status with
+ * the answer in *ae. Requests without a body pass (server_handle() checks
+ * them in full); a body needs a route that takes one, a caller that route
+ * accepts, and Content-Length within API_BODY_MAX. */
+static int gate_judge(struct ctl_conn *c, const struct http_head *h, struct api_error *ae)
+{
+	struct api_call call = {0};
+	const struct route *r;
+	const char *authz = NULL;
+	uint64_t max;
+
+	if (http_head_count(h, GATE_MARK, NULL) > 0)
+		return gate_fail(ae, 400, "the %s field is reserved", GATE_MARK);
+	if (!gate_method_ok(h->method))
+		return gate_fail(ae, 405, "method %s is not supported", h->method);
+	if (h->upgrade || h->form != HTTP_TARGET_ORIGIN)
+		return gate_fail(ae, 400, "upgrades and non-origin request targets are not supported");
+	if (h->framing == HTTP_BODY_CHUNKED)
+		return gate_fail(ae, 411, "send the body with Content-Length (chunked bodies are "
+		                 "not accepted)");
+	if (h->framing == HTTP_BODY_NONE || h->content_length == 0)
+		return 0;
+	if (http_head_count(h, "authorization", &authz) > 1)
+		return gate_fail(ae, 400, "more than one Authorization field");
+	call.srv = c->srv;
+	call.st = c->srv->st;
+	call.method = h->method;
+	r = route_find(&call, h->path);
+	if (r && authenticate(&call, c, authz) == 0 && authorize(&call, r) == 0 && !r->body)
+		call_error(&call, 400, "", "%s %s takes no body", h->method, h->path);
+	if (call.err.status) {
+		*ae = call.err;
+		return ae->status;
+	}
+	max = call.caller == CALLER_ANONYMOUS ? GATE_TOKEN_BODY_MAX : API_BODY_MAX;
+	if (h->content_length > max)
+		return gate_fail(ae, 413, "the body is %llu bytes; at most %llu are accepted%s",
+		                 (unsigned long long)h->content_length, (unsigned long long)max,
+		                 call.caller == CALLER_ANONYMOUS ? " before a join token is checked"
+		                                                 : "");
+	return 0;
+}
+
+/* Hands evhttp a bodiless head in place of a refused one; server_handle()
+ * answers it with ae. One refusal waits at a time: a second one before the
+ * first was answered (pipelining refused requests) gives up the connection,
+ * as does dead (framing lost): all further input is discarded, and the
+ * connection ends by the timeouts or when the client closes it. */
+static void gate_refuse(struct ctl_conn *c, struct evbuffer *dst, const struct http_head *h,
+                        const struct api_error *ae, bool dead)
+{
+	const char *m = h && gate_method_ok(h->method) ? h->method : "GET";
+	const char *path = h && h->path && h->path[0] == '/' ? h->path : "/";
+
+	if (c->gate_err.status) {
+		c->gate_dead = true;
+		return;
+	}
+	c->gate_err = *ae;
+	evbuffer_add_printf(dst, "%s %s HTTP/1.1\r\nHost: control\r\nContent-Length: 0\r\n"
+	                    "%s: 1\r\n\r\n", m, path, GATE_MARK);
+	if (dead)
+		c->gate_dead = true;
+}
+
+/* Hands evhttp a head that passed (see the top of this section). */
+static int gate_pass(struct ctl_conn *c, struct evbuffer *dst, const struct http_head *h)
+{
+	static const struct http_rewrite_field drop[] = {{"connection", NULL}, {"expect", NULL}};
+	static const struct http_rewrite_field keep[] = {{"connection", "keep-alive"}};
+	struct http_rewrite rw = { drop, 2, keep, h->version_minor == 0 ? 1 : 0 };
+	const char *expect = NULL;
+	char buf[SERVER_MAX_HEADERS + SERVER_MAX_LINE + 256];
+	size_t len = 0;
+
+	if (http_head_serialize(h, &rw, buf, sizeof(buf), &len) < 0)
+		return -1;
+	if (h->framing == HTTP_BODY_LENGTH && h->content_length > 0 && h->version_minor == 1 &&
+	    http_head_count(h, "expect", &expect) == 1 && strcasecmp(expect, "100-continue") == 0)
+		bufferevent_write(c->bev, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+	return evbuffer_add(dst, buf, len);
+}
+
+/* One event of the parser: moves (or drops) the used bytes of src. */
+static void gate_step(struct ctl_conn *c, struct http_event ev, size_t used,
+                      struct evbuffer *src, struct evbuffer *dst)
+{
+	struct api_error ae = {0};
+
+	if (!c->gate_in_body) {
+		evbuffer_drain(src, used);     /* head bytes: the parser keeps them */
+	} else if (c->gate_drop) {
+		evbuffer_drain(src, used);
+	} else {
+		evbuffer_remove_buffer(src, dst, used);
+	}
+	switch (ev.type) {
+	case HTTP_EV_HEAD_COMPLETE:
+		c->gate_in_body = true;
+		c->gate_drop = gate_judge(c, ev.head, &ae) != 0;
+		if (!c->gate_drop && gate_pass(c, dst, ev.head) < 0) {
+			gate_fail(&ae, 500, "cannot pass the request on");
+			c->gate_drop = true;
+		}
+		if (c->gate_drop)
+			gate_refuse(c, dst, ev.head, &ae, false);
+		break;
+	case HTTP_EV_MESSAGE_COMPLETE:
+		c->gate_in_body = c->gate_drop = false;
+		http_shrink(&c->gate);
+		break;
+	case HTTP_EV_PAUSED:
+		http_resume(&c->gate, false);
+		break;
+	case HTTP_EV_ERROR:
+		if (c->gate_in_body) {
+			c->gate_dead = true;
+			break;
+		}
+		gate_fail(&ae, ev.status, "%s", ev.reason ? ev.reason : "bad request");
+		gate_refuse(c, dst, NULL, &ae, true);
+		break;
+	default:
+		break;
+	}
+}
+
+/* The input filter: TLS plaintext in src, what evhttp may read out in dst. */
+static enum bufferevent_filter_result gate_in(struct evbuffer *src, struct evbuffer *dst,
+                                              ev_ssize_t limit,
+                                              enum bufferevent_flush_mode mode, void *arg)
+{
+	struct ctl_conn *c = arg;
+	struct evbuffer_iovec v;
+	bool progress = false;
+
+	(void)limit;
+	(void)mode;
+	while (evbuffer_get_length(src) > 0) {
+		size_t used = 0;
+		struct http_event ev;
+
+		if (c->gate_dead) {
+			evbuffer_drain(src, evbuffer_get_length(src));
+			return progress ? BEV_OK : BEV_NEED_MORE;
+		}
+		if (evbuffer_peek(src, -1, NULL, &v, 1) < 1)
+			break;
+		ev = http_feed(&c->gate, v.iov_base, v.iov_len, &used);
+		gate_step(c, ev, used, src, dst);
+		progress = progress || used > 0 || ev.type != HTTP_EV_NEED_MORE;
+		if (ev.type == HTTP_EV_NEED_MORE && used == 0)
+			break;
+	}
+	return progress ? BEV_OK : BEV_NEED_MORE;
+}
+
 /* Reads and parses the JSON body: 413 past API_BODY_MAX, 400 if not JSON. */
 static int read_body(struct api_call *call)
 {
@@ -659,13 +945,25 @@ static void server_handle(struct evhttp_request *req, void *arg)
 	}
 	c->busy = true;
 	evtimer_del(c->deadline);
+	if (evhttp_find_header(evhttp_request_get_input_headers(req), GATE_MARK)) {
+		/* The gate refused this request from its head (gate_judge). */
+		call->err = c->gate_err;
+		if (!call->err.status)
+			api_fail(&call->err, 500, "", "the request gate lost its answer");
+		call->status = call->err.status;
+		memset(&c->gate_err, 0, sizeof(c->gate_err));
+		server_reply(call);
+		return;
+	}
 	if (!path || !*path) {
 		call_error(call, 400, "", "bad request target");
 		server_reply(call);
 		return;
 	}
 	r = route_find(call, path);
-	if (!r || authenticate(call, c) < 0 || authorize(call, r) < 0 ||
+	if (!r || authenticate(call, c, evhttp_find_header(evhttp_request_get_input_headers(req),
+	                                                   "Authorization")) < 0 ||
+	    authorize(call, r) < 0 ||
 	    (r->body && read_body(call) < 0)) {
 		server_reply(call);
 		return;
@@ -774,8 +1072,41 @@ static void log_bound(struct control_server *srv)
 	}
 }
 
+void server_limits_default(struct server_limits *l)
+{
+	l->max_conns = SERVER_MAX_CONNS;
+	l->polls_per_cert = SERVER_POLLS_PER_CERT;
+	l->polls_per_service = SERVER_POLLS_PER_SERVICE;
+	l->polls_total = 0;
+}
+
+size_t server_limits_reserve(size_t max_conns)
+{
+	return max_conns / 8 > SERVER_MIN_RESERVE ? max_conns / 8 : SERVER_MIN_RESERVE;
+}
+
+int server_limits_check(struct server_limits *l, struct meshlet_err *err)
+{
+	size_t reserve = server_limits_reserve(l->max_conns);
+
+	if (l->max_conns < 2 * SERVER_MIN_RESERVE || l->max_conns > SERVER_MAX_CONNS)
+		return err_set(err, "max-connections", "must be %d..%d", 2 * SERVER_MIN_RESERVE,
+		               SERVER_MAX_CONNS);
+	if (l->polls_total == 0)
+		l->polls_total = l->max_conns - reserve;
+	if (l->polls_total > l->max_conns - reserve)
+		return err_set(err, "max-polls", "must leave %zu of the %zu connections for admin "
+		               "calls and handshakes: at most %zu", reserve, l->max_conns,
+		               l->max_conns - reserve);
+	if (l->polls_per_cert == 0 || l->polls_per_service == 0)
+		return err_set(err, l->polls_per_cert ? "max-polls-per-service" : "max-polls-per-cert",
+		               "must be at least 1");
+	return 0;
+}
+
 int server_new(struct control_server **out, struct control_state *st,
-               const struct control_opts *o, struct meshlet_err *err)
+               const struct control_opts *o, const struct server_limits *lim,
+               struct meshlet_err *err)
 {
 	struct control_server *srv = calloc(1, sizeof(*srv));
 	struct timeval io = { SERVER_IO_TIMEOUT, 0 }, tick = { SERVER_TICK, 0 };
@@ -787,7 +1118,12 @@ int server_new(struct control_server **out, struct control_state *st,
 		return err_set(err, "", "out of memory");
 	srv->st = st;
 	srv->o = o;
-	srv->max_conns = conn_limit();
+	srv->lim = *lim;
+	if (server_limits_check(&srv->lim, err) < 0)
+		goto fail;
+	srv->max_conns = conn_limit(srv->lim.max_conns);
+	if (srv->lim.polls_total > srv->max_conns - server_limits_reserve(srv->max_conns))
+		srv->lim.polls_total = srv->max_conns - server_limits_reserve(srv->max_conns);
 	if (conn_index < 0)
 		conn_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, conn_free);
 	if (conn_index < 0) {
@@ -808,10 +1144,17 @@ int server_new(struct control_server **out, struct control_state *st,
 		err_set(err, "", "out of memory");
 		goto fail;
 	}
+	watch_set_limits(srv->watch, srv->lim.polls_per_cert, srv->lim.polls_per_service,
+	                 srv->lim.polls_total);
+	log_info("limits: %zu connections (%zu never used by long polls); long polls at most %zu "
+	         "per certificate, %zu per service, %zu in all", srv->max_conns,
+	         srv->max_conns - srv->lim.polls_total, srv->lim.polls_per_cert,
+	         srv->lim.polls_per_service, srv->lim.polls_total);
 	evhttp_set_bevcb(srv->http, server_bevcb, srv);
 	evhttp_set_gencb(srv->http, server_handle, srv);
 	evhttp_set_max_headers_size(srv->http, SERVER_MAX_HEADERS);
-	evhttp_set_max_body_size(srv->http, SERVER_BODY_HARD_MAX);
+	/* The gate refuses larger bodies from their heads; this is a backstop. */
+	evhttp_set_max_body_size(srv->http, API_BODY_MAX);
 	evhttp_set_timeout_tv(srv->http, &io);
 	evhttp_set_allowed_methods(srv->http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD | EVHTTP_REQ_POST |
 	                                      EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
@@ -863,6 +1206,7 @@ void server_free(struct control_server *srv)
 	if (!srv)
 		return;
 	/* Connections first: their close callbacks end pending long polls. */
+	srv->stopping = true;
 	if (srv->http)
 		evhttp_free(srv->http);
 	watch_free(srv->watch);

@@ -5,12 +5,19 @@
  * authentication, and one JSON access-log line per request.
  *
  * Limits (libevent's evhttp has none by default):
- *   headers 16 KiB; bodies over API_BODY_MAX answered 413 (JSON) and over
- *   SERVER_BODY_HARD_MAX refused by evhttp itself while reading; read and
+ *   headers 16 KiB; every request head is judged by a gate in front of
+ *   evhttp (server.c) before any of its body is read: a body needs
+ *   Content-Length (411), a route that takes one and a caller it accepts
+ *   (401/403/404/405/400), and at most API_BODY_MAX bytes (16 KiB with an
+ *   unverified join token) (413); refused bodies are read and discarded,
+ *   never held, and the answer is JSON on a connection that stays usable; read and
  *   write timeouts SERVER_IO_TIMEOUT; a connection that completes no
  *   request within SERVER_REQUEST_DEADLINE of accepting it (or of its last
  *   answer) is shut down, so trickling bytes cannot hold it; at most
- *   SERVER_MAX_CONNS connections (accepting pauses above it); methods other
+ *   struct server_limits.max_conns connections (when full, the oldest idle
+ *   one is closed; accepting pauses only when none is idle); long polls
+ *   capped per certificate, per service and in all, below the connection
+ *   limit (watch.c, 429 with Retry-After); methods other
  *   than GET HEAD POST PUT DELETE OPTIONS PATCH refused by evhttp.
  *
  * A request is an api_call, handed to the route's handler after the route
@@ -34,10 +41,20 @@
 #include "state.h"
 
 #define SERVER_MAX_HEADERS (16 * 1024)
-#define SERVER_BODY_HARD_MAX (4 * 1024 * 1024)
 #define SERVER_IO_TIMEOUT 10
 #define SERVER_REQUEST_DEADLINE 30
 #define SERVER_MAX_CONNS 4096
+/* Long polls (GET .../config?wait=S) waiting at once: per client
+ * certificate (each proxy instance has its own SVID and needs one or two),
+ * per service (sized for services with hundreds of instances), and in all
+ * (by default what is left of the connections after SERVER_CONN_RESERVE).
+ * Over a limit: 429 with Retry-After: SERVER_RETRY_AFTER. */
+#define SERVER_POLLS_PER_CERT 4
+#define SERVER_POLLS_PER_SERVICE 1024
+#define SERVER_RETRY_AFTER 5
+/* Connections never used by long polls, for admin calls and handshakes:
+ * an eighth of the connection limit, at least SERVER_MIN_RESERVE. */
+#define SERVER_MIN_RESERVE 8
 /* Control's own server certificate: lifetime, renewed at half of it. */
 #define SERVER_CERT_TTL (24 * 3600)
 #define SERVER_ASYNC 1
@@ -46,6 +63,14 @@
 
 struct control_server;
 struct watch;
+
+/* The server's connection and long-poll limits (meshlet-control flags). */
+struct server_limits {
+	size_t max_conns;          /* --max-connections (SERVER_MAX_CONNS) */
+	size_t polls_per_cert;     /* --max-polls-per-cert (SERVER_POLLS_PER_CERT) */
+	size_t polls_per_service;  /* --max-polls-per-service (SERVER_POLLS_PER_SERVICE) */
+	size_t polls_total;        /* --max-polls; 0: max_conns - the reserve */
+};
 struct ctl_conn;
 
 /* Who is calling, as established by server.c before the handler runs. */
@@ -96,14 +121,30 @@ struct route {
 	int (*handler)(struct api_call *call);
 };
 
+/* Fills *l with the defaults. */
+void server_limits_default(struct server_limits *l);
+
+/* The connections kept from long polls out of max_conns. */
+size_t server_limits_reserve(size_t max_conns);
+
+/*
+ * Checks *l and fills in polls_total when 0. Refuses (-EINVAL, err names
+ * the flag) zero limits, more connections than SERVER_MAX_CONNS, and long
+ * polls that would eat into the reserve.
+ */
+int server_limits_check(struct server_limits *l, struct meshlet_err *err);
+
 /*
  * Sets everything up: TLS context from the state's signing root, evhttp
- * bound to o->listen, limits, signals (SIGTERM/SIGINT stop the loop),
- * timers (certificate renewal, housekeeping). Returns 0 and *out or a
- * negative errno with err set.
+ * bound to o->listen, limits (lim, checked; the connection limit may be
+ * lowered to what the open-files limit allows, and the total of long polls
+ * with it), signals (SIGTERM/SIGINT stop the loop), timers (certificate
+ * renewal, housekeeping). Returns 0 and *out or a negative errno with err
+ * set.
  */
 int server_new(struct control_server **out, struct control_state *st,
-               const struct control_opts *o, struct meshlet_err *err);
+               const struct control_opts *o, const struct server_limits *lim,
+               struct meshlet_err *err);
 
 /* Runs the event loop until a stop signal. Returns 0. */
 int server_run(struct control_server *srv);

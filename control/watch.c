@@ -15,6 +15,7 @@ struct watch_waiter {
 	struct watch *w;
 	struct api_call *call;
 	char svc[SERVICE_NAME_MAX + 1];
+	char cert[CA_SERIAL_HEX_MAX];  /* the caller's certificate serial, "" if none */
 	int64_t after;
 	struct event *timer;
 	struct event *closed;          /* the client's end closed (EV_CLOSED), or NULL */
@@ -27,6 +28,7 @@ struct watch {
 	watch_done_fn done;
 	struct watch_waiter *head;
 	size_t n;
+	size_t max_per_cert, max_per_service, max_total;   /* 0: no limit */
 };
 
 struct watch *watch_new(struct event_base *base, struct control_state *st, watch_done_fn done)
@@ -39,6 +41,13 @@ struct watch *watch_new(struct event_base *base, struct control_state *st, watch
 	w->st = st;
 	w->done = done;
 	return w;
+}
+
+void watch_set_limits(struct watch *w, size_t per_cert, size_t per_service, size_t total)
+{
+	w->max_per_cert = per_cert;
+	w->max_per_service = per_service;
+	w->max_total = total;
 }
 
 /* Takes ww off the list and frees it; its call goes to done. */
@@ -91,11 +100,44 @@ static void waiter_peer_closed(evutil_socket_t fd, short what, void *arg)
 	evhttp_connection_free(ww->call->evcon);
 }
 
+/* Refuses (429 in call->err, -EBUSY) a waiter over one of the limits. One
+ * walk over the waiters: there are at most max_total of them. */
+static int watch_admit(const struct watch *w, struct api_call *call, const char *svc)
+{
+	const char *cert = call->caller == CALLER_SVID ? call->peer_serial : "";
+	size_t of_cert = 0, of_svc = 0;
+
+	if (w->max_total && w->n >= w->max_total) {
+		api_fail(&call->err, 429, "", "control holds %zu long polls, its limit; retry later",
+		         w->n);
+		return -EBUSY;
+	}
+	for (const struct watch_waiter *ww = w->head; ww; ww = ww->next) {
+		of_cert += cert[0] && strcmp(ww->cert, cert) == 0;
+		of_svc += strcmp(ww->svc, svc) == 0;
+	}
+	if (w->max_per_cert && of_cert >= w->max_per_cert) {
+		api_fail(&call->err, 429, "", "this certificate (serial %s) already holds %zu long "
+		         "polls, the limit per certificate; retry later", cert, of_cert);
+		return -EBUSY;
+	}
+	if (w->max_per_service && of_svc >= w->max_per_service) {
+		api_fail(&call->err, 429, "", "service %s already holds %zu long polls, the limit "
+		         "per service; retry later", svc, of_svc);
+		return -EBUSY;
+	}
+	return 0;
+}
+
 int watch_add(struct watch *w, struct api_call *call, const char *svc, int64_t after, int wait_s)
 {
-	struct watch_waiter *ww = calloc(1, sizeof(*ww));
+	struct watch_waiter *ww;
 	struct timeval tv = { .tv_sec = wait_s, .tv_usec = 0 };
+	int ret = watch_admit(w, call, svc);
 
+	if (ret < 0)
+		return ret;
+	ww = calloc(1, sizeof(*ww));
 	if (!ww)
 		return -ENOMEM;
 	ww->timer = evtimer_new(w->base, waiter_timeout, ww);
@@ -109,6 +151,8 @@ int watch_add(struct watch *w, struct api_call *call, const char *svc, int64_t a
 	ww->call = call;
 	ww->after = after;
 	snprintf(ww->svc, sizeof(ww->svc), "%s", svc);
+	if (call->caller == CALLER_SVID)
+		snprintf(ww->cert, sizeof(ww->cert), "%s", call->peer_serial);
 	ww->next = w->head;
 	if (w->head)
 		w->head->prev = ww;

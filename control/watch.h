@@ -26,11 +26,16 @@ typedef void (*watch_done_fn)(struct api_call *call, bool aborted);
 /* Returns a new watch, or NULL (out of memory). */
 struct watch *watch_new(struct event_base *base, struct control_state *st, watch_done_fn done);
 
+/* Caps the waiters: per client certificate (call->peer_serial), per
+ * service, and in all. */
+void watch_set_limits(struct watch *w, size_t per_cert, size_t per_service, size_t total);
+
 /* Frees the watch; waiters still pending are handed to done as aborted. */
 void watch_free(struct watch *w);
 
 /* Keeps call until svc's config version passes after or wait_s seconds
- * pass. Returns 0, or -ENOMEM (call untouched). */
+ * pass. Returns 0, -EBUSY over a limit (watch_set_limits(); 429 in
+ * call->err), or -ENOMEM (call untouched). */
 int watch_add(struct watch *w, struct api_call *call, const char *svc, int64_t after, int wait_s);
 
 /* Something changed: answers the waiters of svc (NULL: of every service)

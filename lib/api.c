@@ -37,10 +37,16 @@ const char *api_status_code(int status)
 	case 404: return "not_found";
 	case 405: return "method_not_allowed";
 	case 409: return "conflict";
+	case 411: return "length_required";
 	case 412: return "precondition_failed";
 	case 413: return "payload_too_large";
+	case 414: return "uri_too_long";
+	case 429: return "too_many_requests";
+	case 431: return "headers_too_large";
 	case 499: return "client_closed_request";
+	case 501: return "not_implemented";
 	case 503: return "unavailable";
+	case 505: return "http_version_not_supported";
 	default: return "internal";
 	}
 }

@@ -668,26 +668,16 @@ static int check_ec_key(EVP_PKEY *key, struct meshlet_err *err)
 	return 0;
 }
 
-/* Accepts ECDSA P-256, Ed25519 and RSA of a sane size; refuses the rest. */
+/* Accepts ECDSA P-256 only (DESIGN.md: SVIDs carry P-256 keys); names
+ * what was sent and what to use instead. */
 static int check_key_type(EVP_PKEY *key, struct meshlet_err *err)
 {
-	int bits = EVP_PKEY_get_bits(key);
 	const char *type = EVP_PKEY_get0_type_name(key);
 
-	switch (EVP_PKEY_get_base_id(key)) {
-	case EVP_PKEY_EC:
+	if (EVP_PKEY_get_base_id(key) == EVP_PKEY_EC)
 		return check_ec_key(key, err);
-	case EVP_PKEY_ED25519:
-		return 0;
-	case EVP_PKEY_RSA:
-		if (bits >= CA_RSA_MIN_BITS && bits <= CA_RSA_MAX_BITS)
-			return 0;
-		return err_set(err, "csr", "RSA key of %d bits is not accepted (%d..%d)", bits,
-		               CA_RSA_MIN_BITS, CA_RSA_MAX_BITS);
-	default:
-		return err_set(err, "csr", "%s key is not accepted: use ECDSA P-256 or Ed25519",
-		               type ? type : "unknown");
-	}
+	return err_set(err, "csr", "%s key is not accepted: use ECDSA P-256 (prime256v1)",
+	               type ? type : "unknown");
 }
 
 /* Parses one PEM request from text of len bytes. */

@@ -347,6 +347,7 @@ class Identity:
         new_key = {"ec": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
                    "rsa1024": ["-newkey", "rsa:1024"],
                    "rsa2048": ["-newkey", "rsa:2048"],
+                   "ed25519": ["-newkey", "ed25519"],
                    "p384": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384"]}[key_type]
         run(["openssl", "req", "-new", *new_key, "-nodes", "-keyout", str(self.key),
              "-subj", f"/O=meshlet test/CN={service}", "-out", str(self.csr)])

@@ -491,22 +491,13 @@ static void test_csr_contents_ignored(void **state)
 	EVP_PKEY_free(key);
 }
 
-static void test_ed25519_and_rsa_accepted(void **state)
+/* DESIGN.md fixes ECDSA P-256 for SVIDs: RSA (of any size) and Ed25519 keys
+ * are refused with a message that names the key and what to use instead. */
+static void test_ed25519_and_rsa_refused(void **state)
 {
-	struct fixture *f = *state;
-	EVP_PKEY *ed = keygen("ED25519", NULL);
-	EVP_PKEY *rsa = keygen("RSA", "2048");
-	X509 *x;
-
-	x = issue_from_csr(f->ca, ed, "payments", false, NULL);
-	assert_int_equal(verify(ca_cert(f->ca), x, X509_PURPOSE_SSL_CLIENT), 1);
-	assert_leaf_common(ca_cert(f->ca), x, 3600);
-	X509_free(x);
-	x = issue_from_csr(f->ca, rsa, "payments", false, NULL);
-	assert_int_equal(verify(ca_cert(f->ca), x, X509_PURPOSE_SSL_SERVER), 1);
-	X509_free(x);
-	EVP_PKEY_free(ed);
-	EVP_PKEY_free(rsa);
+	assert_key_refused(keygen("ED25519", NULL), "ED25519 key is not accepted: use ECDSA P-256");
+	assert_key_refused(keygen("RSA", "2048"), "RSA key is not accepted: use ECDSA P-256");
+	assert_key_refused(keygen("RSA", "4096"), "RSA key is not accepted: use ECDSA P-256");
 }
 
 /* P-256 written out as explicit curve parameters (openssl ecparam -param_enc explicit). */
@@ -527,8 +518,8 @@ static const char explicit_p256_csr[] =
 static void test_weak_or_foreign_keys_refused(void **state)
 {
 	assert_csr_refused(explicit_p256_csr, strlen(explicit_p256_csr), "explicit curve parameters");
-	assert_key_refused(keygen("RSA", "1024"), "RSA key of 1024 bits");
-	assert_key_refused(keygen("EC", "P-384"), "P-256");
+	assert_key_refused(keygen("RSA", "1024"), "RSA key is not accepted");
+	assert_key_refused(keygen("EC", "P-384"), "EC key on curve secp384r1 is not accepted: use P-256");
 	assert_key_refused(keygen("EC", "secp256k1"), "P-256");
 	assert_key_refused(keygen("ED448", NULL), "ED448");
 }
@@ -776,7 +767,7 @@ int main(void)
 		T(test_svid_from_p256_csr),
 		T(test_svid_does_not_verify_elsewhere),
 		T(test_csr_contents_ignored),
-		T(test_ed25519_and_rsa_accepted),
+		T(test_ed25519_and_rsa_refused),
 		T(test_weak_or_foreign_keys_refused),
 		T(test_bad_signature_refused),
 		T(test_malformed_csrs_refused),
