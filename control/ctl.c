@@ -988,7 +988,8 @@ static int cmd_token_create(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 static int cmd_certs_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
 	static const char *const cols[] = { "serial", "service", "issued_at", "expires_at",
-	                                    "not_after", "root", "via", "revoked", NULL };
+	                                    "not_after", "root", "via", "parent", "renewals",
+	                                    "revoked", NULL };
 
 	return list_command(ctl, "/v1/certs", "certs", cols);
 }

@@ -28,6 +28,9 @@
 #define STATE_PRUNE_CHUNK 100
 /* Retries of a read-modify-write that lost a race with another writer. */
 #define STATE_RETRIES 5
+/* Ancestors followed when checking a renewal's lineage: a proxy's chain
+ * of unexpired SVIDs is a few long (records go when certificates expire). */
+#define STATE_LINEAGE_DEPTH_MAX 64
 #define ADMIN_TOKEN_FILE "admin.token"
 #define ADMIN_TOKEN_MAX 256
 #define BUNDLE_FILE "ca.pem"
@@ -1131,13 +1134,59 @@ static void migrate_endpoints(struct control_state *st, struct batch *b, const c
 	store_entries_free(e, n);
 }
 
+/* The record of the certificate a renewal is made with (*rec, *rev): it
+ * must exist, have renewals left, and descend from no revoked certificate
+ * (another control instance on the store may not know the revocation yet). */
+static int renewal_check(struct control_state *st, const char *parent, json_t **rec,
+                         int64_t *rev, struct api_error *ae)
+{
+	char key[STORE_KEY_MAX];
+	const char *up;
+	json_t *anc = NULL;
+	int r;
+
+	key_of(key, sizeof(key), "certs/", parent);
+	r = kv_json(st, key, rec, rev);
+	if (r == -ENOENT)
+		return api_fail_code(ae, 403, "unknown_certificate", "", "control has no record of "
+		                     "your SVID (serial %s); join again with a token", parent);
+	if (r)
+		return store_failed(st, ae, "read", r);
+	if (jint(*rec, "renewals") >= CONTROL_RENEWALS_MAX)
+		return api_fail_code(ae, 403, "renewal_limit", "", "your SVID (serial %s) was "
+		                     "already renewed %d times, the most one certificate may be; renew "
+		                     "with the SVID it gave you, or join again with a token", parent,
+		                     CONTROL_RENEWALS_MAX);
+	up = json_string_value(json_object_get(*rec, "parent"));
+	for (int depth = 0; up && depth < STATE_LINEAGE_DEPTH_MAX; depth++) {
+		char serial[CA_SERIAL_HEX_MAX];
+		int64_t rrev = 0;
+
+		snprintf(serial, sizeof(serial), "%s", up);
+		key_of(key, sizeof(key), "revoked/", serial);
+		if (state_is_revoked(st, serial) || (kv_rev(st, key, &rrev) == 0 && rrev > 0)) {
+			json_decref(anc);
+			return api_fail_code(ae, 403, "ancestor_revoked", "", "your SVID (serial %s) "
+			                     "descends from the revoked certificate %s", parent, serial);
+		}
+		key_of(key, sizeof(key), "certs/", serial);
+		json_decref(anc);
+		anc = NULL;
+		if (kv_json(st, key, &anc, NULL) < 0)
+			break;
+		up = json_string_value(json_object_get(anc, "parent"));
+	}
+	json_decref(anc);
+	return 0;
+}
+
 int state_svid_issue(struct control_state *st, const char *service, const char *token,
                      const char *renew_serial, EVP_PKEY *pubkey, json_t **out,
                      struct api_error *ae)
 {
 	const struct state_root *root = &st->roots[st->signing];
 	char key[STORE_KEY_MAX], hash[API_SHA256_HEX_LEN], serial[CA_SERIAL_HEX_MAX];
-	char id[SPIFFE_ID_MAX + 1], t[CA_TIME_LEN];
+	char id[SPIFFE_ID_MAX + 1], t[CA_TIME_LEN], pkey[STORE_KEY_MAX];
 	struct meshlet_err e = {0};
 	struct batch b = {0};
 	int64_t not_after = 0, now = now_s();
@@ -1152,8 +1201,8 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 		key_of(key, sizeof(key), "tokens/", hash);
 	}
 	for (int attempt = 0; attempt < STATE_RETRIES; attempt++) {
-		json_t *tok = NULL;
-		int64_t trev = 0;
+		json_t *tok = NULL, *prec = NULL;
+		int64_t trev = 0, prev = 0;
 
 		if (token) {
 			r = token_check(st, token, service, key, &tok, &trev, ae);
@@ -1163,6 +1212,17 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 			}
 			json_object_set_new(tok, "uses_left", json_integer(jint(tok, "uses_left") - 1));
 			batch_put(&b, key, tok, trev);
+		} else if (renew_serial) {
+			/* The renewal is counted in the same write that records the
+			 * child: concurrent renewals race on the parent's revision. */
+			r = renewal_check(st, renew_serial, &prec, &prev, ae);
+			if (r) {
+				json_decref(prec);
+				return r;
+			}
+			json_object_set_new(prec, "renewals", json_integer(jint(prec, "renewals") + 1));
+			key_of(pkey, sizeof(pkey), "certs/", renew_serial);
+			batch_put(&b, pkey, prec, prev);
 		}
 		X509_free(cert);
 		cert = NULL;
@@ -1177,10 +1237,13 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 		{
 			char ckey[STORE_KEY_MAX];
 			key_of(ckey, sizeof(ckey), "certs/", serial);
-			batch_put(&b, ckey, json_pack("{s:s, s:I, s:I, s:i, s:s}", "service", service,
+			batch_put(&b, ckey, json_pack("{s:s, s:I, s:I, s:i, s:s, s:s?, s:i}",
+			                              "service", service,
 			                              "not_after", (json_int_t)not_after,
 			                              "issued_at", (json_int_t)now, "root", root->id,
-			                              "via", token ? "token" : "svid"), 0);
+			                              "via", token ? "token" : "svid",
+			                              "parent", token ? NULL : renew_serial,
+			                              "renewals", 0), 0);
 		}
 		if (renew_serial)
 			migrate_endpoints(st, &b, service, renew_serial, serial, not_after);
@@ -1488,12 +1551,13 @@ int state_certs_list(struct control_state *st, json_t **out, struct api_error *a
 		if (v && jint(v, "not_after") > now) {
 			identity_format(id, sizeof(id), st->td, jstr(v, "service"));
 			json_array_append_new(list, json_pack(
-				"{s:s, s:s, s:s, s:s, s:s, s:b, s:i, s:s}", "serial", serial,
+				"{s:s, s:s, s:s, s:s, s:s, s:b, s:i, s:s, s:O?, s:I}", "serial", serial,
 				"service", jstr(v, "service"), "spiffe_id", id,
 				"issued_at", fmt_time(jint(v, "issued_at"), t1),
 				"expires_at", fmt_time(jint(v, "not_after"), t2),
 				"revoked", state_is_revoked(st, serial), "root", (int)jint(v, "root"),
-				"via", jstr(v, "via")));
+				"via", jstr(v, "via"), "parent", json_object_get(v, "parent"),
+				"renewals", (json_int_t)jint(v, "renewals")));
 		}
 		json_decref(v);
 	}
@@ -1529,52 +1593,149 @@ int state_certs_rotate(struct control_state *st, const struct api_rotate_req *r,
 	return 0;
 }
 
+/* Unexpired certificates descending from serial (children, their
+ * children, ...), not yet revoked, into *out (a new array of serials). */
+static int descendants(struct control_state *st, const char *serial, json_t **out)
+{
+	struct store_entry *e = NULL;
+	size_t n = 0, done = 0;
+	int64_t now = now_s();
+	json_t *parents, *found = json_array(), *queue = json_array();
+	int r = store_list(st->store, "certs/", &e, &n, NULL);
+
+	*out = NULL;
+	if (r || !found || !queue) {
+		json_decref(found);
+		json_decref(queue);
+		return r ? r : -ENOMEM;
+	}
+	/* serial -> parent of every unexpired record */
+	parents = json_object();
+	for (size_t i = 0; i < n && parents; i++) {
+		json_t *v = json_loadb(e[i].value, e[i].len, 0, NULL);
+		const char *p = json_string_value(json_object_get(v, "parent"));
+
+		if (p && jint(v, "not_after") > now)
+			json_object_set_new(parents, e[i].key + strlen("certs/"), json_string(p));
+		json_decref(v);
+	}
+	store_entries_free(e, n);
+	json_array_append_new(queue, json_string(serial));
+	/* Breadth first; each record has one parent, so nothing is seen twice. */
+	while (parents && done < json_array_size(queue)) {
+		const char *cur = json_string_value(json_array_get(queue, done++)), *child;
+		json_t *p;
+
+		json_object_foreach(parents, child, p) {
+			if (strcmp(json_string_value(p), cur) != 0)
+				continue;
+			json_array_append_new(queue, json_string(child));
+			if (!state_is_revoked(st, child))
+				json_array_append_new(found, json_string(child));
+		}
+	}
+	r = parents ? 0 : -ENOMEM;
+	json_decref(parents);
+	json_decref(queue);
+	if (r)
+		json_decref(found);
+	else
+		*out = found;
+	return r;
+}
+
+/* Adds the revocation record of serial (its certificate record cert). */
+static void revoke_put(struct batch *b, const char *serial, const json_t *cert, int64_t now)
+{
+	char key[STORE_KEY_MAX];
+
+	key_of(key, sizeof(key), "revoked/", serial);
+	batch_put(b, key, json_pack("{s:s, s:I, s:I}", "service", jstr(cert, "service"),
+	                            "not_after", (json_int_t)jint(cert, "not_after"),
+	                            "revoked_at", (json_int_t)now), STORE_REV_ANY);
+}
+
+/* Writes the revocations of serial and of desc (serials) with one bundle
+ * version bump. One atomic write when they fit in a batch; otherwise the
+ * descendants go first, in chunks, and serial with the last one, so that a
+ * failure part-way leaves serial unrevoked and the call can be repeated. */
+static int revoke_write(struct control_state *st, const char *serial, const json_t *cert,
+                        const json_t *desc, int64_t *version)
+{
+	struct batch b = {0};
+	size_t n = json_array_size(desc), i = 0;
+	int64_t now = now_s();
+	int r = 0;
+
+	for (;;) {
+		for (; i < n && b.n < STORE_BATCH_MAX - 2; i++) {
+			const char *s = json_string_value(json_array_get(desc, i));
+			char key[STORE_KEY_MAX];
+			json_t *v = NULL;
+
+			key_of(key, sizeof(key), "certs/", s);
+			if (kv_json(st, key, &v, NULL) == 0)
+				revoke_put(&b, s, v, now);
+			json_decref(v);
+		}
+		if (i == n && serial)
+			revoke_put(&b, serial, cert, now);
+		if (bump_counter(st, &b, "meta/bundle", "version", version) < 0) {
+			batch_clear(&b);
+			return -EIO;
+		}
+		r = batch_commit(st, &b, NULL);
+		if (r || i == n)
+			return r;
+	}
+}
+
 int state_certs_revoke(struct control_state *st, const char *serial, json_t **out,
                        struct api_error *ae)
 {
-	char ckey[STORE_KEY_MAX], rkey[STORE_KEY_MAX], t[CA_TIME_LEN];
-	struct batch b = {0};
-	json_t *cert = NULL;
+	char ckey[STORE_KEY_MAX], t[CA_TIME_LEN];
+	json_t *cert = NULL, *desc = NULL;
 	int64_t version = 0;
+	bool self = false;
 	int r;
 
 	key_of(ckey, sizeof(ckey), "certs/", serial);
-	key_of(rkey, sizeof(rkey), "revoked/", serial);
 	r = kv_json(st, ckey, &cert, NULL);
 	if (r == -ENOENT)
 		return api_fail(ae, 404, "serial", "no unexpired certificate with serial %s was issued",
 		                serial);
 	if (r)
 		return store_failed(st, ae, "read", r);
-	if (state_is_revoked(st, serial)) {
-		*out = json_pack("{s:s, s:s, s:b, s:I}", "serial", serial, "service",
-		                 jstr(cert, "service"), "revoked", 1,
-		                 "bundle_version", (json_int_t)counter_value(st, "meta/bundle", "version"));
-		json_decref(cert);
-		return 0;
-	}
 	for (int attempt = 0; attempt < STATE_RETRIES; attempt++) {
-		batch_put(&b, rkey, json_pack("{s:s, s:I, s:I}", "service", jstr(cert, "service"),
-		                              "not_after", (json_int_t)jint(cert, "not_after"),
-		                              "revoked_at", (json_int_t)now_s()), 0);
-		if (bump_counter(st, &b, "meta/bundle", "version", &version) < 0) {
-			batch_clear(&b);
-			r = -EIO;
+		json_decref(desc);
+		r = descendants(st, serial, &desc);
+		if (r)
+			break;
+		self = !state_is_revoked(st, serial);
+		if (!self && json_array_size(desc) == 0) {
+			version = counter_value(st, "meta/bundle", "version");
 			break;
 		}
-		r = batch_commit(st, &b, NULL);
+		r = revoke_write(st, self ? serial : NULL, cert, desc, &version);
 		if (r != -ECANCELED)
 			break;
 	}
 	if (r) {
 		json_decref(cert);
+		json_decref(desc);
+		load_revoked(st);       /* what a chunked write did store is refused */
 		return store_failed(st, ae, "revoke", r);
 	}
 	revoked_add(st, serial);
-	log_info("revoked certificate %s of %s (valid until %s)", serial, jstr(cert, "service"),
-	         fmt_time(jint(cert, "not_after"), t));
-	*out = json_pack("{s:s, s:s, s:b, s:I}", "serial", serial, "service", jstr(cert, "service"),
-	                 "revoked", 1, "bundle_version", (json_int_t)version);
+	for (size_t i = 0; i < json_array_size(desc); i++)
+		revoked_add(st, json_string_value(json_array_get(desc, i)));
+	if (self || json_array_size(desc))
+		log_info("revoked certificate %s of %s (valid until %s) and %zu descendant(s)", serial,
+		         jstr(cert, "service"), fmt_time(jint(cert, "not_after"), t),
+		         json_array_size(desc));
+	*out = json_pack("{s:s, s:s, s:b, s:I, s:o}", "serial", serial, "service",
+	                 jstr(cert, "service"), "revoked", 1, "bundle_version", (json_int_t)version,
+	                 "descendants", desc);
 	json_decref(cert);
 	return 0;
 }

@@ -24,7 +24,9 @@
  *                           certs rotate --service <svc>
  *   policies/<svc>          the policy document; its revision is the policy version
  *   tokens/<sha256 hex>     {service, expires_at, uses_left, created_at}
- *   certs/<serial>          {service, not_after, issued_at, root, via}
+ *   certs/<serial>          {service, not_after, issued_at, root, via, parent, renewals}:
+ *                           parent the serial renewed from (absent: via a join token),
+ *                           renewals how often this one was used to renew
  *   revoked/<serial>        {service, not_after, revoked_at}
  *   endpoints/<svc>/<addr>  {address, ports, serial, not_after, registered_at}
  *   proxies/<serial>        {service, address, ports, last_seen, not_after, config_version}
@@ -53,6 +55,10 @@
 #define CONTROL_SVID_TTL_DEFAULT 3600
 #define CONTROL_SVID_TTL_MIN 60
 #define CONTROL_MAX_SANS 16
+/* Renewals one SVID may make (POST /v1/svid over mTLS with it): a proxy
+ * that loses an answer retries with the same SVID; more is a loop minting
+ * certificates, refused with 403 renewal_limit. */
+#define CONTROL_RENEWALS_MAX 3
 
 /* The command line of meshlet-control; strings borrowed from argv. */
 struct control_opts {
