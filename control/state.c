@@ -51,6 +51,7 @@ struct state_proxy {
 	int64_t not_after;
 	int64_t last_seen;
 	int64_t held;                  /* config version it holds, -1 unknown */
+	int64_t bundle_rev;            /* revision of meta/bundle it last fetched */
 	int polling;                   /* long polls pending now */
 	bool dirty;                    /* not yet written to the store */
 	struct state_proxy *next;
@@ -68,6 +69,7 @@ struct control_state {
 	size_t signing;                /* index into roots */
 	enum ca_phase phase;
 	int next_id;
+	X509 *cross;                   /* switched: the signing root cross-signed by the old */
 	char **revoked;                /* sorted canonical serials */
 	size_t n_revoked, cap_revoked;
 	struct state_proxy *proxies;
@@ -439,6 +441,35 @@ static void roots_free(struct control_state *st)
 	memset(st->roots, 0, sizeof(st->roots));
 	memset(st->root_certs, 0, sizeof(st->root_certs));
 	st->n_roots = 0;
+	X509_free(st->cross);
+	st->cross = NULL;
+}
+
+/* The other root of a rotation (the one not signing), or NULL. */
+static const struct state_root *old_root(const struct control_state *st)
+{
+	if (st->n_roots != 2)
+		return NULL;
+	return &st->roots[st->signing == 0 ? 1 : 0];
+}
+
+/* Keeps st->cross in step with the phase: while switched, the signing root
+ * cross-signed by the old one, which control's server sends in its chain
+ * so that a proxy that missed the prepared phase (it holds only the old
+ * root) can still verify control, fetch the new bundle and renew. */
+static void cross_update(struct control_state *st)
+{
+	const struct state_root *old = old_root(st);
+	struct meshlet_err e = {0};
+
+	X509_free(st->cross);
+	st->cross = NULL;
+	if (st->phase != CA_PHASE_SWITCHED || !old)
+		return;
+	if (ca_cross_sign(old->ca, st->roots[st->signing].ca, &st->cross, &e) < 0)
+		log_warn("cannot cross-sign root %d with root %d: %s; proxies holding only the old "
+		         "root cannot verify control until they join again", st->roots[st->signing].id,
+		         old->id, e.message);
 }
 
 /* Fills roots[i] from ca (taken over). */
@@ -529,6 +560,7 @@ static int load_roots(struct control_state *st, struct meshlet_err *err)
 	if (r < 0)
 		return err_set(err, "", "the store's meta/ca names a signing root not in the bundle");
 	st->signing = (size_t)r;
+	cross_update(st);
 	return 0;
 }
 
@@ -896,6 +928,19 @@ X509 *const *state_roots(const struct control_state *st, size_t *n)
 	return st->root_certs;
 }
 
+size_t state_server_chain(const struct control_state *st, X509 **out)
+{
+	const struct state_root *old = old_root(st);
+
+	if (st->cross && old) {
+		out[0] = st->cross;
+		out[1] = ca_cert(old->ca);
+		return 2;
+	}
+	out[0] = ca_cert(st->roots[st->signing].ca);
+	return 1;
+}
+
 /* ---- counters ---- */
 
 /* Adds to b a write of the record key with its counter field += 1 (other
@@ -1261,6 +1306,7 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 			memcpy(np->address, p->address, sizeof(np->address));
 			np->ports = json_incref(p->ports);
 			np->held = p->held;
+			np->bundle_rev = p->bundle_rev;
 			np->last_seen = now;
 			np->not_after = not_after;
 			np->dirty = true;
@@ -1482,6 +1528,15 @@ void state_proxy_seen(struct control_state *st, const char *serial, const char *
 	if (p->polling < 0)
 		p->polling = 0;
 	p->dirty = true;
+}
+
+void state_proxy_bundle_fetched(struct control_state *st, const char *serial)
+{
+	struct state_proxy *p = proxy_find(st, serial);
+	int64_t rev = 0;
+
+	if (p && kv_rev(st, "meta/bundle", &rev) == 0)
+		p->bundle_rev = rev;
 }
 
 static int cmp_proxy(const void *a, const void *b)
@@ -1742,21 +1797,6 @@ int state_certs_revoke(struct control_state *st, const char *serial, json_t **ou
 
 /* ---- CA ---- */
 
-json_t *state_ca_show(struct control_state *st)
-{
-	json_t *pins = json_array(), *ids = json_array();
-
-	for (size_t i = 0; i < st->n_roots; i++) {
-		json_array_append_new(pins, json_string(st->roots[i].pin));
-		json_array_append_new(ids, json_integer(st->roots[i].id));
-	}
-	return json_pack("{s:o, s:i, s:s, s:o, s:o, s:I, s:s}", "roots", roots_pem_array(st),
-	                 "signing", (int)st->signing, "phase", phase_names[st->phase],
-	                 "pins", pins, "root_ids", ids,
-	                 "bundle_version", (json_int_t)counter_value(st, "meta/bundle", "version"),
-	                 "trust_domain", st->td);
-}
-
 /* Unexpired, unrevoked SVIDs signed by root id: count and last expiry. */
 static int count_signed_by(struct control_state *st, int id, size_t *count, int64_t *last)
 {
@@ -1781,6 +1821,140 @@ static int count_signed_by(struct control_state *st, int id, size_t *count, int6
 	}
 	store_entries_free(e, n);
 	return 0;
+}
+
+/* The config version at which the new root joined the bundle: meta/ca is
+ * written by the prepare step and not again until the switch. */
+static int64_t new_root_version(struct control_state *st)
+{
+	int64_t rev = 0;
+
+	if (st->phase != CA_PHASE_PREPARED || kv_rev(st, "meta/ca", &rev) < 0)
+		return 0;
+	return rev;
+}
+
+static int cmp_behind(const void *a, const void *b)
+{
+	const json_t *x = *(json_t *const *)a, *y = *(json_t *const *)b;
+	int c = strcmp(jstr(x, "service"), jstr(y, "service"));
+
+	return c ? c : strcmp(jstr(x, "serial"), jstr(y, "serial"));
+}
+
+/* The proxies the switch waits for: seen within the last SVID lifetime,
+ * with an SVID that is unexpired and unrevoked (else it cannot come back),
+ * that neither reported holding a config version >= since nor fetched the
+ * bundle since then. A new array of {service, serial, config_version,
+ * last_seen}, sorted. */
+static json_t *proxies_behind(struct control_state *st, int64_t since)
+{
+	int64_t now = now_s();
+	json_t *list = json_array();
+	json_t **v;
+	size_t n = 0, i = 0;
+
+	for (struct state_proxy *p = st->proxies; p; p = p->next)
+		n++;
+	v = calloc(n ? n : 1, sizeof(*v));
+	if (!v)
+		return list;
+	for (struct state_proxy *p = st->proxies; p; p = p->next) {
+		char t[CA_TIME_LEN];
+
+		if (p->last_seen < now - st->o.svid_ttl || p->not_after <= now ||
+		    state_is_revoked(st, p->serial) || p->held >= since || p->bundle_rev >= since)
+			continue;
+		v[i++] = json_pack("{s:s, s:s, s:I, s:s}", "service", p->service, "serial", p->serial,
+		                   "config_version", (json_int_t)p->held,
+		                   "last_seen", fmt_time(p->last_seen, t));
+	}
+	qsort(v, i, sizeof(*v), cmp_behind);
+	for (size_t k = 0; k < i; k++)
+		json_array_append_new(list, v[k]);
+	free(v);
+	return list;
+}
+
+/* "orders (serial 1f..), frontend (serial 2e..) and 3 more" into out. */
+static const char *name_proxies(const json_t *list, char *out, size_t len)
+{
+	size_t n = json_array_size(list), used = 0, i;
+
+	out[0] = '\0';
+	for (i = 0; i < n; i++) {
+		const json_t *p = json_array_get(list, i);
+		char one[SERVICE_NAME_MAX + CA_SERIAL_HEX_MAX + 16];
+		int w = snprintf(one, sizeof(one), "%s%s (serial %s)", i ? ", " : "",
+		                 jstr(p, "service"), jstr(p, "serial"));
+
+		if (used + (size_t)w + 16 >= len)
+			break;
+		memcpy(out + used, one, (size_t)w + 1);
+		used += (size_t)w;
+	}
+	if (i < n)
+		snprintf(out + used, len - used, " and %zu more", n - i);
+	return out;
+}
+
+/* What the next rotation step waits for: {next_phase, open, waiting_for,
+ * proxies[] (prepared) | certs, until (switched)}. */
+static json_t *ca_gate(struct control_state *st)
+{
+	char names[160], msg[256], t[CA_TIME_LEN];
+	size_t count = 0;
+	int64_t last = 0;
+	json_t *behind;
+
+	switch (st->phase) {
+	case CA_PHASE_STABLE:
+		return json_pack("{s:s, s:b, s:s}", "next_phase", "prepared", "open",
+		                 st->n_roots < STATE_ROOTS_MAX, "waiting_for", "nothing");
+	case CA_PHASE_PREPARED:
+		behind = proxies_behind(st, new_root_version(st));
+		if (json_array_size(behind))
+			snprintf(msg, sizeof(msg), "%zu proxy(s) to acknowledge the new root: %s",
+			         json_array_size(behind), name_proxies(behind, names, sizeof(names)));
+		else
+			snprintf(msg, sizeof(msg), "nothing");
+		return json_pack("{s:s, s:b, s:s, s:o}", "next_phase", "switched",
+		                 "open", json_array_size(behind) == 0, "waiting_for", msg,
+		                 "proxies", behind);
+	default: {
+		const struct state_root *old = old_root(st);
+
+		if (old && count_signed_by(st, old->id, &count, &last) < 0)
+			return json_pack("{s:s, s:b, s:s}", "next_phase", "stable", "open", 0,
+			                 "waiting_for", "the state store (see control's log)");
+		if (count)
+			snprintf(msg, sizeof(msg), "%zu SVID(s) signed by the old root to expire (the "
+			         "last at %s) or be revoked", count, fmt_time(last, t));
+		else
+			snprintf(msg, sizeof(msg), "nothing");
+		return json_pack("{s:s, s:b, s:s, s:I, s:s?}", "next_phase", "stable",
+		                 "open", count == 0, "waiting_for", msg, "certs", (json_int_t)count,
+		                 "until", count ? fmt_time(last, t) : NULL);
+	}
+	}
+}
+
+json_t *state_ca_show(struct control_state *st)
+{
+	json_t *pins = json_array(), *ids = json_array(), *out;
+
+	for (size_t i = 0; i < st->n_roots; i++) {
+		json_array_append_new(pins, json_string(st->roots[i].pin));
+		json_array_append_new(ids, json_integer(st->roots[i].id));
+	}
+	out = json_pack("{s:o, s:i, s:s, s:o, s:o, s:I, s:s, s:o}", "roots", roots_pem_array(st),
+	                "signing", (int)st->signing, "phase", phase_names[st->phase],
+	                "pins", pins, "root_ids", ids,
+	                "bundle_version", (json_int_t)counter_value(st, "meta/bundle", "version"),
+	                "trust_domain", st->td, "gate", ca_gate(st));
+	if (out && st->phase == CA_PHASE_PREPARED)
+		json_object_set_new(out, "new_root_version", json_integer(new_root_version(st)));
+	return out;
 }
 
 /* stable -> prepared: a new root, saved to its files, joins the bundle. */
@@ -1839,14 +2013,31 @@ static int ca_prepare(struct control_state *st, struct api_error *ae)
 	return 0;
 }
 
-/* prepared -> switched: the new root signs; every proxy renews. */
-static int ca_switch(struct control_state *st, struct api_error *ae)
+/* prepared -> switched: the new root signs; every proxy renews. Refused
+ * (unless force) while a recent proxy has not acknowledged the new root:
+ * it would refuse peers with certificates of the new root. */
+static int ca_switch(struct control_state *st, bool force, struct api_error *ae)
 {
 	struct batch b = {0};
 	size_t old = st->signing;
-	int64_t rev = 0;
+	int64_t rev = 0, since = new_root_version(st);
+	json_t *behind = proxies_behind(st, since);
+	size_t n_behind = json_array_size(behind);
+	char names[140];
 	int r;
 
+	if (n_behind && !force) {
+		r = api_fail_code(ae, 409, "proxies_not_updated", "", "not switching: %zu recent "
+		                  "proxy(s) have not acknowledged the new root (config version %lld; "
+		                  "wait, or --force): %s", n_behind, (long long)since,
+		                  name_proxies(behind, names, sizeof(names)));
+		json_decref(behind);
+		return r;
+	}
+	if (n_behind)
+		log_warn("CA rotation: switching by force; %zu proxy(s) have not acknowledged the new "
+		         "root: %s", n_behind, name_proxies(behind, names, sizeof(names)));
+	json_decref(behind);
 	st->signing = st->n_roots - 1;
 	st->phase = CA_PHASE_SWITCHED;
 	kv_rev(st, "meta/ca", &rev);
@@ -1860,6 +2051,7 @@ static int ca_switch(struct control_state *st, struct api_error *ae)
 		st->phase = CA_PHASE_PREPARED;
 		return store_failed(st, ae, "CA rotation", r);
 	}
+	cross_update(st);
 	log_info("CA rotation: root %d signs now; all proxies were asked to renew",
 	         st->roots[st->signing].id);
 	return 0;
@@ -1883,9 +2075,10 @@ static int ca_finish(struct control_state *st, bool force, struct api_error *ae)
 	if (r)
 		return store_failed(st, ae, "list", r);
 	if (count > 0 && !force)
-		return api_fail(ae, 409, "", "%zu SVID(s) signed by the old root are still valid (the last "
-		                "until %s); retry then, or pass {\"force\": true} to remove the old "
-		                "root now and cut them off", count, fmt_time(last, t));
+		return api_fail_code(ae, 409, "old_root_in_use", "", "%zu SVID(s) signed by the old "
+		                     "root are still valid (the last until %s); retry then, or pass "
+		                     "{\"force\": true} to remove the old root now and cut them off",
+		                     count, fmt_time(last, t));
 	memcpy(saved, st->roots, sizeof(saved));
 	memcpy(saved_certs, st->root_certs, sizeof(saved_certs));
 	kv_rev(st, "meta/ca", &rev);
@@ -1909,6 +2102,7 @@ static int ca_finish(struct control_state *st, bool force, struct api_error *ae)
 		st->phase = CA_PHASE_SWITCHED;
 		return store_failed(st, ae, "CA rotation", r);
 	}
+	cross_update(st);
 	log_info("CA rotation complete: root %d left the bundle%s", old.id,
 	         count ? " (forced while SVIDs it signed were still valid)" : "");
 	ca_free(old.ca);
@@ -1925,7 +2119,7 @@ int state_ca_rotate(struct control_state *st, bool force, json_t **out, bool *tl
 	*tls_changed = false;
 	switch (st->phase) {
 	case CA_PHASE_STABLE: r = ca_prepare(st, ae); break;
-	case CA_PHASE_PREPARED: r = ca_switch(st, ae); break;
+	case CA_PHASE_PREPARED: r = ca_switch(st, force, ae); break;
 	default: r = ca_finish(st, force, ae); break;
 	}
 	if (r)

@@ -107,6 +107,14 @@ const struct ca *state_signing_ca(const struct control_state *st);
 /* The roots of the bundle, oldest first (borrowed; *n of them). */
 X509 *const *state_roots(const struct control_state *st, size_t *n);
 
+/* The certificates control's server sends after its own, into out (room
+ * for 2; borrowed); returns how many. The signing root; while the phase
+ * is switched, the signing root cross-signed by the old root, then the old
+ * root, so that a client holding only the old root (a proxy that was down
+ * through the prepared phase, a join token pinning the old root) still
+ * verifies control. */
+size_t state_server_chain(const struct control_state *st, X509 **out);
+
 /* ---- policies ---- */
 
 /* if_match: -1 none, 0 "*" (must exist), > 0 the version it must have. */
@@ -169,6 +177,10 @@ int state_endpoint_register(struct control_state *st, const char *svc,
 void state_proxy_seen(struct control_state *st, const char *serial, const char *svc,
                       int64_t not_after, int64_t held, int polling);
 
+/* Notes that the proxy with SVID serial fetched the bundle (GET /v1/bundle):
+ * it then holds the roots, which is what the CA switch waits for. */
+void state_proxy_bundle_fetched(struct control_state *st, const char *serial);
+
 /* {"proxies": [...]} */
 json_t *state_proxies(struct control_state *st);
 
@@ -182,15 +194,22 @@ int state_certs_revoke(struct control_state *st, const char *serial, json_t **ou
 
 /* ---- CA ---- */
 
-/* {roots: [PEM], signing: index, phase, pins: [...], bundle_version} */
+/* {roots: [PEM], signing: index, phase, pins: [...], root_ids, bundle_version,
+ *  trust_domain, gate: {next_phase, open, waiting_for, proxies[] | certs,
+ *  until}, new_root_version (prepared only)}: gate says what the next
+ *  state_ca_rotate() waits for. */
 json_t *state_ca_show(struct control_state *st);
 
 /*
  * Advances CA rotation one phase: stable -> prepared (a new root joins the
  * bundle), prepared -> switched (the new root signs; every proxy is told
- * to renew), switched -> stable (the old root leaves the bundle: refused
- * with 409 while SVIDs it signed are unexpired and unrevoked, unless
- * force). *tls_changed: control's server context must be rebuilt.
+ * to renew: refused with 409 proxies_not_updated while a proxy seen within
+ * the last SVID lifetime, with an unexpired unrevoked SVID, has neither
+ * reported a config version >= the one that added the new root nor
+ * fetched the bundle since, unless force), switched -> stable (the old
+ * root leaves the bundle: refused with 409 old_root_in_use while SVIDs it
+ * signed are unexpired and unrevoked, unless force). *tls_changed:
+ * control's server context must be rebuilt.
  */
 int state_ca_rotate(struct control_state *st, bool force, json_t **out, bool *tls_changed,
                     struct api_error *ae);
