@@ -1190,9 +1190,10 @@ static int ca_get(struct ctl *ctl, struct httpc_response *r)
 	return api_call(ctl, "GET", "/v1/ca", NULL, NULL, 0, NULL, r);
 }
 
-/* One POST /v1/ca/rotate. Returns 0, EXIT_REFUSED, EXIT_USAGE, or -1 for
- * a 409 (a gate closed again: --auto keeps waiting) without printing. */
-static int ca_step(struct ctl *ctl, bool force, bool quiet_conflict)
+/* One POST /v1/ca/rotate for --auto. Returns 0 and *answer (the new
+ * state; json_decref()), EXIT_REFUSED, EXIT_USAGE, or -1 for a 409 (a gate
+ * closed again: --auto keeps waiting) without printing. */
+static int ca_step(struct ctl *ctl, bool force, json_t **answer)
 {
 	struct httpc_response r;
 	char err[HTTPC_ERR_MAX] = "";
@@ -1215,10 +1216,12 @@ static int ca_step(struct ctl *ctl, bool force, bool quiet_conflict)
 		rc = usage_error(ctl, "%s", err);
 	else if (rc)
 		rc = refused(ctl, "%s: %s", ctl->control, err);
-	else if (r.status == 409 && quiet_conflict)
+	else if (r.status == 409)
 		rc = -1;
 	else if (r.status < 200 || r.status > 299)
 		rc = api_error(ctl, &r);
+	else
+		*answer = json_incref(r.json);
 	httpc_response_clear(&r);
 	return rc;
 }
@@ -1267,14 +1270,27 @@ static int ca_rotate_auto(struct ctl *ctl, bool force, long long timeout)
 		snprintf(from, sizeof(from), "%s", phase);
 		if (json_is_true(json_object_get(gate, "open")) || force) {
 			const char *to = json_string_value(json_object_get(gate, "next_phase"));
+			bool last = to && strcmp(to, "stable") == 0;
+			json_t *answer = NULL;
 
 			if (ctl->output != OUT_JSON)
 				printf("%s -> %s\n", from, to ? to : "?");
 			fflush(stdout);
 			httpc_response_clear(&r);
-			rc = ca_step(ctl, force, true);
+			rc = ca_step(ctl, force, &answer);
 			if (rc > 0)
 				return rc;
+			/* Done: no further call, which a CA file holding only the
+			 * old root (--ca of an old copy) could no longer make. */
+			if (rc == 0 && last) {
+				if (ctl->output == OUT_JSON)
+					print_json(answer);
+				else
+					printf("CA rotation complete: phase stable\n");
+				json_decref(answer);
+				return 0;
+			}
+			json_decref(answer);
 			if (rc == 0)
 				steps++;
 			waiting[0] = '\0';
@@ -1307,21 +1323,38 @@ static int cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 	const char *t = arg(cmd, a, "timeout");
 	bool force = arg(cmd, a, "force") != NULL;
 	long long timeout = CA_AUTO_TIMEOUT_DEFAULT;
+	json_t *body;
 	int rc;
 
-	if (t && !arg(cmd, a, "auto"))
-		return usage_error(ctl, "ca rotate: --timeout goes with --auto");
-	if (t && parse_duration(t, &timeout) < 0)
+	/* Without --auto, --timeout after the command is the global one (the
+	 * limit of each request), as it was before --auto existed. */
+	if (t && !arg(cmd, a, "auto")) {
+		if (parse_duration(t, &timeout) < 0 || timeout > 3600)
+			return usage_error(ctl, "--timeout: expected a duration up to 1h (30s, 2m), got "
+			                   "'%s'", t);
+		ctl->timeout_ms = (int)(timeout * 1000);
+	} else if (t && parse_duration(t, &timeout) < 0) {
 		return usage_error(ctl, "--timeout: expected a duration such as 90s, 15m, 2h or "
 		                   "seconds, got '%s'", t);
+	}
 	if (arg(cmd, a, "auto"))
 		return ca_rotate_auto(ctl, force, timeout);
-	rc = ca_step(ctl, force, false);
+	body = json_object();
+	if (!body)
+		return usage_error(ctl, "out of memory");
+	if (force)
+		json_object_set_new(body, "force", json_true());
+	rc = api_call(ctl, "POST", "/v1/ca/rotate", body, NULL, 0, NULL, &r);
+	json_decref(body);
 	if (rc)
 		return rc;
-	rc = ca_get(ctl, &r);
-	if (rc)
-		return rc;
+	if (!json_is_string(json_object_get(r.json, "phase"))) {
+		/* The answer does not say: ask. */
+		httpc_response_clear(&r);
+		rc = api_call(ctl, "GET", "/v1/ca", NULL, NULL, 0, NULL, &r);
+		if (rc)
+			return rc;
+	}
 	if (ctl->output == OUT_JSON)
 		print_json(r.json);
 	else
@@ -1426,7 +1459,7 @@ static const struct ctl_opt ca_rotate_opts[] = {
 	{ "auto", 0, NULL, false, "walk stable -> prepared -> switched -> stable, each step as soon "
 	  "as its gate opens" },
 	{ "timeout", 0, "DURATION", false, "with --auto: give up (exit 1) after this long "
-	  "(default 3h)" },
+	  "(default 3h); without --auto, the request timeout as before the command" },
 	{ NULL, 0, NULL, false, NULL },
 };
 static const struct ctl_opt check_opts[] = {
