@@ -1225,6 +1225,46 @@ static int renewal_check(struct control_state *st, const char *parent, json_t **
 	return 0;
 }
 
+/* Counts a renewal in the lineage origin (lineages/<origin>: {service,
+ * window_start, renewals, not_after}) into b, or refuses it: a lineage
+ * renews at most CONTROL_LINEAGE_RENEWALS_MAX times per SVID lifetime,
+ * however it branches (the per-certificate cap alone lets a tree of
+ * renewals grow 3, 9, 27, ... wide). */
+static int lineage_count(struct control_state *st, struct batch *b, const char *origin,
+                         const char *service, int64_t now, struct api_error *ae)
+{
+	char key[STORE_KEY_MAX];
+	json_t *v = NULL;
+	int64_t rev = 0, start, n;
+	int r;
+
+	key_of(key, sizeof(key), "lineages/", origin);
+	r = kv_json(st, key, &v, &rev);
+	if (r == -EIO)
+		return store_failed(st, ae, "read", r);
+	start = jint(v, "window_start");
+	n = jint(v, "renewals");
+	if (!v || now - start >= st->o.svid_ttl) {
+		start = now;
+		n = 0;
+	}
+	if (n >= CONTROL_LINEAGE_RENEWALS_MAX) {
+		char t[CA_TIME_LEN];
+
+		json_decref(v);
+		return api_fail_code(ae, 403, "lineage_limit", "", "the SVIDs descending from the "
+		                     "join of %s renewed %d times since %s, the most per SVID "
+		                     "lifetime; retry later, or join again with a token", origin,
+		                     CONTROL_LINEAGE_RENEWALS_MAX, fmt_time(start, t));
+	}
+	json_decref(v);
+	/* not_after: no SVID of the lineage outlives it, so it is pruned then. */
+	batch_put(b, key, json_pack("{s:s, s:I, s:I, s:I}", "service", service,
+	                            "window_start", (json_int_t)start, "renewals", (json_int_t)n + 1,
+	                            "not_after", (json_int_t)(now + st->o.svid_ttl)), rev);
+	return 0;
+}
+
 int state_svid_issue(struct control_state *st, const char *service, const char *token,
                      const char *renew_serial, EVP_PKEY *pubkey, json_t **out,
                      struct api_error *ae)
@@ -1232,6 +1272,7 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 	const struct state_root *root = &st->roots[st->signing];
 	char key[STORE_KEY_MAX], hash[API_SHA256_HEX_LEN], serial[CA_SERIAL_HEX_MAX];
 	char id[SPIFFE_ID_MAX + 1], t[CA_TIME_LEN], pkey[STORE_KEY_MAX];
+	char origin[CA_SERIAL_HEX_MAX] = "";
 	struct meshlet_err e = {0};
 	struct batch b = {0};
 	int64_t not_after = 0, now = now_s();
@@ -1265,6 +1306,15 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 				json_decref(prec);
 				return r;
 			}
+			/* Records from before lineages were kept: the parent starts one. */
+			snprintf(origin, sizeof(origin), "%s", json_string_value(json_object_get(
+			         prec, "origin")) ? jstr(prec, "origin") : renew_serial);
+			r = lineage_count(st, &b, origin, service, now, ae);
+			if (r) {
+				batch_clear(&b);
+				json_decref(prec);
+				return r;
+			}
 			json_object_set_new(prec, "renewals", json_integer(jint(prec, "renewals") + 1));
 			key_of(pkey, sizeof(pkey), "certs/", renew_serial);
 			batch_put(&b, pkey, prec, prev);
@@ -1282,13 +1332,14 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 		{
 			char ckey[STORE_KEY_MAX];
 			key_of(ckey, sizeof(ckey), "certs/", serial);
-			batch_put(&b, ckey, json_pack("{s:s, s:I, s:I, s:i, s:s, s:s?, s:i}",
+			batch_put(&b, ckey, json_pack("{s:s, s:I, s:I, s:i, s:s, s:s?, s:i, s:s}",
 			                              "service", service,
 			                              "not_after", (json_int_t)not_after,
 			                              "issued_at", (json_int_t)now, "root", root->id,
 			                              "via", token ? "token" : "svid",
 			                              "parent", token ? NULL : renew_serial,
-			                              "renewals", 0), 0);
+			                              "renewals", 0,
+			                              "origin", origin[0] ? origin : serial), 0);
 		}
 		if (renew_serial)
 			migrate_endpoints(st, &b, service, renew_serial, serial, not_after);
@@ -1613,6 +1664,9 @@ int state_certs_list(struct control_state *st, json_t **out, struct api_error *a
 				"revoked", state_is_revoked(st, serial), "root", (int)jint(v, "root"),
 				"via", jstr(v, "via"), "parent", json_object_get(v, "parent"),
 				"renewals", (json_int_t)jint(v, "renewals")));
+			json_object_set_new(json_array_get(list, json_array_size(list) - 1), "lineage",
+			                    json_string(json_string_value(json_object_get(v, "origin")) ?
+			                                jstr(v, "origin") : serial));
 		}
 		json_decref(v);
 	}
@@ -2265,6 +2319,9 @@ int state_maintain(struct control_state *st, bool *changed)
 	if (r)
 		ret = r;
 	r = prune(st, "certs/", NULL, NULL, cert_expired, &n);
+	if (r)
+		ret = r;
+	r = prune(st, "lineages/", NULL, NULL, cert_expired, &n);
 	if (r)
 		ret = r;
 	r = prune(st, "endpoints/", "meta/endpoints", "version", endpoint_stale, &n);

@@ -26,7 +26,10 @@
  *   tokens/<sha256 hex>     {service, expires_at, uses_left, created_at}
  *   certs/<serial>          {service, not_after, issued_at, root, via, parent, renewals}:
  *                           parent the serial renewed from (absent: via a join token),
- *                           renewals how often this one was used to renew
+ *                           renewals how often this one was used to renew,
+ *                           origin the join-token SVID its lineage started with
+ *   lineages/<origin>       {service, window_start, renewals, not_after}: renewals
+ *                           of the lineage since window_start (one SVID lifetime)
  *   revoked/<serial>        {service, not_after, revoked_at}
  *   endpoints/<svc>/<addr>  {address, ports, serial, not_after, registered_at}
  *   proxies/<serial>        {service, address, ports, last_seen, not_after, config_version}
@@ -59,6 +62,10 @@
  * that loses an answer retries with the same SVID; more is a loop minting
  * certificates, refused with 403 renewal_limit. */
 #define CONTROL_RENEWALS_MAX 3
+/* Renewals per lineage (the SVIDs descending from one join) per SVID
+ * lifetime: a proxy renews about twice per lifetime, plus certs rotate, a
+ * CA switch and retries; more is refused with 403 lineage_limit. */
+#define CONTROL_LINEAGE_RENEWALS_MAX 10
 
 /* The command line of meshlet-control; strings borrowed from argv. */
 struct control_opts {

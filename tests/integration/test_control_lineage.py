@@ -10,6 +10,7 @@ from control_helpers import (Identity, assert_refused, control, control_factory,
                              enroll, new_svid)
 
 RENEWALS_MAX = 3
+LINEAGE_RENEWALS_MAX = 10      # per lineage and SVID lifetime
 
 
 def _child(control, tmp_path, parent):
@@ -106,3 +107,37 @@ def test_certs_list_shows_the_lineage(control, tmp_path):
     rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
     assert rows[b.serial][col] == a.serial, p.stdout
     assert rows[a.serial][col] == "-", p.stdout
+
+
+def test_a_lineage_cannot_fan_out(control, tmp_path):
+    """The per-certificate cap alone lets a tree grow 3, 9, 27, ... wide:
+    a lineage (everything renewed from one join) renews at most
+    LINEAGE_RENEWALS_MAX times per SVID lifetime."""
+    a = new_svid(control, tmp_path, "orders")
+    frontier, issued, refused = [a], 0, None
+    while refused is None and issued < 3 * LINEAGE_RENEWALS_MAX:
+        nxt = []
+        for parent in frontier:
+            for _ in range(RENEWALS_MAX):
+                r, ident = _child(control, tmp_path, parent)
+                if r.status != 200:
+                    refused = r
+                    break
+                issued += 1
+                nxt.append(ident)
+            if refused is not None:
+                break
+        frontier = nxt
+    assert refused is not None, f"{issued} renewals in one lineage, none refused"
+    code, msg, _ = assert_refused(refused, 403)
+    assert code == "lineage_limit", refused
+    assert issued == LINEAGE_RENEWALS_MAX, issued
+    assert a.serial in msg, msg
+    # Another lineage of the same service is not affected.
+    b = new_svid(control, tmp_path, "orders")
+    _renew_ok(control, tmp_path, b)
+    certs = _certs(control)
+    assert certs[a.serial]["lineage"] == a.serial
+    assert all(c["lineage"] == a.serial for c in certs.values()
+               if c["service"] == "orders" and c["serial"] not in (b.serial,)
+               and c["parent"] != b.serial)
