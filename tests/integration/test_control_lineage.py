@@ -141,3 +141,26 @@ def test_a_lineage_cannot_fan_out(control, tmp_path):
     assert all(c["lineage"] == a.serial for c in certs.values()
                if c["service"] == "orders" and c["serial"] not in (b.serial,)
                and c["parent"] != b.serial)
+
+
+def test_renewal_refused_when_an_ancestor_is_revoked(control_factory, tmp_path):
+    """A child whose own revocation record is missing (a store restored from
+    a backup, another control instance) still cannot renew once any of its
+    ancestors is revoked."""
+    import sqlite3
+    ctrl = control_factory.new("lineage")
+    a = new_svid(ctrl, tmp_path, "orders")
+    b = _renew_ok(ctrl, tmp_path, a)
+    c = _renew_ok(ctrl, tmp_path, b)
+    assert ctrl.api("POST", "/v1/certs/revoke", {"serial": a.serial}).status == 200
+    ctrl.stop()
+    con = sqlite3.connect(str(ctrl.db_file()))
+    with con:
+        n = con.execute("DELETE FROM kv WHERE key IN (?, ?)",
+                        (f"revoked/{b.serial}", f"revoked/{c.serial}")).rowcount
+    con.close()
+    assert n == 2
+    ctrl.start()
+    r, _ = _child(ctrl, tmp_path, c)
+    code, msg, _ = assert_refused(r, 403)
+    assert code == "ancestor_revoked" and a.serial in msg, r
