@@ -45,6 +45,9 @@
 
 #define EXIT_REFUSED 1
 #define EXIT_USAGE 2
+/* ca rotate --auto: how often it looks at the gates, and for how long. */
+#define CA_AUTO_POLL_S 1.0
+#define CA_AUTO_TIMEOUT_DEFAULT (3LL * 3600)
 
 #define CTL_DEFAULT_CONTROL "https://127.0.0.1:7443"
 #define CTL_DEFAULT_STATE_DIR "/var/lib/meshlet-control"
@@ -988,7 +991,8 @@ static int cmd_token_create(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 static int cmd_certs_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
 	static const char *const cols[] = { "serial", "service", "issued_at", "expires_at",
-	                                    "not_after", "root", "via", "revoked", NULL };
+	                                    "not_after", "root", "via", "parent", "renewals",
+	                                    "revoked", NULL };
 
 	return list_command(ctl, "/v1/certs", "certs", cols);
 }
@@ -1104,6 +1108,7 @@ static void print_ca_summary(const json_t *ca, bool with_next)
 {
 	const json_t *roots = json_object_get(ca, "roots");
 	const char *phase = json_string_value(json_object_get(ca, "phase"));
+	const json_t *gate = json_object_get(ca, "gate");
 	char *signing = json_cell(json_object_get(ca, "signing"));
 	char n[32];
 	struct table t;
@@ -1115,6 +1120,13 @@ static void print_ca_summary(const json_t *ca, bool with_next)
 	table_print(&t, stdout);
 	table_free(&t);
 	free(signing);
+	if (with_next && json_is_object(gate))
+		printf("\nnext step -> %s: %s\n",
+		       json_string_value(json_object_get(gate, "next_phase")) ?
+		       json_string_value(json_object_get(gate, "next_phase")) : "?",
+		       json_is_true(json_object_get(gate, "open")) ? "ready" :
+		       json_string_value(json_object_get(gate, "waiting_for")) ?
+		       json_string_value(json_object_get(gate, "waiting_for")) : "waiting");
 }
 
 static int cmd_ca_show(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
@@ -1169,13 +1181,168 @@ static int cmd_ca_status(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 	return 0;
 }
 
-static int cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
+/* GET /v1/ca over a new connection: a rotation step rewrites the CA file
+ * (and the root control's certificate chains to), so it is read afresh. */
+static int ca_get(struct ctl *ctl, struct httpc_response *r)
+{
+	httpc_free(ctl->http);
+	ctl->http = NULL;
+	return api_call(ctl, "GET", "/v1/ca", NULL, NULL, 0, NULL, r);
+}
+
+/* One POST /v1/ca/rotate for --auto. Returns 0 and *answer (the new
+ * state; json_decref()), EXIT_REFUSED, EXIT_USAGE, or -1 for a 409 (a gate
+ * closed again: --auto keeps waiting) without printing. */
+static int ca_step(struct ctl *ctl, bool force, json_t **answer)
 {
 	struct httpc_response r;
+	char err[HTTPC_ERR_MAX] = "";
 	json_t *body = json_object();
 	int rc;
 
-	if (arg(cmd, a, "force"))
+	if (!body)
+		return usage_error(ctl, "out of memory");
+	if (force)
+		json_object_set_new(body, "force", json_true());
+	memset(&r, 0, sizeof(r));
+	rc = ctl_connect(ctl);
+	if (rc) {
+		json_decref(body);
+		return rc;
+	}
+	rc = httpc_request(ctl->http, "POST", "/v1/ca/rotate", body, NULL, 0, NULL, &r, err);
+	json_decref(body);
+	if (rc == HTTPC_EUSAGE)
+		rc = usage_error(ctl, "%s", err);
+	else if (rc)
+		rc = refused(ctl, "%s: %s", ctl->control, err);
+	else if (r.status == 409)
+		rc = -1;
+	else if (r.status < 200 || r.status > 299)
+		rc = api_error(ctl, &r);
+	else
+		*answer = json_incref(r.json);
+	httpc_response_clear(&r);
+	return rc;
+}
+
+static double mono_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* ca rotate --auto: each step as soon as GET /v1/ca says its gate is open,
+ * until the phase is back to stable; EXIT_REFUSED when timeout passes. */
+static int ca_rotate_auto(struct ctl *ctl, bool force, long long timeout)
+{
+	double deadline = mono_s() + (double)timeout;
+	char waiting[512] = "";
+	int steps = 0;
+
+	for (;;) {
+		struct httpc_response r;
+		const json_t *gate;
+		const char *phase, *why;
+		char from[16];
+		int rc = ca_get(ctl, &r);
+
+		if (rc)
+			return rc;
+		phase = json_string_value(json_object_get(r.json, "phase"));
+		gate = json_object_get(r.json, "gate");
+		why = json_string_value(json_object_get(gate, "waiting_for"));
+		if (!phase || !json_is_object(gate)) {
+			httpc_response_clear(&r);
+			return refused(ctl, "the control's GET /v1/ca answer has no phase or gate (an "
+			               "older control?); rotate one step at a time");
+		}
+		if (steps > 0 && strcmp(phase, "stable") == 0) {
+			if (ctl->output == OUT_JSON)
+				print_json(r.json);
+			else
+				printf("CA rotation complete: phase stable\n");
+			httpc_response_clear(&r);
+			return 0;
+		}
+		snprintf(from, sizeof(from), "%s", phase);
+		if (json_is_true(json_object_get(gate, "open")) || force) {
+			const char *to = json_string_value(json_object_get(gate, "next_phase"));
+			bool last = to && strcmp(to, "stable") == 0;
+			json_t *answer = NULL;
+
+			if (ctl->output != OUT_JSON)
+				printf("%s -> %s\n", from, to ? to : "?");
+			fflush(stdout);
+			httpc_response_clear(&r);
+			rc = ca_step(ctl, force, &answer);
+			if (rc > 0)
+				return rc;
+			/* Done: no further call, which a CA file holding only the
+			 * old root (--ca of an old copy) could no longer make. */
+			if (rc == 0 && last) {
+				if (ctl->output == OUT_JSON)
+					print_json(answer);
+				else
+					printf("CA rotation complete: phase stable\n");
+				json_decref(answer);
+				return 0;
+			}
+			json_decref(answer);
+			if (rc == 0)
+				steps++;
+			waiting[0] = '\0';
+			continue;
+		}
+		if (mono_s() >= deadline) {
+			rc = refused(ctl, "ca rotate --auto: timed out after %llds in phase %s, waiting for "
+			             "%s", timeout, from, why ? why : "?");
+			httpc_response_clear(&r);
+			return rc;
+		}
+		if (why && strcmp(why, waiting) != 0) {
+			fprintf(stderr, "%s: phase %s: waiting for %s\n", ctl->prog, from, why);
+			snprintf(waiting, sizeof(waiting), "%s", why);
+		}
+		httpc_response_clear(&r);
+		{
+			double left = deadline - mono_s();
+			double nap = left < CA_AUTO_POLL_S ? (left > 0 ? left : 0) : CA_AUTO_POLL_S;
+			struct timespec ts = { (time_t)nap, (long)((nap - (double)(time_t)nap) * 1e9) };
+
+			nanosleep(&ts, NULL);
+		}
+	}
+}
+
+static int cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
+{
+	struct httpc_response r;
+	const char *t = arg(cmd, a, "timeout");
+	bool force = arg(cmd, a, "force") != NULL;
+	long long timeout = CA_AUTO_TIMEOUT_DEFAULT;
+	json_t *body;
+	int rc;
+
+	/* Without --auto, --timeout after the command is the global one (the
+	 * limit of each request), as it was before --auto existed. */
+	if (t && !arg(cmd, a, "auto")) {
+		if (parse_duration(t, &timeout) < 0 || timeout > 3600)
+			return usage_error(ctl, "--timeout: expected a duration up to 1h (30s, 2m), got "
+			                   "'%s'", t);
+		ctl->timeout_ms = (int)(timeout * 1000);
+	} else if (t && parse_duration(t, &timeout) < 0) {
+		return usage_error(ctl, "--timeout: expected a duration such as 90s, 15m, 2h or "
+		                   "seconds, got '%s'", t);
+	}
+	if (arg(cmd, a, "auto"))
+		return ca_rotate_auto(ctl, force, timeout);
+	body = json_object();
+	if (!body)
+		return usage_error(ctl, "out of memory");
+	if (force)
 		json_object_set_new(body, "force", json_true());
 	rc = api_call(ctl, "POST", "/v1/ca/rotate", body, NULL, 0, NULL, &r);
 	json_decref(body);
@@ -1286,8 +1453,13 @@ static const struct ctl_opt certs_rotate_opts[] = {
 	{ NULL, 0, NULL, false, NULL },
 };
 static const struct ctl_opt ca_rotate_opts[] = {
-	{ "force", 0, NULL, false, "remove the old root even though SVIDs it signed are still valid "
-	  "(their proxies fail until they renew)" },
+	{ "force", 0, NULL, false, "take the step although its gate is closed: switch while proxies "
+	  "have not acknowledged the new root, or remove the old root while SVIDs it signed are "
+	  "valid" },
+	{ "auto", 0, NULL, false, "walk stable -> prepared -> switched -> stable, each step as soon "
+	  "as its gate opens" },
+	{ "timeout", 0, "DURATION", false, "with --auto: give up (exit 1) after this long "
+	  "(default 3h); without --auto, the request timeout as before the command" },
 	{ NULL, 0, NULL, false, NULL },
 };
 static const struct ctl_opt check_opts[] = {
@@ -1340,14 +1512,17 @@ static const struct ctl_cmd commands[] = {
 	  "show the roots of the trust bundle, the signing root and the rotation phase",
 	  "GET /v1/ca. KEY_SHA256 is the SHA-256 of the root's public key, the pin that join\n"
 	  "tokens carry.", cmd_ca_show },
-	{ "ca", "rotate", "[--force]", 0, 0, ca_rotate_opts,
+	{ "ca", "rotate", "[--force] [--auto [--timeout DURATION]]", 0, 0, ca_rotate_opts,
 	  "advance CA rotation by one phase and print the new phase",
 	  "POST /v1/ca/rotate. Rotation has three steps, one per call:\n"
 	  "  stable   -> prepared  a new root joins the trust bundle\n"
-	  "  prepared -> switched  signing switches to the new root and every proxy renews\n"
-	  "                        (wait until proxies hold the new bundle)\n"
+	  "  prepared -> switched  signing switches to the new root and every proxy renews;\n"
+	  "                        refused (409) while a proxy seen within the last SVID\n"
+	  "                        lifetime has not acknowledged the new root, unless --force\n"
 	  "  switched -> stable    the old root leaves the bundle; refused while SVIDs it\n"
-	  "                        signed are unexpired and unrevoked, unless --force",
+	  "                        signed are unexpired and unrevoked, unless --force\n"
+	  "ca status shows what the next step waits for. --auto takes each step as soon as\n"
+	  "its gate opens, until the phase is stable again (exit 1 after --timeout).",
 	  cmd_ca_rotate },
 	{ "ca", "status", "", 0, 0, no_opts,
 	  "show the rotation phase and what the next ca rotate does",

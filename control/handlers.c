@@ -112,6 +112,8 @@ static void seen(struct api_call *call, int64_t held, int polling)
 static int h_bundle(struct api_call *call)
 {
 	seen(call, -1, 0);
+	if (call->caller == CALLER_SVID)
+		state_proxy_bundle_fetched(call->st, call->peer_serial);
 	return ok(call, 200, state_bundle(call->st));
 }
 

@@ -340,6 +340,19 @@ static size_t conn_limit(size_t max)
 
 /* ---- TLS context ---- */
 
+/* The chain after control's certificate (see state_server_chain()). */
+static int add_chain(SSL_CTX *ctx, const struct control_state *st)
+{
+	X509 *chain[2];
+	size_t n = state_server_chain(st, chain);
+
+	for (size_t i = 0; i < n; i++) {
+		if (SSL_CTX_add1_chain_cert(ctx, chain[i]) != 1)
+			return -1;
+	}
+	return 0;
+}
+
 static SSL_CTX *server_ctx_new(struct control_server *srv, struct meshlet_err *err)
 {
 	const struct ca *ca = state_signing_ca(srv->st);
@@ -370,7 +383,7 @@ static SSL_CTX *server_ctx_new(struct control_server *srv, struct meshlet_err *e
 	if (!ctx || SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) != 1 ||
 	    SSL_CTX_use_certificate(ctx, cert) != 1 || SSL_CTX_use_PrivateKey(ctx, key) != 1 ||
 	    SSL_CTX_check_private_key(ctx) != 1 ||
-	    SSL_CTX_add1_chain_cert(ctx, ca_cert(ca)) != 1) {
+	    add_chain(ctx, srv->st) < 0) {
 		err_set(err, "", "cannot build the TLS context: %s",
 		        ERR_reason_error_string(ERR_peek_last_error()));
 		goto fail;

@@ -28,6 +28,9 @@
 #define STATE_PRUNE_CHUNK 100
 /* Retries of a read-modify-write that lost a race with another writer. */
 #define STATE_RETRIES 5
+/* Ancestors followed when checking a renewal's lineage: a proxy's chain
+ * of unexpired SVIDs is a few long (records go when certificates expire). */
+#define STATE_LINEAGE_DEPTH_MAX 64
 #define ADMIN_TOKEN_FILE "admin.token"
 #define ADMIN_TOKEN_MAX 256
 #define BUNDLE_FILE "ca.pem"
@@ -48,6 +51,7 @@ struct state_proxy {
 	int64_t not_after;
 	int64_t last_seen;
 	int64_t held;                  /* config version it holds, -1 unknown */
+	int64_t bundle_rev;            /* revision of meta/bundle it last fetched */
 	int polling;                   /* long polls pending now */
 	bool dirty;                    /* not yet written to the store */
 	struct state_proxy *next;
@@ -65,6 +69,7 @@ struct control_state {
 	size_t signing;                /* index into roots */
 	enum ca_phase phase;
 	int next_id;
+	X509 *cross;                   /* switched: the signing root cross-signed by the old */
 	char **revoked;                /* sorted canonical serials */
 	size_t n_revoked, cap_revoked;
 	struct state_proxy *proxies;
@@ -436,6 +441,35 @@ static void roots_free(struct control_state *st)
 	memset(st->roots, 0, sizeof(st->roots));
 	memset(st->root_certs, 0, sizeof(st->root_certs));
 	st->n_roots = 0;
+	X509_free(st->cross);
+	st->cross = NULL;
+}
+
+/* The other root of a rotation (the one not signing), or NULL. */
+static const struct state_root *old_root(const struct control_state *st)
+{
+	if (st->n_roots != 2)
+		return NULL;
+	return &st->roots[st->signing == 0 ? 1 : 0];
+}
+
+/* Keeps st->cross in step with the phase: while switched, the signing root
+ * cross-signed by the old one, which control's server sends in its chain
+ * so that a proxy that missed the prepared phase (it holds only the old
+ * root) can still verify control, fetch the new bundle and renew. */
+static void cross_update(struct control_state *st)
+{
+	const struct state_root *old = old_root(st);
+	struct meshlet_err e = {0};
+
+	X509_free(st->cross);
+	st->cross = NULL;
+	if (st->phase != CA_PHASE_SWITCHED || !old)
+		return;
+	if (ca_cross_sign(old->ca, st->roots[st->signing].ca, &st->cross, &e) < 0)
+		log_warn("cannot cross-sign root %d with root %d: %s; proxies holding only the old "
+		         "root cannot verify control until they join again", st->roots[st->signing].id,
+		         old->id, e.message);
 }
 
 /* Fills roots[i] from ca (taken over). */
@@ -526,6 +560,7 @@ static int load_roots(struct control_state *st, struct meshlet_err *err)
 	if (r < 0)
 		return err_set(err, "", "the store's meta/ca names a signing root not in the bundle");
 	st->signing = (size_t)r;
+	cross_update(st);
 	return 0;
 }
 
@@ -893,6 +928,19 @@ X509 *const *state_roots(const struct control_state *st, size_t *n)
 	return st->root_certs;
 }
 
+size_t state_server_chain(const struct control_state *st, X509 **out)
+{
+	const struct state_root *old = old_root(st);
+
+	if (st->cross && old) {
+		out[0] = st->cross;
+		out[1] = ca_cert(old->ca);
+		return 2;
+	}
+	out[0] = ca_cert(st->roots[st->signing].ca);
+	return 1;
+}
+
 /* ---- counters ---- */
 
 /* Adds to b a write of the record key with its counter field += 1 (other
@@ -1131,13 +1179,100 @@ static void migrate_endpoints(struct control_state *st, struct batch *b, const c
 	store_entries_free(e, n);
 }
 
+/* The record of the certificate a renewal is made with (*rec, *rev): it
+ * must exist, have renewals left, and descend from no revoked certificate
+ * (another control instance on the store may not know the revocation yet). */
+static int renewal_check(struct control_state *st, const char *parent, json_t **rec,
+                         int64_t *rev, struct api_error *ae)
+{
+	char key[STORE_KEY_MAX];
+	const char *up;
+	json_t *anc = NULL;
+	int r;
+
+	key_of(key, sizeof(key), "certs/", parent);
+	r = kv_json(st, key, rec, rev);
+	if (r == -ENOENT)
+		return api_fail_code(ae, 403, "unknown_certificate", "", "control has no record of "
+		                     "your SVID (serial %s); join again with a token", parent);
+	if (r)
+		return store_failed(st, ae, "read", r);
+	if (jint(*rec, "renewals") >= CONTROL_RENEWALS_MAX)
+		return api_fail_code(ae, 403, "renewal_limit", "", "your SVID (serial %s) was "
+		                     "already renewed %d times, the most one certificate may be; renew "
+		                     "with the SVID it gave you, or join again with a token", parent,
+		                     CONTROL_RENEWALS_MAX);
+	up = json_string_value(json_object_get(*rec, "parent"));
+	for (int depth = 0; up && depth < STATE_LINEAGE_DEPTH_MAX; depth++) {
+		char serial[CA_SERIAL_HEX_MAX];
+		int64_t rrev = 0;
+
+		snprintf(serial, sizeof(serial), "%s", up);
+		key_of(key, sizeof(key), "revoked/", serial);
+		if (state_is_revoked(st, serial) || (kv_rev(st, key, &rrev) == 0 && rrev > 0)) {
+			json_decref(anc);
+			return api_fail_code(ae, 403, "ancestor_revoked", "", "your SVID (serial %s) "
+			                     "descends from the revoked certificate %s", parent, serial);
+		}
+		key_of(key, sizeof(key), "certs/", serial);
+		json_decref(anc);
+		anc = NULL;
+		if (kv_json(st, key, &anc, NULL) < 0)
+			break;
+		up = json_string_value(json_object_get(anc, "parent"));
+	}
+	json_decref(anc);
+	return 0;
+}
+
+/* Counts a renewal in the lineage origin (lineages/<origin>: {service,
+ * window_start, renewals, not_after}) into b, or refuses it: a lineage
+ * renews at most CONTROL_LINEAGE_RENEWALS_MAX times per SVID lifetime,
+ * however it branches (the per-certificate cap alone lets a tree of
+ * renewals grow 3, 9, 27, ... wide). */
+static int lineage_count(struct control_state *st, struct batch *b, const char *origin,
+                         const char *service, int64_t now, struct api_error *ae)
+{
+	char key[STORE_KEY_MAX];
+	json_t *v = NULL;
+	int64_t rev = 0, start, n;
+	int r;
+
+	key_of(key, sizeof(key), "lineages/", origin);
+	r = kv_json(st, key, &v, &rev);
+	if (r == -EIO)
+		return store_failed(st, ae, "read", r);
+	start = jint(v, "window_start");
+	n = jint(v, "renewals");
+	if (!v || now - start >= st->o.svid_ttl) {
+		start = now;
+		n = 0;
+	}
+	if (n >= CONTROL_LINEAGE_RENEWALS_MAX) {
+		char t[CA_TIME_LEN];
+
+		json_decref(v);
+		return api_fail_code(ae, 403, "lineage_limit", "", "the SVIDs descending from the "
+		                     "join of %s renewed %d times since %s, the most per SVID "
+		                     "lifetime; retry later, or join again with a token", origin,
+		                     CONTROL_LINEAGE_RENEWALS_MAX, fmt_time(start, t));
+	}
+	json_decref(v);
+	/* not_after: no SVID of the lineage outlives it, so it is pruned then. */
+	batch_put(b, key, json_pack("{s:s, s:I, s:I, s:I}", "service", service,
+	                            "window_start", (json_int_t)start, "renewals", (json_int_t)n + 1,
+	                            "not_after", (json_int_t)(now + st->o.svid_ttl)), rev);
+	return 0;
+}
+
 int state_svid_issue(struct control_state *st, const char *service, const char *token,
                      const char *renew_serial, EVP_PKEY *pubkey, json_t **out,
                      struct api_error *ae)
 {
 	const struct state_root *root = &st->roots[st->signing];
 	char key[STORE_KEY_MAX], hash[API_SHA256_HEX_LEN], serial[CA_SERIAL_HEX_MAX];
-	char id[SPIFFE_ID_MAX + 1], t[CA_TIME_LEN];
+	char id[SPIFFE_ID_MAX + 1], t[CA_TIME_LEN], pkey[STORE_KEY_MAX];
+	char origin[CA_SERIAL_HEX_MAX] = "";
 	struct meshlet_err e = {0};
 	struct batch b = {0};
 	int64_t not_after = 0, now = now_s();
@@ -1152,8 +1287,8 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 		key_of(key, sizeof(key), "tokens/", hash);
 	}
 	for (int attempt = 0; attempt < STATE_RETRIES; attempt++) {
-		json_t *tok = NULL;
-		int64_t trev = 0;
+		json_t *tok = NULL, *prec = NULL;
+		int64_t trev = 0, prev = 0;
 
 		if (token) {
 			r = token_check(st, token, service, key, &tok, &trev, ae);
@@ -1163,6 +1298,26 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 			}
 			json_object_set_new(tok, "uses_left", json_integer(jint(tok, "uses_left") - 1));
 			batch_put(&b, key, tok, trev);
+		} else if (renew_serial) {
+			/* The renewal is counted in the same write that records the
+			 * child: concurrent renewals race on the parent's revision. */
+			r = renewal_check(st, renew_serial, &prec, &prev, ae);
+			if (r) {
+				json_decref(prec);
+				return r;
+			}
+			/* Records from before lineages were kept: the parent starts one. */
+			snprintf(origin, sizeof(origin), "%s", json_string_value(json_object_get(
+			         prec, "origin")) ? jstr(prec, "origin") : renew_serial);
+			r = lineage_count(st, &b, origin, service, now, ae);
+			if (r) {
+				batch_clear(&b);
+				json_decref(prec);
+				return r;
+			}
+			json_object_set_new(prec, "renewals", json_integer(jint(prec, "renewals") + 1));
+			key_of(pkey, sizeof(pkey), "certs/", renew_serial);
+			batch_put(&b, pkey, prec, prev);
 		}
 		X509_free(cert);
 		cert = NULL;
@@ -1177,10 +1332,14 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 		{
 			char ckey[STORE_KEY_MAX];
 			key_of(ckey, sizeof(ckey), "certs/", serial);
-			batch_put(&b, ckey, json_pack("{s:s, s:I, s:I, s:i, s:s}", "service", service,
+			batch_put(&b, ckey, json_pack("{s:s, s:I, s:I, s:i, s:s, s:s?, s:i, s:s}",
+			                              "service", service,
 			                              "not_after", (json_int_t)not_after,
 			                              "issued_at", (json_int_t)now, "root", root->id,
-			                              "via", token ? "token" : "svid"), 0);
+			                              "via", token ? "token" : "svid",
+			                              "parent", token ? NULL : renew_serial,
+			                              "renewals", 0,
+			                              "origin", origin[0] ? origin : serial), 0);
 		}
 		if (renew_serial)
 			migrate_endpoints(st, &b, service, renew_serial, serial, not_after);
@@ -1198,6 +1357,7 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 			memcpy(np->address, p->address, sizeof(np->address));
 			np->ports = json_incref(p->ports);
 			np->held = p->held;
+			np->bundle_rev = p->bundle_rev;
 			np->last_seen = now;
 			np->not_after = not_after;
 			np->dirty = true;
@@ -1421,6 +1581,15 @@ void state_proxy_seen(struct control_state *st, const char *serial, const char *
 	p->dirty = true;
 }
 
+void state_proxy_bundle_fetched(struct control_state *st, const char *serial)
+{
+	struct state_proxy *p = proxy_find(st, serial);
+	int64_t rev = 0;
+
+	if (p && kv_rev(st, "meta/bundle", &rev) == 0)
+		p->bundle_rev = rev;
+}
+
 static int cmp_proxy(const void *a, const void *b)
 {
 	const struct state_proxy *x = *(struct state_proxy *const *)a;
@@ -1488,12 +1657,16 @@ int state_certs_list(struct control_state *st, json_t **out, struct api_error *a
 		if (v && jint(v, "not_after") > now) {
 			identity_format(id, sizeof(id), st->td, jstr(v, "service"));
 			json_array_append_new(list, json_pack(
-				"{s:s, s:s, s:s, s:s, s:s, s:b, s:i, s:s}", "serial", serial,
+				"{s:s, s:s, s:s, s:s, s:s, s:b, s:i, s:s, s:O?, s:I}", "serial", serial,
 				"service", jstr(v, "service"), "spiffe_id", id,
 				"issued_at", fmt_time(jint(v, "issued_at"), t1),
 				"expires_at", fmt_time(jint(v, "not_after"), t2),
 				"revoked", state_is_revoked(st, serial), "root", (int)jint(v, "root"),
-				"via", jstr(v, "via")));
+				"via", jstr(v, "via"), "parent", json_object_get(v, "parent"),
+				"renewals", (json_int_t)jint(v, "renewals")));
+			json_object_set_new(json_array_get(list, json_array_size(list) - 1), "lineage",
+			                    json_string(json_string_value(json_object_get(v, "origin")) ?
+			                                jstr(v, "origin") : serial));
 		}
 		json_decref(v);
 	}
@@ -1529,72 +1702,154 @@ int state_certs_rotate(struct control_state *st, const struct api_rotate_req *r,
 	return 0;
 }
 
+/* Unexpired certificates descending from serial (children, their
+ * children, ...), not yet revoked, into *out (a new array of serials). */
+static int descendants(struct control_state *st, const char *serial, json_t **out)
+{
+	struct store_entry *e = NULL;
+	size_t n = 0, done = 0;
+	int64_t now = now_s();
+	json_t *parents, *found = json_array(), *queue = json_array();
+	int r = store_list(st->store, "certs/", &e, &n, NULL);
+
+	*out = NULL;
+	if (r || !found || !queue) {
+		json_decref(found);
+		json_decref(queue);
+		return r ? r : -ENOMEM;
+	}
+	/* serial -> parent of every unexpired record */
+	parents = json_object();
+	for (size_t i = 0; i < n && parents; i++) {
+		json_t *v = json_loadb(e[i].value, e[i].len, 0, NULL);
+		const char *p = json_string_value(json_object_get(v, "parent"));
+
+		if (p && jint(v, "not_after") > now)
+			json_object_set_new(parents, e[i].key + strlen("certs/"), json_string(p));
+		json_decref(v);
+	}
+	store_entries_free(e, n);
+	json_array_append_new(queue, json_string(serial));
+	/* Breadth first; each record has one parent, so nothing is seen twice. */
+	while (parents && done < json_array_size(queue)) {
+		const char *cur = json_string_value(json_array_get(queue, done++)), *child;
+		json_t *p;
+
+		json_object_foreach(parents, child, p) {
+			if (strcmp(json_string_value(p), cur) != 0)
+				continue;
+			json_array_append_new(queue, json_string(child));
+			if (!state_is_revoked(st, child))
+				json_array_append_new(found, json_string(child));
+		}
+	}
+	r = parents ? 0 : -ENOMEM;
+	json_decref(parents);
+	json_decref(queue);
+	if (r)
+		json_decref(found);
+	else
+		*out = found;
+	return r;
+}
+
+/* Adds the revocation record of serial (its certificate record cert). */
+static void revoke_put(struct batch *b, const char *serial, const json_t *cert, int64_t now)
+{
+	char key[STORE_KEY_MAX];
+
+	key_of(key, sizeof(key), "revoked/", serial);
+	batch_put(b, key, json_pack("{s:s, s:I, s:I}", "service", jstr(cert, "service"),
+	                            "not_after", (json_int_t)jint(cert, "not_after"),
+	                            "revoked_at", (json_int_t)now), STORE_REV_ANY);
+}
+
+/* Writes the revocations of serial and of desc (serials) with one bundle
+ * version bump. One atomic write when they fit in a batch; otherwise the
+ * descendants go first, in chunks, and serial with the last one, so that a
+ * failure part-way leaves serial unrevoked and the call can be repeated. */
+static int revoke_write(struct control_state *st, const char *serial, const json_t *cert,
+                        const json_t *desc, int64_t *version)
+{
+	struct batch b = {0};
+	size_t n = json_array_size(desc), i = 0;
+	int64_t now = now_s();
+	int r = 0;
+
+	for (;;) {
+		for (; i < n && b.n < STORE_BATCH_MAX - 2; i++) {
+			const char *s = json_string_value(json_array_get(desc, i));
+			char key[STORE_KEY_MAX];
+			json_t *v = NULL;
+
+			key_of(key, sizeof(key), "certs/", s);
+			if (kv_json(st, key, &v, NULL) == 0)
+				revoke_put(&b, s, v, now);
+			json_decref(v);
+		}
+		if (i == n && serial)
+			revoke_put(&b, serial, cert, now);
+		if (bump_counter(st, &b, "meta/bundle", "version", version) < 0) {
+			batch_clear(&b);
+			return -EIO;
+		}
+		r = batch_commit(st, &b, NULL);
+		if (r || i == n)
+			return r;
+	}
+}
+
 int state_certs_revoke(struct control_state *st, const char *serial, json_t **out,
                        struct api_error *ae)
 {
-	char ckey[STORE_KEY_MAX], rkey[STORE_KEY_MAX], t[CA_TIME_LEN];
-	struct batch b = {0};
-	json_t *cert = NULL;
+	char ckey[STORE_KEY_MAX], t[CA_TIME_LEN];
+	json_t *cert = NULL, *desc = NULL;
 	int64_t version = 0;
+	bool self = false;
 	int r;
 
 	key_of(ckey, sizeof(ckey), "certs/", serial);
-	key_of(rkey, sizeof(rkey), "revoked/", serial);
 	r = kv_json(st, ckey, &cert, NULL);
 	if (r == -ENOENT)
 		return api_fail(ae, 404, "serial", "no unexpired certificate with serial %s was issued",
 		                serial);
 	if (r)
 		return store_failed(st, ae, "read", r);
-	if (state_is_revoked(st, serial)) {
-		*out = json_pack("{s:s, s:s, s:b, s:I}", "serial", serial, "service",
-		                 jstr(cert, "service"), "revoked", 1,
-		                 "bundle_version", (json_int_t)counter_value(st, "meta/bundle", "version"));
-		json_decref(cert);
-		return 0;
-	}
 	for (int attempt = 0; attempt < STATE_RETRIES; attempt++) {
-		batch_put(&b, rkey, json_pack("{s:s, s:I, s:I}", "service", jstr(cert, "service"),
-		                              "not_after", (json_int_t)jint(cert, "not_after"),
-		                              "revoked_at", (json_int_t)now_s()), 0);
-		if (bump_counter(st, &b, "meta/bundle", "version", &version) < 0) {
-			batch_clear(&b);
-			r = -EIO;
+		json_decref(desc);
+		r = descendants(st, serial, &desc);
+		if (r)
+			break;
+		self = !state_is_revoked(st, serial);
+		if (!self && json_array_size(desc) == 0) {
+			version = counter_value(st, "meta/bundle", "version");
 			break;
 		}
-		r = batch_commit(st, &b, NULL);
+		r = revoke_write(st, self ? serial : NULL, cert, desc, &version);
 		if (r != -ECANCELED)
 			break;
 	}
 	if (r) {
 		json_decref(cert);
+		json_decref(desc);
+		load_revoked(st);       /* what a chunked write did store is refused */
 		return store_failed(st, ae, "revoke", r);
 	}
 	revoked_add(st, serial);
-	log_info("revoked certificate %s of %s (valid until %s)", serial, jstr(cert, "service"),
-	         fmt_time(jint(cert, "not_after"), t));
-	*out = json_pack("{s:s, s:s, s:b, s:I}", "serial", serial, "service", jstr(cert, "service"),
-	                 "revoked", 1, "bundle_version", (json_int_t)version);
+	for (size_t i = 0; i < json_array_size(desc); i++)
+		revoked_add(st, json_string_value(json_array_get(desc, i)));
+	if (self || json_array_size(desc))
+		log_info("revoked certificate %s of %s (valid until %s) and %zu descendant(s)", serial,
+		         jstr(cert, "service"), fmt_time(jint(cert, "not_after"), t),
+		         json_array_size(desc));
+	*out = json_pack("{s:s, s:s, s:b, s:I, s:o}", "serial", serial, "service",
+	                 jstr(cert, "service"), "revoked", 1, "bundle_version", (json_int_t)version,
+	                 "descendants", desc);
 	json_decref(cert);
 	return 0;
 }
 
 /* ---- CA ---- */
-
-json_t *state_ca_show(struct control_state *st)
-{
-	json_t *pins = json_array(), *ids = json_array();
-
-	for (size_t i = 0; i < st->n_roots; i++) {
-		json_array_append_new(pins, json_string(st->roots[i].pin));
-		json_array_append_new(ids, json_integer(st->roots[i].id));
-	}
-	return json_pack("{s:o, s:i, s:s, s:o, s:o, s:I, s:s}", "roots", roots_pem_array(st),
-	                 "signing", (int)st->signing, "phase", phase_names[st->phase],
-	                 "pins", pins, "root_ids", ids,
-	                 "bundle_version", (json_int_t)counter_value(st, "meta/bundle", "version"),
-	                 "trust_domain", st->td);
-}
 
 /* Unexpired, unrevoked SVIDs signed by root id: count and last expiry. */
 static int count_signed_by(struct control_state *st, int id, size_t *count, int64_t *last)
@@ -1620,6 +1875,140 @@ static int count_signed_by(struct control_state *st, int id, size_t *count, int6
 	}
 	store_entries_free(e, n);
 	return 0;
+}
+
+/* The config version at which the new root joined the bundle: meta/ca is
+ * written by the prepare step and not again until the switch. */
+static int64_t new_root_version(struct control_state *st)
+{
+	int64_t rev = 0;
+
+	if (st->phase != CA_PHASE_PREPARED || kv_rev(st, "meta/ca", &rev) < 0)
+		return 0;
+	return rev;
+}
+
+static int cmp_behind(const void *a, const void *b)
+{
+	const json_t *x = *(json_t *const *)a, *y = *(json_t *const *)b;
+	int c = strcmp(jstr(x, "service"), jstr(y, "service"));
+
+	return c ? c : strcmp(jstr(x, "serial"), jstr(y, "serial"));
+}
+
+/* The proxies the switch waits for: seen within the last SVID lifetime,
+ * with an SVID that is unexpired and unrevoked (else it cannot come back),
+ * that neither reported holding a config version >= since nor fetched the
+ * bundle since then. A new array of {service, serial, config_version,
+ * last_seen}, sorted. */
+static json_t *proxies_behind(struct control_state *st, int64_t since)
+{
+	int64_t now = now_s();
+	json_t *list = json_array();
+	json_t **v;
+	size_t n = 0, i = 0;
+
+	for (struct state_proxy *p = st->proxies; p; p = p->next)
+		n++;
+	v = calloc(n ? n : 1, sizeof(*v));
+	if (!v)
+		return list;
+	for (struct state_proxy *p = st->proxies; p; p = p->next) {
+		char t[CA_TIME_LEN];
+
+		if (p->last_seen < now - st->o.svid_ttl || p->not_after <= now ||
+		    state_is_revoked(st, p->serial) || p->held >= since || p->bundle_rev >= since)
+			continue;
+		v[i++] = json_pack("{s:s, s:s, s:I, s:s}", "service", p->service, "serial", p->serial,
+		                   "config_version", (json_int_t)p->held,
+		                   "last_seen", fmt_time(p->last_seen, t));
+	}
+	qsort(v, i, sizeof(*v), cmp_behind);
+	for (size_t k = 0; k < i; k++)
+		json_array_append_new(list, v[k]);
+	free(v);
+	return list;
+}
+
+/* "orders (serial 1f..), frontend (serial 2e..) and 3 more" into out. */
+static const char *name_proxies(const json_t *list, char *out, size_t len)
+{
+	size_t n = json_array_size(list), used = 0, i;
+
+	out[0] = '\0';
+	for (i = 0; i < n; i++) {
+		const json_t *p = json_array_get(list, i);
+		char one[SERVICE_NAME_MAX + CA_SERIAL_HEX_MAX + 16];
+		int w = snprintf(one, sizeof(one), "%s%s (serial %s)", i ? ", " : "",
+		                 jstr(p, "service"), jstr(p, "serial"));
+
+		if (used + (size_t)w + 16 >= len)
+			break;
+		memcpy(out + used, one, (size_t)w + 1);
+		used += (size_t)w;
+	}
+	if (i < n)
+		snprintf(out + used, len - used, " and %zu more", n - i);
+	return out;
+}
+
+/* What the next rotation step waits for: {next_phase, open, waiting_for,
+ * proxies[] (prepared) | certs, until (switched)}. */
+static json_t *ca_gate(struct control_state *st)
+{
+	char names[160], msg[256], t[CA_TIME_LEN];
+	size_t count = 0;
+	int64_t last = 0;
+	json_t *behind;
+
+	switch (st->phase) {
+	case CA_PHASE_STABLE:
+		return json_pack("{s:s, s:b, s:s}", "next_phase", "prepared", "open",
+		                 st->n_roots < STATE_ROOTS_MAX, "waiting_for", "nothing");
+	case CA_PHASE_PREPARED:
+		behind = proxies_behind(st, new_root_version(st));
+		if (json_array_size(behind))
+			snprintf(msg, sizeof(msg), "%zu proxy(s) to acknowledge the new root: %s",
+			         json_array_size(behind), name_proxies(behind, names, sizeof(names)));
+		else
+			snprintf(msg, sizeof(msg), "nothing");
+		return json_pack("{s:s, s:b, s:s, s:o}", "next_phase", "switched",
+		                 "open", json_array_size(behind) == 0, "waiting_for", msg,
+		                 "proxies", behind);
+	default: {
+		const struct state_root *old = old_root(st);
+
+		if (old && count_signed_by(st, old->id, &count, &last) < 0)
+			return json_pack("{s:s, s:b, s:s}", "next_phase", "stable", "open", 0,
+			                 "waiting_for", "the state store (see control's log)");
+		if (count)
+			snprintf(msg, sizeof(msg), "%zu SVID(s) signed by the old root to expire (the "
+			         "last at %s) or be revoked", count, fmt_time(last, t));
+		else
+			snprintf(msg, sizeof(msg), "nothing");
+		return json_pack("{s:s, s:b, s:s, s:I, s:s?}", "next_phase", "stable",
+		                 "open", count == 0, "waiting_for", msg, "certs", (json_int_t)count,
+		                 "until", count ? fmt_time(last, t) : NULL);
+	}
+	}
+}
+
+json_t *state_ca_show(struct control_state *st)
+{
+	json_t *pins = json_array(), *ids = json_array(), *out;
+
+	for (size_t i = 0; i < st->n_roots; i++) {
+		json_array_append_new(pins, json_string(st->roots[i].pin));
+		json_array_append_new(ids, json_integer(st->roots[i].id));
+	}
+	out = json_pack("{s:o, s:i, s:s, s:o, s:o, s:I, s:s, s:o}", "roots", roots_pem_array(st),
+	                "signing", (int)st->signing, "phase", phase_names[st->phase],
+	                "pins", pins, "root_ids", ids,
+	                "bundle_version", (json_int_t)counter_value(st, "meta/bundle", "version"),
+	                "trust_domain", st->td, "gate", ca_gate(st));
+	if (out && st->phase == CA_PHASE_PREPARED)
+		json_object_set_new(out, "new_root_version", json_integer(new_root_version(st)));
+	return out;
 }
 
 /* stable -> prepared: a new root, saved to its files, joins the bundle. */
@@ -1678,14 +2067,31 @@ static int ca_prepare(struct control_state *st, struct api_error *ae)
 	return 0;
 }
 
-/* prepared -> switched: the new root signs; every proxy renews. */
-static int ca_switch(struct control_state *st, struct api_error *ae)
+/* prepared -> switched: the new root signs; every proxy renews. Refused
+ * (unless force) while a recent proxy has not acknowledged the new root:
+ * it would refuse peers with certificates of the new root. */
+static int ca_switch(struct control_state *st, bool force, struct api_error *ae)
 {
 	struct batch b = {0};
 	size_t old = st->signing;
-	int64_t rev = 0;
+	int64_t rev = 0, since = new_root_version(st);
+	json_t *behind = proxies_behind(st, since);
+	size_t n_behind = json_array_size(behind);
+	char names[140];
 	int r;
 
+	if (n_behind && !force) {
+		r = api_fail_code(ae, 409, "proxies_not_updated", "", "not switching: %zu recent "
+		                  "proxy(s) have not acknowledged the new root (config version %lld; "
+		                  "wait, or --force): %s", n_behind, (long long)since,
+		                  name_proxies(behind, names, sizeof(names)));
+		json_decref(behind);
+		return r;
+	}
+	if (n_behind)
+		log_warn("CA rotation: switching by force; %zu proxy(s) have not acknowledged the new "
+		         "root: %s", n_behind, name_proxies(behind, names, sizeof(names)));
+	json_decref(behind);
 	st->signing = st->n_roots - 1;
 	st->phase = CA_PHASE_SWITCHED;
 	kv_rev(st, "meta/ca", &rev);
@@ -1699,6 +2105,7 @@ static int ca_switch(struct control_state *st, struct api_error *ae)
 		st->phase = CA_PHASE_PREPARED;
 		return store_failed(st, ae, "CA rotation", r);
 	}
+	cross_update(st);
 	log_info("CA rotation: root %d signs now; all proxies were asked to renew",
 	         st->roots[st->signing].id);
 	return 0;
@@ -1722,9 +2129,10 @@ static int ca_finish(struct control_state *st, bool force, struct api_error *ae)
 	if (r)
 		return store_failed(st, ae, "list", r);
 	if (count > 0 && !force)
-		return api_fail(ae, 409, "", "%zu SVID(s) signed by the old root are still valid (the last "
-		                "until %s); retry then, or pass {\"force\": true} to remove the old "
-		                "root now and cut them off", count, fmt_time(last, t));
+		return api_fail_code(ae, 409, "old_root_in_use", "", "%zu SVID(s) signed by the old "
+		                     "root are still valid (the last until %s); retry then, or pass "
+		                     "{\"force\": true} to remove the old root now and cut them off",
+		                     count, fmt_time(last, t));
 	memcpy(saved, st->roots, sizeof(saved));
 	memcpy(saved_certs, st->root_certs, sizeof(saved_certs));
 	kv_rev(st, "meta/ca", &rev);
@@ -1748,6 +2156,7 @@ static int ca_finish(struct control_state *st, bool force, struct api_error *ae)
 		st->phase = CA_PHASE_SWITCHED;
 		return store_failed(st, ae, "CA rotation", r);
 	}
+	cross_update(st);
 	log_info("CA rotation complete: root %d left the bundle%s", old.id,
 	         count ? " (forced while SVIDs it signed were still valid)" : "");
 	ca_free(old.ca);
@@ -1764,7 +2173,7 @@ int state_ca_rotate(struct control_state *st, bool force, json_t **out, bool *tl
 	*tls_changed = false;
 	switch (st->phase) {
 	case CA_PHASE_STABLE: r = ca_prepare(st, ae); break;
-	case CA_PHASE_PREPARED: r = ca_switch(st, ae); break;
+	case CA_PHASE_PREPARED: r = ca_switch(st, force, ae); break;
 	default: r = ca_finish(st, force, ae); break;
 	}
 	if (r)
@@ -1910,6 +2319,9 @@ int state_maintain(struct control_state *st, bool *changed)
 	if (r)
 		ret = r;
 	r = prune(st, "certs/", NULL, NULL, cert_expired, &n);
+	if (r)
+		ret = r;
+	r = prune(st, "lineages/", NULL, NULL, cert_expired, &n);
 	if (r)
 		ret = r;
 	r = prune(st, "endpoints/", "meta/endpoints", "version", endpoint_stale, &n);

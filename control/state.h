@@ -24,7 +24,12 @@
  *                           certs rotate --service <svc>
  *   policies/<svc>          the policy document; its revision is the policy version
  *   tokens/<sha256 hex>     {service, expires_at, uses_left, created_at}
- *   certs/<serial>          {service, not_after, issued_at, root, via}
+ *   certs/<serial>          {service, not_after, issued_at, root, via, parent, renewals}:
+ *                           parent the serial renewed from (absent: via a join token),
+ *                           renewals how often this one was used to renew,
+ *                           origin the join-token SVID its lineage started with
+ *   lineages/<origin>       {service, window_start, renewals, not_after}: renewals
+ *                           of the lineage since window_start (one SVID lifetime)
  *   revoked/<serial>        {service, not_after, revoked_at}
  *   endpoints/<svc>/<addr>  {address, ports, serial, not_after, registered_at}
  *   proxies/<serial>        {service, address, ports, last_seen, not_after, config_version}
@@ -53,6 +58,14 @@
 #define CONTROL_SVID_TTL_DEFAULT 3600
 #define CONTROL_SVID_TTL_MIN 60
 #define CONTROL_MAX_SANS 16
+/* Renewals one SVID may make (POST /v1/svid over mTLS with it): a proxy
+ * that loses an answer retries with the same SVID; more is a loop minting
+ * certificates, refused with 403 renewal_limit. */
+#define CONTROL_RENEWALS_MAX 3
+/* Renewals per lineage (the SVIDs descending from one join) per SVID
+ * lifetime: a proxy renews about twice per lifetime, plus certs rotate, a
+ * CA switch and retries; more is refused with 403 lineage_limit. */
+#define CONTROL_LINEAGE_RENEWALS_MAX 10
 
 /* The command line of meshlet-control; strings borrowed from argv. */
 struct control_opts {
@@ -100,6 +113,14 @@ const struct ca *state_signing_ca(const struct control_state *st);
 
 /* The roots of the bundle, oldest first (borrowed; *n of them). */
 X509 *const *state_roots(const struct control_state *st, size_t *n);
+
+/* The certificates control's server sends after its own, into out (room
+ * for 2; borrowed); returns how many. The signing root; while the phase
+ * is switched, the signing root cross-signed by the old root, then the old
+ * root, so that a client holding only the old root (a proxy that was down
+ * through the prepared phase, a join token pinning the old root) still
+ * verifies control. */
+size_t state_server_chain(const struct control_state *st, X509 **out);
 
 /* ---- policies ---- */
 
@@ -163,6 +184,10 @@ int state_endpoint_register(struct control_state *st, const char *svc,
 void state_proxy_seen(struct control_state *st, const char *serial, const char *svc,
                       int64_t not_after, int64_t held, int polling);
 
+/* Notes that the proxy with SVID serial fetched the bundle (GET /v1/bundle):
+ * it then holds the roots, which is what the CA switch waits for. */
+void state_proxy_bundle_fetched(struct control_state *st, const char *serial);
+
 /* {"proxies": [...]} */
 json_t *state_proxies(struct control_state *st);
 
@@ -176,15 +201,22 @@ int state_certs_revoke(struct control_state *st, const char *serial, json_t **ou
 
 /* ---- CA ---- */
 
-/* {roots: [PEM], signing: index, phase, pins: [...], bundle_version} */
+/* {roots: [PEM], signing: index, phase, pins: [...], root_ids, bundle_version,
+ *  trust_domain, gate: {next_phase, open, waiting_for, proxies[] | certs,
+ *  until}, new_root_version (prepared only)}: gate says what the next
+ *  state_ca_rotate() waits for. */
 json_t *state_ca_show(struct control_state *st);
 
 /*
  * Advances CA rotation one phase: stable -> prepared (a new root joins the
  * bundle), prepared -> switched (the new root signs; every proxy is told
- * to renew), switched -> stable (the old root leaves the bundle: refused
- * with 409 while SVIDs it signed are unexpired and unrevoked, unless
- * force). *tls_changed: control's server context must be rebuilt.
+ * to renew: refused with 409 proxies_not_updated while a proxy seen within
+ * the last SVID lifetime, with an unexpired unrevoked SVID, has neither
+ * reported a config version >= the one that added the new root nor
+ * fetched the bundle since, unless force), switched -> stable (the old
+ * root leaves the bundle: refused with 409 old_root_in_use while SVIDs it
+ * signed are unexpired and unrevoked, unless force). *tls_changed:
+ * control's server context must be rebuilt.
  */
 int state_ca_rotate(struct control_state *st, bool force, json_t **out, bool *tls_changed,
                     struct api_error *ae);

@@ -14,18 +14,39 @@
 #include "meshlet/ca.h"
 #include "meshlet/identity.h"
 
-int api_fail(struct api_error *ae, int status, const char *path, const char *fmt, ...)
+static int fail_v(struct api_error *ae, int status, const char *code, const char *path,
+                  const char *fmt, va_list ap)
 {
-	va_list ap;
-
 	if (!ae)
 		return -status;
 	ae->status = status;
+	ae->code = code;
 	snprintf(ae->e.path, sizeof(ae->e.path), "%s", path ? path : "");
-	va_start(ap, fmt);
 	vsnprintf(ae->e.message, sizeof(ae->e.message), fmt, ap);
-	va_end(ap);
 	return -status;
+}
+
+int api_fail(struct api_error *ae, int status, const char *path, const char *fmt, ...)
+{
+	va_list ap;
+	int r;
+
+	va_start(ap, fmt);
+	r = fail_v(ae, status, NULL, path, fmt, ap);
+	va_end(ap);
+	return r;
+}
+
+int api_fail_code(struct api_error *ae, int status, const char *code, const char *path,
+                  const char *fmt, ...)
+{
+	va_list ap;
+	int r;
+
+	va_start(ap, fmt);
+	r = fail_v(ae, status, code, path, fmt, ap);
+	va_end(ap);
+	return r;
 }
 
 const char *api_status_code(int status)
@@ -54,7 +75,7 @@ const char *api_status_code(int status)
 json_t *api_error_body(const struct api_error *ae)
 {
 	return json_pack("{s:{s:s, s:s, s:s}}", "error",
-	                 "code", api_status_code(ae->status),
+	                 "code", ae->code ? ae->code : api_status_code(ae->status),
 	                 "message", ae->e.message,
 	                 "path", ae->e.path);
 }

@@ -392,6 +392,64 @@ const char *ca_trust_domain(const struct ca *ca)
 	return ca->trust_domain;
 }
 
+/* ---- cross-signing ---- */
+
+/* Copies subject's extension nid (with its criticality) to x. */
+static int copy_ext(X509 *x, const X509 *subject, int nid)
+{
+	int i = X509_get_ext_by_NID(subject, nid, -1);
+
+	if (i < 0)
+		return -EIO;
+	return X509_add_ext(x, X509_get_ext(subject, i), -1) == 1 ? 0 : -EIO;
+}
+
+int ca_cross_sign(const struct ca *issuer, const struct ca *subject, X509 **out,
+                  struct meshlet_err *err)
+{
+	const X509 *sub = subject->cert;
+	const ASN1_TIME *na = X509_get0_notAfter(sub);
+	X509 *x = NULL;
+	int ret = 0;
+
+	*out = NULL;
+	if (strcmp(issuer->trust_domain, subject->trust_domain) != 0)
+		return err_set(err, "", "the roots are of different trust domains (%s, %s)",
+		               issuer->trust_domain, subject->trust_domain);
+	/* Not valid past the issuer: a client would refuse the chain then anyway. */
+	if (ASN1_TIME_compare(X509_get0_notAfter(issuer->cert), na) < 0)
+		na = X509_get0_notAfter(issuer->cert);
+	x = X509_new();
+	if (!x || X509_set_version(x, X509_VERSION_3) != 1 || set_random_serial(x) != 0 ||
+	    X509_set_subject_name(x, X509_get_subject_name(sub)) != 1 ||
+	    X509_set_issuer_name(x, X509_get_subject_name(issuer->cert)) != 1 ||
+	    X509_set1_notBefore(x, X509_get0_notBefore(sub)) != 1 ||
+	    X509_set1_notAfter(x, na) != 1 ||
+	    X509_set_pubkey(x, X509_get0_pubkey(sub)) != 1)
+		ret = -EIO;
+	/* The new root's own extensions, so that the chain it heads is checked
+	 * as it would be with the self-signed root; the key identifier of the
+	 * old root as AKID, which is how a client finds the old root above it. */
+	if (!ret)
+		ret = copy_ext(x, sub, NID_basic_constraints);
+	if (!ret)
+		ret = copy_ext(x, sub, NID_key_usage);
+	if (!ret)
+		ret = copy_ext(x, sub, NID_subject_key_identifier);
+	if (!ret)
+		ret = copy_ext(x, sub, NID_subject_alt_name);
+	if (!ret)
+		ret = add_ext(x, issuer->cert, NID_authority_key_identifier, "keyid:always");
+	if (!ret && X509_sign(x, issuer->key, EVP_sha256()) <= 0)
+		ret = -EIO;
+	if (ret) {
+		X509_free(x);
+		return ossl_fail(err, "", "cross-signing the new root");
+	}
+	*out = x;
+	return 0;
+}
+
 /* ---- saving and loading ---- */
 
 /* fsyncs the directory holding path, so a new file's name is durable. */

@@ -58,6 +58,7 @@ struct api_join_token {
 /* An API refusal: HTTP status, and where/why for the error body. */
 struct api_error {
 	int status;
+	const char *code;          /* static; NULL: api_status_code(status) */
 	struct meshlet_err e;
 };
 
@@ -66,13 +67,19 @@ struct api_error {
 int api_fail(struct api_error *ae, int status, const char *path, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 
+/* As api_fail(), with code (a static string such as "renewal_limit") in
+ * place of the status's generic code, for refusals a client tells apart. */
+int api_fail_code(struct api_error *ae, int status, const char *code, const char *path,
+                  const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
 /* The error code of DESIGN.md's error shape for an HTTP status:
  * 400 "bad_request", 401 "unauthorized", 403 "forbidden", 404 "not_found",
  * 405 "method_not_allowed", 409 "conflict", 412 "precondition_failed",
  * 413 "payload_too_large", 503 "unavailable", else "internal". */
 const char *api_status_code(int status);
 
-/* {"error": {"code", "message", "path"}} for ae; a new reference or NULL. */
+/* {"error": {"code", "message", "path"}} for ae (its code, else the
+ * status's); a new reference or NULL. */
 json_t *api_error_body(const struct api_error *ae);
 
 /*

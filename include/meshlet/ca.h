@@ -84,6 +84,19 @@ X509 *ca_cert(const struct ca *ca);
 /* The trust domain the root signs for, borrowed. */
 const char *ca_trust_domain(const struct ca *ca);
 
+/*
+ * The root of subject cross-signed by issuer, for CA rotation: a certificate
+ * with subject's subject name, public key, validity (cut to issuer's),
+ * basicConstraints, keyUsage, subjectKeyIdentifier and SAN, but issued and
+ * signed (ECDSA with SHA-256) by issuer, with issuer's key identifier as
+ * authorityKeyIdentifier and a random serial. A client that trusts only
+ * issuer verifies, through it, what subject signs. Both roots must be of
+ * one trust domain. Returns 0 and *out (X509_free()), or -EINVAL (another
+ * trust domain) / -EIO with a message in err.
+ */
+int ca_cross_sign(const struct ca *issuer, const struct ca *subject, X509 **out,
+                  struct meshlet_err *err);
+
 /* Generates an ECDSA P-256 key pair (for control's own TLS key, and tests).
  * Returns 0 and *out (EVP_PKEY_free()), or -EIO. */
 int ca_new_key(EVP_PKEY **out);

@@ -321,3 +321,50 @@ def test_renewal_at_half_life_and_serving_until_expiry_while_control_is_down(dyn
           f"its join ({body['reason']})")
     assert body["reason"] == "certificate expired", body
     assert expired_after >= 55, expired_after
+
+
+def test_proxy_down_through_the_ca_switch_comes_back_without_a_token(dyn):
+    """A proxy stopped in `stable` holds only the old root. The switch waits
+    for it (409 naming it) until forced; started again from its cache, it
+    verifies control through the new root cross-signed by the old one,
+    fetches the new bundle, renews onto the new root and serves, with its
+    join token long used up. A proxy joining now (its token pins the new
+    root) gets in too."""
+    control = dyn.start_control()
+    app = dyn.mesh.app("echo")
+    outb, inb, port = dyn.pair(app)
+    down_serial = _serial(dyn, "orders")
+    assert inb.stop() == 0
+    ca = control.ctl_json("ca", "rotate")                          # stable -> prepared
+    assert ca["phase"] == "prepared", ca
+    wait_for(lambda: [p["service"] for p in
+                      control.api("GET", "/v1/ca").json["gate"]["proxies"]] == ["orders"], 10,
+             what="frontend to acknowledge the new root")
+    p = dyn.ctl("ca", "rotate", check=False)
+    assert p.returncode == 1 and "orders" in p.stderr and down_serial in p.stderr, p.stderr
+    ca = control.ctl_json("ca", "rotate", "--force")               # prepared -> switched
+    assert ca["phase"] == "switched", ca
+    new_root = ca["root_ids"][ca["signing"]]
+
+    t0 = time.monotonic()
+    inb.start(wait_ready=True, timeout=20)
+
+    def renewed():
+        s = _serial(dyn, "orders")
+        roots = {c["serial"]: c["root"] for c in dyn.certs()}
+        return s not in (None, down_serial) and roots.get(s) == new_root
+    wait_for(renewed, 20, what="the restarted proxy to renew under the new root")
+    wait_for(lambda: try_call(port, timeout=2)[0], 15, what="a call through the restarted proxy")
+    print(f"proxy down through the prepared phase: renewed under the new root "
+          f"{(time.monotonic() - t0) * 1000:.0f} ms after its restart")
+    assert "renewed the SVID" in inb.stderr()
+    assert "join" not in inb.stderr().split("serving from the cache", 1)[-1].lower()
+    cached = (Path(inb.cfg["state_dir"]) / "bundle.pem").read_text()
+    assert cached.count("BEGIN CERTIFICATE") == 2, "the new bundle was not cached"
+
+    # A proxy joining now: its token pins the new root, which control's chain
+    # carries only cross-signed.
+    app2 = dyn.mesh.app("echo", name="app2")
+    inb2, port2 = dyn.inbound(app2.port, service="payments", name="payments-in")
+    st, body = ready(inb2)
+    assert st == 200 and body["control"] == "connected", body

@@ -410,6 +410,19 @@ static void test_error_body(void **state)
 	assert_string_equal(json_string_value(json_object_get(json_object_get(b, "error"),
 	                                                      "message")), "version 3");
 	json_decref(b);
+	/* A specific code replaces the status's, and a later api_fail() drops it. */
+	assert_int_equal(api_fail_code(&ae, 403, "renewal_limit", "", "cap %d", 3), -403);
+	b = api_error_body(&ae);
+	assert_string_equal(json_string_value(json_object_get(json_object_get(b, "error"), "code")),
+	                    "renewal_limit");
+	assert_string_equal(json_string_value(json_object_get(json_object_get(b, "error"),
+	                                                      "message")), "cap 3");
+	json_decref(b);
+	api_fail(&ae, 409, "", "plain");
+	b = api_error_body(&ae);
+	assert_string_equal(json_string_value(json_object_get(json_object_get(b, "error"), "code")),
+	                    "conflict");
+	json_decref(b);
 	assert_string_equal(api_status_code(400), "bad_request");
 	assert_string_equal(api_status_code(401), "unauthorized");
 	assert_string_equal(api_status_code(403), "forbidden");

@@ -755,6 +755,89 @@ static void test_time_and_serial_text(void **state)
 	                 -EINVAL);
 }
 
+/* Verifies leaf against trusted roots with untrusted intermediates, as a
+ * TLS client does with a server's chain. */
+static int verify_with(X509 *const *trusted, int n_trusted, X509 *const *untrusted,
+                       int n_untrusted, X509 *leaf)
+{
+	X509_STORE *st = X509_STORE_new();
+	X509_STORE_CTX *ctx = X509_STORE_CTX_new();
+	STACK_OF(X509) *sk = sk_X509_new_null();
+	int ok;
+
+	for (int i = 0; i < n_trusted; i++)
+		assert_int_equal(X509_STORE_add_cert(st, trusted[i]), 1);
+	for (int i = 0; i < n_untrusted; i++)
+		assert_true(sk_X509_push(sk, untrusted[i]) > 0);
+	assert_int_equal(X509_STORE_CTX_init(ctx, st, leaf, sk), 1);
+	assert_int_equal(X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_SERVER), 1);
+	ok = X509_verify_cert(ctx);
+	X509_STORE_CTX_free(ctx);
+	X509_STORE_free(st);
+	sk_X509_free(sk);
+	ERR_clear_error();
+	return ok;
+}
+
+/* The new root cross-signed by the old: a client holding only the old root
+ * verifies what the new root signs, through it. */
+static void test_cross_sign(void **state)
+{
+	struct fixture *f = *state;
+	struct meshlet_err err = {0};
+	struct ca *next = NULL, *foreign = NULL;
+	EVP_PKEY *key = NULL;
+	X509 *cross = NULL, *leaf = NULL, *old_root = ca_cert(f->ca), *new_root;
+	const char *sans[] = {"localhost"};
+	char pin_new[CA_PIN_HEX_LEN], pin_cross[CA_PIN_HEX_LEN];
+
+	assert_int_equal(ca_generate(&next, TD, 0, &err), 0);
+	new_root = ca_cert(next);
+	assert_int_equal(ca_cross_sign(f->ca, next, &cross, &err), 0);
+	assert_non_null(cross);
+
+	/* Same subject, key and key identifier as the new root; issued by the old. */
+	assert_int_equal(X509_NAME_cmp(X509_get_subject_name(cross), X509_get_subject_name(new_root)), 0);
+	assert_int_equal(X509_NAME_cmp(X509_get_issuer_name(cross), X509_get_subject_name(old_root)), 0);
+	assert_int_equal(ca_pin_sha256(cross, pin_cross), 0);
+	assert_int_equal(ca_pin_sha256(new_root, pin_new), 0);
+	assert_string_equal(pin_cross, pin_new);
+	assert_int_equal(ASN1_OCTET_STRING_cmp(X509_get0_subject_key_id(cross),
+	                                       X509_get0_subject_key_id(new_root)), 0);
+	assert_int_equal(ASN1_OCTET_STRING_cmp(X509_get0_authority_key_id(cross),
+	                                       X509_get0_subject_key_id(old_root)), 0);
+	assert_int_equal(X509_check_issued(old_root, cross), X509_V_OK);
+	assert_int_equal(X509_self_signed(cross, 1), 0);
+	assert_int_equal(X509_check_ca(cross), 1);
+	assert_ext_crit(cross, NID_basic_constraints, 1);
+	assert_ext_crit(cross, NID_key_usage, 1);
+	assert_true(X509_cmp_time(X509_get0_notAfter(cross), NULL) > 0);
+	assert_true(ASN1_TIME_compare(X509_get0_notAfter(cross), X509_get0_notAfter(old_root)) <= 0);
+
+	/* A server certificate of the new root. */
+	assert_int_equal(ca_new_key(&key), 0);
+	assert_int_equal(ca_issue_server(next, key, sans, 1, 3600, &leaf, NULL, &err), 0);
+	/* Old root only: not without the cross-signed certificate, yes with it. */
+	assert_int_equal(verify_with(&old_root, 1, NULL, 0, leaf), 0);
+	assert_int_equal(verify_with(&old_root, 1, (X509 *[]){ cross, old_root }, 2, leaf), 1);
+	/* New root, or both: still verifies (the trusted root is found first). */
+	assert_int_equal(verify_with(&new_root, 1, (X509 *[]){ cross, old_root }, 2, leaf), 1);
+	assert_int_equal(verify_with((X509 *[]){ old_root, new_root }, 2,
+	                             (X509 *[]){ cross, old_root }, 2, leaf), 1);
+
+	/* Roots of another trust domain are not cross-signed. */
+	assert_int_equal(ca_generate(&foreign, "other.local", 0, &err), 0);
+	X509_free(cross);
+	cross = NULL;
+	assert_int_equal(ca_cross_sign(f->ca, foreign, &cross, &err), -EINVAL);
+	assert_null(cross);
+
+	ca_free(foreign);
+	ca_free(next);
+	X509_free(leaf);
+	EVP_PKEY_free(key);
+}
+
 int main(void)
 {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -779,6 +862,7 @@ int main(void)
 		T(test_pin),
 		T(test_pem_chain),
 		T(test_time_and_serial_text),
+		T(test_cross_sign),
 	};
 #undef T
 
