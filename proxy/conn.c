@@ -1312,10 +1312,10 @@ static int original_destination(int fd, struct sockaddr_storage *dst, socklen_t 
 }
 
 /*
- * Transparent: the original destination names a service through control's
- * registry (the instance's IP); we then connect to its inbound listener and
- * expect its SPIFFE ID. Anything else is outside the mesh: refused, or
- * relayed as plain TCP when the config says passthrough.
+ * Transparent: the original destination (IP and port) names a service
+ * through control's registry; we then connect to that instance's inbound
+ * listener and expect its SPIFFE ID. Anything else is outside the mesh:
+ * refused, or relayed as plain TCP when the config says passthrough.
  */
 static void transparent_start(struct conn *c, int fd)
 {
@@ -1323,6 +1323,7 @@ static void transparent_start(struct conn *c, int fd)
 	const struct config_addr *inbound = NULL;
 	struct sockaddr_storage dst;
 	socklen_t len;
+	bool ambiguous = false;
 	int rc = original_destination(fd, &dst, &len);
 
 	if (rc < 0) {
@@ -1336,7 +1337,10 @@ static void transparent_start(struct conn *c, int fd)
 		conn_close(c, CR_INTERNAL, 0);
 		return;
 	}
-	svc = snapshot_lookup_ip(c->snap, &dst, &inbound);
+	svc = snapshot_lookup_dest(c->snap, &dst, &inbound, &ambiguous);
+	if (ambiguous)
+		log_warn("conn %llu: registry entries of several services hold the destination: "
+		         "outside the mesh", (unsigned long long)c->id);
 	if (svc) {
 		c->tdest->addr = *inbound;
 		identity_format(c->tdest->expect_id, sizeof(c->tdest->expect_id),
