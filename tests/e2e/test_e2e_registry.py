@@ -19,7 +19,7 @@ def register_as(mesh, svid_of, node, address, ports):
     node's redirect lets it through). Returns (HTTP status, body)."""
     state = mesh.dir / svid_of / "state"
     body = json.dumps({"address": address, "ports": ports})
-    p = mesh.run(node, "curl", "-sS", "--max-time", "5", "--cacert", mesh.dir / "control" / "ca.pem",
+    p = mesh.run(node, "curl", "-sS", "--max-time", "5", "--cacert", state / "bundle.pem",
                  "--cert", state / "svid.pem", "--key", state / "svid.key",
                  "-H", "content-type: application/json", "-X", "POST", "--data", body,
                  "-w", "\n%{http_code}",
