@@ -59,7 +59,7 @@
 /* Registry limits (docs/control.md): entries one proxy (one SVID) may
  * hold, entries per service (--max-endpoints-per-service), and the window
  * within which registry changes share one config version bump. */
-#define CONTROL_ENDPOINTS_PER_INSTANCE 8
+#define CONTROL_ENDPOINTS_PER_INSTANCE 16
 #define CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT 1024
 #define CONTROL_ENDPOINTS_PER_SERVICE_MAX 1000000
 #define CONTROL_ENDPOINTS_COALESCE_MS 500

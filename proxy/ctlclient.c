@@ -913,6 +913,14 @@ static int register_inbound(struct ctlclient *c)
 		rc = call(c, h, "registering the inbound address", "POST", path, body,
 		          CTL_CALL_TIMEOUT_MS, &r);
 		json_decref(body);
+		/* A refusal of this address (not ours, another service's, over a
+		 * cap) will not change by retrying: say so, and keep polling the
+		 * config (policy, certificates) instead of looping here. */
+		if (rc >= 400 && rc < 500 && rc != 401) {
+			log_warn("%s: %s is not registered: callers using control's registry do not "
+			         "find it here", c->why, in->advertise.text);
+			continue;
+		}
 		if (rc != 0)
 			return -1;
 		httpc_response_clear(&r);

@@ -16,7 +16,8 @@ import time
 
 from control_helpers import (assert_refused, control, control_factory,  # noqa: F401
                              new_svid)
-from helpers import free_port
+from dynamic_helpers import allow_policy, dyn  # noqa: F401
+from helpers import addr, free_port, wait_for
 
 OUTSIDE = "10.213.9.7"        # an address no test process connects from
 
@@ -171,18 +172,35 @@ def test_admin_assigned_addresses(control, tmp_path):
                    401, 403)
 
 
+def test_a_refused_registration_does_not_stop_the_proxy(dyn):
+    """A sidecar advertising an address control refuses (not its IP, no
+    assignment) says why and keeps going: it becomes ready with its
+    policy, and control's registry holds nothing of it."""
+    c = dyn.start_control()
+    dyn.apply_policy(allow_policy("orders", "frontend"))
+    port, app = free_port(), free_port()
+    cfg = dyn.config("orders", dyn.token_file("orders"),
+                     inbound=[{"listen": addr(port), "forward": addr(app), "protocol": "tcp",
+                               "advertise": f"{OUTSIDE}:{port}"}])
+    p = dyn.proxy("orders-in", cfg)           # waits for /ready
+    wait_for(lambda: f"{OUTSIDE}:{port} is not registered" in p.stderr(), 10,
+             what="the proxy to report the refused registration")
+    assert "HTTP 403 forbidden" in p.stderr()
+    assert c.ctl_json("endpoints", "list")["endpoints"] == []
+
+
 # ---------------------------------------------------------------- defect 6
 
 
 def test_caps_per_instance_and_per_service(control_factory, tmp_path):
-    control = control_factory.new(extra_args=["--max-endpoints-per-service", "10"])
+    control = control_factory.new(extra_args=["--max-endpoints-per-service", "20"])
     a = new_svid(control, tmp_path, "orders")
     b = new_svid(control, tmp_path, "orders")
     frontend = new_svid(control, tmp_path, "frontend")
     ps = ports(40)
     accepted = []
     codes = []
-    for p in ps[:20]:
+    for p in ps[:25]:
         r = register(control, a, "orders", f"127.0.0.1:{p}", [8080])
         codes.append(r.status)
         if r.status == 200:
@@ -190,16 +208,15 @@ def test_caps_per_instance_and_per_service(control_factory, tmp_path):
         else:
             e = assert_refused(r, 429)
             assert e[0] == "too_many_requests" and "per instance" in e[1], e
-    assert len(accepted) == 8, codes
-    assert codes == [200] * 8 + [429] * 12, codes
+    assert codes == [200] * 16 + [429] * 9, codes
     # re-registering one it holds is not a new entry
     assert register(control, a, "orders", f"127.0.0.1:{accepted[0]}", [8080]).status == 200
-    # a second instance: the service's cap (10) stops it after two
-    got = [register(control, b, "orders", f"127.0.0.1:{p}", [8080]).status for p in ps[20:25]]
-    assert got == [200, 200, 429, 429, 429], got
-    e = assert_refused(register(control, b, "orders", f"127.0.0.1:{ps[30]}", [8080]), 429)
-    assert "per service" in e[1] and "10" in e[1], e
-    assert sum(len(v) for v in registry(control, frontend).values()) == 10
+    # a second instance: the service's cap (20) stops it after four
+    got = [register(control, b, "orders", f"127.0.0.1:{p}", [8080]).status for p in ps[25:32]]
+    assert got == [200] * 4 + [429] * 3, got
+    e = assert_refused(register(control, b, "orders", f"127.0.0.1:{ps[35]}", [8080]), 429)
+    assert "per service" in e[1] and "20" in e[1], e
+    assert sum(len(v) for v in registry(control, frontend).values()) == 20
 
     # bad values of the option
     for bad in ("0", "-1", "x", "100000000"):
