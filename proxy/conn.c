@@ -1338,9 +1338,6 @@ static void transparent_start(struct conn *c, int fd)
 		return;
 	}
 	svc = snapshot_lookup_dest(c->snap, &dst, &inbound, &ambiguous);
-	if (ambiguous)
-		log_warn("conn %llu: registry entries of several services hold the destination: "
-		         "outside the mesh", (unsigned long long)c->id);
 	if (svc) {
 		c->tdest->addr = *inbound;
 		identity_format(c->tdest->expect_id, sizeof(c->tdest->expect_id),
@@ -1349,6 +1346,14 @@ static void transparent_start(struct conn *c, int fd)
 		memcpy(&c->tdest->addr.ss, &dst, len);
 		c->tdest->addr.len = len;
 		addr_text(&dst, c->tdest->addr.text, sizeof(c->tdest->addr.text));
+		/* Claimed by two services: a mesh destination we cannot name, so
+		 * never sent in plaintext either. */
+		if (ambiguous) {
+			log_warn("conn %llu: registry entries of several services hold %s: refused",
+			         (unsigned long long)c->id, c->tdest->addr.text);
+			conn_close(c, CR_OUTSIDE_MESH, 0);
+			return;
+		}
 		if (!conn_cfg(c)->outside_mesh_passthrough) {
 			log_info("conn %llu: %s is outside the mesh: refused", (unsigned long long)c->id,
 			         c->tdest->addr.text);

@@ -118,7 +118,8 @@ SSL_SESSION *snapshot_session(const struct snapshot *s, size_t listener, size_t 
  * static endpoint when it is dst exactly. The instance's inbound address
  * goes to *inbound. Returns the service name, or NULL when dst is outside
  * the mesh: nothing holds it, or entries of two services do (*ambiguous
- * set: never a guess between services).
+ * set: never a guess between services; the caller refuses it even where
+ * outside destinations are passed through).
  */
 const char *snapshot_lookup_dest(const struct snapshot *s, const struct sockaddr_storage *dst,
                                  const struct config_addr **inbound, bool *ambiguous);
