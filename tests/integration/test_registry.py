@@ -280,6 +280,27 @@ def test_registration_burst_wakes_long_polls_a_bounded_number_of_times(control, 
     assert {e["address"]: e["ports"] for e in seen[-1]["endpoints"]["orders"]} == {address: [x]}
 
 
+def test_a_bump_pending_at_a_crash_is_made_at_the_next_start(control, tmp_path):
+    """A registration is on disk when control answers 200, its version bump
+    may still wait for the coalescing window: after a crash inside that
+    window, the next start bumps, so a proxy holding the old version is
+    answered with the change instead of waiting for an unrelated one."""
+    orders = new_svid(control, tmp_path, "orders")
+    frontend = new_svid(control, tmp_path, "frontend")
+    o_in, x, y = ports(3)
+    address = f"127.0.0.1:{o_in}"
+    assert register(control, orders, "orders", address, [x]).status == 200
+    held = config(control, frontend, "frontend")["version"]
+    assert register(control, orders, "orders", address, [y]).status == 200
+    control.kill()                            # within the window: the bump is pending
+    control.start()
+    t0 = time.monotonic()
+    doc = config(control, frontend, "frontend", after=held, wait=5)
+    assert time.monotonic() - t0 < 2, "the long poll waited: the version did not move"
+    assert doc["version"] != held
+    assert doc["endpoints"]["orders"] == [{"address": address, "ports": [y]}]
+
+
 # ---------------------------------------------------------------- defect 14
 
 
