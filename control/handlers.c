@@ -194,7 +194,7 @@ static void endpoints_changed(struct api_call *call)
 		return;
 	tv.tv_sec = (time_t)(due / 1000);
 	tv.tv_usec = (suseconds_t)(due % 1000) * 1000;
-	/* Without a timer the next housekeeping tick bumps it. */
+	/* No timer to be had: bump now rather than late. */
 	if ((!base || event_base_once(base, -1, EV_TIMEOUT, endpoints_flush_cb, call->srv, &tv) < 0) &&
 	    state_endpoints_flush(call->st))
 		watch_notify(call->watch, NULL);
