@@ -37,7 +37,9 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
+#include "meshlet/api.h"
 #include "meshlet/httpc.h"
+#include "meshlet/identity.h"
 
 #ifndef MESHLET_VERSION
 #define MESHLET_VERSION "0.1.0"
@@ -1363,6 +1365,77 @@ static int cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 	return 0;
 }
 
+/* ---------------------------------------------------------------- endpoints */
+
+static int cmd_endpoints_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
+{
+	static const char *const cols[] = { "service", "address", "ports", "via", "live",
+	                                    "expires_at", "serial", NULL };
+	static const char *const acols[] = { "service", "address", "assigned_at", NULL };
+	struct httpc_response r;
+	const json_t *asg;
+	int rc = api_call(ctl, "GET", "/v1/endpoints", NULL, NULL, 0, NULL, &r);
+
+	if (rc)
+		return rc;
+	if (ctl->output == OUT_JSON) {
+		print_json(r.json);
+	} else {
+		print_object_list(json_object_get(r.json, "endpoints"), cols, true, stdout);
+		asg = json_object_get(r.json, "assignments");
+		if (json_array_size(asg) > 0) {
+			printf("\nassigned by the admin:\n");
+			print_object_list(asg, acols, true, stdout);
+		}
+	}
+	httpc_response_clear(&r);
+	return 0;
+}
+
+/* endpoints add|remove --service S ADDR: POST /v1/endpoints/<verb>. */
+static int endpoints_assign(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a,
+                            const char *verb)
+{
+	const char *svc = arg(cmd, a, "service"), *addr = a->pos[0];
+	struct httpc_response r;
+	char path[64];
+	json_t *body;
+	int rc;
+
+	if (!svc)
+		return usage_error(ctl, "endpoints %s: --service SERVICE is required", cmd->name);
+	if (!identity_valid_service(svc))
+		return usage_error(ctl, "--service: '%s' is not a service name", svc);
+	if (!api_valid_address(addr))
+		return usage_error(ctl, "endpoints %s: '%s' is not an address (ip:port or [ipv6]:port)",
+		                   cmd->name, addr);
+	body = json_pack("{s:s, s:s}", "service", svc, "address", addr);
+	if (!body)
+		return usage_error(ctl, "out of memory");
+	snprintf(path, sizeof(path), "/v1/endpoints/%s", verb);
+	rc = api_call(ctl, "POST", path, body, NULL, 0, NULL, &r);
+	json_decref(body);
+	if (rc)
+		return rc;
+	if (ctl->output == OUT_JSON)
+		print_json(r.json);
+	else
+		printf("%s %s service %s\n", addr, strcmp(verb, "assign") == 0 ?
+		       "assigned to" : "no longer assigned to", svc);
+	httpc_response_clear(&r);
+	return 0;
+}
+
+static int cmd_endpoints_add(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
+{
+	return endpoints_assign(ctl, cmd, a, "assign");
+}
+
+static int cmd_endpoints_remove(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
+{
+	return endpoints_assign(ctl, cmd, a, "unassign");
+}
+
 /* ---------------------------------------------------------------- proxies, check */
 
 static int cmd_proxies_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
@@ -1462,6 +1535,11 @@ static const struct ctl_opt ca_rotate_opts[] = {
 	  "(default 3h); without --auto, the request timeout as before the command" },
 	{ NULL, 0, NULL, false, NULL },
 };
+static const struct ctl_opt endpoints_assign_opts[] = {
+	{ "service", 0, "SERVICE", false, "the service the address is assigned to (required)" },
+	{ NULL, 0, NULL, false, NULL },
+};
+
 static const struct ctl_opt check_opts[] = {
 	{ "from", 0, "ID", false, "the caller's SPIFFE ID, e.g. spiffe://mesh.local/svc/frontend (required)" },
 	{ "to", 0, "SERVICE", false, "the service whose policy decides (required)" },
@@ -1527,6 +1605,23 @@ static const struct ctl_cmd commands[] = {
 	{ "ca", "status", "", 0, 0, no_opts,
 	  "show the rotation phase and what the next ca rotate does",
 	  "GET /v1/ca, summarised.", cmd_ca_status },
+	{ "endpoints", "list", "", 0, 0, no_opts,
+	  "list the registry: the proxies' entries and the admin's assignments",
+	  "GET /v1/endpoints. An entry is what a proxy registered: its inbound address, the\n"
+	  "application ports behind it, how it was allowed (via: connection, the IP the proxy\n"
+	  "connects from; assignment, an address assigned below) and whether its SVID is live.",
+	  cmd_endpoints_list },
+	{ "endpoints", "add", "--service SERVICE ADDR", 1, 1, endpoints_assign_opts,
+	  "assign ADDR (ip:port) to SERVICE: its proxies may register it from anywhere",
+	  "POST /v1/endpoints/assign. A proxy may register only addresses on the IP it connects\n"
+	  "to the control from; an address behind NAT or on another interface needs this.\n"
+	  "No other service may register ADDR while it is assigned. Refused (exit 1) when ADDR\n"
+	  "is assigned to another service or held by a live entry of another service.",
+	  cmd_endpoints_add },
+	{ "endpoints", "remove", "--service SERVICE ADDR", 1, 1, endpoints_assign_opts,
+	  "withdraw the assignment of ADDR to SERVICE",
+	  "POST /v1/endpoints/unassign. The entry the assignment allowed is removed with it.",
+	  cmd_endpoints_remove },
 	{ "proxies", "list", "", 0, 0, no_opts,
 	  "list connected proxies: config version held, certificate expiry",
 	  "GET /v1/proxies.", cmd_proxies_list },

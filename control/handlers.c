@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <event2/event.h>
 #include <event2/http.h>
 #include <openssl/evp.h>
 
@@ -119,9 +120,15 @@ static int h_bundle(struct api_call *call)
 
 static int config_answer(struct api_call *call)
 {
+	struct api_config_query q;
+	struct meshlet_err e = {0};
 	json_t *out = NULL;
-	int ret = state_config(call->st, call->svc, &out, &call->err);
+	int ret;
 
+	/* Parsed again for a long poll that waited: the query lives with req. */
+	if (api_parse_config_query(call->query, &q, &e) < 0)
+		return bad_request(call, &e);
+	ret = state_config(call->st, call->svc, &q, &out, &call->err);
 	if (ret)
 		return ret;
 	set_etag(call, json_integer_value(json_object_get(out, "version")));
@@ -166,6 +173,39 @@ void handlers_config_done(struct api_call *call, bool aborted)
 	server_reply(call);
 }
 
+/* The coalesced bump of a registry change fell due. */
+static void endpoints_flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct control_server *srv = arg;
+
+	(void)fd;
+	(void)what;
+	if (state_endpoints_flush(server_state(srv)))
+		watch_notify(server_watch(srv), NULL);
+}
+
+/* After a registry change: wake the long polls now, or once the
+ * coalescing window ends (one timer for a whole burst). */
+static void endpoints_changed(struct api_call *call)
+{
+	int64_t due = state_endpoints_touch(call->st);
+	struct event_base *base = call->evcon ? evhttp_connection_get_base(call->evcon) : NULL;
+	struct timeval tv;
+
+	if (due == 0) {
+		watch_notify(call->watch, NULL);
+		return;
+	}
+	if (due < 0)
+		return;
+	tv.tv_sec = (time_t)(due / 1000);
+	tv.tv_usec = (suseconds_t)(due % 1000) * 1000;
+	/* No timer to be had: bump now rather than late. */
+	if ((!base || event_base_once(base, -1, EV_TIMEOUT, endpoints_flush_cb, call->srv, &tv) < 0) &&
+	    state_endpoints_flush(call->st))
+		watch_notify(call->watch, NULL);
+}
+
 static int h_endpoints(struct api_call *call)
 {
 	struct api_endpoint_req r;
@@ -176,10 +216,49 @@ static int h_endpoints(struct api_call *call)
 	if (api_parse_endpoint_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
 	ret = state_endpoint_register(call->st, call->svc, &r, call->peer_serial,
-	                              call->peer_not_after, &out, &call->err);
+	                              call->peer_not_after, call->remote, &out, &call->err);
 	if (ret)
 		return ret;
 	seen(call, -1, 0);
+	endpoints_changed(call);
+	return ok(call, 200, out);
+}
+
+/* ---- registry (admin) ---- */
+
+static int h_endpoints_list(struct api_call *call)
+{
+	json_t *out = NULL;
+	int ret = state_endpoints_list(call->st, &out, &call->err);
+
+	return ret ? ret : ok(call, 200, out);
+}
+
+static int h_endpoints_assign(struct api_call *call)
+{
+	struct api_assign_req r;
+	struct meshlet_err e = {0};
+	json_t *out = NULL;
+	int ret;
+
+	if (api_parse_assign_req(call->body, &r, &e) < 0)
+		return bad_request(call, &e);
+	ret = state_endpoint_assign(call->st, &r, &out, &call->err);
+	return ret ? ret : ok(call, 200, out);
+}
+
+static int h_endpoints_unassign(struct api_call *call)
+{
+	struct api_assign_req r;
+	struct meshlet_err e = {0};
+	json_t *out = NULL;
+	int ret;
+
+	if (api_parse_assign_req(call->body, &r, &e) < 0)
+		return bad_request(call, &e);
+	ret = state_endpoint_unassign(call->st, &r, &out, &call->err);
+	if (ret)
+		return ret;
 	watch_notify(call->watch, NULL);
 	return ok(call, 200, out);
 }
@@ -350,6 +429,9 @@ const struct route handlers_routes[] = {
 	{ "GET",    "/v1/bundle",                   AUTH_ANY_SVID,     false, h_bundle },
 	{ "GET",    "/v1/services/{svc}/config",    AUTH_SVC_OR_ADMIN, false, h_config },
 	{ "POST",   "/v1/services/{svc}/endpoints", AUTH_SVC_SVID,     true,  h_endpoints },
+	{ "GET",    "/v1/endpoints",                AUTH_ADMIN,        false, h_endpoints_list },
+	{ "POST",   "/v1/endpoints/assign",         AUTH_ADMIN,        true,  h_endpoints_assign },
+	{ "POST",   "/v1/endpoints/unassign",       AUTH_ADMIN,        true,  h_endpoints_unassign },
 	{ "GET",    "/v1/policies",                 AUTH_ADMIN,        false, h_policy_list },
 	{ "PUT",    "/v1/policies/{svc}",           AUTH_ADMIN,        true,  h_policy_put },
 	{ "GET",    "/v1/policies/{svc}",           AUTH_ADMIN,        false, h_policy_get },

@@ -42,13 +42,17 @@ static void usage(FILE *f)
 	        "  --max-polls-per-cert N\n"
 	        "                       long polls waiting at once per client certificate, i.e.\n"
 	        "                       per proxy instance (default %d); over a limit: 429\n"
+	        "  --max-endpoints-per-service N\n"
+	        "                       registry entries one service may hold (default %d; each\n"
+	        "                       proxy holds at most %d)\n"
 	        "  --help               this text\n"
 	        "  --version            the version\n"
 	        "\n"
 	        "First start creates DIR/ca.key (0600), DIR/ca-0.pem, DIR/ca.pem (the trust bundle\n"
 	        "clients of control use as CA file) and DIR/admin.token (0600). Logs go to stderr;\n"
 	        "one JSON line per API request goes to stdout. SIGTERM or SIGINT stop it.\n",
-	        SERVER_MAX_CONNS, SERVER_MIN_RESERVE, SERVER_POLLS_PER_SERVICE, SERVER_POLLS_PER_CERT);
+	        SERVER_MAX_CONNS, SERVER_MIN_RESERVE, SERVER_POLLS_PER_SERVICE, SERVER_POLLS_PER_CERT,
+	        CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT, CONTROL_ENDPOINTS_PER_INSTANCE);
 }
 
 /* Parses the command line into o. Returns 0, 1 (--help/--version: exit 0)
@@ -83,6 +87,7 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 		{ "max-polls", required_argument, NULL, 'P' },
 		{ "max-polls-per-service", required_argument, NULL, 'Q' },
 		{ "max-polls-per-cert", required_argument, NULL, 'R' },
+		{ "max-endpoints-per-service", required_argument, NULL, 'E' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -150,6 +155,21 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 			                &lim->polls_per_cert) < 0)
 				return -1;
 			break;
+		case 'E': {
+			char *end = NULL;
+			long long v;
+
+			errno = 0;
+			v = strtoll(optarg, &end, 10);
+			if (errno || !end || *end || end == optarg || v < 1 ||
+			    v > CONTROL_ENDPOINTS_PER_SERVICE_MAX) {
+				fprintf(stderr, "meshlet-control: --max-endpoints-per-service: expected "
+				        "1..%d\n", CONTROL_ENDPOINTS_PER_SERVICE_MAX);
+				return -1;
+			}
+			o->max_endpoints_per_service = v;
+			break;
+		}
 		case 'h': usage(stdout); return 1;
 		case 'V': printf("meshlet-control %s\n", MESHLET_VERSION); return 1;
 		default:

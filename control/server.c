@@ -1243,3 +1243,8 @@ struct watch *server_watch(struct control_server *srv)
 {
 	return srv->watch;
 }
+
+struct control_state *server_state(struct control_server *srv)
+{
+	return srv->st;
+}

@@ -165,4 +165,7 @@ void server_tls_changed(struct control_server *srv);
 /* The long-poll waiters (watch.h). */
 struct watch *server_watch(struct control_server *srv);
 
+/* The state the server serves (for timers that outlive a call). */
+struct control_state *server_state(struct control_server *srv);
+
 #endif

@@ -75,6 +75,12 @@ struct control_state {
 	struct state_proxy *proxies;
 	char **gone;                   /* proxies/<serial> keys to delete */
 	size_t n_gone;
+	/* Registry changes bump meta/endpoints at most once per
+	 * CONTROL_ENDPOINTS_COALESCE_MS (state_endpoints_touch). */
+	int64_t max_endpoints;         /* entries per service */
+	bool endpoints_pending;        /* a change not yet in the version */
+	bool endpoints_timer;          /* a state_endpoints_flush() call is due */
+	int64_t endpoints_bumped_ms;   /* monotonic time of the last bump */
 };
 
 static const char *const phase_names[] = {
@@ -736,6 +742,8 @@ static int proxies_flush(struct control_state *st)
 
 /* ---- open / close ---- */
 
+static void endpoints_repair(struct control_state *st);
+
 /* The first start: root, admin token, then the store records last, so a
  * store with meta/control means a complete state directory. */
 static int first_start(struct control_state *st, const char *db, struct meshlet_err *err)
@@ -832,6 +840,8 @@ int state_open(struct control_state **out, const struct control_opts *o, struct 
 	if (!st)
 		return err_set(err, "", "out of memory");
 	st->o = *o;
+	st->max_endpoints = o->max_endpoints_per_service > 0 ? o->max_endpoints_per_service :
+	                    CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT;
 	if (!identity_valid_trust_domain(o->trust_domain)) {
 		r = err_set(err, "", "'%s' is not a trust domain", o->trust_domain);
 		goto fail;
@@ -857,6 +867,8 @@ int state_open(struct control_state **out, const struct control_opts *o, struct 
 	path_in(st, tok, sizeof(tok), ADMIN_TOKEN_FILE);
 	if (exists(db)) {
 		r = load_existing(st, db, err);
+		if (!r)
+			endpoints_repair(st);
 	} else if (exists(key) || exists(tok)) {
 		r = err_set(err, "", "state dir %s holds %s but there is no state database %s "
 		            "(an interrupted first start, or a lost database); refusing to "
@@ -1426,45 +1438,199 @@ int state_config_version(struct control_state *st, const char *svc, int64_t *ver
 	return 0;
 }
 
-/* {svc: ["ip:port", ...]} of every live endpoint. */
-static int endpoints_json(struct control_state *st, json_t **out)
+/* ---- registry ----
+ *
+ * An entry endpoints/<svc>/<addr> claims, on the IP of <addr>, the port of
+ * <addr> (the inbound listener) and its application ports (what
+ * transparent sidecars map to <svc>). Entries of different services never
+ * claim a common ip:port while both are live, so that a destination maps
+ * to one service or to none. */
+
+/* The <svc> of an endpoints/<svc>/<addr> key into name (SERVICE_NAME_MAX + 1). */
+static bool endpoint_key_service(const char *key, char *name)
+{
+	const char *svc = key + strlen("endpoints/");
+	const char *slash = strchr(svc, '/');
+
+	if (!slash || slash == svc || (size_t)(slash - svc) > SERVICE_NAME_MAX)
+		return false;
+	memcpy(name, svc, (size_t)(slash - svc));
+	name[slash - svc] = '\0';
+	return true;
+}
+
+/* Its SVID is unexpired and unrevoked. */
+static bool endpoint_live(struct control_state *st, const json_t *v, int64_t now)
+{
+	return jint(v, "not_after") > now && !state_is_revoked(st, jstr(v, "serial"));
+}
+
+/* port is the entry's address port or one of its application ports. */
+static bool entry_claims_port(const json_t *v, uint16_t addr_port, uint16_t port)
+{
+	size_t i;
+	json_t *p;
+
+	if (port == addr_port)
+		return true;
+	json_array_foreach(json_object_get(v, "ports"), i, p) {
+		if (json_integer_value(p) == port)
+			return true;
+	}
+	return false;
+}
+
+/* The entry v and address a with its application ports claim a common ip:port. */
+static bool claims_overlap(const json_t *v, const struct api_addr *a, const uint16_t *ports,
+                           size_t n_ports)
+{
+	struct api_addr b;
+
+	if (api_addr_parse(jstr(v, "address"), false, &b) < 0 || !api_addr_same_ip(a, &b))
+		return false;
+	if (entry_claims_port(v, b.port, a->port))
+		return true;
+	for (size_t i = 0; i < n_ports; i++) {
+		if (entry_claims_port(v, b.port, ports[i]))
+			return true;
+	}
+	return false;
+}
+
+/* What a registration finds in the registry. */
+struct reg_scan {
+	json_t *cur;                   /* the entry at the same key, or NULL */
+	int64_t cur_rev;
+	bool cur_live;
+	size_t n_service;              /* live entries of svc, cur excluded */
+	size_t n_instance;             /* live entries of the serial, cur excluded */
+	char holder[SERVICE_NAME_MAX + 1];   /* a live other service claiming the same */
+	char held[API_ADDRESS_MAX];          /* its address */
+};
+
+static int registry_scan(struct control_state *st, const char *svc, const char *serial,
+                         const char *key, const struct api_addr *a, const uint16_t *ports,
+                         size_t n_ports, struct reg_scan *sc)
 {
 	struct store_entry *e = NULL;
 	size_t n = 0;
 	int64_t now = now_s();
-	json_t *all;
 	int r = store_list(st->store, "endpoints/", &e, &n, NULL);
 
+	memset(sc, 0, sizeof(*sc));
 	if (r)
 		return r;
-	all = json_object();
 	for (size_t i = 0; i < n; i++) {
-		const char *svc = e[i].key + strlen("endpoints/");
-		const char *slash = strchr(svc, '/');
 		char name[SERVICE_NAME_MAX + 1];
-		json_t *v = json_loadb(e[i].value, e[i].len, 0, NULL), *list;
+		json_t *v = json_loadb(e[i].value, e[i].len, 0, NULL);
+		bool live = v && endpoint_live(st, v, now);
 
-		if (!v || !slash || (size_t)(slash - svc) > SERVICE_NAME_MAX ||
-		    jint(v, "not_after") <= now || state_is_revoked(st, jstr(v, "serial"))) {
+		if (!v || !endpoint_key_service(e[i].key, name)) {
 			json_decref(v);
 			continue;
 		}
-		memcpy(name, svc, (size_t)(slash - svc));
-		name[slash - svc] = '\0';
+		if (strcmp(e[i].key, key) == 0) {
+			sc->cur = v;
+			sc->cur_rev = e[i].revision;
+			sc->cur_live = live;
+			continue;
+		}
+		if (live && strcmp(name, svc) == 0) {
+			sc->n_service++;
+			if (strcmp(jstr(v, "serial"), serial) == 0)
+				sc->n_instance++;
+		} else if (live && !sc->holder[0] && claims_overlap(v, a, ports, n_ports)) {
+			snprintf(sc->holder, sizeof(sc->holder), "%s", name);
+			snprintf(sc->held, sizeof(sc->held), "%s", jstr(v, "address"));
+		}
+		json_decref(v);
+	}
+	store_entries_free(e, n);
+	return 0;
+}
+
+/* Another service's admin assignment on a claimed ip:port: its name into
+ * holder/held. Returns 0 or -EIO. */
+static int assignment_conflict(struct control_state *st, const char *svc,
+                               const struct api_addr *a, const uint16_t *ports, size_t n_ports,
+                               struct reg_scan *sc)
+{
+	struct store_entry *e = NULL;
+	size_t n = 0;
+	int r = store_list(st->store, "assigned/", &e, &n, NULL);
+
+	if (r)
+		return -EIO;
+	for (size_t i = 0; i < n && !sc->holder[0]; i++) {
+		json_t *v = json_loadb(e[i].value, e[i].len, 0, NULL);
+		json_t *probe = v ? json_pack("{s:s, s:[]}", "address", jstr(v, "address"),
+		                              "ports") : NULL;
+
+		if (probe && strcmp(jstr(v, "service"), svc) != 0 &&
+		    claims_overlap(probe, a, ports, n_ports)) {
+			snprintf(sc->holder, sizeof(sc->holder), "%s", jstr(v, "service"));
+			snprintf(sc->held, sizeof(sc->held), "%s", jstr(v, "address"));
+		}
+		json_decref(probe);
+		json_decref(v);
+	}
+	store_entries_free(e, n);
+	return 0;
+}
+
+/* {"address", "ports"} of an entry, as the config answer carries it. */
+static json_t *endpoint_answer(const json_t *v)
+{
+	json_t *ports = json_object_get(v, "ports");
+
+	return json_pack("{s:s, s:O}", "address", jstr(v, "address"), "ports",
+	                 json_is_array(ports) ? ports : json_array());
+}
+
+/* {svc: [{address, ports}]} of the live entries of the services q asks for. */
+static int endpoints_json(struct control_state *st, const struct api_config_query *q,
+                          json_t **out)
+{
+	struct store_entry *e = NULL;
+	size_t n = 0;
+	int64_t now = now_s();
+	json_t *all = json_object();
+	int r = all ? 0 : -ENOMEM;
+
+	*out = all;
+	if (r || (!q->upstreams_all && q->n_upstreams == 0))
+		return r;
+	r = store_list(st->store, "endpoints/", &e, &n, NULL);
+	if (r) {
+		json_decref(all);
+		*out = NULL;
+		return r;
+	}
+	for (size_t i = 0; i < n; i++) {
+		char name[SERVICE_NAME_MAX + 1];
+		json_t *v, *list;
+
+		if (!endpoint_key_service(e[i].key, name) || !api_config_query_wants(q, name))
+			continue;
+		v = json_loadb(e[i].value, e[i].len, 0, NULL);
+		if (!v || !endpoint_live(st, v, now)) {
+			json_decref(v);
+			continue;
+		}
 		list = json_object_get(all, name);
 		if (!list) {
 			list = json_array();
 			json_object_set_new(all, name, list);
 		}
-		json_array_append(list, json_object_get(v, "address"));
+		json_array_append_new(list, endpoint_answer(v));
 		json_decref(v);
 	}
 	store_entries_free(e, n);
-	*out = all;
 	return 0;
 }
 
-int state_config(struct control_state *st, const char *svc, json_t **out, struct api_error *ae)
+int state_config(struct control_state *st, const char *svc, const struct api_config_query *q,
+                 json_t **out, struct api_error *ae)
 {
 	char key[STORE_KEY_MAX];
 	json_t *policy = NULL, *eps = NULL;
@@ -1480,7 +1646,7 @@ int state_config(struct control_state *st, const char *svc, json_t **out, struct
 	key_of(key, sizeof(key), "services/", svc);
 	gen = counter_value(st, key, "cert_generation") +
 	      counter_value(st, "meta/rotate-all", "cert_generation");
-	r = endpoints_json(st, &eps);
+	r = endpoints_json(st, q, &eps);
 	if (r) {
 		json_decref(policy);
 		return store_failed(st, ae, "list", r);
@@ -1493,58 +1659,188 @@ int state_config(struct control_state *st, const char *svc, json_t **out, struct
 	return 0;
 }
 
-/* ---- registry ---- */
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Bumps meta/endpoints now: every config version moves. 0 or -errno. */
+static int endpoints_bump(struct control_state *st)
+{
+	struct batch b = {0};
+	int r = -ECANCELED;
+
+	for (int attempt = 0; attempt < STATE_RETRIES && r == -ECANCELED; attempt++) {
+		r = bump_counter(st, &b, "meta/endpoints", "version", NULL);
+		if (!r)
+			r = batch_commit(st, &b, NULL);
+		batch_clear(&b);
+	}
+	if (r) {
+		log_error("store: cannot bump the endpoints version: %s", strerror(-r));
+		return r;
+	}
+	st->endpoints_pending = false;
+	st->endpoints_bumped_ms = mono_ms();
+	return 0;
+}
+
+int64_t state_endpoints_touch(struct control_state *st)
+{
+	int64_t left;
+
+	if (!st->endpoints_pending)
+		return -1;
+	left = st->endpoints_bumped_ms + CONTROL_ENDPOINTS_COALESCE_MS - mono_ms();
+	if (left <= 0 && !st->endpoints_timer)
+		return endpoints_bump(st) == 0 ? 0 : -1;
+	if (st->endpoints_timer)
+		return -1;
+	st->endpoints_timer = true;
+	return left > 0 ? left : 1;
+}
+
+bool state_endpoints_flush(struct control_state *st)
+{
+	st->endpoints_timer = false;
+	return st->endpoints_pending && endpoints_bump(st) == 0;
+}
+
+/* Registrations written before a crash, whose bump was still pending:
+ * an entry newer than meta/endpoints. Bumped at start. */
+static void endpoints_repair(struct control_state *st)
+{
+	struct store_entry *e = NULL;
+	size_t n = 0;
+	int64_t bumped = 0, newest = 0;
+
+	if (kv_rev(st, "meta/endpoints", &bumped) < 0 ||
+	    store_list(st->store, "endpoints/", &e, &n, NULL) < 0)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		if (e[i].revision > newest)
+			newest = e[i].revision;
+	}
+	store_entries_free(e, n);
+	if (newest > bumped)
+		endpoints_bump(st);
+}
+
+/* May svc's proxy, connecting from remote, register a? Sets *via. */
+static int endpoint_allowed(struct control_state *st, const char *svc, const struct api_addr *a,
+                            const char *address, const char *remote, const char **via,
+                            struct api_error *ae)
+{
+	char key[STORE_KEY_MAX];
+	struct api_addr from;
+	json_t *asg = NULL;
+	int r;
+
+	key_of(key, sizeof(key), "assigned/", address);
+	r = kv_json(st, key, &asg, NULL);
+	if (r == -EIO)
+		return store_failed(st, ae, "read", r);
+	if (asg) {
+		char holder[SERVICE_NAME_MAX + 1];
+
+		snprintf(holder, sizeof(holder), "%s", jstr(asg, "service"));
+		json_decref(asg);
+		if (strcmp(holder, svc) != 0)
+			return api_fail(ae, 409, "address", "%s is assigned to service %s by the admin",
+			                address, holder);
+		*via = "assignment";
+		return 0;
+	}
+	if (!remote || api_addr_parse(remote, true, &from) < 0 || !api_addr_same_ip(a, &from))
+		return api_fail(ae, 403, "address", "a proxy may register only addresses on the IP it "
+		                "connects to control from (%s); an administrator may assign %s to %s "
+		                "with: meshletctl endpoints add --service %s %s",
+		                remote ? remote : "unknown", address, svc, svc, address);
+	*via = "connection";
+	return 0;
+}
+
+/* The caps of a new entry; 0 or the refusal. */
+static int endpoint_caps(struct control_state *st, const struct reg_scan *sc, const char *svc,
+                         const char *serial, struct api_error *ae)
+{
+	bool new_for_service = !(sc->cur && sc->cur_live);
+	bool new_for_instance = new_for_service || strcmp(jstr(sc->cur, "serial"), serial) != 0;
+
+	if (new_for_instance && sc->n_instance >= CONTROL_ENDPOINTS_PER_INSTANCE)
+		return api_fail(ae, 429, "address", "this proxy (SVID %s) already has %d registry "
+		                "entries, the limit per instance", serial, CONTROL_ENDPOINTS_PER_INSTANCE);
+	if (new_for_service && (int64_t)sc->n_service >= st->max_endpoints)
+		return api_fail(ae, 429, "address", "service %s already has %lld registry entries, the "
+		                "limit per service (meshlet-control --max-endpoints-per-service)", svc,
+		                (long long)st->max_endpoints);
+	return 0;
+}
 
 int state_endpoint_register(struct control_state *st, const char *svc,
                             const struct api_endpoint_req *r, const char *serial,
-                            int64_t not_after, json_t **out, struct api_error *ae)
+                            int64_t not_after, const char *remote, json_t **out,
+                            struct api_error *ae)
 {
 	char key[STORE_KEY_MAX];
 	struct batch b = {0};
-	json_t *ports = json_array(), *cur = NULL;
+	struct reg_scan sc = {0};
+	struct api_addr a;
+	json_t *ports = json_array();
 	struct state_proxy *p;
-	int64_t rev = 0, version = 0;
-	int ret;
+	const char *via = NULL;
+	bool visible = false;
+	int64_t version = 0;
+	int ret = 0;
 
+	if (!ports || api_addr_parse(r->address, false, &a) < 0) {
+		json_decref(ports);
+		return api_fail(ae, 400, "address", "must be ip:port");
+	}
 	for (size_t i = 0; i < r->n_ports; i++)
 		json_array_append_new(ports, json_integer(r->ports[i]));
 	snprintf(key, sizeof(key), "endpoints/%s/%s", svc, r->address);
-	for (int attempt = 0; attempt < STATE_RETRIES; attempt++) {
-		json_t *v;
-
-		ret = kv_json(st, key, &cur, &rev);
-		if (ret == -EIO) {
-			json_decref(ports);
-			return store_failed(st, ae, "read", ret);
-		}
-		v = json_pack("{s:s, s:O, s:s, s:I, s:I}", "address", r->address, "ports", ports,
-		              "serial", serial, "not_after", (json_int_t)not_after,
-		              "registered_at", (json_int_t)now_s());
-		/* Re-registering the same thing changes no config: no bump. */
-		if (cur && strcmp(jstr(cur, "serial"), serial) == 0 && json_equal(
-		        json_object_get(cur, "ports"), ports)) {
-			json_decref(v);
-			json_decref(cur);
-			cur = NULL;
-			ret = 0;
-			if (state_config_version(st, svc, &version) < 0)
-				ret = -EIO;
+	ret = endpoint_allowed(st, svc, &a, r->address, remote, &via, ae);
+	for (int attempt = 0; !ret && attempt < STATE_RETRIES; attempt++) {
+		json_decref(sc.cur);
+		if (registry_scan(st, svc, serial, key, &a, r->ports, r->n_ports, &sc) < 0 ||
+		    assignment_conflict(st, svc, &a, r->ports, r->n_ports, &sc) < 0) {
+			ret = store_failed(st, ae, "list", -EIO);
 			break;
 		}
-		batch_put(&b, key, v, rev);
-		if (!cur || !json_equal(json_object_get(cur, "ports"), ports) ||
-		    jint(cur, "not_after") <= now_s() ||
-		    state_is_revoked(st, jstr(cur, "serial")))
-			bump_counter(st, &b, "meta/endpoints", "version", NULL);
-		json_decref(cur);
-		cur = NULL;
-		ret = batch_commit(st, &b, &version);
-		if (ret != -ECANCELED)
+		if (sc.holder[0]) {
+			ret = api_fail(ae, 409, "address", "%s or one of its application ports is held by "
+			               "service %s (%s)", r->address, sc.holder, sc.held);
 			break;
+		}
+		visible = !sc.cur || !sc.cur_live || !json_equal(json_object_get(sc.cur, "ports"), ports);
+		/* Re-registering the same thing changes nothing: no write, no bump. */
+		if (!visible && strcmp(jstr(sc.cur, "serial"), serial) == 0 &&
+		    strcmp(jstr(sc.cur, "via"), via) == 0)
+			break;
+		if ((ret = endpoint_caps(st, &sc, svc, serial, ae)) != 0)
+			break;
+		batch_put(&b, key, json_pack("{s:s, s:O, s:s, s:I, s:I, s:s}", "address", r->address,
+		                             "ports", ports, "serial", serial,
+		                             "not_after", (json_int_t)not_after,
+		                             "registered_at", (json_int_t)now_s(), "via", via),
+		          sc.cur ? sc.cur_rev : 0);
+		ret = batch_commit(st, &b, NULL);
+		if (ret == -ECANCELED)
+			continue;
+		if (ret)
+			ret = store_failed(st, ae, "endpoint write", ret);
+		else if (visible)
+			st->endpoints_pending = true;
+		break;
 	}
+	json_decref(sc.cur);
 	if (ret) {
 		json_decref(ports);
-		return store_failed(st, ae, "endpoint write", ret);
+		return ret;
 	}
 	p = proxy_find(st, serial);
 	if (!p)
@@ -1557,8 +1853,162 @@ int state_endpoint_register(struct control_state *st, const char *svc,
 		p->last_seen = now_s();
 		p->dirty = true;
 	}
+	state_config_version(st, svc, &version);
 	*out = json_pack("{s:s, s:s, s:o, s:I}", "service", svc, "address", r->address,
 	                 "ports", ports, "version", (json_int_t)version);
+	return 0;
+}
+
+/* ---- admin assignments ---- */
+
+int state_endpoint_assign(struct control_state *st, const struct api_assign_req *r,
+                          json_t **out, struct api_error *ae)
+{
+	char key[STORE_KEY_MAX], t[CA_TIME_LEN];
+	struct batch b = {0};
+	struct reg_scan sc = {0};
+	struct api_addr a;
+	json_t *cur = NULL;
+	int64_t rev = 0, now = now_s();
+	int ret;
+
+	if (api_addr_parse(r->address, false, &a) < 0)
+		return api_fail(ae, 400, "address", "must be ip:port");
+	key_of(key, sizeof(key), "assigned/", r->address);
+	ret = kv_json(st, key, &cur, &rev);
+	if (ret == -EIO)
+		return store_failed(st, ae, "read", ret);
+	if (cur) {
+		char holder[SERVICE_NAME_MAX + 1];
+		int64_t at = jint(cur, "assigned_at");
+
+		snprintf(holder, sizeof(holder), "%s", jstr(cur, "service"));
+		json_decref(cur);
+		if (strcmp(holder, r->service) != 0)
+			return api_fail(ae, 409, "address", "%s is assigned to service %s; remove that "
+			                "first (meshletctl endpoints remove --service %s %s)", r->address,
+			                holder, holder, r->address);
+		*out = json_pack("{s:s, s:s, s:s}", "service", r->service, "address", r->address,
+		                 "assigned_at", fmt_time(at, t));
+		return 0;
+	}
+	/* Another live service's entry on it: refused, as a registration would be. */
+	if (registry_scan(st, r->service, "", "", &a, NULL, 0, &sc) < 0)
+		return store_failed(st, ae, "list", -EIO);
+	json_decref(sc.cur);
+	if (sc.holder[0])
+		return api_fail(ae, 409, "address", "%s is held by a live entry of service %s (%s)",
+		                r->address, sc.holder, sc.held);
+	batch_put(&b, key, json_pack("{s:s, s:s, s:I}", "service", r->service, "address",
+	                             r->address, "assigned_at", (json_int_t)now), 0);
+	ret = batch_commit(st, &b, NULL);
+	if (ret == -ECANCELED)
+		return api_fail(ae, 409, "address", "%s was assigned concurrently; retry", r->address);
+	if (ret)
+		return store_failed(st, ae, "assignment write", ret);
+	log_info("admin assigned %s to service %s", r->address, r->service);
+	*out = json_pack("{s:s, s:s, s:s}", "service", r->service, "address", r->address,
+	                 "assigned_at", fmt_time(now, t));
+	return 0;
+}
+
+int state_endpoint_unassign(struct control_state *st, const struct api_assign_req *r,
+                            json_t **out, struct api_error *ae)
+{
+	char akey[STORE_KEY_MAX], ekey[STORE_KEY_MAX];
+	struct batch b = {0};
+	json_t *cur = NULL, *entry = NULL;
+	int64_t arev = 0, erev = 0;
+	bool drop;
+	int ret;
+
+	key_of(akey, sizeof(akey), "assigned/", r->address);
+	snprintf(ekey, sizeof(ekey), "endpoints/%s/%s", r->service, r->address);
+	ret = kv_json(st, akey, &cur, &arev);
+	if (ret == -ENOENT)
+		return api_fail(ae, 404, "address", "%s is not assigned to any service", r->address);
+	if (ret)
+		return store_failed(st, ae, "read", ret);
+	if (strcmp(jstr(cur, "service"), r->service) != 0) {
+		ret = api_fail(ae, 409, "service", "%s is assigned to service %s, not %s", r->address,
+		               jstr(cur, "service"), r->service);
+		json_decref(cur);
+		return ret;
+	}
+	json_decref(cur);
+	ret = kv_json(st, ekey, &entry, &erev);
+	if (ret == -EIO)
+		return store_failed(st, ae, "read", ret);
+	/* The registration the assignment allowed goes with it. */
+	drop = entry && strcmp(jstr(entry, "via"), "assignment") == 0;
+	json_decref(entry);
+	batch_del(&b, akey, arev);
+	if (drop)
+		batch_del(&b, ekey, erev);
+	ret = batch_commit(st, &b, NULL);
+	if (ret == -ECANCELED || ret == -ENOENT)
+		return api_fail(ae, 409, "address", "%s changed concurrently; retry", r->address);
+	if (ret)
+		return store_failed(st, ae, "assignment delete", ret);
+	if (drop)
+		endpoints_bump(st);
+	log_info("admin removed the assignment of %s to service %s%s", r->address, r->service,
+	         drop ? " and its registry entry" : "");
+	*out = json_pack("{s:s, s:s, s:b, s:b}", "service", r->service, "address", r->address,
+	                 "removed", 1, "entry_removed", drop);
+	return 0;
+}
+
+int state_endpoints_list(struct control_state *st, json_t **out, struct api_error *ae)
+{
+	struct store_entry *e = NULL;
+	size_t n = 0;
+	int64_t now = now_s();
+	json_t *eps = json_array(), *asg = json_array();
+	int r = store_list(st->store, "endpoints/", &e, &n, NULL);
+
+	if (r) {
+		json_decref(eps);
+		json_decref(asg);
+		return store_failed(st, ae, "list", r);
+	}
+	for (size_t i = 0; i < n; i++) {
+		char name[SERVICE_NAME_MAX + 1], t1[CA_TIME_LEN], t2[CA_TIME_LEN];
+		json_t *v = json_loadb(e[i].value, e[i].len, 0, NULL);
+
+		if (v && endpoint_key_service(e[i].key, name))
+			json_array_append_new(eps, json_pack(
+				"{s:s, s:s, s:O, s:s, s:s, s:s, s:s, s:b}", "service", name,
+				"address", jstr(v, "address"), "ports", json_object_get(v, "ports"),
+				"via", json_object_get(v, "via") ? jstr(v, "via") : "connection",
+				"serial", jstr(v, "serial"),
+				"registered_at", fmt_time(jint(v, "registered_at"), t1),
+				"expires_at", fmt_time(jint(v, "not_after"), t2),
+				"live", endpoint_live(st, v, now)));
+		json_decref(v);
+	}
+	store_entries_free(e, n);
+	e = NULL;
+	n = 0;
+	r = store_list(st->store, "assigned/", &e, &n, NULL);
+	for (size_t i = 0; !r && i < n; i++) {
+		char t[CA_TIME_LEN];
+		json_t *v = json_loadb(e[i].value, e[i].len, 0, NULL);
+
+		if (v)
+			json_array_append_new(asg, json_pack("{s:s, s:s, s:s}", "service",
+			                                     jstr(v, "service"), "address",
+			                                     jstr(v, "address"), "assigned_at",
+			                                     fmt_time(jint(v, "assigned_at"), t)));
+		json_decref(v);
+	}
+	store_entries_free(e, n);
+	if (r) {
+		json_decref(eps);
+		json_decref(asg);
+		return store_failed(st, ae, "list", r);
+	}
+	*out = json_pack("{s:o, s:o}", "endpoints", eps, "assignments", asg);
 	return 0;
 }
 
@@ -2308,6 +2758,8 @@ static bool endpoint_stale(struct control_state *st, const char *key, const json
 	return jint(v, "not_after") <= now || state_is_revoked(st, jstr(v, "serial"));
 }
 
+static int endpoints_bump(struct control_state *st);
+
 int state_maintain(struct control_state *st, bool *changed)
 {
 	size_t n = 0;
@@ -2328,6 +2780,9 @@ int state_maintain(struct control_state *st, bool *changed)
 	if (r)
 		ret = r;
 	if (n)
+		*changed = true;
+	/* A coalesced bump whose timer was lost: never later than this. */
+	if (st->endpoints_pending && !st->endpoints_timer && endpoints_bump(st) == 0)
 		*changed = true;
 	/* Revocations of expired certificates: the certificate is refused anyway. */
 	{

@@ -31,7 +31,10 @@
  *   lineages/<origin>       {service, window_start, renewals, not_after}: renewals
  *                           of the lineage since window_start (one SVID lifetime)
  *   revoked/<serial>        {service, not_after, revoked_at}
- *   endpoints/<svc>/<addr>  {address, ports, serial, not_after, registered_at}
+ *   endpoints/<svc>/<addr>  {address, ports, serial, not_after, registered_at, via}:
+ *                           via "connection" (addr is on the IP the proxy connects
+ *                           from) or "assignment" (assigned/<addr> names svc)
+ *   assigned/<addr>         {service, address, assigned_at}: the admin's assignment
  *   proxies/<serial>        {service, address, ports, last_seen, not_after, config_version}
  *
  * A service's config version is the largest revision among services/<svc>,
@@ -66,6 +69,13 @@
  * lifetime: a proxy renews about twice per lifetime, plus certs rotate, a
  * CA switch and retries; more is refused with 403 lineage_limit. */
 #define CONTROL_LINEAGE_RENEWALS_MAX 10
+/* Registry limits (docs/control.md): entries one proxy (one SVID) may
+ * hold, entries per service (--max-endpoints-per-service), and the window
+ * within which registry changes share one config version bump. */
+#define CONTROL_ENDPOINTS_PER_INSTANCE 16
+#define CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT 1024
+#define CONTROL_ENDPOINTS_PER_SERVICE_MAX 1000000
+#define CONTROL_ENDPOINTS_COALESCE_MS 500
 
 /* The command line of meshlet-control; strings borrowed from argv. */
 struct control_opts {
@@ -76,6 +86,7 @@ struct control_opts {
 	size_t n_sans;
 	int64_t svid_ttl;              /* seconds */
 	const char *store_path;        /* NULL: <state_dir>/state.db */
+	int64_t max_endpoints_per_service;   /* 0: CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT */
 	enum log_level log_level;
 };
 
@@ -166,16 +177,59 @@ int state_config_version_shared(struct control_state *st, int64_t *version);
 int state_config_version_own(struct control_state *st, const char *svc, int64_t *version);
 
 /* {service, version, policy|null, policy_version, bundle_version,
- *  cert_generation, endpoints: {svc: ["ip:port"]}} */
-int state_config(struct control_state *st, const char *svc, json_t **out, struct api_error *ae);
+ *  cert_generation, endpoints: {svc: [{address, ports}]}}: endpoints of the
+ *  live entries of the services q asks for (upstreams=), none when it asks
+ *  for none. */
+int state_config(struct control_state *st, const char *svc, const struct api_config_query *q,
+                 json_t **out, struct api_error *ae);
 
 /* ---- registry ---- */
 
-/* Records that the proxy holding SVID serial (of svc, valid until
- * not_after) serves r. *out: {service, address, ports, version}. */
+/*
+ * Records that the proxy holding SVID serial (of svc, valid until
+ * not_after), connecting from remote ("ip:port"), serves r. An entry
+ * claims the ip:port of its address and its application ports on that IP.
+ * Refused: 403 an address on another IP than remote's that the admin did
+ * not assign to svc; 409 an address the admin assigned to another service,
+ * or a claim that a live entry (unexpired, unrevoked SVID) or an
+ * assignment of another service shares; 429 a new entry over
+ * CONTROL_ENDPOINTS_PER_INSTANCE for serial or over the per-service cap.
+ * Re-registering an identical entry writes nothing. A change visible in
+ * config answers is left pending: call state_endpoints_touch().
+ * *out: {service, address, ports, version}.
+ */
 int state_endpoint_register(struct control_state *st, const char *svc,
                             const struct api_endpoint_req *r, const char *serial,
-                            int64_t not_after, json_t **out, struct api_error *ae);
+                            int64_t not_after, const char *remote, json_t **out,
+                            struct api_error *ae);
+
+/*
+ * Coalesced version bumps. After a registration: bumps the endpoints
+ * version now if the last bump is CONTROL_ENDPOINTS_COALESCE_MS old
+ * (returns 0: wake the long polls); otherwise returns the milliseconds
+ * after which state_endpoints_flush() must be called, or -1 when nothing
+ * is pending or such a call is already due.
+ */
+int64_t state_endpoints_touch(struct control_state *st);
+
+/* The due call: bumps a pending change. True when it did (wake the polls). */
+bool state_endpoints_flush(struct control_state *st);
+
+/* Admin assignments: r->address may be registered by r->service's proxies
+ * from anywhere, and by no other service. Assign: 409 when assigned to
+ * another service or claimed by another live service; idempotent.
+ * *out {service, address, assigned_at}. Unassign: 404 when not assigned,
+ * 409 when assigned to another service; also drops the entry the
+ * assignment allowed (bumping the version). *out {service, address,
+ * removed, entry_removed}. */
+int state_endpoint_assign(struct control_state *st, const struct api_assign_req *r,
+                          json_t **out, struct api_error *ae);
+int state_endpoint_unassign(struct control_state *st, const struct api_assign_req *r,
+                            json_t **out, struct api_error *ae);
+
+/* {endpoints: [{service, address, ports, via, serial, registered_at,
+ *  expires_at, live}], assignments: [{service, address, assigned_at}]} */
+int state_endpoints_list(struct control_state *st, json_t **out, struct api_error *ae);
 
 /* Notes a request from the proxy with SVID serial. held: the config
  * version it holds (-1: unknown). polling: +1 when a long poll starts,

@@ -291,13 +291,47 @@ int api_parse_if_match(const char *value, int64_t *version, struct meshlet_err *
 	return 0;
 }
 
+/* upstreams=LIST of n bytes at v into q. */
+static int parse_upstreams(const char *v, size_t n, struct api_config_query *q,
+                           struct meshlet_err *err)
+{
+	if (n == 1 && v[0] == '*') {
+		q->upstreams_all = true;
+		return 0;
+	}
+	while (n > 0) {
+		const char *comma = memchr(v, ',', n);
+		size_t len = comma ? (size_t)(comma - v) : n;
+
+		if (q->n_upstreams >= API_UPSTREAMS_MAX)
+			return err_set(err, "upstreams", "at most %d services (or *)", API_UPSTREAMS_MAX);
+		if (len == 0 || len >= sizeof(q->upstreams[0]))
+			return err_set(err, "upstreams", "must be * or service names separated by commas");
+		memcpy(q->upstreams[q->n_upstreams], v, len);
+		q->upstreams[q->n_upstreams][len] = '\0';
+		if (!identity_valid_service(q->upstreams[q->n_upstreams]))
+			return err_set(err, "upstreams", "'%.64s' is not a service name",
+			               q->upstreams[q->n_upstreams]);
+		q->n_upstreams++;
+		if (!comma)
+			break;
+		v += len + 1;
+		n -= len + 1;
+		if (n == 0)
+			return err_set(err, "upstreams", "must be * or service names separated by commas");
+	}
+	if (q->n_upstreams == 0)
+		return err_set(err, "upstreams", "must be * or service names separated by commas");
+	return 0;
+}
+
 int api_parse_config_query(const char *query, struct api_config_query *out,
                            struct meshlet_err *err)
 {
-	bool seen_after = false, seen_wait = false;
+	bool seen_after = false, seen_wait = false, seen_upstreams = false;
 	const char *p = query;
 
-	out->after = 0;
+	memset(out, 0, sizeof(*out));
 	out->wait = API_WAIT_DEFAULT;
 	while (p && *p) {
 		size_t n = strcspn(p, "&");
@@ -316,6 +350,10 @@ int api_parse_config_query(const char *query, struct api_config_query *out,
 				return err_set(err, "wait", "must be 0..%d seconds", API_WAIT_MAX);
 			out->wait = (int)v;
 			seen_wait = true;
+		} else if (eq - p == 9 && memcmp(p, "upstreams", 9) == 0 && !seen_upstreams) {
+			if (parse_upstreams(eq + 1, n - 10, out, err) < 0)
+				return -EINVAL;
+			seen_upstreams = true;
 		} else {
 			return err_set(err, "query", "unknown or repeated parameter '%.*s'",
 			               (int)((eq - p) > 64 ? 64 : (eq - p)), p);
@@ -325,6 +363,17 @@ int api_parse_config_query(const char *query, struct api_config_query *out,
 			p++;
 	}
 	return 0;
+}
+
+bool api_config_query_wants(const struct api_config_query *q, const char *svc)
+{
+	if (q->upstreams_all)
+		return true;
+	for (size_t i = 0; i < q->n_upstreams; i++) {
+		if (strcmp(q->upstreams[i], svc) == 0)
+			return true;
+	}
+	return false;
 }
 
 /* ---- bodies ---- */
@@ -439,41 +488,90 @@ int api_parse_check_req(const json_t *body, struct api_check_req *out, struct me
 	return 0;
 }
 
-bool api_valid_address(const char *s)
+int api_addr_parse(const char *s, bool allow_port0, struct api_addr *out)
 {
 	char host[INET6_ADDRSTRLEN + 2];
-	unsigned char buf[sizeof(struct in6_addr)];
 	const char *colon;
 	int64_t port;
 	size_t n;
 
+	memset(out, 0, sizeof(*out));
 	if (!s)
-		return false;
+		return -EINVAL;
 	if (s[0] == '[') {
 		const char *end = strchr(s, ']');
 		if (!end || end[1] != ':')
-			return false;
+			return -EINVAL;
 		n = (size_t)(end - s - 1);
 		if (n == 0 || n >= sizeof(host))
-			return false;
+			return -EINVAL;
 		memcpy(host, s + 1, n);
 		host[n] = '\0';
-		if (inet_pton(AF_INET6, host, buf) != 1)
-			return false;
+		if (inet_pton(AF_INET6, host, out->ip) != 1)
+			return -EINVAL;
+		out->family = AF_INET6;
 		colon = end + 1;
+		/* ::ffff:a.b.c.d is the IPv4 host a.b.c.d (a dual-stack socket's view). */
+		if (memcmp(out->ip, "\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0) {
+			memmove(out->ip, out->ip + 12, 4);
+			memset(out->ip + 4, 0, 12);
+			out->family = AF_INET;
+		}
 	} else {
 		colon = strrchr(s, ':');
 		if (!colon)
-			return false;
+			return -EINVAL;
 		n = (size_t)(colon - s);
 		if (n == 0 || n >= sizeof(host))
-			return false;
+			return -EINVAL;
 		memcpy(host, s, n);
 		host[n] = '\0';
-		if (inet_pton(AF_INET, host, buf) != 1)
-			return false;
+		if (inet_pton(AF_INET, host, out->ip) != 1)
+			return -EINVAL;
+		out->family = AF_INET;
 	}
-	return parse_uint(colon + 1, strlen(colon + 1), 65535, &port) == 0 && port > 0;
+	if (parse_uint(colon + 1, strlen(colon + 1), 65535, &port) < 0 || (port == 0 && !allow_port0))
+		return -EINVAL;
+	out->port = (uint16_t)port;
+	return 0;
+}
+
+void api_addr_format(const struct api_addr *a, char *out, size_t len)
+{
+	char host[INET6_ADDRSTRLEN];
+
+	if (!inet_ntop(a->family, a->ip, host, sizeof(host)))
+		snprintf(host, sizeof(host), "?");
+	snprintf(out, len, a->family == AF_INET6 ? "[%s]:%u" : "%s:%u", host, (unsigned)a->port);
+}
+
+bool api_addr_same_ip(const struct api_addr *a, const struct api_addr *b)
+{
+	return a->family == b->family &&
+	       memcmp(a->ip, b->ip, a->family == AF_INET ? 4 : 16) == 0;
+}
+
+bool api_valid_address(const char *s)
+{
+	struct api_addr a;
+
+	return api_addr_parse(s, false, &a) == 0;
+}
+
+/* The address at key in body, required, canonicalised into canon. */
+static int get_address(const json_t *body, const char *key, const char **out, char *canon,
+                       struct meshlet_err *err)
+{
+	struct api_addr a;
+	const char *s = NULL;
+
+	if (json_get_str(body, "", key, true, &s, err) < 0)
+		return -EINVAL;
+	if (api_addr_parse(s, false, &a) < 0)
+		return err_set(err, key, "must be ip:port (IPv4, or [IPv6]:port), port 1..65535");
+	api_addr_format(&a, canon, API_ADDRESS_MAX);
+	*out = canon;
+	return 0;
 }
 
 int api_parse_endpoint_req(const json_t *body, struct api_endpoint_req *out,
@@ -486,11 +584,9 @@ int api_parse_endpoint_req(const json_t *body, struct api_endpoint_req *out,
 
 	memset(out, 0, sizeof(*out));
 	if (check_fields(body, allowed, err) < 0 ||
-	    json_get_str(body, "", "address", true, &out->address, err) < 0 ||
+	    get_address(body, "address", &out->address, out->canon, err) < 0 ||
 	    json_get_array(body, "", "ports", false, &ports, err) < 0)
 		return -EINVAL;
-	if (!api_valid_address(out->address))
-		return err_set(err, "address", "must be ip:port (IPv4, or [IPv6]:port), port 1..65535");
 	if (ports && json_array_size(ports) > API_ENDPOINT_PORTS_MAX)
 		return err_set(err, "ports", "at most %d ports", API_ENDPOINT_PORTS_MAX);
 	json_array_foreach(ports, i, v) {
@@ -501,6 +597,18 @@ int api_parse_endpoint_req(const json_t *body, struct api_endpoint_req *out,
 			return -EINVAL;
 		out->ports[out->n_ports++] = (uint16_t)p;
 	}
+	return 0;
+}
+
+int api_parse_assign_req(const json_t *body, struct api_assign_req *out, struct meshlet_err *err)
+{
+	static const char *const allowed[] = {"service", "address", NULL};
+
+	memset(out, 0, sizeof(*out));
+	if (check_fields(body, allowed, err) < 0 ||
+	    get_service(body, "service", true, &out->service, err) < 0 ||
+	    get_address(body, "address", &out->address, out->canon, err) < 0)
+		return -EINVAL;
 	return 0;
 }
 

@@ -1395,10 +1395,10 @@ static int original_destination(int fd, struct sockaddr_storage *dst, socklen_t 
 }
 
 /*
- * Transparent: the original destination names a service through control's
- * registry (the instance's IP); we then connect to its inbound listener and
- * expect its SPIFFE ID. Anything else is outside the mesh: refused, or
- * relayed as plain TCP when the config says passthrough.
+ * Transparent: the original destination (IP and port) names a service
+ * through control's registry; we then connect to that instance's inbound
+ * listener and expect its SPIFFE ID. Anything else is outside the mesh:
+ * refused, or relayed as plain TCP when the config says passthrough.
  */
 static void transparent_start(struct conn *c, int fd)
 {
@@ -1406,6 +1406,7 @@ static void transparent_start(struct conn *c, int fd)
 	const struct config_addr *inbound = NULL;
 	struct sockaddr_storage dst;
 	socklen_t len;
+	bool ambiguous = false;
 	int rc = original_destination(fd, &dst, &len);
 
 	if (rc < 0) {
@@ -1419,7 +1420,7 @@ static void transparent_start(struct conn *c, int fd)
 		conn_close(c, CR_INTERNAL, 0);
 		return;
 	}
-	svc = snapshot_lookup_ip(c->snap, &dst, &inbound);
+	svc = snapshot_lookup_dest(c->snap, &dst, &inbound, &ambiguous);
 	if (svc) {
 		c->tdest->addr = *inbound;
 		identity_format(c->tdest->expect_id, sizeof(c->tdest->expect_id),
@@ -1428,6 +1429,14 @@ static void transparent_start(struct conn *c, int fd)
 		memcpy(&c->tdest->addr.ss, &dst, len);
 		c->tdest->addr.len = len;
 		addr_text(&dst, c->tdest->addr.text, sizeof(c->tdest->addr.text));
+		/* Claimed by two services: a mesh destination we cannot name, so
+		 * never sent in plaintext either. */
+		if (ambiguous) {
+			log_warn("conn %llu: registry entries of several services hold %s: refused",
+			         (unsigned long long)c->id, c->tdest->addr.text);
+			conn_close(c, CR_OUTSIDE_MESH, 0);
+			return;
+		}
 		if (!conn_cfg(c)->outside_mesh_passthrough) {
 			log_info("conn %llu: %s is outside the mesh: refused", (unsigned long long)c->id,
 			         c->tdest->addr.text);

@@ -913,6 +913,14 @@ static int register_inbound(struct ctlclient *c)
 		rc = call(c, h, "registering the inbound address", "POST", path, body,
 		          CTL_CALL_TIMEOUT_MS, &r);
 		json_decref(body);
+		/* A refusal of this address (not ours, another service's, over a
+		 * cap) will not change by retrying: say so, and keep polling the
+		 * config (policy, certificates) instead of looping here. */
+		if (rc >= 400 && rc < 500 && rc != 401) {
+			log_warn("%s: %s is not registered: callers using control's registry do not "
+			         "find it here", c->why, in->advertise.text);
+			continue;
+		}
 		if (rc != 0)
 			return -1;
 		httpc_response_clear(&r);
@@ -923,9 +931,11 @@ static int register_inbound(struct ctlclient *c)
 	return 0;
 }
 
-/* The part of control's {service: [addr]} our outbound listeners take
+/* The part of control's {service: [endpoint]} our outbound listeners take
  * their endpoints from (those without endpoints in the file); all of it in
- * transparent mode, which maps any original destination through the registry. */
+ * transparent mode, which maps any original destination through the
+ * registry. (Control sends no more than upstreams_param() asks for; this
+ * also trims a cache written before.) */
 static json_t *relevant_endpoints(const struct config *cfg, const json_t *all)
 {
 	json_t *out = json_object();
@@ -947,7 +957,44 @@ static json_t *relevant_endpoints(const struct config *cfg, const json_t *all)
 	return out;
 }
 
-/* The registry for snapshot_source from {service: [addr]}; counts addresses. */
+/* One endpoint from control: {"address", "ports"} (or, in a cache written
+ * by an older version, the bare "ip:port"). 0, or -1 with *why set. */
+static int parse_endpoint(const json_t *v, struct config_addr *addr,
+                          struct snapshot_app_ports *ports, const char **why)
+{
+	const json_t *list = NULL, *p;
+	const char *text = json_string_value(v);
+	size_t i;
+
+	memset(ports, 0, sizeof(*ports));
+	if (json_is_object(v)) {
+		text = json_string_value(json_object_get(v, "address"));
+		list = json_object_get(v, "ports");
+		if (list && !json_is_array(list)) {
+			*why = "ports is not an array";
+			return -1;
+		}
+	}
+	if (!text) {
+		*why = "not an address";
+		return -1;
+	}
+	if (config_parse_addr(text, addr, why) < 0)
+		return -1;
+	json_array_foreach(list, i, p) {
+		json_int_t port = json_integer_value(p);
+
+		if (!json_is_integer(p) || port < 1 || port > 65535) {
+			*why = "an application port is not 1..65535";
+			return -1;
+		}
+		if (ports->n < SNAPSHOT_APP_PORTS_MAX)
+			ports->port[ports->n++] = (uint16_t)port;
+	}
+	return 0;
+}
+
+/* The registry for snapshot_source from {service: [endpoint]}; counts them. */
 static int build_registry(const json_t *eps, struct snapshot_source *src, size_t *count)
 {
 	const char *svc;
@@ -970,17 +1017,17 @@ static int build_registry(const json_t *eps, struct snapshot_source *src, size_t
 		e = &src->registry[src->n_registry++];
 		snprintf(e->service, sizeof(e->service), "%s", svc);
 		e->addrs = calloc(m, sizeof(*e->addrs));
-		if (!e->addrs)
+		e->app_ports = calloc(m, sizeof(*e->app_ports));
+		if (!e->addrs || !e->app_ports)
 			return -ENOMEM;
 		json_array_foreach(list, i, v) {
 			const char *why = NULL;
 
 			if (e->n_addrs >= m)
 				break;
-			if (!json_is_string(v) ||
-			    config_parse_addr(json_string_value(v), &e->addrs[e->n_addrs], &why) < 0) {
+			if (parse_endpoint(v, &e->addrs[e->n_addrs], &e->app_ports[e->n_addrs], &why) < 0) {
 				log_warn("ignoring endpoint %zu of %s from control: %s", i, svc,
-				         why ? why : "not a string");
+				         why ? why : "malformed");
 				continue;
 			}
 			e->n_addrs++;
@@ -1114,11 +1161,41 @@ static int apply_config(struct ctlclient *c, const json_t *doc)
 	return 0;
 }
 
+/*
+ * "&upstreams=..." for the config poll: the services whose endpoints we
+ * take from control, "*" in transparent mode (any destination may be one),
+ * nothing when there are none. Control answers no more than that.
+ */
+static void upstreams_param(const struct config *cfg, char *out, size_t len)
+{
+	size_t n = 0, used;
+
+	out[0] = '\0';
+	if (cfg->has_transparent) {
+		snprintf(out, len, "&upstreams=*");
+		return;
+	}
+	for (size_t i = 0; i < cfg->n_outbound; i++) {
+		const char *svc = cfg->outbound[i].service;
+		bool dup = false;
+
+		if (cfg->outbound[i].n_endpoints > 0)
+			continue;
+		for (size_t j = 0; j < i && !dup; j++)
+			dup = cfg->outbound[j].n_endpoints == 0 && strcmp(cfg->outbound[j].service, svc) == 0;
+		if (dup)
+			continue;
+		used = strlen(out);
+		snprintf(out + used, len - used, "%s%s", n++ ? "," : "&upstreams=", svc);
+	}
+}
+
 static int poll_config(struct ctlclient *c)
 {
 	struct httpc_response r;
 	struct httpc *h = mtls(c);
-	char path[160];
+	/* 64 listeners of 63-character names, and the rest. */
+	char path[CONFIG_MAX_LISTENERS * (SERVICE_NAME_MAX + 1) + 256], ups[sizeof(path) - 200];
 	long long wait = CTL_POLL_WAIT_S, until_renewal = (long long)(c->renew_at - time(NULL));
 	int rc;
 
@@ -1129,8 +1206,9 @@ static int poll_config(struct ctlclient *c)
 	/* A quick answer first: it shows control is reachable (status, gauge). */
 	if (!c->installed || c->reconnecting)
 		wait = 0;
-	snprintf(path, sizeof(path), "/v1/services/%s/config?after=%lld&wait=%lld", c->cfg->service,
-	         (long long)(c->installed ? c->st.version : 0), wait);
+	upstreams_param(c->cfg, ups, sizeof(ups));
+	snprintf(path, sizeof(path), "/v1/services/%s/config?after=%lld&wait=%lld%s", c->cfg->service,
+	         (long long)(c->installed ? c->st.version : 0), wait, ups);
 	if (call(c, h, "watching the config", "GET", path, NULL,
 	         (int)(wait * 1000 + CTL_CALL_TIMEOUT_MS), &r) != 0)
 		return -1;

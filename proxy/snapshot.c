@@ -36,8 +36,10 @@ void snapshot_source_free(struct snapshot_source *src)
 {
 	tls_material_free(src->tls);
 	policy_free(src->policy);
-	for (size_t i = 0; i < src->n_registry; i++)
+	for (size_t i = 0; i < src->n_registry; i++) {
 		free(src->registry[i].addrs);
+		free(src->registry[i].app_ports);
+	}
 	free(src->registry);
 	memset(src, 0, sizeof(*src));
 }
@@ -270,8 +272,10 @@ void snapshot_unref(struct snapshot *s)
 	policy_free(s->policy);
 	free(s->rule_counters);
 	free(s->policy_headers);
-	for (size_t i = 0; i < s->n_registry; i++)
+	for (size_t i = 0; i < s->n_registry; i++) {
 		free(s->registry[i].addrs);
+		free(s->registry[i].app_ports);
+	}
 	free(s->registry);
 	config_free(s->cfg);
 	free(s);
@@ -314,24 +318,77 @@ static bool same_ip(const struct sockaddr_storage *a, const struct sockaddr_stor
 	return false;
 }
 
-static const struct config_addr *find_ip(const struct config_addr *addrs, size_t n,
-                                         const struct sockaddr_storage *dst)
+static uint16_t port_of(const struct sockaddr_storage *a)
 {
-	for (size_t i = 0; i < n; i++)
-		if (same_ip(&addrs[i].ss, dst))
-			return &addrs[i];
-	return NULL;
+	if (a->ss_family == AF_INET)
+		return ntohs(((const struct sockaddr_in *)a)->sin_port);
+	if (a->ss_family == AF_INET6)
+		return ntohs(((const struct sockaddr_in6 *)a)->sin6_port);
+	return 0;
 }
 
-const char *snapshot_lookup_ip(const struct snapshot *s, const struct sockaddr_storage *dst,
-                               const struct config_addr **inbound)
+/* The registry entry (e, i) holds dst: same IP, and dst's port is the
+ * inbound address's or one of the application ports behind it. */
+static bool entry_holds(const struct snapshot_endpoints *e, size_t i,
+                        const struct sockaddr_storage *dst)
 {
-	for (size_t i = 0; i < s->n_registry; i++)
-		if ((*inbound = find_ip(s->registry[i].addrs, s->registry[i].n_addrs, dst)))
-			return s->registry[i].service;
-	for (size_t i = 0; i < s->cfg->n_outbound; i++)
-		if ((*inbound = find_ip(s->outbound[i].endpoints, s->outbound[i].n_endpoints, dst)))
-			return s->cfg->outbound[i].service;
+	uint16_t port = port_of(dst);
+
+	if (!same_ip(&e->addrs[i].ss, dst))
+		return false;
+	if (port == port_of(&e->addrs[i].ss))
+		return true;
+	for (size_t k = 0; e->app_ports && k < e->app_ports[i].n; k++) {
+		if (e->app_ports[i].port[k] == port)
+			return true;
+	}
+	return false;
+}
+
+/* Adds a match of service svc at addr: false when it contradicts an
+ * earlier match of another service. */
+static bool match(const char **svc, const struct config_addr **inbound, const char *service,
+                  const struct config_addr *addr)
+{
+	if (*svc && strcmp(*svc, service) != 0)
+		return false;
+	if (!*svc) {
+		*svc = service;
+		*inbound = addr;
+	}
+	return true;
+}
+
+const char *snapshot_lookup_dest(const struct snapshot *s, const struct sockaddr_storage *dst,
+                                 const struct config_addr **inbound, bool *ambiguous)
+{
+	const char *svc = NULL;
+
+	*ambiguous = false;
+	*inbound = NULL;
+	for (size_t i = 0; i < s->n_registry; i++) {
+		const struct snapshot_endpoints *e = &s->registry[i];
+
+		for (size_t j = 0; j < e->n_addrs; j++) {
+			if (entry_holds(e, j, dst) && !match(&svc, inbound, e->service, &e->addrs[j]))
+				goto ambiguous;
+		}
+	}
+	for (size_t i = 0; i < s->cfg->n_outbound; i++) {
+		const struct config_outbound *co = &s->cfg->outbound[i];
+
+		for (size_t j = 0; j < co->n_endpoints; j++) {
+			const struct config_addr *a = &co->endpoints[j];
+
+			if (same_ip(&a->ss, dst) && port_of(&a->ss) == port_of(dst) &&
+			    !match(&svc, inbound, co->service, a))
+				goto ambiguous;
+		}
+	}
+	return svc;
+ambiguous:
+	*ambiguous = true;
+	*inbound = NULL;
 	return NULL;
 }
 

@@ -44,10 +44,20 @@ struct snapshot_source {
 	size_t n_registry;
 };
 
+/* The application ports behind one registered inbound address. */
+#define SNAPSHOT_APP_PORTS_MAX 64
+struct snapshot_app_ports {
+	uint16_t n;
+	uint16_t port[SNAPSHOT_APP_PORTS_MAX];
+};
+
 struct snapshot_endpoints {
 	char service[SERVICE_NAME_MAX + 1];
 	struct config_addr *addrs;
 	size_t n_addrs;
+	/* app_ports[i]: the application ports addrs[i]'s inbound listener
+	 * forwards to, as registered with control (n_addrs of them). */
+	struct snapshot_app_ports *app_ports;
 };
 
 struct snapshot {
@@ -115,13 +125,17 @@ SSL_SESSION *snapshot_session(const struct snapshot *s, size_t listener, size_t 
 void snapshot_adopt_sessions(struct snapshot *s, struct snapshot *from, int worker);
 
 /*
- * Transparent mode: the service with an instance at dst's IP (one service
- * per instance address), from control's registry or, failing that, the
- * outbound listeners' static endpoints; that instance's inbound address in
- * *inbound. Returns the service name, or NULL when dst is outside the mesh.
+ * Transparent mode: the service at dst, IP and port. A registry entry
+ * holds dst when dst's IP is its address's and dst's port is the
+ * address's port or one of its application ports; an outbound listener's
+ * static endpoint when it is dst exactly. The instance's inbound address
+ * goes to *inbound. Returns the service name, or NULL when dst is outside
+ * the mesh: nothing holds it, or entries of two services do (*ambiguous
+ * set: never a guess between services; the caller refuses it even where
+ * outside destinations are passed through).
  */
-const char *snapshot_lookup_ip(const struct snapshot *s, const struct sockaddr_storage *dst,
-                               const struct config_addr **inbound);
+const char *snapshot_lookup_dest(const struct snapshot *s, const struct sockaddr_storage *dst,
+                                 const struct config_addr **inbound, bool *ambiguous);
 
 /* Counter for a decision (rule NULL: the default). */
 struct metrics_decision *snapshot_decision_counter(const struct snapshot *s,

@@ -48,6 +48,11 @@
 #define API_CHECK_HEADERS_MAX 64
 #define API_WAIT_DEFAULT 30
 #define API_WAIT_MAX 300
+/* Services a config long poll may name in upstreams= (one per outbound
+ * listener at most: CONFIG_MAX_LISTENERS). */
+#define API_UPSTREAMS_MAX 64
+/* "[v6]:port" and a NUL fit. */
+#define API_ADDRESS_MAX 64
 
 /* The parts of a join token, as parsed by api_token_parse(). */
 struct api_join_token {
@@ -75,7 +80,8 @@ int api_fail_code(struct api_error *ae, int status, const char *code, const char
 /* The error code of DESIGN.md's error shape for an HTTP status:
  * 400 "bad_request", 401 "unauthorized", 403 "forbidden", 404 "not_found",
  * 405 "method_not_allowed", 409 "conflict", 412 "precondition_failed",
- * 413 "payload_too_large", 503 "unavailable", else "internal". */
+ * 413 "payload_too_large", 429 "too_many_requests", 503 "unavailable",
+ * else "internal". */
 const char *api_status_code(int status);
 
 /* {"error": {"code", "message", "path"}} for ae (its code, else the
@@ -118,11 +124,19 @@ void api_sha256_hex(const char *s, size_t len, char *out);
  */
 int api_parse_if_match(const char *value, int64_t *version, struct meshlet_err *err);
 
-/* GET /v1/services/{svc}/config?after=V&wait=S. Missing: after 0, wait
- * API_WAIT_DEFAULT. Unknown or repeated parameters are refused. */
+/*
+ * GET /v1/services/{svc}/config?after=V&wait=S&upstreams=LIST. Missing:
+ * after 0, wait API_WAIT_DEFAULT, upstreams none (the answer carries no
+ * endpoints). LIST is "*" (every service's endpoints: transparent mode) or
+ * up to API_UPSTREAMS_MAX service names separated by commas. Unknown or
+ * repeated parameters are refused.
+ */
 struct api_config_query {
 	int64_t after;
 	int wait;          /* seconds, 0..API_WAIT_MAX */
+	bool upstreams_all;
+	size_t n_upstreams;
+	char upstreams[API_UPSTREAMS_MAX][64];
 };
 int api_parse_config_query(const char *query, struct api_config_query *out,
                            struct meshlet_err *err);
@@ -156,14 +170,48 @@ struct api_check_req {
 };
 int api_parse_check_req(const json_t *body, struct api_check_req *out, struct meshlet_err *err);
 
-/* POST /v1/services/{svc}/endpoints {"address": "ip:port", "ports"?: [..]} */
+/* True when the config query asked for svc's endpoints. */
+bool api_config_query_wants(const struct api_config_query *q, const char *svc);
+
+/* An IP address and port, IPv4-mapped IPv6 addresses folded to IPv4. */
+struct api_addr {
+	int family;                /* AF_INET or AF_INET6 */
+	unsigned char ip[16];      /* 4 or 16 bytes used */
+	uint16_t port;
+};
+
+/*
+ * Parses "a.b.c.d:port" or "[ipv6]:port" (port 1..65535, or 0..65535
+ * with allow_port0, for a peer's address). Returns 0 and *out, or -EINVAL.
+ */
+int api_addr_parse(const char *s, bool allow_port0, struct api_addr *out);
+
+/* The canonical text of a (inet_ntop, "[v6]:port") into out
+ * (API_ADDRESS_MAX bytes). */
+void api_addr_format(const struct api_addr *a, char *out, size_t len);
+
+/* True when a and b have the same IP (ports ignored). */
+bool api_addr_same_ip(const struct api_addr *a, const struct api_addr *b);
+
+/* POST /v1/services/{svc}/endpoints {"address": "ip:port", "ports"?: [..]}:
+ * address is canonicalised (api_addr_format) into canon. */
 struct api_endpoint_req {
-	const char *address;       /* canonical form: a.b.c.d:p or [v6]:p */
+	const char *address;       /* canonical form: a.b.c.d:p or [v6]:p (points to canon) */
+	char canon[API_ADDRESS_MAX];
 	uint16_t ports[API_ENDPOINT_PORTS_MAX];
 	size_t n_ports;
 };
 int api_parse_endpoint_req(const json_t *body, struct api_endpoint_req *out,
                            struct meshlet_err *err);
+
+/* POST /v1/endpoints/assign and /v1/endpoints/unassign
+ * {"service", "address"}: address canonicalised into canon. */
+struct api_assign_req {
+	const char *service;
+	const char *address;       /* points to canon */
+	char canon[API_ADDRESS_MAX];
+};
+int api_parse_assign_req(const json_t *body, struct api_assign_req *out, struct meshlet_err *err);
 
 /* True when s is "a.b.c.d:port" or "[ipv6]:port" with a port of 1..65535. */
 bool api_valid_address(const char *s);

@@ -176,6 +176,50 @@ static void test_config_query(void **state)
 	assert_int_equal(api_parse_config_query("after=", &q, &e), -EINVAL);
 }
 
+static void test_config_query_upstreams(void **state)
+{
+	struct api_config_query q;
+	struct meshlet_err e = {0};
+	char many[65 * 8 + 32];
+	size_t n = 0;
+
+	assert_int_equal(api_parse_config_query("after=1", &q, &e), 0);
+	assert_false(q.upstreams_all);
+	assert_int_equal(q.n_upstreams, 0);
+	assert_false(api_config_query_wants(&q, "orders"));
+
+	assert_int_equal(api_parse_config_query("after=1&upstreams=*&wait=0", &q, &e), 0);
+	assert_true(q.upstreams_all);
+	assert_true(api_config_query_wants(&q, "anything"));
+
+	assert_int_equal(api_parse_config_query("upstreams=orders,pay-ments", &q, &e), 0);
+	assert_int_equal(q.n_upstreams, 2);
+	assert_true(api_config_query_wants(&q, "orders"));
+	assert_true(api_config_query_wants(&q, "pay-ments"));
+	assert_false(api_config_query_wants(&q, "order"));
+	assert_false(api_config_query_wants(&q, "reports"));
+
+	static const char *const bad[] = {
+		"upstreams=", "upstreams=Orders", "upstreams=orders,", "upstreams=,orders",
+		"upstreams=orders,,x", "upstreams=orders,*", "upstreams=*,orders",
+		"upstreams=a&upstreams=b", "upstreams=orders%2Cx",
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		memset(&e, 0, sizeof(e));
+		assert_int_equal(api_parse_config_query(bad[i], &q, &e), -EINVAL);
+		assert_true(strcmp(e.path, "upstreams") == 0 || strcmp(e.path, "query") == 0);
+	}
+	/* 64 names fit, 65 do not */
+	n = (size_t)snprintf(many, sizeof(many), "upstreams=s0");
+	for (int i = 1; i < 64; i++)
+		n += (size_t)snprintf(many + n, sizeof(many) - n, ",s%d", i);
+	assert_int_equal(api_parse_config_query(many, &q, &e), 0);
+	assert_int_equal(q.n_upstreams, 64);
+	snprintf(many + n, sizeof(many) - n, ",s64");
+	assert_int_equal(api_parse_config_query(many, &q, &e), -EINVAL);
+	assert_string_equal(e.path, "upstreams");
+}
+
 static void test_token_req(void **state)
 {
 	struct api_token_req r;
@@ -323,6 +367,71 @@ static void test_address(void **state)
 	assert_false(api_valid_address(NULL));
 }
 
+static void test_addr_parse_and_format(void **state)
+{
+	struct api_addr a, b;
+	char text[API_ADDRESS_MAX];
+
+	assert_int_equal(api_addr_parse("10.0.0.2:15006", false, &a), 0);
+	assert_int_equal(a.port, 15006);
+	api_addr_format(&a, text, sizeof(text));
+	assert_string_equal(text, "10.0.0.2:15006");
+	/* one IPv6 address, several spellings: one canonical form */
+	assert_int_equal(api_addr_parse("[fd00:0::0:7]:80", false, &a), 0);
+	api_addr_format(&a, text, sizeof(text));
+	assert_string_equal(text, "[fd00::7]:80");
+	assert_int_equal(api_addr_parse("[FD00::7]:81", false, &b), 0);
+	assert_true(api_addr_same_ip(&a, &b));
+	/* a dual-stack socket's view of an IPv4 peer is that IPv4 address */
+	assert_int_equal(api_addr_parse("[::ffff:10.0.0.2]:4000", false, &b), 0);
+	api_addr_format(&b, text, sizeof(text));
+	assert_string_equal(text, "10.0.0.2:4000");
+	assert_int_equal(api_addr_parse("10.0.0.2:1", false, &a), 0);
+	assert_true(api_addr_same_ip(&a, &b));
+	assert_int_equal(api_addr_parse("10.0.0.3:1", false, &a), 0);
+	assert_false(api_addr_same_ip(&a, &b));
+	assert_int_equal(api_addr_parse("[::1]:1", false, &a), 0);
+	assert_int_equal(api_addr_parse("127.0.0.1:1", false, &b), 0);
+	assert_false(api_addr_same_ip(&a, &b));
+	/* port 0 only where asked for */
+	assert_int_equal(api_addr_parse("10.0.0.2:0", false, &a), -EINVAL);
+	assert_int_equal(api_addr_parse("10.0.0.2:0", true, &a), 0);
+	assert_int_equal(api_addr_parse("010.0.0.2:1", false, &a), -EINVAL);
+	assert_int_equal(api_addr_parse("10.0.0.2", false, &a), -EINVAL);
+	assert_int_equal(api_addr_parse(NULL, false, &a), -EINVAL);
+}
+
+static void test_assign_req(void **state)
+{
+	struct api_assign_req r;
+	struct meshlet_err e = {0};
+	json_t *b;
+
+	b = parse("{\"service\": \"orders\", \"address\": \"[fd00:0::7]:15006\"}");
+	assert_int_equal(api_parse_assign_req(b, &r, &e), 0);
+	assert_string_equal(r.service, "orders");
+	assert_string_equal(r.address, "[fd00::7]:15006");
+	json_decref(b);
+
+	b = parse("{\"service\": \"Orders\", \"address\": \"10.0.0.1:1\"}");
+	assert_int_equal(api_parse_assign_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "service");
+	json_decref(b);
+
+	b = parse("{\"service\": \"orders\", \"address\": \"10.0.0.1\"}");
+	assert_int_equal(api_parse_assign_req(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "address");
+	json_decref(b);
+
+	b = parse("{\"service\": \"orders\"}");
+	assert_int_equal(api_parse_assign_req(b, &r, &e), -EINVAL);
+	json_decref(b);
+
+	b = parse("{\"service\": \"orders\", \"address\": \"10.0.0.1:1\", \"x\": 1}");
+	assert_int_equal(api_parse_assign_req(b, &r, &e), -EINVAL);
+	json_decref(b);
+}
+
 static void test_endpoint_req(void **state)
 {
 	struct api_endpoint_req r;
@@ -333,6 +442,12 @@ static void test_endpoint_req(void **state)
 	assert_int_equal(api_parse_endpoint_req(b, &r, &e), 0);
 	assert_int_equal(r.n_ports, 2);
 	assert_int_equal(r.ports[1], 9090);
+	json_decref(b);
+
+	/* the address is canonicalised (it is the registry's key) */
+	b = parse("{\"address\": \"[fd00:0:0::2]:15006\"}");
+	assert_int_equal(api_parse_endpoint_req(b, &r, &e), 0);
+	assert_string_equal(r.address, "[fd00::2]:15006");
 	json_decref(b);
 
 	b = parse("{\"address\": \"10.0.0.2:15006\", \"ports\": [8080, 0]}");
@@ -429,6 +544,7 @@ static void test_error_body(void **state)
 	assert_string_equal(api_status_code(404), "not_found");
 	assert_string_equal(api_status_code(409), "conflict");
 	assert_string_equal(api_status_code(413), "payload_too_large");
+	assert_string_equal(api_status_code(429), "too_many_requests");
 	assert_string_equal(api_status_code(500), "internal");
 }
 
@@ -441,6 +557,9 @@ int main(void)
 		cmocka_unit_test(test_token_parse_refusals),
 		cmocka_unit_test(test_if_match),
 		cmocka_unit_test(test_config_query),
+		cmocka_unit_test(test_config_query_upstreams),
+		cmocka_unit_test(test_addr_parse_and_format),
+		cmocka_unit_test(test_assign_req),
 		cmocka_unit_test(test_token_req),
 		cmocka_unit_test(test_svid_req),
 		cmocka_unit_test(test_check_req),
