@@ -282,8 +282,10 @@ def test_meshed_call_over_ipv6_end_to_end(v6, side):
     (ip6tables -> [::1]:15001), maps the destination to orders, and opens
     mutual TLS to orders' sidecar over IPv6 ([::]:15006), whose policy
     allows it. Sidecars register one IPv4 address with control, so the
-    IPv6 endpoint is given in frontend's config here."""
-    url = f"http://[{v6.ip6['orders']}]:8080/orders"
+    IPv6 endpoint is given in frontend's config here; a static endpoint
+    maps only its own ip:port (it says nothing of the app ports behind it),
+    so the app dials that address."""
+    url = f"http://[{v6.ip6['orders']}]:15006/orders"
     try:
         side.start(lambda c: c.update(outbound=[{
             "listen": "127.0.0.1:9001", "service": "orders", "protocol": "http",
