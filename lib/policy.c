@@ -638,12 +638,24 @@ static bool match_port(const struct policy_rule *r, uint16_t port)
 	return false;
 }
 
+/*
+ * CONNECT opens a tunnel whose bytes the proxy no longer reads: no later
+ * request in it is decided, no path is ever seen, and a forged
+ * x-forwarded-client-cert would reach the app untouched. So only a rule
+ * that names CONNECT in its methods can allow one, and a deny rule that
+ * names paths still refuses it (fail closed, as HTTP fields on a tcp port).
+ */
+static bool is_connect(const char *method)
+{
+	return method && strcmp(method, "CONNECT") == 0;
+}
+
 static bool match_method(const struct policy_rule *r, const char *method)
 {
 	size_t i;
 
 	if (r->n_methods == 0)
-		return true;
+		return r->action == POLICY_DENY || !is_connect(method);
 	if (!method)
 		return false;
 	for (i = 0; i < r->n_methods; i++) {
@@ -698,6 +710,9 @@ static bool rule_matches(const struct policy_rule *r, const struct policy_reques
 	}
 	if (!req->http)
 		return true;
+	if (is_connect(req->method) && r->n_paths > 0)
+		return r->action == POLICY_DENY && match_method(r, req->method) &&
+		       match_headers(r, req);
 	return match_method(r, req->method) && match_path(r, req->path) &&
 	       match_headers(r, req);
 }

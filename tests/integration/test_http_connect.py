@@ -11,7 +11,19 @@ import pytest
 from helpers import spiffe
 from http_helpers import HttpClient, frontend_ctx, http_mesh
 
+# A tunnel is allowed only by a rule naming CONNECT, and a deny rule naming
+# paths refuses it unless its methods leave CONNECT out.
 RULES = [
+    {"name": "no-admin", "action": "deny", "from": ["*"], "paths": ["/admin", "/admin/*"],
+     "methods": ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]},
+    {"name": "frontend-all", "action": "allow", "from": [spiffe("frontend")]},
+    {"name": "frontend-tunnel", "action": "allow", "from": [spiffe("frontend")],
+     "methods": ["CONNECT"]},
+]
+# The review's bypass: an allow rule without methods next to a path deny.
+# A tunnel here would carry `GET /admin/x` (and a forged
+# x-forwarded-client-cert) past both.
+BYPASS_RULES = [
     {"name": "no-admin", "action": "deny", "from": ["*"], "paths": ["/admin", "/admin/*"]},
     {"name": "frontend-all", "action": "allow", "from": [spiffe("frontend")]},
 ]
@@ -57,3 +69,19 @@ def test_connect_becomes_a_tunnel(mesh, pki, via):
         time.sleep(0.3)
         lines = [x for x in proxy.access_log() if x.get("conn") == e["conn"]]
         assert len(lines) == 1, f"{proxy.name} logged the tunnel {len(lines)} times: {lines}"
+
+
+@pytest.mark.parametrize("rules, rule", [
+    (BYPASS_RULES, "no-admin"),
+    (BYPASS_RULES[1:], "default"),
+])
+def test_connect_needs_a_rule_that_names_it(mesh, pki, rules, rule):
+    """An allow rule without methods does not open a tunnel, and a deny rule
+    naming paths refuses one: the proxy never sees what the tunnel carries."""
+    hm = http_mesh(mesh, rules, app_mode="upgrade", outbound=False)
+    with HttpClient(hm.in_port, frontend_ctx(pki), timeout=5) as c:
+        c.send(CONNECT)
+        r = c.read_response()
+        assert r is not None and r.status == 403, r
+        assert rule in r.body.decode(), r.body
+    assert hm.app.requests == []

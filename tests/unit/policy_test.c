@@ -444,6 +444,34 @@ static void test_eval_http_policy_on_tcp(void **state)
 	run_table(http_policy, http_policy_tcp_cases, ARRAY_LEN(http_policy_tcp_cases));
 }
 
+/* CONNECT opens a tunnel the proxy no longer reads: only a rule naming
+ * CONNECT allows it, and a deny rule naming paths refuses it (no path is
+ * seen, and the tunnel could reach any). */
+static const char connect_policy[] = R(
+	"{\"name\": \"frontend-all\", \"action\": \"allow\","
+	" \"from\": [\"spiffe://mesh.local/svc/frontend\"]},"
+	"{\"name\": \"ops-tunnel\", \"action\": \"allow\","
+	" \"from\": [\"spiffe://mesh.local/svc/ops\"], \"methods\": [\"CONNECT\"]},"
+	"{\"name\": \"no-admin\", \"action\": \"deny\","
+	" \"from\": [\"spiffe://mesh.local/svc/frontend\"], \"paths\": [\"/admin/*\"]},"
+	"{\"name\": \"no-delete\", \"action\": \"deny\", \"from\": [\"*\"],"
+	" \"methods\": [\"DELETE\"], \"paths\": [\"/x\"]}");
+
+static const struct eval_case connect_cases[] = {
+	{FRONTEND, 8080, true, "GET", "/x", NOHDR, POLICY_ALLOW, "frontend-all"},
+	{FRONTEND, 8080, true, "GET", "/admin/x", NOHDR, POLICY_DENY, "no-admin"},
+	{FRONTEND, 8080, true, "CONNECT", NULL, NOHDR, POLICY_DENY, "no-admin"},
+	{FRONTEND, 8080, true, "CONNECT", "/", NOHDR, POLICY_DENY, "no-admin"},
+	{OPS, 8080, true, "CONNECT", NULL, NOHDR, POLICY_ALLOW, "ops-tunnel"},
+	{OPS, 8080, true, "GET", "/x", NOHDR, POLICY_DENY, "default"},
+	{API, 8080, true, "CONNECT", NULL, NOHDR, POLICY_DENY, "default"},
+};
+
+static void test_eval_connect(void **state)
+{
+	run_table(connect_policy, connect_cases, ARRAY_LEN(connect_cases));
+}
+
 static const char tcp_policy[] =
 	"{\"service\": \"db\", \"default\": \"allow\", \"rules\": ["
 	"{\"name\": \"legacy-get\", \"action\": \"allow\","
@@ -563,6 +591,7 @@ int main(void)
 		cmocka_unit_test(test_load),
 		cmocka_unit_test(test_eval_http),
 		cmocka_unit_test(test_eval_http_policy_on_tcp),
+		cmocka_unit_test(test_eval_connect),
 		cmocka_unit_test(test_eval_tcp),
 		cmocka_unit_test(test_eval_default_deny),
 		cmocka_unit_test(test_eval_defaults),
