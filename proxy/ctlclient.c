@@ -917,7 +917,7 @@ static int register_inbound(struct ctlclient *c)
 		 * cap) will not change by retrying: say so, and keep polling the
 		 * config (policy, certificates) instead of looping here. */
 		if (rc >= 400 && rc < 500 && rc != 401) {
-			log_warn("%s: %s is not registered: callers using control's registry do not "
+			log_error("%s: %s is not registered: callers using control's registry do not "
 			         "find it here", c->why, in->advertise.text);
 			continue;
 		}
