@@ -918,7 +918,7 @@ static int register_inbound(struct ctlclient *c)
 		 * config (policy, certificates) instead of looping here. */
 		if (rc >= 400 && rc < 500 && rc != 401) {
 			log_error("%s: %s is not registered: callers using control's registry do not "
-			         "find it here", c->why, in->advertise.text);
+			          "find it here", c->why, in->advertise.text);
 			continue;
 		}
 		if (rc != 0)
