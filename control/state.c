@@ -1191,11 +1191,43 @@ static void migrate_endpoints(struct control_state *st, struct batch *b, const c
 	store_entries_free(e, n);
 }
 
+/* The SHA-256 of pubkey's SubjectPublicKeyInfo (DER) in hex into out
+ * (API_SHA256_HEX_LEN bytes). Returns 0 or -ENOMEM. */
+static int key_sha256(EVP_PKEY *pubkey, char *out)
+{
+	unsigned char *der = NULL;
+	int len = i2d_PUBKEY(pubkey, &der);
+
+	if (len <= 0)
+		return -ENOMEM;
+	api_sha256_hex((const char *)der, (size_t)len, out);
+	OPENSSL_free(der);
+	return 0;
+}
+
+/* Whether a child of the certificate *rec already has the key khash: the
+ * parent lists its children's keys (child_keys, at most
+ * CONTROL_RENEWALS_MAX, all unexpired while the parent is: a child is
+ * issued after it, for the same lifetime). */
+static bool child_has_key(const json_t *rec, const char *khash)
+{
+	const json_t *keys = json_object_get(rec, "child_keys"), *v;
+	size_t i;
+
+	json_array_foreach(keys, i, v)
+		if (json_is_string(v) && strcmp(json_string_value(v), khash) == 0)
+			return true;
+	return false;
+}
+
 /* The record of the certificate a renewal is made with (*rec, *rev): it
  * must exist, have renewals left, and descend from no revoked certificate
- * (another control instance on the store may not know the revocation yet). */
-static int renewal_check(struct control_state *st, const char *parent, json_t **rec,
-                         int64_t *rev, struct api_error *ae)
+ * (another control instance on the store may not know the revocation yet).
+ * *retry: a child of it already has the key khash, so this is a proxy
+ * retrying after a lost answer; it takes no renewal of the cap, which
+ * therefore bounds distinct keys (the lineage cap still counts it). */
+static int renewal_check(struct control_state *st, const char *parent, const char *khash,
+                         json_t **rec, int64_t *rev, bool *retry, struct api_error *ae)
 {
 	char key[STORE_KEY_MAX];
 	const char *up;
@@ -1209,11 +1241,12 @@ static int renewal_check(struct control_state *st, const char *parent, json_t **
 		                     "your SVID (serial %s); join again with a token", parent);
 	if (r)
 		return store_failed(st, ae, "read", r);
-	if (jint(*rec, "renewals") >= CONTROL_RENEWALS_MAX)
+	*retry = child_has_key(*rec, khash);
+	if (!*retry && jint(*rec, "renewals") >= CONTROL_RENEWALS_MAX)
 		return api_fail_code(ae, 403, "renewal_limit", "", "your SVID (serial %s) was "
-		                     "already renewed %d times, the most one certificate may be; renew "
-		                     "with the SVID it gave you, or join again with a token", parent,
-		                     CONTROL_RENEWALS_MAX);
+		                     "already renewed with %d keys, the most one certificate may be; "
+		                     "renew with the SVID it gave you, retry with the same key, or "
+		                     "join again with a token", parent, CONTROL_RENEWALS_MAX);
 	up = json_string_value(json_object_get(*rec, "parent"));
 	for (int depth = 0; up && depth < STATE_LINEAGE_DEPTH_MAX; depth++) {
 		char serial[CA_SERIAL_HEX_MAX];
@@ -1284,7 +1317,7 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 	const struct state_root *root = &st->roots[st->signing];
 	char key[STORE_KEY_MAX], hash[API_SHA256_HEX_LEN], serial[CA_SERIAL_HEX_MAX];
 	char id[SPIFFE_ID_MAX + 1], t[CA_TIME_LEN], pkey[STORE_KEY_MAX];
-	char origin[CA_SERIAL_HEX_MAX] = "";
+	char origin[CA_SERIAL_HEX_MAX] = "", khash[API_SHA256_HEX_LEN];
 	struct meshlet_err e = {0};
 	struct batch b = {0};
 	int64_t not_after = 0, now = now_s();
@@ -1298,9 +1331,12 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 		api_sha256_hex(token, strlen(token), hash);
 		key_of(key, sizeof(key), "tokens/", hash);
 	}
+	if (key_sha256(pubkey, khash) < 0)
+		return api_fail(ae, 500, "", "out of memory");
 	for (int attempt = 0; attempt < STATE_RETRIES; attempt++) {
 		json_t *tok = NULL, *prec = NULL;
 		int64_t trev = 0, prev = 0;
+		bool retry = false;
 
 		if (token) {
 			r = token_check(st, token, service, key, &tok, &trev, ae);
@@ -1313,7 +1349,7 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 		} else if (renew_serial) {
 			/* The renewal is counted in the same write that records the
 			 * child: concurrent renewals race on the parent's revision. */
-			r = renewal_check(st, renew_serial, &prec, &prev, ae);
+			r = renewal_check(st, renew_serial, khash, &prec, &prev, &retry, ae);
 			if (r) {
 				json_decref(prec);
 				return r;
@@ -1327,7 +1363,19 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 				json_decref(prec);
 				return r;
 			}
-			json_object_set_new(prec, "renewals", json_integer(jint(prec, "renewals") + 1));
+			if (!retry) {
+				json_t *keys = json_object_get(prec, "child_keys");
+
+				if (!json_is_array(keys)) {
+					keys = json_array();
+					json_object_set_new(prec, "child_keys", keys);
+				}
+				json_array_append_new(keys, json_string(khash));
+				json_object_set_new(prec, "renewals",
+				                    json_integer(jint(prec, "renewals") + 1));
+			}
+			/* A retry still writes the parent: its revision orders it
+			 * against a concurrent renewal with a new key. */
 			key_of(pkey, sizeof(pkey), "certs/", renew_serial);
 			batch_put(&b, pkey, prec, prev);
 		}
@@ -1344,14 +1392,15 @@ int state_svid_issue(struct control_state *st, const char *service, const char *
 		{
 			char ckey[STORE_KEY_MAX];
 			key_of(ckey, sizeof(ckey), "certs/", serial);
-			batch_put(&b, ckey, json_pack("{s:s, s:I, s:I, s:i, s:s, s:s?, s:i, s:s}",
+			batch_put(&b, ckey, json_pack("{s:s, s:I, s:I, s:i, s:s, s:s?, s:i, s:s, s:s}",
 			                              "service", service,
 			                              "not_after", (json_int_t)not_after,
 			                              "issued_at", (json_int_t)now, "root", root->id,
 			                              "via", token ? "token" : "svid",
 			                              "parent", token ? NULL : renew_serial,
 			                              "renewals", 0,
-			                              "origin", origin[0] ? origin : serial), 0);
+			                              "origin", origin[0] ? origin : serial,
+			                              "key_sha256", khash), 0);
 		}
 		if (renew_serial)
 			migrate_endpoints(st, &b, service, renew_serial, serial, not_after);

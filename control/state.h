@@ -61,9 +61,11 @@
 #define CONTROL_SVID_TTL_DEFAULT 3600
 #define CONTROL_SVID_TTL_MIN 60
 #define CONTROL_MAX_SANS 16
-/* Renewals one SVID may make (POST /v1/svid over mTLS with it): a proxy
- * that loses an answer retries with the same SVID; more is a loop minting
- * certificates, refused with 403 renewal_limit. */
+/* Renewals one SVID may make (POST /v1/svid over mTLS with it), counted
+ * by distinct public keys: a proxy that loses an answer retries with the
+ * same SVID and the same key, which is not counted again (the lineage cap
+ * still counts it); more keys is a loop minting certificates, refused with
+ * 403 renewal_limit. */
 #define CONTROL_RENEWALS_MAX 3
 /* Renewals per lineage (the SVIDs descending from one join) per SVID
  * lifetime: a proxy renews about twice per lifetime, plus certs rotate, a

@@ -100,6 +100,13 @@ struct ctlclient {
 	bool need_bundle;
 	bool need_renew;
 	int64_t pending_generation;     /* cert_generation that asked for need_renew */
+	/* The key (and CSR) of the renewal in progress, kept across retries until
+	 * one succeeds: control recognises a retry by its public key and does not
+	 * count it against the SVID's renewal cap (an answer lost to a timeout
+	 * would otherwise use one up). Memory only; never the live key. */
+	EVP_PKEY *renew_key;
+	json_t *renew_body;
+	char refusal[64];               /* error code of the last refused call, or "" */
 	int64_t bundle_asked;           /* bundle version a config answer made us fetch */
 	bool need_register;
 	bool reconnecting;              /* no call answered since start or the last failure */
@@ -442,6 +449,10 @@ static int call(struct ctlclient *c, struct httpc *h, const char *what, const ch
 		return rc;
 	}
 	if (r->status < 200 || r->status > 299) {
+		const char *code = json_string_value(json_object_get(
+			r->json ? json_object_get(r->json, "error") : NULL, "code"));
+
+		snprintf(c->refusal, sizeof(c->refusal), "%s", code ? code : "");
 		api_error_text(r, text, sizeof(text));
 		rc = r->status;
 		httpc_response_clear(r);
@@ -791,29 +802,49 @@ out:
 	return rc < 0 ? -1 : 0;
 }
 
+/* Says what a refused renewal leaves the operator to do: the caps do not
+ * lift by retrying, and the proxy keeps serving only until the SVID expires. */
+static void renew_refused(struct ctlclient *c)
+{
+	char t[CA_TIME_LEN];
+
+	if (strcmp(c->refusal, "renewal_limit") != 0 && strcmp(c->refusal, "lineage_limit") != 0)
+		return;
+	log_error("control refused to renew the SVID (serial %s) with %s: %s. The proxy keeps "
+	          "serving with it until it expires at %s and then joins again with the token in "
+	          "%s, which must then be valid: create one with meshletctl token create "
+	          "--service %s%s", c->st.serial, c->refusal, c->why, when(c->st.not_after, t),
+	          c->cfg->control_token_file, c->cfg->service,
+	          strcmp(c->refusal, "lineage_limit") == 0 ?
+	          " (lineage_limit lifts when the window of one SVID lifetime ends)" : "");
+}
+
 static int renew(struct ctlclient *c)
 {
 	char t[CA_TIME_LEN];
 	struct httpc_response r;
 	struct httpc *h = mtls(c);
-	EVP_PKEY *key = NULL;
-	json_t *body = NULL;
 	int rc;
 
-	if (!h || new_csr(c, &key, &body) < 0)
+	if (!h)
 		return -1;
-	rc = call(c, h, "renewing the SVID", "POST", "/v1/svid", body, CTL_CALL_TIMEOUT_MS, &r);
-	json_decref(body);
-	if (rc != 0) {
-		EVP_PKEY_free(key);
+	/* A retry sends the same key: a new one per successful renewal only. */
+	if (!c->renew_key && new_csr(c, &c->renew_key, &c->renew_body) < 0)
 		return -1;
-	}
-	rc = accept_svid(c, r.json, key, false);
+	c->refusal[0] = '\0';
+	rc = call(c, h, "renewing the SVID", "POST", "/v1/svid", c->renew_body,
+	          CTL_CALL_TIMEOUT_MS, &r);
+	if (rc == 403)
+		renew_refused(c);
+	if (rc != 0)
+		return -1;
+	rc = accept_svid(c, r.json, c->renew_key, false);
 	httpc_response_clear(&r);
-	if (rc < 0) {
-		EVP_PKEY_free(key);
+	if (rc < 0)
 		return -1;
-	}
+	c->renew_key = NULL;            /* installed: accept_svid owns it now */
+	json_decref(c->renew_body);
+	c->renew_body = NULL;
 	if (c->need_renew && c->pending_generation >= 0)
 		c->st.cert_generation = c->pending_generation;
 	log_info("renewed the SVID%s: serial %s valid until %s, next renewal in %llds",
@@ -1406,6 +1437,8 @@ static void client_free(struct ctlclient *c)
 {
 	drop_mtls(c);
 	state_clear(&c->st);
+	EVP_PKEY_free(c->renew_key);
+	json_decref(c->renew_body);
 	pthread_cond_destroy(&c->cond);
 	pthread_mutex_destroy(&c->lock);
 	free(c);

@@ -164,3 +164,34 @@ def test_renewal_refused_when_an_ancestor_is_revoked(control_factory, tmp_path):
     r, _ = _child(ctrl, tmp_path, c)
     code, msg, _ = assert_refused(r, 403)
     assert code == "ancestor_revoked" and a.serial in msg, r
+
+
+def test_a_retry_with_the_same_key_is_not_a_new_renewal(control, tmp_path):
+    """A proxy whose answers are lost retries with the same key: control
+    counts the key once against the certificate's cap, which therefore
+    bounds distinct keys (a lost answer cannot lock the proxy out)."""
+    a = new_svid(control, tmp_path, "orders")
+    retried = Identity(Path(tmp_path) / "retried", "orders")
+    for _ in range(RENEWALS_MAX + 2):           # every answer "lost" but the last
+        r = enroll(control, retried, svid=a)
+        assert r.status == 200, r
+    assert _certs(control)[a.serial]["renewals"] == 1
+    # Distinct keys are still capped: 1 used, RENEWALS_MAX - 1 left.
+    for _ in range(RENEWALS_MAX - 1):
+        _renew_ok(control, tmp_path, a)
+    r, _ = _child(control, tmp_path, a)
+    code, _, _ = assert_refused(r, 403)
+    assert code == "renewal_limit", r
+    # The first key retried again is still welcome.
+    assert enroll(control, retried, svid=a).status == 200
+
+
+def test_same_key_retries_still_count_against_the_lineage(control, tmp_path):
+    a = new_svid(control, tmp_path, "orders")
+    retried = Identity(Path(tmp_path) / "retried", "orders")
+    for _ in range(LINEAGE_RENEWALS_MAX):
+        r = enroll(control, retried, svid=a)
+        assert r.status == 200, r
+    r = enroll(control, retried, svid=a)
+    code, _, _ = assert_refused(r, 403)
+    assert code == "lineage_limit", r
