@@ -30,9 +30,6 @@
 #define CA_CSR_MAX (16 * 1024)
 /* Largest cert or key file ca_load() reads. */
 #define CA_FILE_MAX (64 * 1024)
-/* RSA moduli ca_csr_check() accepts. */
-#define CA_RSA_MIN_BITS 2048
-#define CA_RSA_MAX_BITS 8192
 /* Most DNS/IP SANs in a server certificate. */
 #define CA_SERVER_SANS_MAX 32
 
