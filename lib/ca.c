@@ -5,6 +5,7 @@
  * so that no name can smuggle in another ("a,URI:spiffe://...").
  */
 #include "meshlet/ca.h"
+#include "meshlet/file.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -452,54 +453,14 @@ int ca_cross_sign(const struct ca *issuer, const struct ca *subject, X509 **out,
 
 /* ---- saving and loading ---- */
 
-/* fsyncs the directory holding path, so a new file's name is durable. */
-static int fsync_dir(const char *path)
-{
-	char dir[PATH_MAX];
-	const char *slash = strrchr(path, '/');
-	int fd, ret = 0;
-
-	if (!slash)
-		snprintf(dir, sizeof(dir), ".");
-	else
-		snprintf(dir, sizeof(dir), "%.*s", slash == path ? 1 : (int)(slash - path), path);
-	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0 || fsync(fd) < 0)
-		ret = -errno;
-	if (fd >= 0)
-		close(fd);
-	return ret;
-}
-
-/* Creates path (which must not exist) with mode and writes len bytes, fsync'd.
- * On failure the file is removed. */
+/* Creates path (which must not exist) durably; says in err which file failed. */
 static int write_new_file(const char *path, mode_t mode, const char *data, size_t len,
                           struct meshlet_err *err)
 {
-	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
-	size_t off = 0;
-	ssize_t n;
-	int ret = 0;
+	int ret = file_write_new(path, mode, data, len);
 
-	if (fd < 0) {
-		ret = -errno;
-		return err_set(err, "", "%s: %s", path, strerror(-ret)), ret;
-	}
-	while (off < len && ret == 0) {
-		n = write(fd, data + off, len - off);
-		if (n < 0 && errno != EINTR)
-			ret = -errno;
-		else if (n > 0)
-			off += (size_t)n;
-	}
-	if (ret == 0 && fsync(fd) < 0)
-		ret = -errno;
-	if (close(fd) < 0 && ret == 0)
-		ret = -errno;
-	if (ret) {
+	if (ret)
 		err_set(err, "", "%s: %s", path, strerror(-ret));
-		unlink(path);
-	}
 	return ret;
 }
 
@@ -537,10 +498,6 @@ int ca_save(const struct ca *ca, const char *cert_path, const char *key_path,
 			unlink(key_path);
 	}
 	free(pem);
-	if (!ret && (fsync_dir(key_path) != 0 || fsync_dir(cert_path) != 0)) {
-		err_set(err, "", "%s: cannot sync its directory", cert_path);
-		ret = -EIO;
-	}
 	return ret;
 }
 
@@ -550,46 +507,19 @@ int ca_save(const struct ca *ca, const char *cert_path, const char *key_path,
 static int read_file(const char *path, bool secret, char **data, size_t *len,
                      struct meshlet_err *err)
 {
+	unsigned flags = FILE_NOFOLLOW | (secret ? FILE_SECRET : 0);
 	struct stat st;
-	ssize_t n = 0;
-	int ret = 0, fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	int ret = file_read(path, CA_FILE_MAX, flags, data, len);
 
-	*data = NULL;
-	if (fd < 0 || fstat(fd, &st) < 0) {
-		ret = -errno;
-		err_set(err, "", "%s: %s%s", path, strerror(-ret),
-		        ret == -ELOOP ? " (symlinks are refused)" : "");
-		goto out;
-	}
-	if (!S_ISREG(st.st_mode) || st.st_size > CA_FILE_MAX) {
-		ret = err_set(err, "", "%s: not a regular file of at most %d bytes", path,
-		              CA_FILE_MAX);
-		goto out;
-	}
-	if (secret && (st.st_mode & 077)) {
-		ret = -EACCES;
+	if (ret == -ELOOP)
+		err_set(err, "", "%s: %s (symlinks are refused)", path, strerror(-ret));
+	else if (ret == -EINVAL || ret == -EFBIG)
+		err_set(err, "", "%s: not a regular file of at most %d bytes", path, CA_FILE_MAX);
+	else if (ret == -EACCES && secret && lstat(path, &st) == 0 && (st.st_mode & 077))
 		err_set(err, "", "%s: private key is accessible by group or others (mode %04o); "
 		        "run chmod 600 on it", path, (unsigned)(st.st_mode & 07777));
-		goto out;
-	}
-	*data = malloc((size_t)st.st_size + 1);
-	if (!*data) {
-		err_set(err, "", "out of memory");
-		ret = -ENOMEM;
-		goto out;
-	}
-	for (*len = 0; *len < (size_t)st.st_size; *len += (size_t)n) {
-		n = read(fd, *data + *len, (size_t)st.st_size - *len);
-		if (n <= 0 && !(n < 0 && errno == EINTR)) {
-			ret = err_set(err, "", "%s: short read", path);
-			goto out;
-		}
-		if (n < 0)
-			n = 0;
-	}
-out:
-	if (fd >= 0)
-		close(fd);
+	else if (ret)
+		err_set(err, "", "%s: %s", path, strerror(-ret));
 	return ret;
 }
 

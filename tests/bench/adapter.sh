@@ -12,7 +12,7 @@
 #
 # The binary: $MESHLET_PROXY, else the first of build-release/, build/ in
 # the repository. Benchmark an optimised build without sanitizers:
-#   meson setup build-release --buildtype=release -Dtests=false
+#   meson setup build-release --buildtype=release -Dtests=disabled
 #   ninja -C build-release
 # (Other build-*/ directories are used as a last resort, with a warning:
 # an ASan build is several times slower.)
@@ -52,7 +52,7 @@ find_proxy() {
         fi
     done
     die "no meshlet-proxy binary: build one with
-    meson setup build-release --buildtype=release -Dtests=false && ninja -C build-release
+    meson setup build-release --buildtype=release -Dtests=disabled && ninja -C build-release
 or set MESHLET_PROXY=/path/to/meshlet-proxy"
 }
 BIN=$(find_proxy)
