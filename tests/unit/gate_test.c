@@ -209,32 +209,31 @@ static void test_pipelined_refusals_kill(void **state)
 	assert_fed(f, "GET /v1/ca HTTP/1.1\r\nHost: c\r\n\r\n", "");
 }
 
-static void test_garbage_is_refused_and_kills(void **state)
+/* in is refused with status, and the connection given up: the next
+ * request reaches nothing. */
+static void assert_fatal(struct fixture *f, const char *in, int status)
 {
-	struct fixture *f = *state;
 	struct api_error ae = {0};
-	char *out = feed(f, "\x01\x02 not http\r\n\r\n");
+	char *out = feed(f, in);
 
 	assert_non_null(strstr(out, "GET / HTTP/1.1\r\n"));
-	free(out);
-	assert_true(refused(f, "X-Meshlet-Gate", &ae));
-	assert_int_equal(ae.status, 400);
-	assert_fed(f, "GET /v1/ca HTTP/1.1\r\nHost: c\r\n\r\n", "");
-}
-
-/* lib/http.c refuses other request targets than origin form as framing
- * errors: the connection is given up after the answer. */
-static void test_absolute_form_kills(void **state)
-{
-	struct fixture *f = *state;
-	struct api_error ae = {0};
-	char *out = feed(f, "GET http://elsewhere/ HTTP/1.1\r\nHost: c\r\n\r\n");
-
 	assert_non_null(strstr(out, "X-Meshlet-Gate: 1"));
 	free(out);
 	assert_true(refused(f, "X-Meshlet-Gate", &ae));
-	assert_int_equal(ae.status, 400);
+	assert_int_equal(ae.status, status);
 	assert_fed(f, "GET /v1/ca HTTP/1.1\r\nHost: c\r\n\r\n", "");
+}
+
+static void test_garbage_is_refused_and_kills(void **state)
+{
+	assert_fatal(*state, "\x01\x02 not http\r\n\r\n", 400);
+}
+
+/* lib/http.c refuses other request targets than origin form as framing
+ * errors. */
+static void test_absolute_form_kills(void **state)
+{
+	assert_fatal(*state, "GET http://elsewhere/ HTTP/1.1\r\nHost: c\r\n\r\n", 400);
 }
 
 static void test_expect_continue_answered_here(void **state)
