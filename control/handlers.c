@@ -32,7 +32,7 @@ int handlers_status(int err)
 	case -EINVAL: return 400;
 	case -EPERM: return 403;
 	case -ENOENT: return 404;
-	case -EEXIST: return 409;
+	case -EEXIST: /* fall through */
 	case -EBUSY: return 409;
 	case -ESTALE: return 412;
 	case -E2BIG: return 413;
@@ -45,10 +45,11 @@ int handlers_status(int err)
 static int state_failed(struct api_call *call, int err, const struct state_error *se)
 {
 	int status = handlers_status(err);
+	const char *msg = se->e.message[0] ? se->e.message : "internal error";
 
 	if (se->reason)
-		return api_fail_code(&call->err, status, se->reason, se->e.path, "%s", se->e.message);
-	return api_fail(&call->err, status, se->e.path, "%s", se->e.message);
+		return api_fail_code(&call->err, status, se->reason, se->e.path, "%s", msg);
+	return api_fail(&call->err, status, se->e.path, "%s", msg);
 }
 
 static int ok(struct api_call *call, int status, json_t *out)
