@@ -25,6 +25,33 @@ static int bad_request(struct api_call *call, const struct meshlet_err *e)
 	return api_fail(&call->err, 400, e->path, "%s", e->message);
 }
 
+/* The one place where the state's refusals become HTTP statuses. */
+int handlers_status(int err)
+{
+	switch (err) {
+	case -EINVAL: return 400;
+	case -EPERM: return 403;
+	case -ENOENT: return 404;
+	case -EEXIST: /* fall through */
+	case -EBUSY: return 409;
+	case -ESTALE: return 412;
+	case -E2BIG: return 413;
+	case -EDQUOT: return 429;
+	default: return 500;
+	}
+}
+
+/* A state call failed with err: its message (and reason) as the answer. */
+static int state_failed(struct api_call *call, int err, const struct state_error *se)
+{
+	int status = handlers_status(err);
+	const char *msg = se->e.message[0] ? se->e.message : "internal error";
+
+	if (se->reason)
+		return api_fail_code(&call->err, status, se->reason, se->e.path, "%s", msg);
+	return api_fail(&call->err, status, se->e.path, "%s", msg);
+}
+
 static int ok(struct api_call *call, int status, json_t *out)
 {
 	call->status = status;
@@ -65,6 +92,7 @@ static int h_svid(struct api_call *call)
 {
 	struct api_svid_req r;
 	struct api_join_token jt;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	EVP_PKEY *pub = NULL;
 	json_t *out = NULL;
@@ -94,10 +122,10 @@ static int h_svid(struct api_call *call)
 		return bad_request(call, &e);
 	token = call->caller == CALLER_SVID ? NULL : call->bearer;
 	ret = state_svid_issue(call->st, service, token, token ? NULL : call->peer_serial, pub, &out,
-	                       &call->err);
+	                       &se);
 	EVP_PKEY_free(pub);
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	if (token)
 		snprintf(call->caller_id, sizeof(call->caller_id), "token:%s", service);
 	return ok(call, 200, out);
@@ -121,6 +149,7 @@ static int h_bundle(struct api_call *call)
 static int config_answer(struct api_call *call)
 {
 	struct api_config_query q;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	json_t *out = NULL;
 	int ret;
@@ -128,9 +157,9 @@ static int config_answer(struct api_call *call)
 	/* Parsed again for a long poll that waited: the query lives with req. */
 	if (api_parse_config_query(call->query, &q, &e) < 0)
 		return bad_request(call, &e);
-	ret = state_config(call->st, call->svc, &q, &out, &call->err);
+	ret = state_config(call->st, call->svc, &q, &out, &se);
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	set_etag(call, json_integer_value(json_object_get(out, "version")));
 	return ok(call, 200, out);
 }
@@ -209,6 +238,7 @@ static void endpoints_changed(struct api_call *call)
 static int h_endpoints(struct api_call *call)
 {
 	struct api_endpoint_req r;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	json_t *out = NULL;
 	int ret;
@@ -216,9 +246,9 @@ static int h_endpoints(struct api_call *call)
 	if (api_parse_endpoint_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
 	ret = state_endpoint_register(call->st, call->svc, &r, call->peer_serial,
-	                              call->peer_not_after, call->remote, &out, &call->err);
+	                              call->peer_not_after, call->remote, &out, &se);
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	seen(call, -1, 0);
 	endpoints_changed(call);
 	return ok(call, 200, out);
@@ -228,37 +258,40 @@ static int h_endpoints(struct api_call *call)
 
 static int h_endpoints_list(struct api_call *call)
 {
+	struct state_error se = {0};
 	json_t *out = NULL;
-	int ret = state_endpoints_list(call->st, &out, &call->err);
+	int ret = state_endpoints_list(call->st, &out, &se);
 
-	return ret ? ret : ok(call, 200, out);
+	return ret ? state_failed(call, ret, &se) : ok(call, 200, out);
 }
 
 static int h_endpoints_assign(struct api_call *call)
 {
 	struct api_assign_req r;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	json_t *out = NULL;
 	int ret;
 
 	if (api_parse_assign_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
-	ret = state_endpoint_assign(call->st, &r, &out, &call->err);
-	return ret ? ret : ok(call, 200, out);
+	ret = state_endpoint_assign(call->st, &r, &out, &se);
+	return ret ? state_failed(call, ret, &se) : ok(call, 200, out);
 }
 
 static int h_endpoints_unassign(struct api_call *call)
 {
 	struct api_assign_req r;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	json_t *out = NULL;
 	int ret;
 
 	if (api_parse_assign_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
-	ret = state_endpoint_unassign(call->st, &r, &out, &call->err);
+	ret = state_endpoint_unassign(call->st, &r, &out, &se);
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	watch_notify(call->watch, NULL);
 	return ok(call, 200, out);
 }
@@ -267,6 +300,7 @@ static int h_endpoints_unassign(struct api_call *call)
 
 static int h_policy_put(struct api_call *call)
 {
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	struct policy *p = policy_parse(call->body, &e);
 	const char *svc;
@@ -282,9 +316,9 @@ static int h_policy_put(struct api_call *call)
 		                "names %s", svc ? svc : "(none)", call->svc);
 	if ((ret = if_match(call, &expect)) < 0)
 		return ret;
-	ret = state_policy_put(call->st, call->svc, call->body, expect, &version, &call->err);
+	ret = state_policy_put(call->st, call->svc, call->body, expect, &version, &se);
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	set_etag(call, version);
 	watch_notify(call->watch, call->svc);
 	return ok(call, 200, json_pack("{s:s, s:I}", "service", call->svc,
@@ -293,26 +327,28 @@ static int h_policy_put(struct api_call *call)
 
 static int h_policy_get(struct api_call *call)
 {
+	struct state_error se = {0};
 	json_t *doc = NULL;
 	int64_t version = 0;
-	int ret = state_policy_get(call->st, call->svc, &doc, &version, &call->err);
+	int ret = state_policy_get(call->st, call->svc, &doc, &version, &se);
 
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	set_etag(call, version);
 	return ok(call, 200, json_pack("{s:I, s:o}", "version", (json_int_t)version, "policy", doc));
 }
 
 static int h_policy_delete(struct api_call *call)
 {
+	struct state_error se = {0};
 	int64_t expect, rev = 0;
 	int ret;
 
 	if ((ret = if_match(call, &expect)) < 0)
 		return ret;
-	ret = state_policy_delete(call->st, call->svc, expect, &rev, &call->err);
+	ret = state_policy_delete(call->st, call->svc, expect, &rev, &se);
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	watch_notify(call->watch, call->svc);
 	return ok(call, 200, json_pack("{s:s, s:b, s:I}", "service", call->svc, "deleted", 1,
 	                               "version", (json_int_t)rev));
@@ -320,10 +356,11 @@ static int h_policy_delete(struct api_call *call)
 
 static int h_policy_list(struct api_call *call)
 {
+	struct state_error se = {0};
 	json_t *out = NULL;
-	int ret = state_policy_list(call->st, &out, &call->err);
+	int ret = state_policy_list(call->st, &out, &se);
 
-	return ret ? ret : ok(call, 200, out);
+	return ret ? state_failed(call, ret, &se) : ok(call, 200, out);
 }
 
 /* ---- admin ---- */
@@ -331,14 +368,15 @@ static int h_policy_list(struct api_call *call)
 static int h_tokens(struct api_call *call)
 {
 	struct api_token_req r;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	json_t *out = NULL;
 	int ret;
 
 	if (api_parse_token_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
-	ret = state_token_create(call->st, &r, &out, &call->err);
-	return ret ? ret : ok(call, 200, out);
+	ret = state_token_create(call->st, &r, &out, &se);
+	return ret ? state_failed(call, ret, &se) : ok(call, 200, out);
 }
 
 static int h_proxies(struct api_call *call)
@@ -348,24 +386,26 @@ static int h_proxies(struct api_call *call)
 
 static int h_certs(struct api_call *call)
 {
+	struct state_error se = {0};
 	json_t *out = NULL;
-	int ret = state_certs_list(call->st, &out, &call->err);
+	int ret = state_certs_list(call->st, &out, &se);
 
-	return ret ? ret : ok(call, 200, out);
+	return ret ? state_failed(call, ret, &se) : ok(call, 200, out);
 }
 
 static int h_certs_rotate(struct api_call *call)
 {
 	struct api_rotate_req r;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	json_t *out = NULL;
 	int ret;
 
 	if (api_parse_rotate_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
-	ret = state_certs_rotate(call->st, &r, &out, &call->err);
+	ret = state_certs_rotate(call->st, &r, &out, &se);
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	watch_notify(call->watch, r.service);
 	return ok(call, 200, out);
 }
@@ -373,15 +413,16 @@ static int h_certs_rotate(struct api_call *call)
 static int h_certs_revoke(struct api_call *call)
 {
 	struct api_revoke_req r;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	json_t *out = NULL;
 	int ret;
 
 	if (api_parse_revoke_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
-	ret = state_certs_revoke(call->st, r.serial, &out, &call->err);
+	ret = state_certs_revoke(call->st, r.serial, &out, &se);
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	watch_notify(call->watch, NULL);
 	return ok(call, 200, out);
 }
@@ -394,6 +435,7 @@ static int h_ca(struct api_call *call)
 static int h_ca_rotate(struct api_call *call)
 {
 	struct api_ca_rotate_req r;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	json_t *out = NULL;
 	bool tls_changed = false;
@@ -401,9 +443,9 @@ static int h_ca_rotate(struct api_call *call)
 
 	if (api_parse_ca_rotate_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
-	ret = state_ca_rotate(call->st, r.force, &out, &tls_changed, &call->err);
+	ret = state_ca_rotate(call->st, r.force, &out, &tls_changed, &se);
 	if (ret)
-		return ret;
+		return state_failed(call, ret, &se);
 	if (tls_changed)
 		server_tls_changed(call->srv);
 	watch_notify(call->watch, NULL);
@@ -413,14 +455,15 @@ static int h_ca_rotate(struct api_call *call)
 static int h_check(struct api_call *call)
 {
 	struct api_check_req r;
+	struct state_error se = {0};
 	struct meshlet_err e = {0};
 	json_t *out = NULL;
 	int ret;
 
 	if (api_parse_check_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
-	ret = state_check(call->st, &r, &out, &call->err);
-	return ret ? ret : ok(call, 200, out);
+	ret = state_check(call->st, &r, &out, &se);
+	return ret ? state_failed(call, ret, &se) : ok(call, 200, out);
 }
 
 const struct route handlers_routes[] = {

@@ -28,6 +28,7 @@
 
 #include "meshlet/http.h"
 #include "meshlet/log.h"
+#include "gate.h"
 #include "handlers.h"
 #include "watch.h"
 
@@ -42,8 +43,6 @@
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define SERVER_RETRY_AFTER_STR STR(SERVER_RETRY_AFTER)
-/* Marks a head the gate wrote in place of a refused one (see gate_in). */
-#define GATE_MARK "X-Meshlet-Gate"
 
 /* One TLS connection, attached to its SSL as ex-data and freed with it. */
 struct ctl_conn {
@@ -59,13 +58,7 @@ struct ctl_conn {
 	char serial[CA_SERIAL_HEX_MAX];
 	int64_t not_after;
 	int refused;                   /* why the handshake refused its certificate */
-	/* The gate between TLS and evhttp (gate_in): frames each request with
-	 * lib/http.c and judges its head before evhttp may read a body. */
-	struct http_parser_state gate;
-	bool gate_in_body;             /* between a head and its end */
-	bool gate_drop;                /* this body is refused: read and discard it */
-	bool gate_dead;                /* framing lost or refusals piling up: discard all */
-	struct api_error gate_err;     /* the answer to the marked head (status 0: none) */
+	struct gate gate;              /* between TLS and evhttp: heads before bodies */
 };
 
 struct control_server {
@@ -114,7 +107,7 @@ static void conn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long
 		         identity_reason_str((enum identity_reason)c->refused));
 	if (c->deadline)
 		event_free(c->deadline);
-	http_cleanup(&c->gate);
+	gate_cleanup(&c->gate);
 	if (c->prev)
 		c->prev->next = c->next;
 	else
@@ -183,9 +176,8 @@ static int verify_cb(int ok, X509_STORE_CTX *xs)
 	return 1;
 }
 
-static enum bufferevent_filter_result gate_in(struct evbuffer *src, struct evbuffer *dst,
-                                              ev_ssize_t limit,
-                                              enum bufferevent_flush_mode mode, void *arg);
+static int gate_judge(void *arg, const struct http_head *h, const char *authz,
+                      struct api_error *ae);
 
 /*
  * The connection table is full. Long polls cannot fill it (they are capped
@@ -231,9 +223,9 @@ static struct bufferevent *server_bevcb(struct event_base *base, void *arg)
 	bev = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_ACCEPTING,
 	                                     BEV_OPT_CLOSE_ON_FREE);
 	c->deadline = evtimer_new(base, conn_deadline, c);
-	http_request_init(&c->gate, &lim);
-	gate = bev ? bufferevent_filter_new(bev, gate_in, NULL, BEV_OPT_CLOSE_ON_FREE, NULL, c)
-	           : NULL;
+	gate_init(&c->gate, &lim, bev, gate_judge, c);
+	gate = bev ? bufferevent_filter_new(bev, gate_in, NULL, BEV_OPT_CLOSE_ON_FREE, NULL,
+	                                    &c->gate) : NULL;
 	if (!bev || !c->deadline || !gate) {
 		log_error("out of memory accepting a connection");
 		abort();
@@ -685,81 +677,22 @@ static int authorize(struct api_call *call, const struct route *r)
 }
 
 
-/* ---- the gate: heads judged before bodies ----
- *
- * evhttp (libevent 2.1) reads a whole body before it calls us, and has no
- * server-side hook after the headers. So a filter bufferevent sits between
- * TLS and evhttp and frames every request with lib/http.c. At each head it
- * runs the route, authentication and size checks that need no body:
- * a head that passes goes to evhttp as lib/http.c serialises it (the path
- * evhttp routes is the one judged here), its body after it; a refused one
- * is replaced by a bodiless head marked GATE_MARK, which server_handle()
- * answers with the stored error (JSON), while the body is read and
- * discarded so that the connection stays usable and nothing is held.
- * Bodies are only accepted with Content-Length (411 otherwise).
- *
- * evhttp must never close a connection after an answer: the filter hands
- * the answer to TLS at once and reports it written, so evhttp would shut
- * the socket before TLS wrote it. Heads therefore reach evhttp without
- * Connection: close (HTTP/1.0 ones with keep-alive), answers never carry
- * it, and connections end when the client closes them or by the timeouts.
- * "Expect: 100-continue" is answered here for the same reason.
- */
+/* ---- what the gate asks (gate.h) ---- */
 
 /* The largest body a caller may send before its credential is proven: a
  * join token is checked by the handler, and a CSR is well under 16 KiB. */
 #define GATE_TOKEN_BODY_MAX (16 * 1024)
 
-static int gate_fail(struct api_error *ae, int status, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static int gate_fail(struct api_error *ae, int status, const char *fmt, ...)
+/* The gate's judge of a head with a body: it needs a route that takes one,
+ * a caller that route accepts, and Content-Length within API_BODY_MAX. */
+static int gate_judge(void *arg, const struct http_head *h, const char *authz,
+                      struct api_error *ae)
 {
-	va_list ap;
-
-	ae->status = status;
-	ae->e.path[0] = '\0';
-	va_start(ap, fmt);
-	vsnprintf(ae->e.message, sizeof(ae->e.message), fmt, ap);
-	va_end(ap);
-	return status;
-}
-
-static bool gate_method_ok(const char *m)
-{
-	static const char *const ok[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
-	                                 "PATCH"};
-
-	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
-		if (strcmp(m, ok[i]) == 0)
-			return true;
-	return false;
-}
-
-/* Judges a head: 0 (evhttp may read it and its body) or an HTTP status with
- * the answer in *ae. Requests without a body pass (server_handle() checks
- * them in full); a body needs a route that takes one, a caller that route
- * accepts, and Content-Length within API_BODY_MAX. */
-static int gate_judge(struct ctl_conn *c, const struct http_head *h, struct api_error *ae)
-{
+	struct ctl_conn *c = arg;
 	struct api_call call = {0};
 	const struct route *r;
-	const char *authz = NULL;
 	uint64_t max;
 
-	if (http_head_count(h, GATE_MARK, NULL) > 0)
-		return gate_fail(ae, 400, "the %s field is reserved", GATE_MARK);
-	if (!gate_method_ok(h->method))
-		return gate_fail(ae, 405, "method %s is not supported", h->method);
-	if (h->upgrade || h->form != HTTP_TARGET_ORIGIN)
-		return gate_fail(ae, 400, "upgrades and non-origin request targets are not supported");
-	if (h->framing == HTTP_BODY_CHUNKED)
-		return gate_fail(ae, 411, "send the body with Content-Length (chunked bodies are "
-		                 "not accepted)");
-	if (h->framing == HTTP_BODY_NONE || h->content_length == 0)
-		return 0;
-	if (http_head_count(h, "authorization", &authz) > 1)
-		return gate_fail(ae, 400, "more than one Authorization field");
 	call.srv = c->srv;
 	call.st = c->srv->st;
 	call.method = h->method;
@@ -777,120 +710,6 @@ static int gate_judge(struct ctl_conn *c, const struct http_head *h, struct api_
 		                 call.caller == CALLER_ANONYMOUS ? " before a join token is checked"
 		                                                 : "");
 	return 0;
-}
-
-/* Hands evhttp a bodiless head in place of a refused one; server_handle()
- * answers it with ae. One refusal waits at a time: a second one before the
- * first was answered (pipelining refused requests) gives up the connection,
- * as does dead (framing lost): all further input is discarded, and the
- * connection ends by the timeouts or when the client closes it. */
-static void gate_refuse(struct ctl_conn *c, struct evbuffer *dst, const struct http_head *h,
-                        const struct api_error *ae, bool dead)
-{
-	const char *m = h && gate_method_ok(h->method) ? h->method : "GET";
-	const char *path = h && h->path && h->path[0] == '/' ? h->path : "/";
-
-	if (c->gate_err.status) {
-		c->gate_dead = true;
-		return;
-	}
-	c->gate_err = *ae;
-	evbuffer_add_printf(dst, "%s %s HTTP/1.1\r\nHost: control\r\nContent-Length: 0\r\n"
-	                    "%s: 1\r\n\r\n", m, path, GATE_MARK);
-	if (dead)
-		c->gate_dead = true;
-}
-
-/* Hands evhttp a head that passed (see the top of this section). */
-static int gate_pass(struct ctl_conn *c, struct evbuffer *dst, const struct http_head *h)
-{
-	static const struct http_rewrite_field drop[] = {{"connection", NULL}, {"expect", NULL}};
-	static const struct http_rewrite_field keep[] = {{"connection", "keep-alive"}};
-	struct http_rewrite rw = { drop, 2, keep, h->version_minor == 0 ? 1 : 0 };
-	const char *expect = NULL;
-	char buf[SERVER_MAX_HEADERS + SERVER_MAX_LINE + 256];
-	size_t len = 0;
-
-	if (http_head_serialize(h, &rw, buf, sizeof(buf), &len) < 0)
-		return -1;
-	if (h->framing == HTTP_BODY_LENGTH && h->content_length > 0 && h->version_minor == 1 &&
-	    http_head_count(h, "expect", &expect) == 1 && strcasecmp(expect, "100-continue") == 0)
-		bufferevent_write(c->bev, "HTTP/1.1 100 Continue\r\n\r\n", 25);
-	return evbuffer_add(dst, buf, len);
-}
-
-/* One event of the parser: moves (or drops) the used bytes of src. */
-static void gate_step(struct ctl_conn *c, struct http_event ev, size_t used,
-                      struct evbuffer *src, struct evbuffer *dst)
-{
-	struct api_error ae = {0};
-
-	if (!c->gate_in_body) {
-		evbuffer_drain(src, used);     /* head bytes: the parser keeps them */
-	} else if (c->gate_drop) {
-		evbuffer_drain(src, used);
-	} else {
-		evbuffer_remove_buffer(src, dst, used);
-	}
-	switch (ev.type) {
-	case HTTP_EV_HEAD_COMPLETE:
-		c->gate_in_body = true;
-		c->gate_drop = gate_judge(c, ev.head, &ae) != 0;
-		if (!c->gate_drop && gate_pass(c, dst, ev.head) < 0) {
-			gate_fail(&ae, 500, "cannot pass the request on");
-			c->gate_drop = true;
-		}
-		if (c->gate_drop)
-			gate_refuse(c, dst, ev.head, &ae, false);
-		break;
-	case HTTP_EV_MESSAGE_COMPLETE:
-		c->gate_in_body = c->gate_drop = false;
-		http_shrink(&c->gate);
-		break;
-	case HTTP_EV_PAUSED:
-		http_resume(&c->gate, false);
-		break;
-	case HTTP_EV_ERROR:
-		if (c->gate_in_body) {
-			c->gate_dead = true;
-			break;
-		}
-		gate_fail(&ae, ev.status, "%s", ev.reason ? ev.reason : "bad request");
-		gate_refuse(c, dst, NULL, &ae, true);
-		break;
-	default:
-		break;
-	}
-}
-
-/* The input filter: TLS plaintext in src, what evhttp may read out in dst. */
-static enum bufferevent_filter_result gate_in(struct evbuffer *src, struct evbuffer *dst,
-                                              ev_ssize_t limit,
-                                              enum bufferevent_flush_mode mode, void *arg)
-{
-	struct ctl_conn *c = arg;
-	struct evbuffer_iovec v;
-	bool progress = false;
-
-	(void)limit;
-	(void)mode;
-	while (evbuffer_get_length(src) > 0) {
-		size_t used = 0;
-		struct http_event ev;
-
-		if (c->gate_dead) {
-			evbuffer_drain(src, evbuffer_get_length(src));
-			return progress ? BEV_OK : BEV_NEED_MORE;
-		}
-		if (evbuffer_peek(src, -1, NULL, &v, 1) < 1)
-			break;
-		ev = http_feed(&c->gate, v.iov_base, v.iov_len, &used);
-		gate_step(c, ev, used, src, dst);
-		progress = progress || used > 0 || ev.type != HTTP_EV_NEED_MORE;
-		if (ev.type == HTTP_EV_NEED_MORE && used == 0)
-			break;
-	}
-	return progress ? BEV_OK : BEV_NEED_MORE;
 }
 
 /* Reads and parses the JSON body: 413 past API_BODY_MAX, 400 if not JSON. */
@@ -958,13 +777,8 @@ static void server_handle(struct evhttp_request *req, void *arg)
 	}
 	c->busy = true;
 	evtimer_del(c->deadline);
-	if (evhttp_find_header(evhttp_request_get_input_headers(req), GATE_MARK)) {
-		/* The gate refused this request from its head (gate_judge). */
-		call->err = c->gate_err;
-		if (!call->err.status)
-			api_fail(&call->err, 500, "", "the request gate lost its answer");
+	if (gate_refused(&c->gate, req, &call->err)) {
 		call->status = call->err.status;
-		memset(&c->gate_err, 0, sizeof(c->gate_err));
 		server_reply(call);
 		return;
 	}

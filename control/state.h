@@ -1,8 +1,21 @@
 /*
  * state: meshlet-control's durable state (the state directory and the
  * store) and every operation of the API on it. Nothing here knows HTTP:
- * handlers.c parses requests, calls these, and turns struct api_error into
- * the error body.
+ * handlers.c parses requests, calls these, and maps their errors (below)
+ * to HTTP statuses and the error body.
+ *
+ * Errors: the functions that take a struct state_error return 0 or one of
+ *   -EINVAL   the request is malformed (a CSR, an address, a service name)
+ *   -EPERM    the caller may not do this (a join token, a renewal, an address
+ *             on another IP than the proxy's)
+ *   -ENOENT   what the request names does not exist
+ *   -EEXIST   it clashes with what is stored (held or assigned elsewhere)
+ *   -EBUSY    a CA rotation step cannot be taken now (se->reason says why)
+ *   -ESTALE   If-Match names another version than the stored one
+ *   -E2BIG    the write is too large to store
+ *   -EDQUOT   over a registry cap
+ *   -EIO      the store, memory or randomness failed (logged): control's fault
+ * with a message (and the request field it concerns) in the state_error.
  *
  * State directory (0700, refused when group or others may access it):
  *   ca.pem          the trust bundle for clients of control: every root
@@ -64,12 +77,12 @@
 /* Renewals one SVID may make (POST /v1/svid over mTLS with it), counted
  * by distinct public keys: a proxy that loses an answer retries with the
  * same SVID and the same key, which is not counted again (the lineage cap
- * still counts it); more keys is a loop minting certificates, refused with
- * 403 renewal_limit. */
+ * still counts it); more keys is a loop minting certificates, refused
+ * (-EPERM, reason renewal_limit). */
 #define CONTROL_RENEWALS_MAX 3
 /* Renewals per lineage (the SVIDs descending from one join) per SVID
  * lifetime: a proxy renews about twice per lifetime, plus certs rotate, a
- * CA switch and retries; more is refused with 403 lineage_limit. */
+ * CA switch and retries; more is refused (-EPERM, reason lineage_limit). */
 #define CONTROL_LINEAGE_RENEWALS_MAX 10
 /* Registry limits (docs/control.md): entries one proxy (one SVID) may
  * hold, entries per service (--max-endpoints-per-service), and the window
@@ -93,6 +106,13 @@ struct control_opts {
 };
 
 enum ca_phase { CA_PHASE_STABLE, CA_PHASE_PREPARED, CA_PHASE_SWITCHED };
+
+/* Why an operation was refused (see the table above). */
+struct state_error {
+	const char *reason;            /* static ("renewal_limit") for refusals a client
+	                                * tells apart; NULL: none */
+	struct meshlet_err e;          /* message, and the request field it concerns */
+};
 
 struct control_state;
 
@@ -137,20 +157,21 @@ size_t state_server_chain(const struct control_state *st, X509 **out);
 
 /* ---- policies ---- */
 
-/* if_match: -1 none, 0 "*" (must exist), > 0 the version it must have. */
+/* if_match: -1 none, 0 "*" (must exist), > 0 the version it must have
+ * (-ESTALE otherwise). get and delete: -ENOENT when svc has no policy. */
 int state_policy_put(struct control_state *st, const char *svc, const json_t *doc,
-                     int64_t if_match, int64_t *version, struct api_error *ae);
+                     int64_t if_match, int64_t *version, struct state_error *se);
 int state_policy_get(struct control_state *st, const char *svc, json_t **doc, int64_t *version,
-                     struct api_error *ae);
+                     struct state_error *se);
 int state_policy_delete(struct control_state *st, const char *svc, int64_t if_match,
-                        int64_t *revision, struct api_error *ae);
-int state_policy_list(struct control_state *st, json_t **out, struct api_error *ae);
+                        int64_t *revision, struct state_error *se);
+int state_policy_list(struct control_state *st, json_t **out, struct state_error *se);
 
 /* ---- tokens and SVIDs ---- */
 
 /* Creates a join token; *out is {token, service, expires_at, uses}. */
 int state_token_create(struct control_state *st, const struct api_token_req *r, json_t **out,
-                       struct api_error *ae);
+                       struct state_error *se);
 
 /*
  * Issues an SVID for service to pubkey and records it. With token (a join
@@ -159,11 +180,14 @@ int state_token_create(struct control_state *st, const struct api_token_req *r, 
  * certificate. Without, the caller proved service with its SVID
  * renew_serial (moved to the new serial in the proxies registry).
  * *out: {cert_chain, serial, expires_at, spiffe_id, trust_domain, bundle,
- * bundle_version}.
+ * bundle_version}. Refused: -EINVAL a bad service name or key; -EPERM a
+ * token that is unknown, for another service, expired or used up, or a
+ * renewal past a cap (reasons unknown_certificate, renewal_limit,
+ * ancestor_revoked, lineage_limit).
  */
 int state_svid_issue(struct control_state *st, const char *service, const char *token,
                      const char *renew_serial, EVP_PKEY *pubkey, json_t **out,
-                     struct api_error *ae);
+                     struct state_error *se);
 
 /* ---- bundle and config ---- */
 
@@ -183,7 +207,7 @@ int state_config_version_own(struct control_state *st, const char *svc, int64_t 
  *  live entries of the services q asks for (upstreams=), none when it asks
  *  for none. */
 int state_config(struct control_state *st, const char *svc, const struct api_config_query *q,
-                 json_t **out, struct api_error *ae);
+                 json_t **out, struct state_error *se);
 
 /* ---- registry ---- */
 
@@ -191,10 +215,10 @@ int state_config(struct control_state *st, const char *svc, const struct api_con
  * Records that the proxy holding SVID serial (of svc, valid until
  * not_after), connecting from remote ("ip:port"), serves r. An entry
  * claims the ip:port of its address and its application ports on that IP.
- * Refused: 403 an address on another IP than remote's that the admin did
- * not assign to svc; 409 an address the admin assigned to another service,
- * or a claim that a live entry (unexpired, unrevoked SVID) or an
- * assignment of another service shares; 429 a new entry over
+ * Refused: -EPERM an address on another IP than remote's that the admin
+ * did not assign to svc; -EEXIST an address the admin assigned to another
+ * service, or a claim that a live entry (unexpired, unrevoked SVID) or an
+ * assignment of another service shares; -EDQUOT a new entry over
  * CONTROL_ENDPOINTS_PER_INSTANCE for serial or over the per-service cap.
  * Re-registering an identical entry writes nothing. A change visible in
  * config answers is left pending: call state_endpoints_touch().
@@ -203,7 +227,7 @@ int state_config(struct control_state *st, const char *svc, const struct api_con
 int state_endpoint_register(struct control_state *st, const char *svc,
                             const struct api_endpoint_req *r, const char *serial,
                             int64_t not_after, const char *remote, json_t **out,
-                            struct api_error *ae);
+                            struct state_error *se);
 
 /*
  * Coalesced version bumps. After a registration: bumps the endpoints
@@ -218,20 +242,20 @@ int64_t state_endpoints_touch(struct control_state *st);
 bool state_endpoints_flush(struct control_state *st);
 
 /* Admin assignments: r->address may be registered by r->service's proxies
- * from anywhere, and by no other service. Assign: 409 when assigned to
+ * from anywhere, and by no other service. Assign: -EEXIST when assigned to
  * another service or claimed by another live service; idempotent.
- * *out {service, address, assigned_at}. Unassign: 404 when not assigned,
- * 409 when assigned to another service; also drops the entry the
+ * *out {service, address, assigned_at}. Unassign: -ENOENT when not
+ * assigned, -EEXIST when assigned to another service; also drops the entry the
  * assignment allowed (bumping the version). *out {service, address,
  * removed, entry_removed}. */
 int state_endpoint_assign(struct control_state *st, const struct api_assign_req *r,
-                          json_t **out, struct api_error *ae);
+                          json_t **out, struct state_error *se);
 int state_endpoint_unassign(struct control_state *st, const struct api_assign_req *r,
-                            json_t **out, struct api_error *ae);
+                            json_t **out, struct state_error *se);
 
 /* {endpoints: [{service, address, ports, via, serial, registered_at,
  *  expires_at, live}], assignments: [{service, address, assigned_at}]} */
-int state_endpoints_list(struct control_state *st, json_t **out, struct api_error *ae);
+int state_endpoints_list(struct control_state *st, json_t **out, struct state_error *se);
 
 /* Notes a request from the proxy with SVID serial. held: the config
  * version it holds (-1: unknown). polling: +1 when a long poll starts,
@@ -249,11 +273,12 @@ json_t *state_proxies(struct control_state *st);
 
 /* ---- certificates ---- */
 
-int state_certs_list(struct control_state *st, json_t **out, struct api_error *ae);
+int state_certs_list(struct control_state *st, json_t **out, struct state_error *se);
 int state_certs_rotate(struct control_state *st, const struct api_rotate_req *r, json_t **out,
-                       struct api_error *ae);
+                       struct state_error *se);
+/* Revokes serial and its unexpired descendants; -ENOENT: no record of it. */
 int state_certs_revoke(struct control_state *st, const char *serial, json_t **out,
-                       struct api_error *ae);
+                       struct state_error *se);
 
 /* ---- CA ---- */
 
@@ -266,21 +291,21 @@ json_t *state_ca_show(struct control_state *st);
 /*
  * Advances CA rotation one phase: stable -> prepared (a new root joins the
  * bundle), prepared -> switched (the new root signs; every proxy is told
- * to renew: refused with 409 proxies_not_updated while a proxy seen within
+ * to renew: refused (-EBUSY, reason proxies_not_updated) while a proxy seen within
  * the last SVID lifetime, with an unexpired unrevoked SVID, has neither
  * reported a config version >= the one that added the new root nor
  * fetched the bundle since, unless force), switched -> stable (the old
- * root leaves the bundle: refused with 409 old_root_in_use while SVIDs it
+ * root leaves the bundle: refused (-EBUSY, reason old_root_in_use) while SVIDs it
  * signed are unexpired and unrevoked, unless force). *tls_changed:
  * control's server context must be rebuilt.
  */
 int state_ca_rotate(struct control_state *st, bool force, json_t **out, bool *tls_changed,
-                    struct api_error *ae);
+                    struct state_error *se);
 
 /* ---- dry run ---- */
 
 int state_check(struct control_state *st, const struct api_check_req *r, json_t **out,
-                struct api_error *ae);
+                struct state_error *se);
 
 /* ---- housekeeping ---- */
 

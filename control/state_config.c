@@ -1,0 +1,83 @@
+/*
+ * state_config: what a proxy fetches: the trust bundle, and its service's
+ * config (policy, endpoints, versions); see state.h for how the config
+ * version is made.
+ */
+#include "state_priv.h"
+
+#include <errno.h>
+
+json_t *state_bundle(struct control_state *st)
+{
+	json_t *revoked = json_array();
+
+	for (size_t i = 0; i < st->n_revoked; i++)
+		json_array_append_new(revoked, json_string(st->revoked[i]));
+	return json_pack("{s:s, s:o, s:o, s:I}", "trust_domain", st->td,
+	                 "roots", state_roots_pem(st), "revoked", revoked,
+	                 "version", (json_int_t)counter_value(st, "meta/bundle", "version"));
+}
+
+int state_config_version_shared(struct control_state *st, int64_t *version)
+{
+	static const char *const shared[] = {"meta/bundle", "meta/endpoints", "meta/rotate-all"};
+	int64_t v = 0, rev;
+
+	for (size_t i = 0; i < sizeof(shared) / sizeof(shared[0]); i++) {
+		if (kv_rev(st, shared[i], &rev) < 0)
+			return -EIO;
+		if (rev > v)
+			v = rev;
+	}
+	*version = v;
+	return 0;
+}
+
+int state_config_version_own(struct control_state *st, const char *svc, int64_t *version)
+{
+	char key[STORE_KEY_MAX];
+
+	state_key(key, sizeof(key), "services/", svc);
+	return kv_rev(st, key, version);
+}
+
+int state_config_version(struct control_state *st, const char *svc, int64_t *version)
+{
+	int64_t shared = 0, own = 0;
+
+	if (state_config_version_shared(st, &shared) < 0 ||
+	    state_config_version_own(st, svc, &own) < 0)
+		return -EIO;
+	*version = shared > own ? shared : own;
+	return 0;
+}
+
+int state_config(struct control_state *st, const char *svc, const struct api_config_query *q,
+                 json_t **out, struct state_error *se)
+{
+	char key[STORE_KEY_MAX];
+	json_t *policy = NULL, *eps = NULL;
+	int64_t version = 0, pver = 0, gen;
+	int r;
+
+	if (state_config_version(st, svc, &version) < 0)
+		return state_store_failed(st, se, "read", -EIO);
+	state_key(key, sizeof(key), "policies/", svc);
+	r = kv_json(st, key, &policy, &pver);
+	if (r == -EIO)
+		return state_store_failed(st, se, "read", r);
+	state_key(key, sizeof(key), "services/", svc);
+	gen = counter_value(st, key, "cert_generation") +
+	      counter_value(st, "meta/rotate-all", "cert_generation");
+	r = state_endpoints_json(st, q, &eps);
+	if (r) {
+		json_decref(policy);
+		return state_store_failed(st, se, "list", r);
+	}
+	*out = json_pack("{s:s, s:I, s:o?, s:I, s:I, s:I, s:o}", "service", svc,
+	                 "version", (json_int_t)version, "policy", policy ? policy : json_null(),
+	                 "policy_version", (json_int_t)pver,
+	                 "bundle_version", (json_int_t)counter_value(st, "meta/bundle", "version"),
+	                 "cert_generation", (json_int_t)gen, "endpoints", eps);
+	return 0;
+}
