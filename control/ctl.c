@@ -16,6 +16,7 @@
  */
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -38,6 +39,8 @@
 #include <openssl/x509.h>
 
 #include "meshlet/api.h"
+#include "meshlet/ca.h"
+#include "meshlet/file.h"
 #include "meshlet/httpc.h"
 #include "meshlet/identity.h"
 
@@ -143,42 +146,18 @@ static int refused(const struct ctl *ctl, const char *fmt, ...)
 
 /* ---------------------------------------------------------------- small parsers */
 
-/*
- * Parses a duration: "90s", "15m", "1h", "7d", combinations such as "1h30m",
- * or a plain number of seconds. Returns 0 and *secs (> 0), or -1.
- */
+/* The longest duration any option takes (the API checks its own limits). */
+#define CTL_DURATION_MAX (100LL * 366 * 86400)
+
+/* A duration as api_parse_duration() reads it, 1 s .. 100 years. Returns
+ * 0 and *secs, or -1 (callers print their own message). */
 static int parse_duration(const char *s, long long *secs)
 {
-	long long total = 0;
-	const char *p = s;
+	int64_t v;
 
-	if (!*s)
+	if (api_parse_duration(s, 1, CTL_DURATION_MAX, &v, NULL) < 0)
 		return -1;
-	while (*p) {
-		long long n = 0, mult;
-
-		if (!isdigit((unsigned char)*p))
-			return -1;
-		while (isdigit((unsigned char)*p)) {
-			n = n * 10 + (*p++ - '0');
-			if (n > 100LL * 366 * 86400)
-				return -1;
-		}
-		switch (*p) {
-		case '\0': mult = 1; if (p != s && total) return -1; break;
-		case 's': mult = 1; p++; break;
-		case 'm': mult = 60; p++; break;
-		case 'h': mult = 3600; p++; break;
-		case 'd': mult = 86400; p++; break;
-		default: return -1;
-		}
-		total += n * mult;
-		if (total > 100LL * 366 * 86400)
-			return -1;
-	}
-	if (total <= 0)
-		return -1;
-	*secs = total;
+	*secs = (long long)v;
 	return 0;
 }
 
@@ -197,87 +176,29 @@ static int parse_int(const char *s, long long min, long long max, long long *out
 	return 0;
 }
 
-/* A serial typed by a user ("0A:1b:..") to the API's form: lowercase hex,
- * no separators, no leading zeros. Returns 0 or -1. */
-static int normalize_serial(const char *in, char *out, size_t outlen)
-{
-	size_t n = 0;
-	bool any = false;
-
-	for (const char *p = in; *p; p++) {
-		if (*p == ':')
-			continue;
-		if (!isxdigit((unsigned char)*p))
-			return -1;
-		any = true;
-		if (n == 0 && *p == '0')
-			continue;
-		if (n + 1 >= outlen)
-			return -1;
-		out[n++] = (char)tolower((unsigned char)*p);
-	}
-	if (!any)
-		return -1;
-	if (n == 0)
-		out[n++] = '0';
-	out[n] = '\0';
-	return 0;
-}
-
 /*
- * Reads a whole file (or stdin for "-") of at most max bytes. Returns a
- * malloc'd NUL-terminated buffer and *len, or NULL with errno set (EFBIG
- * when over max).
+ * Reads a whole file (or stdin for "-") of at most max bytes: file_read(),
+ * and for what is not a regular file (a pipe such as <(...), a device) its
+ * stream until EOF. Returns a malloc'd NUL-terminated buffer and *len, or
+ * NULL with errno set (EFBIG when over max).
  */
 static char *read_file(const char *path, size_t max, size_t *len)
 {
-	FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
 	char *buf = NULL;
-	size_t n = 0, cap = 0;
-	int saved;
+	int rc = file_read(path, max, FILE_STDIN, &buf, len);
 
-	if (!f)
-		return NULL;
-	for (;;) {
-		size_t r;
+	if (rc == -EINVAL) {
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
 
-		if (cap - n < 4096) {
-			char *nb;
-
-			cap = cap ? cap * 2 : 8192;
-			nb = realloc(buf, cap + 1);
-			if (!nb) {
-				errno = ENOMEM;
-				goto fail;
-			}
-			buf = nb;
-		}
-		r = fread(buf + n, 1, cap - n, f);
-		n += r;
-		if (n > max) {
-			errno = EFBIG;
-			goto fail;
-		}
-		if (r == 0) {
-			if (ferror(f)) {
-				errno = errno ? errno : EIO;
-				goto fail;
-			}
-			break;
-		}
+		rc = fd < 0 ? -errno : file_read_fd(fd, max, &buf, len);
+		if (fd >= 0)
+			close(fd);
 	}
-	if (f != stdin)
-		fclose(f);
-	buf[n] = '\0';
-	*len = n;
+	if (rc < 0) {
+		errno = -rc;
+		return NULL;
+	}
 	return buf;
-fail:
-	saved = errno;
-	if (f != stdin)
-		fclose(f);
-	free(buf);
-	errno = saved;
-	return NULL;
 }
 
 /* ---------------------------------------------------------------- tables */
@@ -663,14 +584,13 @@ static int ctl_connect(struct ctl *ctl)
 /* Prints the API's error for a non-2xx response and returns EXIT_REFUSED. */
 static int api_error(const struct ctl *ctl, const struct httpc_response *r)
 {
-	const json_t *e = r->json ? json_object_get(r->json, "error") : NULL;
-	const char *msg = NULL, *path = NULL, *code = NULL;
+	struct api_error_resp e;
+	const char *msg, *path, *code;
 
-	if (json_is_object(e)) {
-		msg = json_string_value(json_object_get(e, "message"));
-		path = json_string_value(json_object_get(e, "path"));
-		code = json_string_value(json_object_get(e, "code"));
-	}
+	api_parse_error_resp(r->json, &e);
+	msg = e.message;
+	path = e.path;
+	code = e.code;
 	if (!msg && code)
 		msg = code;
 	if (msg) {
@@ -1028,12 +948,12 @@ static int cmd_certs_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 
 static int cmd_certs_revoke(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
-	char serial[64];
+	char serial[CA_SERIAL_HEX_MAX];
 	struct httpc_response r;
 	json_t *body;
 	int rc;
 
-	if (normalize_serial(a->pos[0], serial, sizeof(serial)) < 0)
+	if (ca_serial_normalize(a->pos[0], serial) < 0)
 		return usage_error(ctl, "certs revoke: '%s' is not a certificate serial (hex digits, "
 		                   "optionally with ':' separators)", a->pos[0]);
 	body = json_pack("{s:s}", "serial", serial);
@@ -1246,21 +1166,20 @@ static int ca_rotate_auto(struct ctl *ctl, bool force, long long timeout)
 
 	for (;;) {
 		struct httpc_response r;
-		const json_t *gate;
+		struct api_ca_resp ca;
 		const char *phase, *why;
 		char from[16];
 		int rc = ca_get(ctl, &r);
 
 		if (rc)
 			return rc;
-		phase = json_string_value(json_object_get(r.json, "phase"));
-		gate = json_object_get(r.json, "gate");
-		why = json_string_value(json_object_get(gate, "waiting_for"));
-		if (!phase || !json_is_object(gate)) {
+		if (api_parse_ca_resp(r.json, &ca, NULL) < 0 || !ca.has_gate) {
 			httpc_response_clear(&r);
 			return refused(ctl, "the control's GET /v1/ca answer has no phase or gate (an "
 			               "older control?); rotate one step at a time");
 		}
+		phase = ca.phase;
+		why = ca.waiting_for;
 		if (steps > 0 && strcmp(phase, "stable") == 0) {
 			if (ctl->output == OUT_JSON)
 				print_json(r.json);
@@ -1270,8 +1189,8 @@ static int ca_rotate_auto(struct ctl *ctl, bool force, long long timeout)
 			return 0;
 		}
 		snprintf(from, sizeof(from), "%s", phase);
-		if (json_is_true(json_object_get(gate, "open")) || force) {
-			const char *to = json_string_value(json_object_get(gate, "next_phase"));
+		if (ca.gate_open || force) {
+			const char *to = ca.next_phase;
 			bool last = to && strcmp(to, "stable") == 0;
 			json_t *answer = NULL;
 

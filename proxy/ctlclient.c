@@ -41,7 +41,9 @@
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 
+#include "meshlet/api.h"
 #include "meshlet/ca.h"
+#include "meshlet/file.h"
 #include "meshlet/httpc.h"
 #include "meshlet/log.h"
 #include "meshlet/policy.h"
@@ -225,117 +227,19 @@ static STACK_OF(X509) *pem_certs(const char *pem)
 
 /* ---- files -------------------------------------------------------------- */
 
-/* The whole file (at most max bytes), NUL-terminated and malloc'd; NULL with errno. */
-static char *read_file(const char *path, size_t max, int extra_flags, size_t *len)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC | extra_flags);
-	struct stat st;
-	char *buf = NULL;
-	size_t n = 0;
-	int e;
-
-	if (fd < 0)
-		return NULL;
-	if (fstat(fd, &st) < 0)
-		goto fail;
-	if (!S_ISREG(st.st_mode)) {
-		errno = EINVAL;
-		goto fail;
-	}
-	if ((size_t)st.st_size > max) {
-		errno = EFBIG;
-		goto fail;
-	}
-	buf = malloc((size_t)st.st_size + 1);
-	if (!buf)
-		goto fail;
-	while (n < (size_t)st.st_size) {
-		ssize_t r = read(fd, buf + n, (size_t)st.st_size - n);
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			break;
-		n += (size_t)r;
-	}
-	buf[n] = '\0';
-	close(fd);
-	if (len)
-		*len = n;
-	return buf;
-fail:
-	e = errno;
-	free(buf);
-	close(fd);
-	errno = e;
-	return NULL;
-}
-
-static int fsync_dir(const char *dir)
-{
-	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	int rc;
-
-	if (fd < 0)
-		return -errno;
-	rc = fsync(fd) < 0 ? -errno : 0;
-	close(fd);
-	return rc;
-}
-
-/*
- * Replaces dir/name with data atomically: a new temporary file (O_EXCL,
- * never following a link, mode), fsync, rename over the name, fsync of the
- * directory. Returns 0, or -errno with c->why set.
- */
+/* Replaces state_dir/name with data atomically (file_replace). Returns 0,
+ * or -errno with c->why set. */
 static int write_atomic(struct ctlclient *c, const char *name, const void *data, size_t len,
                         mode_t mode)
 {
-	const char *dir = c->cfg->state_dir;
-	char tmp[PATH_MAX], final[PATH_MAX];
-	size_t off = 0;
-	int fd, e;
+	char path[PATH_MAX];
+	int rc;
 
-	snprintf(final, sizeof(final), "%s/%s", dir, name);
-	snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", dir, name);
-	fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
-	if (fd < 0 && errno == EEXIST) {
-		unlink(tmp);    /* left over by a crash */
-		fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
-	}
-	if (fd < 0)
-		goto fail_open;
-	while (off < len) {
-		ssize_t w = write(fd, (const char *)data + off, len - off);
-
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			goto fail;
-		off += (size_t)w;
-	}
-	if (fsync(fd) < 0)
-		goto fail;
-	if (close(fd) < 0) {
-		fd = -1;
-		goto fail;
-	}
-	fd = -1;
-	if (rename(tmp, final) < 0)
-		goto fail;
-	fsync_dir(dir);
-	return 0;
-fail:
-	e = errno ? errno : EIO;
-	if (fd >= 0)
-		close(fd);
-	unlink(tmp);
-	fail(c, "cannot write %s: %s", final, strerror(e));
-	return -e;
-fail_open:
-	e = errno;
-	fail(c, "cannot create %s: %s", tmp, strerror(e));
-	return -e;
+	snprintf(path, sizeof(path), "%s/%s", c->cfg->state_dir, name);
+	rc = file_replace(path, mode, data, len);
+	if (rc < 0)
+		fail(c, "cannot write %s: %s", path, strerror(-rc));
+	return rc;
 }
 
 static int save_key(struct ctlclient *c, EVP_PKEY *key)
@@ -412,12 +316,11 @@ static int state_dir_prepare(const struct config *cfg, struct meshlet_err *err)
 /* The API's error of a non-2xx answer as text (never a token: control does not echo them). */
 static void api_error_text(const struct httpc_response *r, char *out, size_t len)
 {
-	const json_t *e = r->json ? json_object_get(r->json, "error") : NULL;
-	const char *msg = json_string_value(json_object_get(e, "message"));
-	const char *code = json_string_value(json_object_get(e, "code"));
+	struct api_error_resp e;
 
-	if (msg)
-		snprintf(out, len, "HTTP %d %s: %.200s", r->status, code ? code : "", msg);
+	api_parse_error_resp(r->json, &e);
+	if (e.message)
+		snprintf(out, len, "HTTP %d %s: %.200s", r->status, e.code ? e.code : "", e.message);
 	else
 		snprintf(out, len, "HTTP %d", r->status);
 }
@@ -449,10 +352,10 @@ static int call(struct ctlclient *c, struct httpc *h, const char *what, const ch
 		return rc;
 	}
 	if (r->status < 200 || r->status > 299) {
-		const char *code = json_string_value(json_object_get(
-			r->json ? json_object_get(r->json, "error") : NULL, "code"));
+		struct api_error_resp e;
 
-		snprintf(c->refusal, sizeof(c->refusal), "%s", code ? code : "");
+		api_parse_error_resp(r->json, &e);
+		snprintf(c->refusal, sizeof(c->refusal), "%s", e.code ? e.code : "");
 		api_error_text(r, text, sizeof(text));
 		rc = r->status;
 		httpc_response_clear(r);
@@ -503,57 +406,18 @@ static void drop_mtls(struct ctlclient *c)
 
 /* ---- join token --------------------------------------------------------- */
 
-/*
- * mlt1.<service>.<pin>.<secret>: copies the service and the pin out.
- * Returns 0 or -EINVAL.
- */
-static int token_parse(const char *tok, char *service, char *pin)
-{
-	const char *p[4], *s = tok;
-	size_t len[4];
-	int n = 0;
-
-	while (n < 4) {
-		const char *dot = strchr(s, '.');
-
-		p[n] = s;
-		len[n] = dot ? (size_t)(dot - s) : strlen(s);
-		n++;
-		if (!dot)
-			break;
-		s = dot + 1;
-	}
-	if (n != 4 || strchr(p[3], '.') || len[0] != 4 || memcmp(p[0], "mlt1", 4) != 0)
-		return -EINVAL;
-	if (len[1] == 0 || len[1] > SERVICE_NAME_MAX || len[2] != CA_PIN_HEX_LEN - 1 || len[3] < 16)
-		return -EINVAL;
-	memcpy(service, p[1], len[1]);
-	service[len[1]] = '\0';
-	memcpy(pin, p[2], len[2]);
-	pin[len[2]] = '\0';
-	for (size_t i = 0; i < len[2]; i++)
-		if (!strchr("0123456789abcdef", pin[i]))
-			return -EINVAL;
-	for (size_t i = 0; i < len[3]; i++)
-		if (!(p[3][i] == '-' || p[3][i] == '_' || (p[3][i] >= '0' && p[3][i] <= '9') ||
-		      (p[3][i] >= 'a' && p[3][i] <= 'z') || (p[3][i] >= 'A' && p[3][i] <= 'Z')))
-			return -EINVAL;
-	return identity_valid_service(service) ? 0 : -EINVAL;
-}
-
 /* The token file's content without surrounding white space; NULL with c->why set. */
 static char *token_read(struct ctlclient *c)
 {
 	const char *file = c->cfg->control_token_file;
 	size_t len = 0, start = 0;
-	char *tok = read_file(file, CTL_TOKEN_MAX, 0, &len);
+	char *tok = NULL;
+	int rc = file_read(file, CTL_TOKEN_MAX, 0, &tok, &len);
 
-	if (!tok) {
-		int e = errno;
-
+	if (rc < 0) {
 		fail(c, "cannot read the join token file %s: %s", file,
-		     e == EFBIG ? "too large" : strerror(e));
-		errno = e;
+		     rc == -EFBIG ? "too large" : strerror(-rc));
+		errno = -rc;
 		return NULL;
 	}
 	while (len > 0 && (tok[len - 1] == '\n' || tok[len - 1] == '\r' || tok[len - 1] == ' ' ||
@@ -574,35 +438,6 @@ static void token_free(char *tok)
 }
 
 /* ---- accepting an SVID -------------------------------------------------- */
-
-/* "a\nb\n" of an array of PEM strings; NULL when it is not one. */
-static char *pem_join(const json_t *arr)
-{
-	size_t total = 1, i;
-	const json_t *v;
-	char *out;
-
-	if (!json_is_array(arr) || json_array_size(arr) == 0)
-		return NULL;
-	json_array_foreach(arr, i, v) {
-		if (!json_is_string(v))
-			return NULL;
-		total += json_string_length(v) + 1;
-	}
-	out = malloc(total);
-	if (!out)
-		return NULL;
-	out[0] = '\0';
-	json_array_foreach(arr, i, v) {
-		const char *s = json_string_value(v);
-		size_t n = strlen(s);
-
-		strcat(out, s);
-		if (n == 0 || s[n - 1] != '\n')
-			strcat(out, "\n");
-	}
-	return out;
-}
 
 static void plan_renewal(struct ctlclient *c)
 {
@@ -667,22 +502,22 @@ static int adopt_svid(struct ctlclient *c, EVP_PKEY *key, const char *cert_pem,
  */
 static int accept_svid(struct ctlclient *c, const json_t *doc, EVP_PKEY *key, bool join)
 {
-	const char *chain = NULL, *td = NULL;
-	const json_t *bundle = NULL;
-	json_int_t bver = 0;
+	struct meshlet_err e = { { 0 }, { 0 } };
+	struct api_svid_resp a;
 	char *bundle_pem = NULL;
 
-	if (json_unpack((json_t *)doc, "{s:s, s:s, s:o, s:I}", "cert_chain", &chain,
-	                "trust_domain", &td, "bundle", &bundle, "bundle_version", &bver) < 0)
-		return fail(c, "malformed answer to POST /v1/svid");
-	if (strcmp(td, c->cfg->trust_domain) != 0)
-		return fail(c, "control serves trust domain %.100s, not %s", td, c->cfg->trust_domain);
-	bundle_pem = pem_join(bundle);
+	if (api_parse_svid_resp(doc, &a, &e) < 0)
+		return fail(c, "malformed answer to POST /v1/svid: %s%s%s", e.path, e.path[0] ? ": " : "",
+		            e.message);
+	if (strcmp(a.trust_domain, c->cfg->trust_domain) != 0)
+		return fail(c, "control serves trust domain %.100s, not %s", a.trust_domain,
+		            c->cfg->trust_domain);
+	bundle_pem = api_pem_join(a.bundle);
 	if (!bundle_pem)
-		return fail(c, "malformed bundle in the answer to POST /v1/svid");
-	if (!join && bver != c->st.bundle_version)
+		return fail(c, "out of memory");
+	if (!join && a.bundle_version != c->st.bundle_version)
 		c->need_bundle = true;
-	if (adopt_svid(c, key, chain, join ? bundle_pem : NULL) < 0) {
+	if (adopt_svid(c, key, a.cert_chain, join ? bundle_pem : NULL) < 0) {
 		free(bundle_pem);
 		return -1;
 	}
@@ -733,7 +568,9 @@ static int new_csr(struct ctlclient *c, EVP_PKEY **key, json_t **body)
 
 static int join(struct ctlclient *c)
 {
-	char service[SERVICE_NAME_MAX + 1], pin[CA_PIN_HEX_LEN], err[HTTPC_ERR_MAX] = "";
+	char err[HTTPC_ERR_MAX] = "";
+	struct meshlet_err te = { { 0 }, { 0 } };
+	struct api_join_token jt;
 	struct httpc_response r;
 	struct httpc *h = NULL;
 	EVP_PKEY *key = NULL;
@@ -746,20 +583,21 @@ static int join(struct ctlclient *c)
 	tok = token_read(c);
 	if (!tok)
 		return -1;
-	if (token_parse(tok, service, pin) < 0) {
-		fail(c, "the join token in %s is malformed (expected mlt1.<service>.<pin>.<secret>)",
-		     c->cfg->control_token_file);
+	/* The same parser control checks tokens with: what it makes, nothing else. */
+	if (api_token_parse(tok, &jt, &te) < 0) {
+		fail(c, "the join token in %s is unusable: %s (create one with meshletctl token "
+		     "create --service %s)", c->cfg->control_token_file, te.message, c->cfg->service);
 		goto out;
 	}
-	if (strcmp(service, c->cfg->service) != 0) {
+	if (strcmp(jt.service, c->cfg->service) != 0) {
 		fail(c, "the join token in %s is for service %s, not for %s: create one with "
-		     "meshletctl token create --service %s", c->cfg->control_token_file, service,
+		     "meshletctl token create --service %s", c->cfg->control_token_file, jt.service,
 		     c->cfg->service, c->cfg->service);
 		goto out;
 	}
 	{
 		struct httpc_opts o = {
-			.url = c->cfg->control_url, .pin_sha256 = pin, .expect_uri = c->control_id,
+			.url = c->cfg->control_url, .pin_sha256 = jt.pin, .expect_uri = c->control_id,
 			.token = tok, .user_agent = CTL_USER_AGENT,
 		};
 
@@ -855,28 +693,13 @@ static int renew(struct ctlclient *c)
 	return 0;
 }
 
-/* Serials of a JSON array, canonical; false when it is not one. */
-static bool revoked_ok(const json_t *arr)
-{
-	char hex[CA_SERIAL_HEX_MAX];
-	const json_t *v;
-	size_t i;
-
-	if (!json_is_array(arr))
-		return false;
-	json_array_foreach(arr, i, v)
-		if (!json_is_string(v) || ca_serial_normalize(json_string_value(v), hex) < 0)
-			return false;
-	return true;
-}
-
 static int fetch_bundle(struct ctlclient *c)
 {
 	struct httpc_response r;
 	struct httpc *h = mtls(c);
-	const char *td = NULL;
-	json_t *roots = NULL, *revoked = NULL;
-	json_int_t version = 0;
+	struct meshlet_err e = { { 0 }, { 0 } };
+	struct api_bundle_resp a;
+	int64_t version;
 	STACK_OF(X509) *check;
 	char *pem;
 	bool roots_changed;
@@ -887,15 +710,25 @@ static int fetch_bundle(struct ctlclient *c)
 	if (call(c, h, "fetching the trust bundle", "GET", "/v1/bundle", NULL, CTL_CALL_TIMEOUT_MS,
 	         &r) != 0)
 		return -1;
-	if (json_unpack(r.json, "{s:s, s:o, s:o, s:I}", "trust_domain", &td, "roots", &roots,
-	                "revoked", &revoked, "version", &version) < 0 ||
-	    strcmp(td, c->cfg->trust_domain) != 0 || !revoked_ok(revoked) ||
-	    !(pem = pem_join(roots))) {
+	if (api_parse_bundle_resp(r.json, &a, &e) < 0) {
 		httpc_response_clear(&r);
-		return fail(c, "malformed answer to GET /v1/bundle");
+		return fail(c, "malformed answer to GET /v1/bundle: %s%s%s", e.path,
+		            e.path[0] ? ": " : "", e.message);
 	}
+	if (strcmp(a.trust_domain, c->cfg->trust_domain) != 0) {
+		fail(c, "control serves trust domain %.100s, not %s", a.trust_domain,
+		     c->cfg->trust_domain);
+		httpc_response_clear(&r);
+		return -1;
+	}
+	pem = api_pem_join(a.roots);
+	if (!pem) {
+		httpc_response_clear(&r);
+		return fail(c, "out of memory");
+	}
+	version = a.version;
 	check = pem_certs(pem);
-	if (!check || sk_X509_num(check) != (int)json_array_size(roots)) {
+	if (!check || sk_X509_num(check) != (int)json_array_size(a.roots)) {
 		sk_X509_pop_free(check, X509_free);
 		free(pem);
 		httpc_response_clear(&r);
@@ -903,15 +736,15 @@ static int fetch_bundle(struct ctlclient *c)
 	}
 	sk_X509_pop_free(check, X509_free);
 	roots_changed = !c->st.bundle_pem || strcmp(pem, c->st.bundle_pem) != 0;
-	if (roots_changed || !c->st.revoked || !json_equal(revoked, c->st.revoked))
+	if (roots_changed || !c->st.revoked || !json_equal(a.revoked, c->st.revoked))
 		c->tls_dirty = true;
 	free(c->st.bundle_pem);
 	c->st.bundle_pem = pem;
 	json_decref(c->st.revoked);
-	c->st.revoked = json_incref(revoked);
+	c->st.revoked = json_incref((json_t *)a.revoked);
 	c->st.bundle_version = version;
 	c->need_bundle = false;
-	n_roots = json_array_size(roots);
+	n_roots = json_array_size(a.roots);
 	httpc_response_clear(&r);       /* roots and td are gone from here on */
 	if (roots_changed) {
 		drop_mtls(c);   /* control is verified with the new roots from now on */
@@ -988,40 +821,23 @@ static json_t *relevant_endpoints(const struct config *cfg, const json_t *all)
 	return out;
 }
 
-/* One endpoint from control: {"address", "ports"} (or, in a cache written
- * by an older version, the bare "ip:port"). 0, or -1 with *why set. */
+/* One endpoint from control (api_parse_endpoint), its address parsed.
+ * 0, or -1 with *why set. */
 static int parse_endpoint(const json_t *v, struct config_addr *addr,
-                          struct snapshot_app_ports *ports, const char **why)
+                          struct snapshot_app_ports *ports, struct meshlet_err *e,
+                          const char **why)
 {
-	const json_t *list = NULL, *p;
-	const char *text = json_string_value(v);
-	size_t i;
+	struct api_endpoint ep;
 
 	memset(ports, 0, sizeof(*ports));
-	if (json_is_object(v)) {
-		text = json_string_value(json_object_get(v, "address"));
-		list = json_object_get(v, "ports");
-		if (list && !json_is_array(list)) {
-			*why = "ports is not an array";
-			return -1;
-		}
-	}
-	if (!text) {
-		*why = "not an address";
+	if (api_parse_endpoint(v, &ep, e) < 0) {
+		*why = e->message;
 		return -1;
 	}
-	if (config_parse_addr(text, addr, why) < 0)
+	if (config_parse_addr(ep.address, addr, why) < 0)
 		return -1;
-	json_array_foreach(list, i, p) {
-		json_int_t port = json_integer_value(p);
-
-		if (!json_is_integer(p) || port < 1 || port > 65535) {
-			*why = "an application port is not 1..65535";
-			return -1;
-		}
-		if (ports->n < SNAPSHOT_APP_PORTS_MAX)
-			ports->port[ports->n++] = (uint16_t)port;
-	}
+	for (size_t i = 0; i < ep.n_ports && ports->n < SNAPSHOT_APP_PORTS_MAX; i++)
+		ports->port[ports->n++] = ep.ports[i];
 	return 0;
 }
 
@@ -1052,11 +868,13 @@ static int build_registry(const json_t *eps, struct snapshot_source *src, size_t
 		if (!e->addrs || !e->app_ports)
 			return -ENOMEM;
 		json_array_foreach(list, i, v) {
+			struct meshlet_err pe = { { 0 }, { 0 } };
 			const char *why = NULL;
 
 			if (e->n_addrs >= m)
 				break;
-			if (parse_endpoint(v, &e->addrs[e->n_addrs], &e->app_ports[e->n_addrs], &why) < 0) {
+			if (parse_endpoint(v, &e->addrs[e->n_addrs], &e->app_ports[e->n_addrs], &pe,
+			                   &why) < 0) {
 				log_warn("ignoring endpoint %zu of %s from control: %s", i, svc,
 				         why ? why : "malformed");
 				continue;
@@ -1140,15 +958,20 @@ static int install_current(struct ctlclient *c)
 /* A config answer: applies what changed. */
 static int apply_config(struct ctlclient *c, const json_t *doc)
 {
-	json_int_t version, pver, bver, gen;
-	json_t *policy = NULL, *all = NULL, *eps;
+	struct meshlet_err e = { { 0 }, { 0 } };
+	struct api_config_resp a;
+	int64_t version, pver, bver, gen;
+	json_t *policy, *eps;
 	bool changed;
 
-	if (json_unpack((json_t *)doc, "{s:I, s:o, s:I, s:I, s:I, s:o}", "version", &version,
-	                "policy", &policy, "policy_version", &pver, "bundle_version", &bver,
-	                "cert_generation", &gen, "endpoints", &all) < 0 ||
-	    !(json_is_object(policy) || json_is_null(policy)) || !json_is_object(all))
-		return fail(c, "malformed config answer");
+	if (api_parse_config_resp(doc, &a, &e) < 0)
+		return fail(c, "malformed config answer: %s%s%s", e.path, e.path[0] ? ": " : "",
+		            e.message);
+	version = a.version;
+	pver = a.policy_version;
+	bver = a.bundle_version;
+	gen = a.cert_generation;
+	policy = (json_t *)a.policy;
 	/* Bundle and certificate first; the loop polls again (at once: same after=). */
 	if (bver != c->st.bundle_version) {
 		/* Asked for before and still not what GET /v1/bundle gave: do not spin. */
@@ -1167,7 +990,7 @@ static int apply_config(struct ctlclient *c, const json_t *doc)
 		c->pending_generation = gen;
 		return 0;
 	}
-	eps = relevant_endpoints(c->cfg, all);
+	eps = relevant_endpoints(c->cfg, a.endpoints);
 	if (!eps)
 		return fail(c, "out of memory");
 	changed = !c->installed || c->tls_dirty || pver != c->st.policy_version ||
@@ -1339,7 +1162,7 @@ static int cache_load_state(struct ctlclient *c)
 	                "endpoints", &eps, "bundle_version", &bver, "revoked", &revoked,
 	                "cert_generation", &gen) < 0 || fmt != 1 ||
 	    !(json_is_object(policy) || json_is_null(policy)) || !json_is_object(eps) ||
-	    !revoked_ok(revoked)) {
+	    !api_valid_serial_list(revoked)) {
 		log_warn("ignoring %s: not a state file of this version", path);
 		json_decref(doc);
 		return -1;
@@ -1372,11 +1195,14 @@ static void cache_load(struct ctlclient *c)
 	BIO *b;
 
 	snprintf(path, sizeof(path), "%s/%s", dir, F_KEY);
-	key_pem = read_file(path, 64 * 1024, O_NOFOLLOW, NULL);
+	if (file_read(path, 64 * 1024, FILE_NOFOLLOW, &key_pem, NULL) < 0)
+		key_pem = NULL;
 	snprintf(path, sizeof(path), "%s/%s", dir, F_CERT);
-	cert_pem = read_file(path, 1024 * 1024, O_NOFOLLOW, NULL);
+	if (file_read(path, 1024 * 1024, FILE_NOFOLLOW, &cert_pem, NULL) < 0)
+		cert_pem = NULL;
 	snprintf(path, sizeof(path), "%s/%s", dir, F_BUNDLE);
-	bundle_pem = read_file(path, 1024 * 1024, O_NOFOLLOW, NULL);
+	if (file_read(path, 1024 * 1024, FILE_NOFOLLOW, &bundle_pem, NULL) < 0)
+		bundle_pem = NULL;
 	if (!key_pem || !cert_pem || !bundle_pem) {
 		log_info("no cached SVID in %s: joining %s", dir, c->cfg->control_url);
 		goto out;
