@@ -126,7 +126,7 @@ static void api_error_text(const struct httpc_response *r, char *out, size_t len
  * or the HTTP status of a refusal, with c->why set (what: the call's name).
  */
 int ctlc_call(struct ctlclient *c, struct httpc *h, const char *what, const char *method,
-                const char *path, const json_t *body, int timeout_ms, struct httpc_response *r)
+              const char *path, const json_t *body, int timeout_ms, struct httpc_response *r)
 {
 	char err[HTTPC_ERR_MAX] = "", text[300];
 	int rc;

@@ -29,7 +29,7 @@
 /* Replaces state_dir/name with data atomically (file_replace). Returns 0,
  * or -errno with c->why set. */
 int ctlc_write_file(struct ctlclient *c, const char *name, const void *data, size_t len,
-                        mode_t mode)
+                    mode_t mode)
 {
 	char path[PATH_MAX];
 	int rc;

@@ -35,7 +35,7 @@ int ctlc_register_inbound(struct ctlclient *c)
 		if (!body)
 			return ctlc_fail(c, "out of memory");
 		rc = ctlc_call(c, h, "registering the inbound address", "POST", path, body,
-		          CTL_CALL_TIMEOUT_MS, &r);
+		               CTL_CALL_TIMEOUT_MS, &r);
 		json_decref(body);
 		/* A refusal of this address (not ours, another service's, over a
 		 * cap) will not change by retrying: say so, and keep polling the
@@ -151,7 +151,7 @@ static int build_registry(const json_t *eps, struct snapshot_source *src, size_t
  * endpoints and, when they changed, our SVID and bundle as a new snapshot.
  */
 int ctlc_install(struct ctlclient *c, const json_t *policy, int64_t policy_version,
-                   const json_t *eps, int64_t version)
+                 const json_t *eps, int64_t version)
 {
 	struct snapshot_source src = { 0 };
 	struct meshlet_err e = { { 0 }, { 0 } };
@@ -196,7 +196,7 @@ int ctlc_install(struct ctlclient *c, const json_t *policy, int64_t policy_versi
 	}
 	if (c->host.install(c->host.ctx, &src, &e) < 0)
 		return ctlc_fail(c, "cannot install the config from control: %s",
-		            err_str(&e, msg, sizeof(msg)));
+		                 err_str(&e, msg, sizeof(msg)));
 	c->tls_dirty = false;
 	c->installed = true;
 	log_info("installed config version %lld: policy v%lld, bundle v%lld, %zu endpoints",
@@ -226,7 +226,7 @@ static int apply_config(struct ctlclient *c, const json_t *doc)
 
 	if (api_parse_config_resp(doc, &a, &e) < 0)
 		return ctlc_fail(c, "malformed config answer: %s%s%s", e.path, e.path[0] ? ": " : "",
-		            e.message);
+		                 e.message);
 	version = a.version;
 	pver = a.policy_version;
 	bver = a.bundle_version;
@@ -237,7 +237,7 @@ static int apply_config(struct ctlclient *c, const json_t *doc)
 		/* Asked for before and still not what GET /v1/bundle gave: do not spin. */
 		if (c->bundle_asked == bver)
 			return ctlc_fail(c, "control's config names bundle version %lld, its bundle is "
-			            "version %lld", (long long)bver, (long long)c->st.bundle_version);
+			                 "version %lld", (long long)bver, (long long)c->st.bundle_version);
 		c->bundle_asked = bver;
 		c->need_bundle = true;
 		return 0;
@@ -324,7 +324,7 @@ int ctlc_poll_config(struct ctlclient *c)
 	snprintf(path, sizeof(path), "/v1/services/%s/config?after=%lld&wait=%lld%s", c->cfg->service,
 	         (long long)(c->installed ? c->st.version : 0), wait, ups);
 	if (ctlc_call(c, h, "watching the config", "GET", path, NULL,
-	         (int)(wait * 1000 + CTL_CALL_TIMEOUT_MS), &r) != 0)
+	              (int)(wait * 1000 + CTL_CALL_TIMEOUT_MS), &r) != 0)
 		return -1;
 	c->reconnecting = false;
 	rc = apply_config(c, r.json);

@@ -60,7 +60,7 @@ char *ctlc_token_read(struct ctlclient *c)
 
 	if (rc < 0) {
 		ctlc_fail(c, "cannot read the join token file %s: %s", file,
-		     rc == -EFBIG ? "too large" : strerror(-rc));
+		          rc == -EFBIG ? "too large" : strerror(-rc));
 		errno = -rc;
 		return NULL;
 	}
@@ -99,7 +99,7 @@ static void plan_renewal(struct ctlclient *c)
  * check it with (ours when NULL). Takes key over on success.
  */
 int ctlc_adopt_svid(struct ctlclient *c, EVP_PKEY *key, const char *cert_pem,
-                      const char *bundle_pem)
+                    const char *bundle_pem)
 {
 	struct meshlet_err e = { { 0 }, { 0 } };
 	struct tls_material *m = NULL;
@@ -150,10 +150,10 @@ static int accept_svid(struct ctlclient *c, const json_t *doc, EVP_PKEY *key, bo
 
 	if (api_parse_svid_resp(doc, &a, &e) < 0)
 		return ctlc_fail(c, "malformed answer to POST /v1/svid: %s%s%s", e.path, e.path[0] ? ": " : "",
-		            e.message);
+		                 e.message);
 	if (strcmp(a.trust_domain, c->cfg->trust_domain) != 0)
 		return ctlc_fail(c, "control serves trust domain %.100s, not %s", a.trust_domain,
-		            c->cfg->trust_domain);
+		                 c->cfg->trust_domain);
 	bundle_pem = api_pem_join(a.bundle);
 	if (!bundle_pem)
 		return ctlc_fail(c, "out of memory");
@@ -226,13 +226,13 @@ int ctlc_join(struct ctlclient *c)
 	/* The same parser control checks tokens with: what it makes, nothing else. */
 	if (api_token_parse(tok, &jt, &te) < 0) {
 		ctlc_fail(c, "the join token in %s is unusable: %s (create one with meshletctl token "
-		     "create --service %s)", c->cfg->control_token_file, te.message, c->cfg->service);
+		          "create --service %s)", c->cfg->control_token_file, te.message, c->cfg->service);
 		goto out;
 	}
 	if (strcmp(jt.service, c->cfg->service) != 0) {
 		ctlc_fail(c, "the join token in %s is for service %s, not for %s: create one with "
-		     "meshletctl token create --service %s", c->cfg->control_token_file, jt.service,
-		     c->cfg->service, c->cfg->service);
+		          "meshletctl token create --service %s", c->cfg->control_token_file, jt.service,
+		          c->cfg->service, c->cfg->service);
 		goto out;
 	}
 	{
@@ -256,7 +256,7 @@ int ctlc_join(struct ctlclient *c)
 
 		snprintf(detail, sizeof(detail), "%s", c->why);
 		ctlc_fail(c, "%s (the join token is unknown, expired or used up: create a new one with "
-		     "meshletctl token create --service %s)", detail, c->cfg->service);
+		          "meshletctl token create --service %s)", detail, c->cfg->service);
 	}
 	if (rc != 0) {
 		rc = -1;
@@ -311,7 +311,7 @@ int ctlc_renew(struct ctlclient *c)
 		return -1;
 	c->refusal[0] = '\0';
 	rc = ctlc_call(c, h, "renewing the SVID", "POST", "/v1/svid", c->renew_body,
-	          CTL_CALL_TIMEOUT_MS, &r);
+	               CTL_CALL_TIMEOUT_MS, &r);
 	if (rc == 403)
 		renew_refused(c);
 	if (rc != 0)
@@ -348,16 +348,16 @@ int ctlc_fetch_bundle(struct ctlclient *c)
 	if (!h)
 		return -1;
 	if (ctlc_call(c, h, "fetching the trust bundle", "GET", "/v1/bundle", NULL, CTL_CALL_TIMEOUT_MS,
-	         &r) != 0)
+	              &r) != 0)
 		return -1;
 	if (api_parse_bundle_resp(r.json, &a, &e) < 0) {
 		httpc_response_clear(&r);
 		return ctlc_fail(c, "malformed answer to GET /v1/bundle: %s%s%s", e.path,
-		            e.path[0] ? ": " : "", e.message);
+		                 e.path[0] ? ": " : "", e.message);
 	}
 	if (strcmp(a.trust_domain, c->cfg->trust_domain) != 0) {
 		ctlc_fail(c, "control serves trust domain %.100s, not %s", a.trust_domain,
-		     c->cfg->trust_domain);
+		          c->cfg->trust_domain);
 		httpc_response_clear(&r);
 		return -1;
 	}

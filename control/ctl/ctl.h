@@ -135,6 +135,11 @@ int ctl_api_call(struct ctl *ctl, const char *method, const char *path, const js
 /* prefix followed by the escaped segment seg into out: 0 or EXIT_USAGE. */
 int ctl_api_path(const struct ctl *ctl, char *out, size_t len, const char *prefix,
                  const char *seg);
+/* Sends body (taken over; NULL: out of memory) and shows the answer: as
+ * JSON with -o json; else its fields as a row (cols first), or text when
+ * the answer is empty, or text alone when cols is NULL. 0 or exit code. */
+int ctl_send(struct ctl *ctl, const char *method, const char *path, json_t *body,
+             const char *const *cols, const char *text);
 /* GET path and print the list under key (cols first) or as JSON. */
 int ctl_list_command(struct ctl *ctl, const char *path, const char *key,
                      const char *const *cols);

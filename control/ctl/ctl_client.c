@@ -108,7 +108,7 @@ static int load_token(const struct ctl *ctl, char **out)
 	tok = ctl_read_file(file, CTL_TOKEN_FILE_MAX, &len);
 	if (!tok)
 		return ctl_usage_error(ctl, "cannot read the admin token file %s: %s%s", file,
-		                   errno == EFBIG ? "too large" : strerror(errno), why);
+		                       errno == EFBIG ? "too large" : strerror(errno), why);
 	while (len > 0 && isspace((unsigned char)tok[len - 1]))
 		tok[--len] = '\0';
 	if (len == 0 || strlen(tok) != len) {
@@ -142,7 +142,7 @@ int ctl_connect(struct ctl *ctl)
 			OPENSSL_cleanse(token, strlen(token));
 			free(token);
 			return ctl_usage_error(ctl, "cannot read the control's CA file %s: %s (give --ca FILE "
-			                   "or --state-dir DIR, or set MESHLET_CA)", ca_path, strerror(e));
+			                       "or --state-dir DIR, or set MESHLET_CA)", ca_path, strerror(e));
 		}
 		o.ca_file = ca_path;
 	}
@@ -196,8 +196,8 @@ int ctl_api_error(const struct ctl *ctl, const struct httpc_response *r)
  * (non-2xx, or the control unreachable), EXIT_USAGE (local problem).
  */
 int ctl_api_call(struct ctl *ctl, const char *method, const char *path, const json_t *body,
-                    const char *raw, size_t raw_len, const char *const *headers,
-                    struct httpc_response *resp)
+                 const char *raw, size_t raw_len, const char *const *headers,
+                 struct httpc_response *resp)
 {
 	char err[HTTPC_ERR_MAX] = "";
 	int rc = ctl_connect(ctl);
@@ -244,7 +244,7 @@ static const json_t *list_of(const json_t *resp, const char *key)
 }
 
 int ctl_list_command(struct ctl *ctl, const char *path, const char *key,
-                        const char *const *cols)
+                     const char *const *cols)
 {
 	struct httpc_response r;
 	const json_t *list;
@@ -259,6 +259,28 @@ int ctl_list_command(struct ctl *ctl, const char *path, const char *key,
 		ctl_print_list(list, cols, true, stdout);
 	else
 		ctl_print_object(r.json, cols, stdout);
+	httpc_response_clear(&r);
+	return 0;
+}
+
+int ctl_send(struct ctl *ctl, const char *method, const char *path, json_t *body,
+             const char *const *cols, const char *text)
+{
+	struct httpc_response r;
+	int rc;
+
+	if (!body)
+		return ctl_usage_error(ctl, "out of memory");
+	rc = ctl_api_call(ctl, method, path, body, NULL, 0, NULL, &r);
+	json_decref(body);
+	if (rc)
+		return rc;
+	if (ctl->output == OUT_JSON)
+		ctl_print_json(r.json);
+	else if (cols && (!text || (r.json && json_object_size(r.json))))
+		ctl_print_object(r.json, cols, stdout);
+	else
+		fputs(text, stdout);
 	httpc_response_clear(&r);
 	return 0;
 }

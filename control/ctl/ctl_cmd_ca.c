@@ -111,15 +111,15 @@ int ctl_cmd_ca_show(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl
 	signing = json_integer_value(json_object_get(r.json, "signing"));
 	fputc('\n', stdout);
 	ctl_table_init(&t, 6);
-	ctl_table_add(&t, (const char *[]){ "INDEX", "SIGNING", "SUBJECT", "NOT_BEFORE", "NOT_AFTER",
-	                                "KEY_SHA256" });
+	ctl_table_add(&t, (const char *[]){ "INDEX", "SIGNING", "SUBJECT", "NOT_BEFORE",
+	                                    "NOT_AFTER", "KEY_SHA256" });
 	json_array_foreach((json_t *)roots, i, root) {
 		char idx[24], cn[128], nb[32], na[32], pin[65];
 
 		snprintf(idx, sizeof(idx), "%zu", i);
 		root_cells(json_string_value(root) ? json_string_value(root) : "", cn, nb, na, pin);
-		ctl_table_add(&t, (const char *[]){ idx, (json_int_t)i == signing ? "yes" : "no", cn, nb,
-		                                na, pin });
+		ctl_table_add(&t, (const char *[]){ idx, (json_int_t)i == signing ? "yes" : "no",
+		                                    cn, nb, na, pin });
 	}
 	ctl_table_print(&t, stdout);
 	ctl_table_free(&t);
@@ -215,7 +215,7 @@ static int ca_rotate_auto(struct ctl *ctl, bool force, long long timeout)
 		if (api_parse_ca_resp(r.json, &ca, NULL) < 0 || !ca.has_gate) {
 			httpc_response_clear(&r);
 			return ctl_refused(ctl, "the control's GET /v1/ca answer has no phase or gate (an "
-			               "older control?); rotate one step at a time");
+			                   "older control?); rotate one step at a time");
 		}
 		phase = ca.phase;
 		why = ca.waiting_for;
@@ -258,7 +258,7 @@ static int ca_rotate_auto(struct ctl *ctl, bool force, long long timeout)
 		}
 		if (mono_s() >= deadline) {
 			rc = ctl_refused(ctl, "ca rotate --auto: timed out after %llds in phase %s, waiting for "
-			             "%s", timeout, from, why ? why : "?");
+			                 "%s", timeout, from, why ? why : "?");
 			httpc_response_clear(&r);
 			return rc;
 		}
@@ -291,11 +291,11 @@ int ctl_cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struct c
 	if (t && !ctl_arg(cmd, a, "auto")) {
 		if (ctl_parse_duration(t, &timeout) < 0 || timeout > 3600)
 			return ctl_usage_error(ctl, "--timeout: expected a duration up to 1h (30s, 2m), got "
-			                   "'%s'", t);
+			                       "'%s'", t);
 		ctl->timeout_ms = (int)(timeout * 1000);
 	} else if (t && ctl_parse_duration(t, &timeout) < 0) {
 		return ctl_usage_error(ctl, "--timeout: expected a duration such as 90s, 15m, 2h or "
-		                   "seconds, got '%s'", t);
+		                       "seconds, got '%s'", t);
 	}
 	if (ctl_arg(cmd, a, "auto"))
 		return ca_rotate_auto(ctl, force, timeout);

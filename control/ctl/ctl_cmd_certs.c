@@ -13,31 +13,18 @@ int ctl_cmd_token_create(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 	static const char *const cols[] = { "token", "service", "expires_at", "uses", NULL };
 	const char *svc = ctl_arg(cmd, a, "service"), *ttl = ctl_arg(cmd, a, "ttl"), *uses = ctl_arg(cmd, a, "uses");
 	long long ttl_s = 3600, n_uses = 1;
-	struct httpc_response r;
 	json_t *body;
-	int rc;
 
 	if (!svc)
 		return ctl_usage_error(ctl, "token create: --service SERVICE is required");
 	if (ttl && ctl_parse_duration(ttl, &ttl_s) < 0)
 		return ctl_usage_error(ctl, "--ttl: expected a duration such as 90s, 15m, 1h, 7d or "
-		                   "seconds, got '%s'", ttl);
+		                       "seconds, got '%s'", ttl);
 	if (uses && ctl_parse_int(uses, 1, INT32_MAX, &n_uses) < 0)
 		return ctl_usage_error(ctl, "--uses: expected a positive integer, got '%s'", uses);
 	body = json_pack("{s:s, s:I, s:I}", "service", svc, "ttl_seconds", (json_int_t)ttl_s,
 	                 "uses", (json_int_t)n_uses);
-	if (!body)
-		return ctl_usage_error(ctl, "out of memory");
-	rc = ctl_api_call(ctl, "POST", "/v1/tokens", body, NULL, 0, NULL, &r);
-	json_decref(body);
-	if (rc)
-		return rc;
-	if (ctl->output == OUT_JSON)
-		ctl_print_json(r.json);
-	else
-		ctl_print_object(r.json, cols, stdout);
-	httpc_response_clear(&r);
-	return 0;
+	return ctl_send(ctl, "POST", "/v1/tokens", body, cols, NULL);
 }
 
 /* ---------------------------------------------------------------- certs */
@@ -55,52 +42,27 @@ int ctl_cmd_certs_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 {
 	const char *svc = ctl_arg(cmd, a, "service");
 	bool all = ctl_arg(cmd, a, "all") != NULL;
-	struct httpc_response r;
+	char text[320];
 	json_t *body;
-	int rc;
 
 	if (!!svc == all)
 		return ctl_usage_error(ctl, "certs rotate: give exactly one of --service SERVICE or --all");
 	body = all ? json_pack("{s:b}", "all", 1) : json_pack("{s:s}", "service", svc);
-	if (!body)
-		return ctl_usage_error(ctl, "out of memory");
-	rc = ctl_api_call(ctl, "POST", "/v1/certs/rotate", body, NULL, 0, NULL, &r);
-	json_decref(body);
-	if (rc)
-		return rc;
-	if (ctl->output == OUT_JSON)
-		ctl_print_json(r.json);
-	else if (r.json && json_object_size(r.json))
-		ctl_print_object(r.json, (const char *const[]){ "service", "all", NULL }, stdout);
-	else
-		printf("rotation requested for %s\n", all ? "all services" : svc);
-	httpc_response_clear(&r);
-	return 0;
+	snprintf(text, sizeof(text), "rotation requested for %s\n", all ? "all services" : svc);
+	return ctl_send(ctl, "POST", "/v1/certs/rotate", body,
+	                (const char *const[]){ "service", "all", NULL }, text);
 }
 
 int ctl_cmd_certs_revoke(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
-	char serial[CA_SERIAL_HEX_MAX];
-	struct httpc_response r;
+	char serial[CA_SERIAL_HEX_MAX], text[CA_SERIAL_HEX_MAX + 32];
 	json_t *body;
-	int rc;
 
 	if (ca_serial_normalize(a->pos[0], serial) < 0)
 		return ctl_usage_error(ctl, "certs revoke: '%s' is not a certificate serial (hex digits, "
-		                   "optionally with ':' separators)", a->pos[0]);
+		                       "optionally with ':' separators)", a->pos[0]);
 	body = json_pack("{s:s}", "serial", serial);
-	if (!body)
-		return ctl_usage_error(ctl, "out of memory");
-	rc = ctl_api_call(ctl, "POST", "/v1/certs/revoke", body, NULL, 0, NULL, &r);
-	json_decref(body);
-	if (rc)
-		return rc;
-	if (ctl->output == OUT_JSON)
-		ctl_print_json(r.json);
-	else if (r.json && json_object_size(r.json))
-		ctl_print_object(r.json, (const char *const[]){ "serial", NULL }, stdout);
-	else
-		printf("certificate %s revoked\n", serial);
-	httpc_response_clear(&r);
-	return 0;
+	snprintf(text, sizeof(text), "certificate %s revoked\n", serial);
+	return ctl_send(ctl, "POST", "/v1/certs/revoke", body,
+	                (const char *const[]){ "serial", NULL }, text);
 }

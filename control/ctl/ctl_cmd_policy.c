@@ -28,11 +28,11 @@ int ctl_cmd_policy_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 	text = ctl_read_file(file, CTL_POLICY_FILE_MAX, &len);
 	if (!text)
 		return ctl_usage_error(ctl, "cannot read policy file %s: %s", strcmp(file, "-") ? file : "(stdin)",
-		                   errno == EFBIG ? "larger than 16 MiB" : strerror(errno));
+		                       errno == EFBIG ? "larger than 16 MiB" : strerror(errno));
 	doc = json_loadb(text, len, 0, &jerr);
 	if (!doc) {
 		rc = ctl_usage_error(ctl, "policy file %s: not valid JSON: line %d column %d: %s", file,
-		                 jerr.line, jerr.column, jerr.text);
+		                     jerr.line, jerr.column, jerr.text);
 		free(text);
 		return rc;
 	}
@@ -41,7 +41,7 @@ int ctl_cmd_policy_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 		json_decref(doc);
 		free(text);
 		return ctl_usage_error(ctl, "policy file %s: service: required (a string naming the service "
-		                   "the policy protects)", file);
+		                       "the policy protects)", file);
 	}
 	rc = ctl_api_path(ctl, path, sizeof(path), "/v1/policies/", json_string_value(svc));
 	if (rc)
@@ -52,7 +52,7 @@ int ctl_cmd_policy_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 		if (ctl_parse_int(if_match, 0, LLONG_MAX, &v) < 0 && if_match[0] != '"' &&
 		    strcmp(if_match, "*") != 0) {
 			rc = ctl_usage_error(ctl, "--if-match: expected a policy version (an integer) or *, "
-			                 "got '%s'", if_match);
+			                     "got '%s'", if_match);
 			goto out;
 		}
 		snprintf(hdr, sizeof(hdr), "If-Match: %s", if_match);
@@ -181,14 +181,12 @@ int ctl_cmd_check(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_a
 {
 	const char *from = ctl_arg(cmd, a, "from"), *to = ctl_arg(cmd, a, "to"), *port = ctl_arg(cmd, a, "port");
 	const char *method = ctl_arg(cmd, a, "method"), *path = ctl_arg(cmd, a, "path");
-	struct httpc_response r;
 	json_t *body, *headers = NULL;
 	long long p;
-	int rc;
 
 	if (!from || !to || !port)
 		return ctl_usage_error(ctl, "check: --from ID, --to SERVICE and --port PORT are required "
-		                   "(see check --help)");
+		                       "(see check --help)");
 	if (ctl_parse_int(port, 1, 65535, &p) < 0)
 		return ctl_usage_error(ctl, "--port: expected 1..65535, got '%s'", port);
 	if (a->n_multi) {
@@ -219,14 +217,6 @@ int ctl_cmd_check(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_a
 		json_object_set_new(body, "path", json_string(path));
 	if (headers)
 		json_object_set_new(body, "headers", headers);
-	rc = ctl_api_call(ctl, "POST", "/v1/check", body, NULL, 0, NULL, &r);
-	json_decref(body);
-	if (rc)
-		return rc;
-	if (ctl->output == OUT_JSON)
-		ctl_print_json(r.json);
-	else
-		ctl_print_object(r.json, (const char *const[]){ "decision", "rule", NULL }, stdout);
-	httpc_response_clear(&r);
-	return 0;
+	return ctl_send(ctl, "POST", "/v1/check", body,
+	                (const char *const[]){ "decision", "rule", NULL }, NULL);
 }

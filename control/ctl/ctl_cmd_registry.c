@@ -38,10 +38,8 @@ static int endpoints_assign(struct ctl *ctl, const struct ctl_cmd *cmd, const st
                             const char *verb)
 {
 	const char *svc = ctl_arg(cmd, a, "service"), *addr = a->pos[0];
-	struct httpc_response r;
-	char path[64];
+	char path[64], text[320];
 	json_t *body;
-	int rc;
 
 	if (!svc)
 		return ctl_usage_error(ctl, "endpoints %s: --service SERVICE is required", cmd->name);
@@ -49,22 +47,12 @@ static int endpoints_assign(struct ctl *ctl, const struct ctl_cmd *cmd, const st
 		return ctl_usage_error(ctl, "--service: '%s' is not a service name", svc);
 	if (!api_valid_address(addr))
 		return ctl_usage_error(ctl, "endpoints %s: '%s' is not an address (ip:port or [ipv6]:port)",
-		                   cmd->name, addr);
+		                       cmd->name, addr);
 	body = json_pack("{s:s, s:s}", "service", svc, "address", addr);
-	if (!body)
-		return ctl_usage_error(ctl, "out of memory");
 	snprintf(path, sizeof(path), "/v1/endpoints/%s", verb);
-	rc = ctl_api_call(ctl, "POST", path, body, NULL, 0, NULL, &r);
-	json_decref(body);
-	if (rc)
-		return rc;
-	if (ctl->output == OUT_JSON)
-		ctl_print_json(r.json);
-	else
-		printf("%s %s service %s\n", addr, strcmp(verb, "assign") == 0 ?
-		       "assigned to" : "no longer assigned to", svc);
-	httpc_response_clear(&r);
-	return 0;
+	snprintf(text, sizeof(text), "%s %s service %s\n", addr, strcmp(verb, "assign") == 0 ?
+	         "assigned to" : "no longer assigned to", svc);
+	return ctl_send(ctl, "POST", path, body, NULL, text);
 }
 
 int ctl_cmd_endpoints_add(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)

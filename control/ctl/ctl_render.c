@@ -170,7 +170,7 @@ static void upper_header(char *dst, size_t len, const char *key)
  * line.
  */
 void ctl_print_list(const json_t *arr, const char *const *preferred, bool only_preferred,
-                              FILE *out)
+                    FILE *out)
 {
 	const char *cols[64];
 	size_t ncols = 0, i;
