@@ -2,9 +2,11 @@
  * Unit tests for proxy/ctlclient*.c, the proxy's control-plane client,
  * through its own interface (struct ctlclient_host) and without a proxy:
  * real files in a temporary state_dir, a real CA and SVID from lib/ca, and
- * a control URL nothing listens on, so each test sees what the client does
- * on its own: serve from its cache, refuse a state_dir or a join token, and
- * say why in its status.
+ * either a control URL nothing listens on or a small HTTPS responder that
+ * answers as control does (signing the CSR with that CA), so each test sees
+ * what the client does: join and serve, serve from its cache, refuse a
+ * state_dir, a join token, a pin or a malformed answer, and say why in its
+ * status.
  */
 #include <errno.h>
 #include <limits.h>
@@ -17,11 +19,17 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <poll.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <cmocka.h>
 
+#include <openssl/err.h>
 #include <openssl/pem.h>
+#include <openssl/ssl.h>
 
 #include "meshlet/api.h"
 #include "meshlet/ca.h"
@@ -31,6 +39,9 @@
 
 /* 43 characters: the secret control makes (32 bytes, base64url). */
 #define SECRET43 "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+
+/* The outbound listener of the fixture's config: payments, endpoints from control. */
+#define OUTBOUND_PAYMENTS "[{\"listen\": \"127.0.0.1:9001\", \"service\": \"payments\"}]"
 
 /* What the client did to its host. */
 struct host_log {
@@ -78,6 +89,7 @@ static bool on_set_connected(void *ctx, bool connected)
 }
 
 struct fixture {
+	char url[64];                   /* control's */
 	char dir[PATH_MAX];
 	char state_dir[PATH_MAX + 16];
 	char token_file[PATH_MAX + 16];
@@ -107,10 +119,10 @@ static void load_config(struct fixture *f, const char *outbound_json)
 
 	snprintf(text, sizeof(text),
 	         "{\"service\": \"orders\", \"trust_domain\": \"mesh.local\", \"state_dir\": \"%s\","
-	         " \"control\": {\"url\": \"https://127.0.0.1:1\", \"token_file\": \"%s\"},"
+	         " \"control\": {\"url\": \"%s\", \"token_file\": \"%s\"},"
 	         " \"inbound\": [{\"listen\": \"127.0.0.1:15006\", \"forward\": \"127.0.0.1:8080\"}],"
 	         " \"outbound\": %s, \"admin\": {\"listen\": \"127.0.0.1:15000\"}}",
-	         f->state_dir, f->token_file, outbound_json);
+	         f->state_dir, f->url, f->token_file, outbound_json);
 	doc = json_loads(text, 0, &je);
 	assert_non_null(doc);
 	if (config_parse(doc, NULL, &f->cfg, &e) != 0)
@@ -124,6 +136,7 @@ static int setup(void **state)
 	struct fixture *f = calloc(1, sizeof(*f));
 
 	assert_non_null(f);
+	snprintf(f->url, sizeof(f->url), "https://127.0.0.1:1");   /* nothing listens */
 	snprintf(f->dir, sizeof(f->dir), "/tmp/ctlclient_test.XXXXXX");
 	assert_non_null(mkdtemp(f->dir));
 	snprintf(f->state_dir, sizeof(f->state_dir), "%s/state", f->dir);
@@ -134,9 +147,18 @@ static int setup(void **state)
 	f->host.install = on_install;
 	f->host.set_connected = on_set_connected;
 	f->host.ctx = &f->log;
-	load_config(f, "[{\"listen\": \"127.0.0.1:9001\", \"service\": \"payments\"}]");
+	load_config(f, OUTBOUND_PAYMENTS);
 	*state = f;
 	return 0;
+}
+
+/* The same config with control at url. */
+static void point_at(struct fixture *f, const char *url)
+{
+	snprintf(f->url, sizeof(f->url), "%s", url);
+	config_free(f->cfg);
+	f->cfg = NULL;
+	load_config(f, OUTBOUND_PAYMENTS);
 }
 
 static int teardown(void **state)
@@ -231,6 +253,214 @@ static const char *wait_status(struct ctlclient *c, const char *prefix, char *bu
 	}
 	fail_msg("status still '%s', not '%s...'", buf, prefix);
 	return buf;
+}
+
+/* ---- a control that answers like one ------------------------------------ */
+
+/*
+ * An HTTPS responder in a thread: control's server certificate from the
+ * fixture's CA, one request per connection (the client sends Connection:
+ * close), and the answers of POST /v1/svid (the CSR really signed),
+ * GET /v1/bundle, POST .../endpoints and GET .../config (config_answer, as
+ * given by the test).
+ */
+struct fake_control {
+	int lfd;
+	char url[64];
+	SSL_CTX *ctx;
+	struct ca *ca;
+	pthread_t th;
+	pthread_mutex_t lock;
+	bool stop;
+	const char *config_answer;
+	int svids, bundles, registers, polls;
+};
+
+/* Reads one request (head and Content-Length body) into buf; its length or -1. */
+static int read_request(SSL *ssl, char *buf, size_t cap)
+{
+	size_t got = 0;
+
+	for (;;) {
+		int n = SSL_read(ssl, buf + got, (int)(cap - 1 - got));
+		char *end;
+
+		if (n <= 0)
+			return -1;
+		got += (size_t)n;
+		buf[got] = '\0';
+		end = strstr(buf, "\r\n\r\n");
+		if (end) {
+			const char *cl = strcasestr(buf, "Content-Length: ");
+			size_t want = cl ? (size_t)atoi(cl + 16) : 0;
+
+			if (got >= (size_t)(end + 4 - buf) + want)
+				return (int)got;
+		}
+		if (got + 1 >= cap)
+			return -1;
+	}
+}
+
+static char *svid_answer(struct fake_control *fc, const char *req)
+{
+	struct meshlet_err e = { { 0 }, { 0 } };
+	const char *body = strstr(req, "\r\n\r\n") + 4;
+	json_t *doc = json_loads(body, 0, NULL), *ans;
+	const char *csr = json_string_value(json_object_get(doc, "csr"));
+	char serial[CA_SERIAL_HEX_MAX], *chain, *root, *text;
+	EVP_PKEY *pub = NULL;
+	X509 *x = NULL, *rootx = ca_cert(fc->ca);
+
+	assert_non_null(csr);
+	assert_int_equal(ca_csr_check(csr, strlen(csr), &pub, &e), 0);
+	assert_int_equal(ca_issue_svid(fc->ca, "orders", pub, 3600, &x, serial, &e), 0);
+	chain = ca_pem_encode(&x, 1);
+	root = ca_pem_encode(&rootx, 1);
+	ans = json_pack("{s:s, s:s, s:s, s:s, s:s, s:[s], s:i}", "cert_chain", chain,
+	                "serial", serial, "expires_at", "2099-01-01T00:00:00Z",
+	                "spiffe_id", "spiffe://mesh.local/svc/orders", "trust_domain", "mesh.local",
+	                "bundle", root, "bundle_version", 1);
+	text = json_dumps(ans, 0);
+	json_decref(ans);
+	json_decref(doc);
+	free(chain);
+	free(root);
+	X509_free(x);
+	EVP_PKEY_free(pub);
+	return text;
+}
+
+static char *bundle_answer(struct fake_control *fc)
+{
+	X509 *rootx = ca_cert(fc->ca);
+	char *root = ca_pem_encode(&rootx, 1), *text;
+	json_t *ans = json_pack("{s:s, s:[s], s:[], s:i}", "trust_domain", "mesh.local",
+	                        "roots", root, "revoked", "version", 1);
+
+	text = json_dumps(ans, 0);
+	json_decref(ans);
+	free(root);
+	return text;
+}
+
+/* The answer to req (malloc'd JSON text), counting what was asked. */
+static char *answer(struct fake_control *fc, const char *req)
+{
+	char *text;
+
+	pthread_mutex_lock(&fc->lock);
+	if (strncmp(req, "POST /v1/svid ", 14) == 0) {
+		fc->svids++;
+		pthread_mutex_unlock(&fc->lock);
+		return svid_answer(fc, req);
+	}
+	if (strncmp(req, "GET /v1/bundle ", 15) == 0) {
+		fc->bundles++;
+		pthread_mutex_unlock(&fc->lock);
+		return bundle_answer(fc);
+	}
+	if (strncmp(req, "POST /v1/services/orders/endpoints ", 35) == 0) {
+		fc->registers++;
+		text = strdup("{}");
+	} else if (strncmp(req, "GET /v1/services/orders/config?", 31) == 0) {
+		/* A poll that already holds this answer waits a little, as
+		 * control's long poll would, rather than spin. */
+		if (fc->polls++ > 0 && !strstr(req, "after=0&"))
+			usleep(50000);
+		text = strdup(fc->config_answer);
+	} else {
+		text = NULL;
+	}
+	pthread_mutex_unlock(&fc->lock);
+	return text;
+}
+
+static void serve_one(struct fake_control *fc, int fd)
+{
+	static char req[64 * 1024];
+	SSL *ssl = SSL_new(fc->ctx);
+	char head[160], *body = NULL;
+
+	SSL_set_fd(ssl, fd);
+	if (SSL_accept(ssl) == 1 && read_request(ssl, req, sizeof(req)) > 0) {
+		body = answer(fc, req);
+		snprintf(head, sizeof(head), "HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
+		         "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+		         body ? "200 OK" : "404 Not Found", body ? strlen(body) : 0);
+		SSL_write(ssl, head, (int)strlen(head));
+		if (body)
+			SSL_write(ssl, body, (int)strlen(body));
+		SSL_shutdown(ssl);
+	}
+	free(body);
+	ERR_clear_error();
+	SSL_free(ssl);
+	close(fd);
+}
+
+static void *fake_control_main(void *arg)
+{
+	struct fake_control *fc = arg;
+
+	for (;;) {
+		struct pollfd pfd = { .fd = fc->lfd, .events = POLLIN };
+		bool stop;
+
+		pthread_mutex_lock(&fc->lock);
+		stop = fc->stop;
+		pthread_mutex_unlock(&fc->lock);
+		if (stop)
+			return NULL;
+		if (poll(&pfd, 1, 50) == 1) {
+			int fd = accept(fc->lfd, NULL, NULL);
+
+			if (fd >= 0)
+				serve_one(fc, fd);
+		}
+	}
+}
+
+static void fake_control_start(struct fake_control *fc, struct ca *ca, const char *config_answer)
+{
+	struct meshlet_err e = { { 0 }, { 0 } };
+	static const char *const sans[] = { "127.0.0.1" };
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t al = sizeof(a);
+	EVP_PKEY *key = NULL;
+	X509 *cert = NULL;
+
+	memset(fc, 0, sizeof(*fc));
+	fc->ca = ca;
+	fc->config_answer = config_answer;
+	pthread_mutex_init(&fc->lock, NULL);
+	fc->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	assert_true(fc->lfd >= 0);
+	assert_int_equal(bind(fc->lfd, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(fc->lfd, 16), 0);
+	assert_int_equal(getsockname(fc->lfd, (struct sockaddr *)&a, &al), 0);
+	snprintf(fc->url, sizeof(fc->url), "https://127.0.0.1:%d", ntohs(a.sin_port));
+	assert_int_equal(ca_new_key(&key), 0);
+	assert_int_equal(ca_issue_server(ca, key, sans, 1, 3600, &cert, NULL, &e), 0);
+	fc->ctx = SSL_CTX_new(TLS_server_method());
+	assert_non_null(fc->ctx);
+	assert_int_equal(SSL_CTX_use_certificate(fc->ctx, cert), 1);
+	assert_int_equal(SSL_CTX_use_PrivateKey(fc->ctx, key), 1);
+	assert_int_equal(SSL_CTX_add1_chain_cert(fc->ctx, ca_cert(ca)), 1);
+	X509_free(cert);
+	EVP_PKEY_free(key);
+	assert_int_equal(pthread_create(&fc->th, NULL, fake_control_main, fc), 0);
+}
+
+static void fake_control_stop(struct fake_control *fc)
+{
+	pthread_mutex_lock(&fc->lock);
+	fc->stop = true;
+	pthread_mutex_unlock(&fc->lock);
+	pthread_join(fc->th, NULL);
+	close(fc->lfd);
+	SSL_CTX_free(fc->ctx);
+	pthread_mutex_destroy(&fc->lock);
 }
 
 static void test_serves_from_cache(void **state)
@@ -410,6 +640,130 @@ static void test_join_well_formed_token(void **state)
 	join_with(f, tok, "join: ");
 }
 
+static void wait_installs(struct host_log *h, int n)
+{
+	for (int i = 0; i < 1000; i++) {
+		int v;
+
+		pthread_mutex_lock(&h->lock);
+		v = h->installs;
+		pthread_mutex_unlock(&h->lock);
+		if (v >= n)
+			return;
+		usleep(10000);
+	}
+	fail_msg("fewer than %d installs", n);
+}
+
+static const char config_answer[] =
+	"{\"version\": 3, \"policy\": {\"service\": \"orders\", \"default\": \"deny\", \"rules\": []},"
+	" \"policy_version\": 1, \"bundle_version\": 1, \"cert_generation\": 0,"
+	" \"endpoints\": {\"payments\": [{\"address\": \"10.0.0.3:15006\", \"ports\": [8080]}]}}";
+
+static void test_join_and_serve(void **state)
+{
+	struct fixture *f = *state;
+	struct meshlet_err e = { { 0 }, { 0 } };
+	struct fake_control fc;
+	struct ctlclient *c = NULL;
+	char tok[512], path[PATH_MAX + 64], *text = NULL;
+	struct stat st;
+
+	fake_control_start(&fc, f->ca, config_answer);
+	point_at(f, fc.url);
+	snprintf(tok, sizeof(tok), "mlt1.orders.%s.%s\n", f->pin, SECRET43);
+	write_text(f->token_file, 0600, tok);
+	assert_int_equal(ctlclient_start(&f->host, f->cfg, &c, &e), 0);
+	wait_installs(&f->log, 1);
+	ctlclient_stop(c);
+	fake_control_stop(&fc);
+	/* Joined once, fetched the bundle, registered, polled; served what
+	 * the config answer said. */
+	assert_int_equal(fc.svids, 1);
+	assert_true(fc.bundles >= 1);
+	assert_int_equal(fc.registers, 1);
+	assert_true(fc.polls >= 1);
+	assert_true(f->log.had_tls);
+	assert_true(f->log.had_policy);
+	assert_int_equal(f->log.n_registry, 1);
+	assert_int_equal(f->log.registry0_port, 8080);
+	assert_true(f->log.connected);
+	/* What it keeps: the key private, the state as applied. */
+	path_in(f, path, sizeof(path), "svid.key");
+	assert_int_equal(stat(path, &st), 0);
+	assert_int_equal(st.st_mode & 0777, 0600);
+	path_in(f, path, sizeof(path), "state.json");
+	assert_int_equal(file_read(path, 1 << 20, 0, &text, NULL), 0);
+	assert_non_null(strstr(text, "\"version\": 3"));
+	free(text);
+
+	/* Control gone: the next start serves from what the first one kept,
+	 * and needs no token for it. */
+	assert_int_equal(unlink(f->token_file), 0);
+	f->log.installs = 0;
+	assert_int_equal(ctlclient_start(&f->host, f->cfg, &c, &e), 0);
+	assert_int_equal(f->log.installs, 1);
+	assert_int_equal(f->log.registry0_port, 8080);
+	ctlclient_stop(c);
+}
+
+/* Joins fc with a well-formed token whose pin is pin; returns the status
+ * the client ends in ("disconnected: ..."). */
+static void join_fake(struct fixture *f, struct fake_control *fc, const char *pin, char *buf,
+                      size_t len)
+{
+	struct meshlet_err e = { { 0 }, { 0 } };
+	struct ctlclient *c = NULL;
+	char tok[512];
+
+	point_at(f, fc->url);
+	snprintf(tok, sizeof(tok), "mlt1.orders.%s.%s\n", pin, SECRET43);
+	write_text(f->token_file, 0600, tok);
+	assert_int_equal(ctlclient_start(&f->host, f->cfg, &c, &e), 0);
+	wait_status(c, "disconnected: ", buf, len);
+	ctlclient_stop(c);
+}
+
+static void test_malformed_config_answer(void **state)
+{
+	struct fixture *f = *state;
+	struct fake_control fc;
+	char buf[1024];
+
+	/* A policy that is neither a document nor null: refused by the
+	 * parser of that answer, nothing installed, the reason shown. */
+	fake_control_start(&fc, f->ca, "{\"version\": 1, \"policy\": [], \"policy_version\": 1,"
+	                   " \"bundle_version\": 1, \"cert_generation\": 0, \"endpoints\": {}}");
+	join_fake(f, &fc, f->pin, buf, sizeof(buf));
+	fake_control_stop(&fc);
+	if (!strstr(buf, "malformed config answer: policy: must be a policy document or null"))
+		fail_msg("status: %s", buf);
+	assert_int_equal(fc.svids, 1);
+	assert_int_equal(f->log.installs, 0);
+}
+
+static void test_pin_of_another_root(void **state)
+{
+	struct fixture *f = *state;
+	struct meshlet_err e = { { 0 }, { 0 } };
+	struct fake_control fc;
+	struct ca *other = NULL;
+	char pin[CA_PIN_HEX_LEN], buf[1024];
+
+	/* A token pinning another root: control is not trusted, the CSR and
+	 * the token are not sent. */
+	assert_int_equal(ca_generate(&other, "mesh.local", 24 * 3600, &e), 0);
+	assert_int_equal(ca_pin_sha256(ca_cert(other), pin), 0);
+	ca_free(other);
+	fake_control_start(&fc, f->ca, config_answer);
+	join_fake(f, &fc, pin, buf, sizeof(buf));
+	fake_control_stop(&fc);
+	if (!strstr(buf, "not sending the CSR"))
+		fail_msg("status: %s", buf);
+	assert_int_equal(fc.svids, 0);
+	assert_int_equal(f->log.installs, 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -423,6 +777,9 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_join_token_garbage, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_join_token_other_service, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_join_well_formed_token, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_join_and_serve, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_malformed_config_answer, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_pin_of_another_root, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
