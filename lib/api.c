@@ -1,4 +1,4 @@
-/* api: validation of meshlet-control's requests; see api.h. */
+/* api: meshlet-control's requests and answers, validated; see api.h. */
 #include "meshlet/api.h"
 
 #include <arpa/inet.h>

@@ -10,7 +10,8 @@
  *   otherwise               -> long poll GET /v1/services/{svc}/config and
  *                              install what changed (policy, endpoints)
  *
- * Any failure: control_connected = 0, status "disconnected: <why>", one
+ * Any failure: the host hears "not connected" (the meshlet_control_connected
+ * gauge), status "disconnected: <why>", one
  * warning per change of reason, exponential backoff with jitter, and the
  * proxy keeps serving what it has. Every applied state is cached in
  * state_dir (each file written atomically), so a restart while control is

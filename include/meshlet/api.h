@@ -1,13 +1,16 @@
 /*
- * api: the pieces of meshlet-control's HTTP API that are worth testing on
- * their own: route patterns, request bodies and query strings, join tokens,
- * durations, and the error shape of DESIGN.md:
+ * api: both ends of meshlet-control's HTTP API, for control, the proxy and
+ * meshletctl alike: route patterns, request bodies and query strings, join
+ * tokens, durations, the answers clients read, and the error shape of
+ * DESIGN.md:
  *
  *   {"error": {"code": "bad_request", "message": "...", "path": "rules[0].ports[0]"}}
  *
  * Everything here is pure (no I/O, no global state) and validates strictly:
- * unknown fields, wrong types and out-of-range values are refused with the
- * JSON path of the offending value in err.path.
+ * in requests, unknown fields, wrong types and out-of-range values are
+ * refused with the JSON path of the offending value in err.path; in
+ * answers, unknown fields are ignored (control may add some) and the
+ * fields a client relies on are checked the same way.
  */
 #ifndef MESHLET_API_H
 #define MESHLET_API_H
