@@ -34,9 +34,6 @@
 
 #define EXIT_REFUSED 1
 #define EXIT_USAGE 2
-/* ca rotate --auto: how often it looks at the gates, and for how long. */
-#define CA_AUTO_POLL_S 1.0
-#define CA_AUTO_TIMEOUT_DEFAULT (3LL * 3600)
 
 #define CTL_DEFAULT_CONTROL "https://127.0.0.1:7443"
 #define CTL_DEFAULT_STATE_DIR "/var/lib/meshlet-control"

@@ -12,6 +12,10 @@
 
 #include "meshlet/api.h"
 
+/* ca rotate --auto: how often it looks at the gates, and for how long. */
+#define CA_AUTO_POLL_S 1.0
+#define CA_AUTO_TIMEOUT_DEFAULT (3LL * 3600)
+
 /* ---------------------------------------------------------------- ca */
 
 static void asn1_time_str(const ASN1_TIME *t, char *out, size_t len)
