@@ -1,4 +1,4 @@
-/* api: validation of meshlet-control's requests; see api.h. */
+/* api: meshlet-control's requests and answers, validated; see api.h. */
 #include "meshlet/api.h"
 
 #include <arpa/inet.h>
@@ -650,6 +650,210 @@ int api_parse_ca_rotate_req(const json_t *body, struct api_ca_rotate_req *out,
 	memset(out, 0, sizeof(*out));
 	if (check_fields(body, allowed, err) < 0 ||
 	    json_get_bool(body, "", "force", false, &out->force, err) < 0)
+		return -EINVAL;
+	return 0;
+}
+
+/* ---- answers ---- */
+
+static const char *str_or_null(const json_t *obj, const char *key)
+{
+	return json_string_value(json_object_get(obj, key));
+}
+
+void api_parse_error_resp(const json_t *doc, struct api_error_resp *out)
+{
+	const json_t *e = json_is_object(doc) ? json_object_get(doc, "error") : NULL;
+
+	memset(out, 0, sizeof(*out));
+	if (!json_is_object(e))
+		return;
+	out->code = str_or_null(e, "code");
+	out->message = str_or_null(e, "message");
+	out->path = str_or_null(e, "path");
+}
+
+bool api_valid_serial_list(const json_t *arr)
+{
+	char hex[CA_SERIAL_HEX_MAX];
+	const json_t *v;
+	size_t i;
+
+	if (!json_is_array(arr))
+		return false;
+	json_array_foreach(arr, i, v)
+		if (!json_is_string(v) || ca_serial_normalize(json_string_value(v), hex) < 0)
+			return false;
+	return true;
+}
+
+/* True when arr is a non-empty array of non-empty strings. */
+static bool pem_list_ok(const json_t *arr)
+{
+	const json_t *v;
+	size_t i;
+
+	if (!json_is_array(arr) || json_array_size(arr) == 0)
+		return false;
+	json_array_foreach(arr, i, v)
+		if (!json_is_string(v) || json_string_length(v) == 0)
+			return false;
+	return true;
+}
+
+char *api_pem_join(const json_t *arr)
+{
+	size_t total = 1, used = 0, i;
+	const json_t *v;
+	char *out;
+
+	if (!pem_list_ok(arr))
+		return NULL;
+	json_array_foreach(arr, i, v)
+		total += json_string_length(v) + 1;
+	out = malloc(total);
+	if (!out)
+		return NULL;
+	json_array_foreach(arr, i, v) {
+		size_t n = json_string_length(v);
+
+		memcpy(out + used, json_string_value(v), n);
+		used += n;
+		if (out[used - 1] != '\n')
+			out[used++] = '\n';
+	}
+	out[used] = '\0';
+	return out;
+}
+
+/* An answer must be an object; its fields are checked against nothing
+ * else (control may add fields, and an older proxy must not break). */
+static int answer_object(const json_t *doc, struct meshlet_err *err)
+{
+	if (!json_is_object(doc))
+		return err_set(err, "", "the answer is not a JSON object");
+	return 0;
+}
+
+/* A version-like integer field (>= 0), required. */
+static int get_count(const json_t *doc, const char *key, int64_t *out, struct meshlet_err *err)
+{
+	long long v = 0;
+
+	if (json_get_int(doc, "", key, true, 0, INT64_MAX, &v, err) < 0)
+		return -EINVAL;
+	*out = v;
+	return 0;
+}
+
+int api_parse_svid_resp(const json_t *doc, struct api_svid_resp *out, struct meshlet_err *err)
+{
+	memset(out, 0, sizeof(*out));
+	if (answer_object(doc, err) < 0 ||
+	    json_get_str(doc, "", "cert_chain", true, &out->cert_chain, err) < 0 ||
+	    json_get_str(doc, "", "trust_domain", true, &out->trust_domain, err) < 0 ||
+	    get_count(doc, "bundle_version", &out->bundle_version, err) < 0)
+		return -EINVAL;
+	out->bundle = json_object_get(doc, "bundle");
+	if (!pem_list_ok(out->bundle))
+		return err_set(err, "bundle", "must be a non-empty array of PEM certificates");
+	return 0;
+}
+
+int api_parse_bundle_resp(const json_t *doc, struct api_bundle_resp *out,
+                          struct meshlet_err *err)
+{
+	memset(out, 0, sizeof(*out));
+	if (answer_object(doc, err) < 0 ||
+	    json_get_str(doc, "", "trust_domain", true, &out->trust_domain, err) < 0 ||
+	    get_count(doc, "version", &out->version, err) < 0)
+		return -EINVAL;
+	out->roots = json_object_get(doc, "roots");
+	out->revoked = json_object_get(doc, "revoked");
+	if (!pem_list_ok(out->roots))
+		return err_set(err, "roots", "must be a non-empty array of PEM certificates");
+	if (!api_valid_serial_list(out->revoked))
+		return err_set(err, "revoked", "must be an array of certificate serials in hex");
+	return 0;
+}
+
+int api_parse_config_resp(const json_t *doc, struct api_config_resp *out,
+                          struct meshlet_err *err)
+{
+	memset(out, 0, sizeof(*out));
+	if (answer_object(doc, err) < 0 ||
+	    get_count(doc, "version", &out->version, err) < 0 ||
+	    get_count(doc, "policy_version", &out->policy_version, err) < 0 ||
+	    get_count(doc, "bundle_version", &out->bundle_version, err) < 0 ||
+	    get_count(doc, "cert_generation", &out->cert_generation, err) < 0)
+		return -EINVAL;
+	out->policy = json_object_get(doc, "policy");
+	out->endpoints = json_object_get(doc, "endpoints");
+	if (!json_is_object(out->policy) && !json_is_null(out->policy))
+		return err_set(err, "policy", "must be a policy document or null");
+	if (!json_is_object(out->endpoints))
+		return err_set(err, "endpoints", "must be an object of service: [endpoint]");
+	return 0;
+}
+
+int api_parse_endpoint(const json_t *v, struct api_endpoint *out, struct meshlet_err *err)
+{
+	const json_t *list = NULL, *p;
+	size_t i;
+
+	memset(out, 0, sizeof(*out));
+	out->address = json_string_value(v);
+	if (json_is_object(v)) {
+		out->address = str_or_null(v, "address");
+		list = json_object_get(v, "ports");
+		if (list && !json_is_array(list))
+			return err_set(err, "ports", "must be an array");
+	}
+	if (!out->address)
+		return err_set(err, "address", "not an address");
+	json_array_foreach(list, i, p) {
+		json_int_t port = json_integer_value(p);
+
+		if (!json_is_integer(p) || port < 1 || port > 65535)
+			return err_set(err, "ports", "an application port is not 1..65535");
+		if (out->n_ports < API_ENDPOINT_PORTS_MAX)
+			out->ports[out->n_ports++] = (uint16_t)port;
+	}
+	return 0;
+}
+
+int api_parse_token_resp(const json_t *doc, struct api_token_resp *out, struct meshlet_err *err)
+{
+	struct api_join_token jt;
+
+	memset(out, 0, sizeof(*out));
+	if (answer_object(doc, err) < 0 ||
+	    json_get_str(doc, "", "token", true, &out->token, err) < 0 ||
+	    json_get_str(doc, "", "service", true, &out->service, err) < 0 ||
+	    json_get_str(doc, "", "expires_at", true, &out->expires_at, err) < 0 ||
+	    api_token_parse(out->token, &jt, err) < 0)
+		return -EINVAL;
+	if (strcmp(jt.service, out->service) != 0)
+		return err_set(err, "token", "names service %s, the answer %.64s", jt.service,
+		               out->service);
+	return 0;
+}
+
+int api_parse_ca_resp(const json_t *doc, struct api_ca_resp *out, struct meshlet_err *err)
+{
+	const json_t *gate = NULL;
+
+	memset(out, 0, sizeof(*out));
+	if (answer_object(doc, err) < 0 ||
+	    json_get_str(doc, "", "phase", true, &out->phase, err) < 0 ||
+	    json_get_object(doc, "", "gate", false, &gate, err) < 0)
+		return -EINVAL;
+	if (!gate)
+		return 0;
+	out->has_gate = true;
+	if (json_get_bool(gate, "gate", "open", false, &out->gate_open, err) < 0 ||
+	    json_get_str(gate, "gate", "next_phase", false, &out->next_phase, err) < 0 ||
+	    json_get_str(gate, "gate", "waiting_for", false, &out->waiting_for, err) < 0)
 		return -EINVAL;
 	return 0;
 }

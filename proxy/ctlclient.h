@@ -2,8 +2,8 @@
  * ctlclient: the proxy's control-plane client (control mode).
  *
  * It runs in a thread of its own with blocking HTTPS calls, so the data path
- * never waits on control, and hands each new state to the proxy with
- * proxy_install(). It:
+ * never waits on control, and hands each new state to its host (struct
+ * ctlclient_host: the proxy, or a test) through a callback. It:
  *  - serves from the cache in state_dir at start when it holds a valid SVID
  *    (last-known-good: control may be down);
  *  - otherwise joins: reads the join token, trusts control only if its root
@@ -21,22 +21,40 @@
 #define MESHLET_PROXY_CTLCLIENT_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 #include "meshlet/config.h"
 #include "meshlet/json.h"
 
-struct meshlet_proxy;
 struct ctlclient;
+struct snapshot_source;
+
+/*
+ * What the client needs from the program it serves (the proxy, or a test).
+ * Both callbacks run on the client's thread (install also in
+ * ctlclient_start, before the thread exists) and must be thread-safe
+ * towards the host's own threads.
+ */
+struct ctlclient_host {
+	/* Makes src current (everything in it is taken over, also on
+	 * failure). A NULL src->tls keeps the current TLS contexts. Returns 0,
+	 * or -errno with err set. */
+	int (*install)(void *ctx, struct snapshot_source *src, struct meshlet_err *err);
+	/* Control answered (true) or a call failed (false): the
+	 * meshlet_control_connected gauge. Returns the previous value. */
+	bool (*set_connected)(void *ctx, bool connected);
+	void *ctx;
+};
 
 /*
  * Starts the client for cfg (control mode; borrowed, must outlive the
- * client). If the cache in state_dir holds a currently valid SVID, the
- * cached state is installed before this returns. Returns 0 and *out, or
- * -errno with err set (unusable state_dir, unreadable token file when
- * there is no cache).
+ * client), reporting to host (copied). If the cache in state_dir holds a
+ * currently valid SVID, the cached state is installed before this returns.
+ * Returns 0 and *out, or -errno with err set (unusable state_dir,
+ * unreadable token file when there is no cache).
  */
-int ctlclient_start(struct meshlet_proxy *p, const struct config *cfg, struct ctlclient **out,
-                    struct meshlet_err *err);
+int ctlclient_start(const struct ctlclient_host *host, const struct config *cfg,
+                    struct ctlclient **out, struct meshlet_err *err);
 
 /* Stops the thread (interrupting a pending poll) and frees the client. */
 void ctlclient_stop(struct ctlclient *c);

@@ -515,6 +515,19 @@ static void on_installed(evutil_socket_t fd, short what, void *arg)
 	snapshot_unref(s);
 }
 
+/* ctlclient_host callbacks: what the control client may do to the proxy. */
+static int ctl_install(void *ctx, struct snapshot_source *src, struct meshlet_err *err)
+{
+	return proxy_install(ctx, src, err);
+}
+
+static bool ctl_set_connected(void *ctx, bool connected)
+{
+	struct meshlet_proxy *p = ctx;
+
+	return atomic_exchange(&p->metrics->control_connected, connected ? 1 : 0) != 0;
+}
+
 /* Static mode serves at once; control mode once control (or the cache) gave a state. */
 static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
 {
@@ -534,7 +547,13 @@ static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
 		return -EINVAL;
 	log_info("control mode: %s; admin on %s", p->boot_cfg->control_url,
 	         p->boot_cfg->admin_listen.text);
-	return ctlclient_start(p, p->boot_cfg, &p->ctl, err);
+	{
+		const struct ctlclient_host host = {
+			.install = ctl_install, .set_connected = ctl_set_connected, .ctx = p,
+		};
+
+		return ctlclient_start(&host, p->boot_cfg, &p->ctl, err);
+	}
 }
 
 static int add_signal(struct meshlet_proxy *p, int sig, struct event **out)

@@ -1,13 +1,16 @@
 /*
- * api: the pieces of meshlet-control's HTTP API that are worth testing on
- * their own: route patterns, request bodies and query strings, join tokens,
- * durations, and the error shape of DESIGN.md:
+ * api: both ends of meshlet-control's HTTP API, for control, the proxy and
+ * meshletctl alike: route patterns, request bodies and query strings, join
+ * tokens, durations, the answers clients read, and the error shape of
+ * DESIGN.md:
  *
  *   {"error": {"code": "bad_request", "message": "...", "path": "rules[0].ports[0]"}}
  *
  * Everything here is pure (no I/O, no global state) and validates strictly:
- * unknown fields, wrong types and out-of-range values are refused with the
- * JSON path of the offending value in err.path.
+ * in requests, unknown fields, wrong types and out-of-range values are
+ * refused with the JSON path of the offending value in err.path; in
+ * answers, unknown fields are ignored (control may add some) and the
+ * fields a client relies on are checked the same way.
  */
 #ifndef MESHLET_API_H
 #define MESHLET_API_H
@@ -235,5 +238,96 @@ struct api_ca_rotate_req {
 };
 int api_parse_ca_rotate_req(const json_t *body, struct api_ca_rotate_req *out,
                             struct meshlet_err *err);
+
+/* ---- answers: what meshletctl and the proxy parse out of control's JSON ----
+ *
+ * Each parser checks the shape it relies on and borrows strings and
+ * arrays from doc (valid while doc is). Returns 0, or -EINVAL with err set
+ * (the path of the field at fault) for an answer of another shape.
+ */
+
+/* {"error": {"code", "message", "path"}} of a refusal; each NULL when
+ * absent or not a string. Never fails: any answer may come back. */
+struct api_error_resp {
+	const char *code;
+	const char *message;
+	const char *path;
+};
+void api_parse_error_resp(const json_t *doc, struct api_error_resp *out);
+
+/* True when arr is an array of certificate serials in hex (a revocation
+ * list as GET /v1/bundle sends it). */
+bool api_valid_serial_list(const json_t *arr);
+
+/* The PEM strings of a non-empty array joined into one malloc'd text, each
+ * ending in a newline; NULL when arr is not such an array (or no memory). */
+char *api_pem_join(const json_t *arr);
+
+/* POST /v1/svid's answer: {"cert_chain", "trust_domain", "bundle": [PEM],
+ * "bundle_version", ...}; bundle is a non-empty array of strings. */
+struct api_svid_resp {
+	const char *cert_chain;
+	const char *trust_domain;
+	const json_t *bundle;
+	int64_t bundle_version;
+};
+int api_parse_svid_resp(const json_t *doc, struct api_svid_resp *out, struct meshlet_err *err);
+
+/* GET /v1/bundle's answer: {"trust_domain", "roots": [PEM], "revoked":
+ * [serial], "version"}. */
+struct api_bundle_resp {
+	const char *trust_domain;
+	const json_t *roots;
+	const json_t *revoked;
+	int64_t version;
+};
+int api_parse_bundle_resp(const json_t *doc, struct api_bundle_resp *out,
+                          struct meshlet_err *err);
+
+/* GET /v1/services/{svc}/config's answer: {"version", "policy" (object or
+ * null), "policy_version", "bundle_version", "cert_generation",
+ * "endpoints": {service: [endpoint]}}. */
+struct api_config_resp {
+	int64_t version;
+	int64_t policy_version;
+	int64_t bundle_version;
+	int64_t cert_generation;
+	const json_t *policy;
+	const json_t *endpoints;
+};
+int api_parse_config_resp(const json_t *doc, struct api_config_resp *out,
+                          struct meshlet_err *err);
+
+/* One endpoint of a config answer: {"address", "ports"?: [1..65535]} (or,
+ * as caches written by older versions hold it, the bare "ip:port" string).
+ * The address is not parsed here. At most max ports are copied (further
+ * ones are checked, not kept). */
+struct api_endpoint {
+	const char *address;
+	uint16_t ports[API_ENDPOINT_PORTS_MAX];
+	size_t n_ports;
+};
+int api_parse_endpoint(const json_t *v, struct api_endpoint *out, struct meshlet_err *err);
+
+/* POST /v1/tokens's answer: {"token", "service", "expires_at", ...}; the
+ * token must parse (api_token_parse) and name service. */
+struct api_token_resp {
+	const char *token;
+	const char *service;
+	const char *expires_at;
+};
+int api_parse_token_resp(const json_t *doc, struct api_token_resp *out, struct meshlet_err *err);
+
+/* GET /v1/ca's answer, the parts a rotation walks by: {"phase", "gate"?:
+ * {"open", "next_phase"?, "waiting_for"?}}. has_gate is false for a control
+ * that does not say (older versions). */
+struct api_ca_resp {
+	const char *phase;
+	bool has_gate;
+	bool gate_open;
+	const char *next_phase;    /* NULL when absent */
+	const char *waiting_for;   /* NULL when absent */
+};
+int api_parse_ca_resp(const json_t *doc, struct api_ca_resp *out, struct meshlet_err *err);
 
 #endif

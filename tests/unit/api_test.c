@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
 
@@ -128,6 +129,19 @@ static void test_token_parse_refusals(void **state)
 	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
 	snprintf(buf, sizeof(buf), "mlt1.orders.%s", pin);
 	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	/* The proxy once took any secret of 16 or more characters: no more. */
+	snprintf(buf, sizeof(buf), "mlt1.orders.%s.%.16s", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	assert_non_null(strstr(e.message, "secret"));
+	snprintf(buf, sizeof(buf), "mlt1.orders.%s.%.42s", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt1.orders.%s.%s.x", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), "mlt1.orders.%s.%.42s+", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	snprintf(buf, sizeof(buf), " mlt1.orders.%s.%s", pin, sec);
+	assert_int_equal(api_token_parse(buf, &jt, &e), -EINVAL);
+	assert_int_equal(api_token_parse(NULL, &jt, &e), -EINVAL);
 }
 
 static void test_if_match(void **state)
@@ -548,6 +562,280 @@ static void test_error_body(void **state)
 	assert_string_equal(api_status_code(500), "internal");
 }
 
+/* ---- answers ---- */
+
+static void test_error_resp(void **state)
+{
+	struct api_error ae = {0};
+	struct api_error_resp r;
+	json_t *b;
+
+	/* What control sends is what a client reads back. */
+	api_fail(&ae, 400, "rules[1].ports[0]", "must be 1..65535");
+	b = api_error_body(&ae);
+	api_parse_error_resp(b, &r);
+	assert_string_equal(r.code, "bad_request");
+	assert_string_equal(r.message, "must be 1..65535");
+	assert_string_equal(r.path, "rules[1].ports[0]");
+	json_decref(b);
+	/* Anything else comes back empty, never a crash. */
+	api_parse_error_resp(NULL, &r);
+	assert_null(r.code);
+	assert_null(r.message);
+	b = parse("[1]");
+	api_parse_error_resp(b, &r);
+	assert_null(r.message);
+	json_decref(b);
+	b = parse("{\"error\": \"plain\"}");
+	api_parse_error_resp(b, &r);
+	assert_null(r.message);
+	json_decref(b);
+	b = parse("{\"error\": {\"code\": 5, \"message\": \"m\", \"path\": null}}");
+	api_parse_error_resp(b, &r);
+	assert_null(r.code);
+	assert_string_equal(r.message, "m");
+	assert_null(r.path);
+	json_decref(b);
+}
+
+static void test_pem_join_and_serials(void **state)
+{
+	json_t *a = parse("[\"A\\n\", \"B\"]");
+	char *s = api_pem_join(a);
+
+	assert_string_equal(s, "A\nB\n");
+	free(s);
+	json_decref(a);
+	a = parse("[]");
+	assert_null(api_pem_join(a));
+	json_decref(a);
+	a = parse("[\"A\", 1]");
+	assert_null(api_pem_join(a));
+	json_decref(a);
+	a = parse("[\"A\", \"\"]");
+	assert_null(api_pem_join(a));
+	json_decref(a);
+	assert_null(api_pem_join(NULL));
+
+	a = parse("[\"0a\", \"FF:01\", \"0\"]");
+	assert_true(api_valid_serial_list(a));
+	json_decref(a);
+	a = parse("[]");
+	assert_true(api_valid_serial_list(a));
+	json_decref(a);
+	a = parse("[\"xyz\"]");
+	assert_false(api_valid_serial_list(a));
+	json_decref(a);
+	a = parse("[\"112233445566778899aabbccddeeff00112233445\"]");   /* 41 digits */
+	assert_false(api_valid_serial_list(a));
+	json_decref(a);
+	a = parse("{\"0a\": 1}");
+	assert_false(api_valid_serial_list(a));
+	json_decref(a);
+}
+
+static void test_svid_resp(void **state)
+{
+	struct meshlet_err e = {0};
+	struct api_svid_resp r;
+	json_t *b = parse("{\"cert_chain\": \"PEM\", \"serial\": \"1a\", \"expires_at\": \"x\","
+	                  " \"trust_domain\": \"mesh.local\", \"bundle\": [\"R\"],"
+	                  " \"bundle_version\": 3, \"later\": true}");
+
+	assert_int_equal(api_parse_svid_resp(b, &r, &e), 0);
+	assert_string_equal(r.cert_chain, "PEM");
+	assert_string_equal(r.trust_domain, "mesh.local");
+	assert_int_equal(r.bundle_version, 3);
+	assert_int_equal(json_array_size(r.bundle), 1);
+	json_decref(b);
+	b = parse("{\"cert_chain\": \"PEM\", \"trust_domain\": \"t\", \"bundle\": [],"
+	          " \"bundle_version\": 3}");
+	assert_int_equal(api_parse_svid_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "bundle");
+	json_decref(b);
+	b = parse("{\"cert_chain\": 7, \"trust_domain\": \"t\", \"bundle\": [\"R\"],"
+	          " \"bundle_version\": 3}");
+	assert_int_equal(api_parse_svid_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "cert_chain");
+	json_decref(b);
+	b = parse("{\"cert_chain\": \"P\", \"trust_domain\": \"t\", \"bundle\": [\"R\"],"
+	          " \"bundle_version\": -1}");
+	assert_int_equal(api_parse_svid_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "bundle_version");
+	json_decref(b);
+	b = parse("{\"cert_chain\": \"P\", \"bundle\": [\"R\"], \"bundle_version\": 1}");
+	assert_int_equal(api_parse_svid_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "trust_domain");
+	json_decref(b);
+	b = parse("[]");
+	assert_int_equal(api_parse_svid_resp(b, &r, &e), -EINVAL);
+	json_decref(b);
+	assert_int_equal(api_parse_svid_resp(NULL, &r, &e), -EINVAL);
+}
+
+static void test_bundle_resp(void **state)
+{
+	struct meshlet_err e = {0};
+	struct api_bundle_resp r;
+	json_t *b = parse("{\"trust_domain\": \"mesh.local\", \"roots\": [\"R1\", \"R2\"],"
+	                  " \"revoked\": [\"0a\"], \"version\": 9}");
+
+	assert_int_equal(api_parse_bundle_resp(b, &r, &e), 0);
+	assert_int_equal(r.version, 9);
+	assert_int_equal(json_array_size(r.roots), 2);
+	assert_int_equal(json_array_size(r.revoked), 1);
+	json_decref(b);
+	b = parse("{\"trust_domain\": \"t\", \"roots\": [\"R\"], \"revoked\": [\"zz\"],"
+	          " \"version\": 9}");
+	assert_int_equal(api_parse_bundle_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "revoked");
+	json_decref(b);
+	b = parse("{\"trust_domain\": \"t\", \"roots\": \"R\", \"revoked\": [], \"version\": 9}");
+	assert_int_equal(api_parse_bundle_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "roots");
+	json_decref(b);
+	b = parse("{\"trust_domain\": \"t\", \"roots\": [\"R\"], \"revoked\": [], \"version\": 1.5}");
+	assert_int_equal(api_parse_bundle_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "version");
+	json_decref(b);
+}
+
+static void test_config_resp(void **state)
+{
+	struct meshlet_err e = {0};
+	struct api_config_resp r;
+	json_t *b = parse("{\"version\": 4, \"policy\": {\"service\": \"o\"}, \"policy_version\": 2,"
+	                  " \"bundle_version\": 1, \"cert_generation\": 0,"
+	                  " \"endpoints\": {\"pay\": []}}");
+
+	assert_int_equal(api_parse_config_resp(b, &r, &e), 0);
+	assert_int_equal(r.version, 4);
+	assert_int_equal(r.policy_version, 2);
+	assert_int_equal(r.bundle_version, 1);
+	assert_int_equal(r.cert_generation, 0);
+	assert_true(json_is_object(r.policy));
+	assert_true(json_is_object(r.endpoints));
+	json_decref(b);
+	/* No policy yet: null is an answer too. */
+	b = parse("{\"version\": 0, \"policy\": null, \"policy_version\": 0,"
+	          " \"bundle_version\": 1, \"cert_generation\": 0, \"endpoints\": {}}");
+	assert_int_equal(api_parse_config_resp(b, &r, &e), 0);
+	assert_true(json_is_null(r.policy));
+	json_decref(b);
+	b = parse("{\"version\": 0, \"policy_version\": 0,"
+	          " \"bundle_version\": 1, \"cert_generation\": 0, \"endpoints\": {}}");
+	assert_int_equal(api_parse_config_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "policy");
+	json_decref(b);
+	b = parse("{\"version\": 0, \"policy\": [], \"policy_version\": 0,"
+	          " \"bundle_version\": 1, \"cert_generation\": 0, \"endpoints\": {}}");
+	assert_int_equal(api_parse_config_resp(b, &r, &e), -EINVAL);
+	json_decref(b);
+	b = parse("{\"version\": 0, \"policy\": null, \"policy_version\": 0,"
+	          " \"bundle_version\": 1, \"cert_generation\": 0, \"endpoints\": []}");
+	assert_int_equal(api_parse_config_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "endpoints");
+	json_decref(b);
+	b = parse("{\"version\": \"4\", \"policy\": null, \"policy_version\": 0,"
+	          " \"bundle_version\": 1, \"cert_generation\": 0, \"endpoints\": {}}");
+	assert_int_equal(api_parse_config_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "version");
+	json_decref(b);
+}
+
+static void test_endpoint_resp(void **state)
+{
+	struct meshlet_err e = {0};
+	struct api_endpoint ep;
+	json_t *b = parse("{\"address\": \"10.0.0.1:15006\", \"ports\": [8080, 9090]}");
+
+	assert_int_equal(api_parse_endpoint(b, &ep, &e), 0);
+	assert_string_equal(ep.address, "10.0.0.1:15006");
+	assert_int_equal(ep.n_ports, 2);
+	assert_int_equal(ep.ports[1], 9090);
+	json_decref(b);
+	b = json_string("10.0.0.1:15006");   /* a cache of an older version */
+	assert_int_equal(api_parse_endpoint(b, &ep, &e), 0);
+	assert_int_equal(ep.n_ports, 0);
+	json_decref(b);
+	b = parse("{\"address\": \"a:1\", \"ports\": [0]}");
+	assert_int_equal(api_parse_endpoint(b, &ep, &e), -EINVAL);
+	json_decref(b);
+	b = parse("{\"address\": \"a:1\", \"ports\": [65536]}");
+	assert_int_equal(api_parse_endpoint(b, &ep, &e), -EINVAL);
+	json_decref(b);
+	b = parse("{\"address\": \"a:1\", \"ports\": 80}");
+	assert_int_equal(api_parse_endpoint(b, &ep, &e), -EINVAL);
+	json_decref(b);
+	b = parse("{\"ports\": [80]}");
+	assert_int_equal(api_parse_endpoint(b, &ep, &e), -EINVAL);
+	json_decref(b);
+	b = json_integer(42);
+	assert_int_equal(api_parse_endpoint(b, &ep, &e), -EINVAL);
+	json_decref(b);
+}
+
+static void test_token_resp(void **state)
+{
+	unsigned char secret[API_TOKEN_SECRET_BYTES] = {1, 2, 3};
+	struct meshlet_err e = {0};
+	struct api_token_resp r;
+	char tok[API_TOKEN_MAX];
+	json_t *b;
+
+	assert_int_equal(api_token_format(tok, sizeof(tok), "orders", pin, secret), 0);
+	b = json_pack("{s:s, s:s, s:s}", "token", tok, "service", "orders",
+	              "expires_at", "2026-12-03T12:00:00Z");
+	assert_int_equal(api_parse_token_resp(b, &r, &e), 0);
+	assert_string_equal(r.token, tok);
+	json_decref(b);
+	b = json_pack("{s:s, s:s, s:s}", "token", tok, "service", "payments",
+	              "expires_at", "2026-12-03T12:00:00Z");
+	assert_int_equal(api_parse_token_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "token");
+	json_decref(b);
+	b = json_pack("{s:s, s:s, s:s}", "token", "mlt1.orders.x.y", "service", "orders",
+	              "expires_at", "t");
+	assert_int_equal(api_parse_token_resp(b, &r, &e), -EINVAL);
+	json_decref(b);
+	b = json_pack("{s:s, s:s}", "token", tok, "service", "orders");
+	assert_int_equal(api_parse_token_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "expires_at");
+	json_decref(b);
+}
+
+static void test_ca_resp(void **state)
+{
+	struct meshlet_err e = {0};
+	struct api_ca_resp r;
+	json_t *b = parse("{\"roots\": [], \"signing\": 0, \"phase\": \"prepared\", \"gate\":"
+	                  " {\"next_phase\": \"switched\", \"open\": false,"
+	                  " \"waiting_for\": \"1 proxy\"}}");
+
+	assert_int_equal(api_parse_ca_resp(b, &r, &e), 0);
+	assert_string_equal(r.phase, "prepared");
+	assert_true(r.has_gate);
+	assert_false(r.gate_open);
+	assert_string_equal(r.next_phase, "switched");
+	assert_string_equal(r.waiting_for, "1 proxy");
+	json_decref(b);
+	b = parse("{\"phase\": \"stable\"}");  /* an older control: no gate */
+	assert_int_equal(api_parse_ca_resp(b, &r, &e), 0);
+	assert_false(r.has_gate);
+	json_decref(b);
+	b = parse("{\"phase\": 1}");
+	assert_int_equal(api_parse_ca_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "phase");
+	json_decref(b);
+	b = parse("{\"phase\": \"stable\", \"gate\": {\"open\": \"yes\"}}");
+	assert_int_equal(api_parse_ca_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "gate.open");
+	json_decref(b);
+	b = parse("{\"phase\": \"stable\", \"gate\": []}");
+	assert_int_equal(api_parse_ca_resp(b, &r, &e), -EINVAL);
+	json_decref(b);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -567,6 +855,14 @@ int main(void)
 		cmocka_unit_test(test_endpoint_req),
 		cmocka_unit_test(test_rotate_revoke_ca),
 		cmocka_unit_test(test_error_body),
+		cmocka_unit_test(test_error_resp),
+		cmocka_unit_test(test_pem_join_and_serials),
+		cmocka_unit_test(test_svid_resp),
+		cmocka_unit_test(test_bundle_resp),
+		cmocka_unit_test(test_config_resp),
+		cmocka_unit_test(test_endpoint_resp),
+		cmocka_unit_test(test_token_resp),
+		cmocka_unit_test(test_ca_resp),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

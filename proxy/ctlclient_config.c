@@ -1,0 +1,333 @@
+/*
+ * ctlclient_config: what the proxy serves from control (see
+ * ctlclient-int.h): registering the inbound addresses, the config long poll,
+ * and turning an answer into a snapshot source the host installs.
+ */
+#include "ctlclient-int.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "meshlet/api.h"
+#include "meshlet/log.h"
+#include "meshlet/policy.h"
+#include "meshlet/tls.h"
+#include "snapshot.h"
+
+int ctlc_register_inbound(struct ctlclient *c)
+{
+	const struct config *cfg = c->cfg;
+	struct httpc *h = ctlc_mtls(c);
+	char path[128];
+
+	if (!h)
+		return -1;
+	snprintf(path, sizeof(path), "/v1/services/%s/endpoints", cfg->service);
+	for (size_t i = 0; i < cfg->n_inbound; i++) {
+		const struct config_inbound *in = &cfg->inbound[i];
+		struct httpc_response r;
+		json_t *body = json_pack("{s:s, s:[i]}", "address", in->advertise.text, "ports",
+		                         (int)config_addr_port(&in->forward));
+		int rc;
+
+		if (!body)
+			return ctlc_fail(c, "out of memory");
+		rc = ctlc_call(c, h, "registering the inbound address", "POST", path, body,
+		               CTL_CALL_TIMEOUT_MS, &r);
+		json_decref(body);
+		/* A refusal of this address (not ours, another service's, over a
+		 * cap) will not change by retrying: say so, and keep polling the
+		 * config (policy, certificates) instead of looping here. */
+		if (rc >= 400 && rc < 500 && rc != 401) {
+			log_error("%s: %s is not registered: callers using control's registry do not "
+			          "find it here", c->why, in->advertise.text);
+			continue;
+		}
+		if (rc != 0)
+			return -1;
+		httpc_response_clear(&r);
+		log_info("registered %s (application port %u) for %s", in->advertise.text,
+		         (unsigned)config_addr_port(&in->forward), cfg->service);
+	}
+	c->need_register = false;
+	return 0;
+}
+
+/* The part of control's {service: [endpoint]} our outbound listeners take
+ * their endpoints from (those without endpoints in the file); all of it in
+ * transparent mode, which maps any original destination through the
+ * registry. (Control sends no more than upstreams_param() asks for; this
+ * also trims a cache written before.) */
+json_t *ctlc_relevant_endpoints(const struct config *cfg, const json_t *all)
+{
+	json_t *out = json_object();
+
+	if (cfg->has_transparent) {
+		if (out && json_is_object(all) && json_object_update(out, (json_t *)all) < 0) {
+			json_decref(out);
+			return NULL;
+		}
+		return out;
+	}
+	for (size_t i = 0; out && i < cfg->n_outbound; i++) {
+		const char *svc = cfg->outbound[i].service;
+		json_t *list = json_object_get(all, svc);
+
+		if (cfg->outbound[i].n_endpoints == 0 && json_is_array(list))
+			json_object_set(out, svc, list);
+	}
+	return out;
+}
+
+/* One endpoint from control (api_parse_endpoint), its address parsed.
+ * 0, or -1 with *why set. */
+static int parse_endpoint(const json_t *v, struct config_addr *addr,
+                          struct snapshot_app_ports *ports, struct meshlet_err *e,
+                          const char **why)
+{
+	struct api_endpoint ep;
+
+	memset(ports, 0, sizeof(*ports));
+	if (api_parse_endpoint(v, &ep, e) < 0) {
+		*why = e->message;
+		return -1;
+	}
+	if (config_parse_addr(ep.address, addr, why) < 0)
+		return -1;
+	for (size_t i = 0; i < ep.n_ports && ports->n < SNAPSHOT_APP_PORTS_MAX; i++)
+		ports->port[ports->n++] = ep.ports[i];
+	return 0;
+}
+
+/* The registry for snapshot_source from {service: [endpoint]}; counts them. */
+static int build_registry(const json_t *eps, struct snapshot_source *src, size_t *count)
+{
+	const char *svc;
+	const json_t *list;
+	size_t n = json_object_size(eps);
+
+	*count = 0;
+	src->registry = calloc(n ? n : 1, sizeof(*src->registry));
+	if (!src->registry)
+		return -ENOMEM;
+	json_object_foreach((json_t *)eps, svc, list) {
+		struct snapshot_endpoints *e;
+		const json_t *v;
+		size_t i, m = json_array_size(list);
+
+		if (strlen(svc) > SERVICE_NAME_MAX || m == 0)
+			continue;
+		if (m > CONFIG_MAX_ENDPOINTS)
+			m = CONFIG_MAX_ENDPOINTS;
+		e = &src->registry[src->n_registry++];
+		snprintf(e->service, sizeof(e->service), "%s", svc);
+		e->addrs = calloc(m, sizeof(*e->addrs));
+		e->app_ports = calloc(m, sizeof(*e->app_ports));
+		if (!e->addrs || !e->app_ports)
+			return -ENOMEM;
+		json_array_foreach(list, i, v) {
+			struct meshlet_err pe = { { 0 }, { 0 } };
+			const char *why = NULL;
+
+			if (e->n_addrs >= m)
+				break;
+			if (parse_endpoint(v, &e->addrs[e->n_addrs], &e->app_ports[e->n_addrs], &pe,
+			                   &why) < 0) {
+				log_warn("ignoring endpoint %zu of %s from control: %s", i, svc,
+				         why ? why : "malformed");
+				continue;
+			}
+			e->n_addrs++;
+			(*count)++;
+		}
+	}
+	return 0;
+}
+
+/*
+ * Installs policy (control's document, or null: deny everything inbound),
+ * endpoints and, when they changed, our SVID and bundle as a new snapshot.
+ */
+int ctlc_install(struct ctlclient *c, const json_t *policy, int64_t policy_version,
+                 const json_t *eps, int64_t version)
+{
+	struct snapshot_source src = { 0 };
+	struct meshlet_err e = { { 0 }, { 0 } };
+	json_t *deny = NULL;
+	char msg[600];
+	size_t n_eps = 0;
+
+	if (c->tls_dirty) {
+		size_t n = json_array_size(c->st.revoked);
+		const char **rev = calloc(n ? n : 1, sizeof(char *));
+		int rc;
+
+		if (!rev)
+			return ctlc_fail(c, "out of memory");
+		for (size_t i = 0; i < n; i++)
+			rev[i] = json_string_value(json_array_get(c->st.revoked, i));
+		rc = tls_material_from_pem(c->st.cert_pem, c->st.key, c->st.bundle_pem, rev, n,
+		                           c->cfg->trust_domain, &src.tls, &e);
+		free(rev);
+		if (rc < 0)
+			return ctlc_fail(c, "cannot use the SVID: %s", err_str(&e, msg, sizeof(msg)));
+	}
+	if (!json_is_object(policy)) {
+		if (!c->warned_no_policy)
+			log_warn("control holds no policy for %s: every inbound connection is denied "
+			         "until one is applied", c->cfg->service);
+		c->warned_no_policy = true;
+		policy = deny = json_pack("{s:s, s:s, s:[]}", "service", c->cfg->service,
+		                          "default", "deny", "rules");
+	} else {
+		c->warned_no_policy = false;
+	}
+	src.policy = policy ? policy_parse(policy, &e) : NULL;
+	json_decref(deny);
+	if (!src.policy) {
+		snapshot_source_free(&src);
+		return ctlc_fail(c, "the policy from control is unusable: %s", err_str(&e, msg, sizeof(msg)));
+	}
+	if (build_registry(eps, &src, &n_eps) < 0) {
+		snapshot_source_free(&src);
+		return ctlc_fail(c, "out of memory");
+	}
+	if (c->host.install(c->host.ctx, &src, &e) < 0)
+		return ctlc_fail(c, "cannot install the config from control: %s",
+		                 err_str(&e, msg, sizeof(msg)));
+	c->tls_dirty = false;
+	c->installed = true;
+	log_info("installed config version %lld: policy v%lld, bundle v%lld, %zu endpoints",
+	         (long long)version, (long long)policy_version, (long long)c->st.bundle_version,
+	         n_eps);
+	return 0;
+}
+
+/* Installs what we hold (after a renewal or a new bundle), and caches it. */
+int ctlc_install_current(struct ctlclient *c)
+{
+	if (ctlc_install(c, c->st.policy, c->st.policy_version, c->st.endpoints, c->st.version) < 0)
+		return -1;
+	if (ctlc_save_state(c) < 0)
+		log_warn("cannot cache the state: %s", c->why);
+	return 0;
+}
+
+/* A config answer: applies what changed. */
+static int apply_config(struct ctlclient *c, const json_t *doc)
+{
+	struct meshlet_err e = { { 0 }, { 0 } };
+	struct api_config_resp a;
+	int64_t version, pver, bver, gen;
+	json_t *policy, *eps;
+	bool changed;
+
+	if (api_parse_config_resp(doc, &a, &e) < 0)
+		return ctlc_fail(c, "malformed config answer: %s%s%s", e.path, e.path[0] ? ": " : "",
+		                 e.message);
+	version = a.version;
+	pver = a.policy_version;
+	bver = a.bundle_version;
+	gen = a.cert_generation;
+	policy = (json_t *)a.policy;
+	/* Bundle and certificate first; the loop polls again (at once: same after=). */
+	if (bver != c->st.bundle_version) {
+		/* Asked for before and still not what GET /v1/bundle gave: do not spin. */
+		if (c->bundle_asked == bver)
+			return ctlc_fail(c, "control's config names bundle version %lld, its bundle is "
+			                 "version %lld", (long long)bver, (long long)c->st.bundle_version);
+		c->bundle_asked = bver;
+		c->need_bundle = true;
+		return 0;
+	}
+	c->bundle_asked = -1;
+	if (c->st.cert_generation < 0) {
+		c->st.cert_generation = gen;
+	} else if (gen != c->st.cert_generation) {
+		c->need_renew = true;
+		c->pending_generation = gen;
+		return 0;
+	}
+	eps = ctlc_relevant_endpoints(c->cfg, a.endpoints);
+	if (!eps)
+		return ctlc_fail(c, "out of memory");
+	changed = !c->installed || c->tls_dirty || pver != c->st.policy_version ||
+	          !c->st.policy || !json_equal(policy, c->st.policy) ||
+	          !c->st.endpoints || !json_equal(eps, c->st.endpoints);
+	if (changed && ctlc_install(c, policy, pver, eps, version) < 0) {
+		json_decref(eps);
+		return -1;
+	}
+	c->st.version = version;
+	if (changed) {
+		json_decref(c->st.policy);
+		c->st.policy = json_incref(policy);
+		c->st.policy_version = pver;
+		json_decref(c->st.endpoints);
+		c->st.endpoints = eps;
+		if (ctlc_save_state(c) < 0)
+			log_warn("cannot cache the state: %s", c->why);
+	} else {
+		json_decref(eps);
+	}
+	return 0;
+}
+
+/*
+ * "&upstreams=..." for the config poll: the services whose endpoints we
+ * take from control, "*" in transparent mode (any destination may be one),
+ * nothing when there are none. Control answers no more than that.
+ */
+static void upstreams_param(const struct config *cfg, char *out, size_t len)
+{
+	size_t n = 0, used;
+
+	out[0] = '\0';
+	if (cfg->has_transparent) {
+		snprintf(out, len, "&upstreams=*");
+		return;
+	}
+	for (size_t i = 0; i < cfg->n_outbound; i++) {
+		const char *svc = cfg->outbound[i].service;
+		bool dup = false;
+
+		if (cfg->outbound[i].n_endpoints > 0)
+			continue;
+		for (size_t j = 0; j < i && !dup; j++)
+			dup = cfg->outbound[j].n_endpoints == 0 && strcmp(cfg->outbound[j].service, svc) == 0;
+		if (dup)
+			continue;
+		used = strlen(out);
+		snprintf(out + used, len - used, "%s%s", n++ ? "," : "&upstreams=", svc);
+	}
+}
+
+int ctlc_poll_config(struct ctlclient *c)
+{
+	struct httpc_response r;
+	struct httpc *h = ctlc_mtls(c);
+	/* 64 listeners of 63-character names, and the rest. */
+	char path[CONFIG_MAX_LISTENERS * (SERVICE_NAME_MAX + 1) + 256], ups[sizeof(path) - 200];
+	long long wait = CTL_POLL_WAIT_S, until_renewal = (long long)(c->renew_at - time(NULL));
+	int rc;
+
+	if (!h)
+		return -1;
+	if (until_renewal < wait)
+		wait = until_renewal < 1 ? 1 : until_renewal;
+	/* A quick answer first: it shows control is reachable (status, gauge). */
+	if (!c->installed || c->reconnecting)
+		wait = 0;
+	upstreams_param(c->cfg, ups, sizeof(ups));
+	snprintf(path, sizeof(path), "/v1/services/%s/config?after=%lld&wait=%lld%s", c->cfg->service,
+	         (long long)(c->installed ? c->st.version : 0), wait, ups);
+	if (ctlc_call(c, h, "watching the config", "GET", path, NULL,
+	              (int)(wait * 1000 + CTL_CALL_TIMEOUT_MS), &r) != 0)
+		return -1;
+	c->reconnecting = false;
+	rc = apply_config(c, r.json);
+	httpc_response_clear(&r);
+	return rc;
+}
