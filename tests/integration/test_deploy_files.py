@@ -319,7 +319,7 @@ def test_dockerfile_stages_user_healthcheck_expose():
         assert p in bpk, f"build stage does not install {p}"
     runs = " ".join(r for k, r in build["ins"] if k == "RUN")
     assert re.search(r"meson setup .*--buildtype=release", runs)
-    assert "-Dtests=false" in runs
+    assert "-Dtests=disabled" in runs
     assert re.search(r"meson install .*--destdir", runs)
 
     rpk = apt_packages(rt)
@@ -421,7 +421,7 @@ def test_the_copied_sources_build_the_image_contents(tmp_path):
             (src / s).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, src / s)
     env = {k: v for k, v in os.environ.items() if k not in ("CFLAGS", "LDFLAGS")}
-    for argv in (["meson", "setup", tmp_path / "b", src, "--buildtype=release", "-Dtests=false",
+    for argv in (["meson", "setup", tmp_path / "b", src, "--buildtype=release", "-Dtests=disabled",
                   "--prefix=/usr/local"],
                  ["ninja", "-C", tmp_path / "b"],
                  ["meson", "install", "-C", tmp_path / "b", "--no-rebuild", "--strip",
