@@ -15,8 +15,9 @@
 #include <openssl/err.h>
 
 #include "meshlet/log.h"
-#include "conn-t.h"
 #include "httpflow.h"
+#include "snapshot.h"
+#include "worker-t.h"
 
 /* Buffers a worker keeps for reuse; more are returned to malloc. */
 #define RELAY_FREE_MAX 64
@@ -228,7 +229,7 @@ static void access_log(struct conn *c, enum conn_reason reason, int tls_reason)
 	const struct config_addr *dest = conn_destination(c);
 	int n;
 
-	if (!conn_cfg(c)->access_log || httpflow_logged(c))
+	if (!conn_cfg(c)->access_log || c->proto->logged(c))
 		return;
 	log_format_time(when, sizeof(when), c->started_wall.tv_sec, c->started_wall.tv_nsec);
 	addr_text(&c->from, from, sizeof(from));
@@ -285,7 +286,7 @@ static void close_fd(int *fd)
 void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
 {
 	struct worker *w = c->w;
-	struct metrics *m = w->p->metrics;
+	struct metrics *m = w->shared->metrics;
 
 	if (reason != CR_DONE && reason != CR_DENIED)
 		log_debug("conn %llu: closed in %s: %s", (unsigned long long)c->id,
@@ -309,17 +310,18 @@ void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
 		buf_put(w, c->d[d].in);
 		free(c->d[d].owned);
 	}
-	httpflow_free(c);
+	c->proto->release(c);
 	free(c->tdest);
 	metrics_add(&m->bytes_total[c->dir], c->d[RELAY_UP].bytes + c->d[RELAY_DOWN].bytes);
 	atomic_fetch_sub_explicit(&m->connections_active[c->dir], 1, memory_order_relaxed);
-	atomic_fetch_sub_explicit(&w->p->open_conns, 1, memory_order_relaxed);
+	atomic_fetch_sub_explicit(&w->shared->open_conns, 1, memory_order_relaxed);
 	unlink_conn(c);
 	snapshot_unref(c->snap);
 	free(c->peer);
 	free(c);
-	if (w->draining)
-		worker_maybe_finish(w);
+	/* A draining worker's loop ends with its last connection. */
+	if (w->draining && w->n_conns == 0)
+		event_base_loopbreak(w->base);
 }
 
 void conn_close_all(struct worker *w, enum conn_reason reason)
@@ -334,7 +336,7 @@ void conn_drain(struct worker *w)
 
 	for (; c; c = next) {
 		next = c->next;
-		if (c->hf && c->state == CONN_RELAYING && httpflow_drain(c))
+		if (c->state == CONN_RELAYING && c->proto->drain(c))
 			conn_close(c, CR_DONE, 0);
 	}
 }
@@ -373,7 +375,7 @@ static uint64_t side_due(const struct conn *c, bool tls_side)
 	case CONN_CONNECTING:
 		return c->deadline;
 	case CONN_RELAYING:
-		due = c->hf ? httpflow_due(c, tls_side) : 0;
+		due = c->proto->due(c, tls_side);
 		return due ? due : c->last_active + conn_cfg(c)->timeouts.idle_ms;
 	case CONN_LINGERING:
 		due = c->last_active + LINGER_IDLE_MS;
@@ -605,8 +607,19 @@ static int upstream_dir(const struct conn *c)
 	return c->inbound ? RELAY_UP : RELAY_DOWN;
 }
 
-/* tcp listeners: what was read is what gets written, without a copy. */
-static int produce_raw(struct conn *c, int d)
+/* ---- tcp: the protocol that relays bytes as they are --------------------- */
+
+static int tcp_init(struct conn *c)
+{
+	return 0;
+}
+
+static void tcp_nothing(struct conn *c)
+{
+}
+
+/* What was read is what gets written, without a copy. */
+static int tcp_produce(struct conn *c, int d)
 {
 	struct relay_dir *r = &c->d[d];
 
@@ -618,9 +631,75 @@ static int produce_raw(struct conn *c, int d)
 	return 1;
 }
 
-static int produce(struct conn *c, int d)
+static int tcp_eof(struct conn *c, int d)
 {
-	return c->hf ? httpflow_produce(c, d) : produce_raw(c, d);
+	return 0;
+}
+
+static uint64_t tcp_due(const struct conn *c, bool tls_side)
+{
+	return 0;
+}
+
+static bool tcp_on_timeout(struct conn *c, uint64_t now)
+{
+	return false;
+}
+
+/* A byte stream has no way to say why: the client sees the close. */
+static void tcp_fail_early(struct conn *c, int status, enum conn_reason reason)
+{
+	conn_close(c, reason, 0);
+}
+
+/* A tcp connection cannot be told to stop between messages: it finishes
+ * on its own, or at the drain timeout. */
+static bool tcp_drain(struct conn *c)
+{
+	return false;
+}
+
+static bool tcp_done(const struct conn *c)
+{
+	return true;
+}
+
+static bool tcp_logged(const struct conn *c)
+{
+	return false;
+}
+
+static const struct conn_proto_ops tcp_ops = {
+	.name = "tcp",
+	.per_request_policy = false,
+	.answers_after_reset = false,
+	.init = tcp_init,
+	.release = tcp_nothing,
+	.start = tcp_nothing,
+	.produce = tcp_produce,
+	.eof = tcp_eof,
+	.due = tcp_due,
+	.on_timeout = tcp_on_timeout,
+	.fail_early = tcp_fail_early,
+	.drain = tcp_drain,
+	.shrink = tcp_nothing,
+	.done = tcp_done,
+	.logged = tcp_logged,
+};
+
+/*
+ * The one place a connection's protocol is chosen, from its listener.
+ * Transparent connections are relayed as tcp: their protocol is unknown.
+ */
+static const struct conn_proto_ops *proto_of(const struct listener *l, const struct snapshot *s)
+{
+	enum listener_protocol p;
+
+	if (l->kind == LISTENER_TRANSPARENT)
+		return &tcp_ops;
+	p = l->kind == LISTENER_INBOUND ? s->cfg->inbound[l->index].protocol
+	                                : s->cfg->outbound[l->index].protocol;
+	return p == PROTO_HTTP ? &httpflow_ops : &tcp_ops;
 }
 
 /* Writes what direction d has pending. Returns progress (0/1) or -1 when closed. */
@@ -669,10 +748,10 @@ static int pump_read(struct conn *c, int d)
 	r->in = NULL;
 	if (n == -EAGAIN)
 		return 0;
-	if (n < 0 && !(c->hf && d == upstream_dir(c)))
+	if (n < 0 && !(c->proto->answers_after_reset && d == upstream_dir(c)))
 		return conn_close(c, src_is_tls(d) ? CR_TLS_ERROR : CR_RESET, 0), -1;
 	if (n < 0) {
-		/* http: a reset upstream is a gone upstream; the client is still owed answers. */
+		/* A reset upstream is a gone upstream; the client is still owed answers. */
 		struct relay_dir *to_up = &c->d[1 - d];
 
 		to_up->dst_shut = true;
@@ -682,7 +761,7 @@ static int pump_read(struct conn *c, int d)
 		         conn_destination_text(c));
 	}
 	r->src_eof = true;
-	return c->hf ? (httpflow_eof(c, d) < 0 ? -1 : 1) : 1;
+	return c->proto->eof(c, d) < 0 ? -1 : 1;
 }
 
 /*
@@ -697,7 +776,7 @@ static int pump(struct conn *c, int d)
 
 	if (r->out_len)
 		return pump_write(c, d);
-	rc = produce(c, d);
+	rc = c->proto->produce(c, d);
 	if (rc != 0)
 		return rc;
 	if (r->in && r->in->off == r->in->len) {
@@ -842,7 +921,7 @@ static void relay(struct conn *c)
 		return;
 	}
 	if (c->closing && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len &&
-	    (!c->hf || httpflow_done(c))) {
+	    c->proto->done(c)) {
 		linger_start(c);
 		return;
 	}
@@ -855,8 +934,7 @@ static void relay(struct conn *c)
 	if (!progress && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len) {
 		if (c->ssl)
 			SSL_free_buffers(c->ssl);
-		if (c->hf)
-			httpflow_shrink(c);
+		c->proto->shrink(c);
 	}
 	if (progress) {
 		/* Out of rounds with work left: come back after other connections ran. */
@@ -978,10 +1056,7 @@ static void connect_next(struct conn *c)
 		log_warn("conn %llu: connect to %s failed: %s", (unsigned long long)c->id,
 		         dest->text, strerror(-fd));
 	}
-	if (c->hf)
-		httpflow_fail_early(c, 502, CR_UPSTREAM_REFUSED);
-	else
-		conn_close(c, CR_UPSTREAM_REFUSED, 0);
+	c->proto->fail_early(c, 502, CR_UPSTREAM_REFUSED);
 }
 
 static void connect_done(struct conn *c)
@@ -1022,8 +1097,8 @@ static void authorize(struct conn *c)
 
 	set_state(c, CONN_AUTHORIZING);
 	watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
-	if (c->hf) {
-		/* http: every request is decided (and counted) on its own, with its
+	if (c->proto->per_request_policy) {
+		/* Every request is decided (and counted) on its own, with its
 		 * method, path and headers. */
 		connect_next(c);
 		return;
@@ -1049,7 +1124,7 @@ static void authorize(struct conn *c)
  */
 static bool revoked_since(struct conn *c)
 {
-	struct snapshot *cur = proxy_snapshot(c->w->p);
+	struct snapshot *cur = c->w->shared->snapshot(c->w->shared->arg);
 	bool revoked = cur && cur->server_ctx != c->snap->server_ctx &&
 	               tls_is_revoked(cur->server_ctx, SSL_get0_peer_certificate(c->ssl));
 
@@ -1074,7 +1149,7 @@ static void handshake_done(struct conn *c)
 		return;
 	}
 	if (SSL_session_reused(c->ssl))
-		metrics_inc(&c->w->p->metrics->tls_resumed[c->dir]);
+		metrics_inc(&c->w->shared->metrics->tls_resumed[c->dir]);
 	if (revoked_since(c)) {
 		log_info("conn %llu: the peer's certificate was revoked during the handshake",
 		         (unsigned long long)c->id);
@@ -1094,11 +1169,12 @@ static void handshake_done(struct conn *c)
 
 static void handshake_timeout(struct conn *c)
 {
-	metrics_inc(&c->w->p->metrics->handshake_failures[TLS_FAIL_TIMEOUT]);
-	if (c->hf && !c->inbound)
-		httpflow_fail_early(c, 504, CR_HANDSHAKE_TIMEOUT);
-	else
+	metrics_inc(&c->w->shared->metrics->handshake_failures[TLS_FAIL_TIMEOUT]);
+	/* Outbound, the app waits on a plain socket and can be answered. */
+	if (c->inbound)
 		conn_close(c, CR_HANDSHAKE_TIMEOUT, TLS_FAIL_TIMEOUT);
+	else
+		c->proto->fail_early(c, 504, CR_HANDSHAKE_TIMEOUT);
 }
 
 static void handshake(struct conn *c)
@@ -1121,13 +1197,13 @@ static void handshake(struct conn *c)
 		return;
 	}
 	reason = tls_failure_reason(c->ssl, &c->verify);
-	metrics_inc(&c->w->p->metrics->handshake_failures[reason]);
+	metrics_inc(&c->w->shared->metrics->handshake_failures[reason]);
 	log_info("conn %llu: TLS handshake %s failed: %s", (unsigned long long)c->id,
 	         c->inbound ? "from peer" : "with upstream", metrics_tls_reason_str(reason));
-	if (c->hf && !c->inbound)
-		httpflow_fail_early(c, 502, CR_HANDSHAKE_FAILED);
-	else
+	if (c->inbound)
 		conn_close(c, CR_HANDSHAKE_FAILED, reason);
+	else
+		c->proto->fail_early(c, 502, CR_HANDSHAKE_FAILED);
 }
 
 /*
@@ -1177,8 +1253,7 @@ static void relay_start(struct conn *c)
 	c->ssl_read_wants = EV_READ;
 	c->ssl_write_wants = EV_WRITE;
 	touch(c);
-	if (c->hf)
-		httpflow_start(c);
+	c->proto->start(c);
 	/* Drop the connect/handshake timers: from here on the idle timer rules. */
 	watch_plain(c, 0, 0);
 	watch_tls(c, 0, 0);
@@ -1220,16 +1295,13 @@ static void on_timeout(struct conn *c, bool tls_side)
 	case CONN_CONNECTING:
 		log_warn("conn %llu: connect to %s timed out", (unsigned long long)c->id,
 		         conn_destination(c)->text);
-		if (c->hf)
-			httpflow_fail_early(c, 504, CR_UPSTREAM_TIMEOUT);
-		else
-			conn_close(c, CR_UPSTREAM_TIMEOUT, 0);
+		c->proto->fail_early(c, 504, CR_UPSTREAM_TIMEOUT);
 		return;
 	case CONN_LINGERING:
 		conn_close(c, CR_DONE, 0);    /* the client went quiet: enough */
 		return;
 	case CONN_RELAYING:
-		if (c->hf && httpflow_on_timeout(c, now))
+		if (c->proto->on_timeout(c, now))
 			return;
 		conn_close(c, CR_IDLE_TIMEOUT, 0);    /* due was the idle deadline */
 		return;
@@ -1298,7 +1370,7 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 		return NULL;
 	c->w = w;
 	c->snap = s;
-	c->id = atomic_fetch_add_explicit(&w->p->next_conn_id, 1, memory_order_relaxed) + 1;
+	c->id = atomic_fetch_add_explicit(&w->shared->next_conn_id, 1, memory_order_relaxed) + 1;
 	c->inbound = l->kind == LISTENER_INBOUND;
 	c->transparent = l->kind == LISTENER_TRANSPARENT;
 	c->dir = c->inbound ? DIR_INBOUND : DIR_OUTBOUND;
@@ -1307,10 +1379,8 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 	c->plain_fd = c->inbound ? -1 : fd;
 	c->ssl_read_wants = EV_READ;
 	c->ssl_write_wants = EV_WRITE;
-	/* Transparent connections are relayed as TCP: their protocol is unknown. */
-	c->http = !c->transparent && (c->inbound ? s->cfg->inbound[l->index].protocol
-	                                         : s->cfg->outbound[l->index].protocol) == PROTO_HTTP;
-	if (c->http && httpflow_new(c) < 0) {
+	c->proto = proto_of(l, s);
+	if (c->proto->init(c) < 0) {
 		free(c);
 		return NULL;
 	}
@@ -1323,9 +1393,9 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 		w->conns->prev = c;
 	w->conns = c;
 	w->n_conns++;
-	atomic_fetch_add_explicit(&w->p->open_conns, 1, memory_order_relaxed);
-	metrics_inc(&w->p->metrics->connections_total[c->dir]);
-	atomic_fetch_add_explicit(&w->p->metrics->connections_active[c->dir], 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&w->shared->open_conns, 1, memory_order_relaxed);
+	metrics_inc(&w->shared->metrics->connections_total[c->dir]);
+	atomic_fetch_add_explicit(&w->shared->metrics->connections_active[c->dir], 1, memory_order_relaxed);
 	return c;
 }
 
@@ -1449,14 +1519,14 @@ static void transparent_start(struct conn *c, int fd)
 
 void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fromlen)
 {
-	struct meshlet_proxy *p = l->w->p;
+	struct worker_shared *sh = l->w->shared;
 	struct conn *c;
 	struct snapshot *s;
 	uint32_t max;
 
-	s = proxy_snapshot(p);
+	s = sh->snapshot(sh->arg);
 	max = s->cfg->max_connections;
-	if (atomic_load_explicit(&p->open_conns, memory_order_relaxed) >= max) {
+	if (atomic_load_explicit(&sh->open_conns, memory_order_relaxed) >= max) {
 		log_warn("refusing a connection: max_connections (%u) reached", max);
 		snapshot_unref(s);
 		close(fd);

@@ -10,35 +10,9 @@
 #define MESHLET_PROXY_CONN_H
 
 #include <openssl/ssl.h>
-#include "proxy.h"
+#include "conn-t.h"
 
-enum conn_state {
-	CONN_HANDSHAKE,
-	CONN_AUTHORIZING,
-	CONN_CONNECTING,
-	CONN_RELAYING,
-	CONN_LINGERING,     /* answered and closing: discarding what the client still sends */
-	CONN_CLOSED,
-};
-
-/* Why a connection ended: the access log's "status". */
-enum conn_reason {
-	CR_DONE = 0,
-	CR_DENIED,
-	CR_HANDSHAKE_FAILED,
-	CR_HANDSHAKE_TIMEOUT,
-	CR_UPSTREAM_REFUSED,
-	CR_UPSTREAM_TIMEOUT,
-	CR_IDLE_TIMEOUT,
-	CR_RESET,
-	CR_TLS_ERROR,
-	CR_DRAIN_TIMEOUT,
-	CR_OVERLOAD,
-	CR_INTERNAL,
-	CR_EXPIRED_SESSION,
-	CR_REVOKED,
-	CR_OUTSIDE_MESH,
-};
+struct listener;
 
 const char *conn_reason_str(enum conn_reason r);
 
