@@ -173,6 +173,7 @@ struct conn {
 	void *proto_ctx;            /* the protocol's state (httpflow: struct httpflow) */
 	struct conn_tdest *tdest;   /* transparent: where the app was going; else NULL */
 	struct tls_verify verify;
+	enum tls_failure tls_failure; /* why the handshake failed: access log's tls_error */
 	const char *rule;           /* deciding rule, owned by snap */
 	char *peer;                 /* verified SPIFFE ID */
 	struct timespec started;    /* CLOCK_MONOTONIC */

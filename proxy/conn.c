@@ -222,7 +222,7 @@ uint64_t conn_bytes_to_client(const struct conn *c)
 }
 
 /* One JSON line per connection: who, where, what was decided, how it ended. */
-static void access_log(struct conn *c, enum conn_reason reason, int tls_reason)
+static void access_log(struct conn *c, enum conn_reason reason)
 {
 	char line[2048], when[40], from[80], peer[SPIFFE_ID_MAX * 2 + 8] = "null";
 	char tls_err[96] = "null", rule[POLICY_RULE_NAME_MAX * 2 + 8] = "null";
@@ -243,8 +243,8 @@ static void access_log(struct conn *c, enum conn_reason reason, int tls_reason)
 		n = (int)log_json_escape(rule + 1, sizeof(rule) - 2, c->rule);
 		snprintf(rule + 1 + n, sizeof(rule) - 1 - (size_t)n, "\"");
 	}
-	if (tls_reason)
-		snprintf(tls_err, sizeof(tls_err), "\"%s\"", metrics_tls_reason_str(tls_reason));
+	if (c->tls_failure)
+		snprintf(tls_err, sizeof(tls_err), "\"%s\"", tls_failure_str(c->tls_failure));
 	n = snprintf(line, sizeof(line),
 	             "{\"time\":\"%s\",\"conn\":%llu,\"direction\":\"%s\",\"protocol\":\"tcp\","
 	             "\"source\":\"%s\",\"peer\":%s,\"destination\":\"%s\",\"decision\":%s%s%s,"
@@ -283,7 +283,7 @@ static void close_fd(int *fd)
 	*fd = -1;
 }
 
-void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
+void conn_close(struct conn *c, enum conn_reason reason)
 {
 	struct worker *w = c->w;
 	struct metrics *m = w->shared->metrics;
@@ -292,7 +292,7 @@ void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
 		log_debug("conn %llu: closed in %s: %s", (unsigned long long)c->id,
 		          state_names[c->state], conn_reason_str(reason));
 	set_state(c, CONN_CLOSED);
-	access_log(c, reason, tls_reason);
+	access_log(c, reason);
 	if (event_initialized(&c->tls_ev))
 		event_del(&c->tls_ev);
 	if (event_initialized(&c->plain_ev))
@@ -327,7 +327,7 @@ void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
 void conn_close_all(struct worker *w, enum conn_reason reason)
 {
 	while (w->conns)
-		conn_close(w->conns, reason, 0);
+		conn_close(w->conns, reason);
 }
 
 void conn_drain(struct worker *w)
@@ -337,7 +337,7 @@ void conn_drain(struct worker *w)
 	for (; c; c = next) {
 		next = c->next;
 		if (c->state == CONN_RELAYING && c->proto->drain(c))
-			conn_close(c, CR_DONE, 0);
+			conn_close(c, CR_DONE);
 	}
 }
 
@@ -351,7 +351,7 @@ void conn_close_revoked(struct worker *w, struct snapshot *s)
 		    tls_is_revoked(s->server_ctx, SSL_get0_peer_certificate(c->ssl))) {
 			log_info("conn %llu: closing: %s's certificate was revoked",
 			         (unsigned long long)c->id, c->peer ? c->peer : "peer");
-			conn_close(c, CR_REVOKED, 0);
+			conn_close(c, CR_REVOKED);
 		}
 	}
 }
@@ -649,7 +649,7 @@ static bool tcp_on_timeout(struct conn *c, uint64_t now)
 /* A byte stream has no way to say why: the client sees the close. */
 static void tcp_fail_early(struct conn *c, int status, enum conn_reason reason)
 {
-	conn_close(c, reason, 0);
+	conn_close(c, reason);
 }
 
 /* A tcp connection cannot be told to stop between messages: it finishes
@@ -714,7 +714,7 @@ static int pump_write(struct conn *c, int d)
 	if (n == -EAGAIN)
 		return 0;
 	if (n < 0)
-		return conn_close(c, CR_RESET, 0), -1;
+		return conn_close(c, CR_RESET), -1;
 	r->out += n;
 	r->out_len -= (size_t)n;
 	r->bytes += (uint64_t)n;
@@ -737,7 +737,7 @@ static int pump_read(struct conn *c, int d)
 	if (!io_readable(c, src_is_tls(d)))
 		return 0;
 	if (!r->in && !(r->in = buf_get(c->w)))
-		return conn_close(c, CR_INTERNAL, 0), -1;
+		return conn_close(c, CR_INTERNAL), -1;
 	r->in->off = r->in->len = 0;
 	n = io_read(c, src_is_tls(d), r->in->data, sizeof(r->in->data));
 	if (n > 0) {
@@ -749,7 +749,7 @@ static int pump_read(struct conn *c, int d)
 	if (n == -EAGAIN)
 		return 0;
 	if (n < 0 && !(c->proto->answers_after_reset && d == upstream_dir(c)))
-		return conn_close(c, src_is_tls(d) ? CR_TLS_ERROR : CR_RESET, 0), -1;
+		return conn_close(c, src_is_tls(d) ? CR_TLS_ERROR : CR_RESET), -1;
 	if (n < 0) {
 		/* A reset upstream is a gone upstream; the client is still owed answers. */
 		struct relay_dir *to_up = &c->d[1 - d];
@@ -897,7 +897,7 @@ static void linger_read(struct conn *c)
 		conn_kick(c);    /* more to discard: after the others had their turn */
 		return;
 	}
-	conn_close(c, CR_DONE, 0);
+	conn_close(c, CR_DONE);
 }
 
 static void relay(struct conn *c)
@@ -917,7 +917,7 @@ static void relay(struct conn *c)
 	if (rounds)
 		touch(c);
 	if (dir_done(&c->d[RELAY_UP]) && dir_done(&c->d[RELAY_DOWN])) {
-		conn_close(c, CR_DONE, 0);
+		conn_close(c, CR_DONE);
 		return;
 	}
 	if (c->closing && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len &&
@@ -1112,7 +1112,7 @@ static void authorize(struct conn *c)
 		metrics_inc(&counter->count);
 	if (d.action != POLICY_ALLOW) {
 		log_info("conn %llu: %s denied by rule %s", (unsigned long long)c->id, c->peer, c->rule);
-		conn_close(c, CR_DENIED, 0);
+		conn_close(c, CR_DENIED);
 		return;
 	}
 	connect_next(c);
@@ -1145,7 +1145,7 @@ static void handshake_done(struct conn *c)
 
 	/* A resumed session skips verification: its certificate may have expired since. */
 	if (SSL_session_reused(c->ssl) && peer_cert_expired(c->ssl)) {
-		conn_close(c, CR_EXPIRED_SESSION, 0);
+		conn_close(c, CR_EXPIRED_SESSION);
 		return;
 	}
 	if (SSL_session_reused(c->ssl))
@@ -1153,11 +1153,12 @@ static void handshake_done(struct conn *c)
 	if (revoked_since(c)) {
 		log_info("conn %llu: the peer's certificate was revoked during the handshake",
 		         (unsigned long long)c->id);
-		conn_close(c, CR_REVOKED, 0);
+		conn_close(c, CR_REVOKED);
 		return;
 	}
 	if (tls_peer_id(c->ssl, id, sizeof(id)) < 0 || !(c->peer = strdup(id))) {
-		conn_close(c, CR_HANDSHAKE_FAILED, ID_NO_URI_SAN);
+		c->tls_failure = TLS_FAIL_NO_URI_SAN;
+		conn_close(c, CR_HANDSHAKE_FAILED);
 		return;
 	}
 	c->ready |= TLS_R | TLS_W;
@@ -1169,17 +1170,18 @@ static void handshake_done(struct conn *c)
 
 static void handshake_timeout(struct conn *c)
 {
-	metrics_inc(&c->w->shared->metrics->handshake_failures[TLS_FAIL_TIMEOUT]);
+	c->tls_failure = TLS_FAIL_TIMEOUT;
+	metrics_inc(&c->w->shared->metrics->handshake_failures[c->tls_failure]);
 	/* Outbound, the app waits on a plain socket and can be answered. */
 	if (c->inbound)
-		conn_close(c, CR_HANDSHAKE_TIMEOUT, TLS_FAIL_TIMEOUT);
+		conn_close(c, CR_HANDSHAKE_TIMEOUT);
 	else
 		c->proto->fail_early(c, 504, CR_HANDSHAKE_TIMEOUT);
 }
 
 static void handshake(struct conn *c)
 {
-	int rc, e, reason;
+	int rc, e;
 
 	if (past_deadline(c)) {
 		handshake_timeout(c);
@@ -1196,12 +1198,12 @@ static void handshake(struct conn *c)
 		watch_tls(c, e == SSL_ERROR_WANT_READ ? EV_READ : EV_WRITE, c->deadline);
 		return;
 	}
-	reason = tls_failure_reason(c->ssl, &c->verify);
-	metrics_inc(&c->w->shared->metrics->handshake_failures[reason]);
+	c->tls_failure = tls_failure_reason(c->ssl, &c->verify);
+	metrics_inc(&c->w->shared->metrics->handshake_failures[c->tls_failure]);
 	log_info("conn %llu: TLS handshake %s failed: %s", (unsigned long long)c->id,
-	         c->inbound ? "from peer" : "with upstream", metrics_tls_reason_str(reason));
+	         c->inbound ? "from peer" : "with upstream", tls_failure_str(c->tls_failure));
 	if (c->inbound)
-		conn_close(c, CR_HANDSHAKE_FAILED, reason);
+		conn_close(c, CR_HANDSHAKE_FAILED);
 	else
 		c->proto->fail_early(c, 502, CR_HANDSHAKE_FAILED);
 }
@@ -1230,7 +1232,7 @@ static void outbound_handshake_start(struct conn *c)
 	c->verify.expect_id = c->tdest ? c->tdest->expect_id
 	                               : c->snap->outbound[c->listener].expect_id;
 	if (ssl_attach(c, c->snap->client_ctx) < 0) {
-		conn_close(c, CR_INTERNAL, 0);
+		conn_close(c, CR_INTERNAL);
 		return;
 	}
 	SSL_set_connect_state(c->ssl);
@@ -1298,12 +1300,12 @@ static void on_timeout(struct conn *c, bool tls_side)
 		c->proto->fail_early(c, 504, CR_UPSTREAM_TIMEOUT);
 		return;
 	case CONN_LINGERING:
-		conn_close(c, CR_DONE, 0);    /* the client went quiet: enough */
+		conn_close(c, CR_DONE);    /* the client went quiet: enough */
 		return;
 	case CONN_RELAYING:
 		if (c->proto->on_timeout(c, now))
 			return;
-		conn_close(c, CR_IDLE_TIMEOUT, 0);    /* due was the idle deadline */
+		conn_close(c, CR_IDLE_TIMEOUT);    /* due was the idle deadline */
 		return;
 	default:
 		return;
@@ -1402,7 +1404,7 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 static void inbound_start(struct conn *c)
 {
 	if (ssl_attach(c, c->snap->server_ctx) < 0) {
-		conn_close(c, CR_INTERNAL, 0);
+		conn_close(c, CR_INTERNAL);
 		return;
 	}
 	SSL_set_accept_state(c->ssl);
@@ -1417,7 +1419,7 @@ static void outbound_start(struct conn *c)
 
 	if (o->n_endpoints == 0) {
 		log_warn("conn %llu: no endpoint known for %s", (unsigned long long)c->id, o->expect_id);
-		conn_close(c, CR_UPSTREAM_REFUSED, 0);
+		conn_close(c, CR_UPSTREAM_REFUSED);
 		return;
 	}
 	c->endpoint = (uint16_t)(c->w->rr[c->listener]++ % o->n_endpoints);
@@ -1482,12 +1484,12 @@ static void transparent_start(struct conn *c, int fd)
 	if (rc < 0) {
 		log_warn("conn %llu: transparent: no original destination: %s",
 		         (unsigned long long)c->id, strerror(-rc));
-		conn_close(c, CR_UPSTREAM_REFUSED, 0);
+		conn_close(c, CR_UPSTREAM_REFUSED);
 		return;
 	}
 	c->tdest = calloc(1, sizeof(*c->tdest));
 	if (!c->tdest) {
-		conn_close(c, CR_INTERNAL, 0);
+		conn_close(c, CR_INTERNAL);
 		return;
 	}
 	svc = snapshot_lookup_dest(c->snap, &dst, &inbound, &ambiguous);
@@ -1504,13 +1506,13 @@ static void transparent_start(struct conn *c, int fd)
 		if (ambiguous) {
 			log_warn("conn %llu: registry entries of several services hold %s: refused",
 			         (unsigned long long)c->id, c->tdest->addr.text);
-			conn_close(c, CR_OUTSIDE_MESH, 0);
+			conn_close(c, CR_OUTSIDE_MESH);
 			return;
 		}
 		if (!conn_cfg(c)->outside_mesh_passthrough) {
 			log_info("conn %llu: %s is outside the mesh: refused", (unsigned long long)c->id,
 			         c->tdest->addr.text);
-			conn_close(c, CR_OUTSIDE_MESH, 0);
+			conn_close(c, CR_OUTSIDE_MESH);
 			return;
 		}
 	}

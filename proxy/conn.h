@@ -24,11 +24,10 @@ const char *conn_reason_str(enum conn_reason r);
 uint64_t conn_clock_ms(void);
 
 /*
- * The one way out: logs the connection once (tls_reason set for handshake
- * failures: metric label and access log) and frees everything it holds.
- * c is gone afterwards.
+ * The one way out: logs the connection once (with c->tls_failure when the
+ * handshake failed) and frees everything it holds. c is gone afterwards.
  */
-void conn_close(struct conn *c, enum conn_reason reason, int tls_reason);
+void conn_close(struct conn *c, enum conn_reason reason);
 
 /* Bytes relayed from the connection's client (the side that connected to
  * us) to the upstream, and back. */

@@ -279,7 +279,7 @@ static int answer_front(struct conn *c)
 
 	r->owned = local_response(e, e->local_status, e->local_reason, e->close_after, &len);
 	if (!r->owned)
-		return conn_close(c, CR_INTERNAL, 0), -1;
+		return conn_close(c, CR_INTERNAL), -1;
 	r->out = r->owned;
 	r->out_len = len;
 	e->status = e->local_status;
@@ -443,7 +443,7 @@ static int on_request_head(struct conn *c, const struct http_head *h)
 
 	hf->req_between = false;
 	if (!e->method || !e->path)
-		return conn_close(c, CR_INTERNAL, 0), -1;
+		return conn_close(c, CR_INTERNAL), -1;
 	if (c->inbound && !within_limits(h)) {
 		e->local_status = 431;
 		e->local_reason = "too many header fields or header block too large";
@@ -493,7 +493,7 @@ static int on_request_error(struct conn *c, int status, const char *reason)
 		return 1;
 	}
 	if (hf->q_len == HTTPFLOW_INFLIGHT)
-		return conn_close(c, CR_RESET, 0), -1;
+		return conn_close(c, CR_RESET), -1;
 	e = &hf->q[(hf->q_first + hf->q_len) % HTTPFLOW_INFLIGHT];
 	hf->q_len++;
 	clock_gettime(CLOCK_MONOTONIC, &e->started);
@@ -604,7 +604,7 @@ static int forward_response_head(struct conn *c, const struct http_head *h)
 
 	if (http_head_serialize(h, rwp, NULL, 0, &need) != -ENOSPC || !(r->owned = malloc(need)) ||
 	    http_head_serialize(h, rwp, r->owned, need, &need) < 0)
-		return conn_close(c, CR_INTERNAL, 0), -1;
+		return conn_close(c, CR_INTERNAL), -1;
 	r->out = r->owned;
 	r->out_len = need;
 	e->bytes_out += need;
@@ -642,7 +642,7 @@ static int on_response_error(struct conn *c, const char *reason)
 	log_warn("conn %llu: bad response from %s: %s", (unsigned long long)c->id,
 	         conn_destination_text(c), reason);
 	if (!e || hf->resp_sent_any)
-		return conn_close(c, CR_RESET, 0), -1;
+		return conn_close(c, CR_RESET), -1;
 	e->local_status = 502;
 	e->local_reason = reason;
 	e->close_after = true;
@@ -745,7 +745,7 @@ static int httpflow_eof(struct conn *c, int d)
 		ev = http_finish(&hf->req);
 		/* A request cut short cannot be answered: its head may be upstream already. */
 		if (ev.type == HTTP_EV_ERROR && !hf->req_between)
-			return conn_close(c, CR_RESET, 0), -1;
+			return conn_close(c, CR_RESET), -1;
 		if (hf->q_len)
 			c->closing = true;    /* answer what was asked, then close */
 		return 0;
@@ -757,7 +757,7 @@ static int httpflow_eof(struct conn *c, int d)
 		pop_front(hf);
 		hf->resp_in_message = false;
 	} else if (ev.type == HTTP_EV_ERROR && hf->resp_sent_any) {
-		return conn_close(c, CR_RESET, 0), -1;
+		return conn_close(c, CR_RESET), -1;
 	}
 	hf->resp_in_message = false;
 	if (hf->q_len)
@@ -831,7 +831,7 @@ static bool httpflow_on_timeout(struct conn *c, uint64_t now)
 	if (!head_too_slow(c, now))
 		return false;
 	if (hf->req_between) {
-		conn_close(c, CR_IDLE_TIMEOUT, 0);    /* connected, never asked anything */
+		conn_close(c, CR_IDLE_TIMEOUT);    /* connected, never asked anything */
 		return true;
 	}
 	/* Slowloris: a head that never completes. Nothing of it was forwarded. */
@@ -859,7 +859,7 @@ static void httpflow_fail_early(struct conn *c, int status, enum conn_reason rea
 	e.status = status;
 	e.bytes_out = len;
 	log_request(c, &e);
-	conn_close(c, reason, 0);
+	conn_close(c, reason);
 }
 
 const struct conn_proto_ops httpflow_ops = {
