@@ -1,5 +1,9 @@
-/* conn: the per-connection state machine and the TLS <-> plain relay. */
-#include "conn.h"
+/*
+ * conn: the per-connection state machine, the TLS <-> plain relay and the
+ * one way out. The handshake lives in conn_tls.c, transparent destinations
+ * in conn_tdest.c; what the bytes mean is the protocol's (c->proto).
+ */
+#include "conn-int.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -16,8 +20,7 @@
 
 #include "meshlet/log.h"
 #include "httpflow.h"
-#include "snapshot.h"
-#include "worker-t.h"
+#include "tcpflow.h"
 
 /* Buffers a worker keeps for reuse; more are returned to malloc. */
 #define RELAY_FREE_MAX 64
@@ -114,11 +117,6 @@ void conn_free_buffers(struct worker *w)
 
 /* ---- helpers ---------------------------------------------------------- */
 
-static const struct config *conn_cfg(const struct conn *c)
-{
-	return c->snap->cfg;
-}
-
 uint64_t conn_clock_ms(void)
 {
 	struct timespec now;
@@ -132,17 +130,17 @@ uint64_t conn_clock_ms(void)
  * alone would restart on every byte, so a peer trickling bytes would never
  * time out.
  */
-static void set_deadline(struct conn *c, uint32_t ms)
+void conn_set_deadline(struct conn *c, uint32_t ms)
 {
 	c->deadline = conn_clock_ms() + ms;
 }
 
-static bool past_deadline(const struct conn *c)
+bool conn_past_deadline(const struct conn *c)
 {
 	return conn_clock_ms() >= c->deadline;
 }
 
-static void set_state(struct conn *c, enum conn_state s)
+void conn_set_state(struct conn *c, enum conn_state s)
 {
 	log_debug("conn %llu: %s -> %s", (unsigned long long)c->id, state_names[c->state],
 	          state_names[s]);
@@ -154,7 +152,7 @@ static void touch(struct conn *c)
 	c->last_active = conn_clock_ms();
 }
 
-static void addr_text(const struct sockaddr_storage *ss, char *out, size_t len)
+void conn_addr_text(const struct sockaddr_storage *ss, char *out, size_t len)
 {
 	char host[INET6_ADDRSTRLEN] = "?";
 	unsigned port = 0;
@@ -193,7 +191,7 @@ static const struct config_addr *conn_destination(const struct conn *c)
 
 void conn_source_text(const struct conn *c, char *out, size_t len)
 {
-	addr_text(&c->from, out, len);
+	conn_addr_text(&c->from, out, len);
 }
 
 const char *conn_destination_text(const struct conn *c)
@@ -232,7 +230,7 @@ static void access_log(struct conn *c, enum conn_reason reason)
 	if (!conn_cfg(c)->access_log || c->proto->logged(c))
 		return;
 	log_format_time(when, sizeof(when), c->started_wall.tv_sec, c->started_wall.tv_nsec);
-	addr_text(&c->from, from, sizeof(from));
+	conn_addr_text(&c->from, from, sizeof(from));
 	if (c->peer) {
 		peer[0] = '"';
 		n = (int)log_json_escape(peer + 1, sizeof(peer) - 2, c->peer);
@@ -291,7 +289,7 @@ void conn_close(struct conn *c, enum conn_reason reason)
 	if (reason != CR_DONE && reason != CR_DENIED)
 		log_debug("conn %llu: closed in %s: %s", (unsigned long long)c->id,
 		          state_names[c->state], conn_reason_str(reason));
-	set_state(c, CONN_CLOSED);
+	conn_set_state(c, CONN_CLOSED);
 	access_log(c, reason);
 	if (event_initialized(&c->tls_ev))
 		event_del(&c->tls_ev);
@@ -338,21 +336,6 @@ void conn_drain(struct worker *w)
 		next = c->next;
 		if (c->state == CONN_RELAYING && c->proto->drain(c))
 			conn_close(c, CR_DONE);
-	}
-}
-
-void conn_close_revoked(struct worker *w, struct snapshot *s)
-{
-	struct conn *c = w->conns, *next;
-
-	for (; c; c = next) {
-		next = c->next;
-		if (c->ssl && SSL_is_init_finished(c->ssl) &&
-		    tls_is_revoked(s->server_ctx, SSL_get0_peer_certificate(c->ssl))) {
-			log_info("conn %llu: closing: %s's certificate was revoked",
-			         (unsigned long long)c->id, c->peer ? c->peer : "peer");
-			conn_close(c, CR_REVOKED);
-		}
 	}
 }
 
@@ -435,7 +418,7 @@ static void watch(struct conn *c, struct event *ev, short *reg, uint64_t *armed,
 		*armed = now + left;
 }
 
-static void watch_tls(struct conn *c, short what, uint64_t due)
+void conn_watch_tls(struct conn *c, short what, uint64_t due)
 {
 	watch(c, &c->tls_ev, &c->tls_reg, &c->tls_armed, c->tls_fd, what, due, on_tls_event);
 }
@@ -607,86 +590,6 @@ static int upstream_dir(const struct conn *c)
 	return c->inbound ? RELAY_UP : RELAY_DOWN;
 }
 
-/* ---- tcp: the protocol that relays bytes as they are --------------------- */
-
-static int tcp_init(struct conn *c)
-{
-	return 0;
-}
-
-static void tcp_nothing(struct conn *c)
-{
-}
-
-/* What was read is what gets written, without a copy. */
-static int tcp_produce(struct conn *c, int d)
-{
-	struct relay_dir *r = &c->d[d];
-
-	if (!r->in || r->in->off == r->in->len)
-		return 0;
-	r->out = r->in->data + r->in->off;
-	r->out_len = r->in->len - r->in->off;
-	r->in->off = r->in->len;
-	return 1;
-}
-
-static int tcp_eof(struct conn *c, int d)
-{
-	return 0;
-}
-
-static uint64_t tcp_due(const struct conn *c, bool tls_side)
-{
-	return 0;
-}
-
-static bool tcp_on_timeout(struct conn *c, uint64_t now)
-{
-	return false;
-}
-
-/* A byte stream has no way to say why: the client sees the close. */
-static void tcp_fail_early(struct conn *c, int status, enum conn_reason reason)
-{
-	conn_close(c, reason);
-}
-
-/* A tcp connection cannot be told to stop between messages: it finishes
- * on its own, or at the drain timeout. */
-static bool tcp_drain(struct conn *c)
-{
-	return false;
-}
-
-static bool tcp_done(const struct conn *c)
-{
-	return true;
-}
-
-static bool tcp_logged(const struct conn *c)
-{
-	return false;
-}
-
-static const struct conn_proto_ops tcp_ops = {
-	.name = "tcp",
-	.per_request_policy = false,
-	.answers_after_reset = false,
-	.init = tcp_init,
-	.release = tcp_nothing,
-	.start = tcp_nothing,
-	.produce = tcp_produce,
-	.eof = tcp_eof,
-	.due = tcp_due,
-	.on_timeout = tcp_on_timeout,
-	.fail_early = tcp_fail_early,
-	.drain = tcp_drain,
-	.shrink = tcp_nothing,
-	.done = tcp_done,
-	.logged = tcp_logged,
-};
-
 /*
  * The one place a connection's protocol is chosen, from its listener.
  * Transparent connections are relayed as tcp: their protocol is unknown.
@@ -696,10 +599,10 @@ static const struct conn_proto_ops *proto_of(const struct listener *l, const str
 	enum listener_protocol p;
 
 	if (l->kind == LISTENER_TRANSPARENT)
-		return &tcp_ops;
+		return &tcpflow_ops;
 	p = l->kind == LISTENER_INBOUND ? s->cfg->inbound[l->index].protocol
 	                                : s->cfg->outbound[l->index].protocol;
-	return p == PROTO_HTTP ? &httpflow_ops : &tcp_ops;
+	return p == PROTO_HTTP ? &httpflow_ops : &tcpflow_ops;
 }
 
 /* Writes what direction d has pending. Returns progress (0/1) or -1 when closed. */
@@ -821,7 +724,7 @@ static short side_wants(const struct conn *c, bool tls)
 static void relay_watch(struct conn *c)
 {
 	watch_plain(c, side_wants(c, false), side_due(c, false));
-	watch_tls(c, side_wants(c, true), side_due(c, true));
+	conn_watch_tls(c, side_wants(c, true), side_due(c, true));
 }
 
 /*
@@ -839,7 +742,7 @@ static void drop_upstream(struct conn *c)
 		close_fd(&c->plain_fd);
 		return;
 	}
-	watch_tls(c, 0, 0);
+	conn_watch_tls(c, 0, 0);
 	if (c->ssl) {
 		/*
 		 * A best-effort close_notify: OpenSSL marks the session of a
@@ -859,12 +762,12 @@ static void linger_start(struct conn *c)
 {
 	bool tls = c->inbound;    /* the client's side */
 
-	set_state(c, CONN_LINGERING);
+	conn_set_state(c, CONN_LINGERING);
 	drop_upstream(c);
 	io_shutdown(c, tls);
 	shutdown(tls ? c->tls_fd : c->plain_fd, SHUT_WR);
 	c->d[c->inbound ? RELAY_UP : RELAY_DOWN].dst_shut = true;
-	set_deadline(c, LINGER_MAX_MS);
+	conn_set_deadline(c, LINGER_MAX_MS);
 	touch(c);
 	c->ready |= tls ? TLS_R : PLAIN_R;
 	if (tls)
@@ -879,12 +782,12 @@ static void linger_read(struct conn *c)
 	ssize_t n = 0;
 
 	for (int i = 0; i < 64; i++) {
-		if (past_deadline(c))
+		if (conn_past_deadline(c))
 			break;
 		n = io_read(c, tls, sink, sizeof(sink));
 		if (n == -EAGAIN) {
 			if (tls)
-				watch_tls(c, c->ssl_read_wants, side_due(c, true));
+				conn_watch_tls(c, c->ssl_read_wants, side_due(c, true));
 			else
 				watch_plain(c, EV_READ, side_due(c, false));
 			return;
@@ -893,7 +796,7 @@ static void linger_read(struct conn *c)
 			break;
 		touch(c);
 	}
-	if (!past_deadline(c) && n > 0) {
+	if (!conn_past_deadline(c) && n > 0) {
 		conn_kick(c);    /* more to discard: after the others had their turn */
 		return;
 	}
@@ -961,36 +864,6 @@ void conn_write_client_now(struct conn *c, const char *buf, size_t len)
 
 /* ---- connect ------------------------------------------------------------ */
 
-/*
- * Watches the socket reads OpenSSL makes for us: a short read means the
- * kernel had no more, which saves the EAGAIN round trip after each record
- * (one syscall in five on a keep-alive request).
- */
-static long on_bio_event(BIO *bio, int oper, const char *argp, size_t len, int argi, long argl,
-                         int ret, size_t *processed)
-{
-	struct conn *c = (struct conn *)BIO_get_callback_arg(bio);
-
-	if (oper == (BIO_CB_READ | BIO_CB_RETURN) && (ret <= 0 || (processed && *processed < len)))
-		c->tls_drained = true;
-	return ret;
-}
-
-static int ssl_attach(struct conn *c, SSL_CTX *ctx)
-{
-	BIO *bio;
-
-	c->ssl = SSL_new(ctx);
-	if (!c->ssl || !SSL_set_fd(c->ssl, c->tls_fd))
-		return -ENOMEM;
-	bio = SSL_get_rbio(c->ssl);
-	BIO_set_callback_arg(bio, (char *)c);
-	BIO_set_callback_ex(bio, on_bio_event);
-	SSL_set_app_data(c->ssl, c);
-	tls_attach_verify(c->ssl, &c->verify);
-	return 0;
-}
-
 static void set_nodelay(int fd)
 {
 	int one = 1;
@@ -1025,14 +898,11 @@ static void watch_upstream(struct conn *c, short what, uint64_t due)
 	if (c->inbound)
 		watch_plain(c, what, due);
 	else
-		watch_tls(c, what, due);
+		conn_watch_tls(c, what, due);
 }
 
-static void outbound_handshake_start(struct conn *c);
-static void relay_start(struct conn *c);
-
 /* Connects to the current destination; outbound moves to the next endpoint on failure. */
-static void connect_next(struct conn *c)
+void conn_connect_next(struct conn *c)
 {
 	const struct config *cfg = conn_cfg(c);
 	size_t n_eps = c->inbound || c->tdest ? 1 : c->snap->outbound[c->listener].n_endpoints;
@@ -1048,8 +918,8 @@ static void connect_next(struct conn *c)
 		fd = start_connect(dest);
 		if (fd >= 0) {
 			*upstream_fd(c) = fd;
-			set_state(c, CONN_CONNECTING);
-			set_deadline(c, cfg->timeouts.connect_ms);
+			conn_set_state(c, CONN_CONNECTING);
+			conn_set_deadline(c, cfg->timeouts.connect_ms);
 			watch_upstream(c, EV_WRITE, c->deadline);
 			return;
 		}
@@ -1074,18 +944,18 @@ static void connect_done(struct conn *c)
 		         conn_destination(c)->text, strerror(err));
 		watch_upstream(c, 0, 0);
 		close_fd(fd);
-		connect_next(c);
+		conn_connect_next(c);
 		return;
 	}
 	if (c->inbound || (c->tdest && !c->tdest->expect_id[0]))
-		relay_start(c);    /* to the app, or a passthrough outside the mesh */
+		conn_relay_start(c);    /* to the app, or a passthrough outside the mesh */
 	else
-		outbound_handshake_start(c);
+		conn_tls_connect(c);
 }
 
-/* ---- handshake and authorization -------------------------------------- */
+/* ---- authorization and the start of the relay --------------------------- */
 
-static void authorize(struct conn *c)
+void conn_authorize(struct conn *c)
 {
 	const struct config *cfg = conn_cfg(c);
 	struct policy_request req = {
@@ -1095,12 +965,12 @@ static void authorize(struct conn *c)
 	struct policy_decision d;
 	struct metrics_decision *counter;
 
-	set_state(c, CONN_AUTHORIZING);
-	watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
+	conn_set_state(c, CONN_AUTHORIZING);
+	conn_watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
 	if (c->proto->per_request_policy) {
 		/* Every request is decided (and counted) on its own, with its
 		 * method, path and headers. */
-		connect_next(c);
+		conn_connect_next(c);
 		return;
 	}
 	d = policy_eval(c->snap->policy, &req);
@@ -1115,142 +985,13 @@ static void authorize(struct conn *c)
 		conn_close(c, CR_DENIED);
 		return;
 	}
-	connect_next(c);
-}
-
-/*
- * The handshake ran under c's snapshot; a newer one may revoke the peer
- * (the revocation sweep skips unfinished handshakes).
- */
-static bool revoked_since(struct conn *c)
-{
-	struct snapshot *cur = c->w->shared->snapshot(c->w->shared->arg);
-	bool revoked = cur && cur->server_ctx != c->snap->server_ctx &&
-	               tls_is_revoked(cur->server_ctx, SSL_get0_peer_certificate(c->ssl));
-
-	snapshot_unref(cur);
-	return revoked;
-}
-
-static bool peer_cert_expired(SSL *ssl)
-{
-	X509 *peer = SSL_get0_peer_certificate(ssl);
-
-	return !peer || X509_cmp_current_time(X509_get0_notAfter(peer)) < 0;
-}
-
-static void handshake_done(struct conn *c)
-{
-	char id[SPIFFE_ID_MAX + 1];
-
-	/* A resumed session skips verification: its certificate may have expired since. */
-	if (SSL_session_reused(c->ssl) && peer_cert_expired(c->ssl)) {
-		conn_close(c, CR_EXPIRED_SESSION);
-		return;
-	}
-	if (SSL_session_reused(c->ssl))
-		metrics_inc(&c->w->shared->metrics->tls_resumed[c->dir]);
-	if (revoked_since(c)) {
-		log_info("conn %llu: the peer's certificate was revoked during the handshake",
-		         (unsigned long long)c->id);
-		conn_close(c, CR_REVOKED);
-		return;
-	}
-	if (tls_peer_id(c->ssl, id, sizeof(id)) < 0 || !(c->peer = strdup(id))) {
-		c->tls_failure = TLS_FAIL_NO_URI_SAN;
-		conn_close(c, CR_HANDSHAKE_FAILED);
-		return;
-	}
-	c->ready |= TLS_R | TLS_W;
-	if (c->inbound)
-		authorize(c);
-	else
-		relay_start(c);
-}
-
-static void handshake_timeout(struct conn *c)
-{
-	c->tls_failure = TLS_FAIL_TIMEOUT;
-	metrics_inc(&c->w->shared->metrics->handshake_failures[c->tls_failure]);
-	/* Outbound, the app waits on a plain socket and can be answered. */
-	if (c->inbound)
-		conn_close(c, CR_HANDSHAKE_TIMEOUT);
-	else
-		c->proto->fail_early(c, 504, CR_HANDSHAKE_TIMEOUT);
-}
-
-static void handshake(struct conn *c)
-{
-	int rc, e;
-
-	if (past_deadline(c)) {
-		handshake_timeout(c);
-		return;
-	}
-	rc = SSL_do_handshake(c->ssl);
-
-	if (rc == 1) {
-		handshake_done(c);
-		return;
-	}
-	e = SSL_get_error(c->ssl, rc);
-	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-		watch_tls(c, e == SSL_ERROR_WANT_READ ? EV_READ : EV_WRITE, c->deadline);
-		return;
-	}
-	c->tls_failure = tls_failure_reason(c->ssl, &c->verify);
-	metrics_inc(&c->w->shared->metrics->handshake_failures[c->tls_failure]);
-	log_info("conn %llu: TLS handshake %s failed: %s", (unsigned long long)c->id,
-	         c->inbound ? "from peer" : "with upstream", tls_failure_str(c->tls_failure));
-	if (c->inbound)
-		conn_close(c, CR_HANDSHAKE_FAILED);
-	else
-		c->proto->fail_early(c, 502, CR_HANDSHAKE_FAILED);
-}
-
-/*
- * The first outbound handshake of a worker under a newer snapshot takes
- * over the sessions the worker cached under the one before, when the two
- * share their TLS contexts (a reload that changed only the policy).
- */
-static void adopt_sessions(struct conn *c)
-{
-	struct worker *w = c->w;
-
-	if (w->sessions_from == c->snap ||
-	    (w->sessions_from && w->sessions_from->version > c->snap->version))
-		return;
-	snapshot_adopt_sessions(c->snap, w->sessions_from, w->id);
-	snapshot_unref(w->sessions_from);
-	w->sessions_from = snapshot_ref(c->snap);
-}
-
-static void outbound_handshake_start(struct conn *c)
-{
-	SSL_SESSION *sess;
-
-	c->verify.expect_id = c->tdest ? c->tdest->expect_id
-	                               : c->snap->outbound[c->listener].expect_id;
-	if (ssl_attach(c, c->snap->client_ctx) < 0) {
-		conn_close(c, CR_INTERNAL);
-		return;
-	}
-	SSL_set_connect_state(c->ssl);
-	if (!c->tdest)
-		adopt_sessions(c);
-	sess = c->tdest ? NULL : snapshot_session(c->snap, c->listener, c->endpoint, c->w->id);
-	if (sess)
-		SSL_set_session(c->ssl, sess);
-	set_state(c, CONN_HANDSHAKE);
-	set_deadline(c, conn_cfg(c)->timeouts.handshake_ms);
-	watch_tls(c, 0, 0);    /* ends the connect timer; handshake() sets its own */
-	handshake(c);
+	conn_connect_next(c);
 }
 
 /* Both sockets are up (and the peer verified): start moving bytes. */
-static void relay_start(struct conn *c)
+void conn_relay_start(struct conn *c)
 {
-	set_state(c, CONN_RELAYING);
+	conn_set_state(c, CONN_RELAYING);
 	c->ready |= PLAIN_R | PLAIN_W | TLS_R | TLS_W;
 	c->ssl_read_wants = EV_READ;
 	c->ssl_write_wants = EV_WRITE;
@@ -1258,18 +999,8 @@ static void relay_start(struct conn *c)
 	c->proto->start(c);
 	/* Drop the connect/handshake timers: from here on the idle timer rules. */
 	watch_plain(c, 0, 0);
-	watch_tls(c, 0, 0);
+	conn_watch_tls(c, 0, 0);
 	relay(c);
-}
-
-int conn_on_new_session(SSL *ssl, SSL_SESSION *sess)
-{
-	struct conn *c = SSL_get_app_data(ssl);
-
-	if (!c || c->inbound || c->tdest)
-		return 0;
-	/* 1: we keep the reference; 0: OpenSSL frees it. */
-	return snapshot_save_session(c->snap, c->listener, c->endpoint, c->w->id, sess) == 0;
 }
 
 /* ---- events ------------------------------------------------------------ */
@@ -1285,14 +1016,14 @@ static void on_timeout(struct conn *c, bool tls_side)
 
 	if (due > now) {
 		if (tls_side)
-			watch_tls(c, c->tls_reg, due);
+			conn_watch_tls(c, c->tls_reg, due);
 		else
 			watch_plain(c, c->plain_reg, due);
 		return;
 	}
 	switch (c->state) {
 	case CONN_HANDSHAKE:
-		handshake_timeout(c);
+		conn_tls_timeout(c);
 		return;
 	case CONN_CONNECTING:
 		log_warn("conn %llu: connect to %s timed out", (unsigned long long)c->id,
@@ -1341,7 +1072,7 @@ static void conn_step(struct conn *c, bool tls_side)
 {
 	switch (c->state) {
 	case CONN_HANDSHAKE:
-		handshake(c);
+		conn_tls_step(c);
 		break;
 	case CONN_CONNECTING:
 		/* Only the upstream socket's writability ends a connect. */
@@ -1401,18 +1132,6 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 	return c;
 }
 
-static void inbound_start(struct conn *c)
-{
-	if (ssl_attach(c, c->snap->server_ctx) < 0) {
-		conn_close(c, CR_INTERNAL);
-		return;
-	}
-	SSL_set_accept_state(c->ssl);
-	set_state(c, CONN_HANDSHAKE);
-	set_deadline(c, conn_cfg(c)->timeouts.handshake_ms);
-	watch_tls(c, EV_READ, c->deadline);
-}
-
 static void outbound_start(struct conn *c)
 {
 	const struct snapshot_outbound *o = &c->snap->outbound[c->listener];
@@ -1423,100 +1142,7 @@ static void outbound_start(struct conn *c)
 		return;
 	}
 	c->endpoint = (uint16_t)(c->w->rr[c->listener]++ % o->n_endpoints);
-	connect_next(c);
-}
-
-#ifndef SO_ORIGINAL_DST
-#define SO_ORIGINAL_DST 80          /* linux/netfilter_ipv4.h; same value for IPv6 */
-#endif
-
-/* An IPv4 connection on a dual-stack [::] socket has a v4-mapped address;
- * its conntrack entry, and so its original destination, is IPv4. */
-static void unmap_v4(struct sockaddr_storage *ss, socklen_t *len)
-{
-	const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)ss;
-	struct sockaddr_in a4 = {.sin_family = AF_INET};
-
-	if (ss->ss_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr))
-		return;
-	a4.sin_port = a6->sin6_port;
-	memcpy(&a4.sin_addr, &a6->sin6_addr.s6_addr[12], 4);
-	memset(ss, 0, sizeof(*ss));
-	memcpy(ss, &a4, sizeof(a4));
-	*len = sizeof(a4);
-}
-
-/* Where the app was connecting before iptables redirected it to us
- * (IPv4: SO_ORIGINAL_DST at SOL_IP; IPv6: IP6T_SO_ORIGINAL_DST at SOL_IPV6). */
-static int original_destination(int fd, struct sockaddr_storage *dst, socklen_t *len)
-{
-	struct sockaddr_storage self;
-	socklen_t slen = sizeof(self);
-
-	*len = sizeof(*dst);
-	if (getsockname(fd, (struct sockaddr *)&self, &slen) < 0)
-		return -errno;
-	unmap_v4(&self, &slen);
-	if (getsockopt(fd, self.ss_family == AF_INET6 ? SOL_IPV6 : SOL_IP, SO_ORIGINAL_DST, dst,
-	               len) < 0)
-		return -errno;
-	/* Not redirected (someone dialled the listener itself): no destination. */
-	if (*len == slen && memcmp(dst, &self, slen) == 0)
-		return -ELOOP;
-	return 0;
-}
-
-/*
- * Transparent: the original destination (IP and port) names a service
- * through control's registry; we then connect to that instance's inbound
- * listener and expect its SPIFFE ID. Anything else is outside the mesh:
- * refused, or relayed as plain TCP when the config says passthrough.
- */
-static void transparent_start(struct conn *c, int fd)
-{
-	const char *svc;
-	const struct config_addr *inbound = NULL;
-	struct sockaddr_storage dst;
-	socklen_t len;
-	bool ambiguous = false;
-	int rc = original_destination(fd, &dst, &len);
-
-	if (rc < 0) {
-		log_warn("conn %llu: transparent: no original destination: %s",
-		         (unsigned long long)c->id, strerror(-rc));
-		conn_close(c, CR_UPSTREAM_REFUSED);
-		return;
-	}
-	c->tdest = calloc(1, sizeof(*c->tdest));
-	if (!c->tdest) {
-		conn_close(c, CR_INTERNAL);
-		return;
-	}
-	svc = snapshot_lookup_dest(c->snap, &dst, &inbound, &ambiguous);
-	if (svc) {
-		c->tdest->addr = *inbound;
-		identity_format(c->tdest->expect_id, sizeof(c->tdest->expect_id),
-		                conn_cfg(c)->trust_domain, svc);
-	} else {
-		memcpy(&c->tdest->addr.ss, &dst, len);
-		c->tdest->addr.len = len;
-		addr_text(&dst, c->tdest->addr.text, sizeof(c->tdest->addr.text));
-		/* Claimed by two services: a mesh destination we cannot name, so
-		 * never sent in plaintext either. */
-		if (ambiguous) {
-			log_warn("conn %llu: registry entries of several services hold %s: refused",
-			         (unsigned long long)c->id, c->tdest->addr.text);
-			conn_close(c, CR_OUTSIDE_MESH);
-			return;
-		}
-		if (!conn_cfg(c)->outside_mesh_passthrough) {
-			log_info("conn %llu: %s is outside the mesh: refused", (unsigned long long)c->id,
-			         c->tdest->addr.text);
-			conn_close(c, CR_OUTSIDE_MESH);
-			return;
-		}
-	}
-	connect_next(c);
+	conn_connect_next(c);
 }
 
 void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fromlen)
@@ -1542,9 +1168,9 @@ void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fr
 		return;
 	}
 	if (l->kind == LISTENER_INBOUND)
-		inbound_start(c);
+		conn_tls_accept(c);
 	else if (l->kind == LISTENER_TRANSPARENT)
-		transparent_start(c, fd);
+		conn_transparent_start(c, fd);
 	else
 		outbound_start(c);
 }
