@@ -4,7 +4,8 @@
  * relay. Outbound: connect upstream -> TLS handshake (upstream must be the
  * listener's service) -> relay. Relaying moves bytes through two bounded
  * buffers driven straight by SSL_read/SSL_write, with backpressure: a full
- * buffer stops reading on the other side.
+ * buffer stops reading on the other side. What the relayed bytes mean is
+ * the connection's protocol's (c->proto, conn-t.h): tcpflow.c, httpflow.c.
  */
 #ifndef MESHLET_PROXY_CONN_H
 #define MESHLET_PROXY_CONN_H
