@@ -12,9 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-_Static_assert(TLS_FAIL_REASON_END <= ID_REASON_COUNT + 8,
-               "handshake_failures[] too small for the TLS reasons");
-
 /* Bucket bounds of meshlet_request_duration_seconds, as numbers and as the
  * exact "le" label text (so "0.0005" never prints as "5e-04"). */
 static const double duration_bounds[METRICS_DURATION_BUCKETS] = {
@@ -26,25 +23,6 @@ static const char *const duration_labels[METRICS_DURATION_BUCKETS + 1] = {
 };
 
 static const char *const direction_names[DIR_COUNT] = { "inbound", "outbound" };
-
-static const char *const tls_reason_names[] = {
-	[TLS_FAIL_HANDSHAKE - ID_REASON_COUNT] = "handshake",
-	[TLS_FAIL_UNTRUSTED - ID_REASON_COUNT] = "untrusted",
-	[TLS_FAIL_EXPIRED - ID_REASON_COUNT] = "expired",
-	[TLS_FAIL_NO_PEER_CERT - ID_REASON_COUNT] = "no_peer_certificate",
-	[TLS_FAIL_TIMEOUT - ID_REASON_COUNT] = "timeout",
-};
-
-/* Label of a meshlet_tls_handshake_failures_total reason: identity reasons
- * (0..ID_REASON_COUNT) and TLS_FAIL_*; "unknown" for anything else. */
-const char *metrics_tls_reason_str(int reason)
-{
-	if (reason >= 0 && reason < ID_REASON_COUNT)
-		return identity_reason_str((enum identity_reason)reason);
-	if (reason >= ID_REASON_COUNT && reason < TLS_FAIL_REASON_END)
-		return tls_reason_names[reason - ID_REASON_COUNT];
-	return "unknown";
-}
 
 /* Returns a zeroed metrics set, or NULL on allocation failure. Free with
  * metrics_free(). */
@@ -194,14 +172,14 @@ static void render_connections(struct metrics *m, FILE *out)
 }
 
 /* Every reason is listed, zeros included, so that rate() and alerts see a
- * series from the first scrape on; ID_OK is not a failure and is skipped. */
+ * series from the first scrape on; TLS_FAIL_NONE is not a failure and is skipped. */
 static void render_tls_failures(struct metrics *m, FILE *out)
 {
 	header(out, "meshlet_tls_handshake_failures_total", "counter",
 	       "TLS handshakes refused, by reason.");
-	for (int r = ID_OK + 1; r < TLS_FAIL_REASON_END; r++)
+	for (int r = TLS_FAIL_NONE + 1; r < TLS_FAIL_COUNT; r++)
 		fprintf(out, "meshlet_tls_handshake_failures_total{reason=\"%s\"} %" PRIu64 "\n",
-		        metrics_tls_reason_str(r), load_u(&m->handshake_failures[r]));
+		        tls_failure_str((enum tls_failure)r), load_u(&m->handshake_failures[r]));
 	header(out, "meshlet_tls_resumptions_total", "counter",
 	       "TLS handshakes that resumed an earlier session (no certificate exchange).");
 	for (int d = 0; d < DIR_COUNT; d++)

@@ -335,7 +335,61 @@ bool tls_is_revoked(SSL_CTX *ctx, X509 *cert)
 	return d && cert && serial_revoked(cert, d);
 }
 
-static int chain_error_reason(int e)
+static const char *const failure_names[TLS_FAIL_COUNT] = {
+	[TLS_FAIL_NONE] = "none",
+	[TLS_FAIL_NO_CERT] = "no_certificate",
+	[TLS_FAIL_NO_URI_SAN] = "no_uri_san",
+	[TLS_FAIL_MULTIPLE_URI_SANS] = "multiple_uri_sans",
+	[TLS_FAIL_BAD_SPIFFE_ID] = "bad_spiffe_id",
+	[TLS_FAIL_WRONG_TRUST_DOMAIN] = "wrong_trust_domain",
+	[TLS_FAIL_NOT_A_SERVICE] = "not_a_service",
+	[TLS_FAIL_LEAF_IS_CA] = "leaf_is_ca",
+	[TLS_FAIL_BAD_KEY_USAGE] = "bad_key_usage",
+	[TLS_FAIL_BAD_EXT_KEY_USAGE] = "bad_ext_key_usage",
+	[TLS_FAIL_WRONG_IDENTITY] = "wrong_identity",
+	[TLS_FAIL_REVOKED] = "revoked",
+	[TLS_FAIL_NO_BASIC_CONSTRAINTS] = "no_basic_constraints",
+	[TLS_FAIL_HANDSHAKE] = "handshake",
+	[TLS_FAIL_UNTRUSTED] = "untrusted",
+	[TLS_FAIL_EXPIRED] = "expired",
+	[TLS_FAIL_NO_PEER_CERT] = "no_peer_certificate",
+	[TLS_FAIL_TIMEOUT] = "timeout",
+};
+
+const char *tls_failure_str(enum tls_failure f)
+{
+	if ((unsigned)f >= TLS_FAIL_COUNT || !failure_names[f])
+		return "unknown";
+	return failure_names[f];
+}
+
+/* Identity's refusals, each once; a new identity reason that is not here
+ * fails tls_test (every reason must have its own label). */
+static const enum tls_failure identity_failures[ID_REASON_COUNT] = {
+	[ID_OK] = TLS_FAIL_NONE,
+	[ID_NO_CERT] = TLS_FAIL_NO_CERT,
+	[ID_NO_URI_SAN] = TLS_FAIL_NO_URI_SAN,
+	[ID_MULTIPLE_URI_SANS] = TLS_FAIL_MULTIPLE_URI_SANS,
+	[ID_BAD_SPIFFE_ID] = TLS_FAIL_BAD_SPIFFE_ID,
+	[ID_WRONG_TRUST_DOMAIN] = TLS_FAIL_WRONG_TRUST_DOMAIN,
+	[ID_NOT_A_SERVICE] = TLS_FAIL_NOT_A_SERVICE,
+	[ID_LEAF_IS_CA] = TLS_FAIL_LEAF_IS_CA,
+	[ID_BAD_KEY_USAGE] = TLS_FAIL_BAD_KEY_USAGE,
+	[ID_BAD_EXT_KEY_USAGE] = TLS_FAIL_BAD_EXT_KEY_USAGE,
+	[ID_WRONG_IDENTITY] = TLS_FAIL_WRONG_IDENTITY,
+	[ID_REVOKED] = TLS_FAIL_REVOKED,
+	[ID_NO_BASIC_CONSTRAINTS] = TLS_FAIL_NO_BASIC_CONSTRAINTS,
+};
+
+enum tls_failure tls_failure_from_identity(enum identity_reason r)
+{
+	/* An unknown reason is still a refusal: never TLS_FAIL_NONE. */
+	if ((unsigned)r >= ID_REASON_COUNT)
+		return TLS_FAIL_HANDSHAKE;
+	return identity_failures[r];
+}
+
+static enum tls_failure chain_error_reason(int e)
 {
 	switch (e) {
 	case X509_V_ERR_CERT_HAS_EXPIRED:
@@ -347,7 +401,8 @@ static int chain_error_reason(int e)
 }
 
 /* Checks the leaf (depth 0) as an SVID of the expected role and identity. */
-static int check_peer_leaf(X509 *leaf, const struct tls_ctx_data *d, struct tls_verify *v)
+static enum tls_failure check_peer_leaf(X509 *leaf, const struct tls_ctx_data *d,
+                                        struct tls_verify *v)
 {
 	struct spiffe_id id;
 	enum identity_reason r = identity_check_svid(leaf, d->trust_domain, d->peer_role, &id);
@@ -358,7 +413,7 @@ static int check_peer_leaf(X509 *leaf, const struct tls_ctx_data *d, struct tls_
 		r = ID_NOT_A_SERVICE;
 	if (r == ID_OK && serial_revoked(leaf, d))
 		r = ID_REVOKED;
-	return (int)r;
+	return tls_failure_from_identity(r);
 }
 
 static int verify_cb(int preverify_ok, X509_STORE_CTX *store)
@@ -366,7 +421,7 @@ static int verify_cb(int preverify_ok, X509_STORE_CTX *store)
 	SSL *ssl = X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());
 	struct tls_verify *v = ssl ? SSL_get_ex_data(ssl, ssl_verify_index) : NULL;
 	const struct tls_ctx_data *d = ssl ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ctx_data_index) : NULL;
-	int reason;
+	enum tls_failure reason;
 
 	if (!v || !d)
 		return 0;    /* no verification state: never accept */
@@ -378,7 +433,7 @@ static int verify_cb(int preverify_ok, X509_STORE_CTX *store)
 	if (X509_STORE_CTX_get_error_depth(store) != 0)
 		return 1;
 	reason = check_peer_leaf(X509_STORE_CTX_get_current_cert(store), d, v);
-	if (reason != ID_OK) {
+	if (reason != TLS_FAIL_NONE) {
 		v->reason = reason;
 		X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
 		return 0;
@@ -608,10 +663,10 @@ int tls_peer_id(SSL *ssl, char *out, size_t len)
 	return found;
 }
 
-int tls_failure_reason(SSL *ssl, const struct tls_verify *v)
+enum tls_failure tls_failure_reason(SSL *ssl, const struct tls_verify *v)
 {
 	unsigned long e;
-	int reason = TLS_FAIL_HANDSHAKE;
+	enum tls_failure reason = TLS_FAIL_HANDSHAKE;
 
 	if (v && v->reason)
 		reason = v->reason;

@@ -13,16 +13,25 @@
 #include <jansson.h>
 
 #include "meshlet/log.h"
-#include "ctlclient.h"
+#include "acceptguard.h"
+#include "snapshot.h"
 
 #define ADMIN_MAX_HEADERS 8192
 #define ADMIN_MAX_BODY 4096
 #define ADMIN_TIMEOUT_S 10
 
+struct admin {
+	struct evhttp *http;
+	struct accept_guard guard;
+	const struct config *boot_cfg;
+	struct metrics *metrics;
+	struct admin_hooks hooks;
+};
+
 struct admin_route {
 	enum evhttp_cmd_type method;
 	const char *path;
-	void (*handler)(struct meshlet_proxy *p, struct evhttp_request *req);
+	void (*handler)(struct admin *a, struct evhttp_request *req);
 };
 
 static void reply(struct evhttp_request *req, int code, const char *type, const char *body,
@@ -52,7 +61,7 @@ static void reply_json(struct evhttp_request *req, int code, json_t *doc)
 	free(text);
 }
 
-static void on_healthz(struct meshlet_proxy *p, struct evhttp_request *req)
+static void on_healthz(struct admin *a, struct evhttp_request *req)
 {
 	reply(req, 200, "text/plain", "ok\n", 3);
 }
@@ -62,16 +71,17 @@ static void on_healthz(struct meshlet_proxy *p, struct evhttp_request *req)
  * In control mode the body also says how control is doing: a proxy serving
  * from its cache while control is down is ready, but degraded.
  */
-static void on_ready(struct meshlet_proxy *p, struct evhttp_request *req)
+static void on_ready(struct admin *a, struct evhttp_request *req)
 {
-	struct snapshot *s = proxy_snapshot(p);
+	struct snapshot *s = a->hooks.snapshot(a->hooks.arg);
+	struct admin_status st = { .control = "static" };
 	const char *why = NULL;
-	char control[1024] = "static";
 	json_t *doc;
 
-	if (p->ctl)
-		ctlclient_status(p->ctl, control, sizeof(control));
-	if (atomic_load(&p->draining))
+	a->hooks.status(a->hooks.arg, &st);
+	if (!st.control_mode)
+		snprintf(st.control, sizeof(st.control), "static");
+	if (st.draining)
 		why = "draining";
 	else if (!s)
 		why = "waiting for a certificate and a policy from control";
@@ -82,20 +92,20 @@ static void on_ready(struct meshlet_proxy *p, struct evhttp_request *req)
 	doc = json_pack("{s:b, s:s?, s:I, s:s?, s:s, s:b}", "ready", why == NULL,
 	                "identity", s ? s->self_id : NULL,
 	                "config_version", (json_int_t)(s ? s->version : 0), "reason", why,
-	                "control", control,
-	                "degraded", p->ctl && strcmp(control, "connected") != 0);
+	                "control", st.control,
+	                "degraded", st.control_mode && strcmp(st.control, "connected") != 0);
 	reply_json(req, why ? 503 : 200, doc);
 	json_decref(doc);
 	snapshot_unref(s);
 }
 
-static void on_metrics(struct meshlet_proxy *p, struct evhttp_request *req)
+static void on_metrics(struct admin *a, struct evhttp_request *req)
 {
 	char *text = NULL;
 	size_t len = 0;
 	FILE *f = open_memstream(&text, &len);
 
-	if (!f || metrics_render(p->metrics, f) < 0) {
+	if (!f || metrics_render(a->metrics, f) < 0) {
 		if (f)
 			fclose(f);
 		free(text);
@@ -141,15 +151,15 @@ static json_t *outbound_json(const struct config *c)
 }
 
 /* The running config: file names but never key material (not even the key's path). */
-static void on_config(struct meshlet_proxy *p, struct evhttp_request *req)
+static void on_config(struct admin *a, struct evhttp_request *req)
 {
-	struct snapshot *s = proxy_snapshot(p);
+	struct snapshot *s = a->hooks.snapshot(a->hooks.arg);
 	const struct config *c = s ? s->cfg : NULL;
 	json_t *doc;
 
 	if (!s) {
-		doc = json_pack("{s:s, s:s, s:s, s:s}", "service", p->boot_cfg->service,
-		                "trust_domain", p->boot_cfg->trust_domain, "mode", "control",
+		doc = json_pack("{s:s, s:s, s:s, s:s}", "service", a->boot_cfg->service,
+		                "trust_domain", a->boot_cfg->trust_domain, "mode", "control",
 		                "state", "waiting for control");
 		reply_json(req, 200, doc);
 		json_decref(doc);
@@ -180,9 +190,9 @@ static void on_config(struct meshlet_proxy *p, struct evhttp_request *req)
 	snapshot_unref(s);
 }
 
-static void on_drain(struct meshlet_proxy *p, struct evhttp_request *req)
+static void on_drain(struct admin *a, struct evhttp_request *req)
 {
-	proxy_drain(p, false);
+	a->hooks.drain(a->hooks.arg);
 	reply(req, 200, "application/json", "{\"draining\":true}\n", 18);
 }
 
@@ -235,48 +245,63 @@ static void on_request(struct evhttp_request *req, void *arg)
 	reply(req, 404, "application/json", "{\"error\":\"not found\"}\n", 22);
 }
 
-int admin_start(struct meshlet_proxy *p)
+int admin_start(struct event_base *base, const struct config *boot_cfg, struct metrics *m,
+                const struct admin_hooks *hooks, struct admin **out)
 {
-	const struct config_addr *a = &p->boot_cfg->admin_listen;
+	const struct config_addr *addr = &boot_cfg->admin_listen;
 	struct evhttp_bound_socket *sock;
 	struct evconnlistener *lev;
-	char host[128], what[sizeof(p->admin_guard.what)];
+	struct admin *a = calloc(1, sizeof(*a));
+	char host[128], what[sizeof(a->guard.what)];
 	const char *colon;
+	int rc = -ENOMEM;
 
-	p->admin = evhttp_new(p->base);
-	if (!p->admin)
+	if (!a)
 		return -ENOMEM;
-	evhttp_set_max_headers_size(p->admin, ADMIN_MAX_HEADERS);
-	evhttp_set_max_body_size(p->admin, ADMIN_MAX_BODY);
-	evhttp_set_timeout(p->admin, ADMIN_TIMEOUT_S);
-	evhttp_set_allowed_methods(p->admin, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD | EVHTTP_REQ_POST);
-	evhttp_set_gencb(p->admin, on_request, p);
+	a->boot_cfg = boot_cfg;
+	a->metrics = m;
+	a->hooks = *hooks;
+	a->http = evhttp_new(base);
+	if (!a->http)
+		goto fail;
+	evhttp_set_max_headers_size(a->http, ADMIN_MAX_HEADERS);
+	evhttp_set_max_body_size(a->http, ADMIN_MAX_BODY);
+	evhttp_set_timeout(a->http, ADMIN_TIMEOUT_S);
+	evhttp_set_allowed_methods(a->http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD | EVHTTP_REQ_POST);
+	evhttp_set_gencb(a->http, on_request, a);
 	/* evhttp binds by host and port: split the validated "host:port" text. */
-	colon = strrchr(a->text, ':');
-	snprintf(host, sizeof(host), "%.*s", (int)(colon - a->text), a->text);
+	colon = strrchr(addr->text, ':');
+	snprintf(host, sizeof(host), "%.*s", (int)(colon - addr->text), addr->text);
 	if (host[0] == '[') {
 		memmove(host, host + 1, strlen(host));
 		host[strlen(host) - 1] = '\0';
 	}
-	sock = evhttp_bind_socket_with_handle(p->admin, host, config_addr_port(a));
+	sock = evhttp_bind_socket_with_handle(a->http, host, config_addr_port(addr));
 	if (!sock) {
-		log_error("cannot listen on admin address %s: %s", a->text, strerror(errno));
-		return -EADDRINUSE;
+		log_error("cannot listen on admin address %s: %s", addr->text, strerror(errno));
+		rc = -EADDRINUSE;
+		goto fail;
 	}
-	snprintf(what, sizeof(what), "admin %s", a->text);
+	snprintf(what, sizeof(what), "admin %s", addr->text);
 	lev = evhttp_bound_socket_get_listener(sock);
-	if (!lev || accept_guard_init(&p->admin_guard, lev, what) < 0)
-		return -ENOMEM;
-	admin_guard = &p->admin_guard;
+	if (!lev || accept_guard_init(&a->guard, lev, what) < 0)
+		goto fail;
+	admin_guard = &a->guard;
 	evconnlistener_set_error_cb(lev, on_admin_accept_error);
+	*out = a;
 	return 0;
+fail:
+	admin_stop(a);
+	return rc;
 }
 
-void admin_stop(struct meshlet_proxy *p)
+void admin_stop(struct admin *a)
 {
+	if (!a)
+		return;
 	admin_guard = NULL;
-	accept_guard_stop(&p->admin_guard);
-	if (p->admin)
-		evhttp_free(p->admin);
-	p->admin = NULL;
+	accept_guard_stop(&a->guard);
+	if (a->http)
+		evhttp_free(a->http);
+	free(a);
 }

@@ -1,7 +1,9 @@
 /*
  * conn-t: the types of a proxied connection, shared by conn.c (the state
- * machine and the byte relay) and httpflow.c (the HTTP/1.1 layer that sits
- * between a direction's reads and writes). Functions live in conn.h.
+ * machine and the byte relay) and the protocol modules that sit between a
+ * direction's reads and writes through struct conn_proto_ops (httpflow.c:
+ * HTTP/1.1). Functions live in conn.h. Nothing here includes a proxy
+ * header: the worker and the snapshot are only named.
  */
 #ifndef MESHLET_PROXY_CONN_T_H
 #define MESHLET_PROXY_CONN_T_H
@@ -14,8 +16,91 @@
 #include <event2/event_struct.h>
 #include <openssl/ssl.h>
 
+#include "meshlet/config.h"
+#include "meshlet/metrics.h"
+#include "meshlet/policy.h"
 #include "meshlet/tls.h"
-#include "conn.h"
+
+struct conn;
+struct snapshot;
+struct worker;
+
+enum conn_state {
+	CONN_HANDSHAKE,
+	CONN_AUTHORIZING,
+	CONN_CONNECTING,
+	CONN_RELAYING,
+	CONN_LINGERING,     /* answered and closing: discarding what the client still sends */
+	CONN_CLOSED,
+};
+
+/* Why a connection ended: the access log's "status". */
+enum conn_reason {
+	CR_DONE = 0,
+	CR_DENIED,
+	CR_HANDSHAKE_FAILED,
+	CR_HANDSHAKE_TIMEOUT,
+	CR_UPSTREAM_REFUSED,
+	CR_UPSTREAM_TIMEOUT,
+	CR_IDLE_TIMEOUT,
+	CR_RESET,
+	CR_TLS_ERROR,
+	CR_DRAIN_TIMEOUT,
+	CR_OVERLOAD,
+	CR_INTERNAL,
+	CR_EXPIRED_SESSION,
+	CR_REVOKED,
+	CR_OUTSIDE_MESH,
+};
+
+/*
+ * The application protocol of a connection, chosen once when the
+ * connection is set up (conn_new): the relay calls these and never asks
+ * which protocol it runs. tcp relays bytes as they are (conn.c);
+ * HTTP/1.1 parses, decides and rewrites each request (httpflow.c). A new
+ * protocol is a new table. Every entry is set in every table.
+ */
+struct conn_proto_ops {
+	const char *name;
+	/* Each request is decided on its own: no decision for the connection. */
+	bool per_request_policy;
+	/* A reset from the upstream is an end of its stream, not of the
+	 * connection: the client is still owed answers. */
+	bool answers_after_reset;
+	/* Gives c its protocol state. Returns 0 or -ENOMEM. */
+	int (*init)(struct conn *c);
+	/* Frees that state (c is closing). */
+	void (*release)(struct conn *c);
+	/* Relaying begins: both sockets are up and the peer verified. */
+	void (*start)(struct conn *c);
+	/*
+	 * Produces the next output of direction d, whose pending output is
+	 * empty, from its input (or the proxy's own answers). Returns 1 when
+	 * something moved, 0 when it needs input (or must wait), -1 when the
+	 * connection was closed.
+	 */
+	int (*produce)(struct conn *c, int d);
+	/* The source of direction d reached EOF. Returns 0, or -1 when closed. */
+	int (*eof)(struct conn *c, int d);
+	/* A side's deadline while relaying (conn_clock_ms() time), 0: none
+	 * beyond the idle timer. */
+	uint64_t (*due)(const struct conn *c, bool tls_side);
+	/* A side's timer fired at or past due: true when handled (c may be
+	 * closed), false to apply the idle rule. */
+	bool (*on_timeout)(struct conn *c, uint64_t now);
+	/* The upstream could not be reached or verified before any byte was
+	 * relayed: answer the client with status as the protocol can, close. */
+	void (*fail_early)(struct conn *c, int status, enum conn_reason reason);
+	/* The proxy drains: true when c may close now, else it ends on its own. */
+	bool (*drain)(struct conn *c);
+	/* The connection went quiet: release what can be rebuilt. */
+	void (*shrink)(struct conn *c);
+	/* Nothing waits for an answer: a closing connection may go. */
+	bool (*done)(const struct conn *c);
+	/* The protocol logged the connection's traffic itself (per request):
+	 * the connection's own access log line is then redundant. */
+	bool (*logged)(const struct conn *c);
+};
 
 /*
  * One TLS record of plaintext: each read fills at most one record, so a
@@ -52,8 +137,6 @@ struct relay_dir {
 	uint64_t bytes;             /* written to the sink */
 };
 
-struct httpflow;
-
 /* Transparent connections: the original destination and whom we expect there.
  * expect_id is "" for a passthrough (outside the mesh: plain TCP, no TLS). */
 struct conn_tdest {
@@ -70,7 +153,6 @@ struct conn {
 	enum metrics_direction dir;
 	bool inbound;
 	bool transparent;           /* outbound by SO_ORIGINAL_DST; see tdest */
-	bool http;                  /* listener protocol is http */
 	bool closing;               /* close once every out is written */
 	uint16_t listener;
 	uint16_t endpoint;          /* outbound: endpoint being tried or used */
@@ -87,9 +169,11 @@ struct conn {
 	SSL *ssl;
 	struct event tls_ev, plain_ev;
 	struct relay_dir d[2];
-	struct httpflow *hf;        /* HTTP state; NULL on tcp listeners */
+	const struct conn_proto_ops *proto;
+	void *proto_ctx;            /* the protocol's state (httpflow: struct httpflow) */
 	struct conn_tdest *tdest;   /* transparent: where the app was going; else NULL */
 	struct tls_verify verify;
+	enum tls_failure tls_failure; /* why the handshake failed: access log's tls_error */
 	const char *rule;           /* deciding rule, owned by snap */
 	char *peer;                 /* verified SPIFFE ID */
 	struct timespec started;    /* CLOCK_MONOTONIC */

@@ -1,5 +1,9 @@
-/* conn: the per-connection state machine and the TLS <-> plain relay. */
-#include "conn.h"
+/*
+ * conn: the per-connection state machine, the TLS <-> plain relay and the
+ * one way out. The handshake lives in conn_tls.c, transparent destinations
+ * in conn_tdest.c; what the bytes mean is the protocol's (c->proto).
+ */
+#include "conn-int.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -15,8 +19,8 @@
 #include <openssl/err.h>
 
 #include "meshlet/log.h"
-#include "conn-t.h"
 #include "httpflow.h"
+#include "tcpflow.h"
 
 /* Buffers a worker keeps for reuse; more are returned to malloc. */
 #define RELAY_FREE_MAX 64
@@ -113,11 +117,6 @@ void conn_free_buffers(struct worker *w)
 
 /* ---- helpers ---------------------------------------------------------- */
 
-static const struct config *conn_cfg(const struct conn *c)
-{
-	return c->snap->cfg;
-}
-
 uint64_t conn_clock_ms(void)
 {
 	struct timespec now;
@@ -131,17 +130,17 @@ uint64_t conn_clock_ms(void)
  * alone would restart on every byte, so a peer trickling bytes would never
  * time out.
  */
-static void set_deadline(struct conn *c, uint32_t ms)
+void conn_set_deadline(struct conn *c, uint32_t ms)
 {
 	c->deadline = conn_clock_ms() + ms;
 }
 
-static bool past_deadline(const struct conn *c)
+bool conn_past_deadline(const struct conn *c)
 {
 	return conn_clock_ms() >= c->deadline;
 }
 
-static void set_state(struct conn *c, enum conn_state s)
+void conn_set_state(struct conn *c, enum conn_state s)
 {
 	log_debug("conn %llu: %s -> %s", (unsigned long long)c->id, state_names[c->state],
 	          state_names[s]);
@@ -153,7 +152,7 @@ static void touch(struct conn *c)
 	c->last_active = conn_clock_ms();
 }
 
-static void addr_text(const struct sockaddr_storage *ss, char *out, size_t len)
+void conn_addr_text(const struct sockaddr_storage *ss, char *out, size_t len)
 {
 	char host[INET6_ADDRSTRLEN] = "?";
 	unsigned port = 0;
@@ -192,7 +191,7 @@ static const struct config_addr *conn_destination(const struct conn *c)
 
 void conn_source_text(const struct conn *c, char *out, size_t len)
 {
-	addr_text(&c->from, out, len);
+	conn_addr_text(&c->from, out, len);
 }
 
 const char *conn_destination_text(const struct conn *c)
@@ -221,17 +220,17 @@ uint64_t conn_bytes_to_client(const struct conn *c)
 }
 
 /* One JSON line per connection: who, where, what was decided, how it ended. */
-static void access_log(struct conn *c, enum conn_reason reason, int tls_reason)
+static void access_log(struct conn *c, enum conn_reason reason)
 {
 	char line[2048], when[40], from[80], peer[SPIFFE_ID_MAX * 2 + 8] = "null";
 	char tls_err[96] = "null", rule[POLICY_RULE_NAME_MAX * 2 + 8] = "null";
 	const struct config_addr *dest = conn_destination(c);
 	int n;
 
-	if (!conn_cfg(c)->access_log || httpflow_logged(c))
+	if (!conn_cfg(c)->access_log || c->proto->logged(c))
 		return;
 	log_format_time(when, sizeof(when), c->started_wall.tv_sec, c->started_wall.tv_nsec);
-	addr_text(&c->from, from, sizeof(from));
+	conn_addr_text(&c->from, from, sizeof(from));
 	if (c->peer) {
 		peer[0] = '"';
 		n = (int)log_json_escape(peer + 1, sizeof(peer) - 2, c->peer);
@@ -242,8 +241,8 @@ static void access_log(struct conn *c, enum conn_reason reason, int tls_reason)
 		n = (int)log_json_escape(rule + 1, sizeof(rule) - 2, c->rule);
 		snprintf(rule + 1 + n, sizeof(rule) - 1 - (size_t)n, "\"");
 	}
-	if (tls_reason)
-		snprintf(tls_err, sizeof(tls_err), "\"%s\"", metrics_tls_reason_str(tls_reason));
+	if (c->tls_failure)
+		snprintf(tls_err, sizeof(tls_err), "\"%s\"", tls_failure_str(c->tls_failure));
 	n = snprintf(line, sizeof(line),
 	             "{\"time\":\"%s\",\"conn\":%llu,\"direction\":\"%s\",\"protocol\":\"tcp\","
 	             "\"source\":\"%s\",\"peer\":%s,\"destination\":\"%s\",\"decision\":%s%s%s,"
@@ -282,16 +281,16 @@ static void close_fd(int *fd)
 	*fd = -1;
 }
 
-void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
+void conn_close(struct conn *c, enum conn_reason reason)
 {
 	struct worker *w = c->w;
-	struct metrics *m = w->p->metrics;
+	struct metrics *m = w->shared->metrics;
 
 	if (reason != CR_DONE && reason != CR_DENIED)
 		log_debug("conn %llu: closed in %s: %s", (unsigned long long)c->id,
 		          state_names[c->state], conn_reason_str(reason));
-	set_state(c, CONN_CLOSED);
-	access_log(c, reason, tls_reason);
+	conn_set_state(c, CONN_CLOSED);
+	access_log(c, reason);
 	if (event_initialized(&c->tls_ev))
 		event_del(&c->tls_ev);
 	if (event_initialized(&c->plain_ev))
@@ -309,23 +308,24 @@ void conn_close(struct conn *c, enum conn_reason reason, int tls_reason)
 		buf_put(w, c->d[d].in);
 		free(c->d[d].owned);
 	}
-	httpflow_free(c);
+	c->proto->release(c);
 	free(c->tdest);
 	metrics_add(&m->bytes_total[c->dir], c->d[RELAY_UP].bytes + c->d[RELAY_DOWN].bytes);
 	atomic_fetch_sub_explicit(&m->connections_active[c->dir], 1, memory_order_relaxed);
-	atomic_fetch_sub_explicit(&w->p->open_conns, 1, memory_order_relaxed);
+	atomic_fetch_sub_explicit(&w->shared->open_conns, 1, memory_order_relaxed);
 	unlink_conn(c);
 	snapshot_unref(c->snap);
 	free(c->peer);
 	free(c);
-	if (w->draining)
-		worker_maybe_finish(w);
+	/* A draining worker's loop ends with its last connection. */
+	if (w->draining && w->n_conns == 0)
+		event_base_loopbreak(w->base);
 }
 
 void conn_close_all(struct worker *w, enum conn_reason reason)
 {
 	while (w->conns)
-		conn_close(w->conns, reason, 0);
+		conn_close(w->conns, reason);
 }
 
 void conn_drain(struct worker *w)
@@ -334,23 +334,8 @@ void conn_drain(struct worker *w)
 
 	for (; c; c = next) {
 		next = c->next;
-		if (c->hf && c->state == CONN_RELAYING && httpflow_drain(c))
-			conn_close(c, CR_DONE, 0);
-	}
-}
-
-void conn_close_revoked(struct worker *w, struct snapshot *s)
-{
-	struct conn *c = w->conns, *next;
-
-	for (; c; c = next) {
-		next = c->next;
-		if (c->ssl && SSL_is_init_finished(c->ssl) &&
-		    tls_is_revoked(s->server_ctx, SSL_get0_peer_certificate(c->ssl))) {
-			log_info("conn %llu: closing: %s's certificate was revoked",
-			         (unsigned long long)c->id, c->peer ? c->peer : "peer");
-			conn_close(c, CR_REVOKED, 0);
-		}
+		if (c->state == CONN_RELAYING && c->proto->drain(c))
+			conn_close(c, CR_DONE);
 	}
 }
 
@@ -373,7 +358,7 @@ static uint64_t side_due(const struct conn *c, bool tls_side)
 	case CONN_CONNECTING:
 		return c->deadline;
 	case CONN_RELAYING:
-		due = c->hf ? httpflow_due(c, tls_side) : 0;
+		due = c->proto->due(c, tls_side);
 		return due ? due : c->last_active + conn_cfg(c)->timeouts.idle_ms;
 	case CONN_LINGERING:
 		due = c->last_active + LINGER_IDLE_MS;
@@ -433,7 +418,7 @@ static void watch(struct conn *c, struct event *ev, short *reg, uint64_t *armed,
 		*armed = now + left;
 }
 
-static void watch_tls(struct conn *c, short what, uint64_t due)
+void conn_watch_tls(struct conn *c, short what, uint64_t due)
 {
 	watch(c, &c->tls_ev, &c->tls_reg, &c->tls_armed, c->tls_fd, what, due, on_tls_event);
 }
@@ -605,22 +590,19 @@ static int upstream_dir(const struct conn *c)
 	return c->inbound ? RELAY_UP : RELAY_DOWN;
 }
 
-/* tcp listeners: what was read is what gets written, without a copy. */
-static int produce_raw(struct conn *c, int d)
+/*
+ * The one place a connection's protocol is chosen, from its listener.
+ * Transparent connections are relayed as tcp: their protocol is unknown.
+ */
+static const struct conn_proto_ops *proto_of(const struct listener *l, const struct snapshot *s)
 {
-	struct relay_dir *r = &c->d[d];
+	enum listener_protocol p;
 
-	if (!r->in || r->in->off == r->in->len)
-		return 0;
-	r->out = r->in->data + r->in->off;
-	r->out_len = r->in->len - r->in->off;
-	r->in->off = r->in->len;
-	return 1;
-}
-
-static int produce(struct conn *c, int d)
-{
-	return c->hf ? httpflow_produce(c, d) : produce_raw(c, d);
+	if (l->kind == LISTENER_TRANSPARENT)
+		return &tcpflow_ops;
+	p = l->kind == LISTENER_INBOUND ? s->cfg->inbound[l->index].protocol
+	                                : s->cfg->outbound[l->index].protocol;
+	return p == PROTO_HTTP ? &httpflow_ops : &tcpflow_ops;
 }
 
 /* Writes what direction d has pending. Returns progress (0/1) or -1 when closed. */
@@ -635,7 +617,7 @@ static int pump_write(struct conn *c, int d)
 	if (n == -EAGAIN)
 		return 0;
 	if (n < 0)
-		return conn_close(c, CR_RESET, 0), -1;
+		return conn_close(c, CR_RESET), -1;
 	r->out += n;
 	r->out_len -= (size_t)n;
 	r->bytes += (uint64_t)n;
@@ -658,7 +640,7 @@ static int pump_read(struct conn *c, int d)
 	if (!io_readable(c, src_is_tls(d)))
 		return 0;
 	if (!r->in && !(r->in = buf_get(c->w)))
-		return conn_close(c, CR_INTERNAL, 0), -1;
+		return conn_close(c, CR_INTERNAL), -1;
 	r->in->off = r->in->len = 0;
 	n = io_read(c, src_is_tls(d), r->in->data, sizeof(r->in->data));
 	if (n > 0) {
@@ -669,10 +651,10 @@ static int pump_read(struct conn *c, int d)
 	r->in = NULL;
 	if (n == -EAGAIN)
 		return 0;
-	if (n < 0 && !(c->hf && d == upstream_dir(c)))
-		return conn_close(c, src_is_tls(d) ? CR_TLS_ERROR : CR_RESET, 0), -1;
+	if (n < 0 && !(c->proto->answers_after_reset && d == upstream_dir(c)))
+		return conn_close(c, src_is_tls(d) ? CR_TLS_ERROR : CR_RESET), -1;
 	if (n < 0) {
-		/* http: a reset upstream is a gone upstream; the client is still owed answers. */
+		/* A reset upstream is a gone upstream; the client is still owed answers. */
 		struct relay_dir *to_up = &c->d[1 - d];
 
 		to_up->dst_shut = true;
@@ -682,7 +664,7 @@ static int pump_read(struct conn *c, int d)
 		         conn_destination_text(c));
 	}
 	r->src_eof = true;
-	return c->hf ? (httpflow_eof(c, d) < 0 ? -1 : 1) : 1;
+	return c->proto->eof(c, d) < 0 ? -1 : 1;
 }
 
 /*
@@ -697,7 +679,7 @@ static int pump(struct conn *c, int d)
 
 	if (r->out_len)
 		return pump_write(c, d);
-	rc = produce(c, d);
+	rc = c->proto->produce(c, d);
 	if (rc != 0)
 		return rc;
 	if (r->in && r->in->off == r->in->len) {
@@ -742,7 +724,7 @@ static short side_wants(const struct conn *c, bool tls)
 static void relay_watch(struct conn *c)
 {
 	watch_plain(c, side_wants(c, false), side_due(c, false));
-	watch_tls(c, side_wants(c, true), side_due(c, true));
+	conn_watch_tls(c, side_wants(c, true), side_due(c, true));
 }
 
 /*
@@ -760,7 +742,7 @@ static void drop_upstream(struct conn *c)
 		close_fd(&c->plain_fd);
 		return;
 	}
-	watch_tls(c, 0, 0);
+	conn_watch_tls(c, 0, 0);
 	if (c->ssl) {
 		/*
 		 * A best-effort close_notify: OpenSSL marks the session of a
@@ -780,12 +762,12 @@ static void linger_start(struct conn *c)
 {
 	bool tls = c->inbound;    /* the client's side */
 
-	set_state(c, CONN_LINGERING);
+	conn_set_state(c, CONN_LINGERING);
 	drop_upstream(c);
 	io_shutdown(c, tls);
 	shutdown(tls ? c->tls_fd : c->plain_fd, SHUT_WR);
 	c->d[c->inbound ? RELAY_UP : RELAY_DOWN].dst_shut = true;
-	set_deadline(c, LINGER_MAX_MS);
+	conn_set_deadline(c, LINGER_MAX_MS);
 	touch(c);
 	c->ready |= tls ? TLS_R : PLAIN_R;
 	if (tls)
@@ -800,12 +782,12 @@ static void linger_read(struct conn *c)
 	ssize_t n = 0;
 
 	for (int i = 0; i < 64; i++) {
-		if (past_deadline(c))
+		if (conn_past_deadline(c))
 			break;
 		n = io_read(c, tls, sink, sizeof(sink));
 		if (n == -EAGAIN) {
 			if (tls)
-				watch_tls(c, c->ssl_read_wants, side_due(c, true));
+				conn_watch_tls(c, c->ssl_read_wants, side_due(c, true));
 			else
 				watch_plain(c, EV_READ, side_due(c, false));
 			return;
@@ -814,11 +796,11 @@ static void linger_read(struct conn *c)
 			break;
 		touch(c);
 	}
-	if (!past_deadline(c) && n > 0) {
+	if (!conn_past_deadline(c) && n > 0) {
 		conn_kick(c);    /* more to discard: after the others had their turn */
 		return;
 	}
-	conn_close(c, CR_DONE, 0);
+	conn_close(c, CR_DONE);
 }
 
 static void relay(struct conn *c)
@@ -838,11 +820,11 @@ static void relay(struct conn *c)
 	if (rounds)
 		touch(c);
 	if (dir_done(&c->d[RELAY_UP]) && dir_done(&c->d[RELAY_DOWN])) {
-		conn_close(c, CR_DONE, 0);
+		conn_close(c, CR_DONE);
 		return;
 	}
 	if (c->closing && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len &&
-	    (!c->hf || httpflow_done(c))) {
+	    c->proto->done(c)) {
 		linger_start(c);
 		return;
 	}
@@ -855,8 +837,7 @@ static void relay(struct conn *c)
 	if (!progress && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len) {
 		if (c->ssl)
 			SSL_free_buffers(c->ssl);
-		if (c->hf)
-			httpflow_shrink(c);
+		c->proto->shrink(c);
 	}
 	if (progress) {
 		/* Out of rounds with work left: come back after other connections ran. */
@@ -882,36 +863,6 @@ void conn_write_client_now(struct conn *c, const char *buf, size_t len)
 }
 
 /* ---- connect ------------------------------------------------------------ */
-
-/*
- * Watches the socket reads OpenSSL makes for us: a short read means the
- * kernel had no more, which saves the EAGAIN round trip after each record
- * (one syscall in five on a keep-alive request).
- */
-static long on_bio_event(BIO *bio, int oper, const char *argp, size_t len, int argi, long argl,
-                         int ret, size_t *processed)
-{
-	struct conn *c = (struct conn *)BIO_get_callback_arg(bio);
-
-	if (oper == (BIO_CB_READ | BIO_CB_RETURN) && (ret <= 0 || (processed && *processed < len)))
-		c->tls_drained = true;
-	return ret;
-}
-
-static int ssl_attach(struct conn *c, SSL_CTX *ctx)
-{
-	BIO *bio;
-
-	c->ssl = SSL_new(ctx);
-	if (!c->ssl || !SSL_set_fd(c->ssl, c->tls_fd))
-		return -ENOMEM;
-	bio = SSL_get_rbio(c->ssl);
-	BIO_set_callback_arg(bio, (char *)c);
-	BIO_set_callback_ex(bio, on_bio_event);
-	SSL_set_app_data(c->ssl, c);
-	tls_attach_verify(c->ssl, &c->verify);
-	return 0;
-}
 
 static void set_nodelay(int fd)
 {
@@ -947,14 +898,11 @@ static void watch_upstream(struct conn *c, short what, uint64_t due)
 	if (c->inbound)
 		watch_plain(c, what, due);
 	else
-		watch_tls(c, what, due);
+		conn_watch_tls(c, what, due);
 }
 
-static void outbound_handshake_start(struct conn *c);
-static void relay_start(struct conn *c);
-
 /* Connects to the current destination; outbound moves to the next endpoint on failure. */
-static void connect_next(struct conn *c)
+void conn_connect_next(struct conn *c)
 {
 	const struct config *cfg = conn_cfg(c);
 	size_t n_eps = c->inbound || c->tdest ? 1 : c->snap->outbound[c->listener].n_endpoints;
@@ -970,18 +918,15 @@ static void connect_next(struct conn *c)
 		fd = start_connect(dest);
 		if (fd >= 0) {
 			*upstream_fd(c) = fd;
-			set_state(c, CONN_CONNECTING);
-			set_deadline(c, cfg->timeouts.connect_ms);
+			conn_set_state(c, CONN_CONNECTING);
+			conn_set_deadline(c, cfg->timeouts.connect_ms);
 			watch_upstream(c, EV_WRITE, c->deadline);
 			return;
 		}
 		log_warn("conn %llu: connect to %s failed: %s", (unsigned long long)c->id,
 		         dest->text, strerror(-fd));
 	}
-	if (c->hf)
-		httpflow_fail_early(c, 502, CR_UPSTREAM_REFUSED);
-	else
-		conn_close(c, CR_UPSTREAM_REFUSED, 0);
+	c->proto->fail_early(c, 502, CR_UPSTREAM_REFUSED);
 }
 
 static void connect_done(struct conn *c)
@@ -999,18 +944,18 @@ static void connect_done(struct conn *c)
 		         conn_destination(c)->text, strerror(err));
 		watch_upstream(c, 0, 0);
 		close_fd(fd);
-		connect_next(c);
+		conn_connect_next(c);
 		return;
 	}
 	if (c->inbound || (c->tdest && !c->tdest->expect_id[0]))
-		relay_start(c);    /* to the app, or a passthrough outside the mesh */
+		conn_relay_start(c);    /* to the app, or a passthrough outside the mesh */
 	else
-		outbound_handshake_start(c);
+		conn_tls_connect(c);
 }
 
-/* ---- handshake and authorization -------------------------------------- */
+/* ---- authorization and the start of the relay --------------------------- */
 
-static void authorize(struct conn *c)
+void conn_authorize(struct conn *c)
 {
 	const struct config *cfg = conn_cfg(c);
 	struct policy_request req = {
@@ -1020,12 +965,12 @@ static void authorize(struct conn *c)
 	struct policy_decision d;
 	struct metrics_decision *counter;
 
-	set_state(c, CONN_AUTHORIZING);
-	watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
-	if (c->hf) {
-		/* http: every request is decided (and counted) on its own, with its
+	conn_set_state(c, CONN_AUTHORIZING);
+	conn_watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
+	if (c->proto->per_request_policy) {
+		/* Every request is decided (and counted) on its own, with its
 		 * method, path and headers. */
-		connect_next(c);
+		conn_connect_next(c);
 		return;
 	}
 	d = policy_eval(c->snap->policy, &req);
@@ -1037,162 +982,25 @@ static void authorize(struct conn *c)
 		metrics_inc(&counter->count);
 	if (d.action != POLICY_ALLOW) {
 		log_info("conn %llu: %s denied by rule %s", (unsigned long long)c->id, c->peer, c->rule);
-		conn_close(c, CR_DENIED, 0);
+		conn_close(c, CR_DENIED);
 		return;
 	}
-	connect_next(c);
-}
-
-/*
- * The handshake ran under c's snapshot; a newer one may revoke the peer
- * (the revocation sweep skips unfinished handshakes).
- */
-static bool revoked_since(struct conn *c)
-{
-	struct snapshot *cur = proxy_snapshot(c->w->p);
-	bool revoked = cur && cur->server_ctx != c->snap->server_ctx &&
-	               tls_is_revoked(cur->server_ctx, SSL_get0_peer_certificate(c->ssl));
-
-	snapshot_unref(cur);
-	return revoked;
-}
-
-static bool peer_cert_expired(SSL *ssl)
-{
-	X509 *peer = SSL_get0_peer_certificate(ssl);
-
-	return !peer || X509_cmp_current_time(X509_get0_notAfter(peer)) < 0;
-}
-
-static void handshake_done(struct conn *c)
-{
-	char id[SPIFFE_ID_MAX + 1];
-
-	/* A resumed session skips verification: its certificate may have expired since. */
-	if (SSL_session_reused(c->ssl) && peer_cert_expired(c->ssl)) {
-		conn_close(c, CR_EXPIRED_SESSION, 0);
-		return;
-	}
-	if (SSL_session_reused(c->ssl))
-		metrics_inc(&c->w->p->metrics->tls_resumed[c->dir]);
-	if (revoked_since(c)) {
-		log_info("conn %llu: the peer's certificate was revoked during the handshake",
-		         (unsigned long long)c->id);
-		conn_close(c, CR_REVOKED, 0);
-		return;
-	}
-	if (tls_peer_id(c->ssl, id, sizeof(id)) < 0 || !(c->peer = strdup(id))) {
-		conn_close(c, CR_HANDSHAKE_FAILED, ID_NO_URI_SAN);
-		return;
-	}
-	c->ready |= TLS_R | TLS_W;
-	if (c->inbound)
-		authorize(c);
-	else
-		relay_start(c);
-}
-
-static void handshake_timeout(struct conn *c)
-{
-	metrics_inc(&c->w->p->metrics->handshake_failures[TLS_FAIL_TIMEOUT]);
-	if (c->hf && !c->inbound)
-		httpflow_fail_early(c, 504, CR_HANDSHAKE_TIMEOUT);
-	else
-		conn_close(c, CR_HANDSHAKE_TIMEOUT, TLS_FAIL_TIMEOUT);
-}
-
-static void handshake(struct conn *c)
-{
-	int rc, e, reason;
-
-	if (past_deadline(c)) {
-		handshake_timeout(c);
-		return;
-	}
-	rc = SSL_do_handshake(c->ssl);
-
-	if (rc == 1) {
-		handshake_done(c);
-		return;
-	}
-	e = SSL_get_error(c->ssl, rc);
-	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-		watch_tls(c, e == SSL_ERROR_WANT_READ ? EV_READ : EV_WRITE, c->deadline);
-		return;
-	}
-	reason = tls_failure_reason(c->ssl, &c->verify);
-	metrics_inc(&c->w->p->metrics->handshake_failures[reason]);
-	log_info("conn %llu: TLS handshake %s failed: %s", (unsigned long long)c->id,
-	         c->inbound ? "from peer" : "with upstream", metrics_tls_reason_str(reason));
-	if (c->hf && !c->inbound)
-		httpflow_fail_early(c, 502, CR_HANDSHAKE_FAILED);
-	else
-		conn_close(c, CR_HANDSHAKE_FAILED, reason);
-}
-
-/*
- * The first outbound handshake of a worker under a newer snapshot takes
- * over the sessions the worker cached under the one before, when the two
- * share their TLS contexts (a reload that changed only the policy).
- */
-static void adopt_sessions(struct conn *c)
-{
-	struct worker *w = c->w;
-
-	if (w->sessions_from == c->snap ||
-	    (w->sessions_from && w->sessions_from->version > c->snap->version))
-		return;
-	snapshot_adopt_sessions(c->snap, w->sessions_from, w->id);
-	snapshot_unref(w->sessions_from);
-	w->sessions_from = snapshot_ref(c->snap);
-}
-
-static void outbound_handshake_start(struct conn *c)
-{
-	SSL_SESSION *sess;
-
-	c->verify.expect_id = c->tdest ? c->tdest->expect_id
-	                               : c->snap->outbound[c->listener].expect_id;
-	if (ssl_attach(c, c->snap->client_ctx) < 0) {
-		conn_close(c, CR_INTERNAL, 0);
-		return;
-	}
-	SSL_set_connect_state(c->ssl);
-	if (!c->tdest)
-		adopt_sessions(c);
-	sess = c->tdest ? NULL : snapshot_session(c->snap, c->listener, c->endpoint, c->w->id);
-	if (sess)
-		SSL_set_session(c->ssl, sess);
-	set_state(c, CONN_HANDSHAKE);
-	set_deadline(c, conn_cfg(c)->timeouts.handshake_ms);
-	watch_tls(c, 0, 0);    /* ends the connect timer; handshake() sets its own */
-	handshake(c);
+	conn_connect_next(c);
 }
 
 /* Both sockets are up (and the peer verified): start moving bytes. */
-static void relay_start(struct conn *c)
+void conn_relay_start(struct conn *c)
 {
-	set_state(c, CONN_RELAYING);
+	conn_set_state(c, CONN_RELAYING);
 	c->ready |= PLAIN_R | PLAIN_W | TLS_R | TLS_W;
 	c->ssl_read_wants = EV_READ;
 	c->ssl_write_wants = EV_WRITE;
 	touch(c);
-	if (c->hf)
-		httpflow_start(c);
+	c->proto->start(c);
 	/* Drop the connect/handshake timers: from here on the idle timer rules. */
 	watch_plain(c, 0, 0);
-	watch_tls(c, 0, 0);
+	conn_watch_tls(c, 0, 0);
 	relay(c);
-}
-
-int conn_on_new_session(SSL *ssl, SSL_SESSION *sess)
-{
-	struct conn *c = SSL_get_app_data(ssl);
-
-	if (!c || c->inbound || c->tdest)
-		return 0;
-	/* 1: we keep the reference; 0: OpenSSL frees it. */
-	return snapshot_save_session(c->snap, c->listener, c->endpoint, c->w->id, sess) == 0;
 }
 
 /* ---- events ------------------------------------------------------------ */
@@ -1208,30 +1016,27 @@ static void on_timeout(struct conn *c, bool tls_side)
 
 	if (due > now) {
 		if (tls_side)
-			watch_tls(c, c->tls_reg, due);
+			conn_watch_tls(c, c->tls_reg, due);
 		else
 			watch_plain(c, c->plain_reg, due);
 		return;
 	}
 	switch (c->state) {
 	case CONN_HANDSHAKE:
-		handshake_timeout(c);
+		conn_tls_timeout(c);
 		return;
 	case CONN_CONNECTING:
 		log_warn("conn %llu: connect to %s timed out", (unsigned long long)c->id,
 		         conn_destination(c)->text);
-		if (c->hf)
-			httpflow_fail_early(c, 504, CR_UPSTREAM_TIMEOUT);
-		else
-			conn_close(c, CR_UPSTREAM_TIMEOUT, 0);
+		c->proto->fail_early(c, 504, CR_UPSTREAM_TIMEOUT);
 		return;
 	case CONN_LINGERING:
-		conn_close(c, CR_DONE, 0);    /* the client went quiet: enough */
+		conn_close(c, CR_DONE);    /* the client went quiet: enough */
 		return;
 	case CONN_RELAYING:
-		if (c->hf && httpflow_on_timeout(c, now))
+		if (c->proto->on_timeout(c, now))
 			return;
-		conn_close(c, CR_IDLE_TIMEOUT, 0);    /* due was the idle deadline */
+		conn_close(c, CR_IDLE_TIMEOUT);    /* due was the idle deadline */
 		return;
 	default:
 		return;
@@ -1267,7 +1072,7 @@ static void conn_step(struct conn *c, bool tls_side)
 {
 	switch (c->state) {
 	case CONN_HANDSHAKE:
-		handshake(c);
+		conn_tls_step(c);
 		break;
 	case CONN_CONNECTING:
 		/* Only the upstream socket's writability ends a connect. */
@@ -1298,7 +1103,7 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 		return NULL;
 	c->w = w;
 	c->snap = s;
-	c->id = atomic_fetch_add_explicit(&w->p->next_conn_id, 1, memory_order_relaxed) + 1;
+	c->id = atomic_fetch_add_explicit(&w->shared->next_conn_id, 1, memory_order_relaxed) + 1;
 	c->inbound = l->kind == LISTENER_INBOUND;
 	c->transparent = l->kind == LISTENER_TRANSPARENT;
 	c->dir = c->inbound ? DIR_INBOUND : DIR_OUTBOUND;
@@ -1307,10 +1112,8 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 	c->plain_fd = c->inbound ? -1 : fd;
 	c->ssl_read_wants = EV_READ;
 	c->ssl_write_wants = EV_WRITE;
-	/* Transparent connections are relayed as TCP: their protocol is unknown. */
-	c->http = !c->transparent && (c->inbound ? s->cfg->inbound[l->index].protocol
-	                                         : s->cfg->outbound[l->index].protocol) == PROTO_HTTP;
-	if (c->http && httpflow_new(c) < 0) {
+	c->proto = proto_of(l, s);
+	if (c->proto->init(c) < 0) {
 		free(c);
 		return NULL;
 	}
@@ -1323,22 +1126,10 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 		w->conns->prev = c;
 	w->conns = c;
 	w->n_conns++;
-	atomic_fetch_add_explicit(&w->p->open_conns, 1, memory_order_relaxed);
-	metrics_inc(&w->p->metrics->connections_total[c->dir]);
-	atomic_fetch_add_explicit(&w->p->metrics->connections_active[c->dir], 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&w->shared->open_conns, 1, memory_order_relaxed);
+	metrics_inc(&w->shared->metrics->connections_total[c->dir]);
+	atomic_fetch_add_explicit(&w->shared->metrics->connections_active[c->dir], 1, memory_order_relaxed);
 	return c;
-}
-
-static void inbound_start(struct conn *c)
-{
-	if (ssl_attach(c, c->snap->server_ctx) < 0) {
-		conn_close(c, CR_INTERNAL, 0);
-		return;
-	}
-	SSL_set_accept_state(c->ssl);
-	set_state(c, CONN_HANDSHAKE);
-	set_deadline(c, conn_cfg(c)->timeouts.handshake_ms);
-	watch_tls(c, EV_READ, c->deadline);
 }
 
 static void outbound_start(struct conn *c)
@@ -1347,116 +1138,23 @@ static void outbound_start(struct conn *c)
 
 	if (o->n_endpoints == 0) {
 		log_warn("conn %llu: no endpoint known for %s", (unsigned long long)c->id, o->expect_id);
-		conn_close(c, CR_UPSTREAM_REFUSED, 0);
+		conn_close(c, CR_UPSTREAM_REFUSED);
 		return;
 	}
 	c->endpoint = (uint16_t)(c->w->rr[c->listener]++ % o->n_endpoints);
-	connect_next(c);
-}
-
-#ifndef SO_ORIGINAL_DST
-#define SO_ORIGINAL_DST 80          /* linux/netfilter_ipv4.h; same value for IPv6 */
-#endif
-
-/* An IPv4 connection on a dual-stack [::] socket has a v4-mapped address;
- * its conntrack entry, and so its original destination, is IPv4. */
-static void unmap_v4(struct sockaddr_storage *ss, socklen_t *len)
-{
-	const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)ss;
-	struct sockaddr_in a4 = {.sin_family = AF_INET};
-
-	if (ss->ss_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr))
-		return;
-	a4.sin_port = a6->sin6_port;
-	memcpy(&a4.sin_addr, &a6->sin6_addr.s6_addr[12], 4);
-	memset(ss, 0, sizeof(*ss));
-	memcpy(ss, &a4, sizeof(a4));
-	*len = sizeof(a4);
-}
-
-/* Where the app was connecting before iptables redirected it to us
- * (IPv4: SO_ORIGINAL_DST at SOL_IP; IPv6: IP6T_SO_ORIGINAL_DST at SOL_IPV6). */
-static int original_destination(int fd, struct sockaddr_storage *dst, socklen_t *len)
-{
-	struct sockaddr_storage self;
-	socklen_t slen = sizeof(self);
-
-	*len = sizeof(*dst);
-	if (getsockname(fd, (struct sockaddr *)&self, &slen) < 0)
-		return -errno;
-	unmap_v4(&self, &slen);
-	if (getsockopt(fd, self.ss_family == AF_INET6 ? SOL_IPV6 : SOL_IP, SO_ORIGINAL_DST, dst,
-	               len) < 0)
-		return -errno;
-	/* Not redirected (someone dialled the listener itself): no destination. */
-	if (*len == slen && memcmp(dst, &self, slen) == 0)
-		return -ELOOP;
-	return 0;
-}
-
-/*
- * Transparent: the original destination (IP and port) names a service
- * through control's registry; we then connect to that instance's inbound
- * listener and expect its SPIFFE ID. Anything else is outside the mesh:
- * refused, or relayed as plain TCP when the config says passthrough.
- */
-static void transparent_start(struct conn *c, int fd)
-{
-	const char *svc;
-	const struct config_addr *inbound = NULL;
-	struct sockaddr_storage dst;
-	socklen_t len;
-	bool ambiguous = false;
-	int rc = original_destination(fd, &dst, &len);
-
-	if (rc < 0) {
-		log_warn("conn %llu: transparent: no original destination: %s",
-		         (unsigned long long)c->id, strerror(-rc));
-		conn_close(c, CR_UPSTREAM_REFUSED, 0);
-		return;
-	}
-	c->tdest = calloc(1, sizeof(*c->tdest));
-	if (!c->tdest) {
-		conn_close(c, CR_INTERNAL, 0);
-		return;
-	}
-	svc = snapshot_lookup_dest(c->snap, &dst, &inbound, &ambiguous);
-	if (svc) {
-		c->tdest->addr = *inbound;
-		identity_format(c->tdest->expect_id, sizeof(c->tdest->expect_id),
-		                conn_cfg(c)->trust_domain, svc);
-	} else {
-		memcpy(&c->tdest->addr.ss, &dst, len);
-		c->tdest->addr.len = len;
-		addr_text(&dst, c->tdest->addr.text, sizeof(c->tdest->addr.text));
-		/* Claimed by two services: a mesh destination we cannot name, so
-		 * never sent in plaintext either. */
-		if (ambiguous) {
-			log_warn("conn %llu: registry entries of several services hold %s: refused",
-			         (unsigned long long)c->id, c->tdest->addr.text);
-			conn_close(c, CR_OUTSIDE_MESH, 0);
-			return;
-		}
-		if (!conn_cfg(c)->outside_mesh_passthrough) {
-			log_info("conn %llu: %s is outside the mesh: refused", (unsigned long long)c->id,
-			         c->tdest->addr.text);
-			conn_close(c, CR_OUTSIDE_MESH, 0);
-			return;
-		}
-	}
-	connect_next(c);
+	conn_connect_next(c);
 }
 
 void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fromlen)
 {
-	struct meshlet_proxy *p = l->w->p;
+	struct worker_shared *sh = l->w->shared;
 	struct conn *c;
 	struct snapshot *s;
 	uint32_t max;
 
-	s = proxy_snapshot(p);
+	s = sh->snapshot(sh->arg);
 	max = s->cfg->max_connections;
-	if (atomic_load_explicit(&p->open_conns, memory_order_relaxed) >= max) {
+	if (atomic_load_explicit(&sh->open_conns, memory_order_relaxed) >= max) {
 		log_warn("refusing a connection: max_connections (%u) reached", max);
 		snapshot_unref(s);
 		close(fd);
@@ -1470,9 +1168,9 @@ void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fr
 		return;
 	}
 	if (l->kind == LISTENER_INBOUND)
-		inbound_start(c);
+		conn_tls_accept(c);
 	else if (l->kind == LISTENER_TRANSPARENT)
-		transparent_start(c, fd);
+		conn_transparent_start(c, fd);
 	else
 		outbound_start(c);
 }

@@ -4,41 +4,16 @@
  * relay. Outbound: connect upstream -> TLS handshake (upstream must be the
  * listener's service) -> relay. Relaying moves bytes through two bounded
  * buffers driven straight by SSL_read/SSL_write, with backpressure: a full
- * buffer stops reading on the other side.
+ * buffer stops reading on the other side. What the relayed bytes mean is
+ * the connection's protocol's (c->proto, conn-t.h): tcpflow.c, httpflow.c.
  */
 #ifndef MESHLET_PROXY_CONN_H
 #define MESHLET_PROXY_CONN_H
 
 #include <openssl/ssl.h>
-#include "proxy.h"
+#include "conn-t.h"
 
-enum conn_state {
-	CONN_HANDSHAKE,
-	CONN_AUTHORIZING,
-	CONN_CONNECTING,
-	CONN_RELAYING,
-	CONN_LINGERING,     /* answered and closing: discarding what the client still sends */
-	CONN_CLOSED,
-};
-
-/* Why a connection ended: the access log's "status". */
-enum conn_reason {
-	CR_DONE = 0,
-	CR_DENIED,
-	CR_HANDSHAKE_FAILED,
-	CR_HANDSHAKE_TIMEOUT,
-	CR_UPSTREAM_REFUSED,
-	CR_UPSTREAM_TIMEOUT,
-	CR_IDLE_TIMEOUT,
-	CR_RESET,
-	CR_TLS_ERROR,
-	CR_DRAIN_TIMEOUT,
-	CR_OVERLOAD,
-	CR_INTERNAL,
-	CR_EXPIRED_SESSION,
-	CR_REVOKED,
-	CR_OUTSIDE_MESH,
-};
+struct listener;
 
 const char *conn_reason_str(enum conn_reason r);
 
@@ -50,11 +25,10 @@ const char *conn_reason_str(enum conn_reason r);
 uint64_t conn_clock_ms(void);
 
 /*
- * The one way out: logs the connection once (tls_reason set for handshake
- * failures: metric label and access log) and frees everything it holds.
- * c is gone afterwards.
+ * The one way out: logs the connection once (with c->tls_failure when the
+ * handshake failed) and frees everything it holds. c is gone afterwards.
  */
-void conn_close(struct conn *c, enum conn_reason reason, int tls_reason);
+void conn_close(struct conn *c, enum conn_reason reason);
 
 /* Bytes relayed from the connection's client (the side that connected to
  * us) to the upstream, and back. */

@@ -12,14 +12,10 @@
 
 #include "meshlet/http.h"
 #include "meshlet/log.h"
-#include "conn-t.h"
+#include "conn.h"
 #include "snapshot.h"
+#include "worker-t.h"
 
-/*
- * Requests read but not yet answered. Past this many, the request side
- * stops reading (backpressure on pipelining clients).
- */
-#define HTTPFLOW_INFLIGHT 16
 #define REQUEST_ID_LEN 128    /* longest caller x-request-id we keep */
 /* Room for "x-request-id: <128 chars>\r\n" added by a proxy on the way. */
 #define MESH_FIELD_ALLOWANCE 160
@@ -63,6 +59,11 @@ struct httpflow {
 	bool upstream_closing;      /* the app's last response said connection: close */
 };
 
+static struct httpflow *flow(const struct conn *c)
+{
+	return c->proto_ctx;
+}
+
 static int req_dir(const struct conn *c)
 {
 	return c->inbound ? RELAY_DOWN : RELAY_UP;
@@ -81,7 +82,7 @@ static double ms_since(const struct timespec *t)
 	return (double)(now.tv_sec - t->tv_sec) * 1e3 + (double)(now.tv_nsec - t->tv_nsec) / 1e6;
 }
 
-int httpflow_new(struct conn *c)
+static int httpflow_new(struct conn *c)
 {
 	struct httpflow *hf = calloc(1, sizeof(*hf));
 
@@ -107,7 +108,7 @@ int httpflow_new(struct conn *c)
 	http_response_init(&hf->resp, NULL);
 	hf->req_between = true;
 	hf->head_started = conn_clock_ms();
-	c->hf = hf;
+	c->proto_ctx = hf;
 	return 0;
 }
 
@@ -129,9 +130,9 @@ static void entry_clear(struct req_entry *e)
 	memset(e, 0, sizeof(*e));
 }
 
-void httpflow_free(struct conn *c)
+static void httpflow_free(struct conn *c)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 
 	if (!hf)
 		return;
@@ -140,12 +141,14 @@ void httpflow_free(struct conn *c)
 	http_cleanup(&hf->req);
 	http_cleanup(&hf->resp);
 	free(hf);
-	c->hf = NULL;
+	c->proto_ctx = NULL;
 }
 
-bool httpflow_drain(struct conn *c)
+/* Idle between requests: close now. Otherwise the response in flight
+ * carries "connection: close" and the connection ends after it. */
+static bool httpflow_drain(struct conn *c)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 
 	if (hf->tunnel)
 		return false;
@@ -156,15 +159,17 @@ bool httpflow_drain(struct conn *c)
 	return false;
 }
 
-void httpflow_shrink(struct conn *c)
+/* Quiet: release the parsers' head buffers. */
+static void httpflow_shrink(struct conn *c)
 {
-	http_shrink(&c->hf->req);
-	http_shrink(&c->hf->resp);
+	http_shrink(&flow(c)->req);
+	http_shrink(&flow(c)->resp);
 }
 
-bool httpflow_logged(const struct conn *c)
+/* Once a request was logged, the connection's own line is redundant. */
+static bool httpflow_logged(const struct conn *c)
 {
-	return c->hf && c->hf->logged;
+	return flow(c)->logged;
 }
 
 /* ---- the per-request log line ------------------------------------------ */
@@ -184,13 +189,13 @@ static void json_str(char *out, size_t len, const char *s)
 
 static void log_request(struct conn *c, struct req_entry *e)
 {
-	struct metrics *m = c->w->p->metrics;
+	struct metrics *m = c->w->shared->metrics;
 	char line[4096], when[40], from[80], peer[SPIFFE_ID_MAX + 8], path[1024], method[64];
 	char rule[POLICY_RULE_NAME_MAX + 8], rid[REQUEST_ID_LEN + 8];
 	double ms = ms_since(&e->started);
 	int n;
 
-	c->hf->logged = true;
+	flow(c)->logged = true;
 	metrics_count_http(m, e->status);
 	metrics_observe_duration(m, ms / 1e3);
 	if (!c->snap->cfg->access_log)
@@ -260,21 +265,21 @@ static void pop_front(struct httpflow *hf)
 /* Stop taking requests: what is queued is answered, then the connection closes. */
 static void stop_requests(struct conn *c)
 {
-	c->hf->req_stopped = true;
+	flow(c)->req_stopped = true;
 	c->d[req_dir(c)].paused = true;
 }
 
 /* The front request is the proxy's to answer: queue the answer for the client. */
 static int answer_front(struct conn *c)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	struct relay_dir *r = &c->d[resp_dir(c)];
 	struct req_entry *e = front(hf);
 	size_t len;
 
 	r->owned = local_response(e, e->local_status, e->local_reason, e->close_after, &len);
 	if (!r->owned)
-		return conn_close(c, CR_INTERNAL, 0), -1;
+		return conn_close(c, CR_INTERNAL), -1;
 	r->out = r->owned;
 	r->out_len = len;
 	e->status = e->local_status;
@@ -315,7 +320,7 @@ static bool usable_request_id(const char *id)
 
 static struct req_entry *push_entry(struct conn *c, const struct http_head *h)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	struct req_entry *e = &hf->q[(hf->q_first + hf->q_len) % HTTPFLOW_INFLIGHT];
 	const char *rid = NULL;
 	unsigned char raw[16];
@@ -431,14 +436,14 @@ static bool within_limits(const struct http_head *h)
 
 static int on_request_head(struct conn *c, const struct http_head *h)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	struct req_entry *e = push_entry(c, h);
 	bool has_body = h->framing != HTTP_BODY_NONE;
 	bool tunnel_ask = (h->req_flags & (HTTP_REQ_UPGRADE | HTTP_REQ_CONNECT)) != 0;
 
 	hf->req_between = false;
 	if (!e->method || !e->path)
-		return conn_close(c, CR_INTERNAL, 0), -1;
+		return conn_close(c, CR_INTERNAL), -1;
 	if (c->inbound && !within_limits(h)) {
 		e->local_status = 431;
 		e->local_reason = "too many header fields or header block too large";
@@ -467,7 +472,7 @@ static int on_request_head(struct conn *c, const struct http_head *h)
 /* A request the parser refused: answer after what is queued, then close. */
 static int on_request_error(struct conn *c, int status, const char *reason)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	struct req_entry *e;
 
 	log_info("conn %llu: bad request from %s: %d %s", (unsigned long long)c->id,
@@ -488,7 +493,7 @@ static int on_request_error(struct conn *c, int status, const char *reason)
 		return 1;
 	}
 	if (hf->q_len == HTTPFLOW_INFLIGHT)
-		return conn_close(c, CR_RESET, 0), -1;
+		return conn_close(c, CR_RESET), -1;
 	e = &hf->q[(hf->q_first + hf->q_len) % HTTPFLOW_INFLIGHT];
 	hf->q_len++;
 	clock_gettime(CLOCK_MONOTONIC, &e->started);
@@ -509,7 +514,7 @@ static int on_request_error(struct conn *c, int status, const char *reason)
  */
 static bool head_clock_running(const struct conn *c)
 {
-	const struct httpflow *hf = c->hf;
+	const struct httpflow *hf = flow(c);
 
 	return !hf->req_stopped && !hf->tunnel && (hf->in_head || hf->requests == 0);
 }
@@ -517,7 +522,7 @@ static bool head_clock_running(const struct conn *c)
 /* When the request head must be complete (conn_clock_ms() time), 0: no clock runs. */
 static uint64_t head_due(const struct conn *c)
 {
-	return head_clock_running(c) ? c->hf->head_started + c->snap->cfg->timeouts.request_head_ms
+	return head_clock_running(c) ? flow(c)->head_started + c->snap->cfg->timeouts.request_head_ms
 	                             : 0;
 }
 
@@ -530,7 +535,7 @@ static bool head_too_slow(const struct conn *c, uint64_t now)
 
 static int produce_request(struct conn *c)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	struct relay_dir *r = &c->d[req_dir(c)];
 	struct http_event ev;
 	size_t used = 0;
@@ -588,7 +593,7 @@ static int produce_request(struct conn *c)
 
 static int forward_response_head(struct conn *c, const struct http_head *h)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	struct relay_dir *r = &c->d[resp_dir(c)];
 	struct req_entry *e = front(hf);
 	struct http_rewrite_field close_it = { "connection", "close" };
@@ -599,7 +604,7 @@ static int forward_response_head(struct conn *c, const struct http_head *h)
 
 	if (http_head_serialize(h, rwp, NULL, 0, &need) != -ENOSPC || !(r->owned = malloc(need)) ||
 	    http_head_serialize(h, rwp, r->owned, need, &need) < 0)
-		return conn_close(c, CR_INTERNAL, 0), -1;
+		return conn_close(c, CR_INTERNAL), -1;
 	r->out = r->owned;
 	r->out_len = need;
 	e->bytes_out += need;
@@ -631,13 +636,13 @@ static int forward_response_head(struct conn *c, const struct http_head *h)
 /* The upstream's response was malformed: 502 if nothing of it went out yet. */
 static int on_response_error(struct conn *c, const char *reason)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	struct req_entry *e = front(hf);
 
 	log_warn("conn %llu: bad response from %s: %s", (unsigned long long)c->id,
 	         conn_destination_text(c), reason);
 	if (!e || hf->resp_sent_any)
-		return conn_close(c, CR_RESET, 0), -1;
+		return conn_close(c, CR_RESET), -1;
 	e->local_status = 502;
 	e->local_reason = reason;
 	e->close_after = true;
@@ -646,7 +651,7 @@ static int on_response_error(struct conn *c, const char *reason)
 
 static int produce_response(struct conn *c)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	struct relay_dir *r = &c->d[resp_dir(c)];
 	struct req_entry *e = front(hf);
 	struct http_event ev;
@@ -696,7 +701,7 @@ static int produce_response(struct conn *c)
 	}
 }
 
-int httpflow_produce(struct conn *c, int d)
+static int httpflow_produce(struct conn *c, int d)
 {
 	return d == req_dir(c) ? produce_request(c) : produce_response(c);
 }
@@ -706,7 +711,7 @@ int httpflow_produce(struct conn *c, int d)
 /* The upstream is gone: requests it never answered get a 502 from us. */
 static void fail_unanswered(struct conn *c)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 
 	/*
 	 * The app announced the close: what it never saw was never processed.
@@ -729,9 +734,9 @@ static void fail_unanswered(struct conn *c)
 	c->closing = true;
 }
 
-int httpflow_eof(struct conn *c, int d)
+static int httpflow_eof(struct conn *c, int d)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	struct http_event ev;
 
 	if (hf->tunnel)
@@ -740,7 +745,7 @@ int httpflow_eof(struct conn *c, int d)
 		ev = http_finish(&hf->req);
 		/* A request cut short cannot be answered: its head may be upstream already. */
 		if (ev.type == HTTP_EV_ERROR && !hf->req_between)
-			return conn_close(c, CR_RESET, 0), -1;
+			return conn_close(c, CR_RESET), -1;
 		if (hf->q_len)
 			c->closing = true;    /* answer what was asked, then close */
 		return 0;
@@ -752,7 +757,7 @@ int httpflow_eof(struct conn *c, int d)
 		pop_front(hf);
 		hf->resp_in_message = false;
 	} else if (ev.type == HTTP_EV_ERROR && hf->resp_sent_any) {
-		return conn_close(c, CR_RESET, 0), -1;
+		return conn_close(c, CR_RESET), -1;
 	}
 	hf->resp_in_message = false;
 	if (hf->q_len)
@@ -774,32 +779,42 @@ static bool awaiting_response(const struct httpflow *hf)
 /* When the response head must have come (conn_clock_ms() time), 0: none awaited. */
 static uint64_t response_due(const struct conn *c)
 {
-	const struct httpflow *hf = c->hf;
+	const struct httpflow *hf = flow(c);
 
 	return awaiting_response(hf) ? hf->waiting_since + c->snap->cfg->timeouts.response_head_ms : 0;
 }
 
-uint64_t httpflow_due(const struct conn *c, bool tls_side)
+/* The request head's deadline on the client's side, the response head's on
+ * the upstream's. */
+static uint64_t httpflow_due(const struct conn *c, bool tls_side)
 {
 	bool client_side = tls_side == c->inbound;
 
 	return client_side ? head_due(c) : response_due(c);
 }
 
-void httpflow_start(struct conn *c)
+/*
+ * Relaying begins. On an inbound connection the first request's head clock
+ * starts now, after the mTLS handshake and the connect to the app, not at
+ * accept: the calling sidecar started its own clock when its client
+ * connected, before it connected here, so it is the one that answers a
+ * slow client 408, rather than this side closing the mesh connection
+ * under it a moment earlier.
+ */
+static void httpflow_start(struct conn *c)
 {
-	if (c->inbound && c->hf->requests == 0 && !c->hf->in_head)
-		c->hf->head_started = conn_clock_ms();
+	if (c->inbound && flow(c)->requests == 0 && !flow(c)->in_head)
+		flow(c)->head_started = conn_clock_ms();
 }
 
-bool httpflow_done(const struct conn *c)
+static bool httpflow_done(const struct conn *c)
 {
-	return c->hf->q_len == 0;
+	return flow(c)->q_len == 0;
 }
 
-bool httpflow_on_timeout(struct conn *c, uint64_t now)
+static bool httpflow_on_timeout(struct conn *c, uint64_t now)
 {
-	struct httpflow *hf = c->hf;
+	struct httpflow *hf = flow(c);
 	const struct config_timeouts *t = &c->snap->cfg->timeouts;
 	struct req_entry *e = front(hf);
 	uint64_t due = response_due(c);
@@ -816,7 +831,7 @@ bool httpflow_on_timeout(struct conn *c, uint64_t now)
 	if (!head_too_slow(c, now))
 		return false;
 	if (hf->req_between) {
-		conn_close(c, CR_IDLE_TIMEOUT, 0);    /* connected, never asked anything */
+		conn_close(c, CR_IDLE_TIMEOUT);    /* connected, never asked anything */
 		return true;
 	}
 	/* Slowloris: a head that never completes. Nothing of it was forwarded. */
@@ -825,7 +840,9 @@ bool httpflow_on_timeout(struct conn *c, uint64_t now)
 	return true;
 }
 
-void httpflow_fail_early(struct conn *c, int status, int reason)
+/* Answers the client with status (502, 504) as best it can, logs it as a
+ * request, and closes. */
+static void httpflow_fail_early(struct conn *c, int status, enum conn_reason reason)
 {
 	struct req_entry e = { 0 };
 	size_t len = 0;
@@ -842,5 +859,23 @@ void httpflow_fail_early(struct conn *c, int status, int reason)
 	e.status = status;
 	e.bytes_out = len;
 	log_request(c, &e);
-	conn_close(c, reason, 0);
+	conn_close(c, reason);
 }
+
+const struct conn_proto_ops httpflow_ops = {
+	.name = "http/1.1",
+	.per_request_policy = true,
+	.answers_after_reset = true,
+	.init = httpflow_new,
+	.release = httpflow_free,
+	.start = httpflow_start,
+	.produce = httpflow_produce,
+	.eof = httpflow_eof,
+	.due = httpflow_due,
+	.on_timeout = httpflow_on_timeout,
+	.fail_early = httpflow_fail_early,
+	.drain = httpflow_drain,
+	.shrink = httpflow_shrink,
+	.done = httpflow_done,
+	.logged = httpflow_logged,
+};

@@ -15,8 +15,7 @@
 #include "ctlclient.h"
 #include "meshlet/log.h"
 #include "meshlet/tls.h"
-
-#define LISTEN_BACKLOG 4096
+#include "worker.h"
 
 struct snapshot *proxy_snapshot(struct meshlet_proxy *p)
 {
@@ -27,8 +26,6 @@ struct snapshot *proxy_snapshot(struct meshlet_proxy *p)
 	pthread_mutex_unlock(&p->snap_lock);
 	return s;
 }
-
-static void worker_send(struct worker *w, enum worker_cmd cmd);
 
 static void swap_snapshot(struct meshlet_proxy *p, struct snapshot *s)
 {
@@ -152,230 +149,35 @@ out:
 	return rc;
 }
 
-/* ---- workers ------------------------------------------------------------ */
+/* ---- what admin and the workers may ask of the proxy --------------------- */
 
-static void on_accept(struct evconnlistener *ev, evutil_socket_t fd, struct sockaddr *from,
-                      int fromlen, void *arg)
+static struct snapshot *current_snapshot(void *arg)
 {
-	conn_accept(arg, fd, from, fromlen);
+	return proxy_snapshot(arg);
 }
 
-/* Out of descriptors or memory: pause this listener (see acceptguard.h). */
-static void on_accept_error(struct evconnlistener *ev, void *arg)
+static void report_status(void *arg, struct admin_status *out)
 {
-	struct listener *l = arg;
+	struct meshlet_proxy *p = arg;
 
-	accept_guard_failed(&l->guard);
+	out->draining = atomic_load(&p->draining);
+	out->control_mode = p->ctl != NULL;
+	if (p->ctl)
+		ctlclient_status(p->ctl, out->control, sizeof(out->control));
 }
 
-static void free_listeners(struct worker *w)
+static void admin_drain(void *arg)
 {
-	for (size_t i = 0; i < w->n_listeners; i++) {
-		accept_guard_stop(&w->listeners[i].guard);
-		if (w->listeners[i].ev)
-			evconnlistener_free(w->listeners[i].ev);
-		w->listeners[i].ev = NULL;
-	}
+	proxy_drain(arg, false);
 }
 
-void worker_maybe_finish(struct worker *w)
+static int start_admin(struct meshlet_proxy *p)
 {
-	if (w->draining && w->n_conns == 0)
-		event_base_loopbreak(w->base);
-}
+	struct admin_hooks h = {
+		.snapshot = current_snapshot, .status = report_status, .drain = admin_drain, .arg = p,
+	};
 
-static void on_worker_cmd(evutil_socket_t fd, short what, void *arg)
-{
-	struct worker *w = arg;
-	unsigned cmd = atomic_exchange(&w->cmd, 0);
-
-	if (cmd & WORKER_RECHECK) {
-		struct snapshot *s = proxy_snapshot(w->p);
-
-		conn_close_revoked(w, s);
-		snapshot_unref(s);
-	}
-	if (cmd & WORKER_STOP) {
-		w->draining = true;
-		free_listeners(w);
-		conn_close_all(w, CR_DRAIN_TIMEOUT);
-		event_base_loopbreak(w->base);
-		return;
-	}
-	if (cmd & WORKER_DRAIN) {
-		if (!w->draining) {
-			w->draining = true;
-			free_listeners(w);    /* new connections are refused from here on */
-			conn_drain(w);
-		}
-		worker_maybe_finish(w);
-	}
-}
-
-static int bind_one(struct worker *w, struct listener *l, const struct config_addr *a)
-{
-	unsigned flags = LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC | LEV_OPT_REUSEABLE |
-	                 LEV_OPT_REUSEABLE_PORT;
-	char what[sizeof(l->guard.what)];
-
-	l->w = w;
-	l->ev = evconnlistener_new_bind(w->base, on_accept, l, flags, LISTEN_BACKLOG,
-	                                 (const struct sockaddr *)&a->ss, (int)a->len);
-	if (!l->ev) {
-		log_error("cannot listen on %s: %s", a->text, strerror(errno));
-		return -errno;
-	}
-	snprintf(what, sizeof(what), "listener %s", a->text);
-	if (accept_guard_init(&l->guard, l->ev, what) < 0)
-		return -ENOMEM;
-	evconnlistener_set_error_cb(l->ev, on_accept_error);
-	return 0;
-}
-
-/* An IPv6-only socket bound to a (IPV6_V6ONLY: the IPv4 listener beside it
- * keeps IPv4), or -errno. */
-static int ipv6_only_socket(const struct config_addr *a)
-{
-	int fd = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1, e;
-
-	if (fd < 0)
-		return -errno;
-	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
-	    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0 ||
-	    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) < 0 ||
-	    bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0) {
-		e = errno;
-		close(fd);
-		return -e;
-	}
-	return fd;
-}
-
-/*
- * The IPv6 side of an inbound or transparent listener on 0.0.0.0 or
- * 127.0.0.1 ([::] or [::1]), where ip6tables redirects IPv6 connections.
- * A host without IPv6 (no AF_INET6, or no ::1) is not an error: there is
- * no IPv6 traffic to take, and the first worker says so once.
- */
-static int bind_twin(struct worker *w, struct listener *l, const struct config_addr *primary)
-{
-	unsigned flags = LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC;
-	struct config_addr twin;
-	int fd;
-
-	if (!config_addr_ipv6_twin(primary, &twin))
-		return 0;
-	l->w = w;
-	fd = ipv6_only_socket(&twin);
-	if (fd == -EAFNOSUPPORT || fd == -EADDRNOTAVAIL) {
-		if (w->id == 0)
-			log_info("no IPv6 here (%s): %s listens on IPv4 only", strerror(-fd),
-			         primary->text);
-		return 0;
-	}
-	if (fd < 0) {
-		log_error("cannot listen on %s (the IPv6 side of %s): %s", twin.text, primary->text,
-		          strerror(-fd));
-		return fd;
-	}
-	l->ev = evconnlistener_new(w->base, on_accept, l, flags, LISTEN_BACKLOG, fd);
-	if (!l->ev) {
-		close(fd);
-		return -ENOMEM;
-	}
-	evconnlistener_set_error_cb(l->ev, on_accept_error);
-	return 0;
-}
-
-static int worker_listen(struct worker *w, const struct config *cfg)
-{
-	/* each inbound and the transparent listener may have an IPv6 twin */
-	size_t n = 2 * cfg->n_inbound + cfg->n_outbound + (cfg->has_transparent ? 2 : 0), k = 0;
-
-	w->listeners = calloc(n ? n : 1, sizeof(*w->listeners));
-	w->rr = calloc(cfg->n_outbound ? cfg->n_outbound : 1, sizeof(*w->rr));
-	if (!w->listeners || !w->rr)
-		return -ENOMEM;
-	w->n_listeners = n;
-	for (size_t i = 0; i < cfg->n_inbound; i++, k += 2) {
-		w->listeners[k].kind = w->listeners[k + 1].kind = LISTENER_INBOUND;
-		w->listeners[k].index = w->listeners[k + 1].index = i;
-		if (bind_one(w, &w->listeners[k], &cfg->inbound[i].listen) < 0 ||
-		    bind_twin(w, &w->listeners[k + 1], &cfg->inbound[i].listen) < 0)
-			return -EADDRINUSE;
-	}
-	for (size_t i = 0; i < cfg->n_outbound; i++, k++) {
-		w->listeners[k].kind = LISTENER_OUTBOUND;
-		w->listeners[k].index = i;
-		if (bind_one(w, &w->listeners[k], &cfg->outbound[i].listen) < 0)
-			return -EADDRINUSE;
-	}
-	if (cfg->has_transparent) {
-		w->listeners[k].kind = w->listeners[k + 1].kind = LISTENER_TRANSPARENT;
-		if (bind_one(w, &w->listeners[k], &cfg->transparent_listen) < 0 ||
-		    bind_twin(w, &w->listeners[k + 1], &cfg->transparent_listen) < 0)
-			return -EADDRINUSE;
-	}
-	return 0;
-}
-
-static struct event_base *new_base(void)
-{
-	struct event_config *ec = event_config_new();
-	struct event_base *base;
-
-	if (!ec)
-		return NULL;
-	/*
-	 * Go back to epoll after 64 callbacks: a busy connection re-activates
-	 * itself (event_active) to yield, and must not starve its neighbours.
-	 */
-	event_config_set_max_dispatch_interval(ec, NULL, 64, 0);
-	base = event_base_new_with_config(ec);
-	event_config_free(ec);
-	return base;
-}
-
-static int worker_init(struct meshlet_proxy *p, struct worker *w, int id, const struct config *cfg)
-{
-	w->p = p;
-	w->id = id;
-	w->base = new_base();
-	if (!w->base)
-		return -ENOMEM;
-	w->cmd_ev = event_new(w->base, -1, 0, on_worker_cmd, w);
-	if (!w->cmd_ev)
-		return -ENOMEM;
-	return worker_listen(w, cfg);
-}
-
-static void worker_destroy(struct worker *w)
-{
-	free_listeners(w);
-	conn_close_all(w, CR_DRAIN_TIMEOUT);
-	conn_free_buffers(w);
-	snapshot_unref(w->sessions_from);
-	w->sessions_from = NULL;
-	if (w->cmd_ev)
-		event_free(w->cmd_ev);
-	if (w->base)
-		event_base_free(w->base);
-	free(w->listeners);
-	free(w->rr);
-}
-
-static void *worker_main(void *arg)
-{
-	struct worker *w = arg;
-
-	event_base_loop(w->base, EVLOOP_NO_EXIT_ON_EMPTY);
-	return NULL;
-}
-
-static void worker_send(struct worker *w, enum worker_cmd cmd)
-{
-	atomic_fetch_or(&w->cmd, (unsigned)cmd);
-	event_active(w->cmd_ev, EV_READ, 0);    /* thread-safe: bases have locks */
+	return admin_start(p->base, p->boot_cfg, p->metrics, &h, &p->admin);
 }
 
 /* ---- drain and signals ------------------------------------------------- */
@@ -444,7 +246,7 @@ static int start_workers(struct meshlet_proxy *p, const struct config *cfg)
 	if (!p->workers)
 		return -ENOMEM;
 	for (int i = 0; i < p->n_workers; i++)
-		if ((rc = worker_init(p, &p->workers[i], i, cfg)) < 0)
+		if ((rc = worker_init(&p->workers[i], &p->shared, i, cfg)) < 0)
 			return rc;
 	/* Signals are the main thread's: workers block them. */
 	sigfillset(&block);
@@ -481,7 +283,8 @@ static void proxy_free(struct meshlet_proxy *p)
 	for (int i = 0; p->workers && i < p->n_workers; i++)
 		worker_destroy(&p->workers[i]);
 	free(p->workers);
-	admin_stop(p);
+	admin_stop(p->admin);
+	p->admin = NULL;
 	if (p->installed_ev)
 		event_free(p->installed_ev);
 	json_decref(p->good_doc);
@@ -532,7 +335,7 @@ static bool ctl_set_connected(void *ctx, bool connected)
 static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
 {
 	if (p->boot_cfg->has_tls) {
-		if (proxy_load(p, err) < 0 || admin_start(p) < 0)
+		if (proxy_load(p, err) < 0 || start_admin(p) < 0)
 			return -EINVAL;
 		if (start_workers(p, p->boot_cfg) < 0)
 			return err_set(err, "", "cannot start the workers");
@@ -543,7 +346,7 @@ static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
 	}
 	p->installed_ev = event_new(p->base, -1, 0, on_installed, p);
 	p->good_doc = json_load_strict(p->config_file, CONFIG_MAX_FILE, MESHLET_JSON_MAX_DEPTH, err);
-	if (!p->installed_ev || !p->good_doc || admin_start(p) < 0)
+	if (!p->installed_ev || !p->good_doc || start_admin(p) < 0)
 		return -EINVAL;
 	log_info("control mode: %s; admin on %s", p->boot_cfg->control_url,
 	         p->boot_cfg->admin_listen.text);
@@ -572,10 +375,13 @@ int proxy_run(const char *config_file)
 	signal(SIGPIPE, SIG_IGN);
 	pthread_mutex_init(&p.snap_lock, NULL);
 	if (evthread_use_pthreads() < 0 || tls_init() < 0 || !(p.metrics = metrics_new()) ||
-	    !(p.base = new_base())) {
+	    !(p.base = event_base_new())) {
 		log_error("start-up failed: out of memory");
 		goto out;
 	}
+	p.shared.metrics = p.metrics;
+	p.shared.snapshot = current_snapshot;
+	p.shared.arg = &p;
 	if (config_load(config_file, &p.boot_cfg, &err) < 0 || start_serving(&p, &err) < 0) {
 		if (err.message[0])
 			log_error("%s", err_str(&err, msg, sizeof(msg)));

@@ -1,8 +1,9 @@
 /*
  * proxy: the meshlet-proxy process. One struct meshlet_proxy holds what the
  * process shares (current snapshot, metrics, workers); each worker thread
- * runs its own event base with its own SO_REUSEPORT listening sockets. The
- * main thread runs the admin listener and handles signals.
+ * (worker.h) runs its own event base with its own SO_REUSEPORT listening
+ * sockets. The main thread runs the admin listener and handles signals.
+ * This is the one module that knows every other one.
  */
 #ifndef MESHLET_PROXY_PROXY_H
 #define MESHLET_PROXY_PROXY_H
@@ -16,48 +17,10 @@
 
 #include "meshlet/config.h"
 #include "meshlet/metrics.h"
-#include "acceptguard.h"
 #include "snapshot.h"
+#include "worker-t.h"
 
-struct conn;
-struct relay_buf;
-
-/* Commands from the main or control thread to a worker: bits, so none is lost. */
-enum worker_cmd {
-	WORKER_DRAIN = 1 << 0,          /* stop accepting, finish open connections */
-	WORKER_STOP = 1 << 1,           /* close everything now */
-	WORKER_RECHECK = 1 << 2,        /* close connections whose peer is now revoked */
-};
-
-enum listener_kind { LISTENER_INBOUND, LISTENER_OUTBOUND, LISTENER_TRANSPARENT };
-
-/* A listening socket of one worker: which config entry it serves. */
-struct listener {
-	struct worker *w;
-	struct evconnlistener *ev;
-	struct accept_guard guard;      /* pauses accepting after EMFILE */
-	enum listener_kind kind;
-	size_t index;                   /* into cfg->inbound or cfg->outbound */
-};
-
-struct worker {
-	struct meshlet_proxy *p;
-	int id;
-	pthread_t thread;
-	struct event_base *base;
-	struct listener *listeners;
-	size_t n_listeners;
-	struct event *cmd_ev;           /* activated by other threads */
-	atomic_uint cmd;                /* enum worker_cmd bits pending */
-	struct conn *conns;             /* open connections, for drain and stop */
-	size_t n_conns;
-	struct relay_buf *free_bufs;    /* recycled relay buffers */
-	size_t n_free_bufs;
-	unsigned *rr;                   /* round-robin position per outbound listener */
-	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
-	bool draining;
-};
-
+struct admin;
 struct ctlclient;
 
 struct meshlet_proxy {
@@ -71,15 +34,13 @@ struct meshlet_proxy {
 	uint64_t version;               /* of the current snapshot */
 	struct worker *workers;
 	int n_workers;
-	struct evhttp *admin;
-	struct accept_guard admin_guard;
+	struct admin *admin;
 	struct ctlclient *ctl;          /* control mode: the control-plane client */
 	struct event *installed_ev;     /* a snapshot was installed from another thread */
 	atomic_bool workers_started;    /* set once every worker runs */
 	struct event *drain_timer;
 	atomic_bool draining;
-	atomic_uint_fast64_t next_conn_id;
-	atomic_uint open_conns;         /* across workers, for max_connections */
+	struct worker_shared shared;    /* what the workers share: ids, counts, the snapshot */
 	int exit_code;
 };
 
@@ -113,8 +74,5 @@ void proxy_drain(struct meshlet_proxy *p, bool exit);
 /* Runs meshlet-proxy with an already validated config file. Returns the
  * process exit code. */
 int proxy_run(const char *config_file);
-
-/* Called by workers when they have no connection left while draining. */
-void worker_maybe_finish(struct worker *w);
 
 #endif

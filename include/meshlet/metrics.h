@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <pthread.h>
-#include "meshlet/identity.h"
+#include "meshlet/tls.h"
 
 enum metrics_direction { DIR_INBOUND = 0, DIR_OUTBOUND = 1, DIR_COUNT };
 
@@ -28,7 +28,7 @@ struct metrics {
 	atomic_uint_fast64_t connections_total[DIR_COUNT];
 	atomic_int_fast64_t connections_active[DIR_COUNT];
 	atomic_uint_fast64_t bytes_total[DIR_COUNT];
-	atomic_uint_fast64_t handshake_failures[ID_REASON_COUNT + 8]; /* see metrics_tls_reason */
+	atomic_uint_fast64_t handshake_failures[TLS_FAIL_COUNT];     /* by enum tls_failure */
 	atomic_uint_fast64_t tls_resumed[DIR_COUNT];  /* handshakes that resumed a session */
 	atomic_uint_fast64_t http_requests[600];                      /* by status code */
 	atomic_uint_fast64_t duration_buckets[METRICS_DURATION_BUCKETS + 1]; /* last: +Inf */
@@ -40,21 +40,6 @@ struct metrics {
 	pthread_mutex_t lock;                 /* guards the decisions list only */
 	struct metrics_decision *decisions;
 };
-
-/*
- * Reasons for meshlet_tls_handshake_failures_total beyond identity's:
- * indices ID_REASON_COUNT + n. Label strings from metrics_tls_reason_str().
- */
-enum metrics_tls_reason {
-	TLS_FAIL_HANDSHAKE = ID_REASON_COUNT, /* "handshake": protocol error, alert */
-	TLS_FAIL_UNTRUSTED,                   /* "untrusted": chain did not verify */
-	TLS_FAIL_EXPIRED,                     /* "expired": a certificate out of its validity */
-	TLS_FAIL_NO_PEER_CERT,                /* "no_peer_certificate" */
-	TLS_FAIL_TIMEOUT,                     /* "timeout" */
-	TLS_FAIL_REASON_END
-};
-
-const char *metrics_tls_reason_str(int reason);
 
 struct metrics *metrics_new(void);
 void metrics_free(struct metrics *m);

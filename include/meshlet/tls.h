@@ -17,6 +17,43 @@
 #include "meshlet/identity.h"
 #include "meshlet/json.h"
 
+/*
+ * Why a TLS handshake failed: one list, with one name table. The names
+ * (tls_failure_str) are the reason label of
+ * meshlet_tls_handshake_failures_total and the access log's tls_error, so
+ * they are stable. First the peer certificate refused as an SVID (each is
+ * an identity_check_svid reason, tls_failure_from_identity), then what TLS
+ * itself refused.
+ */
+enum tls_failure {
+	TLS_FAIL_NONE = 0,
+	TLS_FAIL_NO_CERT,               /* "no_certificate" */
+	TLS_FAIL_NO_URI_SAN,            /* "no_uri_san" */
+	TLS_FAIL_MULTIPLE_URI_SANS,     /* "multiple_uri_sans" */
+	TLS_FAIL_BAD_SPIFFE_ID,         /* "bad_spiffe_id" */
+	TLS_FAIL_WRONG_TRUST_DOMAIN,    /* "wrong_trust_domain" */
+	TLS_FAIL_NOT_A_SERVICE,         /* "not_a_service" */
+	TLS_FAIL_LEAF_IS_CA,            /* "leaf_is_ca" */
+	TLS_FAIL_BAD_KEY_USAGE,         /* "bad_key_usage" */
+	TLS_FAIL_BAD_EXT_KEY_USAGE,     /* "bad_ext_key_usage" */
+	TLS_FAIL_WRONG_IDENTITY,        /* "wrong_identity" */
+	TLS_FAIL_REVOKED,               /* "revoked" */
+	TLS_FAIL_NO_BASIC_CONSTRAINTS,  /* "no_basic_constraints" */
+	TLS_FAIL_HANDSHAKE,             /* "handshake": protocol error, alert */
+	TLS_FAIL_UNTRUSTED,             /* "untrusted": chain did not verify */
+	TLS_FAIL_EXPIRED,               /* "expired": a certificate out of its validity */
+	TLS_FAIL_NO_PEER_CERT,          /* "no_peer_certificate" */
+	TLS_FAIL_TIMEOUT,               /* "timeout" */
+	TLS_FAIL_COUNT
+};
+
+/* The label of f; "unknown" for a value outside the enum. */
+const char *tls_failure_str(enum tls_failure f);
+
+/* The failure for a certificate identity_check_svid refused with r
+ * (TLS_FAIL_NONE for ID_OK). */
+enum tls_failure tls_failure_from_identity(enum identity_reason r);
+
 struct tls_material {
 	EVP_PKEY *key;
 	X509 *cert;                    /* our leaf SVID */
@@ -41,7 +78,7 @@ struct tls_options {
  */
 struct tls_verify {
 	const char *expect_id;         /* exact SPIFFE ID the peer must present, or NULL */
-	int reason;                    /* 0, an enum identity_reason or metrics_tls_reason */
+	enum tls_failure reason;       /* TLS_FAIL_NONE, or why the peer was refused */
 };
 
 /* One-time process setup (ex-data index). Call before any thread starts.
@@ -116,10 +153,9 @@ int tls_peer_id(SSL *ssl, char *out, size_t len);
 /*
  * Classifies a failed handshake: the reason the verify callback recorded,
  * else one read from the OpenSSL error queue (no certificate, expired,
- * untrusted, protocol). Clears the error queue. Returns a
- * metrics_tls_reason-compatible index.
+ * untrusted, protocol). Clears the error queue.
  */
-int tls_failure_reason(SSL *ssl, const struct tls_verify *v);
+enum tls_failure tls_failure_reason(SSL *ssl, const struct tls_verify *v);
 
 /* True when cert's serial is on the revocation list ctx was built with. */
 bool tls_is_revoked(SSL_CTX *ctx, X509 *cert);

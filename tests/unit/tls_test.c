@@ -145,9 +145,36 @@ static const struct tls_options opts = { .trust_domain = TD, .min_version = TLS1
 /* Result of one in-memory handshake. */
 struct outcome {
 	bool ok;
-	int server_reason, client_reason;
+	enum tls_failure server_reason, client_reason;
 	char server_saw[SPIFFE_ID_MAX + 1];
 };
+
+/* One enum, one name table: identity's refusals keep identity's labels. */
+static void test_failure_names(void **state)
+{
+	bool seen[TLS_FAIL_COUNT] = { false };
+
+	(void)state;
+	assert_string_equal(tls_failure_str(TLS_FAIL_HANDSHAKE), "handshake");
+	assert_string_equal(tls_failure_str(TLS_FAIL_UNTRUSTED), "untrusted");
+	assert_string_equal(tls_failure_str(TLS_FAIL_EXPIRED), "expired");
+	assert_string_equal(tls_failure_str(TLS_FAIL_NO_PEER_CERT), "no_peer_certificate");
+	assert_string_equal(tls_failure_str(TLS_FAIL_TIMEOUT), "timeout");
+	assert_string_equal(tls_failure_str(TLS_FAIL_COUNT), "unknown");
+	assert_string_equal(tls_failure_str((enum tls_failure)-1), "unknown");
+	assert_int_equal(tls_failure_from_identity(ID_OK), TLS_FAIL_NONE);
+	for (int r = ID_OK + 1; r < ID_REASON_COUNT; r++) {
+		enum tls_failure f = tls_failure_from_identity((enum identity_reason)r);
+
+		/* each refusal its own failure, with identity's label */
+		assert_int_not_equal(f, TLS_FAIL_NONE);
+		assert_false(seen[f]);
+		seen[f] = true;
+		assert_string_equal(tls_failure_str(f), identity_reason_str((enum identity_reason)r));
+	}
+	/* A reason identity may add later is still a refusal. */
+	assert_int_equal(tls_failure_from_identity(ID_REASON_COUNT), TLS_FAIL_HANDSHAKE);
+}
 
 /* Pumps both ends through a BIO pair until both finish or one fails. */
 static struct outcome handshake(struct tls_material *server, struct tls_material *client,
@@ -220,7 +247,7 @@ static void test_upstream_with_wrong_identity(void **state)
 	struct outcome o = handshake(orders, frontend, "spiffe://" TD "/svc/payments");
 
 	assert_false(o.ok);
-	assert_int_equal(o.client_reason, ID_WRONG_IDENTITY);
+	assert_int_equal(o.client_reason, TLS_FAIL_WRONG_IDENTITY);
 	tls_material_free(orders);
 	tls_material_free(frontend);
 }
@@ -257,7 +284,7 @@ static void test_revoked_client(void **state)
 	struct outcome o = handshake(orders, revoked, "spiffe://" TD "/svc/orders");
 
 	assert_false(o.ok);
-	assert_int_equal(o.server_reason, ID_REVOKED);
+	assert_int_equal(o.server_reason, TLS_FAIL_REVOKED);
 	tls_material_free(orders);
 	tls_material_free(revoked);
 }
@@ -334,7 +361,7 @@ static void test_material_digest(void **state)
 struct leaf_spec {
 	const char *name;
 	const char *bc, *ku, *eku;
-	int as_client, as_server;    /* the reason the other side gives; 0: accepted */
+	enum tls_failure as_client, as_server;    /* the reason the other side gives; 0: accepted */
 };
 
 static void add_ext_nid(X509 *x, X509 *issuer, int nid, const char *value)
@@ -403,15 +430,15 @@ static void test_svid_profile_in_handshakes(void **state)
 	 * as_server: what a client says of it presented by a server. */
 	static const struct leaf_spec cases[] = {
 		{ "proper SVID", P_BC, P_KU, P_EKU, 0, 0 },
-		{ "no basicConstraints", NULL, P_KU, P_EKU, ID_NO_BASIC_CONSTRAINTS,
-		  ID_NO_BASIC_CONSTRAINTS },
-		{ "no keyUsage", P_BC, NULL, P_EKU, ID_BAD_KEY_USAGE, ID_BAD_KEY_USAGE },
-		{ "no extKeyUsage", P_BC, P_KU, NULL, ID_BAD_EXT_KEY_USAGE, ID_BAD_EXT_KEY_USAGE },
-		{ "none of the three", NULL, NULL, NULL, ID_NO_BASIC_CONSTRAINTS,
-		  ID_NO_BASIC_CONSTRAINTS },
-		{ "CA:TRUE", "critical,CA:TRUE", P_KU, P_EKU, ID_LEAF_IS_CA, ID_LEAF_IS_CA },
+		{ "no basicConstraints", NULL, P_KU, P_EKU, TLS_FAIL_NO_BASIC_CONSTRAINTS,
+		  TLS_FAIL_NO_BASIC_CONSTRAINTS },
+		{ "no keyUsage", P_BC, NULL, P_EKU, TLS_FAIL_BAD_KEY_USAGE, TLS_FAIL_BAD_KEY_USAGE },
+		{ "no extKeyUsage", P_BC, P_KU, NULL, TLS_FAIL_BAD_EXT_KEY_USAGE, TLS_FAIL_BAD_EXT_KEY_USAGE },
+		{ "none of the three", NULL, NULL, NULL, TLS_FAIL_NO_BASIC_CONSTRAINTS,
+		  TLS_FAIL_NO_BASIC_CONSTRAINTS },
+		{ "CA:TRUE", "critical,CA:TRUE", P_KU, P_EKU, TLS_FAIL_LEAF_IS_CA, TLS_FAIL_LEAF_IS_CA },
 		{ "keyUsage without digitalSignature", P_BC, "critical,keyAgreement", P_EKU,
-		  ID_BAD_KEY_USAGE, ID_BAD_KEY_USAGE },
+		  TLS_FAIL_BAD_KEY_USAGE, TLS_FAIL_BAD_KEY_USAGE },
 		/*
 		 * A present extKeyUsage without the role's purpose fails OpenSSL's
 		 * own purpose check (ssl_client, ssl_server) before ours: untrusted.
@@ -446,10 +473,10 @@ static void test_svid_profile_in_handshakes(void **state)
 		if (as_client.ok != (c->as_client == 0) || as_client.server_reason != c->as_client ||
 		    as_server.ok != (c->as_server == 0) || as_server.client_reason != c->as_server)
 			fail_msg("%s: as client %s (want %s), as server %s (want %s)", c->name,
-			         metrics_tls_reason_str(as_client.server_reason),
-			         metrics_tls_reason_str(c->as_client),
-			         metrics_tls_reason_str(as_server.client_reason),
-			         metrics_tls_reason_str(c->as_server));
+			         tls_failure_str(as_client.server_reason),
+			         tls_failure_str(c->as_client),
+			         tls_failure_str(as_server.client_reason),
+			         tls_failure_str(c->as_server));
 		tls_material_free(good_orders);
 		tls_material_free(good_front);
 		tls_material_free(client);
@@ -462,6 +489,7 @@ static void test_svid_profile_in_handshakes(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_failure_names),
 		cmocka_unit_test(test_allowed_handshake),
 		cmocka_unit_test(test_upstream_with_wrong_identity),
 		cmocka_unit_test(test_client_from_other_ca),

@@ -1,0 +1,76 @@
+/*
+ * worker-t: the types of a worker thread as its connections see it: its
+ * event base, its listeners, its open connections and the little the
+ * workers of one process share. Functions live in worker.h; nothing here
+ * knows struct meshlet_proxy.
+ */
+#ifndef MESHLET_PROXY_WORKER_T_H
+#define MESHLET_PROXY_WORKER_T_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+
+#include "acceptguard.h"
+
+struct conn;
+struct metrics;
+struct relay_buf;
+struct snapshot;
+struct worker;
+
+/* Commands from the main or control thread to a worker: bits, so none is lost. */
+enum worker_cmd {
+	WORKER_DRAIN = 1 << 0,          /* stop accepting, finish open connections */
+	WORKER_STOP = 1 << 1,           /* close everything now */
+	WORKER_RECHECK = 1 << 2,        /* close connections whose peer is now revoked */
+};
+
+enum listener_kind { LISTENER_INBOUND, LISTENER_OUTBOUND, LISTENER_TRANSPARENT };
+
+/* A listening socket of one worker: which config entry it serves. */
+struct listener {
+	struct worker *w;
+	struct evconnlistener *ev;
+	struct accept_guard guard;      /* pauses accepting after EMFILE */
+	enum listener_kind kind;
+	size_t index;                   /* into cfg->inbound or cfg->outbound */
+};
+
+/*
+ * What every worker of a process shares, owned by the proxy and set up
+ * before the first worker runs.
+ */
+struct worker_shared {
+	struct metrics *metrics;
+	atomic_uint_fast64_t next_conn_id;
+	atomic_uint open_conns;         /* across workers, for max_connections */
+	/* The current snapshot with a new reference (snapshot_unref when done);
+	 * NULL in control mode until the first state arrived. Any thread. */
+	struct snapshot *(*snapshot)(void *arg);
+	void *arg;
+};
+
+struct worker {
+	struct worker_shared *shared;
+	int id;
+	pthread_t thread;
+	struct event_base *base;
+	struct listener *listeners;
+	size_t n_listeners;
+	struct event *cmd_ev;           /* activated by other threads */
+	atomic_uint cmd;                /* enum worker_cmd bits pending */
+	struct conn *conns;             /* open connections, for drain and stop */
+	size_t n_conns;
+	struct relay_buf *free_bufs;    /* recycled relay buffers */
+	size_t n_free_bufs;
+	unsigned *rr;                   /* round-robin position per outbound listener */
+	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
+	bool draining;
+};
+
+#endif
