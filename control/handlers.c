@@ -1,4 +1,4 @@
-/* handlers: the control API's routes; see handlers.h and DESIGN.md. */
+/* handlers: the control API's routes; see handlers.h and docs/design.md. */
 #include "handlers.h"
 
 #include <errno.h>

@@ -1,6 +1,6 @@
 /*
  * meshlet-control: the mesh's certificate authority, policy store and
- * HTTPS JSON API. See DESIGN.md and control/README.md.
+ * HTTPS JSON API. See docs/design.md and control/README.md.
  */
 #include <errno.h>
 #include <getopt.h>

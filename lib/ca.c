@@ -656,7 +656,7 @@ static int check_ec_key(EVP_PKEY *key, struct meshlet_err *err)
 	return 0;
 }
 
-/* Accepts ECDSA P-256 only (DESIGN.md: SVIDs carry P-256 keys); names
+/* Accepts ECDSA P-256 only (docs/design.md: SVIDs carry P-256 keys); names
  * what was sent and what to use instead. */
 static int check_key_type(EVP_PKEY *key, struct meshlet_err *err)
 {

@@ -1,5 +1,5 @@
 /*
- * policy: parsing of the policy document (DESIGN.md, "Policy (JSON)") into
+ * policy: parsing of the policy document (docs/design.md, "The policy document") into
  * an immutable struct policy, and the one evaluator used for L4
  * connections, HTTP requests and control's dry run.
  *

@@ -1,6 +1,6 @@
 /*
  * meshletctl: the operator CLI of meshlet-control, a thin client of its
- * HTTPS JSON API (DESIGN.md, "meshletctl"). The parts are described in
+ * HTTPS JSON API (docs/design.md, "meshletctl"). The parts are described in
  * ctl.h: commands are rows of one table, main() parses the command line,
  * runs the command's handler and makes sure its output was written.
  */

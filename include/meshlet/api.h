@@ -2,7 +2,7 @@
  * api: both ends of meshlet-control's HTTP API, for control, the proxy and
  * meshletctl alike: route patterns, request bodies and query strings, join
  * tokens, durations, the answers clients read, and the error shape of
- * DESIGN.md:
+ * docs/design.md:
  *
  *   {"error": {"code": "bad_request", "message": "...", "path": "rules[0].ports[0]"}}
  *
@@ -21,9 +21,9 @@
 #include <jansson.h>
 #include "meshlet/json.h"
 
-/* Request bodies over this are refused with 413 (DESIGN.md). */
+/* Request bodies over this are refused with 413 (docs/design.md). */
 #define API_BODY_MAX (1024 * 1024)
-/* Nesting deeper than this is refused with 400 (DESIGN.md). */
+/* Nesting deeper than this is refused with 400 (docs/design.md). */
 #define API_JSON_DEPTH MESHLET_JSON_MAX_DEPTH
 
 /*
@@ -80,7 +80,7 @@ int api_fail(struct api_error *ae, int status, const char *path, const char *fmt
 int api_fail_code(struct api_error *ae, int status, const char *code, const char *path,
                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
-/* The error code of DESIGN.md's error shape for an HTTP status:
+/* The error code of docs/design.md's error shape for an HTTP status:
  * 400 "bad_request", 401 "unauthorized", 403 "forbidden", 404 "not_found",
  * 405 "method_not_allowed", 409 "conflict", 412 "precondition_failed",
  * 413 "payload_too_large", 429 "too_many_requests", 503 "unavailable",

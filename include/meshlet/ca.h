@@ -101,7 +101,7 @@ int ca_new_key(EVP_PKEY **out);
 /*
  * Checks a certificate signing request: PEM text of len bytes (at most
  * CA_CSR_MAX), one PKCS#10 request whose key is ECDSA P-256 on the named
- * curve (RSA, Ed25519, P-384 and anything else are refused: DESIGN.md fixes
+ * curve (RSA, Ed25519, P-384 and anything else are refused: docs/design.md fixes
  * P-256 for the mesh), and whose signature verifies
  * with that key. Its subject, attributes and requested extensions are ignored.
  * Returns 0 and *pubkey (a new reference: EVP_PKEY_free()), or -EINVAL with

@@ -1,5 +1,5 @@
 /*
- * config: meshlet-proxy's JSON configuration (DESIGN.md, "meshlet-proxy"),
+ * config: meshlet-proxy's JSON configuration (docs/design.md, "The proxy config"),
  * validated whole before anything is bound. Relative file names are taken
  * relative to the directory of the config file.
  */

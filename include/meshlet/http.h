@@ -351,7 +351,7 @@ const char *http_head_check_policy_fields(const struct http_head *h, const char 
 
 /*
  * Normalises the path of a request target (in, len bytes; the part before
- * '?', which must not be in it) as DESIGN.md says, writing a NUL-terminated
+ * '?', which must not be in it) as docs/design.md says, writing a NUL-terminated
  * result to out (cap >= len + 2) and its length to *out_len:
  * - "" becomes "/"; anything else must start with '/';
  * - %XX of unreserved characters (ALPHA DIGIT - . _ ~) is decoded, other

@@ -1,5 +1,5 @@
 /*
- * metrics: the counters, gauges and histogram of DESIGN.md, updated with
+ * metrics: the counters, gauges and histogram of docs/design.md, updated with
  * relaxed atomics from any worker thread and rendered as Prometheus text.
  */
 #ifndef MESHLET_METRICS_H

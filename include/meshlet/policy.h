@@ -1,5 +1,5 @@
 /*
- * policy: the access policy document of DESIGN.md, parsed into an immutable
+ * policy: the access policy document of docs/design.md, parsed into an immutable
  * struct policy, and its evaluation. One evaluator serves L4 connections,
  * HTTP requests and control's dry-run (/v1/check).
  *

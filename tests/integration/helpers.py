@@ -145,7 +145,7 @@ class Pki:
 
     def svid(self, service, variant="valid"):
         """Returns a (cached) Svid for service. Variants:
-        valid          CA-signed X.509-SVID as DESIGN.md describes it
+        valid          CA-signed X.509-SVID as docs/design.md describes it
         other-ca       the same identity, signed by the unrelated CA
         expired        validity in 2020
         other-td       CA-signed, but spiffe://other.local/svc/<service>

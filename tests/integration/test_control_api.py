@@ -308,7 +308,7 @@ def test_config_long_poll_wakes_on_policy_change(control, tmp_path):
 def test_keepalive_requests_are_not_delayed(control, tmp_path):
     """Requests on one keep-alive connection (what proxies do) answer in
     about the time the work takes: no 40 ms Nagle / delayed-ACK stall per
-    answer (the daemon must set TCP_NODELAY, DESIGN.md's performance notes)."""
+    answer (the daemon must set TCP_NODELAY)."""
     import http.client
     a = new_svid(control, tmp_path, "orders")
     conn = http.client.HTTPSConnection("127.0.0.1", control.port, context=control.context(a), timeout=10)

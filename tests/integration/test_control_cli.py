@@ -1,4 +1,4 @@
-"""meshletctl against a real meshlet-control: the operator flow of DESIGN.md
+"""meshletctl against a real meshlet-control: the operator flow of docs/design.md
 in both output formats, with the exit codes (0 success, 1 refused, 2 usage
 or local problem)."""
 

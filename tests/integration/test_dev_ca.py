@@ -1,4 +1,4 @@
-"""certs/dev-ca issues X.509-SVIDs exactly as DESIGN.md describes them."""
+"""certs/dev-ca issues X.509-SVIDs exactly as docs/design.md describes them."""
 
 import os
 import stat

@@ -265,7 +265,7 @@ def write_json(path, doc):
 
 
 def test_keepalive_across_policy_reload(mesh, pki):
-    """DESIGN.md: existing connections keep the snapshot they started with.
+    """docs/design.md: existing connections keep the snapshot they started with.
     A keep-alive connection opened under v1 goes on being decided by v1
     after SIGHUP installs v2; new connections are decided by v2."""
     v1 = [{"name": "v1", "action": "allow", "from": [FRONTEND], "paths": ["/v1/*"]}]

@@ -259,7 +259,7 @@ static void assert_serial_format(const char *serial)
 	assert_true(serial[0] >= '4' && serial[0] <= '7');
 }
 
-/* The properties every leaf has (DESIGN.md, "Identity"). */
+/* The properties every leaf has (docs/design.md, "Identity"). */
 static void assert_leaf_common(X509 *root, X509 *x, int64_t ttl)
 {
 	BASIC_CONSTRAINTS *bc;
@@ -491,7 +491,7 @@ static void test_csr_contents_ignored(void **state)
 	EVP_PKEY_free(key);
 }
 
-/* DESIGN.md fixes ECDSA P-256 for SVIDs: RSA (of any size) and Ed25519 keys
+/* docs/design.md fixes ECDSA P-256 for SVIDs: RSA (of any size) and Ed25519 keys
  * are refused with a message that names the key and what to use instead. */
 static void test_ed25519_and_rsa_refused(void **state)
 {

@@ -273,7 +273,7 @@ static void test_label_escaping(void **state)
 	metrics_free(m);
 }
 
-/* The reason labels are fixed by DESIGN.md: every one listed, from the first
+/* The reason labels are fixed by docs/design.md: every one listed, from the first
  * scrape, and "none" is not a failure. */
 static void test_tls_failure_labels(void **state)
 {

@@ -384,7 +384,7 @@ static void run_table(const char *policy_json, const struct eval_case *cases, si
 #define ACME {{"x-tenant", "acme", NULL}}
 #define NOHDR {{NULL}}
 
-/* DESIGN.md's example, with an allow for ops placed before the deny it
+/* docs/design.md's example, with an allow for ops placed before the deny it
  * collides with, a method deny and an unauthenticated health check. */
 static const char http_policy[] = R(
 	"{\"name\": \"frontend-reads\", \"action\": \"allow\","
