@@ -1,9 +1,9 @@
 /*
  * state: meshlet-control's state directory, the admin token, store access
  * and the retry helper every domain writes through; see state.h and
- * state_priv.h (which lists the domain files).
+ * state-int.h (which lists the domain files).
  */
-#include "state_priv.h"
+#include "state-int.h"
 
 #include <errno.h>
 #include <stdarg.h>

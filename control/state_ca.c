@@ -3,7 +3,7 @@
  * CA rotation, stable -> prepared -> switched -> stable, with the gates
  * that hold each step back; see state.h.
  */
-#include "state_priv.h"
+#include "state-int.h"
 
 #include <errno.h>
 #include <stdio.h>

@@ -3,7 +3,7 @@
  * admin's list, rotation requests and revocation, and the revocation list
  * kept in memory for every handshake; see state.h.
  */
-#include "state_priv.h"
+#include "state-int.h"
 
 #include <errno.h>
 #include <stdio.h>

@@ -3,7 +3,7 @@
  * config (policy, endpoints, versions); see state.h for how the config
  * version is made.
  */
-#include "state_priv.h"
+#include "state-int.h"
 
 #include <errno.h>
 

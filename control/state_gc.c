@@ -3,7 +3,7 @@
  * lineages, revocations of expired certificates, endpoints whose SVID
  * expired or was revoked) and writes the proxies registry; see state.h.
  */
-#include "state_priv.h"
+#include "state-int.h"
 
 #include <errno.h>
 #include <string.h>

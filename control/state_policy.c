@@ -2,7 +2,7 @@
  * state_policy: policy documents (policies/<svc>, their revision is the
  * version If-Match names) and the dry run that evaluates one; see state.h.
  */
-#include "state_priv.h"
+#include "state-int.h"
 
 #include <errno.h>
 #include <stdio.h>

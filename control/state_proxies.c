@@ -3,7 +3,7 @@
  * SVID each uses. Kept in memory (a request is no reason for a store
  * write) and written by housekeeping and at close; see state.h.
  */
-#include "state_priv.h"
+#include "state-int.h"
 
 #include <errno.h>
 #include <stdio.h>

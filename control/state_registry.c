@@ -8,7 +8,7 @@
  * to one service or to none. Changes move every config version through
  * meta/endpoints, bumped at most once per CONTROL_ENDPOINTS_COALESCE_MS.
  */
-#include "state_priv.h"
+#include "state-int.h"
 
 #include <errno.h>
 #include <stdio.h>

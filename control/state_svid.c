@@ -4,7 +4,7 @@
  * keys) and its lineage (per SVID lifetime), in the same atomic write
  * that records the new certificate; see state.h.
  */
-#include "state_priv.h"
+#include "state-int.h"
 
 #include <errno.h>
 #include <stdio.h>

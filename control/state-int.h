@@ -1,5 +1,5 @@
 /*
- * state_priv: what the state_*.c files share, and nothing else may use
+ * state-int: what the state_*.c files share, and nothing else may use
  * (handlers, server and main see state.h only).
  *
  *   state.c           open/close, the admin token, store access (kv_*,
@@ -14,8 +14,8 @@
  *   state_proxies.c   the proxies seen (in memory, written by housekeeping)
  *   state_gc.c        housekeeping: pruning what expired
  */
-#ifndef MESHLET_CONTROL_STATE_PRIV_H
-#define MESHLET_CONTROL_STATE_PRIV_H
+#ifndef MESHLET_CONTROL_STATE_INT_H
+#define MESHLET_CONTROL_STATE_INT_H
 
 #include <limits.h>
 
