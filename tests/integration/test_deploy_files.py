@@ -606,21 +606,40 @@ def test_compose_file():
         assert int(grace.rstrip("s")) > cfg["timeouts"]["drain_seconds"]
         for dep, cond in (("control", "service_healthy"), ("policies", "service_completed_successfully")):
             assert s["depends_on"][dep]["condition"] == cond
-        # its app shares its network namespace and waits for it to be healthy
+        # its init step: meshlet-iptables in the sidecar's namespace, root with
+        # NET_ADMIN/NET_RAW only, ports from the config
+        init = svcs[f"{cfg['service']}-init"]
+        assert init["network_mode"] == f"service:{name}"
+        assert str(init["user"]).split(":")[0] == "0"
+        assert init["cap_drop"] == ["ALL"] and set(init["cap_add"]) == {"NET_ADMIN", "NET_RAW"}
+        assert init["entrypoint"] == ["meshlet-iptables"]
+        iargs = [str(a) for a in init["command"]]
+        assert iargs[0] == "install"
+        assert arg_value(iargs, "--proxy-uid") == str(PROXY_UID)
+        assert int(arg_value(iargs, "--outbound-port")) == port_of(cfg["transparent"]["listen"])
+        assert int(arg_value(iargs, "--inbound-port")) == port_of(cfg["inbound"][0]["listen"])
+        fwd = port_of(cfg["inbound"][0]["forward"])
+        assert [int(x) for x in arg_value(iargs, "--app-ports").split(",")] == [fwd]
+        p = run([IPTABLES, "--dry-run", *iargs])
+        assert p.returncode == 0, f"{where} init: meshlet-iptables {' '.join(iargs)}: {p.stderr}"
+        assert init["depends_on"][name]["condition"] == "service_started"
+        assert init["restart"] == "no" and init["healthcheck"]["disable"] is True
+        # its app shares the namespace, waits for the rules and a healthy sidecar
         app = svcs[cfg["service"]]
         assert app["network_mode"] == f"service:{name}"
         assert app["depends_on"][name]["condition"] == "service_healthy"
-        assert str(app.get("user", "")).split(":")[0] != str(PROXY_UID), "the app must not run as 1337"
-        fwd = port_of(cfg["inbound"][0]["forward"])
+        assert app["depends_on"][f"{name[:-len('-proxy')]}-init"]["condition"] == \
+            "service_completed_successfully"
+        assert str(app.get("user", "")).split(":")[0] not in ("0", str(PROXY_UID)), \
+            "the app must run neither as root nor as 1337"
         app_cmd = " ".join(app["command"])
-        assert re.search(rf"-p 127\.0\.0\.1:{fwd}\b", app_cmd), \
-            f"{cfg['service']} app does not listen on 127.0.0.1:{fwd}"
+        assert re.search(rf"-p {fwd}\b", app_cmd), f"{cfg['service']} app does not listen on port {fwd}"
         assert app["healthcheck"]["test"][-1].endswith(f"127.0.0.1:{fwd}/")
-    # frontend reaches orders through its outbound listener, as the docs show
-    fcfg = json.loads((COMPOSE.parent / "frontend-proxy.json").read_text())
-    assert fcfg["outbound"][0]["service"] == "orders"
-    assert port_of(fcfg["outbound"][0]["listen"]) == 9001
-    assert "http://127.0.0.1:9001/orders/42" in COMPOSE.read_text()
+        # other services reach it by its service name: an alias of the namespace's owner
+        assert cfg["service"] in s["networks"]["mesh"]["aliases"]
+    # frontend calls orders by name and port, intercepted, as the docs show
+    assert "http://orders:8080/orders/42" in COMPOSE.read_text()
+    assert "http://orders:8080/orders/42" in README.read_text()
 
 
 def code_lines(path):
@@ -973,9 +992,12 @@ def test_compose_flow_on_loopback(control, tmp_path):  # noqa: F811
             cfg["state_dir"] = str(tmp_path / f"{svc}-state")
             cfg["inbound"][0]["listen"] = f"127.0.0.1:{free_port()}"
             cfg["inbound"][0]["forward"] = f"127.0.0.1:{app_port}"
-            for o in cfg.get("outbound", []):
+            assert "transparent" in cfg, f"{svc}: the compose sidecars intercept"
+            del cfg["transparent"]
+            if svc == "frontend":
                 out_port = free_port()
-                o["listen"] = f"127.0.0.1:{out_port}"
+                cfg["outbound"] = [{"listen": f"127.0.0.1:{out_port}", "service": "orders",
+                                    "protocol": "http"}]
             admins[svc] = f"127.0.0.1:{free_port()}"
             cfg["admin"]["listen"] = admins[svc]
             cfg["timeouts"]["drain_seconds"] = 2
