@@ -170,8 +170,8 @@ test -x /usr/local/bin/meshlet-iptables && test -x /usr/local/bin/meshlet-probe
 command -v iptables ip6tables
 if command -v curl wget; then echo "curl or wget in the image"; exit 1; fi
 """
-    r = podman("run", "--rm", "--network", "none", "--entrypoint", "bash", image, "-c", script,
-               check=False)
+    r = podman("run", "--rm", "--no-healthcheck", "--network", "none", "--entrypoint", "bash", image,
+               "-c", script, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == str(PROXY_UID)
@@ -436,3 +436,91 @@ def test_compose_demo_end_to_end(image, app_image):
     m = re.search(r"200 from orders \(([0-9.]+) s after up\)", r.stdout)
     assert m, r.stdout[-3000:]
     assert not demo_leftovers()
+
+
+# ---------------------------------------------------------------- Kubernetes against the image
+
+K8S = REPO / "deploy" / "kubernetes"
+
+
+def k8s_meshlet_containers():
+    """(where, pod spec, container) for every container of the manifests that runs the meshlet image."""
+    yaml = pytest.importorskip("yaml")
+    out = []
+    for f in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if not doc or doc.get("kind") not in ("Deployment", "StatefulSet"):
+                continue
+            spec = doc["spec"]["template"]["spec"]
+            for c in spec.get("initContainers", []) + spec.get("containers", []):
+                if c["image"].split("/")[-1].startswith("meshlet:"):
+                    out.append((f"{f.name}:{doc['metadata']['name']}/{c['name']}", spec, c))
+    return out
+
+
+def test_kubernetes_manifests_fit_the_built_image(image):
+    """The manifests stay text (no cluster here), but what they assume of the
+    image is checked on the image itself: every command exists in it, the
+    uids are the image's user (or root for the iptables init), the ports
+    are the exposed ones, the mount targets and probe commands exist."""
+    cfg = json.loads(inspect(image, "{{json .Config}}"))
+    exposed = {int(p.split("/")[0]) for p in cfg["ExposedPorts"]}
+    uid = int(cfg["User"].split(":")[0])
+    found = k8s_meshlet_containers()
+    assert len(found) >= 5, found             # control, and init + sidecar for two services
+    checks = []
+    for where, spec, c in found:
+        sc = c.get("securityContext", {})
+        run_as = sc.get("runAsUser", spec.get("securityContext", {}).get("runAsUser", uid))
+        if c["name"] == "meshlet-init":
+            assert run_as == 0, f"{where}: the iptables init needs root"
+        else:
+            assert run_as == uid, f"{where}: runs as {run_as}, the image's user is {uid}"
+        for p in c.get("ports", []):
+            assert p["containerPort"] in exposed, f"{where}: port {p['containerPort']} is not EXPOSEd"
+        cmds = [c.get("command", cfg["Entrypoint"])[0]]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if "exec" in c.get(probe, {}):
+                cmds.append(c[probe]["exec"]["command"][0])
+        pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+        if pre:
+            cmds.append(pre[0])
+        for cmd in cmds:
+            checks.append(f'command -v {cmd} >/dev/null || echo "{where}: no {cmd} in the image"')
+        for m in c.get("volumeMounts", []):       # state volumes go where the image keeps state
+            if m["mountPath"].startswith("/var/lib/"):
+                checks.append(f'[ "$(stat -c %u {m["mountPath"]})" = {uid} ] '
+                              f'|| echo "{where}: {m["mountPath"]} is not the image\'s state dir"')
+    r = podman("run", "--rm", "--no-healthcheck", "--network", "none", "--entrypoint", "bash", image, "-c",
+               "\n".join(checks), check=False)
+    assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
+
+
+def test_kubernetes_probes_against_a_sidecar_container(mesh, tmp_path):
+    """The sidecar's startup/readiness/liveness probes and preStop hook,
+    exactly as the manifests write them, run in a sidecar container of the
+    built image: they pass on a ready sidecar, and after preStop (drain)
+    readiness fails while liveness passes."""
+    mesh.start_control()
+    mesh.ctl("policy", "apply", "-f", "-", input=(K8S / "policies" / "orders.json").read_text())
+    secret = mesh.token_secret("orders")
+    cfg = json.loads((K8S / "config" / "orders-proxy.json").read_text())
+    cfg["control"]["url"] = "https://control:7443"         # the cluster's Service name, here
+    cfg["control"]["token_file"] = "/run/secrets/meshlet-token"
+    path = tmp_path / "orders-proxy.json"
+    path.write_text(json.dumps(cfg))
+    path.chmod(0o644)
+    name = f"{mesh.net}-k8s-orders"
+    mesh.start_proxy(name, path, secret)
+    side = next(c for w, s, c in k8s_meshlet_containers()
+                if w.startswith("orders.yaml") and c["name"] == "meshlet-proxy")
+
+    def run_exec(cmd):
+        return podman("exec", name, *cmd, check=False).returncode
+    wait_until(lambda: run_exec(side["startupProbe"]["exec"]["command"]) == 0, 60, "the startup probe")
+    assert run_exec(side["readinessProbe"]["exec"]["command"]) == 0
+    assert run_exec(side["livenessProbe"]["exec"]["command"]) == 0
+    pre = side["lifecycle"]["preStop"]["exec"]["command"]
+    assert run_exec(pre) == 0
+    assert run_exec(side["readinessProbe"]["exec"]["command"]) != 0, "ready after preStop's drain"
+    assert run_exec(side["livenessProbe"]["exec"]["command"]) == 0, "not alive after preStop's drain"
