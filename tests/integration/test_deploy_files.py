@@ -1,8 +1,10 @@
 """The deployment files (deploy/docker, deploy/compose, deploy/kubernetes)
 and the transparent-mode helper proxy/meshlet-iptables.
 
-No container engine runs on CI, so the files are checked against the real
-binaries instead: every YAML parses; every proxy config shipped in deploy/
+Here the files are checked against the real binaries; tests/containers
+(root, podman) builds the image and runs the sidecar, control and the compose
+mesh (as pods) for real, and checks the Kubernetes manifests' assumptions on
+the built image. Here: every YAML parses; every proxy config shipped in deploy/
 passes `meshlet-proxy --check-config`; every flag the manifests, the compose
 file and deploy/README.md give to meshlet-control, meshletctl,
 meshlet-iptables and meshlet-probe exists; ports, probe paths, uids, mount
@@ -11,8 +13,8 @@ configs; the Dockerfile's runtime packages provide every library the
 binaries link; the files the Dockerfile copies build the binaries. The
 compose flow runs for real on loopback (control, policies, join tokens made
 the documented way, the shipped sidecar configs with only addresses and
-paths rewritten). meshlet-iptables is checked with --dry-run everywhere
-and, as root, installed and removed for real in throwaway network
+paths rewritten, an outbound listener standing in for interception).
+meshlet-iptables is checked with --dry-run everywhere and, as root, installed and removed for real in throwaway network
 namespaces (both iptables backends), with traffic proving the redirects.
 """
 
@@ -1086,7 +1088,7 @@ def test_meshlet_iptables_script_and_usage():
 def test_meshlet_iptables_shellcheck():
     if not shutil.which("shellcheck"):
         pytest.skip("shellcheck is not installed")
-    for f in (IPTABLES, PROBE):
+    for f in (IPTABLES, PROBE, DEPLOY / "compose" / "demo", DEPLOY / "podman" / "base-image"):
         p = run(["shellcheck", f])
         assert p.returncode == 0, p.stdout
 
