@@ -309,11 +309,12 @@ def exec_form(rest):
 
 def test_dockerfile_stages_user_healthcheck_expose():
     stages = dockerfile_stages()
-    assert len(stages) == 2, "a build stage and a runtime stage"
-    build, rt = stages
-    for s in stages:
+    assert len(stages) == 3, "a build stage, a rootfs stage and a runtime stage"
+    build, rootfs, rt = stages
+    for s in (build, rootfs):
         assert s["base"] == "debian:12-slim", f"stage {s['name']} is FROM {s['base']}"
-    assert build["name"] == "build" and rt["name"] == "runtime"
+    assert rt["base"] == "scratch", "the runtime stage is the pruned rootfs as one layer"
+    assert (build["name"], rootfs["name"], rt["name"]) == ("build", "rootfs", "runtime")
 
     bpk = apt_packages(build)
     for p in ("meson", "ninja-build", "pkg-config", "libssl-dev", "libevent-dev", "libjansson-dev",
@@ -324,18 +325,26 @@ def test_dockerfile_stages_user_healthcheck_expose():
     assert "-Dtests=false" in runs
     assert re.search(r"meson install .*--destdir", runs)
 
-    rpk = apt_packages(rt)
-    assert rpk, "runtime stage installs no packages"
+    rpk = apt_packages(rootfs)
+    assert rpk, "rootfs stage installs no packages"
     assert not [p for p in rpk if p.endswith("-dev")], f"-dev packages at runtime: {rpk}"
     for p in ("iptables", "ca-certificates", "libssl3", "libjansson4", "libsqlite3-0",
               "libhttp-parser2.9"):
         assert p in rpk, f"runtime stage does not install {p}"
     assert "curl" not in rpk and "wget" not in rpk, "meshlet-probe replaces curl"
-    assert any(k == "RUN" and "rm -rf /var/lib/apt/lists" in r for k, r in rt["ins"])
+    assert any(k == "RUN" and "rm -rf /var/lib/apt/lists" in r for k, r in rootfs["ins"])
+    # the pruning keeps what the runtime needs: no runtime package, bash
+    # (meshlet-probe, meshlet-iptables), coreutils, sed, grep or libc
+    prune = re.search(r'prune="([^"]*)"', " ".join(r for k, r in rootfs["ins"] if k == "RUN"))
+    assert prune, "the rootfs stage prunes nothing"
+    pruned = set(prune.group(1).split())
+    kept = pruned & (set(rpk) | {"bash", "coreutils", "sed", "grep", "libc6", "libc-bin"})
+    assert not kept, f"the rootfs stage removes {kept}"
 
     ins = dict()
-    for kw, rest in rt["ins"]:
+    for kw, rest in rootfs["ins"] + rt["ins"]:
         ins.setdefault(kw, []).append(rest)
+    assert any(re.fullmatch(r"--from=rootfs\s+/\s+/", c) for c in ins["COPY"]), "runtime copies the rootfs"
     user_runs = " ".join(r for r in ins["RUN"] if "useradd" in r)
     assert re.search(r"useradd .*--uid 1337\b.*\bmeshlet\b", user_runs), "no user meshlet, uid 1337"
     assert re.search(r"groupadd .*--gid 1337\b.*\bmeshlet\b", user_runs)
