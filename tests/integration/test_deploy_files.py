@@ -1,8 +1,10 @@
 """The deployment files (deploy/docker, deploy/compose, deploy/kubernetes)
 and the transparent-mode helper proxy/meshlet-iptables.
 
-No container engine runs on CI, so the files are checked against the real
-binaries instead: every YAML parses; every proxy config shipped in deploy/
+Here the files are checked against the real binaries; tests/containers
+(root, podman) builds the image and runs the sidecar, control and the compose
+mesh (as pods) for real, and checks the Kubernetes manifests' assumptions on
+the built image. Here: every YAML parses; every proxy config shipped in deploy/
 passes `meshlet-proxy --check-config`; every flag the manifests, the compose
 file and deploy/README.md give to meshlet-control, meshletctl,
 meshlet-iptables and meshlet-probe exists; ports, probe paths, uids, mount
@@ -11,8 +13,8 @@ configs; the Dockerfile's runtime packages provide every library the
 binaries link; the files the Dockerfile copies build the binaries. The
 compose flow runs for real on loopback (control, policies, join tokens made
 the documented way, the shipped sidecar configs with only addresses and
-paths rewritten). meshlet-iptables is checked with --dry-run everywhere
-and, as root, installed and removed for real in throwaway network
+paths rewritten, an outbound listener standing in for interception).
+meshlet-iptables is checked with --dry-run everywhere and, as root, installed and removed for real in throwaway network
 namespaces (both iptables backends), with traffic proving the redirects.
 """
 
@@ -307,11 +309,12 @@ def exec_form(rest):
 
 def test_dockerfile_stages_user_healthcheck_expose():
     stages = dockerfile_stages()
-    assert len(stages) == 2, "a build stage and a runtime stage"
-    build, rt = stages
-    for s in stages:
+    assert len(stages) == 3, "a build stage, a rootfs stage and a runtime stage"
+    build, rootfs, rt = stages
+    for s in (build, rootfs):
         assert s["base"] == "debian:12-slim", f"stage {s['name']} is FROM {s['base']}"
-    assert build["name"] == "build" and rt["name"] == "runtime"
+    assert rt["base"] == "scratch", "the runtime stage is the pruned rootfs as one layer"
+    assert (build["name"], rootfs["name"], rt["name"]) == ("build", "rootfs", "runtime")
 
     bpk = apt_packages(build)
     for p in ("meson", "ninja-build", "pkg-config", "libssl-dev", "libevent-dev", "libjansson-dev",
@@ -322,18 +325,26 @@ def test_dockerfile_stages_user_healthcheck_expose():
     assert "-Dtests=disabled" in runs
     assert re.search(r"meson install .*--destdir", runs)
 
-    rpk = apt_packages(rt)
-    assert rpk, "runtime stage installs no packages"
+    rpk = apt_packages(rootfs)
+    assert rpk, "rootfs stage installs no packages"
     assert not [p for p in rpk if p.endswith("-dev")], f"-dev packages at runtime: {rpk}"
     for p in ("iptables", "ca-certificates", "libssl3", "libjansson4", "libsqlite3-0",
               "libhttp-parser2.9"):
         assert p in rpk, f"runtime stage does not install {p}"
     assert "curl" not in rpk and "wget" not in rpk, "meshlet-probe replaces curl"
-    assert any(k == "RUN" and "rm -rf /var/lib/apt/lists" in r for k, r in rt["ins"])
+    assert any(k == "RUN" and "rm -rf /var/lib/apt/lists" in r for k, r in rootfs["ins"])
+    # the pruning keeps what the runtime needs: no runtime package, bash
+    # (meshlet-probe, meshlet-iptables), coreutils, sed, grep or libc
+    prune = re.search(r'prune="([^"]*)"', " ".join(r for k, r in rootfs["ins"] if k == "RUN"))
+    assert prune, "the rootfs stage prunes nothing"
+    pruned = set(prune.group(1).split())
+    kept = pruned & (set(rpk) | {"bash", "coreutils", "sed", "grep", "libc6", "libc-bin"})
+    assert not kept, f"the rootfs stage removes {kept}"
 
     ins = dict()
-    for kw, rest in rt["ins"]:
+    for kw, rest in rootfs["ins"] + rt["ins"]:
         ins.setdefault(kw, []).append(rest)
+    assert any(re.fullmatch(r"--from=rootfs\s+/\s+/", c) for c in ins["COPY"]), "runtime copies the rootfs"
     user_runs = " ".join(r for r in ins["RUN"] if "useradd" in r)
     assert re.search(r"useradd .*--uid 1337\b.*\bmeshlet\b", user_runs), "no user meshlet, uid 1337"
     assert re.search(r"groupadd .*--gid 1337\b.*\bmeshlet\b", user_runs)
@@ -606,21 +617,40 @@ def test_compose_file():
         assert int(grace.rstrip("s")) > cfg["timeouts"]["drain_seconds"]
         for dep, cond in (("control", "service_healthy"), ("policies", "service_completed_successfully")):
             assert s["depends_on"][dep]["condition"] == cond
-        # its app shares its network namespace and waits for it to be healthy
+        # its init step: meshlet-iptables in the sidecar's namespace, root with
+        # NET_ADMIN/NET_RAW only, ports from the config
+        init = svcs[f"{cfg['service']}-init"]
+        assert init["network_mode"] == f"service:{name}"
+        assert str(init["user"]).split(":")[0] == "0"
+        assert init["cap_drop"] == ["ALL"] and set(init["cap_add"]) == {"NET_ADMIN", "NET_RAW"}
+        assert init["entrypoint"] == ["meshlet-iptables"]
+        iargs = [str(a) for a in init["command"]]
+        assert iargs[0] == "install"
+        assert arg_value(iargs, "--proxy-uid") == str(PROXY_UID)
+        assert int(arg_value(iargs, "--outbound-port")) == port_of(cfg["transparent"]["listen"])
+        assert int(arg_value(iargs, "--inbound-port")) == port_of(cfg["inbound"][0]["listen"])
+        fwd = port_of(cfg["inbound"][0]["forward"])
+        assert [int(x) for x in arg_value(iargs, "--app-ports").split(",")] == [fwd]
+        p = run([IPTABLES, "--dry-run", *iargs])
+        assert p.returncode == 0, f"{where} init: meshlet-iptables {' '.join(iargs)}: {p.stderr}"
+        assert init["depends_on"][name]["condition"] == "service_started"
+        assert init["restart"] == "no" and init["healthcheck"]["disable"] is True
+        # its app shares the namespace, waits for the rules and a healthy sidecar
         app = svcs[cfg["service"]]
         assert app["network_mode"] == f"service:{name}"
         assert app["depends_on"][name]["condition"] == "service_healthy"
-        assert str(app.get("user", "")).split(":")[0] != str(PROXY_UID), "the app must not run as 1337"
-        fwd = port_of(cfg["inbound"][0]["forward"])
+        assert app["depends_on"][f"{name[:-len('-proxy')]}-init"]["condition"] == \
+            "service_completed_successfully"
+        assert str(app.get("user", "")).split(":")[0] not in ("0", str(PROXY_UID)), \
+            "the app must run neither as root nor as 1337"
         app_cmd = " ".join(app["command"])
-        assert re.search(rf"-p 127\.0\.0\.1:{fwd}\b", app_cmd), \
-            f"{cfg['service']} app does not listen on 127.0.0.1:{fwd}"
+        assert re.search(rf"-p {fwd}\b", app_cmd), f"{cfg['service']} app does not listen on port {fwd}"
         assert app["healthcheck"]["test"][-1].endswith(f"127.0.0.1:{fwd}/")
-    # frontend reaches orders through its outbound listener, as the docs show
-    fcfg = json.loads((COMPOSE.parent / "frontend-proxy.json").read_text())
-    assert fcfg["outbound"][0]["service"] == "orders"
-    assert port_of(fcfg["outbound"][0]["listen"]) == 9001
-    assert "http://127.0.0.1:9001/orders/42" in COMPOSE.read_text()
+        # other services reach it by its service name: an alias of the namespace's owner
+        assert cfg["service"] in s["networks"]["mesh"]["aliases"]
+    # frontend calls orders by name and port, intercepted, as the docs show
+    assert "http://orders:8080/orders/42" in COMPOSE.read_text()
+    assert "http://orders:8080/orders/42" in README.read_text()
 
 
 def code_lines(path):
@@ -973,9 +1003,12 @@ def test_compose_flow_on_loopback(control, tmp_path):  # noqa: F811
             cfg["state_dir"] = str(tmp_path / f"{svc}-state")
             cfg["inbound"][0]["listen"] = f"127.0.0.1:{free_port()}"
             cfg["inbound"][0]["forward"] = f"127.0.0.1:{app_port}"
-            for o in cfg.get("outbound", []):
+            assert "transparent" in cfg, f"{svc}: the compose sidecars intercept"
+            del cfg["transparent"]
+            if svc == "frontend":
                 out_port = free_port()
-                o["listen"] = f"127.0.0.1:{out_port}"
+                cfg["outbound"] = [{"listen": f"127.0.0.1:{out_port}", "service": "orders",
+                                    "protocol": "http"}]
             admins[svc] = f"127.0.0.1:{free_port()}"
             cfg["admin"]["listen"] = admins[svc]
             cfg["timeouts"]["drain_seconds"] = 2
@@ -1064,7 +1097,7 @@ def test_meshlet_iptables_script_and_usage():
 def test_meshlet_iptables_shellcheck():
     if not shutil.which("shellcheck"):
         pytest.skip("shellcheck is not installed")
-    for f in (IPTABLES, PROBE):
+    for f in (IPTABLES, PROBE, DEPLOY / "compose" / "demo", DEPLOY / "podman" / "base-image"):
         p = run(["shellcheck", f])
         assert p.returncode == 0, p.stdout
 
