@@ -545,8 +545,16 @@ static ssize_t io_write(struct conn *c, bool tls, const char *buf, size_t len)
 
 	if (tls && c->ssl) {
 		n = SSL_write(c->ssl, buf, (int)len);
-		if (n <= 0)
-			return ssl_result(c, (int)n, &c->ssl_write_wants);
+		if (n <= 0) {
+			/*
+			 * Once a close_notify came in, OpenSSL reports a failed
+			 * write (EPIPE: the peer is gone) as ZERO_RETURN. For a
+			 * write that is an end, not "0 bytes, try again": taken
+			 * as progress it spun the loop at 100 % CPU.
+			 */
+			n = ssl_result(c, (int)n, &c->ssl_write_wants);
+			return n == 0 ? -EPIPE : n;
+		}
 		c->ssl_write_wants = EV_WRITE;
 		return n;
 	}

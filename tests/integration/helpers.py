@@ -322,6 +322,7 @@ class App:
                Event) blocks reading while set
       count    reads until EOF, then replies with the byte count and closes
       silent   accepts, never reads or writes until the peer closes
+      flood    sends without end, never reading, until a send fails
     """
 
     def __init__(self, mode="echo", name="app", tls_ctx=None):
@@ -372,7 +373,8 @@ class App:
                     self.peer_uris.append(uri_sans(conn.getpeercert() or {}))
                     self.open_conns.append(conn)
             handler = {"echo": self._echo, "name": self._name, "sink": self._sink,
-                       "count": self._count_reply, "silent": self._silent}[self.mode]
+                       "count": self._count_reply, "silent": self._silent,
+                       "flood": self._flood}[self.mode]
             handler(conn)
         except (OSError, ssl.SSLError) as e:
             with self.lock:
@@ -395,6 +397,11 @@ class App:
             self._add_bytes(len(data))
             conn.sendall(data)
         self._shutdown_write(conn)
+
+    def _flood(self, conn):
+        chunk = b"f" * 65536
+        while not self._stop.is_set():
+            conn.sendall(chunk)
 
     def _name(self, conn):
         conn.sendall(self.name.encode() + b"\n")

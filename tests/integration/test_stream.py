@@ -2,8 +2,10 @@
 half-close and timeouts."""
 
 import hashlib
+import os
 import select
 import socket
+import struct
 import threading
 import time
 
@@ -177,3 +179,36 @@ def test_handshake_timeout(mesh, pki):
     # A real client is still served.
     with tls_connect(port, client_context(pki.svid("frontend"))) as t:
         assert roundtrip(t) == b"ping\n"
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, from /proc/PID/stat, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_peer_gone_after_close_notify_while_writing(mesh):
+    """The client half-closes (the inbound proxy gets a close_notify), then
+    goes away while the app is still sending: the inbound proxy's next
+    SSL_write fails with EPIPE. OpenSSL reports that as SSL_ERROR_ZERO_RETURN
+    once a close_notify came in, which must end the connection, not read as
+    "0 bytes written, try again" (that spun a core at 100 % for as long as
+    the proxy ran, found by tests/bench/run after bulk_1m)."""
+    app = mesh.app("flood")
+    outb, inb, port = mesh.pair(app)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"go")
+    s.shutdown(socket.SHUT_WR)
+    got = 0
+    while got < 4 * MiB:
+        got += len(s.recv(262144))
+    # Unread data: close() sends a RST, the outbound side closes its TLS socket.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    wait_for(lambda: inb.metrics().get("meshlet_connections_active", direction="inbound") == 0, 5,
+             what="the inbound connection to close once its peer is gone")
+    before = cpu_seconds(inb.pid)
+    time.sleep(2)
+    used = cpu_seconds(inb.pid) - before
+    assert used < 0.5, f"the inbound proxy used {used:.2f} s of CPU in 2 s with no connection"
