@@ -131,19 +131,23 @@ int ctl_cmd_ca_show(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl
 	return 0;
 }
 
+/* Prints a CA state answer (JSON as it is, or the summary) and frees it. */
+static int print_ca_state(struct ctl *ctl, struct httpc_response *r)
+{
+	if (ctl->output == OUT_JSON)
+		ctl_print_json(r->json);
+	else
+		print_ca_summary(r->json, true);
+	httpc_response_clear(r);
+	return 0;
+}
+
 int ctl_cmd_ca_status(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
 {
 	struct httpc_response r;
 	int rc = ctl_api_call(ctl, "GET", "/v1/ca", NULL, NULL, 0, NULL, &r);
 
-	if (rc)
-		return rc;
-	if (ctl->output == OUT_JSON)
-		ctl_print_json(r.json);
-	else
-		print_ca_summary(r.json, true);
-	httpc_response_clear(&r);
-	return 0;
+	return rc ? rc : print_ca_state(ctl, &r);
 }
 
 /* GET /v1/ca over a new connection: a rotation step rewrites the CA file
@@ -319,10 +323,5 @@ int ctl_cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struct c
 		if (rc)
 			return rc;
 	}
-	if (ctl->output == OUT_JSON)
-		ctl_print_json(r.json);
-	else
-		print_ca_summary(r.json, true);
-	httpc_response_clear(&r);
-	return 0;
+	return print_ca_state(ctl, &r);
 }
