@@ -49,8 +49,17 @@ const char *http_head_policy_header(const void *ctx, const char *lname)
 	return n == 1 ? v : NULL;
 }
 
-/* True when a Connection option of h names name ('_' == '-'). */
-static bool connection_names(const struct http_head *h, const char *name)
+static bool is_connection(const struct http_field *f)
+{
+	return name_eq(f->name, f->name_len, "connection");
+}
+
+/*
+ * True when a Connection field of h lists an option other than close,
+ * keep-alive and upgrade: one that names name ('_' == '-'), or any such
+ * option when name is NULL. Those options name hop-by-hop fields.
+ */
+static bool connection_option(const struct http_head *h, const char *name)
 {
 	size_t i;
 
@@ -59,10 +68,10 @@ static bool connection_names(const struct http_head *h, const char *name)
 		const char *s = c->value, *end = c->value + c->value_len, *t;
 		size_t tl;
 
-		if (!name_eq(c->name, c->name_len, "connection"))
+		if (!is_connection(c))
 			continue;
 		while (list_next(&s, end, &t, &tl))
-			if (!standard_option(t, tl) && name_eq_loose(t, tl, name))
+			if (tl && !standard_option(t, tl) && (!name || name_eq_loose(t, tl, name)))
 				return true;
 	}
 	return false;
@@ -92,7 +101,7 @@ const char *http_head_check_policy_fields(const struct http_head *h, const char 
 			return "'_' spelling of a header that the policy evaluates";
 		if (http_head_count(h, names[i], NULL) > 1)
 			return "repeated header that the policy evaluates";
-		if (connection_names(h, names[i]))
+		if (connection_option(h, names[i]))
 			return "Connection option names a header that the policy evaluates";
 	}
 	return NULL;
@@ -185,49 +194,6 @@ struct drops {
 	bool hop_options;      /* some Connection option names a field */
 };
 
-static bool is_connection(const struct http_field *f)
-{
-	return name_eq(f->name, f->name_len, "connection");
-}
-
-/* True when a Connection field of h names a field (not a standard option). */
-static bool has_hop_options(const struct http_head *h)
-{
-	size_t i;
-
-	for (i = 0; i < h->n_fields; i++) {
-		const struct http_field *c = &h->fields[i];
-		const char *s = c->value, *end = c->value + c->value_len, *t;
-		size_t tl;
-
-		if (!is_connection(c))
-			continue;
-		while (list_next(&s, end, &t, &tl))
-			if (tl && !standard_option(t, tl))
-				return true;
-	}
-	return false;
-}
-
-/* True when a Connection field of h lists f's name as a hop-by-hop option. */
-static bool named_by_connection(const struct http_head *h, const struct http_field *f)
-{
-	size_t i;
-
-	for (i = 0; i < h->n_fields; i++) {
-		const struct http_field *c = &h->fields[i];
-		const char *s = c->value, *end = c->value + c->value_len, *t;
-		size_t tl;
-
-		if (!is_connection(c))
-			continue;
-		while (list_next(&s, end, &t, &tl))
-			if (!standard_option(t, tl) && name_eq_loose(t, tl, f->name))
-				return true;
-	}
-	return false;
-}
-
 /* A Connection field, keeping only close, keep-alive and upgrade. */
 static void put_connection(struct writer *w, const struct http_field *f)
 {
@@ -254,7 +220,7 @@ static bool dropped_field(const struct drops *d, const struct http_field *f)
 	for (i = 0; d->rw && i < d->rw->n_set; i++)
 		if (name_eq_loose(f->name, f->name_len, d->rw->set[i].name))
 			return true;
-	return d->hop_options && named_by_connection(d->h, f);
+	return d->hop_options && connection_option(d->h, f->name);
 }
 
 /* True when a field named name is forwarded after the rewrite. */
@@ -276,7 +242,7 @@ int http_head_serialize(const struct http_head *h, const struct http_rewrite *rw
                         char *out, size_t cap, size_t *len)
 {
 	struct writer w = { out, out ? cap : 0, 0 };
-	struct drops d = { h, rw, has_hop_options(h) };
+	struct drops d = { h, rw, connection_option(h, NULL) };
 	size_t i;
 
 	if (!valid_rewrite(rw))
