@@ -528,6 +528,7 @@ void server_reply(struct api_call *call)
 void server_abort(struct api_call *call)
 {
 	access_log(call, 499, 0);
+	ctlmetrics_request(call->srv ? call->srv->metrics : NULL, call->route, call->method, 499);
 	/* The connection is being freed: nothing to re-arm. A request evhttp detached from its failed connection is ours to free;
 	 * one still attached is freed by evhttp with the connection. */
 	if (evhttp_request_get_connection(call->req) == NULL)
