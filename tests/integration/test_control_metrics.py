@@ -100,6 +100,22 @@ def test_waiting_long_polls_and_polling_proxies(mctl, tmp_path):
     assert prom.value(s, REQ, route="/v1/services/{svc}/config", method="GET", code="200") == 2
 
 
+def test_long_poll_whose_client_left_counts_as_499(mctl, tmp_path):
+    a = new_svid(mctl, tmp_path, "orders")
+    v = mctl.api("GET", "/v1/services/orders/config?after=0&wait=0", token=None, svid=a).json["version"]
+    with pytest.raises(OSError):   # socket.timeout: the client gives up and closes
+        mctl.api("GET", f"/v1/services/orders/config?after={v}&wait=20", token=None, svid=a,
+                 timeout=1)
+    route = "/v1/services/{svc}/config"
+    deadline = time.monotonic() + 10
+    while prom.value(scrape(mctl), REQ, route=route, method="GET", code="499") != 1:
+        assert time.monotonic() < deadline, "the abandoned long poll was never counted"
+        time.sleep(0.05)
+    s = scrape(mctl)
+    assert prom.value(s, "meshlet_control_long_polls_waiting") == 0
+    assert prom.value(s, "meshlet_control_proxies_polling") == 0
+
+
 def test_gauges_of_the_ca_and_revocations(mctl, tmp_path):
     s = scrape(mctl)
     assert prom.value(s, "meshlet_control_ca_phase", phase="stable") == 1
