@@ -12,6 +12,7 @@
 #include "meshlet/api.h"
 #include "meshlet/ca.h"
 #include "meshlet/policy.h"
+#include "ctlmetrics.h"
 #include "state.h"
 #include "watch.h"
 
@@ -126,6 +127,7 @@ static int h_svid(struct api_call *call)
 	EVP_PKEY_free(pub);
 	if (ret)
 		return state_failed(call, ret, &se);
+	ctlmetrics_issued(server_metrics(call->srv), token ? ISSUE_JOIN : ISSUE_RENEWAL);
 	if (token)
 		snprintf(call->caller_id, sizeof(call->caller_id), "token:%s", service);
 	return ok(call, 200, out);

@@ -45,6 +45,10 @@ static void usage(FILE *f)
 	        "  --max-endpoints-per-service N\n"
 	        "                       registry entries one service may hold (default %d; each\n"
 	        "                       proxy holds at most %d)\n"
+	        "  --metrics-listen ADDR\n"
+	        "                       also serve Prometheus metrics at http://ADDR/metrics: plain\n"
+	        "                       HTTP without authentication, so a loopback address or a\n"
+	        "                       network only Prometheus reaches (default: not served)\n"
 	        "  --help               this text\n"
 	        "  --version            the version\n"
 	        "\n"
@@ -88,6 +92,7 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 		{ "max-polls-per-service", required_argument, NULL, 'Q' },
 		{ "max-polls-per-cert", required_argument, NULL, 'R' },
 		{ "max-endpoints-per-service", required_argument, NULL, 'E' },
+		{ "metrics-listen", required_argument, NULL, 'M' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -104,6 +109,7 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 	while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'l': o->listen = optarg; break;
+		case 'M': o->metrics_listen = optarg; break;
 		case 'd': o->state_dir = optarg; break;
 		case 't': o->trust_domain = optarg; break;
 		case 's':

@@ -28,6 +28,7 @@
 
 #include "meshlet/http.h"
 #include "meshlet/log.h"
+#include "ctlmetrics.h"
 #include "gate.h"
 #include "handlers.h"
 #include "watch.h"
@@ -68,9 +69,11 @@ struct control_server {
 	struct evconnlistener *listener;
 	SSL_CTX *ctx;                  /* for new connections */
 	int64_t cert_renew_at;         /* when to issue the next server certificate */
+	int64_t cert_not_after;        /* the current server certificate's expiry */
 	struct control_state *st;
 	const struct control_opts *o;
 	struct watch *watch;
+	struct ctlmetrics *metrics;
 	struct event *sigterm, *sigint, *tick;
 	size_t n_conns;
 	struct ctl_conn *conns, *conns_tail;   /* every connection, oldest first */
@@ -397,6 +400,8 @@ static SSL_CTX *server_ctx_new(struct control_server *srv, struct meshlet_err *e
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
 	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
 	srv->cert_renew_at = (int64_t)time(NULL) + SERVER_CERT_TTL / 2;
+	if (ca_cert_not_after(cert, &srv->cert_not_after) < 0)
+		srv->cert_not_after = (int64_t)time(NULL) + SERVER_CERT_TTL;
 	EVP_PKEY_free(key);
 	X509_free(cert);
 	ERR_clear_error();
@@ -502,6 +507,7 @@ void server_reply(struct api_call *call)
 	}
 	free(text);
 	access_log(call, status, len);
+	ctlmetrics_request(call->srv ? call->srv->metrics : NULL, call->route, call->method, status);
 	c = call->evcon ? conn_of(call->evcon) : NULL;
 	if (c) {
 		c->busy = false;
@@ -522,6 +528,7 @@ void server_reply(struct api_call *call)
 void server_abort(struct api_call *call)
 {
 	access_log(call, 499, 0);
+	ctlmetrics_request(call->srv ? call->srv->metrics : NULL, call->route, call->method, 499);
 	/* The connection is being freed: nothing to re-arm. A request evhttp detached from its failed connection is ours to free;
 	 * one still attached is freed by evhttp with the connection. */
 	if (evhttp_request_get_connection(call->req) == NULL)
@@ -575,6 +582,7 @@ static const struct route *route_find(struct api_call *call, const char *path)
 		path_known = true;
 		if (strcmp(r->method, m) == 0) {
 			snprintf(call->svc, sizeof(call->svc), "%s", caps[0]);
+			call->route = r;
 			return r;
 		}
 		if (strlen(allow) + strlen(r->method) + 3 < sizeof(allow))
@@ -842,8 +850,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 		watch_notify(srv->watch, NULL);
 }
 
-/* "host:port", "[v6]:port" into host and port. */
-static int split_listen(const char *s, char *host, size_t hlen, uint16_t *port)
+int server_split_listen(const char *s, char *host, size_t hlen, uint16_t *port)
 {
 	const char *colon;
 	char *end;
@@ -897,6 +904,22 @@ static void log_bound(struct control_server *srv)
 		port = ntohs(in6->sin6_port);
 		log_info("listening on https://[%s]:%u (TLS 1.3)", host, port);
 	}
+}
+
+/* What a scrape of control's metrics reads now (ctlmetrics_gauges_fn). */
+static void metrics_gauges(void *arg, struct ctlmetrics_gauges *g)
+{
+	struct control_server *srv = arg;
+	struct state_counts c;
+
+	state_counts(srv->st, &c);
+	g->long_polls = watch_count(srv->watch);
+	g->connections = srv->n_conns;
+	g->proxies_polling = c.proxies_polling;
+	g->revoked = c.revoked;
+	g->roots = c.roots;
+	g->ca_phase = c.phase;
+	g->server_cert_expiry = srv->cert_not_after;
 }
 
 void server_limits_default(struct server_limits *l)
@@ -957,7 +980,7 @@ int server_new(struct control_server **out, struct control_state *st,
 		err_set(err, "", "OpenSSL ex-data index");
 		goto fail;
 	}
-	if (split_listen(o->listen, host, sizeof(host), &port) < 0) {
+	if (server_split_listen(o->listen, host, sizeof(host), &port) < 0) {
 		err_set(err, "listen", "'%s' is not host:port (or [v6]:port)", o->listen);
 		goto fail;
 	}
@@ -971,6 +994,15 @@ int server_new(struct control_server **out, struct control_state *st,
 		err_set(err, "", "out of memory");
 		goto fail;
 	}
+	srv->metrics = ctlmetrics_new(handlers_routes);
+	if (!srv->metrics) {
+		err_set(err, "", "out of memory");
+		goto fail;
+	}
+	state_set_store_observer(st, ctlmetrics_store_observe, srv->metrics);
+	if (o->metrics_listen && ctlmetrics_listen(srv->metrics, srv->base, o->metrics_listen,
+	                                           metrics_gauges, srv, err) < 0)
+		goto fail;
 	watch_set_limits(srv->watch, srv->lim.polls_per_cert, srv->lim.polls_per_service,
 	                 srv->lim.polls_total);
 	log_info("limits: %zu connections (%zu never used by long polls); long polls at most %zu "
@@ -1037,6 +1069,10 @@ void server_free(struct control_server *srv)
 	if (srv->http)
 		evhttp_free(srv->http);
 	watch_free(srv->watch);
+	/* The state outlives the server and writes to the store on close. */
+	if (srv->metrics)
+		state_set_store_observer(srv->st, NULL, NULL);
+	ctlmetrics_free(srv->metrics);
 	if (srv->sigterm)
 		event_free(srv->sigterm);
 	if (srv->sigint)
@@ -1056,6 +1092,11 @@ void server_free(struct control_server *srv)
 struct watch *server_watch(struct control_server *srv)
 {
 	return srv->watch;
+}
+
+struct ctlmetrics *server_metrics(struct control_server *srv)
+{
+	return srv->metrics;
 }
 
 struct control_state *server_state(struct control_server *srv)

@@ -62,6 +62,7 @@
 #define SERVER_CALLER_MAX (TRUST_DOMAIN_MAX + SERVICE_NAME_MAX + 16)
 
 struct control_server;
+struct ctlmetrics;
 struct watch;
 
 /* The server's connection and long-poll limits (meshlet-control flags). */
@@ -93,6 +94,7 @@ struct api_call {
 	struct evhttp_request *req;
 	struct evhttp_connection *evcon;
 	struct timespec start;
+	const struct route *route;     /* the route matched, NULL until (or unless) one is */
 	const char *method;            /* "GET", ... (static) */
 	char path[256];                /* request path, for the log */
 	const char *query;             /* raw query string or NULL (owned by req) */
@@ -164,6 +166,13 @@ void server_tls_changed(struct control_server *srv);
 
 /* The long-poll waiters (watch.h). */
 struct watch *server_watch(struct control_server *srv);
+
+/* Control's own metrics (ctlmetrics.h). */
+struct ctlmetrics *server_metrics(struct control_server *srv);
+
+/* "host:port", "[v6]:port" into host and port (an empty host is 0.0.0.0).
+ * Returns 0 or -EINVAL. */
+int server_split_listen(const char *s, char *host, size_t hlen, uint16_t *port);
 
 /* The state the server serves (for timers that outlive a call). */
 struct control_state *server_state(struct control_server *srv);

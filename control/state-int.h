@@ -169,8 +169,6 @@ int state_txn(struct control_state *st, const char *what, state_txn_fn fn, void 
 
 /* ---- CA (state_ca.c) ---- */
 
-const char *state_phase_name(enum ca_phase phase);
-
 /* The files of root id: ca-<id>.pem and its key (ca.key for root 0). */
 void state_root_paths(const struct control_state *st, int id, char *cert, char *key, size_t len);
 

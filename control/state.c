@@ -525,3 +525,18 @@ bool state_admin_ok(const struct control_state *st, const char *token)
 	EVP_Digest(token, strlen(token), d, NULL, EVP_sha256(), NULL);
 	return CRYPTO_memcmp(d, st->admin_digest, sizeof(d)) == 0;
 }
+
+void state_set_store_observer(struct control_state *st, store_observer_fn fn, void *arg)
+{
+	store_set_observer(st->store, fn, arg);
+}
+
+void state_counts(const struct control_state *st, struct state_counts *c)
+{
+	c->revoked = st->n_revoked;
+	c->roots = st->n_roots;
+	c->phase = st->phase;
+	c->proxies_polling = 0;
+	for (const struct state_proxy *p = st->proxies; p; p = p->next)
+		c->proxies_polling += p->polling > 0;
+}

@@ -69,6 +69,7 @@
 #include "meshlet/api.h"
 #include "meshlet/ca.h"
 #include "meshlet/log.h"
+#include "meshlet/store.h"
 
 /* Defaults and limits of the command line. */
 #define CONTROL_SVID_TTL_DEFAULT 3600
@@ -102,6 +103,7 @@ struct control_opts {
 	int64_t svid_ttl;              /* seconds */
 	const char *store_path;        /* NULL: <state_dir>/state.db */
 	int64_t max_endpoints_per_service;   /* 0: CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT */
+	const char *metrics_listen;    /* plain-HTTP /metrics "host:port", NULL: none */
 	enum log_level log_level;
 };
 
@@ -128,6 +130,23 @@ int state_open(struct control_state **out, const struct control_opts *o, struct 
 
 /* Writes what is only in memory (proxies last seen) and frees st. */
 void state_close(struct control_state *st);
+
+/* ---- metrics ---- */
+
+/* Times every store call with fn(arg, ...) (store_set_observer); NULL: stop. */
+void state_set_store_observer(struct control_state *st, store_observer_fn fn, void *arg);
+
+/* What control's gauges report, read from memory (no store access). */
+struct state_counts {
+	size_t revoked;                /* serials on the revocation list */
+	size_t roots;                  /* roots in the trust bundle */
+	size_t proxies_polling;        /* proxies (SVIDs) with a long poll pending */
+	enum ca_phase phase;
+};
+void state_counts(const struct control_state *st, struct state_counts *c);
+
+/* "stable", "prepared", "switched". */
+const char *state_phase_name(enum ca_phase phase);
 
 /* ---- identity ---- */
 

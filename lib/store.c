@@ -75,6 +75,8 @@ struct store {
 	sqlite3 *db;
 	sqlite3_stmt *st[ST_COUNT];
 	char errmsg[256];
+	store_observer_fn observer;    /* told how long each call took, or NULL */
+	void *observer_arg;
 };
 
 int store_schema_version(void)
@@ -392,7 +394,8 @@ static char *dup_bytes(const void *p, size_t len)
 	return v;
 }
 
-int store_get(struct store *s, const char *key, char **value, size_t *len, int64_t *revision)
+static int get_now(struct store *s, const char *key, char **value, size_t *len,
+                   int64_t *revision)
 {
 	sqlite3_stmt *st = s->st[ST_GET];
 	const void *blob;
@@ -497,8 +500,8 @@ static int list_range(struct store *s, const char *lo, const char *hi,
 	return ret;
 }
 
-int store_list(struct store *s, const char *prefix, struct store_entry **entries, size_t *n,
-               int64_t *revision)
+static int list_now(struct store *s, const char *prefix, struct store_entry **entries, size_t *n,
+                    int64_t *revision)
 {
 	char hi[STORE_KEY_MAX + 1];
 	size_t plen;
@@ -622,7 +625,7 @@ static int write_op(struct store *s, const struct store_op *op, int64_t revision
 	return run(s, ST_PUT);
 }
 
-int store_apply(struct store *s, const struct store_op *ops, size_t n, int64_t *revision)
+static int apply_now(struct store *s, const struct store_op *ops, size_t n, int64_t *revision)
 {
 	int64_t rev = 0;
 	size_t i;
@@ -678,4 +681,63 @@ int store_delete(struct store *s, const char *key, int64_t expected, int64_t *re
 	struct store_op op = { STORE_OP_DELETE, key, NULL, 0, expected };
 
 	return store_apply(s, &op, 1, revision);
+}
+
+/* ---- timed entry points ---- */
+
+void store_set_observer(struct store *s, store_observer_fn fn, void *arg)
+{
+	s->observer = fn;
+	s->observer_arg = arg;
+}
+
+static void started(const struct store *s, struct timespec *t0)
+{
+	if (s->observer)
+		clock_gettime(CLOCK_MONOTONIC, t0);
+}
+
+static void observe(const struct store *s, enum store_call call, const struct timespec *t0)
+{
+	struct timespec now;
+
+	if (!s->observer)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	s->observer(s->observer_arg, call, (double)(now.tv_sec - t0->tv_sec) +
+	            (double)(now.tv_nsec - t0->tv_nsec) / 1e9);
+}
+
+int store_get(struct store *s, const char *key, char **value, size_t *len, int64_t *revision)
+{
+	struct timespec t0;
+	int ret;
+
+	started(s, &t0);
+	ret = get_now(s, key, value, len, revision);
+	observe(s, STORE_CALL_GET, &t0);
+	return ret;
+}
+
+int store_list(struct store *s, const char *prefix, struct store_entry **entries, size_t *n,
+               int64_t *revision)
+{
+	struct timespec t0;
+	int ret;
+
+	started(s, &t0);
+	ret = list_now(s, prefix, entries, n, revision);
+	observe(s, STORE_CALL_LIST, &t0);
+	return ret;
+}
+
+int store_apply(struct store *s, const struct store_op *ops, size_t n, int64_t *revision)
+{
+	struct timespec t0;
+	int ret;
+
+	started(s, &t0);
+	ret = apply_now(s, ops, n, revision);
+	observe(s, STORE_CALL_APPLY, &t0);
+	return ret;
 }

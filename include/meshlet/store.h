@@ -144,6 +144,17 @@ int store_revision(struct store *s, int64_t *revision);
  * until the next call on s. */
 const char *store_strerror(const struct store *s);
 
+/* The calls an observer is told about: reads, listings, and writes (every
+ * write, store_put/cas/delete included, is one store_apply). */
+enum store_call { STORE_CALL_GET, STORE_CALL_LIST, STORE_CALL_APPLY, STORE_CALL_COUNT };
+
+typedef void (*store_observer_fn)(void *arg, enum store_call call, double seconds);
+
+/* From now on fn(arg, call, seconds) runs after each store_get, store_list
+ * and store_apply (failed ones too), with the time the call took. NULL fn:
+ * no observer. For metrics; fn must not call the store. */
+void store_set_observer(struct store *s, store_observer_fn fn, void *arg);
+
 /* The schema version this binary creates and understands. */
 int store_schema_version(void);
 

@@ -281,6 +281,49 @@ static void test_apply_batch(void **state)
 	assert_int_equal(store_apply(s, ops, STORE_BATCH_MAX + 1, NULL), -EINVAL);
 }
 
+struct observed {
+	int calls[STORE_CALL_COUNT];
+	double slowest;
+};
+
+static void observer(void *arg, enum store_call call, double seconds)
+{
+	struct observed *o = arg;
+
+	assert_true(call >= 0 && call < STORE_CALL_COUNT);
+	assert_true(seconds >= 0 && seconds < 60);
+	o->calls[call]++;
+	if (seconds > o->slowest)
+		o->slowest = seconds;
+}
+
+/* Every public entry point is timed once, failed calls included; the
+ * writes that are batches of one (put, cas, delete) count as one apply. */
+static void test_observer_times_each_call(void **state)
+{
+	struct store *s = ((struct fixture *)*state)->s;
+	struct observed o = {0};
+	struct store_entry *e = NULL;
+	size_t n = 0;
+
+	store_set_observer(s, observer, &o);
+	assert_int_equal(put_str(s, "a/1", "x", NULL), 0);
+	assert_int_equal(store_cas(s, "a/1", 99, "y", 1, NULL), -ECANCELED);
+	assert_int_equal(store_delete(s, "a/1", STORE_REV_ANY, NULL), 0);
+	assert_int_equal(store_get(s, "a/1", NULL, NULL, NULL), -ENOENT);
+	assert_int_equal(store_get(s, "bad key", NULL, NULL, NULL), -EINVAL);
+	assert_int_equal(store_list(s, "a/", &e, &n, NULL), 0);
+	store_entries_free(e, n);
+	assert_int_equal(o.calls[STORE_CALL_APPLY], 3);
+	assert_int_equal(o.calls[STORE_CALL_GET], 2);
+	assert_int_equal(o.calls[STORE_CALL_LIST], 1);
+	assert_true(o.slowest > 0);
+	/* NULL: nobody is told any more */
+	store_set_observer(s, NULL, NULL);
+	assert_int_equal(put_str(s, "a/2", "x", NULL), 0);
+	assert_int_equal(o.calls[STORE_CALL_APPLY], 3);
+}
+
 static void test_reopen_keeps_everything(void **state)
 {
 	struct fixture *f = *state;
@@ -473,6 +516,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_delete, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_list_prefix, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_apply_batch, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_observer_times_each_call, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reopen_keeps_everything, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_two_handles, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_file_mode_0600, setup, teardown),
