@@ -58,7 +58,8 @@ enum conn_reason {
  * connection is set up (conn_new): the relay calls these and never asks
  * which protocol it runs. tcp relays bytes as they are (conn.c);
  * HTTP/1.1 parses, decides and rewrites each request (httpflow.c). A new
- * protocol is a new table. Every entry is set in every table.
+ * protocol is a new table. Every entry is set in every table, but
+ * produce: NULL relays what was read as it is (tcp).
  */
 struct conn_proto_ops {
 	const char *name;
@@ -77,7 +78,7 @@ struct conn_proto_ops {
 	 * Produces the next output of direction d, whose pending output is
 	 * empty, from its input (or the proxy's own answers). Returns 1 when
 	 * something moved, 0 when it needs input (or must wait), -1 when the
-	 * connection was closed.
+	 * connection was closed. NULL: the input, unchanged and uncopied.
 	 */
 	int (*produce)(struct conn *c, int d);
 	/* The source of direction d reached EOF. Returns 0, or -1 when closed. */
