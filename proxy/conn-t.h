@@ -161,6 +161,7 @@ struct conn {
 	uint8_t ready;              /* CONN_PLAIN_R ... : readiness seen, lost on EAGAIN */
 	bool tls_drained;           /* the last socket read under SSL came back short */
 	bool ssl_starved;           /* SSL_read wants socket bytes: its buffer cannot help */
+	bool holds_buffers;         /* moved bytes since its buffers were last released */
 	bool decided;
 	enum policy_action decision;
 	int tls_fd, plain_fd;

@@ -69,6 +69,7 @@ const char *conn_reason_str(enum conn_reason r)
 
 static void conn_step(struct conn *c, bool tls_side);
 static void linger_read(struct conn *c);
+static void unhold_buffers(struct conn *c);
 static void on_tls_event(evutil_socket_t fd, short what, void *arg);
 static void on_plain_event(evutil_socket_t fd, short what, void *arg);
 
@@ -309,6 +310,7 @@ void conn_close(struct conn *c, enum conn_reason reason)
 		free(c->d[d].owned);
 	}
 	c->proto->release(c);
+	unhold_buffers(c);
 	free(c->tdest);
 	metrics_add(&m->bytes_total[c->dir], c->d[RELAY_UP].bytes + c->d[RELAY_DOWN].bytes);
 	atomic_fetch_sub_explicit(&m->connections_active[c->dir], 1, memory_order_relaxed);
@@ -816,6 +818,83 @@ static void linger_read(struct conn *c)
 	conn_close(c, CR_DONE);
 }
 
+/*
+ * Buffers while busy, none while idle. Releasing OpenSSL's record buffers
+ * (about 17 KiB each way) and the protocol's whenever a wakeup ends costs
+ * a free and a malloc per record on a keep-alive connection. So up to
+ * HOLD_MAX connections per worker keep theirs, and the worker's quiet
+ * timer releases them once the connection stayed quiet for QUIET_MS; any
+ * more release at the end of each wakeup as before. The bound keeps a
+ * burst of connections from growing the heap by their buffers (which
+ * malloc would not give back once freed between live structs). The timer
+ * runs only while some connection holds buffers: an idle worker sleeps.
+ */
+#define HOLD_MAX 64
+#define QUIET_MS 1000
+
+static void arm_quiet(struct worker *w)
+{
+	struct timeval tv = { .tv_sec = QUIET_MS / 1000, .tv_usec = (QUIET_MS % 1000) * 1000 };
+
+	evtimer_add(w->quiet_ev, &tv);
+}
+
+static void release_buffers(struct conn *c)
+{
+	/* OpenSSL keeps a buffer holding part of a record: the rest of it
+	 * is activity, which brings the connection back here. */
+	if (c->ssl)
+		SSL_free_buffers(c->ssl);
+	c->proto->shrink(c);
+}
+
+static void unhold_buffers(struct conn *c)
+{
+	if (c->holds_buffers) {
+		c->holds_buffers = false;
+		c->w->n_holding--;
+	}
+}
+
+/* The end of a wakeup: keep the buffers for the next one, or release them. */
+static void hold_or_release(struct conn *c, bool progress)
+{
+	struct worker *w = c->w;
+
+	if (c->holds_buffers)
+		return;
+	if (w->n_holding < HOLD_MAX) {
+		c->holds_buffers = true;
+		w->n_holding++;
+		if (!evtimer_pending(w->quiet_ev, NULL))
+			arm_quiet(w);
+		return;
+	}
+	if (!progress && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len)
+		release_buffers(c);
+}
+
+void conn_release_quiet(evutil_socket_t fd, short what, void *arg)
+{
+	struct worker *w = arg;
+	uint64_t now = conn_clock_ms();
+
+	for (struct conn *c = w->conns; c; c = c->next) {
+		if (!c->holds_buffers)
+			continue;
+		if (c->state == CONN_RELAYING &&
+		    (now - c->last_active < QUIET_MS || c->d[RELAY_UP].out_len ||
+		     c->d[RELAY_DOWN].out_len))
+			continue;
+		/* Lingering connections read into a stack sink and close soon. */
+		if (c->state == CONN_RELAYING)
+			release_buffers(c);
+		unhold_buffers(c);
+	}
+	if (w->n_holding)
+		arm_quiet(w);
+}
+
 static void relay(struct conn *c)
 {
 	int rounds = 0, progress;
@@ -842,16 +921,7 @@ static void relay(struct conn *c)
 		return;
 	}
 	relay_watch(c);
-	/*
-	 * Quiet for now: hand OpenSSL's record buffers back (about 16 KiB of
-	 * read-ahead buffer that SSL_MODE_RELEASE_BUFFERS keeps after an
-	 * EAGAIN), so an idle connection costs its structs only.
-	 */
-	if (!progress && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len) {
-		if (c->ssl)
-			SSL_free_buffers(c->ssl);
-		c->proto->shrink(c);
-	}
+	hold_or_release(c, progress);
 	if (progress) {
 		/* Out of rounds with work left: come back after other connections ran. */
 		event_active(&c->tls_ev, 0, 0);

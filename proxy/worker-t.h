@@ -66,6 +66,9 @@ struct worker {
 	atomic_uint cmd;                /* enum worker_cmd bits pending */
 	struct conn *conns;             /* open connections, for drain and stop */
 	size_t n_conns;
+	struct event *quiet_ev;         /* runs conn_release_quiet; armed while any
+	                                 * connection holds buffers */
+	size_t n_holding;               /* connections with holds_buffers set */
 	struct relay_buf *free_bufs;    /* recycled relay buffers */
 	size_t n_free_bufs;
 	unsigned *rr;                   /* round-robin position per outbound listener */
