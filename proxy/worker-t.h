@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <event2/event.h>
 #include <event2/listener.h>
+#include <openssl/types.h>
 
 #include "acceptguard.h"
 
@@ -69,6 +70,7 @@ struct worker {
 	struct event *quiet_ev;         /* runs conn_release_quiet; armed while any
 	                                 * connection holds buffers */
 	size_t n_holding;               /* connections with holds_buffers set */
+	BIO_METHOD *bio_method;         /* TLS sockets' (conn_bio_method_new) */
 	struct relay_buf *free_bufs;    /* recycled relay buffers */
 	size_t n_free_bufs;
 	unsigned *rr;                   /* round-robin position per outbound listener */

@@ -211,6 +211,9 @@ int worker_init(struct worker *w, struct worker_shared *shared, int id, const st
 	w->quiet_ev = evtimer_new(w->base, conn_release_quiet, w);
 	if (!w->quiet_ev)
 		return -ENOMEM;
+	w->bio_method = conn_bio_method_new();
+	if (!w->bio_method)
+		return -ENOMEM;
 	return worker_listen(w, cfg);
 }
 
@@ -225,6 +228,7 @@ void worker_destroy(struct worker *w)
 		event_free(w->cmd_ev);
 	if (w->quiet_ev)
 		event_free(w->quiet_ev);
+	BIO_meth_free(w->bio_method);
 	if (w->base)
 		event_base_free(w->base);
 	free(w->listeners);
