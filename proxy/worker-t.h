@@ -73,6 +73,8 @@ struct worker {
 	BIO_METHOD *bio_method;         /* TLS sockets' (conn_bio_method_new) */
 	struct relay_buf *free_bufs;    /* recycled relay buffers */
 	size_t n_free_bufs;
+	unsigned char rand_pool[512];   /* random bytes for request IDs (httpflow) */
+	size_t rand_left;               /* unused bytes at the end of rand_pool */
 	unsigned *rr;                   /* round-robin position per outbound listener */
 	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
 	bool draining;
