@@ -170,6 +170,7 @@ struct conn {
 	short ssl_read_wants, ssl_write_wants;
 	SSL *ssl;
 	struct event tls_ev, plain_ev;
+	struct event tls_tev, plain_tev;    /* their timers (one-shot) */
 	struct relay_dir d[2];
 	const struct conn_proto_ops *proto;
 	void *proto_ctx;            /* the protocol's state (httpflow: struct httpflow) */

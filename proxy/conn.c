@@ -72,6 +72,8 @@ static void linger_read(struct conn *c);
 static void unhold_buffers(struct conn *c);
 static void on_tls_event(evutil_socket_t fd, short what, void *arg);
 static void on_plain_event(evutil_socket_t fd, short what, void *arg);
+static void on_tls_timer(evutil_socket_t fd, short what, void *arg);
+static void on_plain_timer(evutil_socket_t fd, short what, void *arg);
 
 /* ---- buffers ---------------------------------------------------------- */
 
@@ -296,6 +298,10 @@ void conn_close(struct conn *c, enum conn_reason reason)
 		event_del(&c->tls_ev);
 	if (event_initialized(&c->plain_ev))
 		event_del(&c->plain_ev);
+	if (event_initialized(&c->tls_tev))
+		event_del(&c->tls_tev);
+	if (event_initialized(&c->plain_tev))
+		event_del(&c->plain_tev);
 	if (c->ssl) {
 		/* A close_notify only when the handshake finished and we did not send one yet. */
 		if (SSL_is_init_finished(c->ssl) && !c->d[RELAY_UP].dst_shut && reason != CR_RESET)
@@ -372,63 +378,66 @@ static uint64_t side_due(const struct conn *c, bool tls_side)
 
 /*
  * Makes ev wait for exactly `what` (EV_READ/EV_WRITE, 0 = nothing), and
- * wake up by `due` (conn_clock_ms() time, 0 = no timer). The event stays
- * persistent; changing the flags costs one epoll change, keeping them
- * costs nothing.
+ * the side's timer tev wake up by `due` (conn_clock_ms() time, 0 = no
+ * timer). ev stays persistent; changing its flags costs one epoll change,
+ * keeping them costs nothing. The timer is an event of its own, one-shot:
+ * a persistent event with a timeout has libevent re-add that timeout on
+ * every wakeup (3% of a keep-alive request's instructions), and re-add it
+ * for its whole first period, later than the deadline that asked for it.
  *
  * Deadlines are kept on conn_clock_ms() and only ever compared with it:
  * libevent arms a timer from its cached loop time, which lags the real
  * one, so a timer may fire a little early. It must never fire late, so it
  * is armed for exactly what is left until due; one that fires early is
- * re-armed for the rest (see on_timeout), never for a whole period.
- * *armed is when the current timer ends (0: none). A timer that
- * ends no later than due is kept: a deadline that moved later (the idle
- * one, on every byte) costs nothing until the timer fires.
+ * re-armed for the rest (see on_timeout). *armed is when the current
+ * timer ends (0: none). A timer that ends no later than due is kept: a
+ * deadline that moved later (the idle one, on every byte) costs nothing
+ * until the timer fires.
  */
-#define TIMER_UNKNOWN UINT64_MAX    /* fired and re-armed by libevent for another period */
-
-static void watch(struct conn *c, struct event *ev, short *reg, uint64_t *armed, int fd,
-                  short what, uint64_t due, event_callback_fn cb)
+static void watch(struct conn *c, struct event *ev, struct event *tev, short *reg,
+                  uint64_t *armed, int fd, short what, uint64_t due, event_callback_fn cb,
+                  event_callback_fn tcb)
 {
-	bool changed = what != *reg || !event_initialized(ev);
 	uint64_t now, left;
 	struct timeval tv;
 
-	/* The steady state of a relaying connection returns here without
-	 * touching libevent: this runs after every read and write. */
-	if (!changed && (due ? *armed && *armed != TIMER_UNKNOWN && *armed <= due : !*armed))
-		return;
-	if (changed) {
+	if (what != *reg || !event_initialized(ev)) {
 		if (event_initialized(ev))
 			event_del(ev);
 		event_assign(ev, c->w->base, fd, what | EV_PERSIST, cb, c);
-		*reg = what;
-	} else if (*armed) {
-		event_del(ev);    /* event_add(ev, NULL) would leave the old timer */
-	}
-	*armed = 0;
-	if (!due) {
 		if (what)
 			event_add(ev, NULL);
+		*reg = what;
+	}
+	/* The steady state of a relaying connection returns here without
+	 * touching libevent: this runs after every read and write. */
+	if (due ? *armed && *armed <= due : !*armed)
+		return;
+	if (!event_initialized(tev))
+		evtimer_assign(tev, c->w->base, tcb, c);
+	*armed = 0;
+	if (!due) {
+		evtimer_del(tev);
 		return;
 	}
 	now = conn_clock_ms();
 	left = due > now ? due - now : 0;
 	tv.tv_sec = (time_t)(left / 1000);
 	tv.tv_usec = (suseconds_t)(left % 1000) * 1000;
-	if (event_add(ev, &tv) == 0)
+	if (evtimer_add(tev, &tv) == 0)    /* a pending timer moves to tv */
 		*armed = now + left;
 }
 
 void conn_watch_tls(struct conn *c, short what, uint64_t due)
 {
-	watch(c, &c->tls_ev, &c->tls_reg, &c->tls_armed, c->tls_fd, what, due, on_tls_event);
+	watch(c, &c->tls_ev, &c->tls_tev, &c->tls_reg, &c->tls_armed, c->tls_fd, what, due,
+	      on_tls_event, on_tls_timer);
 }
 
 static void watch_plain(struct conn *c, short what, uint64_t due)
 {
-	watch(c, &c->plain_ev, &c->plain_reg, &c->plain_armed, c->plain_fd, what, due,
-	      on_plain_event);
+	watch(c, &c->plain_ev, &c->plain_tev, &c->plain_reg, &c->plain_armed, c->plain_fd, what,
+	      due, on_plain_event, on_plain_timer);
 }
 
 /* ---- I/O on either side ------------------------------------------------ */
@@ -1128,12 +1137,6 @@ static void on_timeout(struct conn *c, bool tls_side)
 
 static void on_event(struct conn *c, short what, bool tls_side)
 {
-	if (what & EV_TIMEOUT) {
-		/* libevent re-armed the persistent timer for another period. */
-		*(tls_side ? &c->tls_armed : &c->plain_armed) = TIMER_UNKNOWN;
-		on_timeout(c, tls_side);
-		return;
-	}
 	if (what & EV_READ)
 		c->ready |= tls_side ? TLS_R : PLAIN_R;
 	if (what & EV_WRITE)
@@ -1149,6 +1152,22 @@ static void on_tls_event(evutil_socket_t fd, short what, void *arg)
 static void on_plain_event(evutil_socket_t fd, short what, void *arg)
 {
 	on_event(arg, what, false);
+}
+
+static void on_tls_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+
+	c->tls_armed = 0;
+	on_timeout(c, true);
+}
+
+static void on_plain_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+
+	c->plain_armed = 0;
+	on_timeout(c, false);
 }
 
 static void conn_step(struct conn *c, bool tls_side)
