@@ -411,6 +411,34 @@ static bool decide(struct conn *c, struct req_entry *e, const struct http_head *
 	return false;
 }
 
+/*
+ * h as it is forwarded (rw: the rewrites, or NULL) in a buffer of its own:
+ * *out (malloc'd) and *len. Returns 0, or -1 with *out NULL. A head that
+ * fits HEAD_STACK is serialised once, there, and copied: measuring first
+ * and writing after made two passes over every field of every head.
+ */
+#define HEAD_STACK 4096
+
+static int serialize_head(const struct http_head *h, const struct http_rewrite *rw, char **out,
+                          size_t *len)
+{
+	char tmp[HEAD_STACK];
+	int rc = http_head_serialize(h, rw, tmp, sizeof(tmp), len);
+
+	*out = NULL;
+	if ((rc < 0 && rc != -ENOSPC) || !(*out = malloc(*len)))
+		return -1;
+	if (rc == 0) {
+		memcpy(*out, tmp, *len);
+		return 0;
+	}
+	if (http_head_serialize(h, rw, *out, *len, len) == 0)
+		return 0;
+	free(*out);
+	*out = NULL;
+	return -1;
+}
+
 /* Serialises the head to forward, with our x-forwarded-client-cert and x-request-id. */
 static int forward_head(struct conn *c, struct req_entry *e, const struct http_head *h)
 {
@@ -428,9 +456,7 @@ static int forward_head(struct conn *c, struct req_entry *e, const struct http_h
 		snprintf(xfcc, sizeof(xfcc), "By=%s;URI=%s", c->snap->self_id, c->peer);
 		set[0].value = xfcc;
 	}
-	if (http_head_serialize(h, &rw, NULL, 0, &need) != -ENOSPC || !(r->owned = malloc(need)))
-		return -1;
-	if (http_head_serialize(h, &rw, r->owned, need, &need) < 0)
+	if (serialize_head(h, &rw, &r->owned, &need) < 0)
 		return -1;
 	r->out = r->owned;
 	r->out_len = need;
@@ -628,8 +654,7 @@ static int forward_response_head(struct conn *c, const struct http_head *h)
 	const struct http_rewrite *rwp = hf->draining && h->status >= 200 && !h->tunnel ? &rw : NULL;
 	size_t need = 0;
 
-	if (http_head_serialize(h, rwp, NULL, 0, &need) != -ENOSPC || !(r->owned = malloc(need)) ||
-	    http_head_serialize(h, rwp, r->owned, need, &need) < 0)
+	if (serialize_head(h, rwp, &r->owned, &need) < 0)
 		return conn_close(c, CR_INTERNAL), -1;
 	r->out = r->owned;
 	r->out_len = need;
