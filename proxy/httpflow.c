@@ -439,6 +439,22 @@ static int serialize_head(const struct http_head *h, const struct http_rewrite *
 	return -1;
 }
 
+/*
+ * Appends s to the string of n bytes in out (cap bytes), truncating as
+ * snprintf would. Returns the new length. For the per-request header
+ * value: snprintf cost 3% of an inbound request.
+ */
+static size_t cat(char *out, size_t cap, size_t n, const char *s)
+{
+	size_t len = strlen(s);
+
+	if (len > cap - 1 - n)
+		len = cap - 1 - n;
+	memcpy(out + n, s, len);
+	out[n + len] = '\0';
+	return n + len;
+}
+
 /* Serialises the head to forward, with our x-forwarded-client-cert and x-request-id. */
 static int forward_head(struct conn *c, struct req_entry *e, const struct http_head *h)
 {
@@ -453,7 +469,11 @@ static int forward_head(struct conn *c, struct req_entry *e, const struct http_h
 
 	/* Inbound sets it from the verified peer; outbound only strips the app's copy. */
 	if (c->inbound) {
-		snprintf(xfcc, sizeof(xfcc), "By=%s;URI=%s", c->snap->self_id, c->peer);
+		size_t n = cat(xfcc, sizeof(xfcc), 0, "By=");
+
+		n = cat(xfcc, sizeof(xfcc), n, c->snap->self_id);
+		n = cat(xfcc, sizeof(xfcc), n, ";URI=");
+		cat(xfcc, sizeof(xfcc), n, c->peer);
 		set[0].value = xfcc;
 	}
 	if (serialize_head(h, &rw, &r->owned, &need) < 0)
