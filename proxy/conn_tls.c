@@ -26,7 +26,7 @@
 static int bio_read(BIO *bio, char *buf, int len)
 {
 	int n = BIO_meth_get_read(BIO_s_socket())(bio, buf, len);
-	struct conn *c = BIO_get_app_data(bio);
+	struct conn *c = (struct conn *)BIO_get_callback_arg(bio);
 
 	if (n < len)
 		c->tls_drained = true;
@@ -59,10 +59,11 @@ static int ssl_attach(struct conn *c, SSL_CTX *ctx)
 	if (!c->ssl)
 		return -ENOMEM;
 	bio = BIO_new(c->w->bio_method);
-	if (!bio || !BIO_set_app_data(bio, c)) {
-		BIO_free(bio);
+	if (!bio)
 		return -ENOMEM;
-	}
+	/* Only the argument, no callback: a plain pointer, where the app
+	 * data would allocate an ex_data stack per connection. */
+	BIO_set_callback_arg(bio, (char *)c);
 	BIO_set_fd(bio, c->tls_fd, BIO_NOCLOSE);    /* conn_close closes it */
 	SSL_set_bio(c->ssl, bio, bio);
 	SSL_set_app_data(c->ssl, c);
