@@ -510,6 +510,12 @@ static SSL_CTX *ctx_common(const SSL_METHOD *method, const struct tls_material *
 	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
 	                      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
 	SSL_CTX_set_read_ahead(ctx, 1);
+	/*
+	 * Room for four records per socket read: a bulk transfer took one
+	 * read per 16 KiB record. Only pages that bytes reach count, and the
+	 * proxy releases the buffer of a quiet connection.
+	 */
+	SSL_CTX_set_default_read_buffer_len(ctx, 65536);
 	if (!SSL_CTX_set1_groups_list(ctx, o->groups ? o->groups : "X25519:P-256")) {
 		err_set(err, "tls.groups", "unknown key-exchange group in \"%s\"",
 		        o->groups ? o->groups : "");
