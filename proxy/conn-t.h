@@ -58,7 +58,8 @@ enum conn_reason {
  * connection is set up (conn_new): the relay calls these and never asks
  * which protocol it runs. tcp relays bytes as they are (conn.c);
  * HTTP/1.1 parses, decides and rewrites each request (httpflow.c). A new
- * protocol is a new table. Every entry is set in every table.
+ * protocol is a new table. Every entry is set in every table, but
+ * produce: NULL relays what was read as it is (tcp).
  */
 struct conn_proto_ops {
 	const char *name;
@@ -77,7 +78,7 @@ struct conn_proto_ops {
 	 * Produces the next output of direction d, whose pending output is
 	 * empty, from its input (or the proxy's own answers). Returns 1 when
 	 * something moved, 0 when it needs input (or must wait), -1 when the
-	 * connection was closed.
+	 * connection was closed. NULL: the input, unchanged and uncopied.
 	 */
 	int (*produce)(struct conn *c, int d);
 	/* The source of direction d reached EOF. Returns 0, or -1 when closed. */
@@ -160,6 +161,7 @@ struct conn {
 	uint8_t ready;              /* CONN_PLAIN_R ... : readiness seen, lost on EAGAIN */
 	bool tls_drained;           /* the last socket read under SSL came back short */
 	bool ssl_starved;           /* SSL_read wants socket bytes: its buffer cannot help */
+	bool holds_buffers;         /* moved bytes since its buffers were last released */
 	bool decided;
 	enum policy_action decision;
 	int tls_fd, plain_fd;
@@ -168,6 +170,7 @@ struct conn {
 	short ssl_read_wants, ssl_write_wants;
 	SSL *ssl;
 	struct event tls_ev, plain_ev;
+	struct event tls_tev, plain_tev;    /* their timers (one-shot) */
 	struct relay_dir d[2];
 	const struct conn_proto_ops *proto;
 	void *proto_ctx;            /* the protocol's state (httpflow: struct httpflow) */

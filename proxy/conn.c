@@ -69,8 +69,11 @@ const char *conn_reason_str(enum conn_reason r)
 
 static void conn_step(struct conn *c, bool tls_side);
 static void linger_read(struct conn *c);
+static void unhold_buffers(struct conn *c);
 static void on_tls_event(evutil_socket_t fd, short what, void *arg);
 static void on_plain_event(evutil_socket_t fd, short what, void *arg);
+static void on_tls_timer(evutil_socket_t fd, short what, void *arg);
+static void on_plain_timer(evutil_socket_t fd, short what, void *arg);
 
 /* ---- buffers ---------------------------------------------------------- */
 
@@ -295,6 +298,10 @@ void conn_close(struct conn *c, enum conn_reason reason)
 		event_del(&c->tls_ev);
 	if (event_initialized(&c->plain_ev))
 		event_del(&c->plain_ev);
+	if (event_initialized(&c->tls_tev))
+		event_del(&c->tls_tev);
+	if (event_initialized(&c->plain_tev))
+		event_del(&c->plain_tev);
 	if (c->ssl) {
 		/* A close_notify only when the handshake finished and we did not send one yet. */
 		if (SSL_is_init_finished(c->ssl) && !c->d[RELAY_UP].dst_shut && reason != CR_RESET)
@@ -309,6 +316,7 @@ void conn_close(struct conn *c, enum conn_reason reason)
 		free(c->d[d].owned);
 	}
 	c->proto->release(c);
+	unhold_buffers(c);
 	free(c->tdest);
 	metrics_add(&m->bytes_total[c->dir], c->d[RELAY_UP].bytes + c->d[RELAY_DOWN].bytes);
 	atomic_fetch_sub_explicit(&m->connections_active[c->dir], 1, memory_order_relaxed);
@@ -370,63 +378,66 @@ static uint64_t side_due(const struct conn *c, bool tls_side)
 
 /*
  * Makes ev wait for exactly `what` (EV_READ/EV_WRITE, 0 = nothing), and
- * wake up by `due` (conn_clock_ms() time, 0 = no timer). The event stays
- * persistent; changing the flags costs one epoll change, keeping them
- * costs nothing.
+ * the side's timer tev wake up by `due` (conn_clock_ms() time, 0 = no
+ * timer). ev stays persistent; changing its flags costs one epoll change,
+ * keeping them costs nothing. The timer is an event of its own, one-shot:
+ * a persistent event with a timeout has libevent re-add that timeout on
+ * every wakeup (3% of a keep-alive request's instructions), and re-add it
+ * for its whole first period, later than the deadline that asked for it.
  *
  * Deadlines are kept on conn_clock_ms() and only ever compared with it:
  * libevent arms a timer from its cached loop time, which lags the real
  * one, so a timer may fire a little early. It must never fire late, so it
  * is armed for exactly what is left until due; one that fires early is
- * re-armed for the rest (see on_timeout), never for a whole period.
- * *armed is when the current timer ends (0: none). A timer that
- * ends no later than due is kept: a deadline that moved later (the idle
- * one, on every byte) costs nothing until the timer fires.
+ * re-armed for the rest (see on_timeout). *armed is when the current
+ * timer ends (0: none). A timer that ends no later than due is kept: a
+ * deadline that moved later (the idle one, on every byte) costs nothing
+ * until the timer fires.
  */
-#define TIMER_UNKNOWN UINT64_MAX    /* fired and re-armed by libevent for another period */
-
-static void watch(struct conn *c, struct event *ev, short *reg, uint64_t *armed, int fd,
-                  short what, uint64_t due, event_callback_fn cb)
+static void watch(struct conn *c, struct event *ev, struct event *tev, short *reg,
+                  uint64_t *armed, int fd, short what, uint64_t due, event_callback_fn cb,
+                  event_callback_fn tcb)
 {
-	bool changed = what != *reg || !event_initialized(ev);
 	uint64_t now, left;
 	struct timeval tv;
 
-	/* The steady state of a relaying connection returns here without
-	 * touching libevent: this runs after every read and write. */
-	if (!changed && (due ? *armed && *armed != TIMER_UNKNOWN && *armed <= due : !*armed))
-		return;
-	if (changed) {
+	if (what != *reg || !event_initialized(ev)) {
 		if (event_initialized(ev))
 			event_del(ev);
 		event_assign(ev, c->w->base, fd, what | EV_PERSIST, cb, c);
-		*reg = what;
-	} else if (*armed) {
-		event_del(ev);    /* event_add(ev, NULL) would leave the old timer */
-	}
-	*armed = 0;
-	if (!due) {
 		if (what)
 			event_add(ev, NULL);
+		*reg = what;
+	}
+	/* The steady state of a relaying connection returns here without
+	 * touching libevent: this runs after every read and write. */
+	if (due ? *armed && *armed <= due : !*armed)
+		return;
+	if (!event_initialized(tev))
+		evtimer_assign(tev, c->w->base, tcb, c);
+	*armed = 0;
+	if (!due) {
+		evtimer_del(tev);
 		return;
 	}
 	now = conn_clock_ms();
 	left = due > now ? due - now : 0;
 	tv.tv_sec = (time_t)(left / 1000);
 	tv.tv_usec = (suseconds_t)(left % 1000) * 1000;
-	if (event_add(ev, &tv) == 0)
+	if (evtimer_add(tev, &tv) == 0)    /* a pending timer moves to tv */
 		*armed = now + left;
 }
 
 void conn_watch_tls(struct conn *c, short what, uint64_t due)
 {
-	watch(c, &c->tls_ev, &c->tls_reg, &c->tls_armed, c->tls_fd, what, due, on_tls_event);
+	watch(c, &c->tls_ev, &c->tls_tev, &c->tls_reg, &c->tls_armed, c->tls_fd, what, due,
+	      on_tls_event, on_tls_timer);
 }
 
 static void watch_plain(struct conn *c, short what, uint64_t due)
 {
-	watch(c, &c->plain_ev, &c->plain_reg, &c->plain_armed, c->plain_fd, what, due,
-	      on_plain_event);
+	watch(c, &c->plain_ev, &c->plain_tev, &c->plain_reg, &c->plain_armed, c->plain_fd, what,
+	      due, on_plain_event, on_plain_timer);
 }
 
 /* ---- I/O on either side ------------------------------------------------ */
@@ -675,6 +686,17 @@ static int pump_read(struct conn *c, int d)
 	return c->proto->eof(c, d) < 0 ? -1 : 1;
 }
 
+/* A NULL produce: what was read is what gets written, without a copy. */
+static int produce_as_is(struct relay_dir *r)
+{
+	if (!r->in || r->in->off == r->in->len)
+		return 0;
+	r->out = r->in->data + r->in->off;
+	r->out_len = r->in->len - r->in->off;
+	r->in->off = r->in->len;
+	return 1;
+}
+
 /*
  * Moves direction d forward as far as it goes without blocking: write what
  * is pending, else produce output from the input, else read. Returns
@@ -687,7 +709,9 @@ static int pump(struct conn *c, int d)
 
 	if (r->out_len)
 		return pump_write(c, d);
-	rc = c->proto->produce(c, d);
+	/* Tested here rather than an indirect call: this runs on every
+	 * wakeup of every tcp connection. */
+	rc = c->proto->produce ? c->proto->produce(c, d) : produce_as_is(r);
 	if (rc != 0)
 		return rc;
 	if (r->in && r->in->off == r->in->len) {
@@ -811,6 +835,83 @@ static void linger_read(struct conn *c)
 	conn_close(c, CR_DONE);
 }
 
+/*
+ * Buffers while busy, none while idle. Releasing OpenSSL's record buffers
+ * (about 17 KiB each way) and the protocol's whenever a wakeup ends costs
+ * a free and a malloc per record on a keep-alive connection. So up to
+ * HOLD_MAX connections per worker keep theirs, and the worker's quiet
+ * timer releases them once the connection stayed quiet for QUIET_MS; any
+ * more release at the end of each wakeup as before. The bound keeps a
+ * burst of connections from growing the heap by their buffers (which
+ * malloc would not give back once freed between live structs). The timer
+ * runs only while some connection holds buffers: an idle worker sleeps.
+ */
+#define HOLD_MAX 64
+#define QUIET_MS 1000
+
+static void arm_quiet(struct worker *w)
+{
+	struct timeval tv = { .tv_sec = QUIET_MS / 1000, .tv_usec = (QUIET_MS % 1000) * 1000 };
+
+	evtimer_add(w->quiet_ev, &tv);
+}
+
+static void release_buffers(struct conn *c)
+{
+	/* OpenSSL keeps a buffer holding part of a record: the rest of it
+	 * is activity, which brings the connection back here. */
+	if (c->ssl)
+		SSL_free_buffers(c->ssl);
+	c->proto->shrink(c);
+}
+
+static void unhold_buffers(struct conn *c)
+{
+	if (c->holds_buffers) {
+		c->holds_buffers = false;
+		c->w->n_holding--;
+	}
+}
+
+/* The end of a wakeup: keep the buffers for the next one, or release them. */
+static void hold_or_release(struct conn *c, bool progress)
+{
+	struct worker *w = c->w;
+
+	if (c->holds_buffers)
+		return;
+	if (w->n_holding < HOLD_MAX) {
+		c->holds_buffers = true;
+		w->n_holding++;
+		if (!evtimer_pending(w->quiet_ev, NULL))
+			arm_quiet(w);
+		return;
+	}
+	if (!progress && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len)
+		release_buffers(c);
+}
+
+void conn_release_quiet(evutil_socket_t fd, short what, void *arg)
+{
+	struct worker *w = arg;
+	uint64_t now = conn_clock_ms();
+
+	for (struct conn *c = w->conns; c; c = c->next) {
+		if (!c->holds_buffers)
+			continue;
+		if (c->state == CONN_RELAYING &&
+		    (now - c->last_active < QUIET_MS || c->d[RELAY_UP].out_len ||
+		     c->d[RELAY_DOWN].out_len))
+			continue;
+		/* Lingering connections read into a stack sink and close soon. */
+		if (c->state == CONN_RELAYING)
+			release_buffers(c);
+		unhold_buffers(c);
+	}
+	if (w->n_holding)
+		arm_quiet(w);
+}
+
 static void relay(struct conn *c)
 {
 	int rounds = 0, progress;
@@ -837,16 +938,7 @@ static void relay(struct conn *c)
 		return;
 	}
 	relay_watch(c);
-	/*
-	 * Quiet for now: hand OpenSSL's record buffers back (about 16 KiB of
-	 * read-ahead buffer that SSL_MODE_RELEASE_BUFFERS keeps after an
-	 * EAGAIN), so an idle connection costs its structs only.
-	 */
-	if (!progress && !c->d[RELAY_UP].out_len && !c->d[RELAY_DOWN].out_len) {
-		if (c->ssl)
-			SSL_free_buffers(c->ssl);
-		c->proto->shrink(c);
-	}
+	hold_or_release(c, progress);
 	if (progress) {
 		/* Out of rounds with work left: come back after other connections ran. */
 		event_active(&c->tls_ev, 0, 0);
@@ -1053,12 +1145,6 @@ static void on_timeout(struct conn *c, bool tls_side)
 
 static void on_event(struct conn *c, short what, bool tls_side)
 {
-	if (what & EV_TIMEOUT) {
-		/* libevent re-armed the persistent timer for another period. */
-		*(tls_side ? &c->tls_armed : &c->plain_armed) = TIMER_UNKNOWN;
-		on_timeout(c, tls_side);
-		return;
-	}
 	if (what & EV_READ)
 		c->ready |= tls_side ? TLS_R : PLAIN_R;
 	if (what & EV_WRITE)
@@ -1074,6 +1160,22 @@ static void on_tls_event(evutil_socket_t fd, short what, void *arg)
 static void on_plain_event(evutil_socket_t fd, short what, void *arg)
 {
 	on_event(arg, what, false);
+}
+
+static void on_tls_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+
+	c->tls_armed = 0;
+	on_timeout(c, true);
+}
+
+static void on_plain_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+
+	c->plain_armed = 0;
+	on_timeout(c, false);
 }
 
 static void conn_step(struct conn *c, bool tls_side)

@@ -64,4 +64,11 @@ int conn_on_new_session(SSL *ssl, SSL_SESSION *sess);
 /* Frees w's recycled relay buffers. */
 void conn_free_buffers(struct worker *w);
 
+/* The BIO method of a worker's TLS sockets (conn_tls.c). NULL: no memory. */
+BIO_METHOD *conn_bio_method_new(void);
+
+/* w->quiet_ev's callback: connections quiet for a while hand back their
+ * TLS record buffers and protocol buffers. */
+void conn_release_quiet(evutil_socket_t fd, short what, void *arg);
+
 #endif

@@ -12,19 +12,6 @@ static void tcp_nothing(struct conn *c)
 {
 }
 
-/* What was read is what gets written, without a copy. */
-static int tcp_produce(struct conn *c, int d)
-{
-	struct relay_dir *r = &c->d[d];
-
-	if (!r->in || r->in->off == r->in->len)
-		return 0;
-	r->out = r->in->data + r->in->off;
-	r->out_len = r->in->len - r->in->off;
-	r->in->off = r->in->len;
-	return 1;
-}
-
 static int tcp_eof(struct conn *c, int d)
 {
 	return 0;
@@ -70,7 +57,7 @@ const struct conn_proto_ops tcpflow_ops = {
 	.init = tcp_init,
 	.release = tcp_nothing,
 	.start = tcp_nothing,
-	.produce = tcp_produce,
+	.produce = NULL,    /* relayed as is, by conn.c */
 	.eof = tcp_eof,
 	.due = tcp_due,
 	.on_timeout = tcp_on_timeout,

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <event2/event.h>
 #include <event2/listener.h>
+#include <openssl/types.h>
 
 #include "acceptguard.h"
 
@@ -66,8 +67,14 @@ struct worker {
 	atomic_uint cmd;                /* enum worker_cmd bits pending */
 	struct conn *conns;             /* open connections, for drain and stop */
 	size_t n_conns;
+	struct event *quiet_ev;         /* runs conn_release_quiet; armed while any
+	                                 * connection holds buffers */
+	size_t n_holding;               /* connections with holds_buffers set */
+	BIO_METHOD *bio_method;         /* TLS sockets' (conn_bio_method_new) */
 	struct relay_buf *free_bufs;    /* recycled relay buffers */
 	size_t n_free_bufs;
+	unsigned char rand_pool[512];   /* random bytes for request IDs (httpflow) */
+	size_t rand_left;               /* unused bytes at the end of rand_pool */
 	unsigned *rr;                   /* round-robin position per outbound listener */
 	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
 	bool draining;

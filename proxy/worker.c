@@ -208,6 +208,12 @@ int worker_init(struct worker *w, struct worker_shared *shared, int id, const st
 	w->cmd_ev = event_new(w->base, -1, 0, on_worker_cmd, w);
 	if (!w->cmd_ev)
 		return -ENOMEM;
+	w->quiet_ev = evtimer_new(w->base, conn_release_quiet, w);
+	if (!w->quiet_ev)
+		return -ENOMEM;
+	w->bio_method = conn_bio_method_new();
+	if (!w->bio_method)
+		return -ENOMEM;
 	return worker_listen(w, cfg);
 }
 
@@ -220,6 +226,9 @@ void worker_destroy(struct worker *w)
 	w->sessions_from = NULL;
 	if (w->cmd_ev)
 		event_free(w->cmd_ev);
+	if (w->quiet_ev)
+		event_free(w->quiet_ev);
+	BIO_meth_free(w->bio_method);
 	if (w->base)
 		event_base_free(w->base);
 	free(w->listeners);
