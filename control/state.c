@@ -50,6 +50,7 @@ void state_path(const struct control_state *st, char *out, size_t len, const cha
 		out[0] = '\0';
 }
 
+__attribute__((format(printf, 5, 0)))
 static int fail_v(struct state_error *se, int err, const char *reason, const char *path,
                   const char *fmt, va_list ap)
 {

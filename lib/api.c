@@ -14,6 +14,7 @@
 #include "meshlet/ca.h"
 #include "meshlet/identity.h"
 
+__attribute__((format(printf, 5, 0)))
 static int fail_v(struct api_error *ae, int status, const char *code, const char *path,
                   const char *fmt, va_list ap)
 {

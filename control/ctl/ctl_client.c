@@ -18,6 +18,7 @@
 /* ---------------------------------------------------------------- messages */
 
 /* "meshletctl: message" on stderr; returns code (the exit status to use). */
+__attribute__((format(printf, 3, 0)))
 static int complain(const struct ctl *ctl, int code, const char *fmt, va_list ap)
 {
 	fprintf(stderr, "%s: ", ctl->prog);
