@@ -9,6 +9,7 @@
 #include "meshlet/traffic.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -387,6 +388,78 @@ struct traffic *traffic_load(const char *file, struct meshlet_err *err)
 	t = traffic_parse(doc, err);
 	json_decref(doc);
 	return t;
+}
+
+/* Element i of a set refused: its path prefixed with "[i]". */
+static void set_err_prefix(struct meshlet_err *err, size_t i)
+{
+	char elem[32], path[MESHLET_PATH_MAX];
+
+	if (!err)
+		return;
+	json_path_index(elem, sizeof(elem), "", i);
+	json_path_key(path, sizeof(path), elem, err->path);
+	if (!err->path[0])
+		snprintf(path, sizeof(path), "%s", elem);
+	snprintf(err->path, sizeof(err->path), "%s", path);
+}
+
+int traffic_parse_set(const json_t *doc, struct traffic ***out, size_t *n,
+                      struct meshlet_err *err)
+{
+	size_t count = json_is_array(doc) ? json_array_size(doc) : 1, i;
+	struct traffic **set = calloc(count ? count : 1, sizeof(*set));
+
+	*out = NULL;
+	*n = 0;
+	if (!set)
+		return err_set(err, "", "out of memory");
+	for (i = 0; i < count; i++) {
+		set[i] = traffic_parse(json_is_array(doc) ? json_array_get(doc, i) : doc, err);
+		if (!set[i]) {
+			if (json_is_array(doc))
+				set_err_prefix(err, i);
+			goto fail;
+		}
+		for (size_t k = 0; k < i; k++) {
+			if (strcmp(set[k]->service, set[i]->service) == 0) {
+				char elem[MESHLET_PATH_MAX], p[MESHLET_PATH_MAX];
+
+				json_path_index(elem, sizeof(elem), "", i);
+				json_path_key(p, sizeof(p), elem, "service");
+				err_set(err, p, "a second document for service %s", set[i]->service);
+				i++;
+				goto fail;
+			}
+		}
+	}
+	*out = set;
+	*n = count;
+	return 0;
+fail:
+	traffic_set_free(set, i);
+	return -EINVAL;
+}
+
+int traffic_load_set(const char *file, struct traffic ***out, size_t *n, struct meshlet_err *err)
+{
+	json_t *doc = json_load_strict(file, POLICY_MAX_FILE, MESHLET_JSON_MAX_DEPTH, err);
+	int rc;
+
+	*out = NULL;
+	*n = 0;
+	if (!doc)
+		return -EINVAL;
+	rc = traffic_parse_set(doc, out, n, err);
+	json_decref(doc);
+	return rc;
+}
+
+void traffic_set_free(struct traffic **set, size_t n)
+{
+	for (size_t i = 0; set && i < n; i++)
+		traffic_free(set[i]);
+	free(set);
 }
 
 struct traffic *traffic_default(const char *service)

@@ -2,9 +2,39 @@
 #include "snapshot.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <netinet/in.h>
+
+/* The documents of file (none when NULL) into src->traffic; errors name
+ * the file as the policy's do. */
+static int traffic_from_file(const char *file, struct snapshot_source *src,
+                             struct meshlet_err *err)
+{
+	char msg[sizeof(err->message)];
+	struct traffic **set = NULL;
+	size_t n = 0;
+
+	if (!file)
+		return 0;
+	if (traffic_load_set(file, &set, &n, err) < 0) {
+		snprintf(msg, sizeof(msg), "%s", err->message);
+		if (!strstr(msg, file))
+			snprintf(err->message, sizeof(err->message), "%.*s (in %s)", 160, msg, file);
+		return -EINVAL;
+	}
+	src->traffic = calloc(n ? n : 1, sizeof(*src->traffic));
+	if (!src->traffic) {
+		traffic_set_free(set, n);
+		return err_set(err, "", "out of memory");
+	}
+	for (size_t i = 0; i < n; i++)
+		src->traffic[i].t = set[i];
+	src->n_traffic = n;
+	free(set);
+	return 0;
+}
 
 int snapshot_source_from_files(const struct config *cfg, struct snapshot_source *src,
                                struct meshlet_err *err)
@@ -29,13 +59,21 @@ int snapshot_source_from_files(const struct config *cfg, struct snapshot_source 
 			         cfg->policy_file);
 		return -EINVAL;
 	}
-	return 0;
+	return traffic_from_file(cfg->traffic_file, src, err);
+}
+
+static void free_traffic(struct snapshot_traffic *t, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		traffic_free(t[i].t);
+	free(t);
 }
 
 void snapshot_source_free(struct snapshot_source *src)
 {
 	tls_material_free(src->tls);
 	policy_free(src->policy);
+	free_traffic(src->traffic, src->n_traffic);
 	for (size_t i = 0; i < src->n_registry; i++) {
 		free(src->registry[i].addrs);
 		free(src->registry[i].app_ports);
@@ -234,6 +272,10 @@ struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
 	s->n_registry = src->n_registry;
 	src->registry = NULL;
 	src->n_registry = 0;
+	s->traffic = src->traffic;
+	s->n_traffic = src->n_traffic;
+	src->traffic = NULL;
+	src->n_traffic = 0;
 	snapshot_source_free(src);
 	return s;
 fail:
@@ -277,8 +319,18 @@ void snapshot_unref(struct snapshot *s)
 		free(s->registry[i].app_ports);
 	}
 	free(s->registry);
+	free_traffic(s->traffic, s->n_traffic);
 	config_free(s->cfg);
 	free(s);
+}
+
+const struct snapshot_traffic *snapshot_traffic(const struct snapshot *s, const char *service)
+{
+	for (size_t i = 0; i < s->n_traffic; i++) {
+		if (strcmp(s->traffic[i].t->service, service) == 0)
+			return &s->traffic[i];
+	}
+	return NULL;
 }
 
 int snapshot_save_session(struct snapshot *s, size_t listener, size_t endpoint, int worker,

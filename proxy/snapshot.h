@@ -16,6 +16,7 @@
 #include "meshlet/metrics.h"
 #include "meshlet/policy.h"
 #include "meshlet/tls.h"
+#include "meshlet/traffic.h"
 
 /* Per outbound listener: whom we expect upstream, where it is, resumable sessions. */
 struct snapshot_outbound {
@@ -24,6 +25,16 @@ struct snapshot_outbound {
 	size_t n_endpoints;
 	/* sessions[endpoint * workers + worker]: each worker touches only its own slots. */
 	SSL_SESSION **sessions;
+};
+
+/*
+ * A traffic document the proxy holds (docs/traffic.md): its own service's
+ * (the inbound side applies rate_limits and faults) or an upstream's (the
+ * outbound side applies timeouts, retries, outlier and limits).
+ */
+struct snapshot_traffic {
+	struct traffic *t;
+	int64_t version;                /* control's version of it; 0 from traffic_file */
 };
 
 /*
@@ -42,6 +53,9 @@ struct snapshot_source {
 	 * none in the config (control mode); NULL in static mode. */
 	struct snapshot_endpoints *registry;
 	size_t n_registry;
+	/* Traffic documents, one per service at most. */
+	struct snapshot_traffic *traffic;
+	size_t n_traffic;
 };
 
 /* The application ports behind one registered inbound address. */
@@ -80,11 +94,14 @@ struct snapshot {
 	/* control's registry (control mode): for transparent destinations */
 	struct snapshot_endpoints *registry;
 	size_t n_registry;
+	struct snapshot_traffic *traffic;          /* sorted by nothing; few */
+	size_t n_traffic;
 };
 
 /*
- * Static mode: loads the TLS material and the policy from the files cfg
- * names into src. Returns 0, or -EINVAL with err naming the file.
+ * Static mode: loads the TLS material, the policy and the traffic documents
+ * (traffic_file, when given) from the files cfg names into src. Returns 0,
+ * or -EINVAL with err naming the file.
  */
 int snapshot_source_from_files(const struct config *cfg, struct snapshot_source *src,
                                struct meshlet_err *err);
@@ -101,6 +118,10 @@ void snapshot_source_free(struct snapshot_source *src);
  */
 struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
                                 struct metrics *m, uint64_t version, struct meshlet_err *err);
+
+/* The traffic document of service, or NULL: the defaults apply
+ * (TRAFFIC_*_DEFAULT: no retries, no ejection, no limits, no faults). */
+const struct snapshot_traffic *snapshot_traffic(const struct snapshot *s, const char *service);
 
 struct snapshot *snapshot_ref(struct snapshot *s);
 void snapshot_unref(struct snapshot *s);

@@ -111,6 +111,17 @@ struct traffic *traffic_parse(const json_t *doc, struct meshlet_err *err);
 /* json_load_strict (at most POLICY_MAX_FILE bytes) + traffic_parse. */
 struct traffic *traffic_load(const char *file, struct meshlet_err *err);
 
+/*
+ * A set of documents (static mode's traffic_file): one document, or an
+ * array of documents for distinct services (errors prefixed "[i]").
+ * Returns 0 with *out (n of them; free with traffic_set_free), or -EINVAL
+ * with err set.
+ */
+int traffic_parse_set(const json_t *doc, struct traffic ***out, size_t *n,
+                      struct meshlet_err *err);
+int traffic_load_set(const char *file, struct traffic ***out, size_t *n, struct meshlet_err *err);
+void traffic_set_free(struct traffic **set, size_t n);
+
 /* The settings of an absent document for service (a copy of svc is
  * kept). NULL when out of memory. */
 struct traffic *traffic_default(const char *service);
