@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -246,6 +247,47 @@ static void test_names_per_list(void **state)
 	assert_int_equal(t->n_rate_limits, 1);
 	assert_int_equal(t->n_faults, 1);
 	traffic_free(t);
+}
+
+/* traffic_file's shape: one document, or an array of documents for
+ * distinct services; an element's error carries its index. */
+static void test_sets(void **state)
+{
+	static const struct bad_case bad_sets[] = {
+		{"[{\"service\": \"a\"}, {\"service\": \"b\", \"limits\": {\"max_connections\": 0}}]",
+		 "[1].limits.max_connections: must be"},
+		{"[{\"service\": \"a\"}, {\"service\": \"a\"}]", "[1].service: a second document"},
+		{"[{\"service\": \"a\"}, 5]", "[1]: must be an object"},
+		{"5", "must be an object"},
+	};
+	struct meshlet_err err = {{0}, {0}};
+	struct traffic **set;
+	size_t n;
+	json_t *doc = json_loads("[{\"service\": \"a\"}, {\"service\": \"b\"}]", 0, NULL);
+
+	(void)state;
+	assert_int_equal(traffic_parse_set(doc, &set, &n, &err), 0);
+	assert_int_equal(n, 2);
+	assert_string_equal(set[1]->service, "b");
+	traffic_set_free(set, n);
+	json_decref(doc);
+	doc = json_loads("{\"service\": \"a\"}", 0, NULL);
+	assert_int_equal(traffic_parse_set(doc, &set, &n, &err), 0);
+	assert_int_equal(n, 1);
+	traffic_set_free(set, n);
+	json_decref(doc);
+	for (size_t i = 0; i < ARRAY_LEN(bad_sets); i++) {
+		char buf[600];
+
+		doc = json_loads(bad_sets[i].json, JSON_DECODE_ANY, NULL);
+		assert_non_null(doc);
+		assert_int_equal(traffic_parse_set(doc, &set, &n, &err), -EINVAL);
+		assert_null(set);
+		err_str(&err, buf, sizeof(buf));
+		if (strncmp(buf, bad_sets[i].want, strlen(bad_sets[i].want)) != 0)
+			fail_msg("set %zu: got \"%s\", want \"%s...\"", i, buf, bad_sets[i].want);
+		json_decref(doc);
+	}
 }
 
 /* ---- selection ---------------------------------------------------------- */
@@ -643,6 +685,7 @@ int main(void)
 		cmocka_unit_test(test_defaults),
 		cmocka_unit_test(test_bad_documents),
 		cmocka_unit_test(test_names_per_list),
+		cmocka_unit_test(test_sets),
 		cmocka_unit_test(test_selection),
 		cmocka_unit_test(test_bucket_precision),
 		cmocka_unit_test(test_bucket_retry_after),
