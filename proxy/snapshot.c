@@ -5,7 +5,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <netinet/in.h>
+
+#include <openssl/rand.h>
 
 /* The documents of file (none when NULL) into src->traffic; errors name
  * the file as the policy's do. */
@@ -231,6 +234,95 @@ static int build_outbound(struct snapshot *s, const struct snapshot_source *src,
 	return 0;
 }
 
+static void free_inbound_traffic(struct snapshot_inbound_traffic *it)
+{
+	if (!it)
+		return;
+	traffic_limiter_free(it->limiter);
+	pthread_mutex_destroy(&it->lock);
+	free(it->limited);
+	free(it->faulted);
+	free(it);
+}
+
+/* s->in_traffic from the service's own document, when it has rate limits
+ * or faults. Returns 0 or -ENOMEM. */
+static int build_inbound_traffic(struct snapshot *s, struct metrics *m)
+{
+	const struct snapshot_traffic *own = snapshot_traffic(s, s->cfg->service);
+	const struct traffic *t = own ? own->t : NULL;
+	struct snapshot_inbound_traffic *it;
+
+	if (!t || (t->n_rate_limits == 0 && t->n_faults == 0))
+		return 0;
+	it = calloc(1, sizeof(*it));
+	if (!it)
+		return -ENOMEM;
+	pthread_mutex_init(&it->lock, NULL);
+	it->t = t;
+	it->limiter = traffic_limiter_new(t);
+	it->limited = calloc(t->n_rate_limits + 1, sizeof(*it->limited));
+	it->faulted = calloc(t->n_faults + 1, sizeof(*it->faulted));
+	s->in_traffic = it;
+	if (!it->limiter || !it->limited || !it->faulted)
+		return -ENOMEM;
+	for (size_t i = 0; i < t->n_rate_limits; i++)
+		it->limited[i] = metrics_labeled(m, MF_RATE_LIMITED, t->rate_limits[i].sel.name);
+	for (size_t i = 0; i < t->n_faults; i++)
+		it->faulted[i] = metrics_labeled(m, MF_FAULTS, t->faults[i].sel.name);
+	return 0;
+}
+
+static uint64_t random_u64(void *arg)
+{
+	uint64_t v = 0;
+
+	(void)arg;
+	/* OpenSSL's DRBG: no generator state of our own to share between workers. */
+	if (RAND_bytes((unsigned char *)&v, sizeof(v)) != 1)
+		v = 0;
+	return v;
+}
+
+static void count(struct metrics_labeled *l)
+{
+	if (l)
+		metrics_inc(&l->count);
+}
+
+void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_request *req,
+                              struct snapshot_traffic_verdict *v)
+{
+	struct snapshot_inbound_traffic *it = s->in_traffic;
+	const struct traffic_rate_limit *rl;
+	struct traffic_fault_decision d;
+	struct timespec now;
+	int64_t wait = 0;
+
+	memset(v, 0, sizeof(*v));
+	if (!it)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	pthread_mutex_lock(&it->lock);
+	rl = traffic_limiter_admit(it->limiter, req,
+	                           (int64_t)now.tv_sec * 1000000 + now.tv_nsec / 1000, &wait);
+	pthread_mutex_unlock(&it->lock);
+	if (rl) {
+		count(it->limited[rl - it->t->rate_limits]);
+		v->status = 429;
+		v->name = rl->sel.name;
+		v->retry_after = traffic_retry_after_s(wait);
+		return;
+	}
+	traffic_fault_decide(it->t, req, random_u64, NULL, &d);
+	if (!d.abort)
+		return;
+	count(it->faulted[d.abort - it->t->faults]);
+	v->status = d.abort_status;
+	v->fault = true;
+	v->name = d.abort->sel.name;
+}
+
 struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
                                 struct metrics *m, uint64_t version, struct meshlet_err *err)
 {
@@ -276,6 +368,10 @@ struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
 	s->n_traffic = src->n_traffic;
 	src->traffic = NULL;
 	src->n_traffic = 0;
+	if (build_inbound_traffic(s, m) < 0) {
+		err_set(err, "", "out of memory");
+		goto fail;
+	}
 	snapshot_source_free(src);
 	return s;
 fail:
@@ -319,6 +415,7 @@ void snapshot_unref(struct snapshot *s)
 		free(s->registry[i].app_ports);
 	}
 	free(s->registry);
+	free_inbound_traffic(s->in_traffic);
 	free_traffic(s->traffic, s->n_traffic);
 	config_free(s->cfg);
 	free(s);

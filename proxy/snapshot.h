@@ -7,6 +7,7 @@
 #ifndef MESHLET_PROXY_SNAPSHOT_H
 #define MESHLET_PROXY_SNAPSHOT_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <openssl/ssl.h>
@@ -74,6 +75,27 @@ struct snapshot_endpoints {
 	struct snapshot_app_ports *app_ports;
 };
 
+/*
+ * The service's own traffic document as its inbound side applies it: rate
+ * limits (one limiter the workers share, behind lock) and faults, with
+ * their counters resolved once.
+ */
+struct snapshot_inbound_traffic {
+	const struct traffic *t;                   /* in the snapshot's traffic */
+	pthread_mutex_t lock;                      /* guards limiter */
+	struct traffic_limiter *limiter;
+	struct metrics_labeled **limited;          /* one per t->rate_limits */
+	struct metrics_labeled **faulted;          /* one per t->faults */
+};
+
+/* What the inbound traffic rules make of one request. */
+struct snapshot_traffic_verdict {
+	int status;                     /* 0: forward it; else answer it with this status */
+	bool fault;                     /* status is a fault's abort (else 429, a rate limit) */
+	const char *name;               /* the limit or fault (owned by the snapshot) */
+	unsigned retry_after;           /* 429: seconds for Retry-After */
+};
+
 struct snapshot {
 	atomic_int refs;
 	uint64_t version;
@@ -96,6 +118,7 @@ struct snapshot {
 	size_t n_registry;
 	struct snapshot_traffic *traffic;          /* sorted by nothing; few */
 	size_t n_traffic;
+	struct snapshot_inbound_traffic *in_traffic;   /* NULL: no rate limits or faults */
 };
 
 /*
@@ -122,6 +145,16 @@ struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
 /* The traffic document of service, or NULL: the defaults apply
  * (TRAFFIC_*_DEFAULT: no retries, no ejection, no limits, no faults). */
 const struct snapshot_traffic *snapshot_traffic(const struct snapshot *s, const char *service);
+
+/*
+ * Inbound, a request the policy allowed: the service's rate limits take a
+ * token for its caller (429 when one has none), then its faults roll
+ * (their abort status). Counts meshlet_rate_limited_total and
+ * meshlet_faults_injected_total. Fault delays are not applied yet (they
+ * need a timer on the data path). Safe from any worker.
+ */
+void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_request *req,
+                              struct snapshot_traffic_verdict *v);
 
 struct snapshot *snapshot_ref(struct snapshot *s);
 void snapshot_unref(struct snapshot *s);
