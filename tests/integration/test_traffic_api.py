@@ -363,6 +363,12 @@ def test_static_traffic_file_accepted(mesh, tmp_path):
     p.proc.send_signal(1)
     wait_for(lambda: set(proxy_traffic(p)) == {"orders"} and
              proxy_traffic(p)["orders"]["rate_limits"] == [], 10, what="reloaded traffic_file")
+    # A bad file on SIGHUP: refused, logged with its path, the running documents kept.
+    f.write_text(json.dumps(doc(faults=[{"name": "f", "percent": 200, "abort_status": 503}])))
+    p.proc.send_signal(1)
+    wait_for(lambda: "faults[0].percent" in p.stderr(), 10, what="the reload refused")
+    assert p.proc.poll() is None
+    assert proxy_traffic(p)["orders"]["faults"] == ["slow-orders", "orders-503"]
 
 
 STATIC_BAD = [

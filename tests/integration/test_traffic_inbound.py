@@ -11,7 +11,9 @@ import json
 import threading
 import time
 
-from helpers import addr, free_port, spiffe
+from control_helpers import control_factory  # noqa: F401
+from dynamic_helpers import dyn  # noqa: F401
+from helpers import addr, free_port, spiffe, wait_for
 from http_helpers import HttpApp, HttpClient, frontend_ctx, request, timeouts
 
 FRONTEND, OPS = spiffe("frontend"), spiffe("ops")
@@ -107,7 +109,8 @@ def test_fault_percentage_within_binomial_interval(mesh, pki, tmp_path):
 def test_rate_limit_precision(mesh, pki, tmp_path):
     """100 requests/s, burst 100, 500 requests/s offered for 10 s: after the
     first second (which also spends the burst), 95..105 admitted in every
-    second; another caller at 20 requests/s meanwhile is never refused."""
+    second the client really offered the load in; another caller at 20
+    requests/s meanwhile is never refused."""
     p, port, app = inbound(mesh, tmp_path, {
         "service": "orders",
         "rate_limits": [{"name": "fe-100", "from": [FRONTEND], "requests_per_second": 100,
@@ -124,8 +127,7 @@ def test_rate_limit_precision(mesh, pki, tmp_path):
 
     t = threading.Thread(target=other_caller)
     t.start()
-    admitted = [0] * seconds
-    offered = 0
+    admitted, offered = [0] * seconds, [0] * seconds
     try:
         # Two connections, as a client pool would: one alone cannot offer
         # 500/s through a sanitizer build.
@@ -139,23 +141,28 @@ def test_rate_limit_precision(mesh, pki, tmp_path):
                 break
             if due > now:
                 time.sleep(due - now)
-            c = clients[i % 2]
-            sent = time.monotonic() - t0
-            r = get(c)
-            offered += 1
-            if r.status == 200 and int(sent) < seconds:
-                admitted[int(sent)] += 1
-            else:
-                assert r.status == 429, r.status
+            sent = int(time.monotonic() - t0)
+            r = get(clients[i % 2])
+            if sent < seconds:
+                offered[sent] += 1
+                admitted[sent] += r.status == 200
+            assert r.status in (200, 429), r.status
             i += 1
         for c in clients:
             c.close()
     finally:
         stop.set()
         t.join(10)
-    print(f"\noffered {offered} in {seconds} s; admitted per second: {admitted}")
-    assert offered >= 200 * seconds, f"only {offered} requests offered: the test cannot judge"
+    print(f"\noffered per second: {offered}\nadmitted per second: {admitted}")
     assert 190 <= admitted[0] <= 210, admitted
-    for s in range(1, seconds - 1):     # the last second may be cut short
-        assert 95 <= admitted[s] <= 105, f"second {s}: {admitted}"
+    # A second is judged when the client offered the 500 requests/s (within
+    # 4 %) in it and in the one before. A client starved of CPU by other
+    # work on the machine stalls: the bucket keeps refilling meanwhile and
+    # the client spends those tokens when it catches up, in the next second
+    # by its clock (seen: 453 offered / 91 admitted, then 547 / 109).
+    judged = [s for s in range(1, seconds - 1)
+              if all(480 <= offered[k] <= 520 for k in (s - 1, s))]
+    assert len(judged) >= 5, f"the client offered too little to judge: {offered}"
+    for s in judged:
+        assert 95 <= admitted[s] <= 105, f"second {s}: {admitted} (offered {offered})"
     assert ops_statuses and set(ops_statuses) == {200}, ops_statuses
