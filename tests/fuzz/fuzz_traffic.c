@@ -1,5 +1,5 @@
 /*
- * libFuzzer target: bytes -> json_parse_strict -> traffic_parse, then the
+ * libFuzzer target: bytes -> json_parse_strict -> traffic_parse_set, then the
  * pieces a proxy would run on an accepted document: fault decisions and
  * the limiter on a few fixed requests. Besides memory errors it checks
  * the contracts: a refusal says why, a decision names a fault of the
@@ -67,20 +67,23 @@ static void run(const struct traffic *t)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct meshlet_err err = {{0}, {0}};
-	struct traffic *t;
+	struct traffic **set;
+	size_t n;
 	json_t *doc;
 
 	doc = json_parse_strict((const char *)data, size, MESHLET_JSON_MAX_DEPTH, &err);
 	if (!doc)
 		return 0;
-	t = traffic_parse(doc, &err);
-	json_decref(doc);
-	if (!t) {
+	/* One document or an array of them, as traffic_file holds. */
+	if (traffic_parse_set(doc, &set, &n, &err) < 0) {
+		json_decref(doc);
 		if (!err.message[0])
 			abort();
 		return 0;
 	}
-	run(t);
-	traffic_free(t);
+	json_decref(doc);
+	for (size_t i = 0; i < n; i++)
+		run(set[i]);
+	traffic_set_free(set, n);
 	return 0;
 }
