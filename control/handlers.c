@@ -12,6 +12,7 @@
 #include "meshlet/api.h"
 #include "meshlet/ca.h"
 #include "meshlet/policy.h"
+#include "meshlet/traffic.h"
 #include "ctlmetrics.h"
 #include "state.h"
 #include "watch.h"
@@ -365,6 +366,84 @@ static int h_policy_list(struct api_call *call)
 	return ret ? state_failed(call, ret, &se) : ok(call, 200, out);
 }
 
+/* ---- traffic documents ---- */
+
+/* The whole document validated (nothing of a bad one is stored) and for
+ * the service the URL names. */
+static int traffic_valid(struct api_call *call)
+{
+	struct meshlet_err e = {0};
+	struct traffic *t = traffic_parse(call->body, &e);
+	const char *svc;
+
+	if (!t)
+		return bad_request(call, &e);
+	traffic_free(t);
+	svc = json_string_value(json_object_get(call->body, "service"));
+	if (!svc || strcmp(svc, call->svc) != 0)
+		return api_fail(&call->err, 400, "service", "the traffic document is for service %s "
+		                "but the URL names %s", svc ? svc : "(none)", call->svc);
+	return 0;
+}
+
+static int h_traffic_put(struct api_call *call)
+{
+	struct state_error se = {0};
+	int64_t expect, version = 0;
+	int ret;
+
+	if ((ret = traffic_valid(call)) < 0 || (ret = if_match(call, &expect)) < 0)
+		return ret;
+	ret = state_traffic_put(call->st, call->svc, call->body, expect, &version, &se);
+	if (ret)
+		return state_failed(call, ret, &se);
+	set_etag(call, version);
+	/* Callers of the service hold its document too: wake every poll. */
+	watch_notify(call->watch, NULL);
+	return ok(call, 200, json_pack("{s:s, s:I}", "service", call->svc,
+	                               "version", (json_int_t)version));
+}
+
+static int h_traffic_get(struct api_call *call)
+{
+	struct state_error se = {0};
+	json_t *doc = NULL, *out;
+	int64_t version = 0;
+	int ret = state_traffic_get(call->st, call->svc, &doc, &version, &se);
+
+	if (ret)
+		return state_failed(call, ret, &se);
+	set_etag(call, version);
+	out = api_traffic_entry(doc, version);
+	json_decref(doc);
+	return ok(call, 200, out);
+}
+
+static int h_traffic_delete(struct api_call *call)
+{
+	struct state_error se = {0};
+	int64_t expect, rev = 0;
+	int ret;
+
+	if ((ret = if_match(call, &expect)) < 0)
+		return ret;
+	ret = state_traffic_delete(call->st, call->svc, expect, &rev, &se);
+	if (ret)
+		return state_failed(call, ret, &se);
+	watch_notify(call->watch, NULL);
+	return ok(call, 200, json_pack("{s:s, s:b, s:I}", "service", call->svc, "deleted", 1,
+	                               "version", (json_int_t)rev));
+}
+
+static int h_traffic_list(struct api_call *call)
+{
+	struct state_error se = {0};
+	json_t *out = NULL;
+	int ret = state_traffic_list(call->st, &out, &se);
+
+	return ret ? state_failed(call, ret, &se) : ok(call, 200, out);
+}
+
 /* ---- admin ---- */
 
 static int h_tokens(struct api_call *call)
@@ -481,6 +560,10 @@ const struct route handlers_routes[] = {
 	{ "PUT",    "/v1/policies/{svc}",           AUTH_ADMIN,        true,  h_policy_put },
 	{ "GET",    "/v1/policies/{svc}",           AUTH_ADMIN,        false, h_policy_get },
 	{ "DELETE", "/v1/policies/{svc}",           AUTH_ADMIN,        false, h_policy_delete },
+	{ "GET",    "/v1/traffic",                  AUTH_ADMIN,        false, h_traffic_list },
+	{ "PUT",    "/v1/traffic/{svc}",            AUTH_ADMIN,        true,  h_traffic_put },
+	{ "GET",    "/v1/traffic/{svc}",            AUTH_ADMIN,        false, h_traffic_get },
+	{ "DELETE", "/v1/traffic/{svc}",            AUTH_ADMIN,        false, h_traffic_delete },
 	{ "POST",   "/v1/tokens",                   AUTH_ADMIN,        true,  h_tokens },
 	{ "GET",    "/v1/proxies",                  AUTH_ADMIN,        false, h_proxies },
 	{ "GET",    "/v1/certs",                    AUTH_ADMIN,        false, h_certs },

@@ -8,7 +8,10 @@
  *   state_certs.c     certificate records: list, rotate, revoke; the
  *                     revocation list
  *   state_svid.c      join tokens and SVID issuance (renewal caps, lineages)
+ *   state_doc.c       versioned documents per service (policies, traffic)
  *   state_policy.c    policies and the dry run
+ *   state_traffic.c   traffic documents, their part of the dry run and of
+ *                     the config answer
  *   state_config.c    the bundle, config versions and the config answer
  *   state_registry.c  endpoints, admin assignments, coalesced version bumps
  *   state_proxies.c   the proxies seen (in memory, written by housekeeping)
@@ -166,6 +169,32 @@ typedef int (*state_txn_fn)(struct control_state *st, struct batch *b, void *arg
                             struct state_error *se);
 int state_txn(struct control_state *st, const char *what, state_txn_fn fn, void *arg,
               int64_t *rev, struct state_error *se);
+
+/* ---- versioned documents (state_doc.c) ---- */
+
+/* A kind of document stored as <prefix><svc>, whose revision is its
+ * version. Each write also bumps a counter, so that the config versions
+ * carrying the document move even on a delete: counter_field of
+ * <counter_prefix><svc>, or of counter_key when counter_prefix is NULL. */
+struct state_doc_kind {
+	const char *prefix;            /* "policies/" */
+	const char *noun;              /* "policy", for messages and the log */
+	const char *list_key;          /* "policies": the list answer's key */
+	const char *counter_prefix;
+	const char *counter_key;
+	const char *counter_field;
+};
+
+/* As state_policy_put/get/delete/list (state.h), for any kind. */
+int state_doc_put(struct control_state *st, const struct state_doc_kind *kind, const char *svc,
+                  const json_t *doc, int64_t if_match, int64_t *version, struct state_error *se);
+int state_doc_get(struct control_state *st, const struct state_doc_kind *kind, const char *svc,
+                  json_t **doc, int64_t *version, struct state_error *se);
+int state_doc_delete(struct control_state *st, const struct state_doc_kind *kind,
+                     const char *svc, int64_t if_match, int64_t *revision,
+                     struct state_error *se);
+int state_doc_list(struct control_state *st, const struct state_doc_kind *kind, json_t **out,
+                   struct state_error *se);
 
 /* ---- CA (state_ca.c) ---- */
 

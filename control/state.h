@@ -36,6 +36,8 @@
  *                           with every policy write of <svc>, cert_generation by
  *                           certs rotate --service <svc>
  *   policies/<svc>          the policy document; its revision is the policy version
+ *   traffic/<svc>           the traffic document; its revision is its version
+ *   meta/traffic            {version}            bumped with every traffic write
  *   tokens/<sha256 hex>     {service, expires_at, uses_left, created_at}
  *   certs/<serial>          {service, not_after, issued_at, root, via, parent, renewals}:
  *                           parent the serial renewed from (absent: via a join token),
@@ -51,7 +53,7 @@
  *   proxies/<serial>        {service, address, ports, last_seen, not_after, config_version}
  *
  * A service's config version is the largest revision among services/<svc>,
- * meta/bundle, meta/endpoints and meta/rotate-all: it passes any V a proxy
+ * meta/bundle, meta/endpoints, meta/rotate-all and meta/traffic: it passes any V a proxy
  * holds as soon as anything in its config answer changes.
  *
  * Single-threaded: use from control's event loop only.
@@ -186,6 +188,28 @@ int state_policy_delete(struct control_state *st, const char *svc, int64_t if_ma
                         int64_t *revision, struct state_error *se);
 int state_policy_list(struct control_state *st, json_t **out, struct state_error *se);
 
+/* ---- traffic documents ---- */
+
+/* As the policy calls above, for traffic/<svc> (docs/traffic.md). The
+ * caller validates doc (traffic_parse) before a put. */
+int state_traffic_put(struct control_state *st, const char *svc, const json_t *doc,
+                      int64_t if_match, int64_t *version, struct state_error *se);
+int state_traffic_get(struct control_state *st, const char *svc, json_t **doc,
+                      int64_t *version, struct state_error *se);
+int state_traffic_delete(struct control_state *st, const char *svc, int64_t if_match,
+                         int64_t *revision, struct state_error *se);
+int state_traffic_list(struct control_state *st, json_t **out, struct state_error *se);
+
+/* The config answer's "traffic": {service: {version, traffic}} for svc
+ * and the upstreams q names. Returns 0 or -EIO. */
+int state_traffic_config(struct control_state *st, const char *svc,
+                         const struct api_config_query *q, json_t **out);
+
+/* Adds to the dry run's answer out the rate limits and faults of svc's
+ * traffic document that select req (api_check_add_traffic). */
+int state_traffic_check(struct control_state *st, const char *svc,
+                        const struct policy_request *req, json_t *out, struct state_error *se);
+
 /* ---- tokens and SVIDs ---- */
 
 /* Creates a join token; *out is {token, service, expires_at, uses}. */
@@ -222,9 +246,10 @@ int state_config_version_shared(struct control_state *st, int64_t *version);
 int state_config_version_own(struct control_state *st, const char *svc, int64_t *version);
 
 /* {service, version, policy|null, policy_version, bundle_version,
- *  cert_generation, endpoints: {svc: [{address, ports}]}}: endpoints of the
- *  live entries of the services q asks for (upstreams=), none when it asks
- *  for none. */
+ *  cert_generation, endpoints: {svc: [{address, ports}]}, traffic: {svc:
+ *  {version, traffic}}}: endpoints of the live entries of the services q
+ *  asks for (upstreams=), none when it asks for none; traffic documents of
+ *  svc and of those services. */
 int state_config(struct control_state *st, const char *svc, const struct api_config_query *q,
                  json_t **out, struct state_error *se);
 

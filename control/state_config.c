@@ -1,6 +1,6 @@
 /*
  * state_config: what a proxy fetches: the trust bundle, and its service's
- * config (policy, endpoints, versions); see state.h for how the config
+ * config (policy, endpoints, traffic documents, versions); see state.h for how the config
  * version is made.
  */
 #include "state-int.h"
@@ -20,7 +20,8 @@ json_t *state_bundle(struct control_state *st)
 
 int state_config_version_shared(struct control_state *st, int64_t *version)
 {
-	static const char *const shared[] = {"meta/bundle", "meta/endpoints", "meta/rotate-all"};
+	static const char *const shared[] = {"meta/bundle", "meta/endpoints", "meta/rotate-all",
+	                                     "meta/traffic"};
 	int64_t v = 0, rev;
 
 	for (size_t i = 0; i < sizeof(shared) / sizeof(shared[0]); i++) {
@@ -56,7 +57,7 @@ int state_config(struct control_state *st, const char *svc, const struct api_con
                  json_t **out, struct state_error *se)
 {
 	char key[STORE_KEY_MAX];
-	json_t *policy = NULL, *eps = NULL;
+	json_t *policy = NULL, *eps = NULL, *traffic = NULL;
 	int64_t version = 0, pver = 0, gen;
 	int r;
 
@@ -70,14 +71,17 @@ int state_config(struct control_state *st, const char *svc, const struct api_con
 	gen = counter_value(st, key, "cert_generation") +
 	      counter_value(st, "meta/rotate-all", "cert_generation");
 	r = state_endpoints_json(st, q, &eps);
+	if (!r && (r = state_traffic_config(st, svc, q, &traffic)) < 0)
+		json_decref(eps);
 	if (r) {
 		json_decref(policy);
 		return state_store_failed(st, se, "list", r);
 	}
-	*out = json_pack("{s:s, s:I, s:o?, s:I, s:I, s:I, s:o}", "service", svc,
+	*out = json_pack("{s:s, s:I, s:o?, s:I, s:I, s:I, s:o, s:o}", "service", svc,
 	                 "version", (json_int_t)version, "policy", policy ? policy : json_null(),
 	                 "policy_version", (json_int_t)pver,
 	                 "bundle_version", (json_int_t)counter_value(st, "meta/bundle", "version"),
-	                 "cert_generation", (json_int_t)gen, "endpoints", eps);
+	                 "cert_generation", (json_int_t)gen, "endpoints", eps,
+	                 "traffic", traffic);
 	return 0;
 }

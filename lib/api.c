@@ -794,6 +794,77 @@ int api_parse_config_resp(const json_t *doc, struct api_config_resp *out,
 		return err_set(err, "policy", "must be a policy document or null");
 	if (!json_is_object(out->endpoints))
 		return err_set(err, "endpoints", "must be an object of service: [endpoint]");
+	/* Absent from a control older than traffic documents: none. */
+	out->traffic = json_object_get(doc, "traffic");
+	if (out->traffic && !json_is_object(out->traffic))
+		return err_set(err, "traffic", "must be an object of service: {version, traffic}");
+	return 0;
+}
+
+json_t *api_traffic_entry(const json_t *doc, int64_t version)
+{
+	return json_pack("{s:I, s:O}", "version", (json_int_t)version, "traffic", doc);
+}
+
+int api_parse_traffic_resp(const json_t *doc, struct api_traffic_resp *out,
+                           struct meshlet_err *err)
+{
+	memset(out, 0, sizeof(*out));
+	if (answer_object(doc, err) < 0 || get_count(doc, "version", &out->version, err) < 0)
+		return -EINVAL;
+	out->traffic = json_object_get(doc, "traffic");
+	if (!json_is_object(out->traffic))
+		return err_set(err, "traffic", "must be a traffic document");
+	return 0;
+}
+
+/* The rate limits of t that select req, as /v1/check reports them. */
+static json_t *check_rate_limits(const struct traffic *t, const struct policy_request *req)
+{
+	json_t *list = json_array();
+
+	for (size_t i = 0; i < t->n_rate_limits; i++) {
+		const struct traffic_rate_limit *rl = &t->rate_limits[i];
+
+		if (traffic_rate_limit_selects(rl, req))
+			json_array_append_new(list, json_pack("{s:s, s:f, s:i, s:s}", "name",
+			                                      rl->sel.name, "requests_per_second",
+			                                      rl->rps, "burst", (int)rl->burst, "per",
+			                                      rl->per_caller ? "caller" : "rule"));
+	}
+	return list;
+}
+
+static json_t *check_faults(const struct traffic *t, const struct policy_request *req)
+{
+	json_t *list = json_array();
+
+	for (size_t i = 0; i < t->n_faults; i++) {
+		const struct traffic_fault *f = &t->faults[i];
+		json_t *o;
+
+		if (!traffic_fault_selects(f, req))
+			continue;
+		o = json_pack("{s:s, s:f}", "name", f->sel.name, "percent", f->percent);
+		if (f->has_delay)
+			json_object_set_new(o, "delay_ms", json_integer(f->delay_ms));
+		if (f->abort_status)
+			json_object_set_new(o, "abort_status", json_integer(f->abort_status));
+		json_array_append_new(list, o);
+	}
+	return list;
+}
+
+int api_check_add_traffic(json_t *out, const struct traffic *t, int64_t version,
+                          const struct policy_request *req)
+{
+	json_t *rl = t ? check_rate_limits(t, req) : json_array();
+	json_t *f = t ? check_faults(t, req) : json_array();
+
+	if (!rl || !f || json_object_set_new(out, "rate_limits", rl) < 0 ||
+	    json_object_set_new(out, "faults", f) < 0 ||
+	    json_object_set_new(out, "traffic_version", json_integer(version)) < 0)
+		return -ENOMEM;
 	return 0;
 }
 

@@ -26,9 +26,9 @@
 #define MAX_WORKERS 256
 
 static const char *const top_keys[] = {
-	"service", "trust_domain", "state_dir", "control", "tls", "policy_file", "inbound",
-	"outbound", "transparent", "admin", "workers", "max_connections", "timeouts", "log",
-	NULL};
+	"service", "trust_domain", "state_dir", "control", "tls", "policy_file", "traffic_file",
+	"inbound", "outbound", "transparent", "admin", "workers", "max_connections", "timeouts",
+	"log", NULL};
 static const char *const control_keys[] = {"url", "token_file", NULL};
 static const char *const tls_keys[] = {"cert", "key", "bundle", "min_version", "groups", NULL};
 static const char *const inbound_keys[] = {"listen", "forward", "protocol", "advertise", NULL};
@@ -537,6 +537,9 @@ static int check_mode(const struct config *c, struct meshlet_err *err)
 		return err_set(err, "policy_file", "required with tls");
 	if (!c->has_tls && c->policy_file)
 		return err_set(err, "tls", "required with policy_file");
+	if (c->has_control && c->traffic_file)
+		return err_set(err, "traffic_file", "static mode only: with control, traffic "
+		               "documents come from control (meshletctl traffic apply)");
 	return 0;
 }
 
@@ -548,7 +551,8 @@ static int parse_files(const json_t *doc, struct parse_ctx *x)
 	if (!x->c->state_dir)
 		return -ENOMEM;
 	if ((rc = get_file(x, doc, "", "state_dir", false, &x->c->state_dir)) < 0 ||
-	    (rc = get_file(x, doc, "", "policy_file", false, &x->c->policy_file)) < 0)
+	    (rc = get_file(x, doc, "", "policy_file", false, &x->c->policy_file)) < 0 ||
+	    (rc = get_file(x, doc, "", "traffic_file", false, &x->c->traffic_file)) < 0)
 		return rc;
 	return 0;
 }
@@ -967,6 +971,7 @@ void config_free(struct config *c)
 	free(c->tls_bundle);
 	free(c->tls_groups);
 	free(c->policy_file);
+	free(c->traffic_file);
 	free(c->inbound);
 	for (i = 0; i < c->n_outbound; i++)
 		free(c->outbound[i].endpoints);

@@ -53,6 +53,10 @@ void metrics_free(struct metrics *m)
 		free(d);
 		d = next;
 	}
+	for (struct metrics_labeled *l = m->labeled, *next; l; l = next) {
+		next = l->next;
+		free(l);
+	}
 	pthread_mutex_destroy(&m->lock);
 	free(m);
 }
@@ -96,6 +100,34 @@ struct metrics_decision *metrics_decision(struct metrics *m, int allow, const ch
 out:
 	pthread_mutex_unlock(&m->lock);
 	return d;
+}
+
+struct metrics_labeled *metrics_labeled(struct metrics *m, enum metrics_family family,
+                                        const char *label)
+{
+	struct metrics_labeled *l, **tail;
+	size_t n;
+
+	if (!m || family >= MF_COUNT)
+		return NULL;
+	label = label ? label : "";
+	n = strlen(label);
+	pthread_mutex_lock(&m->lock);
+	for (tail = &m->labeled; (l = *tail) != NULL; tail = &l->next) {
+		if (l->family == family && strcmp(l->label, label) == 0)
+			goto out;
+	}
+	l = malloc(sizeof(*l) + n + 1);
+	if (l) {
+		l->next = NULL;
+		atomic_init(&l->count, 0);
+		l->family = family;
+		memcpy(l->label, label, n + 1);
+		*tail = l;
+	}
+out:
+	pthread_mutex_unlock(&m->lock);
+	return l;
 }
 
 /* Counts one request of the given duration. NaN and negatives count as 0;
@@ -201,6 +233,29 @@ static void render_decisions(struct metrics *m, FILE *out)
 	pthread_mutex_unlock(&m->lock);
 }
 
+static void render_labeled(struct metrics *m, FILE *out)
+{
+	static const struct { const char *name, *label, *help; } families[MF_COUNT] = {
+		[MF_RATE_LIMITED] = {"meshlet_rate_limited_total", "limit",
+		                     "Requests refused 429 by a rate limit, by limit."},
+		[MF_FAULTS] = {"meshlet_faults_injected_total", "fault",
+		               "Requests a fault was injected into, by fault."},
+	};
+
+	pthread_mutex_lock(&m->lock);
+	for (int f = 0; f < MF_COUNT; f++) {
+		header(out, families[f].name, "counter", families[f].help);
+		for (struct metrics_labeled *l = m->labeled; l; l = l->next) {
+			if ((int)l->family != f)
+				continue;
+			fprintf(out, "%s{%s=\"", families[f].name, families[f].label);
+			put_label_value(out, l->label);
+			fprintf(out, "\"} %" PRIu64 "\n", load_u(&l->count));
+		}
+	}
+	pthread_mutex_unlock(&m->lock);
+}
+
 /* Only codes seen at least once: 500 zero series would swamp a scrape. */
 static void render_http(struct metrics *m, FILE *out)
 {
@@ -245,6 +300,7 @@ int metrics_render(struct metrics *m, FILE *out)
 	render_connections(m, out);
 	render_tls_failures(m, out);
 	render_decisions(m, out);
+	render_labeled(m, out);
 	render_http(m, out);
 	render_duration(m, out);
 	gauge(out, "meshlet_cert_expiry_timestamp_seconds",

@@ -52,7 +52,9 @@ static bool is_token(const char *s)
 	return true;
 }
 
-static bool valid_rule_name(const char *s)
+/* 1..POLICY_RULE_NAME_MAX characters of [A-Za-z0-9._-]: rule names are
+ * metric labels and log fields. */
+bool policy_rule_name_valid(const char *s)
 {
 	size_t n = strlen(s);
 
@@ -405,14 +407,13 @@ static int parse_rule(const json_t *rule, const char *path, struct policy_rule *
 {
 	char p[MESHLET_PATH_MAX];
 	const char *name = NULL, *action = NULL;
-	int rc;
 
 	if (json_check_object(rule, path, rule_keys, err) < 0)
 		return -EINVAL;
 	if (json_get_str(rule, path, "name", true, &name, err) < 0)
 		return -EINVAL;
 	json_path_key(p, sizeof(p), path, "name");
-	if (!valid_rule_name(name))
+	if (!policy_rule_name_valid(name))
 		return err_set(err, p, "must be 1..%d characters of [A-Za-z0-9._-]",
 		               POLICY_RULE_NAME_MAX);
 	r->name = strdup(name);
@@ -423,11 +424,22 @@ static int parse_rule(const json_t *rule, const char *path, struct policy_rule *
 	json_path_key(p, sizeof(p), path, "action");
 	if (parse_action(action, p, &r->action, err) < 0)
 		return -EINVAL;
-	if ((rc = parse_from(rule, path, r, err)) < 0 ||
-	    (rc = parse_ports(rule, path, r, err)) < 0 ||
-	    (rc = parse_methods(rule, path, r, err)) < 0 ||
-	    (rc = parse_paths(rule, path, r, err)) < 0 ||
-	    (rc = parse_headers(rule, path, r, err)) < 0)
+	return policy_rule_parse_select(rule, path, r, err);
+}
+
+/* The selecting fields of obj (at path) into r: from, ports, methods,
+ * paths, headers; each absent = any. Returns 0, -EINVAL (err set) or
+ * -ENOMEM; r's lists are freed by policy_rule_free() even when half done. */
+int policy_rule_parse_select(const json_t *obj, const char *path, struct policy_rule *r,
+                             struct meshlet_err *err)
+{
+	int rc;
+
+	if ((rc = parse_from(obj, path, r, err)) < 0 ||
+	    (rc = parse_ports(obj, path, r, err)) < 0 ||
+	    (rc = parse_methods(obj, path, r, err)) < 0 ||
+	    (rc = parse_paths(obj, path, r, err)) < 0 ||
+	    (rc = parse_headers(obj, path, r, err)) < 0)
 		return rc;
 	r->names_http = r->n_methods || r->n_paths || r->n_headers;
 	return 0;
@@ -448,32 +460,39 @@ static int name_ref_cmp(const void *a, const void *b)
 	return x->index < y->index ? -1 : x->index > y->index;
 }
 
-/* Refuses duplicate rule names, naming the first rule (in document order)
- * whose name was already used. Sorting keeps this O(n log n) at 4096 rules. */
-static int check_unique_names(const struct policy *p, struct meshlet_err *err)
+/* Refuses duplicate names among the n items of list (name_at(items, i)),
+ * naming the first item (in document order) whose name was already used:
+ * "<list>[i].name". Sorting keeps this O(n log n) at 4096 rules. */
+int policy_names_unique(const void *items, size_t n, policy_name_at_fn name_at,
+                        const char *list, struct meshlet_err *err)
 {
 	char path[MESHLET_PATH_MAX], npath[MESHLET_PATH_MAX];
 	struct name_ref *refs;
 	size_t i, dup = SIZE_MAX;
 
-	if (p->n_rules < 2)
+	if (n < 2)
 		return 0;
-	refs = calloc(p->n_rules, sizeof(*refs));
+	refs = calloc(n, sizeof(*refs));
 	if (!refs)
 		return -ENOMEM;
-	for (i = 0; i < p->n_rules; i++)
-		refs[i] = (struct name_ref){p->rules[i].name, i};
-	qsort(refs, p->n_rules, sizeof(*refs), name_ref_cmp);
-	for (i = 1; i < p->n_rules; i++) {
+	for (i = 0; i < n; i++)
+		refs[i] = (struct name_ref){name_at(items, i), i};
+	qsort(refs, n, sizeof(*refs), name_ref_cmp);
+	for (i = 1; i < n; i++) {
 		if (strcmp(refs[i - 1].name, refs[i].name) == 0 && refs[i].index < dup)
 			dup = refs[i].index;
 	}
 	free(refs);
 	if (dup == SIZE_MAX)
 		return 0;
-	json_path_index(path, sizeof(path), "rules", dup);
+	json_path_index(path, sizeof(path), list, dup);
 	json_path_key(npath, sizeof(npath), path, "name");
-	return err_set(err, npath, "duplicate rule name \"%s\"", p->rules[dup].name);
+	return err_set(err, npath, "duplicate rule name \"%s\"", name_at(items, dup));
+}
+
+static const char *rule_name_at(const void *rules, size_t i)
+{
+	return ((const struct policy_rule *)rules)[i].name;
 }
 
 static int parse_rules(const json_t *doc, struct policy *p, struct meshlet_err *err)
@@ -500,7 +519,7 @@ static int parse_rules(const json_t *doc, struct policy *p, struct meshlet_err *
 		if (rc < 0)
 			return rc;
 	}
-	return check_unique_names(p, err);
+	return policy_names_unique(p->rules, p->n_rules, rule_name_at, "rules", err);
 }
 
 static int parse_top(const json_t *doc, struct policy *p, struct meshlet_err *err)
@@ -565,7 +584,8 @@ struct policy *policy_load(const char *file, struct meshlet_err *err)
 	return p;
 }
 
-static void rule_free(struct policy_rule *r)
+/* Frees what r owns (not r itself). */
+void policy_rule_free(struct policy_rule *r)
 {
 	size_t i;
 
@@ -595,7 +615,7 @@ void policy_free(struct policy *p)
 	if (!p)
 		return;
 	for (i = 0; i < p->n_rules; i++)
-		rule_free(&p->rules[i]);
+		policy_rule_free(&p->rules[i]);
 	free(p->rules);
 	free(p->service);
 	free(p);
@@ -699,7 +719,9 @@ static bool match_headers(const struct policy_rule *r, const struct policy_reque
 	return true;
 }
 
-static bool rule_matches(const struct policy_rule *r, const struct policy_request *req)
+/* True when r selects req: every field r names matches (see policy.h for
+ * tcp ports and CONNECT). Only reads. */
+bool policy_rule_matches(const struct policy_rule *r, const struct policy_request *req)
 {
 	if (!match_from(r, req->peer_id) || !match_port(r, req->port))
 		return false;
@@ -728,7 +750,7 @@ struct policy_decision policy_eval(const struct policy *p, const struct policy_r
 	for (i = 0; i < p->n_rules; i++) {
 		const struct policy_rule *r = &p->rules[i];
 
-		if (!rule_matches(r, req))
+		if (!policy_rule_matches(r, req))
 			continue;
 		if (r->action == POLICY_DENY)
 			return (struct policy_decision){POLICY_DENY, r, i};

@@ -150,6 +150,46 @@ static json_t *outbound_json(const struct config *c)
 	return a;
 }
 
+/* Names of n rules (rate limits, faults: each starts with its selector). */
+static json_t *rule_names(const void *rules, size_t n, size_t stride)
+{
+	json_t *arr = json_array();
+
+	for (size_t i = 0; arr && i < n; i++) {
+		const struct policy_rule *sel = (const void *)((const char *)rules + i * stride);
+
+		json_array_append_new(arr, json_string(sel->name));
+	}
+	return arr;
+}
+
+/* The traffic documents the snapshot holds, as what each side applies. */
+static json_t *traffic_json(const struct snapshot *s)
+{
+	json_t *arr = json_array();
+
+	for (size_t i = 0; arr && i < s->n_traffic; i++) {
+		const struct traffic *t = s->traffic[i].t;
+
+		json_array_append_new(arr, json_pack(
+			"{s:s, s:I, s:f, s:f, s:{s:i, s:i, s:i}, s:{s:i, s:f, s:i}, s:{s:i, s:i},"
+			" s:o, s:o}",
+			"service", t->service, "version", (json_int_t)s->traffic[i].version,
+			"connect_seconds", t->connect_ms / 1000.0, "request_seconds", t->request_ms / 1000.0,
+			"retries", "attempts", (int)t->retries.attempts,
+			"budget_percent", (int)t->retries.budget_percent,
+			"backoff_ms", (int)t->retries.backoff_ms,
+			"outlier", "consecutive_failures", (int)t->outlier.consecutive_failures,
+			"eject_seconds", t->outlier.eject_ms / 1000.0,
+			"max_ejected_percent", (int)t->outlier.max_ejected_percent,
+			"limits", "max_connections", (int)t->max_connections,
+			"max_pending_requests", (int)t->max_pending_requests,
+			"rate_limits", rule_names(t->rate_limits, t->n_rate_limits, sizeof(*t->rate_limits)),
+			"faults", rule_names(t->faults, t->n_faults, sizeof(*t->faults))));
+	}
+	return arr;
+}
+
 /* The running config: file names but never key material (not even the key's path). */
 static void on_config(struct admin *a, struct evhttp_request *req)
 {
@@ -185,6 +225,12 @@ static void on_config(struct admin *a, struct evhttp_request *req)
 	        "idle_seconds", c->timeouts.idle_ms / 1000.0,
 	        "drain_seconds", c->timeouts.drain_ms / 1000.0);
 
+	if (doc && (json_object_set_new(doc, "traffic", traffic_json(s)) < 0 ||
+	            (c->traffic_file &&
+	             json_object_set_new(doc, "traffic_file", json_string(c->traffic_file)) < 0))) {
+		json_decref(doc);
+		doc = NULL;
+	}
 	reply_json(req, doc ? 200 : 500, doc);
 	json_decref(doc);
 	snapshot_unref(s);

@@ -64,6 +64,7 @@ struct ctl_state {
 	int64_t policy_version;
 	json_t *policy;                 /* as control sent it (object or null); NULL: none yet */
 	json_t *endpoints;              /* {service: [addr]} of our registry-fed outbounds */
+	json_t *traffic;                /* {service: {version, traffic}}: ours and our upstreams' */
 };
 
 struct ctlclient {
@@ -144,10 +145,14 @@ int ctlc_fetch_bundle(struct ctlclient *c);
 int ctlc_register_inbound(struct ctlclient *c);
 /* The part of {service: [endpoint]} our outbound listeners take; NULL: no memory. */
 json_t *ctlc_relevant_endpoints(const struct config *cfg, const json_t *all);
-/* Hands policy (or null: deny all), endpoints and, when changed, our SVID
- * and bundle to the host as a new snapshot source. */
+/* The part of the config answer's {service: {version, traffic}} this
+ * proxy applies: its own service's and its outbound listeners' (every
+ * one in transparent mode); NULL: no memory. */
+json_t *ctlc_relevant_traffic(const struct config *cfg, const json_t *all);
+/* Hands policy (or null: deny all), endpoints, traffic documents and, when
+ * changed, our SVID and bundle to the host as a new snapshot source. */
 int ctlc_install(struct ctlclient *c, const json_t *policy, int64_t policy_version,
-                 const json_t *eps, int64_t version);
+                 const json_t *eps, const json_t *traffic, int64_t version);
 /* ctlc_install of what we hold, then cached. */
 int ctlc_install_current(struct ctlclient *c);
 int ctlc_poll_config(struct ctlclient *c);

@@ -278,6 +278,7 @@ static void state_clear(struct ctl_state *s)
 	json_decref(s->revoked);
 	json_decref(s->policy);
 	json_decref(s->endpoints);
+	json_decref(s->traffic);
 	memset(s, 0, sizeof(*s));
 }
 
@@ -321,6 +322,7 @@ int ctlclient_start(const struct ctlclient_host *host, const struct config *cfg,
 	c->reconnecting = true;
 	c->st.revoked = json_array();
 	c->st.endpoints = json_object();
+	c->st.traffic = json_object();
 	snprintf(c->status, sizeof(c->status), "connecting");
 	c->host.set_connected(c->host.ctx, false);
 

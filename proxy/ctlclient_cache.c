@@ -4,7 +4,8 @@
  *   svid.key    our private key (0600; never leaves this process otherwise)
  *   svid.pem    our SVID, leaf first
  *   bundle.pem  the trust bundle's roots
- *   state.json  versions, policy, endpoints and revocations last applied
+ *   state.json  versions, policy, endpoints, traffic documents and
+ *               revocations last applied
  * At start they let the proxy serve while control is down, as long as the
  * SVID is valid.
  */
@@ -62,11 +63,11 @@ int ctlc_save_key(struct ctlclient *c, EVP_PKEY *key)
 
 static json_t *state_doc(const struct ctl_state *s)
 {
-	return json_pack("{s:i, s:I, s:I, s:O, s:O, s:I, s:O, s:I, s:s}", "format", 1,
+	return json_pack("{s:i, s:I, s:I, s:O, s:O, s:O, s:I, s:O, s:I, s:s}", "format", 1,
 	                 "version", (json_int_t)s->version,
 	                 "policy_version", (json_int_t)s->policy_version,
 	                 "policy", s->policy ? s->policy : json_null(),
-	                 "endpoints", s->endpoints,
+	                 "endpoints", s->endpoints, "traffic", s->traffic,
 	                 "bundle_version", (json_int_t)s->bundle_version,
 	                 "revoked", s->revoked,
 	                 "cert_generation", (json_int_t)s->cert_generation,
@@ -110,7 +111,7 @@ int ctlc_state_dir_prepare(const struct config *cfg, struct meshlet_err *err)
 	return 0;
 }
 
-/* state.json into c->st (versions, policy, endpoints, revoked). 0 or -1. */
+/* state.json into c->st (versions, policy, endpoints, traffic, revoked). 0 or -1. */
 static int cache_load_state(struct ctlclient *c)
 {
 	char path[PATH_MAX];
@@ -139,6 +140,9 @@ static int cache_load_state(struct ctlclient *c)
 	c->st.policy = json_incref(policy);
 	json_decref(c->st.endpoints);
 	c->st.endpoints = ctlc_relevant_endpoints(c->cfg, eps);
+	/* Absent from caches written before traffic documents: none. */
+	json_decref(c->st.traffic);
+	c->st.traffic = ctlc_relevant_traffic(c->cfg, json_object_get(doc, "traffic"));
 	c->st.bundle_version = bver;
 	json_decref(c->st.revoked);
 	c->st.revoked = json_incref(revoked);
@@ -196,7 +200,8 @@ void ctlc_cache_load(struct ctlclient *c)
 		c->need_bundle = true;
 		goto out;
 	}
-	if (ctlc_install(c, c->st.policy, c->st.policy_version, c->st.endpoints, c->st.version) < 0) {
+	if (ctlc_install(c, c->st.policy, c->st.policy_version, c->st.endpoints, c->st.traffic,
+	                 c->st.version) < 0) {
 		log_warn("cannot serve from the cache in %s: %s", dir, c->why);
 		goto out;
 	}

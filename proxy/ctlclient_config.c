@@ -81,6 +81,69 @@ json_t *ctlc_relevant_endpoints(const struct config *cfg, const json_t *all)
 	return out;
 }
 
+/* True when cfg's proxy applies svc's traffic document: its own service
+ * (inbound), or one its outbound listeners call (every one when
+ * transparent). */
+static bool wants_traffic(const struct config *cfg, const char *svc)
+{
+	if (cfg->has_transparent || strcmp(svc, cfg->service) == 0)
+		return true;
+	for (size_t i = 0; i < cfg->n_outbound; i++) {
+		if (strcmp(cfg->outbound[i].service, svc) == 0)
+			return true;
+	}
+	return false;
+}
+
+json_t *ctlc_relevant_traffic(const struct config *cfg, const json_t *all)
+{
+	json_t *out = json_object(), *v;
+	const char *svc;
+
+	json_object_foreach((json_t *)all, svc, v) {
+		if (out && wants_traffic(cfg, svc))
+			json_object_set(out, svc, v);
+	}
+	return out;
+}
+
+/*
+ * The traffic documents of {service: {version, traffic}} into src. One
+ * this proxy cannot use (from a newer control, or for another service
+ * than its key) is left out with a warning: calls to that service get the
+ * defaults, and nothing else stops being served.
+ */
+static int build_traffic(const json_t *traffic, struct snapshot_source *src)
+{
+	struct meshlet_err e = { { 0 }, { 0 } };
+	struct api_traffic_resp tr;
+	const char *svc;
+	char msg[600];
+	json_t *v;
+
+	src->traffic = calloc(json_object_size(traffic) + 1, sizeof(*src->traffic));
+	if (!src->traffic)
+		return -1;
+	json_object_foreach((json_t *)traffic, svc, v) {
+		struct snapshot_traffic *st = &src->traffic[src->n_traffic];
+
+		st->t = api_parse_traffic_resp(v, &tr, &e) < 0 ? NULL : traffic_parse(tr.traffic, &e);
+		if (st->t && strcmp(st->t->service, svc) != 0) {
+			err_set(&e, "service", "names %s", st->t->service);
+			traffic_free(st->t);
+			st->t = NULL;
+		}
+		if (!st->t) {
+			log_warn("ignoring control's traffic document for %s: %s", svc,
+			         err_str(&e, msg, sizeof(msg)));
+			continue;
+		}
+		st->version = tr.version;
+		src->n_traffic++;
+	}
+	return 0;
+}
+
 /* One endpoint from control (api_parse_endpoint), its address parsed.
  * 0, or -1 with *why set. */
 static int parse_endpoint(const json_t *v, struct config_addr *addr,
@@ -151,7 +214,7 @@ static int build_registry(const json_t *eps, struct snapshot_source *src, size_t
  * endpoints and, when they changed, our SVID and bundle as a new snapshot.
  */
 int ctlc_install(struct ctlclient *c, const json_t *policy, int64_t policy_version,
-                 const json_t *eps, int64_t version)
+                 const json_t *eps, const json_t *traffic, int64_t version)
 {
 	struct snapshot_source src = { 0 };
 	struct meshlet_err e = { { 0 }, { 0 } };
@@ -190,7 +253,7 @@ int ctlc_install(struct ctlclient *c, const json_t *policy, int64_t policy_versi
 		snapshot_source_free(&src);
 		return ctlc_fail(c, "the policy from control is unusable: %s", err_str(&e, msg, sizeof(msg)));
 	}
-	if (build_registry(eps, &src, &n_eps) < 0) {
+	if (build_registry(eps, &src, &n_eps) < 0 || build_traffic(traffic, &src) < 0) {
 		snapshot_source_free(&src);
 		return ctlc_fail(c, "out of memory");
 	}
@@ -199,16 +262,17 @@ int ctlc_install(struct ctlclient *c, const json_t *policy, int64_t policy_versi
 		                 err_str(&e, msg, sizeof(msg)));
 	c->tls_dirty = false;
 	c->installed = true;
-	log_info("installed config version %lld: policy v%lld, bundle v%lld, %zu endpoints",
-	         (long long)version, (long long)policy_version, (long long)c->st.bundle_version,
-	         n_eps);
+	log_info("installed config version %lld: policy v%lld, bundle v%lld, %zu endpoints, "
+	         "%zu traffic documents", (long long)version, (long long)policy_version,
+	         (long long)c->st.bundle_version, n_eps, json_object_size(traffic));
 	return 0;
 }
 
 /* Installs what we hold (after a renewal or a new bundle), and caches it. */
 int ctlc_install_current(struct ctlclient *c)
 {
-	if (ctlc_install(c, c->st.policy, c->st.policy_version, c->st.endpoints, c->st.version) < 0)
+	if (ctlc_install(c, c->st.policy, c->st.policy_version, c->st.endpoints, c->st.traffic,
+	                 c->st.version) < 0)
 		return -1;
 	if (ctlc_save_state(c) < 0)
 		log_warn("cannot cache the state: %s", c->why);
@@ -221,7 +285,7 @@ static int apply_config(struct ctlclient *c, const json_t *doc)
 	struct meshlet_err e = { { 0 }, { 0 } };
 	struct api_config_resp a;
 	int64_t version, pver, bver, gen;
-	json_t *policy, *eps;
+	json_t *policy, *eps, *traffic;
 	bool changed;
 
 	if (api_parse_config_resp(doc, &a, &e) < 0)
@@ -251,13 +315,19 @@ static int apply_config(struct ctlclient *c, const json_t *doc)
 		return 0;
 	}
 	eps = ctlc_relevant_endpoints(c->cfg, a.endpoints);
-	if (!eps)
+	traffic = ctlc_relevant_traffic(c->cfg, a.traffic);
+	if (!eps || !traffic) {
+		json_decref(eps);
+		json_decref(traffic);
 		return ctlc_fail(c, "out of memory");
+	}
 	changed = !c->installed || c->tls_dirty || pver != c->st.policy_version ||
 	          !c->st.policy || !json_equal(policy, c->st.policy) ||
-	          !c->st.endpoints || !json_equal(eps, c->st.endpoints);
-	if (changed && ctlc_install(c, policy, pver, eps, version) < 0) {
+	          !c->st.endpoints || !json_equal(eps, c->st.endpoints) ||
+	          !json_equal(traffic, c->st.traffic);
+	if (changed && ctlc_install(c, policy, pver, eps, traffic, version) < 0) {
 		json_decref(eps);
+		json_decref(traffic);
 		return -1;
 	}
 	c->st.version = version;
@@ -267,17 +337,22 @@ static int apply_config(struct ctlclient *c, const json_t *doc)
 		c->st.policy_version = pver;
 		json_decref(c->st.endpoints);
 		c->st.endpoints = eps;
+		json_decref(c->st.traffic);
+		c->st.traffic = traffic;
 		if (ctlc_save_state(c) < 0)
 			log_warn("cannot cache the state: %s", c->why);
 	} else {
 		json_decref(eps);
+		json_decref(traffic);
 	}
 	return 0;
 }
 
 /*
- * "&upstreams=..." for the config poll: the services whose endpoints we
- * take from control, "*" in transparent mode (any destination may be one),
+ * "&upstreams=..." for the config poll: the services our outbound
+ * listeners call, whose traffic documents we apply and whose endpoints we
+ * take from control where the config names none (ctlc_relevant_endpoints
+ * keeps only those); "*" in transparent mode (any destination may be one),
  * nothing when there are none. Control answers no more than that.
  */
 static void upstreams_param(const struct config *cfg, char *out, size_t len)
@@ -293,10 +368,8 @@ static void upstreams_param(const struct config *cfg, char *out, size_t len)
 		const char *svc = cfg->outbound[i].service;
 		bool dup = false;
 
-		if (cfg->outbound[i].n_endpoints > 0)
-			continue;
 		for (size_t j = 0; j < i && !dup; j++)
-			dup = cfg->outbound[j].n_endpoints == 0 && strcmp(cfg->outbound[j].service, svc) == 0;
+			dup = strcmp(cfg->outbound[j].service, svc) == 0;
 		if (dup)
 			continue;
 		used = strlen(out);

@@ -30,6 +30,9 @@ struct req_entry {
 	bool complete;              /* the whole request was read */
 	enum policy_action decision;
 	const char *rule;           /* owned by the connection's snapshot */
+	const char *traffic_name;   /* the rate limit or fault that answers it (snapshot's) */
+	bool traffic_fault;
+	unsigned retry_after;
 	int status;                 /* final status sent to the client */
 	char *method, *path;        /* copies, for the log */
 	char request_id[REQUEST_ID_LEN + 1];
@@ -227,12 +230,19 @@ static void log_request(struct conn *c, struct req_entry *e)
 static char *local_response(const struct req_entry *e, int status, const char *reason,
                             bool close_after, size_t *len)
 {
-	char body[512], esc[256], *out;
+	char body[512], esc[256], extra[64] = "", *out;
 	int blen, n;
 
 	if (status == 403) {
 		log_json_escape(esc, sizeof(esc), e && e->rule ? e->rule : "default");
 		blen = snprintf(body, sizeof(body), "{\"error\":\"forbidden\",\"rule\":\"%s\"}\n", esc);
+	} else if (e && e->traffic_name) {
+		log_json_escape(esc, sizeof(esc), e->traffic_name);
+		blen = snprintf(body, sizeof(body), e->traffic_fault ?
+		                "{\"error\":\"fault injected\",\"fault\":\"%s\"}\n" :
+		                "{\"error\":\"rate limited\",\"limit\":\"%s\"}\n", esc);
+		if (!e->traffic_fault)
+			snprintf(extra, sizeof(extra), "retry-after: %u\r\n", e->retry_after);
 	} else {
 		log_json_escape(esc, sizeof(esc), reason ? reason : http_status_reason(status));
 		blen = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"status\":%d}\n", esc, status);
@@ -242,8 +252,8 @@ static char *local_response(const struct req_entry *e, int status, const char *r
 		return NULL;
 	n = snprintf(out, 1024,
 	             "HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-	             "%s%s%s%s\r\n%s",
-	             status, http_status_reason(status), blen,
+	             "%s%s%s%s%s\r\n%s",
+	             status, http_status_reason(status), blen, extra,
 	             e && e->request_id[0] ? "x-request-id: " : "",
 	             e && e->request_id[0] ? e->request_id : "", e && e->request_id[0] ? "\r\n" : "",
 	             close_after ? "connection: close\r\n" : "",
@@ -374,6 +384,22 @@ static struct req_entry *push_entry(struct conn *c, const struct http_head *h)
 	return e;
 }
 
+/* Inbound, a request the policy allowed: the service's rate limits and
+ * faults (the one traffic hook). Returns true to forward it. */
+static bool traffic_admits(struct conn *c, struct req_entry *e, const struct policy_request *req)
+{
+	struct snapshot_traffic_verdict v;
+
+	snapshot_traffic_inbound(c->snap, req, &v);
+	if (!v.status)
+		return true;
+	e->local_status = v.status;
+	e->traffic_name = v.name;
+	e->traffic_fault = v.fault;
+	e->retry_after = v.retry_after;
+	return false;
+}
+
 /* Inbound: the policy decides the request. Returns true to forward it. */
 static bool decide(struct conn *c, struct req_entry *e, const struct http_head *h)
 {
@@ -404,7 +430,7 @@ static bool decide(struct conn *c, struct req_entry *e, const struct http_head *
 	e->decision = d.action;
 	e->rule = policy_decision_rule(&d);
 	if (d.action == POLICY_ALLOW)
-		return true;
+		return traffic_admits(c, e, &req);
 	e->local_status = 403;
 	log_info("conn %llu: %s %s %s denied by rule %s", (unsigned long long)c->id, c->peer,
 	         h->method, h->path, e->rule);
@@ -526,7 +552,8 @@ static int on_request_head(struct conn *c, const struct http_head *h)
 	}
 	if (c->inbound && !decide(c, e, h)) {
 		/* A body we would have to read just to skip it, or a tunnel: answer and close. */
-		e->close_after = has_body || tunnel_ask || !h->keep_alive || e->local_status != 403;
+		e->close_after = has_body || tunnel_ask || !h->keep_alive ||
+		                 (e->local_status != 403 && !e->traffic_name);
 		hf->req_dropping = true;
 		if (e->close_after)
 			stop_requests(c);

@@ -2,9 +2,42 @@
 #include "snapshot.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <netinet/in.h>
+
+#include <openssl/rand.h>
+
+/* The documents of file (none when NULL) into src->traffic; errors name
+ * the file as the policy's do. */
+static int traffic_from_file(const char *file, struct snapshot_source *src,
+                             struct meshlet_err *err)
+{
+	char msg[sizeof(err->message)];
+	struct traffic **set = NULL;
+	size_t n = 0;
+
+	if (!file)
+		return 0;
+	if (traffic_load_set(file, &set, &n, err) < 0) {
+		snprintf(msg, sizeof(msg), "%s", err->message);
+		if (!strstr(msg, file))
+			snprintf(err->message, sizeof(err->message), "%.*s (in %s)", 160, msg, file);
+		return -EINVAL;
+	}
+	src->traffic = calloc(n ? n : 1, sizeof(*src->traffic));
+	if (!src->traffic) {
+		traffic_set_free(set, n);
+		return err_set(err, "", "out of memory");
+	}
+	for (size_t i = 0; i < n; i++)
+		src->traffic[i].t = set[i];
+	src->n_traffic = n;
+	free(set);
+	return 0;
+}
 
 int snapshot_source_from_files(const struct config *cfg, struct snapshot_source *src,
                                struct meshlet_err *err)
@@ -29,13 +62,21 @@ int snapshot_source_from_files(const struct config *cfg, struct snapshot_source 
 			         cfg->policy_file);
 		return -EINVAL;
 	}
-	return 0;
+	return traffic_from_file(cfg->traffic_file, src, err);
+}
+
+static void free_traffic(struct snapshot_traffic *t, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		traffic_free(t[i].t);
+	free(t);
 }
 
 void snapshot_source_free(struct snapshot_source *src)
 {
 	tls_material_free(src->tls);
 	policy_free(src->policy);
+	free_traffic(src->traffic, src->n_traffic);
 	for (size_t i = 0; i < src->n_registry; i++) {
 		free(src->registry[i].addrs);
 		free(src->registry[i].app_ports);
@@ -193,6 +234,95 @@ static int build_outbound(struct snapshot *s, const struct snapshot_source *src,
 	return 0;
 }
 
+static void free_inbound_traffic(struct snapshot_inbound_traffic *it)
+{
+	if (!it)
+		return;
+	traffic_limiter_free(it->limiter);
+	pthread_mutex_destroy(&it->lock);
+	free(it->limited);
+	free(it->faulted);
+	free(it);
+}
+
+/* s->in_traffic from the service's own document, when it has rate limits
+ * or faults. Returns 0 or -ENOMEM. */
+static int build_inbound_traffic(struct snapshot *s, struct metrics *m)
+{
+	const struct snapshot_traffic *own = snapshot_traffic(s, s->cfg->service);
+	const struct traffic *t = own ? own->t : NULL;
+	struct snapshot_inbound_traffic *it;
+
+	if (!t || (t->n_rate_limits == 0 && t->n_faults == 0))
+		return 0;
+	it = calloc(1, sizeof(*it));
+	if (!it)
+		return -ENOMEM;
+	pthread_mutex_init(&it->lock, NULL);
+	it->t = t;
+	it->limiter = traffic_limiter_new(t);
+	it->limited = calloc(t->n_rate_limits + 1, sizeof(*it->limited));
+	it->faulted = calloc(t->n_faults + 1, sizeof(*it->faulted));
+	s->in_traffic = it;
+	if (!it->limiter || !it->limited || !it->faulted)
+		return -ENOMEM;
+	for (size_t i = 0; i < t->n_rate_limits; i++)
+		it->limited[i] = metrics_labeled(m, MF_RATE_LIMITED, t->rate_limits[i].sel.name);
+	for (size_t i = 0; i < t->n_faults; i++)
+		it->faulted[i] = metrics_labeled(m, MF_FAULTS, t->faults[i].sel.name);
+	return 0;
+}
+
+static uint64_t random_u64(void *arg)
+{
+	uint64_t v = 0;
+
+	(void)arg;
+	/* OpenSSL's DRBG: no generator state of our own to share between workers. */
+	if (RAND_bytes((unsigned char *)&v, sizeof(v)) != 1)
+		v = 0;
+	return v;
+}
+
+static void count(struct metrics_labeled *l)
+{
+	if (l)
+		metrics_inc(&l->count);
+}
+
+void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_request *req,
+                              struct snapshot_traffic_verdict *v)
+{
+	struct snapshot_inbound_traffic *it = s->in_traffic;
+	const struct traffic_rate_limit *rl;
+	struct traffic_fault_decision d;
+	struct timespec now;
+	int64_t wait = 0;
+
+	memset(v, 0, sizeof(*v));
+	if (!it)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	pthread_mutex_lock(&it->lock);
+	rl = traffic_limiter_admit(it->limiter, req,
+	                           (int64_t)now.tv_sec * 1000000 + now.tv_nsec / 1000, &wait);
+	pthread_mutex_unlock(&it->lock);
+	if (rl) {
+		count(it->limited[rl - it->t->rate_limits]);
+		v->status = 429;
+		v->name = rl->sel.name;
+		v->retry_after = traffic_retry_after_s(wait);
+		return;
+	}
+	traffic_fault_decide(it->t, req, random_u64, NULL, &d);
+	if (!d.abort)
+		return;
+	count(it->faulted[d.abort - it->t->faults]);
+	v->status = d.abort_status;
+	v->fault = true;
+	v->name = d.abort->sel.name;
+}
+
 struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
                                 struct metrics *m, uint64_t version, struct meshlet_err *err)
 {
@@ -234,6 +364,14 @@ struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
 	s->n_registry = src->n_registry;
 	src->registry = NULL;
 	src->n_registry = 0;
+	s->traffic = src->traffic;
+	s->n_traffic = src->n_traffic;
+	src->traffic = NULL;
+	src->n_traffic = 0;
+	if (build_inbound_traffic(s, m) < 0) {
+		err_set(err, "", "out of memory");
+		goto fail;
+	}
 	snapshot_source_free(src);
 	return s;
 fail:
@@ -277,8 +415,19 @@ void snapshot_unref(struct snapshot *s)
 		free(s->registry[i].app_ports);
 	}
 	free(s->registry);
+	free_inbound_traffic(s->in_traffic);
+	free_traffic(s->traffic, s->n_traffic);
 	config_free(s->cfg);
 	free(s);
+}
+
+const struct snapshot_traffic *snapshot_traffic(const struct snapshot *s, const char *service)
+{
+	for (size_t i = 0; i < s->n_traffic; i++) {
+		if (strcmp(s->traffic[i].t->service, service) == 0)
+			return &s->traffic[i];
+	}
+	return NULL;
 }
 
 int snapshot_save_session(struct snapshot *s, size_t listener, size_t endpoint, int worker,

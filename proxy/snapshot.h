@@ -7,6 +7,7 @@
 #ifndef MESHLET_PROXY_SNAPSHOT_H
 #define MESHLET_PROXY_SNAPSHOT_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <openssl/ssl.h>
@@ -16,6 +17,7 @@
 #include "meshlet/metrics.h"
 #include "meshlet/policy.h"
 #include "meshlet/tls.h"
+#include "meshlet/traffic.h"
 
 /* Per outbound listener: whom we expect upstream, where it is, resumable sessions. */
 struct snapshot_outbound {
@@ -24,6 +26,16 @@ struct snapshot_outbound {
 	size_t n_endpoints;
 	/* sessions[endpoint * workers + worker]: each worker touches only its own slots. */
 	SSL_SESSION **sessions;
+};
+
+/*
+ * A traffic document the proxy holds (docs/traffic.md): its own service's
+ * (the inbound side applies rate_limits and faults) or an upstream's (the
+ * outbound side applies timeouts, retries, outlier and limits).
+ */
+struct snapshot_traffic {
+	struct traffic *t;
+	int64_t version;                /* control's version of it; 0 from traffic_file */
 };
 
 /*
@@ -42,6 +54,9 @@ struct snapshot_source {
 	 * none in the config (control mode); NULL in static mode. */
 	struct snapshot_endpoints *registry;
 	size_t n_registry;
+	/* Traffic documents, one per service at most. */
+	struct snapshot_traffic *traffic;
+	size_t n_traffic;
 };
 
 /* The application ports behind one registered inbound address. */
@@ -58,6 +73,27 @@ struct snapshot_endpoints {
 	/* app_ports[i]: the application ports addrs[i]'s inbound listener
 	 * forwards to, as registered with control (n_addrs of them). */
 	struct snapshot_app_ports *app_ports;
+};
+
+/*
+ * The service's own traffic document as its inbound side applies it: rate
+ * limits (one limiter the workers share, behind lock) and faults, with
+ * their counters resolved once.
+ */
+struct snapshot_inbound_traffic {
+	const struct traffic *t;                   /* in the snapshot's traffic */
+	pthread_mutex_t lock;                      /* guards limiter */
+	struct traffic_limiter *limiter;
+	struct metrics_labeled **limited;          /* one per t->rate_limits */
+	struct metrics_labeled **faulted;          /* one per t->faults */
+};
+
+/* What the inbound traffic rules make of one request. */
+struct snapshot_traffic_verdict {
+	int status;                     /* 0: forward it; else answer it with this status */
+	bool fault;                     /* status is a fault's abort (else 429, a rate limit) */
+	const char *name;               /* the limit or fault (owned by the snapshot) */
+	unsigned retry_after;           /* 429: seconds for Retry-After */
 };
 
 struct snapshot {
@@ -80,11 +116,15 @@ struct snapshot {
 	/* control's registry (control mode): for transparent destinations */
 	struct snapshot_endpoints *registry;
 	size_t n_registry;
+	struct snapshot_traffic *traffic;          /* sorted by nothing; few */
+	size_t n_traffic;
+	struct snapshot_inbound_traffic *in_traffic;   /* NULL: no rate limits or faults */
 };
 
 /*
- * Static mode: loads the TLS material and the policy from the files cfg
- * names into src. Returns 0, or -EINVAL with err naming the file.
+ * Static mode: loads the TLS material, the policy and the traffic documents
+ * (traffic_file, when given) from the files cfg names into src. Returns 0,
+ * or -EINVAL with err naming the file.
  */
 int snapshot_source_from_files(const struct config *cfg, struct snapshot_source *src,
                                struct meshlet_err *err);
@@ -101,6 +141,20 @@ void snapshot_source_free(struct snapshot_source *src);
  */
 struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
                                 struct metrics *m, uint64_t version, struct meshlet_err *err);
+
+/* The traffic document of service, or NULL: the defaults apply
+ * (TRAFFIC_*_DEFAULT: no retries, no ejection, no limits, no faults). */
+const struct snapshot_traffic *snapshot_traffic(const struct snapshot *s, const char *service);
+
+/*
+ * Inbound, a request the policy allowed: the service's rate limits take a
+ * token for its caller (429 when one has none), then its faults roll
+ * (their abort status). Counts meshlet_rate_limited_total and
+ * meshlet_faults_injected_total. Fault delays are not applied yet (they
+ * need a timer on the data path). Safe from any worker.
+ */
+void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_request *req,
+                              struct snapshot_traffic_verdict *v);
 
 struct snapshot *snapshot_ref(struct snapshot *s);
 void snapshot_unref(struct snapshot *s);

@@ -8,7 +8,9 @@
  *   ctl_client.c        talking to control: token, CA file, one API call,
  *                       messages and exit codes
  *   ctl_render.c        output: aligned tables and JSON
- *   ctl_cmd_policy.c    policy apply|get|delete|list, check
+ *   ctl_cmd_policy.c    policy apply|get|delete|list, check; apply and
+ *                       delete of any versioned document (ctl_doc_*)
+ *   ctl_cmd_traffic.c   traffic apply|get|delete|list
  *   ctl_cmd_certs.c     token create, certs list|rotate|revoke
  *   ctl_cmd_ca.c        ca show|status|rotate (and rotate --auto)
  *   ctl_cmd_registry.c  endpoints list|add|remove, proxies list
@@ -165,11 +167,28 @@ void ctl_print_object(const json_t *obj, const char *const *preferred, FILE *out
 /* v as indented JSON on stdout. */
 void ctl_print_json(const json_t *v);
 
+/* A kind of versioned document (policy, traffic): apply -f FILE
+ * [--if-match V] PUTs FILE to api_prefix + its "service"; delete SERVICE
+ * [--if-match V]. Both return an exit code (ctl_cmd_policy.c). */
+struct ctl_doc_kind {
+	const char *noun;          /* "policy" */
+	const char *api_prefix;    /* "/v1/policies/" */
+	const char *service_is;    /* what "service" names, for the usage error */
+};
+int ctl_doc_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a,
+                  const struct ctl_doc_kind *k);
+int ctl_doc_delete(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a,
+                   const struct ctl_doc_kind *k);
+
 /* The handlers of the command table (ctl_cmd_*.c). */
 int ctl_cmd_policy_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_policy_get(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_policy_delete(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_policy_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
+int ctl_cmd_traffic_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
+int ctl_cmd_traffic_get(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
+int ctl_cmd_traffic_delete(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
+int ctl_cmd_traffic_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_token_create(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_certs_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_certs_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);

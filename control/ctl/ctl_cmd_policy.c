@@ -1,4 +1,5 @@
-/* meshletctl policy apply|get|delete|list and check (see ctl.h). */
+/* meshletctl policy apply|get|delete|list and check, and the apply and
+ * delete every versioned document shares (see ctl.h). */
 #include "ctl.h"
 
 #include <ctype.h>
@@ -11,65 +12,86 @@
 
 static const char *const policy_list_cols[] = { "service", "version", NULL };
 
-int ctl_cmd_policy_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
+static const struct ctl_doc_kind policy_doc = {
+	.noun = "policy", .api_prefix = "/v1/policies/",
+	.service_is = "the service the policy protects",
+};
+
+/* The document of FILE, its service named: *doc and the text sent. */
+static int doc_read(struct ctl *ctl, const struct ctl_doc_kind *k, const char *file, char **text,
+                    size_t *len, json_t **doc)
+{
+	json_error_t jerr;
+	json_t *svc;
+
+	*text = ctl_read_file(file, CTL_POLICY_FILE_MAX, len);
+	if (!*text)
+		return ctl_usage_error(ctl, "cannot read %s file %s: %s", k->noun,
+		                       strcmp(file, "-") ? file : "(stdin)",
+		                       errno == EFBIG ? "larger than 16 MiB" : strerror(errno));
+	*doc = json_loadb(*text, *len, 0, &jerr);
+	if (!*doc)
+		return ctl_usage_error(ctl, "%s file %s: not valid JSON: line %d column %d: %s", k->noun,
+		                       file, jerr.line, jerr.column, jerr.text);
+	svc = json_is_object(*doc) ? json_object_get(*doc, "service") : NULL;
+	if (!json_is_string(svc) || json_string_length(svc) == 0)
+		return ctl_usage_error(ctl, "%s file %s: service: required (a string naming %s)",
+		                       k->noun, file, k->service_is);
+	return 0;
+}
+
+/* --if-match VALUE as a header into hdr, checked as a version or "*". */
+static int doc_if_match(struct ctl *ctl, const struct ctl_doc_kind *k, const char *if_match,
+                        char *hdr, size_t len)
+{
+	long long v;
+
+	if (ctl_parse_int(if_match, 0, LLONG_MAX, &v) < 0 && if_match[0] != '"' &&
+	    strcmp(if_match, "*") != 0)
+		return ctl_usage_error(ctl, "--if-match: expected a %s version (an integer) or *, "
+		                       "got '%s'", k->noun, if_match);
+	snprintf(hdr, len, "If-Match: %s", if_match);
+	return 0;
+}
+
+int ctl_doc_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a,
+                  const struct ctl_doc_kind *k)
 {
 	const char *file = ctl_arg(cmd, a, "file"), *if_match = ctl_arg(cmd, a, "if-match");
 	char path[CTL_URL_PATH_MAX], hdr[160];
 	const char *headers[2] = { NULL, NULL };
 	struct httpc_response r;
-	json_error_t jerr;
-	json_t *doc, *svc;
-	size_t len;
-	char *text;
+	json_t *doc = NULL;
+	char *text = NULL;
+	size_t len = 0;
 	int rc;
 
 	if (!file)
-		return ctl_usage_error(ctl, "policy apply: -f FILE is required (see policy apply --help)");
-	text = ctl_read_file(file, CTL_POLICY_FILE_MAX, &len);
-	if (!text)
-		return ctl_usage_error(ctl, "cannot read policy file %s: %s", strcmp(file, "-") ? file : "(stdin)",
-		                       errno == EFBIG ? "larger than 16 MiB" : strerror(errno));
-	doc = json_loadb(text, len, 0, &jerr);
-	if (!doc) {
-		rc = ctl_usage_error(ctl, "policy file %s: not valid JSON: line %d column %d: %s", file,
-		                     jerr.line, jerr.column, jerr.text);
-		free(text);
-		return rc;
-	}
-	svc = json_is_object(doc) ? json_object_get(doc, "service") : NULL;
-	if (!json_is_string(svc) || json_string_length(svc) == 0) {
-		json_decref(doc);
-		free(text);
-		return ctl_usage_error(ctl, "policy file %s: service: required (a string naming the service "
-		                       "the policy protects)", file);
-	}
-	rc = ctl_api_path(ctl, path, sizeof(path), "/v1/policies/", json_string_value(svc));
-	if (rc)
-		goto out;
-	if (if_match) {
-		long long v;
-
-		if (ctl_parse_int(if_match, 0, LLONG_MAX, &v) < 0 && if_match[0] != '"' &&
-		    strcmp(if_match, "*") != 0) {
-			rc = ctl_usage_error(ctl, "--if-match: expected a policy version (an integer) or *, "
-			                     "got '%s'", if_match);
-			goto out;
-		}
-		snprintf(hdr, sizeof(hdr), "If-Match: %s", if_match);
+		return ctl_usage_error(ctl, "%s apply: -f FILE is required (see %s apply --help)",
+		                       cmd->group, cmd->group);
+	rc = doc_read(ctl, k, file, &text, &len, &doc);
+	if (!rc)
+		rc = ctl_api_path(ctl, path, sizeof(path), k->api_prefix,
+		                  json_string_value(json_object_get(doc, "service")));
+	if (!rc && if_match && !(rc = doc_if_match(ctl, k, if_match, hdr, sizeof(hdr))))
 		headers[0] = hdr;
+	if (!rc)
+		rc = ctl_api_call(ctl, "PUT", path, NULL, text, len, headers, &r);
+	if (!rc) {
+		if (ctl->output == OUT_JSON)
+			ctl_print_json(r.json);
+		else
+			ctl_print_object(r.json, policy_list_cols, stdout);
+		httpc_response_clear(&r);
 	}
-	rc = ctl_api_call(ctl, "PUT", path, NULL, text, len, headers, &r);
-	if (rc)
-		goto out;
-	if (ctl->output == OUT_JSON)
-		ctl_print_json(r.json);
-	else
-		ctl_print_object(r.json, policy_list_cols, stdout);
-	httpc_response_clear(&r);
-out:
 	json_decref(doc);
 	free(text);
 	return rc;
+}
+
+int ctl_cmd_policy_apply(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
+{
+	return ctl_doc_apply(ctl, cmd, a, &policy_doc);
 }
 
 /* One rule field as a cell: "*" when omitted (any). */
@@ -143,13 +165,14 @@ int ctl_cmd_policy_get(struct ctl *ctl, const struct ctl_cmd *cmd, const struct 
 	return 0;
 }
 
-int ctl_cmd_policy_delete(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
+int ctl_doc_delete(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a,
+                   const struct ctl_doc_kind *k)
 {
 	const char *if_match = ctl_arg(cmd, a, "if-match");
 	const char *headers[2] = { NULL, NULL };
 	char path[CTL_URL_PATH_MAX], hdr[160];
 	struct httpc_response r;
-	int rc = ctl_api_path(ctl, path, sizeof(path), "/v1/policies/", a->pos[0]);
+	int rc = ctl_api_path(ctl, path, sizeof(path), k->api_prefix, a->pos[0]);
 
 	if (rc)
 		return rc;
@@ -164,12 +187,17 @@ int ctl_cmd_policy_delete(struct ctl *ctl, const struct ctl_cmd *cmd, const stru
 		if (r.json)
 			ctl_print_json(r.json);
 		else
-			printf("{\"service\": \"%s\", \"deleted\": true}\n", path + strlen("/v1/policies/"));
+			printf("{\"service\": \"%s\", \"deleted\": true}\n", path + strlen(k->api_prefix));
 	} else {
-		printf("policy %s deleted\n", a->pos[0]);
+		printf("%s %s deleted\n", k->noun, a->pos[0]);
 	}
 	httpc_response_clear(&r);
 	return 0;
+}
+
+int ctl_cmd_policy_delete(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)
+{
+	return ctl_doc_delete(ctl, cmd, a, &policy_doc);
 }
 
 int ctl_cmd_policy_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a)

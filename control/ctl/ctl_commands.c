@@ -15,6 +15,15 @@ static const struct ctl_opt policy_delete_opts[] = {
 	{ "if-match", 0, "VERSION", false, "delete only if the stored policy is at VERSION (else 412)" },
 	{ NULL, 0, NULL, false, NULL },
 };
+static const struct ctl_opt traffic_apply_opts[] = {
+	{ "file", 'f', "FILE", false, "the traffic document (JSON); - reads standard input" },
+	{ "if-match", 0, "VERSION", false, "apply only if the stored document is at VERSION (else 412)" },
+	{ NULL, 0, NULL, false, NULL },
+};
+static const struct ctl_opt traffic_delete_opts[] = {
+	{ "if-match", 0, "VERSION", false, "delete only if the stored document is at VERSION (else 412)" },
+	{ NULL, 0, NULL, false, NULL },
+};
 static const struct ctl_opt token_create_opts[] = {
 	{ "service", 0, "SERVICE", false, "the service the token enrols (required)" },
 	{ "ttl", 0, "DURATION", false, "how long the token is valid: 90s, 15m, 1h, 7d or seconds (default 1h)" },
@@ -70,6 +79,27 @@ const struct ctl_cmd ctl_commands[] = {
 	{ "policy", "list", "", 0, 0, no_opts,
 	  "list the services that have a policy, with their versions",
 	  "GET /v1/policies.", ctl_cmd_policy_list },
+	{ "traffic", "apply", "-f FILE [--if-match VERSION]", 0, 0, traffic_apply_opts,
+	  "create or replace the traffic document of the service named in FILE",
+	  "Sends FILE to PUT /v1/traffic/SERVICE: how calls to SERVICE are handled (timeouts,\n"
+	  "retries, outlier ejection, limits: applied by the callers' sidecars; rate_limits and\n"
+	  "faults: applied by SERVICE's own sidecars; docs/traffic.md). The control validates\n"
+	  "the whole document; an error names the JSON path (faults[0].percent: must be\n"
+	  "0..100) and nothing is stored. Prints the service and its new version.",
+	  ctl_cmd_traffic_apply },
+	{ "traffic", "get", "SERVICE", 1, 1, no_opts,
+	  "show the traffic document of SERVICE and its version",
+	  "GET /v1/traffic/SERVICE. \"-\": the default applies; \"*\": any caller or request.\n"
+	  "-o json prints {\"version\", \"traffic\"} with the document as stored.",
+	  ctl_cmd_traffic_get },
+	{ "traffic", "delete", "SERVICE [--if-match VERSION]", 1, 1, traffic_delete_opts,
+	  "delete the traffic document of SERVICE",
+	  "DELETE /v1/traffic/SERVICE. Calls to SERVICE fall back to the defaults: connect\n"
+	  "timeout 5 s, request timeout 30 s, no retries, no ejection, no limits, no faults.",
+	  ctl_cmd_traffic_delete },
+	{ "traffic", "list", "", 0, 0, no_opts,
+	  "list the services that have a traffic document, with their versions",
+	  "GET /v1/traffic.", ctl_cmd_traffic_list },
 	{ "token", "create", "--service SERVICE [--ttl 1h] [--uses 1]", 0, 0, token_create_opts,
 	  "create a join token with which a new proxy of SERVICE enrols",
 	  "POST /v1/tokens. The token is printed once and stored by the control only as a hash;\n"
@@ -130,7 +160,8 @@ const struct ctl_cmd ctl_commands[] = {
 	  0, 0, check_opts,
 	  "dry run: would SERVICE's policy allow this call, and which rule decides",
 	  "POST /v1/check, answered by the same evaluator the proxies run. Without --method\n"
-	  "and --path the call is judged as a TCP connection. Exits 0 whatever the decision.",
+	  "and --path the call is judged as a TCP connection. Also lists the rate limits and\n"
+	  "faults of SERVICE's traffic document that would apply. Exits 0 whatever the decision.",
 	  ctl_cmd_check },
 };
 const size_t ctl_n_commands = sizeof(ctl_commands) / sizeof(ctl_commands[0]);

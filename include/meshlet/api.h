@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <jansson.h>
 #include "meshlet/json.h"
+#include "meshlet/policy.h"
+#include "meshlet/traffic.h"
 
 /* Request bodies over this are refused with 413 (docs/design.md). */
 #define API_BODY_MAX (1024 * 1024)
@@ -286,7 +288,12 @@ int api_parse_bundle_resp(const json_t *doc, struct api_bundle_resp *out,
 
 /* GET /v1/services/{svc}/config's answer: {"version", "policy" (object or
  * null), "policy_version", "bundle_version", "cert_generation",
- * "endpoints": {service: [endpoint]}}. */
+ * "endpoints": {service: [endpoint]}, "traffic": {service: {"version",
+ * "traffic"}}}: traffic holds the traffic documents of the proxy's own
+ * service (its inbound side applies rate_limits and faults) and of the
+ * upstreams the query named (timeouts, retries, outlier, limits); a
+ * service without a document is absent. Each entry is what GET
+ * /v1/traffic/{svc} answers (api_traffic_entry, api_parse_traffic_resp). */
 struct api_config_resp {
 	int64_t version;
 	int64_t policy_version;
@@ -294,6 +301,7 @@ struct api_config_resp {
 	int64_t cert_generation;
 	const json_t *policy;
 	const json_t *endpoints;
+	const json_t *traffic;     /* NULL when absent (older control) */
 };
 int api_parse_config_resp(const json_t *doc, struct api_config_resp *out,
                           struct meshlet_err *err);
@@ -308,6 +316,27 @@ struct api_endpoint {
 	size_t n_ports;
 };
 int api_parse_endpoint(const json_t *v, struct api_endpoint *out, struct meshlet_err *err);
+
+/* {"version": V, "traffic": doc}: GET /v1/traffic/{svc}'s answer and an
+ * entry of the config answer's traffic. A new reference (doc is copied by
+ * reference) or NULL. */
+json_t *api_traffic_entry(const json_t *doc, int64_t version);
+
+struct api_traffic_resp {
+	int64_t version;
+	const json_t *traffic;     /* the document, an object (not parsed here) */
+};
+int api_parse_traffic_resp(const json_t *doc, struct api_traffic_resp *out,
+                           struct meshlet_err *err);
+
+/*
+ * What POST /v1/check adds to its answer about traffic: "rate_limits":
+ * [{name, requests_per_second, burst, per}] and "faults": [{name, percent,
+ * delay_ms?, abort_status?}] of t (NULL: no document) that select req,
+ * and "traffic_version" (0: no document). Returns 0 or -ENOMEM.
+ */
+int api_check_add_traffic(json_t *out, const struct traffic *t, int64_t version,
+                          const struct policy_request *req);
 
 /* POST /v1/tokens's answer: {"token", "service", "expires_at", ...}; the
  * token must parse (api_token_parse) and name service. */

@@ -69,6 +69,7 @@ struct config {
 	int tls_min_version;            /* TLS1_3_VERSION (default) or TLS1_2_VERSION */
 	char *tls_groups;               /* OpenSSL group list; NULL = library default */
 	char *policy_file;
+	char *traffic_file;             /* static mode: traffic documents; NULL: none */
 
 	struct config_inbound *inbound;   size_t n_inbound;
 	struct config_outbound *outbound; size_t n_outbound;

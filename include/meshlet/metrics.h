@@ -24,6 +24,21 @@ struct metrics_decision {
 	char rule[];
 };
 
+/* Counter families with one label, their series made on first use. */
+enum metrics_family {
+	MF_RATE_LIMITED,       /* meshlet_rate_limited_total{limit} */
+	MF_FAULTS,             /* meshlet_faults_injected_total{fault} */
+	MF_COUNT
+};
+
+/* One series of a labeled family. */
+struct metrics_labeled {
+	struct metrics_labeled *next;
+	atomic_uint_fast64_t count;
+	enum metrics_family family;
+	char label[];
+};
+
 struct metrics {
 	atomic_uint_fast64_t connections_total[DIR_COUNT];
 	atomic_int_fast64_t connections_active[DIR_COUNT];
@@ -39,6 +54,7 @@ struct metrics {
 	atomic_int_fast64_t control_connected;
 	pthread_mutex_t lock;                 /* guards the decisions list only */
 	struct metrics_decision *decisions;
+	struct metrics_labeled *labeled;      /* guarded by lock too */
 };
 
 struct metrics *metrics_new(void);
@@ -51,6 +67,9 @@ void metrics_free(struct metrics *m);
  */
 struct metrics_decision *metrics_decision(struct metrics *m, int allow, const char *rule);
 
+/* As metrics_decision, for the series label of family. */
+struct metrics_labeled *metrics_labeled(struct metrics *m, enum metrics_family family,
+                                        const char *label);
 static inline void metrics_inc(atomic_uint_fast64_t *c) { atomic_fetch_add_explicit(c, 1, memory_order_relaxed); }
 static inline void metrics_add(atomic_uint_fast64_t *c, uint64_t n) { atomic_fetch_add_explicit(c, n, memory_order_relaxed); }
 

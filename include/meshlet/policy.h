@@ -98,4 +98,30 @@ const char *policy_decision_rule(const struct policy_decision *d);
 
 const char *policy_action_str(enum policy_action a);   /* "allow" / "deny" */
 
+/*
+ * The pieces of a rule other documents reuse (traffic rules select
+ * requests exactly like policy rules; lib/traffic.c):
+ *
+ * policy_rule_parse_select: from, ports, methods, paths and headers of
+ * obj (at path) into r, each absent = any, with the checks and errors of
+ * policy_parse. Returns 0, -EINVAL (err set) or -ENOMEM. Whatever it
+ * filled in, even on failure, is freed by policy_rule_free(r), which frees
+ * what r owns, not r.
+ *
+ * policy_rule_matches: true when r selects req. With r->action
+ * POLICY_ALLOW, a rule naming HTTP fields never selects a tcp connection.
+ *
+ * policy_names_unique: -EINVAL ("<list>[i].name: duplicate rule name")
+ * naming the first of n items whose name_at() repeats an earlier one,
+ * -ENOMEM, or 0.
+ */
+int policy_rule_parse_select(const json_t *obj, const char *path, struct policy_rule *r,
+                             struct meshlet_err *err);
+bool policy_rule_matches(const struct policy_rule *r, const struct policy_request *req);
+void policy_rule_free(struct policy_rule *r);
+bool policy_rule_name_valid(const char *s);
+typedef const char *(*policy_name_at_fn)(const void *items, size_t i);
+int policy_names_unique(const void *items, size_t n, policy_name_at_fn name_at,
+                        const char *list, struct meshlet_err *err);
+
 #endif

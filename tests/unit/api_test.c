@@ -743,6 +743,77 @@ static void test_config_resp(void **state)
 	json_decref(b);
 }
 
+/* The config answer's traffic documents: absent (older control) is none,
+ * anything but an object is refused; an entry is GET /v1/traffic/{svc}'s
+ * shape, both ends made by this module. */
+static void test_config_resp_traffic(void **state)
+{
+	struct meshlet_err e = {0};
+	struct api_config_resp r;
+	struct api_traffic_resp tr;
+	json_t *doc = parse("{\"service\": \"pay\"}");
+	json_t *entry = api_traffic_entry(doc, 7);
+	json_t *b = parse("{\"version\": 0, \"policy\": null, \"policy_version\": 0,"
+	                  " \"bundle_version\": 1, \"cert_generation\": 0, \"endpoints\": {}}");
+
+	(void)state;
+	assert_int_equal(api_parse_config_resp(b, &r, &e), 0);
+	assert_null(r.traffic);
+	json_object_set_new(b, "traffic", json_pack("{s:O}", "pay", entry));
+	assert_int_equal(api_parse_config_resp(b, &r, &e), 0);
+	assert_int_equal(api_parse_traffic_resp(json_object_get(r.traffic, "pay"), &tr, &e), 0);
+	assert_int_equal(tr.version, 7);
+	assert_true(json_equal(tr.traffic, doc));
+	json_object_set_new(b, "traffic", json_array());
+	assert_int_equal(api_parse_config_resp(b, &r, &e), -EINVAL);
+	assert_string_equal(e.path, "traffic");
+	json_decref(b);
+	b = parse("{\"version\": 1, \"traffic\": []}");
+	assert_int_equal(api_parse_traffic_resp(b, &tr, &e), -EINVAL);
+	assert_string_equal(e.path, "traffic");
+	json_decref(b);
+	b = parse("{\"traffic\": {}}");
+	assert_int_equal(api_parse_traffic_resp(b, &tr, &e), -EINVAL);
+	assert_string_equal(e.path, "version");
+	json_decref(b);
+	json_decref(entry);
+	json_decref(doc);
+}
+
+/* /v1/check's traffic part: what selects the request, and nothing when
+ * there is no document. */
+static void test_check_add_traffic(void **state)
+{
+	struct meshlet_err e = {0};
+	json_t *doc = parse("{\"service\": \"orders\", \"rate_limits\": ["
+		"{\"name\": \"fe\", \"requests_per_second\": 5, \"from\": [\"spiffe://mesh.local/svc/fe\"]},"
+		"{\"name\": \"all\", \"requests_per_second\": 1.5, \"per\": \"rule\"}],"
+		" \"faults\": [{\"name\": \"slow\", \"percent\": 1, \"delay_ms\": 9, \"paths\": [\"/a\"]},"
+		"{\"name\": \"boom\", \"percent\": 2.5, \"abort_status\": 503}]}");
+	struct traffic *t = traffic_parse(doc, &e);
+	struct policy_request req = {.peer_id = "spiffe://mesh.local/svc/ops", .port = 80,
+	                             .http = true, .method = "GET", .path = "/b"};
+	json_t *out = json_object(), *want;
+
+	(void)state;
+	assert_non_null(t);
+	assert_int_equal(api_check_add_traffic(out, t, 3, &req), 0);
+	want = parse("{\"traffic_version\": 3, \"rate_limits\": [{\"name\": \"all\","
+	             " \"requests_per_second\": 1.5, \"burst\": 2, \"per\": \"rule\"}],"
+	             " \"faults\": [{\"name\": \"boom\", \"percent\": 2.5, \"abort_status\": 503}]}");
+	assert_true(json_equal(out, want));
+	json_decref(want);
+	json_decref(out);
+	out = json_object();
+	assert_int_equal(api_check_add_traffic(out, NULL, 0, &req), 0);
+	want = parse("{\"traffic_version\": 0, \"rate_limits\": [], \"faults\": []}");
+	assert_true(json_equal(out, want));
+	json_decref(want);
+	json_decref(out);
+	traffic_free(t);
+	json_decref(doc);
+}
+
 static void test_endpoint_resp(void **state)
 {
 	struct meshlet_err e = {0};
@@ -860,6 +931,8 @@ int main(void)
 		cmocka_unit_test(test_svid_resp),
 		cmocka_unit_test(test_bundle_resp),
 		cmocka_unit_test(test_config_resp),
+		cmocka_unit_test(test_config_resp_traffic),
+		cmocka_unit_test(test_check_add_traffic),
 		cmocka_unit_test(test_endpoint_resp),
 		cmocka_unit_test(test_token_resp),
 		cmocka_unit_test(test_ca_resp),

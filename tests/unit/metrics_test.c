@@ -46,6 +46,8 @@ static void test_render_empty(void **state)
 		{ "meshlet_tls_handshake_failures_total", "counter" },
 		{ "meshlet_tls_resumptions_total", "counter" },
 		{ "meshlet_policy_decisions_total", "counter" },
+		{ "meshlet_rate_limited_total", "counter" },
+		{ "meshlet_faults_injected_total", "counter" },
 		{ "meshlet_http_requests_total", "counter" },
 		{ "meshlet_request_duration_seconds", "histogram" },
 		{ "meshlet_bytes_total", "counter" },
@@ -273,6 +275,34 @@ static void test_label_escaping(void **state)
 	metrics_free(m);
 }
 
+/* The one-label families (rate limits, faults): a series per label, made
+ * once and stable, kept apart by family, escaped like the others. */
+static void test_labeled(void **state)
+{
+	struct metrics *m = metrics_new();
+	struct metrics_labeled *a, *b, *f;
+	char *out;
+
+	(void)state;
+	a = metrics_labeled(m, MF_RATE_LIMITED, "fe-rps");
+	b = metrics_labeled(m, MF_RATE_LIMITED, "fe-rps");
+	f = metrics_labeled(m, MF_FAULTS, "fe-rps");
+	assert_non_null(a);
+	assert_ptr_equal(a, b);
+	assert_ptr_not_equal(a, f);
+	assert_null(metrics_labeled(m, MF_COUNT, "x"));
+	metrics_inc(&a->count);
+	metrics_inc(&a->count);
+	metrics_inc(&f->count);
+	metrics_inc(&metrics_labeled(m, MF_FAULTS, "q\"x")->count);
+	out = render(m);
+	assert_line(out, "meshlet_rate_limited_total{limit=\"fe-rps\"} 2");
+	assert_line(out, "meshlet_faults_injected_total{fault=\"fe-rps\"} 1");
+	assert_line(out, "meshlet_faults_injected_total{fault=\"q\\\"x\"} 1");
+	free(out);
+	metrics_free(m);
+}
+
 /* The reason labels are fixed by docs/design.md: every one listed, from the first
  * scrape, and "none" is not a failure. */
 static void test_tls_failure_labels(void **state)
@@ -323,6 +353,7 @@ int main(void)
 		cmocka_unit_test(test_decision_threads),
 		cmocka_unit_test(test_histogram),
 		cmocka_unit_test(test_label_escaping),
+		cmocka_unit_test(test_labeled),
 		cmocka_unit_test(test_tls_failure_labels),
 		cmocka_unit_test(test_render_error),
 	};

@@ -334,6 +334,55 @@ static void test_policy_versions(void **state)
 	json_decref(doc);
 }
 
+/* Traffic documents: versions and If-Match as policies, a kind of their
+ * own (no policy appears), every service's config version moves (callers
+ * hold the document too), and the config answer carries the service's own
+ * and its named upstreams' documents only. */
+static void test_traffic_documents(void **state)
+{
+	struct fixture *f = *state;
+	struct state_error se = {0};
+	json_t *doc = json_pack("{s:s}", "service", "orders"), *got = NULL, *list, *out, *tr;
+	int64_t v1 = 0, v = 0, rev = 0, other1 = 0, other2 = 0;
+	struct api_config_query q = {0};
+
+	assert_int_equal(state_traffic_get(f->st, "orders", &got, &v, &se), -ENOENT);
+	assert_int_equal(state_traffic_put(f->st, "orders", doc, 0, &v1, &se), -ESTALE);
+	assert_int_equal(state_config_version(f->st, "billing", &other1), 0);
+	assert_int_equal(state_traffic_put(f->st, "orders", doc, -1, &v1, &se), 0);
+	assert_int_equal(state_config_version(f->st, "billing", &other2), 0);
+	assert_true(other2 > other1);
+	assert_int_equal(state_traffic_put(f->st, "orders", doc, v1 + 1, &v, &se), -ESTALE);
+	assert_int_equal(state_traffic_get(f->st, "orders", &got, &v, &se), 0);
+	assert_int_equal(v, v1);
+	assert_true(json_equal(got, doc));
+	json_decref(got);
+	assert_int_equal(state_policy_get(f->st, "orders", &got, &v, &se), -ENOENT);
+	assert_int_equal(state_traffic_list(f->st, &list, &se), 0);
+	assert_int_equal(json_array_size(json_object_get(list, "traffic")), 1);
+	json_decref(list);
+	/* Own document: yes; another service's: only when named upstream. */
+	assert_int_equal(state_config(f->st, "orders", &q, &out, &se), 0);
+	tr = json_object_get(json_object_get(out, "traffic"), "orders");
+	assert_int_equal(jint_of(tr, "version"), v1);
+	assert_true(json_equal(json_object_get(tr, "traffic"), doc));
+	json_decref(out);
+	assert_int_equal(state_config(f->st, "billing", &q, &out, &se), 0);
+	assert_int_equal(json_object_size(json_object_get(out, "traffic")), 0);
+	json_decref(out);
+	q.n_upstreams = 1;
+	snprintf(q.upstreams[0], sizeof(q.upstreams[0]), "orders");
+	assert_int_equal(state_config(f->st, "billing", &q, &out, &se), 0);
+	assert_int_equal(json_object_size(json_object_get(out, "traffic")), 1);
+	json_decref(out);
+	assert_int_equal(state_traffic_delete(f->st, "orders", v1 + 1, &rev, &se), -ESTALE);
+	assert_int_equal(state_traffic_delete(f->st, "orders", v1, &rev, &se), 0);
+	assert_int_equal(state_traffic_delete(f->st, "orders", -1, &rev, &se), -ENOENT);
+	assert_int_equal(state_config_version(f->st, "billing", &other1), 0);
+	assert_true(other1 > other2);
+	json_decref(doc);
+}
+
 static void test_policy_too_large(void **state)
 {
 	struct fixture *f = *state;
@@ -966,6 +1015,7 @@ int main(void)
 		T(test_reopen_keeps_everything),
 		T(test_open_refusals),
 		T(test_policy_versions),
+		T(test_traffic_documents),
 		T(test_policy_too_large),
 		T(test_check),
 		T(test_join_token_single_use),
