@@ -52,7 +52,7 @@ static bool is_token(const char *s)
 	return true;
 }
 
-static bool valid_rule_name(const char *s)
+bool policy_valid_rule_name(const char *s)
 {
 	size_t n = strlen(s);
 
@@ -412,7 +412,7 @@ static int parse_rule(const json_t *rule, const char *path, struct policy_rule *
 	if (json_get_str(rule, path, "name", true, &name, err) < 0)
 		return -EINVAL;
 	json_path_key(p, sizeof(p), path, "name");
-	if (!valid_rule_name(name))
+	if (!policy_valid_rule_name(name))
 		return err_set(err, p, "must be 1..%d characters of [A-Za-z0-9._-]",
 		               POLICY_RULE_NAME_MAX);
 	r->name = strdup(name);

@@ -96,6 +96,9 @@ struct policy_decision policy_eval(const struct policy *p, const struct policy_r
 /* Name of the deciding rule, or "default". */
 const char *policy_decision_rule(const struct policy_decision *d);
 
+/* True when s can name a rule: 1..POLICY_RULE_NAME_MAX of [A-Za-z0-9._-]. */
+bool policy_valid_rule_name(const char *s);
+
 const char *policy_action_str(enum policy_action a);   /* "allow" / "deny" */
 
 #endif
