@@ -67,11 +67,12 @@ function drawGraph(services, edges) {
   const g = $("graph");
   g.replaceChildren();
   const defs = svg("defs", {});
-  for (const kind of ["ok", "denied", "errors"]) {
+  const colour = { ok: "#2f7d4f", denied: "#c0392b", errors: "#d97706" };
+  for (const kind in colour) {
     const m = svg("marker", { id: "arrow-" + kind, viewBox: "0 0 10 10", refX: "10", refY: "5",
-      markerWidth: "7", markerHeight: "7", orient: "auto-start-reverse" });
-    m.append(svg("path", { d: "M 0 0 L 10 5 L 0 10 z", class: "edge " + kind,
-      style: "fill: currentColor" }));
+      markerUnits: "userSpaceOnUse", markerWidth: "12", markerHeight: "12",
+      orient: "auto-start-reverse" });
+    m.append(svg("path", { d: "M 0 0 L 10 5 L 0 10 z", fill: colour[kind] }));
     defs.append(m);
   }
   g.append(defs);
@@ -102,7 +103,10 @@ function drawGraph(services, edges) {
     const label = `${rate(e.request_rate)} req/s` +
       (e.denied > 0 ? `, ${rate(e.denial_rate)} denied/s` : "") +
       (e.errors_5xx > 0 ? `, ${rate(e.error_rate)} 5xx/s` : "");
-    g.append(svg("text", { x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 6,
+    // Beside the line, on its right-hand side as it runs.
+    const nx = -dy / len, ny = dx / len;
+    g.append(svg("text", { x: (x1 + x2) / 2 + nx * 14, y: (y1 + y2) / 2 + ny * 14 + 4,
+      "text-anchor": Math.abs(nx) > 0.3 ? (nx > 0 ? "start" : "end") : "middle",
       class: "edge-label" + (e.denied > 0 ? " denied" : "") }, label));
   }
   for (const s of services) {
