@@ -191,6 +191,17 @@ def test_dashboard_shows_the_mesh_in_a_browser(dyn, browser, tmp_path):
             for url, body in seen:
                 assert token not in body, url
 
+        # A certificate rotation shows new expiry times.
+        def expiries():
+            rows = table_text(browser, "proxies").splitlines()[1:]
+            return sorted(r.split(" (")[0].split()[-1] for r in rows)
+        before = expiries()
+        time.sleep(1.1)     # expiry times have a resolution of one second
+        c.ctl("certs", "rotate", "--all")
+        wait_for(lambda: all(a > b for a, b in zip(expiries(), before)) and expiries(), 30,
+                 interval=0.5, what=f"new expiry times on the page (before: {before})")
+        print(f"certificate expiry on the page: {before} -> {expiries()}")
+
         # Control stops: the page says so; it comes back: so does the page.
         c.stop()
         wait_for(lambda: "control unreachable" in browser.find_element(By.ID, "status").text,

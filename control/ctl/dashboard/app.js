@@ -187,7 +187,8 @@ function render(o) {
   fillTable("certs", certs.filter((c) => expiresIn(c.expires_at) > -3600).map((c) => ({
     cls: c.revoked ? "bad" : "",
     cells: [c.serial, c.service, c.issued_at, `${c.expires_at} (${human(expiresIn(c.expires_at))})`,
-      c.root, c.via, c.parent || "–", { text: c.renewals, cls: "num" }, c.revoked ? "yes" : "no"],
+      c.root, c.via, c.parent || "–", c.lineage === c.serial ? "(itself)" : (c.lineage || "–"),
+      { text: c.renewals, cls: "num" }, c.revoked ? "yes" : "no"],
   })), "no certificates");
 }
 
