@@ -46,8 +46,8 @@ struct stats {
 	struct stats_edge edges[STATS_EDGES_MAX];
 	struct stats_edge other;       /* the edges beyond STATS_EDGES_MAX */
 	int64_t folded;                /* summaries' callers counted in other */
-	struct stats_denial recent[STATS_RECENT_MAX];
-	size_t n_recent, next_recent;
+	struct stats_denial recent[STATS_RECENT_MAX];   /* oldest first, distinct */
+	size_t n_recent;
 	int64_t accepted, refused;
 	char last_refusal[300];
 };
@@ -153,19 +153,34 @@ static void add_rule(struct stats_edge *e, const char *rule, int64_t n, int64_t 
 	r->last = now;
 }
 
+static bool same_denial(const struct stats_denial *d, const struct stats_denial *n)
+{
+	return strcmp(d->from, n->from) == 0 && strcmp(d->to, n->to) == 0 &&
+	       strcmp(d->rule, n->rule) == 0 && strcmp(d->method, n->method) == 0 &&
+	       strcmp(d->path, n->path) == 0;
+}
+
+/* Appends a denial (oldest first); the same one again only moves to the
+ * end with its new time, so repeats do not push other kinds out. */
 static void add_recent(struct stats *s, const char *to, const struct api_stats_recent *r)
 {
-	struct stats_denial *d = &s->recent[s->next_recent];
+	struct stats_denial n;
+	size_t i;
 
-	d->at = r->at;
-	snprintf(d->from, sizeof(d->from), "%s", r->from);
-	snprintf(d->to, sizeof(d->to), "%s", to);
-	snprintf(d->rule, sizeof(d->rule), "%s", r->rule);
-	snprintf(d->method, sizeof(d->method), "%s", r->method);
-	snprintf(d->path, sizeof(d->path), "%s", r->path);
-	s->next_recent = (s->next_recent + 1) % STATS_RECENT_MAX;
-	if (s->n_recent < STATS_RECENT_MAX)
+	n.at = r->at;
+	snprintf(n.from, sizeof(n.from), "%s", r->from);
+	snprintf(n.to, sizeof(n.to), "%s", to);
+	snprintf(n.rule, sizeof(n.rule), "%s", r->rule);
+	snprintf(n.method, sizeof(n.method), "%s", r->method);
+	snprintf(n.path, sizeof(n.path), "%s", r->path);
+	for (i = 0; i < s->n_recent && !same_denial(&s->recent[i], &n); i++)
+		;
+	if (i == s->n_recent && s->n_recent == STATS_RECENT_MAX)
+		i = 0;
+	else if (i == s->n_recent)
 		s->n_recent++;
+	memmove(&s->recent[i], &s->recent[i + 1], (s->n_recent - 1 - i) * sizeof(n));
+	s->recent[s->n_recent - 1] = n;
 }
 
 void stats_record(struct stats *s, const char *service, const struct api_stats_summary *sum,
@@ -309,8 +324,7 @@ static json_t *recent_json(const struct stats *s)
 
 	/* Newest first. */
 	for (size_t i = 0; arr && i < s->n_recent; i++) {
-		size_t j = (s->next_recent + STATS_RECENT_MAX - 1 - i) % STATS_RECENT_MAX;
-		const struct stats_denial *d = &s->recent[j];
+		const struct stats_denial *d = &s->recent[s->n_recent - 1 - i];
 		char when[CA_TIME_LEN] = "";
 
 		ca_time_rfc3339(d->at, when);

@@ -35,8 +35,8 @@ struct peerstats {
 	time_t since;                      /* start of the interval (monotonic) */
 	struct ps_caller callers[PEERSTATS_CALLERS + 1];   /* last: API_STATS_OTHER */
 	struct ps_denied denied[PEERSTATS_DENIED + 1];     /* last: API_STATS_OTHER */
-	struct api_stats_recent recent[API_STATS_RECENT_MAX];
-	size_t n_recent, next_recent;      /* a ring of the last denials */
+	struct api_stats_recent recent[API_STATS_RECENT_MAX];   /* oldest first, distinct */
+	size_t n_recent;
 };
 
 static time_t mono_now(void)
@@ -114,19 +114,34 @@ static struct ps_denied *denied_slot(struct peerstats *p, const char *from, cons
 	return &p->denied[PEERSTATS_DENIED];
 }
 
+/* The same denial again (caller, rule, method, path) only moves to the
+ * newest place: a repeated denial must not push a new kind out. */
+static bool same_denial(const struct api_stats_recent *r, const struct api_stats_recent *n)
+{
+	return strcmp(r->from, n->from) == 0 && strcmp(r->rule, n->rule) == 0 &&
+	       strcmp(r->method, n->method) == 0 && strcmp(r->path, n->path) == 0;
+}
+
 static void remember_denial(struct peerstats *p, const char *from, const char *rule,
                             const char *method, const char *path)
 {
-	struct api_stats_recent *r = &p->recent[p->next_recent];
+	struct api_stats_recent n;
+	size_t i;
 
-	r->at = (int64_t)time(NULL);
-	snprintf(r->from, sizeof(r->from), "%s", from);
-	snprintf(r->rule, sizeof(r->rule), "%s", rule);
-	api_stats_clean(r->method, sizeof(r->method), method ? method : "");
-	api_stats_clean(r->path, sizeof(r->path), path ? path : "");
-	p->next_recent = (p->next_recent + 1) % API_STATS_RECENT_MAX;
-	if (p->n_recent < API_STATS_RECENT_MAX)
+	n.at = (int64_t)time(NULL);
+	snprintf(n.from, sizeof(n.from), "%s", from);
+	snprintf(n.rule, sizeof(n.rule), "%s", rule);
+	api_stats_clean(n.method, sizeof(n.method), method ? method : "");
+	api_stats_clean(n.path, sizeof(n.path), path ? path : "");
+	/* p->recent is ordered oldest first. */
+	for (i = 0; i < p->n_recent && !same_denial(&p->recent[i], &n); i++)
+		;
+	if (i == p->n_recent && p->n_recent == API_STATS_RECENT_MAX)
+		i = 0;                        /* full: the oldest goes */
+	else if (i == p->n_recent)
 		p->n_recent++;
+	memmove(&p->recent[i], &p->recent[i + 1], (p->n_recent - 1 - i) * sizeof(n));
+	p->recent[p->n_recent - 1] = n;
 }
 
 void peerstats_decision(struct peerstats *p, const char *peer_id, bool allow, const char *rule,
@@ -300,19 +315,14 @@ int64_t peerstats_take(struct peerstats *p, struct api_stats_summary *out)
 	pthread_mutex_lock(&p->lock);
 	memcpy(callers, p->callers, sizeof(p->callers));
 	memcpy(denied, p->denied, sizeof(p->denied));
-	for (size_t i = 0; i < p->n_recent; i++) {
-		/* Oldest first. */
-		size_t j = (p->next_recent + API_STATS_RECENT_MAX - p->n_recent + i) % API_STATS_RECENT_MAX;
-
-		out->recent[i] = p->recent[j];
-	}
+	memcpy(out->recent, p->recent, p->n_recent * sizeof(p->recent[0]));
 	out->n_recent = p->n_recent;
 	out->interval_s = now - p->since < 1 ? 1 : now - p->since;
 	if (out->interval_s > API_STATS_INTERVAL_MAX)
 		out->interval_s = API_STATS_INTERVAL_MAX;
 	memset(p->callers, 0, sizeof(p->callers));
 	memset(p->denied, 0, sizeof(p->denied));
-	p->n_recent = p->next_recent = 0;
+	p->n_recent = 0;
 	p->since = now;
 	pthread_mutex_unlock(&p->lock);
 	snprintf(callers[PEERSTATS_CALLERS].from, sizeof(callers->from), "%s", API_STATS_OTHER);

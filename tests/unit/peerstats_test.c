@@ -54,24 +54,33 @@ static void test_counts_and_latency(void **state)
 	}
 	peerstats_decision(p, "spiffe://mesh.local/svc/web", false, "no-admin", "POST",
 	                   "/admin/\x01x");
-	assert_int_equal(peerstats_take(p, &s), 101);
+	/* Repeats of one denial do not push another kind out. */
+	for (int i = 0; i < 10; i++)
+		peerstats_decision(p, "spiffe://mesh.local/svc/web", false, "no-admin", "GET", "/admin");
+	peerstats_decision(p, "spiffe://mesh.local/svc/web", false, "no-admin", "POST",
+	                   "/admin/\x01x");
+	for (int i = 0; i < 10; i++)
+		peerstats_decision(p, "spiffe://mesh.local/svc/web", false, "no-admin", "GET", "/admin");
+	assert_int_equal(peerstats_take(p, &s), 122);
 	c = caller(&s, "web");
 	assert_non_null(c);
-	assert_int_equal(c->requests, 101);
-	assert_int_equal(c->denied, 1);
+	assert_int_equal(c->requests, 122);
+	assert_int_equal(c->denied, 22);
 	assert_int_equal(c->errors_5xx, 2);
 	assert_true(c->has_latency);
 	assert_true(c->p50_ms > 2.5 && c->p50_ms <= 5);
 	assert_true(c->p99_ms > 1000 && c->p99_ms <= 2500);
 	assert_int_equal(s.n_denied, 1);
 	assert_string_equal(s.denied[0].rule, "no-admin");
-	assert_int_equal(s.n_recent, 1);
+	assert_int_equal(s.denied[0].n, 22);
+	assert_int_equal(s.n_recent, 2);
 	assert_string_equal(s.recent[0].method, "POST");
 	assert_string_equal(s.recent[0].path, "/admin/?x");   /* control bytes never go out */
+	assert_string_equal(s.recent[1].path, "/admin");
 	text = api_stats_format(&s);
 	assert_non_null(text);
 	assert_int_equal(api_stats_parse(text, &back, &e), 0);
-	assert_int_equal(back.callers[0].requests, 101);
+	assert_int_equal(back.callers[0].requests, 122);
 	assert_string_equal(back.recent[0].path, "/admin/?x");
 	free(text);
 	/* A new interval starts empty. */
