@@ -146,7 +146,8 @@ static void add_rule(struct stats_edge *e, const char *rule, int64_t n, int64_t 
 	}
 	r = &e->rules[i];
 	if (!r->rule[0])
-		snprintf(r->rule, sizeof(r->rule), "%s", i < STATS_RULES_PER_EDGE ? rule : API_STATS_OTHER);
+		snprintf(r->rule, sizeof(r->rule), "%s",
+		         i < STATS_RULES_PER_EDGE ? rule : API_STATS_OTHER);
 	if (r->last <= now - STATS_WINDOW_S)
 		r->n = 0;
 	r->n += n;
@@ -282,6 +283,11 @@ static json_t *edge_json(const struct stats_edge *e, const struct stats_sum *t, 
 	return o;
 }
 
+static void bump(json_t *o, const char *key, int64_t n)
+{
+	json_object_set_new(o, key, json_integer(json_integer_value(json_object_get(o, key)) + n));
+}
+
 /* Adds t into the service name's entry of the services object. */
 static void add_service(json_t *svcs, const char *name, const struct stats_sum *t)
 {
@@ -293,9 +299,9 @@ static void add_service(json_t *svcs, const char *name, const struct stats_sum *
 		if (!o || json_object_set_new(svcs, name, o) < 0)
 			return;
 	}
-	json_object_set_new(o, "requests", json_integer(json_integer_value(json_object_get(o, "requests")) + t->requests));
-	json_object_set_new(o, "denied", json_integer(json_integer_value(json_object_get(o, "denied")) + t->denied));
-	json_object_set_new(o, "errors_5xx", json_integer(json_integer_value(json_object_get(o, "errors_5xx")) + t->errors_5xx));
+	bump(o, "requests", t->requests);
+	bump(o, "denied", t->denied);
+	bump(o, "errors_5xx", t->errors_5xx);
 }
 
 /* {name: {...}} as [{"name", ..., rates}] */
