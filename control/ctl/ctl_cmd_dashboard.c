@@ -3,7 +3,7 @@
  * control/ctl/dashboard/ (built in: ctl_dashboard.h).
  *
  * The page reads one thing, GET /api/overview, which this process builds
- * from control's API reads (stats, proxies, policies, certs, ca, endpoints)
+ * from control's API reads (stats, proxies, policies, certs, ca)
  * made with this command's credentials: the admin token stays here, the
  * browser never sees it, and nothing but those GETs is relayed. Answers
  * carry no-store caching and a Content-Security-Policy that allows only
@@ -50,7 +50,6 @@ static const struct { const char *key, *path; } dash_reads[] = {
 	{ "policies", "/v1/policies" },
 	{ "certs", "/v1/certs" },
 	{ "ca", "/v1/ca" },
-	{ "endpoints", "/v1/endpoints" },
 };
 
 struct dash {
