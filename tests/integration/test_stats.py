@@ -5,8 +5,10 @@ callers keep control's memory and answer bounded."""
 
 import http.client
 import json
+import subprocess
+import time
 
-from control_helpers import control, control_factory  # noqa: F401
+from control_helpers import control, control_factory, ctl_binary, request  # noqa: F401
 from dynamic_helpers import dyn  # noqa: F401
 from helpers import wait_for
 from stats_helpers import (ALLOW_RULE, DENY_RULE, call, edge, start_http_mesh, stats,
@@ -61,7 +63,6 @@ def poll(c, summary, conn=None, service="orders"):
     """A config poll (wait=0) with the admin token carrying summary (a
     dict, or a raw string) in Meshlet-Stats."""
     text = summary if isinstance(summary, str) else json.dumps(summary, separators=(",", ":"))
-    from control_helpers import request
     return request(c.port, c.context(), "GET", f"/v1/services/{service}/config?after=0&wait=0",
                    token=c.token, headers={"Meshlet-Stats": text}, conn=conn)
 
@@ -159,3 +160,21 @@ def test_ten_thousand_callers_keep_memory_and_answer_bounded(control):
     assert r2.status == 200
     assert len(stats(c)["edges"]) <= STATS_EDGES_MAX
     wait_for(lambda: c.alive(), 1)
+
+
+def test_top_refreshes_and_says_when_control_is_away(control):
+    c = control
+    argv = [str(ctl_binary()), "--control", c.url, "--ca", str(c.ca_file), "--token-file",
+            str(c.token_file), "top", "--interval", "1"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=c.env)
+    time.sleep(2.5)
+    c.stop()
+    time.sleep(1.5)
+    p.terminate()
+    out, err = p.communicate(timeout=10)
+    assert out.count("meshlet top") >= 2, out
+    assert "no traffic reported" in out, out
+    assert "control unreachable; retrying" in err, err
+    q = c.ctl("top", "--once")
+    assert q.returncode == 1, (q.returncode, q.stderr)
