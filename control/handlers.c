@@ -3,7 +3,9 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <event2/event.h>
 #include <event2/http.h>
@@ -11,10 +13,12 @@
 
 #include "meshlet/api.h"
 #include "meshlet/ca.h"
+#include "meshlet/log.h"
 #include "meshlet/policy.h"
 #include "meshlet/traffic.h"
 #include "ctlmetrics.h"
 #include "state.h"
+#include "stats.h"
 #include "watch.h"
 
 #ifndef MESHLET_VERSION
@@ -167,6 +171,36 @@ static int config_answer(struct api_call *call)
 	return ok(call, 200, out);
 }
 
+/*
+ * The counter summary a proxy sent with its poll, if any. A bad one is
+ * refused on its own (a log line, the answer's API_STATS_REFUSED_HEADER):
+ * the long poll goes on, so a proxy with a bug keeps its config.
+ */
+static void take_stats(struct api_call *call)
+{
+	struct evhttp_request *req = call->req;
+	const char *h = evhttp_find_header(evhttp_request_get_input_headers(req), API_STATS_HEADER);
+	struct api_stats_summary *sum;
+	struct meshlet_err e = {0};
+	char msg[sizeof(e.path) + sizeof(e.message) + 4], why[sizeof(msg)];
+
+	if (!h)
+		return;
+	sum = malloc(sizeof(*sum));
+	if (!sum)
+		return;
+	if (api_stats_parse(h, sum, &e) == 0) {
+		stats_record(server_stats(call->srv), call->svc, sum, (int64_t)time(NULL));
+	} else {
+		/* Printable ASCII only: it goes into a header and the log. */
+		api_stats_clean(why, sizeof(why), err_str(&e, msg, sizeof(msg)));
+		log_warn("%s: counter summary for %s refused: %s", call->caller_id, call->svc, why);
+		stats_refused(server_stats(call->srv), call->svc, why);
+		evhttp_add_header(evhttp_request_get_output_headers(req), API_STATS_REFUSED_HEADER, why);
+	}
+	free(sum);
+}
+
 static int h_config(struct api_call *call)
 {
 	struct api_config_query q;
@@ -176,6 +210,7 @@ static int h_config(struct api_call *call)
 
 	if (api_parse_config_query(call->query, &q, &e) < 0)
 		return bad_request(call, &e);
+	take_stats(call);
 	if (state_config_version(call->st, call->svc, &v) < 0)
 		return api_fail(&call->err, 500, "", "the state store failed; see control's log");
 	/* Past V: answer. Behind V (control's state was restored, or V came
@@ -508,6 +543,11 @@ static int h_certs_revoke(struct api_call *call)
 	return ok(call, 200, out);
 }
 
+static int h_stats(struct api_call *call)
+{
+	return ok(call, 200, stats_json(server_stats(call->srv), (int64_t)time(NULL)));
+}
+
 static int h_ca(struct api_call *call)
 {
 	return ok(call, 200, state_ca_show(call->st));
@@ -572,5 +612,6 @@ const struct route handlers_routes[] = {
 	{ "GET",    "/v1/ca",                       AUTH_ADMIN,        false, h_ca },
 	{ "POST",   "/v1/ca/rotate",                AUTH_ADMIN,        true,  h_ca_rotate },
 	{ "POST",   "/v1/check",                    AUTH_ADMIN,        true,  h_check },
+	{ "GET",    "/v1/stats",                    AUTH_ADMIN,        false, h_stats },
 	{ NULL, NULL, AUTH_NONE, false, NULL },
 };

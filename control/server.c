@@ -31,6 +31,7 @@
 #include "ctlmetrics.h"
 #include "gate.h"
 #include "handlers.h"
+#include "stats.h"
 #include "watch.h"
 
 /* How often the server certificate's age and the housekeeping are looked at. */
@@ -74,6 +75,7 @@ struct control_server {
 	const struct control_opts *o;
 	struct watch *watch;
 	struct ctlmetrics *metrics;
+	struct stats *stats;           /* the proxies' counter summaries */
 	struct event *sigterm, *sigint, *tick;
 	size_t n_conns;
 	struct ctl_conn *conns, *conns_tail;   /* every connection, oldest first */
@@ -995,7 +997,8 @@ int server_new(struct control_server **out, struct control_state *st,
 		goto fail;
 	}
 	srv->metrics = ctlmetrics_new(handlers_routes);
-	if (!srv->metrics) {
+	srv->stats = stats_new();
+	if (!srv->metrics || !srv->stats) {
 		err_set(err, "", "out of memory");
 		goto fail;
 	}
@@ -1073,6 +1076,7 @@ void server_free(struct control_server *srv)
 	if (srv->metrics)
 		state_set_store_observer(srv->st, NULL, NULL);
 	ctlmetrics_free(srv->metrics);
+	stats_free(srv->stats);
 	if (srv->sigterm)
 		event_free(srv->sigterm);
 	if (srv->sigint)
@@ -1097,6 +1101,11 @@ struct watch *server_watch(struct control_server *srv)
 struct ctlmetrics *server_metrics(struct control_server *srv)
 {
 	return srv->metrics;
+}
+
+struct stats *server_stats(struct control_server *srv)
+{
+	return srv->stats;
 }
 
 struct control_state *server_state(struct control_server *srv)

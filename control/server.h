@@ -63,6 +63,7 @@
 
 struct control_server;
 struct ctlmetrics;
+struct stats;
 struct watch;
 
 /* The server's connection and long-poll limits (meshlet-control flags). */
@@ -169,6 +170,9 @@ struct watch *server_watch(struct control_server *srv);
 
 /* Control's own metrics (ctlmetrics.h). */
 struct ctlmetrics *server_metrics(struct control_server *srv);
+
+/* The proxies' counter summaries (stats.h). */
+struct stats *server_stats(struct control_server *srv);
 
 /* "host:port", "[v6]:port" into host and port (an empty host is 0.0.0.0).
  * Returns 0 or -EINVAL. */

@@ -929,3 +929,251 @@ int api_parse_ca_resp(const json_t *doc, struct api_ca_resp *out, struct meshlet
 		return -EINVAL;
 	return 0;
 }
+
+/* ---------------------------------------------------------------- counter summaries */
+
+void api_stats_clean(char *out, size_t len, const char *s)
+{
+	size_t i = 0;
+
+	if (len == 0)
+		return;
+	for (; s && *s && i + 1 < len; s++)
+		out[i++] = (*s >= 0x20 && *s < 0x7f) ? *s : '?';
+	out[i] = '\0';
+}
+
+static int stats_add_callers(json_t *arr, const struct api_stats_summary *s)
+{
+	for (size_t i = 0; i < s->n_callers; i++) {
+		const struct api_stats_caller *c = &s->callers[i];
+		json_t *o = json_pack("{s:s, s:I, s:I, s:I}", "from", c->from, "requests",
+		                      (json_int_t)c->requests, "denied", (json_int_t)c->denied,
+		                      "errors_5xx", (json_int_t)c->errors_5xx);
+
+		if (o && c->has_latency) {
+			json_object_set_new(o, "p50_ms", json_real(c->p50_ms));
+			json_object_set_new(o, "p99_ms", json_real(c->p99_ms));
+		}
+		if (!o || json_array_append_new(arr, o) < 0)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+static int stats_add_denied(json_t *arr, const struct api_stats_summary *s)
+{
+	for (size_t i = 0; i < s->n_denied; i++) {
+		const struct api_stats_denied *d = &s->denied[i];
+
+		if (json_array_append_new(arr, json_pack("{s:s, s:s, s:I}", "from", d->from, "rule",
+		                                         d->rule, "n", (json_int_t)d->n)) < 0)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+static int stats_add_recent(json_t *arr, const struct api_stats_summary *s)
+{
+	for (size_t i = 0; i < s->n_recent; i++) {
+		const struct api_stats_recent *r = &s->recent[i];
+
+		if (json_array_append_new(arr, json_pack("{s:I, s:s, s:s, s:s, s:s}", "at",
+		                                         (json_int_t)r->at, "from", r->from, "rule",
+		                                         r->rule, "method", r->method, "path",
+		                                         r->path)) < 0)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+char *api_stats_format(const struct api_stats_summary *s)
+{
+	json_auto_t *doc = json_pack("{s:I, s:[], s:[], s:[]}", "interval_s",
+	                             (json_int_t)s->interval_s, "callers", "denied", "recent");
+	char *text;
+
+	if (!doc || stats_add_callers(json_object_get(doc, "callers"), s) < 0 ||
+	    stats_add_denied(json_object_get(doc, "denied"), s) < 0 ||
+	    stats_add_recent(json_object_get(doc, "recent"), s) < 0)
+		return NULL;
+	text = json_dumps(doc, JSON_COMPACT | JSON_ENSURE_ASCII);
+	if (text && strlen(text) > API_STATS_MAX) {
+		free(text);
+		return NULL;   /* cannot happen within the caps; never send more */
+	}
+	return text;
+}
+
+/* A caller name: a service, or API_STATS_OTHER. */
+static int stats_name(const json_t *o, const char *path, const char *key, bool rule, char *out,
+                      size_t len, struct meshlet_err *err)
+{
+	const char *s = NULL;
+	char p[96];
+
+	if (json_get_str(o, path, key, true, &s, err) < 0)
+		return -EINVAL;
+	json_path_key(p, sizeof(p), path, key);
+	if (strcmp(s, API_STATS_OTHER) != 0 &&
+	    !(rule ? policy_rule_name_valid(s) : identity_valid_service(s)))
+		return err_set(err, p, "'%.64s' is not a %s name or \"%s\"", s,
+		               rule ? "rule" : "service", API_STATS_OTHER);
+	snprintf(out, len, "%s", s);
+	return 0;
+}
+
+static int stats_count(const json_t *o, const char *path, const char *key, int64_t *out,
+                       struct meshlet_err *err)
+{
+	long long v = 0;
+
+	if (json_get_int(o, path, key, true, 0, API_STATS_COUNT_MAX, &v, err) < 0)
+		return -EINVAL;
+	*out = v;
+	return 0;
+}
+
+static int stats_ms(const json_t *o, const char *path, const char *key, double *out,
+                    struct meshlet_err *err)
+{
+	const json_t *v = json_object_get(o, key);
+	char p[96];
+
+	json_path_key(p, sizeof(p), path, key);
+	if (!json_is_number(v))
+		return err_set(err, p, "must be a number of milliseconds");
+	*out = json_number_value(v);
+	if (!(*out >= 0 && *out <= API_STATS_MS_MAX))
+		return err_set(err, p, "must be 0..%.0f", API_STATS_MS_MAX);
+	return 0;
+}
+
+/* The entries of arr at key (at most max), each checked by one(). */
+static int stats_list(const json_t *doc, const char *key, size_t max, size_t *n,
+                      int (*one)(const json_t *o, const char *path, size_t i, void *out,
+                                 struct meshlet_err *err),
+                      void *out, struct meshlet_err *err)
+{
+	const json_t *arr = NULL, *v;
+	char p[64];
+	size_t i;
+
+	if (json_get_array(doc, "", key, true, &arr, err) < 0)
+		return -EINVAL;
+	if (json_array_size(arr) > max)
+		return err_set(err, key, "at most %zu entries", max);
+	json_array_foreach(arr, i, v) {
+		json_path_index(p, sizeof(p), key, i);
+		if (one(v, p, i, out, err) < 0)
+			return -EINVAL;
+	}
+	*n = json_array_size(arr);
+	return 0;
+}
+
+static int stats_one_caller(const json_t *o, const char *p, size_t i, void *out,
+                            struct meshlet_err *err)
+{
+	static const char *const keys[] = {"from", "requests", "denied", "errors_5xx", "p50_ms",
+	                                   "p99_ms", NULL};
+	struct api_stats_caller *c = &((struct api_stats_summary *)out)->callers[i];
+	bool p50 = json_object_get(o, "p50_ms") != NULL, p99 = json_object_get(o, "p99_ms") != NULL;
+
+	if (json_check_object(o, p, keys, err) < 0 ||
+	    stats_name(o, p, "from", false, c->from, sizeof(c->from), err) < 0 ||
+	    stats_count(o, p, "requests", &c->requests, err) < 0 ||
+	    stats_count(o, p, "denied", &c->denied, err) < 0 ||
+	    stats_count(o, p, "errors_5xx", &c->errors_5xx, err) < 0)
+		return -EINVAL;
+	if (c->denied > c->requests || c->errors_5xx > c->requests)
+		return err_set(err, p, "denied and errors_5xx cannot exceed requests");
+	if (p50 != p99)
+		return err_set(err, p, "p50_ms and p99_ms come together");
+	c->has_latency = p50;
+	if (p50 && (stats_ms(o, p, "p50_ms", &c->p50_ms, err) < 0 ||
+	            stats_ms(o, p, "p99_ms", &c->p99_ms, err) < 0))
+		return -EINVAL;
+	return 0;
+}
+
+static int stats_one_denied(const json_t *o, const char *p, size_t i, void *out,
+                            struct meshlet_err *err)
+{
+	static const char *const keys[] = {"from", "rule", "n", NULL};
+	struct api_stats_denied *d = &((struct api_stats_summary *)out)->denied[i];
+
+	if (json_check_object(o, p, keys, err) < 0 ||
+	    stats_name(o, p, "from", false, d->from, sizeof(d->from), err) < 0 ||
+	    stats_name(o, p, "rule", true, d->rule, sizeof(d->rule), err) < 0 ||
+	    stats_count(o, p, "n", &d->n, err) < 0)
+		return -EINVAL;
+	return 0;
+}
+
+/* A method or path of a recent denial: printable ASCII of at most max bytes. */
+static int stats_text(const json_t *o, const char *path, const char *key, char *out, size_t max,
+                      struct meshlet_err *err)
+{
+	const char *s = NULL;
+	char p[96];
+
+	if (json_get_str(o, path, key, true, &s, err) < 0)
+		return -EINVAL;
+	json_path_key(p, sizeof(p), path, key);
+	if (strlen(s) > max)
+		return err_set(err, p, "at most %zu characters", max);
+	for (const char *c = s; *c; c++) {
+		if (*c < 0x20 || *c >= 0x7f)
+			return err_set(err, p, "must be printable ASCII");
+	}
+	snprintf(out, max + 1, "%s", s);
+	return 0;
+}
+
+static int stats_one_recent(const json_t *o, const char *p, size_t i, void *out,
+                            struct meshlet_err *err)
+{
+	static const char *const keys[] = {"at", "from", "rule", "method", "path", NULL};
+	struct api_stats_recent *r = &((struct api_stats_summary *)out)->recent[i];
+	long long at = 0;
+
+	if (json_check_object(o, p, keys, err) < 0 ||
+	    json_get_int(o, p, "at", true, 0, (long long)1 << 40, &at, err) < 0 ||
+	    stats_name(o, p, "from", false, r->from, sizeof(r->from), err) < 0 ||
+	    stats_name(o, p, "rule", true, r->rule, sizeof(r->rule), err) < 0 ||
+	    stats_text(o, p, "method", r->method, API_STATS_METHOD_MAX, err) < 0 ||
+	    stats_text(o, p, "path", r->path, API_STATS_PATH_MAX, err) < 0)
+		return -EINVAL;
+	r->at = at;
+	return 0;
+}
+
+int api_stats_parse(const char *text, struct api_stats_summary *out, struct meshlet_err *err)
+{
+	static const char *const keys[] = {"interval_s", "callers", "denied", "recent", NULL};
+	json_auto_t *doc = NULL;
+	long long interval = 0;
+	size_t len = text ? strlen(text) : 0;
+
+	memset(out, 0, sizeof(*out));
+	if (len > API_STATS_MAX)
+		return err_set(err, "", "the summary is %zu bytes, over the limit of %d", len,
+		               API_STATS_MAX);
+	doc = json_parse_strict(text ? text : "", len, 3, err);
+	if (!doc)
+		return -EINVAL;
+	if (!json_is_object(doc))
+		return err_set(err, "", "the summary must be a JSON object");
+	if (json_check_object(doc, "", keys, err) < 0 ||
+	    json_get_int(doc, "", "interval_s", true, 1, API_STATS_INTERVAL_MAX, &interval, err) < 0 ||
+	    stats_list(doc, "callers", API_STATS_CALLERS_MAX, &out->n_callers, stats_one_caller, out,
+	               err) < 0 ||
+	    stats_list(doc, "denied", API_STATS_DENIED_MAX, &out->n_denied, stats_one_denied, out,
+	               err) < 0 ||
+	    stats_list(doc, "recent", API_STATS_RECENT_MAX, &out->n_recent, stats_one_recent, out,
+	               err) < 0)
+		return -EINVAL;
+	out->interval_s = interval;
+	return 0;
+}

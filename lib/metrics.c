@@ -34,10 +34,14 @@ struct metrics *metrics_new(void)
 		return NULL;
 	/* calloc's zero bytes are the zero value of every atomic here on the
 	 * platforms we support; only the mutex needs real initialisation. */
+	m->peers = peerstats_new();
+	if (!m->peers)
+		goto fail;
 	if (pthread_mutex_init(&m->lock, NULL) != 0)
 		goto fail;
 	return m;
 fail:
+	peerstats_free(m->peers);
 	free(m);
 	return NULL;
 }
@@ -58,6 +62,7 @@ void metrics_free(struct metrics *m)
 		free(l);
 	}
 	pthread_mutex_destroy(&m->lock);
+	peerstats_free(m->peers);
 	free(m);
 }
 

@@ -38,6 +38,9 @@
 #define CTL_BACKOFF_MIN_MS 200
 #define CTL_BACKOFF_MAX_MS 30000
 #define CTL_POLL_WAIT_S 30                      /* long poll: control answers by then */
+/* While traffic flows, the poll waits at most this long, so that control
+ * gets a counter summary that often (an idle proxy waits CTL_POLL_WAIT_S). */
+#define CTL_STATS_WAIT_S 5
 #define CTL_CALL_TIMEOUT_MS 10000               /* any other call, and slack for the poll */
 #define CTL_TOKEN_MAX 1024
 #define CTL_STATE_MAX (8 * 1024 * 1024)
@@ -121,6 +124,10 @@ const char *ctlc_when(time_t t, char *buf);
  * status of a refusal, with c->why set (what: the call's name). */
 int ctlc_call(struct ctlclient *c, struct httpc *h, const char *what, const char *method,
               const char *path, const json_t *body, int timeout_ms, struct httpc_response *r);
+/* As ctlc_call, with extra request headers ("Name: value", NULL-terminated). */
+int ctlc_call_with(struct ctlclient *c, struct httpc *h, const char *what, const char *method,
+                   const char *path, const json_t *body, const char *const *headers,
+                   int timeout_ms, struct httpc_response *r);
 /* The mutual-TLS client for our SVID and bundle (built when they changed);
  * NULL with c->why set. */
 struct httpc *ctlc_mtls(struct ctlclient *c);

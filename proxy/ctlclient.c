@@ -129,6 +129,13 @@ static void api_error_text(const struct httpc_response *r, char *out, size_t len
 int ctlc_call(struct ctlclient *c, struct httpc *h, const char *what, const char *method,
               const char *path, const json_t *body, int timeout_ms, struct httpc_response *r)
 {
+	return ctlc_call_with(c, h, what, method, path, body, NULL, timeout_ms, r);
+}
+
+int ctlc_call_with(struct ctlclient *c, struct httpc *h, const char *what, const char *method,
+                   const char *path, const json_t *body, const char *const *headers,
+                   int timeout_ms, struct httpc_response *r)
+{
 	char err[HTTPC_ERR_MAX] = "", text[300];
 	int rc;
 
@@ -138,7 +145,7 @@ int ctlc_call(struct ctlclient *c, struct httpc *h, const char *what, const char
 		httpc_cancel(h);
 	pthread_mutex_unlock(&c->lock);
 	httpc_set_timeout(h, timeout_ms);
-	rc = httpc_request(h, method, path, body, NULL, 0, NULL, r, err);
+	rc = httpc_request(h, method, path, body, NULL, 0, headers, r, err);
 	pthread_mutex_lock(&c->lock);
 	c->active = NULL;
 	pthread_mutex_unlock(&c->lock);

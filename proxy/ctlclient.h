@@ -43,6 +43,10 @@ struct ctlclient_host {
 	/* Control answered (true) or a call failed (false): the
 	 * meshlet_control_connected gauge. Returns the previous value. */
 	bool (*set_connected)(void *ctx, bool connected);
+	/* Optional: the counter summary for the next config poll (the value
+	 * of API_STATS_HEADER, malloc'd), or NULL when nothing was counted
+	 * since the last one. */
+	char *(*stats)(void *ctx);
 	void *ctx;
 };
 

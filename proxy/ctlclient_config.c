@@ -377,6 +377,24 @@ static void upstreams_param(const struct config *cfg, char *out, size_t len)
 	}
 }
 
+/* "Meshlet-Stats: <summary>" into *out (malloc'd; NULL without a summary,
+ * which ends the header list). 0, or -1 (no memory). A summary lost with
+ * a failed poll is not sent again: the dashboard shows rates. */
+static int stats_header(const char *stats, char **out)
+{
+	size_t n;
+
+	*out = NULL;
+	if (!stats)
+		return 0;
+	n = strlen(API_STATS_HEADER) + 2 + strlen(stats) + 1;
+	*out = malloc(n);
+	if (!*out)
+		return -1;
+	snprintf(*out, n, "%s: %s", API_STATS_HEADER, stats);
+	return 0;
+}
+
 int ctlc_poll_config(struct ctlclient *c)
 {
 	struct httpc_response r;
@@ -384,6 +402,7 @@ int ctlc_poll_config(struct ctlclient *c)
 	/* 64 listeners of 63-character names, and the rest. */
 	char path[CONFIG_MAX_LISTENERS * (SERVICE_NAME_MAX + 1) + 256], ups[sizeof(path) - 200];
 	long long wait = CTL_POLL_WAIT_S, until_renewal = (long long)(c->renew_at - time(NULL));
+	char *stats, *header = NULL;
 	int rc;
 
 	if (!h)
@@ -393,11 +412,21 @@ int ctlc_poll_config(struct ctlclient *c)
 	/* A quick answer first: it shows control is reachable (status, gauge). */
 	if (!c->installed || c->reconnecting)
 		wait = 0;
+	stats = c->host.stats ? c->host.stats(c->host.ctx) : NULL;
+	if (stats && wait > CTL_STATS_WAIT_S)
+		wait = CTL_STATS_WAIT_S;   /* traffic flows: report again soon */
 	upstreams_param(c->cfg, ups, sizeof(ups));
 	snprintf(path, sizeof(path), "/v1/services/%s/config?after=%lld&wait=%lld%s", c->cfg->service,
 	         (long long)(c->installed ? c->st.version : 0), wait, ups);
-	if (ctlc_call(c, h, "watching the config", "GET", path, NULL,
-	              (int)(wait * 1000 + CTL_CALL_TIMEOUT_MS), &r) != 0)
+	rc = stats_header(stats, &header);
+	free(stats);
+	if (rc < 0)
+		return ctlc_fail(c, "out of memory");
+	rc = ctlc_call_with(c, h, "watching the config", "GET", path, NULL,
+	                    (const char *const[]){ header, NULL },
+	                    (int)(wait * 1000 + CTL_CALL_TIMEOUT_MS), &r);
+	free(header);
+	if (rc != 0)
 		return -1;
 	c->reconnecting = false;
 	rc = apply_config(c, r.json);

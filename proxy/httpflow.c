@@ -201,6 +201,8 @@ static void log_request(struct conn *c, struct req_entry *e)
 	flow(c)->logged = true;
 	metrics_count_http(m, e->status);
 	metrics_observe_duration(m, ms / 1e3);
+	if (c->inbound)
+		peerstats_answer(m->peers, c->peer, e->status, ms / 1e3);
 	if (!c->snap->cfg->access_log)
 		return;
 	log_format_time(when, sizeof(when), e->started_wall.tv_sec, e->started_wall.tv_nsec);
@@ -429,6 +431,8 @@ static bool decide(struct conn *c, struct req_entry *e, const struct http_head *
 	e->decided = true;
 	e->decision = d.action;
 	e->rule = policy_decision_rule(&d);
+	peerstats_decision(c->w->shared->metrics->peers, c->peer, d.action == POLICY_ALLOW, e->rule,
+	                   h->method, h->path);
 	if (d.action == POLICY_ALLOW)
 		return traffic_admits(c, e, &req);
 	e->local_status = 403;

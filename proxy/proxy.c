@@ -331,6 +331,23 @@ static bool ctl_set_connected(void *ctx, bool connected)
 	return atomic_exchange(&p->metrics->control_connected, connected ? 1 : 0) != 0;
 }
 
+/* The inbound counters since the last summary, for control; NULL when
+ * nothing was counted. */
+static char *ctl_stats(void *ctx)
+{
+	struct meshlet_proxy *p = ctx;
+	struct api_stats_summary *sum = malloc(sizeof(*sum));
+	char *text = NULL;
+
+	if (!sum)
+		return NULL;
+	peerstats_take(p->metrics->peers, sum);
+	if (sum->n_callers > 0)
+		text = api_stats_format(sum);
+	free(sum);
+	return text;
+}
+
 /* Static mode serves at once; control mode once control (or the cache) gave a state. */
 static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
 {
@@ -352,7 +369,8 @@ static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
 	         p->boot_cfg->admin_listen.text);
 	{
 		const struct ctlclient_host host = {
-			.install = ctl_install, .set_connected = ctl_set_connected, .ctx = p,
+			.install = ctl_install, .set_connected = ctl_set_connected, .stats = ctl_stats,
+			.ctx = p,
 		};
 
 		return ctlclient_start(&host, p->boot_cfg, &p->ctl, err);

@@ -14,6 +14,8 @@
  *   ctl_cmd_certs.c     token create, certs list|rotate|revoke
  *   ctl_cmd_ca.c        ca show|status|rotate (and rotate --auto)
  *   ctl_cmd_registry.c  endpoints list|add|remove, proxies list
+ *   ctl_cmd_top.c       top: GET /v1/stats as a live table
+ *   ctl_cmd_dashboard.c dashboard: the web UI's server and its relay to control
  *
  * Exit codes: 0 success; EXIT_REFUSED (1) the control refused the request
  * or could not be reached; EXIT_USAGE (2) usage errors and local problems.
@@ -201,5 +203,7 @@ int ctl_cmd_endpoints_add(struct ctl *ctl, const struct ctl_cmd *cmd, const stru
 int ctl_cmd_endpoints_remove(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_proxies_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_check(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
+int ctl_cmd_top(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
+int ctl_cmd_dashboard(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 
 #endif

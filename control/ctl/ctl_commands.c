@@ -60,6 +60,18 @@ static const struct ctl_opt check_opts[] = {
 	{ NULL, 0, NULL, false, NULL },
 };
 
+static const struct ctl_opt top_opts[] = {
+	{ "once", 0, NULL, false, "print one snapshot and exit (for scripts and tests)" },
+	{ "interval", 'n', "SECONDS", false, "refresh every SECONDS (default 2)" },
+	{ NULL, 0, NULL, false, NULL },
+};
+static const struct ctl_opt dashboard_opts[] = {
+	{ "listen", 'l', "ADDR", false, "where the web UI listens (default 127.0.0.1:7480)" },
+	{ "allow-non-loopback", 0, NULL, false, "accept a --listen address that is not loopback: "
+	  "anyone who reaches it sees what the admin token sees" },
+	{ NULL, 0, NULL, false, NULL },
+};
+
 const struct ctl_cmd ctl_commands[] = {
 	{ "policy", "apply", "-f FILE [--if-match VERSION]", 0, 0, policy_apply_opts,
 	  "create or replace the policy of the service named in FILE",
@@ -163,5 +175,18 @@ const struct ctl_cmd ctl_commands[] = {
 	  "and --path the call is judged as a TCP connection. Also lists the rate limits and\n"
 	  "faults of SERVICE's traffic document that would apply. Exits 0 whatever the decision.",
 	  ctl_cmd_check },
+	{ "top", NULL, "[--once] [--interval SECONDS]", 0, 0, top_opts,
+	  "live table of the traffic between services: request, denial and 5xx rates",
+	  "GET /v1/stats, refreshed every --interval seconds (Ctrl-C ends it), or once with\n"
+	  "--once. Rates are per second over the last minute, as the proxies report them with\n"
+	  "their config polls (every 5 s while traffic flows). -o json prints the answer as is.",
+	  ctl_cmd_top },
+	{ "dashboard", NULL, "[--listen 127.0.0.1:7480]", 0, 0, dashboard_opts,
+	  "serve a read-only web UI of the mesh on loopback",
+	  "Serves the dashboard (services, proxies, edges with live rates, recent denials,\n"
+	  "certificates, CA phase) at http://ADDR/ and relays the page's reads to control with\n"
+	  "this command's credentials: the browser never holds the admin token. Only GET and\n"
+	  "HEAD of a fixed list of API reads are relayed. Runs until interrupted.",
+	  ctl_cmd_dashboard },
 };
 const size_t ctl_n_commands = sizeof(ctl_commands) / sizeof(ctl_commands[0]);

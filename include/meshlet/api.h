@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <jansson.h>
+#include "meshlet/identity.h"
 #include "meshlet/json.h"
 #include "meshlet/policy.h"
 #include "meshlet/traffic.h"
@@ -358,5 +359,88 @@ struct api_ca_resp {
 	const char *waiting_for;   /* NULL when absent */
 };
 int api_parse_ca_resp(const json_t *doc, struct api_ca_resp *out, struct meshlet_err *err);
+
+
+/* ---- the proxies' counter summaries (docs/observability.md) ----
+ *
+ * With each config long poll a proxy sends, in the request header
+ * API_STATS_HEADER, what its inbound listeners counted since its last
+ * summary, as one line of compact JSON:
+ *
+ *   {"interval_s": 5,
+ *    "callers": [{"from": "web", "requests": 12, "denied": 3, "errors_5xx": 0,
+ *                 "p50_ms": 1.5, "p99_ms": 9.0}],
+ *    "denied":  [{"from": "web", "rule": "no-admin", "n": 3}],
+ *    "recent":  [{"at": 1764770000, "from": "web", "rule": "no-admin",
+ *                 "method": "POST", "path": "/admin"}]}
+ *
+ * "from" is the caller's service (or API_STATS_OTHER, the bucket of the
+ * callers beyond the caps), requests counts decisions (HTTP requests, or
+ * TCP connections), p50/p99 are over HTTP requests only (absent without
+ * any). The caps below keep a summary under API_STATS_MAX bytes whatever
+ * the traffic; control refuses a summary over them.
+ */
+#define API_STATS_HEADER "Meshlet-Stats"
+/* The answer header naming why control refused a summary (the long poll
+ * itself is answered as usual). */
+#define API_STATS_REFUSED_HEADER "Meshlet-Stats-Refused"
+#define API_STATS_MAX 8192
+#define API_STATS_CALLERS_MAX 16
+#define API_STATS_DENIED_MAX 16
+#define API_STATS_RECENT_MAX 4
+#define API_STATS_PATH_MAX 96
+#define API_STATS_METHOD_MAX 15
+#define API_STATS_INTERVAL_MAX 3600
+/* Counts above this are refused (exact in a JSON number everywhere). */
+#define API_STATS_COUNT_MAX ((int64_t)1 << 50)
+#define API_STATS_MS_MAX 3600000.0
+/* The bucket of callers (and rules) beyond the caps: not a service name. */
+#define API_STATS_OTHER "(other)"
+
+struct api_stats_caller {
+	char from[SERVICE_NAME_MAX + 1];
+	int64_t requests, denied, errors_5xx;
+	bool has_latency;
+	double p50_ms, p99_ms;
+};
+
+struct api_stats_denied {
+	char from[SERVICE_NAME_MAX + 1];
+	char rule[POLICY_RULE_NAME_MAX + 1];
+	int64_t n;
+};
+
+struct api_stats_recent {
+	int64_t at;                          /* unix seconds */
+	char from[SERVICE_NAME_MAX + 1];
+	char rule[POLICY_RULE_NAME_MAX + 1];
+	char method[API_STATS_METHOD_MAX + 1];   /* "" for a TCP connection */
+	char path[API_STATS_PATH_MAX + 1];
+};
+
+struct api_stats_summary {
+	int64_t interval_s;
+	size_t n_callers, n_denied, n_recent;
+	struct api_stats_caller callers[API_STATS_CALLERS_MAX];
+	struct api_stats_denied denied[API_STATS_DENIED_MAX];
+	struct api_stats_recent recent[API_STATS_RECENT_MAX];
+};
+
+/* The header value of s: a malloc'd line of at most API_STATS_MAX bytes,
+ * or NULL (no memory). Strings are copied as they are (api_stats_clean
+ * makes a path fit). */
+char *api_stats_format(const struct api_stats_summary *s);
+
+/*
+ * Parses a header value. Refuses, with err naming the field: over
+ * API_STATS_MAX bytes, not JSON, unknown fields, wrong types, negative or
+ * huge counts, more entries than the caps, names that are neither service
+ * (rule) names nor API_STATS_OTHER, denied > requests.
+ */
+int api_stats_parse(const char *text, struct api_stats_summary *out, struct meshlet_err *err);
+
+/* Copies s into out (len bytes) as printable ASCII, other bytes as '?',
+ * cut to fit: for a request path or method in a summary. */
+void api_stats_clean(char *out, size_t len, const char *s);
 
 #endif

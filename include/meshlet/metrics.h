@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <pthread.h>
+#include "meshlet/peerstats.h"
 #include "meshlet/tls.h"
 
 enum metrics_direction { DIR_INBOUND = 0, DIR_OUTBOUND = 1, DIR_COUNT };
@@ -55,6 +56,7 @@ struct metrics {
 	pthread_mutex_t lock;                 /* guards the decisions list only */
 	struct metrics_decision *decisions;
 	struct metrics_labeled *labeled;      /* guarded by lock too */
+	struct peerstats *peers;              /* per caller, for control's summaries */
 };
 
 struct metrics *metrics_new(void);

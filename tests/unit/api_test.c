@@ -907,6 +907,40 @@ static void test_ca_resp(void **state)
 	json_decref(b);
 }
 
+/* The proxies' counter summaries: a good one parses; each refusal names its field. */
+static void test_stats_summary(void **state)
+{
+	static const struct { const char *text, *path; } bad[] = {
+		{ "{\"interval_s\":5,\"callers\":[],\"denied\":[],\"recent\":[],\"x\":1}", "x" },
+		{ "{\"interval_s\":0,\"callers\":[],\"denied\":[],\"recent\":[]}", "interval_s" },
+		{ "{\"interval_s\":5,\"callers\":[{\"from\":\"web\",\"requests\":-1,"
+		  "\"denied\":0,\"errors_5xx\":0}],\"denied\":[],\"recent\":[]}", "callers[0].requests" },
+		{ "{\"interval_s\":5,\"callers\":[{\"from\":\"web\",\"requests\":1,"
+		  "\"denied\":2,\"errors_5xx\":0}],\"denied\":[],\"recent\":[]}", "callers[0]" },
+		{ "{\"interval_s\":5,\"callers\":[],\"denied\":[{\"from\":\"web\","
+		  "\"rule\":\"a b\",\"n\":1}],\"recent\":[]}", "denied[0].rule" },
+		{ "{\"interval_s\":5,\"callers\":[],\"denied\":[],\"recent\":[{\"at\":1,"
+		  "\"from\":\"web\",\"rule\":\"r\",\"method\":\"GET\",\"path\":\"/\\n\"}]}",
+		  "recent[0].path" },
+		{ "{\"interval_s\":5,\"denied\":[],\"recent\":[]}", "callers" },
+	};
+	struct api_stats_summary s;
+	struct meshlet_err e = { { 0 }, { 0 } };
+	const char *good = "{\"interval_s\":5,\"callers\":[{\"from\":\"(other)\",\"requests\":3,"
+	                   "\"denied\":1,\"errors_5xx\":1,\"p50_ms\":1,\"p99_ms\":2.5}],"
+	                   "\"denied\":[{\"from\":\"web\",\"rule\":\"(other)\",\"n\":1}],\"recent\":[]}";
+
+	(void)state;
+	assert_int_equal(api_stats_parse(good, &s, &e), 0);
+	assert_int_equal(s.n_callers, 1);
+	assert_true(s.callers[0].has_latency && s.callers[0].p99_ms == 2.5);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		memset(&e, 0, sizeof(e));
+		assert_int_equal(api_stats_parse(bad[i].text, &s, &e), -EINVAL);
+		assert_string_equal(e.path, bad[i].path);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -936,6 +970,7 @@ int main(void)
 		cmocka_unit_test(test_endpoint_resp),
 		cmocka_unit_test(test_token_resp),
 		cmocka_unit_test(test_ca_resp),
+		cmocka_unit_test(test_stats_summary),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
