@@ -1,16 +1,25 @@
 /*
  * store: meshlet-control's state as a small revisioned key-value store, in
- * the shape of etcd's, so that a distributed backend can replace SQLite.
+ * the shape of etcd's, with two backends: SQLite (store_open(), one file)
+ * and etcd (store_open_etcd(), several control replicas on one cluster).
  *
  * Keys are printable ASCII strings ("policies/orders", "tokens/<sha256hex>",
  * "certs/<serial>", "endpoints/orders/<proxy-id>"); values are bytes (JSON
  * text in practice). A store-wide revision counter grows by one with every
  * successful write (a store_apply() batch counts once); each key carries the
  * revision of its last write, like etcd's mod_revision. Deleting a key also
- * advances the counter.
+ * advances the counter. On etcd the counter is the cluster's revision: it
+ * grows with every write of anyone using the cluster, so it may jump by
+ * more than one between two writes of this store; it never repeats and
+ * never goes back.
  *
  * Durability: every successful write has been committed (SQLite WAL with
- * synchronous=FULL, so fsync'd) when the function returns.
+ * synchronous=FULL, so fsync'd; etcd: committed by a quorum) when the
+ * function returns.
+ *
+ * Every call may also fail with -EAGAIN: the store is unreachable now (etcd:
+ * no endpoint answered within the timeout); a write that failed so may or
+ * may not have been applied, like any write whose answer was lost.
  *
  * A struct store is not thread-safe: use it from one thread (control's event
  * loop). Several processes may open the same file; writes are serialised by
@@ -75,6 +84,28 @@ struct store_op {
  * -ENOENT (no such directory), -ENOMEM.
  */
 int store_open(struct store **out, const char *path, struct meshlet_err *err);
+
+/* The etcd backend's settings; strings borrowed for the call. */
+struct store_etcd_opts {
+	const char *endpoints;   /* "http://h:p[,https://h:p...]" */
+	const char *prefix;      /* every key is stored under it; NULL: "/meshlet/" */
+	const char *cacert;      /* https: PEM roots the server must chain to */
+	const char *cert;        /* https: client certificate (PEM), optional */
+	const char *key;         /* its private key */
+	int timeout_ms;          /* per call; 0: STORE_ETCD_TIMEOUT_MS */
+};
+#define STORE_ETCD_TIMEOUT_MS 5000
+
+/*
+ * Connects to the etcd cluster (any endpoint that answers) and checks it
+ * speaks the v3 API. Returns 0 and *out (free with store_close()), or
+ * -EINVAL (bad endpoints or prefix) / -EAGAIN (no endpoint answered) with a
+ * message in err.
+ */
+int store_open_etcd(struct store **out, const struct store_etcd_opts *o, struct meshlet_err *err);
+
+/* "sqlite" or "etcd". */
+const char *store_backend_name(const struct store *s);
 
 /* Finalises statements and closes the database. NULL is a no-op. */
 void store_close(struct store *s);

@@ -1,0 +1,362 @@
+/*
+ * store_etcd: the etcd backend of store.h (store_open_etcd()).
+ *
+ * Store key K is etcd key <prefix>K. A read is a /v3/kv/range; every write
+ * is one /v3/kv/txn whose compares carry the batch's conditions (expected
+ * > 0: mod_revision equal; 0: create_revision 0, the key is absent; a
+ * delete: create_revision > 0, the key exists), so a batch is atomic and
+ * gets one etcd revision, which is the store revision. When the compares
+ * fail, the txn's failure branch reads the keys' revisions back so the
+ * error (-ENOENT or -ECANCELED) is the one the SQLite backend gives.
+ */
+#include "store-int.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "meshlet/etcd.h"
+
+#define PREFIX_MAX 128
+
+struct se {
+	struct store base;             /* first: a struct store * is a struct se * */
+	struct etcd *c;
+	char prefix[PREFIX_MAX + 1];
+	size_t plen;
+};
+
+static const struct store_backend etcd_backend;
+
+/* Records the client's error; maps it to the store's errors. */
+static int fail(struct se *s, int r)
+{
+	snprintf(s->base.errmsg, sizeof(s->base.errmsg), "etcd: %s", etcd_strerror(s->c));
+	return r == -EAGAIN || r == -ENOMEM ? r : -EIO;
+}
+
+/* base64 of prefix + key. */
+static char *full_key_b64(const struct se *s, const char *key)
+{
+	char full[PREFIX_MAX + STORE_KEY_MAX + 1];
+
+	snprintf(full, sizeof(full), "%s%s", s->prefix, key);
+	return etcd_b64(full, strlen(full));
+}
+
+static int call(struct se *s, const char *path, json_t *req, json_t **resp, bool read)
+{
+	int r;
+
+	if (!req)
+		return -ENOMEM;
+	r = etcd_call(s->c, path, req, resp, read);
+	json_decref(req);
+	return r ? fail(s, r) : 0;
+}
+
+/* One kv of a range answer: its key without the prefix, value, revision. */
+static int decode_kv(struct se *s, const json_t *kv, struct store_entry *e)
+{
+	const char *k = json_string_value(json_object_get(kv, "key"));
+	const char *v = json_string_value(json_object_get(kv, "value"));
+	char *key = NULL;
+	size_t klen;
+
+	memset(e, 0, sizeof(*e));
+	if (!k || etcd_unb64(k, &key, &klen) < 0 || klen < s->plen ||
+	    memcmp(key, s->prefix, s->plen) != 0 || strlen(key) != klen)
+		goto bad;
+	e->key = strdup(key + s->plen);
+	free(key);
+	if (!e->key)
+		return -ENOMEM;
+	if (etcd_unb64(v ? v : "", &e->value, &e->len) < 0)   /* proto3 omits "" */
+		goto bad;
+	e->revision = etcd_int(kv, "mod_revision");
+	if (e->revision <= 0)
+		goto bad;
+	return 0;
+bad:
+	free(key);
+	free(e->key);
+	free(e->value);
+	memset(e, 0, sizeof(*e));
+	snprintf(s->base.errmsg, sizeof(s->base.errmsg), "etcd: a malformed key-value in an answer");
+	return -EIO;
+}
+
+static int be_get(struct store *st, const char *key, char **value, size_t *len,
+                  int64_t *revision)
+{
+	struct se *s = (struct se *)st;
+	char *k = full_key_b64(s, key);
+	json_t *resp = NULL, *kvs;
+	struct store_entry e;
+	int r = k ? call(s, "/v3/kv/range", json_pack("{s:s}", "key", k), &resp, true) : -ENOMEM;
+
+	free(k);
+	if (r)
+		return r;
+	kvs = json_object_get(resp, "kvs");
+	if (json_array_size(kvs) == 0) {
+		json_decref(resp);
+		return -ENOENT;
+	}
+	r = decode_kv(s, json_array_get(kvs, 0), &e);
+	json_decref(resp);
+	if (r)
+		return r;
+	free(e.key);
+	if (value)
+		*value = e.value;
+	else
+		free(e.value);
+	if (len)
+		*len = e.len;
+	if (revision)
+		*revision = e.revision;
+	return 0;
+}
+
+/* The header revision of an answer (> 0), or -EIO. */
+static int header_revision(struct se *s, const json_t *resp, int64_t *revision)
+{
+	int64_t rev = etcd_int(json_object_get(resp, "header"), "revision");
+
+	if (rev <= 0) {
+		snprintf(s->base.errmsg, sizeof(s->base.errmsg), "etcd: an answer without a revision");
+		return -EIO;
+	}
+	*revision = rev;
+	return 0;
+}
+
+/* A range request for every key starting with prefix + p. */
+static json_t *range_req(const struct se *s, const char *p, bool count_only)
+{
+	char full[PREFIX_MAX + STORE_KEY_MAX + 1];
+	char *k, *end;
+	json_t *req;
+
+	snprintf(full, sizeof(full), "%s%s", s->prefix, p);
+	k = etcd_b64(full, strlen(full));
+	end = etcd_prefix_end_b64(full, strlen(full));
+	req = k && end ? json_pack("{s:s, s:s}", "key", k, "range_end", end) : NULL;
+	if (req && count_only)
+		json_object_set_new(req, "count_only", json_true());
+	free(k);
+	free(end);
+	return req;
+}
+
+static int be_list(struct store *st, const char *prefix, struct store_entry **entries, size_t *n,
+                   int64_t *revision)
+{
+	struct se *s = (struct se *)st;
+	json_t *resp = NULL, *kvs;
+	size_t i, count;
+	int r = call(s, "/v3/kv/range", range_req(s, prefix, false), &resp, true);
+
+	if (r)
+		return r;
+	if (revision && (r = header_revision(s, resp, revision)) < 0)
+		goto out;
+	kvs = json_object_get(resp, "kvs");
+	count = json_array_size(kvs);
+	if (count == 0)
+		goto out;
+	*entries = calloc(count, sizeof(**entries));
+	if (!*entries) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (i = 0; i < count && !r; i++) {
+		r = decode_kv(s, json_array_get(kvs, i), &(*entries)[i]);
+		if (!r)
+			(*n)++;
+	}
+out:
+	json_decref(resp);
+	if (r) {
+		store_entries_free(*entries, *n);
+		*entries = NULL;
+		*n = 0;
+	}
+	return r;
+}
+
+static int be_revision(struct store *st, int64_t *revision)
+{
+	struct se *s = (struct se *)st;
+	json_t *resp = NULL;
+	int r = call(s, "/v3/kv/range", range_req(s, "", true), &resp, true);
+
+	if (!r)
+		r = header_revision(s, resp, revision);
+	json_decref(resp);
+	return r;
+}
+
+/* ---- writes ---- */
+
+static json_t *compare(const char *k, const char *target, const char *result, const char *field,
+                       int64_t v)
+{
+	char num[24];
+
+	snprintf(num, sizeof(num), "%lld", (long long)v);
+	return json_pack("{s:s, s:s, s:s, s:s}", "key", k, "target", target, "result", result,
+	                 field, num);
+}
+
+/* Adds op's compares, its write and its read-back to the txn's arrays. */
+static int add_op(struct se *s, const struct store_op *op, json_t *cmp, json_t *ok, json_t *ko)
+{
+	char *k = full_key_b64(s, op->key), *v = NULL;
+	int r = -ENOMEM;
+
+	if (!k)
+		return -ENOMEM;
+	if (op->kind == STORE_OP_DELETE)
+		json_array_append_new(cmp, compare(k, "CREATE", "GREATER", "create_revision", 0));
+	if (op->expected == 0)
+		json_array_append_new(cmp, compare(k, "CREATE", "EQUAL", "create_revision", 0));
+	else if (op->expected > 0)
+		json_array_append_new(cmp, compare(k, "MOD", "EQUAL", "mod_revision", op->expected));
+	if (op->kind == STORE_OP_DELETE) {
+		json_array_append_new(ok, json_pack("{s:{s:s}}", "request_delete_range", "key", k));
+	} else {
+		v = etcd_b64(op->len ? op->value : "", op->len);
+		if (!v)
+			goto out;
+		json_array_append_new(ok, json_pack("{s:{s:s, s:s}}", "request_put", "key", k,
+		                                    "value", v));
+	}
+	json_array_append_new(ko, json_pack("{s:{s:s, s:b}}", "request_range", "key", k,
+	                                    "keys_only", 1));
+	r = 0;
+out:
+	free(k);
+	free(v);
+	return r;
+}
+
+/* The revision of op's key from the failure branch's read-back i (0: absent). */
+static int64_t readback_rev(const json_t *resp, size_t i)
+{
+	const json_t *rr = json_object_get(json_array_get(json_object_get(resp, "responses"), i),
+	                                   "response_range");
+	const json_t *kv = json_array_get(json_object_get(rr, "kvs"), 0);
+
+	return kv ? etcd_int(kv, "mod_revision") : 0;
+}
+
+/* Why the compares failed, in the SQLite backend's order of checks. */
+static int failed_why(struct se *s, const struct store_op *ops, size_t n, const json_t *resp)
+{
+	for (size_t i = 0; i < n; i++) {
+		int64_t cur = readback_rev(resp, i);
+
+		if (ops[i].kind == STORE_OP_DELETE && cur == 0)
+			return -ENOENT;
+		if (ops[i].expected != STORE_REV_ANY && ops[i].expected != cur)
+			return -ECANCELED;
+	}
+	/* Changed again between the compare and the read-back: still a lost race. */
+	snprintf(s->base.errmsg, sizeof(s->base.errmsg), "etcd: a condition failed");
+	return -ECANCELED;
+}
+
+static int be_apply(struct store *st, const struct store_op *ops, size_t n, int64_t *revision)
+{
+	struct se *s = (struct se *)st;
+	json_t *cmp = json_array(), *ok = json_array(), *ko = json_array(), *resp = NULL;
+	int r = cmp && ok && ko ? 0 : -ENOMEM;
+
+	for (size_t i = 0; i < n && !r; i++)
+		r = add_op(s, &ops[i], cmp, ok, ko);
+	if (r) {
+		json_decref(cmp);
+		json_decref(ok);
+		json_decref(ko);
+		return r;
+	}
+	r = call(s, "/v3/kv/txn", json_pack("{s:o, s:o, s:o}", "compare", cmp, "success", ok,
+	                                    "failure", ko), &resp, false);
+	if (r)
+		return r;
+	if (!json_is_true(json_object_get(resp, "succeeded")))
+		r = failed_why(s, ops, n, resp);
+	else if (revision)
+		r = header_revision(s, resp, revision);
+	json_decref(resp);
+	return r;
+}
+
+/* ---- opening ---- */
+
+static void be_close(struct store *st)
+{
+	struct se *s = (struct se *)st;
+
+	etcd_free(s->c);
+	free(s);
+}
+
+static int check_prefix(const char *p, struct meshlet_err *err)
+{
+	size_t n = strlen(p);
+
+	if (n == 0 || n > PREFIX_MAX)
+		return err_set(err, "", "--etcd-prefix: 1..%d characters", PREFIX_MAX);
+	for (size_t i = 0; i < n; i++)
+		if ((unsigned char)p[i] < 0x21 || (unsigned char)p[i] > 0x7e)
+			return err_set(err, "", "--etcd-prefix: printable characters without spaces");
+	return 0;
+}
+
+int store_open_etcd(struct store **out, const struct store_etcd_opts *o, struct meshlet_err *err)
+{
+	struct etcd_opts eo = { .endpoints = o->endpoints, .cacert = o->cacert, .cert = o->cert,
+	                        .key = o->key,
+	                        .timeout_ms = o->timeout_ms > 0 ? o->timeout_ms :
+	                                      STORE_ETCD_TIMEOUT_MS };
+	const char *prefix = o->prefix ? o->prefix : "/meshlet/";
+	struct se *s;
+	int64_t rev;
+	int r;
+
+	*out = NULL;
+	r = check_prefix(prefix, err);
+	if (r)
+		return r;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return err_set(err, "", "out of memory"), -ENOMEM;
+	s->base.be = &etcd_backend;
+	snprintf(s->prefix, sizeof(s->prefix), "%s", prefix);
+	s->plen = strlen(s->prefix);
+	r = etcd_new(&s->c, &eo, err);
+	if (!r) {
+		r = be_revision(&s->base, &rev);
+		if (r)
+			err_set(err, "", "etcd %s: %s", o->endpoints, s->base.errmsg);
+	}
+	if (r) {
+		be_close(&s->base);
+		return r;
+	}
+	*out = &s->base;
+	return 0;
+}
+
+static const struct store_backend etcd_backend = {
+	.name = "etcd",
+	.get = be_get,
+	.list = be_list,
+	.apply = be_apply,
+	.revision = be_revision,
+	.close = be_close,
+};
