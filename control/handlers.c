@@ -38,6 +38,7 @@ int handlers_status(int err)
 	case -ESTALE: return 412;
 	case -E2BIG: return 413;
 	case -EDQUOT: return 429;
+	case -EAGAIN: return 503;   /* the store (etcd) is unreachable: nothing was written */
 	default: return 500;
 	}
 }
@@ -176,7 +177,8 @@ static int h_config(struct api_call *call)
 	if (api_parse_config_query(call->query, &q, &e) < 0)
 		return bad_request(call, &e);
 	if (state_config_version(call->st, call->svc, &v) < 0)
-		return api_fail(&call->err, 500, "", "the state store failed; see control's log");
+		return api_fail(&call->err, state_store_down(call->st) ? 503 : 500, "",
+		                "the state store failed; see control's log");
 	/* Past V: answer. Behind V (control's state was restored, or V came
 	 * from elsewhere): answer too, so that the proxy resynchronises. */
 	if (v != q.after || q.wait == 0) {

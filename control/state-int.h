@@ -20,6 +20,7 @@
 #include <limits.h>
 
 #include "meshlet/identity.h"
+#include "meshlet/kek.h"
 #include "meshlet/store.h"
 #include "state.h"
 
@@ -59,6 +60,13 @@ struct control_state {
 	char dir[PATH_MAX];
 	char td[TRUST_DOMAIN_MAX + 1];
 	struct store *store;
+	/* A shared store (etcd, several replicas): the roots and the admin
+	 * token's digest live in the store, root keys sealed under kek. */
+	bool shared;
+	unsigned char kek[KEK_LEN];
+	int64_t bundle_rev;            /* revision of meta/bundle last loaded */
+	bool store_down;               /* the last store call failed with -EAGAIN (etcd
+	                                * unreachable): failures answer 503, not 500 */
 	unsigned char admin_digest[32];
 	struct state_root roots[STATE_ROOTS_MAX];
 	X509 *root_certs[STATE_ROOTS_MAX];
@@ -175,7 +183,12 @@ void state_root_paths(const struct control_state *st, int id, char *cert, char *
 /* First start: root 0, created and saved to its files. */
 int state_roots_create(struct control_state *st, struct meshlet_err *err);
 
-/* Later starts: the roots meta/ca names, from their files. */
+/* ca/<id>: root id's certificate and its key sealed under the KEK (a new
+ * reference, NULL: out of memory). */
+json_t *state_root_record(const struct control_state *st, int id, const struct ca *ca);
+
+/* Later starts: the roots meta/ca names, from their files (a shared store:
+ * from their ca/<id> records). */
 int state_roots_load(struct control_state *st, struct meshlet_err *err);
 void state_roots_free(struct control_state *st);
 

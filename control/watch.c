@@ -24,6 +24,7 @@ struct watch_waiter {
 
 struct watch {
 	struct event_base *base;
+	struct event *store_changed;   /* another replica wrote (shared store), or NULL */
 	struct control_state *st;
 	watch_done_fn done;
 	struct watch_waiter *head;
@@ -31,15 +32,37 @@ struct watch {
 	size_t max_per_cert, max_per_service, max_total;   /* 0: no limit */
 };
 
+/* The store's follow thread saw a change: reload what the state caches,
+ * then answer the waiters whose version moved. The thread only signals;
+ * every store read happens here, on the event loop. */
+static void on_store_changed(evutil_socket_t fd, short what, void *arg)
+{
+	struct watch *w = arg;
+
+	state_refresh(w->st);
+	watch_notify(w, NULL);
+}
+
 struct watch *watch_new(struct event_base *base, struct control_state *st, watch_done_fn done)
 {
 	struct watch *w = calloc(1, sizeof(*w));
+	int fd;
 
 	if (!w)
 		return NULL;
 	w->base = base;
 	w->st = st;
 	w->done = done;
+	fd = state_follow_fd(st);
+	if (fd >= 0) {
+		w->store_changed = event_new(base, fd, EV_READ | EV_PERSIST, on_store_changed, w);
+		if (!w->store_changed || event_add(w->store_changed, NULL) < 0) {
+			if (w->store_changed)
+				event_free(w->store_changed);
+			free(w);
+			return NULL;
+		}
+	}
 	return w;
 }
 
@@ -216,5 +239,7 @@ void watch_free(struct watch *w)
 			evhttp_connection_set_closecb(call->evcon, NULL, NULL);
 		waiter_finish(w->head, true);
 	}
+	if (w->store_changed)
+		event_free(w->store_changed);
 	free(w);
 }

@@ -4,7 +4,8 @@
  * A waiting request costs a small struct and a timer, no thread: it sits in
  * a list until watch_notify() (called by the write handlers after a change)
  * finds its service's config version past V, until its wait timer fires, or
- * until its client closes the connection.
+ * until its client closes the connection. On a shared store (etcd) a
+ * change made through another replica wakes them too (state_follow_fd()).
  */
 #ifndef MESHLET_CONTROL_WATCH_H
 #define MESHLET_CONTROL_WATCH_H

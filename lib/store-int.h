@@ -21,6 +21,8 @@ struct store_backend {
 	            int64_t *revision);
 	int (*apply)(struct store *s, const struct store_op *ops, size_t n, int64_t *revision);
 	int (*revision)(struct store *s, int64_t *revision);
+	int (*follow)(struct store *s, int *fd);          /* NULL: -ENOTSUP */
+	void (*follow_drain)(struct store *s);
 	void (*close)(struct store *s);
 };
 

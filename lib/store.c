@@ -84,6 +84,18 @@ int store_revision(struct store *s, int64_t *revision)
 	return s->be->revision(s, revision);
 }
 
+int store_follow(struct store *s, int *fd)
+{
+	*fd = -1;
+	return s->be->follow ? s->be->follow(s, fd) : -ENOTSUP;
+}
+
+void store_follow_drain(struct store *s)
+{
+	if (s->be->follow_drain)
+		s->be->follow_drain(s);
+}
+
 void store_entries_free(struct store_entry *entries, size_t n)
 {
 	size_t i;

@@ -12,19 +12,42 @@
 #include "store-int.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "meshlet/etcd.h"
+#include "meshlet/log.h"
 
 #define PREFIX_MAX 128
+
+/* Pause between two attempts of the follow thread to restore its watch. */
+#define FOLLOW_RETRY_MS 500
+
+/* The follow thread's side: its own client, and the pipes it talks through. */
+struct follower {
+	pthread_t thread;
+	bool running;
+	struct etcd *c;                /* the thread's own connection */
+	int notify[2];                 /* thread writes [1], the event loop reads [0] */
+	int stop[2];                   /* store_close writes [1], the thread polls [0] */
+	int64_t next_rev;              /* the revision to resume the watch at */
+	bool lost;                     /* the last stream broke (logged once) */
+};
 
 struct se {
 	struct store base;             /* first: a struct store * is a struct se * */
 	struct etcd *c;
 	char prefix[PREFIX_MAX + 1];
 	size_t plen;
+	struct etcd_opts eo;           /* copied: the follow thread opens its own client */
+	char *endpoints, *cacert, *cert, *key;
+	struct follower f;
 };
 
 static const struct store_backend etcd_backend;
@@ -295,14 +318,166 @@ static int be_apply(struct store *st, const struct store_op *ops, size_t n, int6
 	return r;
 }
 
+/* ---- following (a thread with a watch on the prefix) ---- */
+
+static void poke(int fd)
+{
+	ssize_t w = write(fd, "x", 1);   /* a full pipe already holds a wake-up */
+
+	(void)w;
+}
+
+/* One message of the watch stream. */
+static int on_watch_msg(void *arg, json_t *msg)
+{
+	struct follower *f = arg;
+	const json_t *res = json_object_get(msg, "result");
+	int64_t compacted = etcd_int(res, "compact_revision");
+	int64_t rev = etcd_int(json_object_get(res, "header"), "revision");
+
+	if (f->lost) {
+		log_info("etcd watch restored");
+		f->lost = false;
+		poke(f->notify[1]);        /* what changed while it was down */
+	}
+	if (compacted > 0) {
+		/* Resuming past etcd's compaction: start afresh at what it keeps;
+		 * the caller re-reads everything anyway. */
+		f->next_rev = compacted;
+		poke(f->notify[1]);
+		return 1;
+	}
+	if (json_array_size(json_object_get(res, "events")) > 0) {
+		if (rev >= f->next_rev)
+			f->next_rev = rev + 1;
+		poke(f->notify[1]);
+	}
+	if (json_is_true(json_object_get(res, "canceled")))
+		return 1;
+	return 0;
+}
+
+static json_t *watch_req(struct se *s)
+{
+	json_t *r = range_req(s, "", false), *cr;
+
+	if (!r)
+		return NULL;
+	cr = json_pack("{s:O, s:O, s:I}", "key", json_object_get(r, "key"), "range_end",
+	               json_object_get(r, "range_end"), "start_revision",
+	               (json_int_t)s->f.next_rev);
+	json_decref(r);
+	return cr ? json_pack("{s:o}", "create_request", cr) : NULL;
+}
+
+/* Sleeps ms unless told to stop; true when told to stop. */
+static bool stop_requested(struct follower *f, int ms)
+{
+	struct pollfd p = { .fd = f->stop[0], .events = POLLIN };
+
+	return poll(&p, 1, ms) > 0;
+}
+
+static void *follow_main(void *arg)
+{
+	struct se *s = arg;
+	struct follower *f = &s->f;
+
+	while (!stop_requested(f, 0)) {
+		json_t *req = watch_req(s);
+		int r = req ? etcd_stream(f->c, "/v3/watch", req, f->stop[0], on_watch_msg, f)
+		            : -ENOMEM;
+
+		json_decref(req);
+		if (r == 0)
+			break;                 /* stopped */
+		if (r < 0 && !f->lost) {
+			log_warn("etcd watch lost: %s; retrying every %d ms", etcd_strerror(f->c),
+			         FOLLOW_RETRY_MS);
+			f->lost = true;
+		}
+		if (r < 0 && stop_requested(f, FOLLOW_RETRY_MS))
+			break;
+	}
+	return NULL;
+}
+
+static int be_follow(struct store *st, int *fd)
+{
+	struct se *s = (struct se *)st;
+	struct follower *f = &s->f;
+	struct meshlet_err err = {0};
+	int64_t rev;
+	int r;
+
+	if (f->running) {
+		*fd = f->notify[0];
+		return 0;
+	}
+	r = be_revision(st, &rev);
+	if (r)
+		return r;
+	f->next_rev = rev + 1;
+	if (etcd_new(&f->c, &s->eo, &err) < 0)
+		return -ENOMEM;
+	if (pipe2(f->notify, O_CLOEXEC | O_NONBLOCK) < 0)
+		return -errno;
+	if (pipe2(f->stop, O_CLOEXEC) < 0)
+		return -errno;
+	if (pthread_create(&f->thread, NULL, follow_main, s) != 0)
+		return -ENOMEM;
+	f->running = true;
+	*fd = f->notify[0];
+	return 0;
+}
+
+static void be_follow_drain(struct store *st)
+{
+	struct se *s = (struct se *)st;
+	char buf[256];
+
+	if (s->f.running)
+		while (read(s->f.notify[0], buf, sizeof(buf)) > 0)
+			;
+}
+
+static void follow_stop(struct follower *f)
+{
+	if (f->running) {
+		poke(f->stop[1]);
+		pthread_join(f->thread, NULL);
+		f->running = false;
+	}
+	for (int i = 0; i < 2; i++) {
+		if (f->notify[i] > 0)
+			close(f->notify[i]);
+		if (f->stop[i] > 0)
+			close(f->stop[i]);
+	}
+	etcd_free(f->c);
+}
+
 /* ---- opening ---- */
 
 static void be_close(struct store *st)
 {
 	struct se *s = (struct se *)st;
 
+	follow_stop(&s->f);
 	etcd_free(s->c);
+	free(s->endpoints);
+	free(s->cacert);
+	free(s->cert);
+	free(s->key);
 	free(s);
+}
+
+static char *dup_or_null(const char *p, bool *oom)
+{
+	char *d = p ? strdup(p) : NULL;
+
+	*oom |= p && !d;
+	return d;
 }
 
 static int check_prefix(const char *p, struct meshlet_err *err)
@@ -325,6 +500,7 @@ int store_open_etcd(struct store **out, const struct store_etcd_opts *o, struct 
 	                                      STORE_ETCD_TIMEOUT_MS };
 	const char *prefix = o->prefix ? o->prefix : "/meshlet/";
 	struct se *s;
+	bool oom = false;
 	int64_t rev;
 	int r;
 
@@ -338,7 +514,13 @@ int store_open_etcd(struct store **out, const struct store_etcd_opts *o, struct 
 	s->base.be = &etcd_backend;
 	snprintf(s->prefix, sizeof(s->prefix), "%s", prefix);
 	s->plen = strlen(s->prefix);
-	r = etcd_new(&s->c, &eo, err);
+	s->endpoints = dup_or_null(o->endpoints, &oom);
+	s->cacert = dup_or_null(o->cacert, &oom);
+	s->cert = dup_or_null(o->cert, &oom);
+	s->key = dup_or_null(o->key, &oom);
+	s->eo = (struct etcd_opts){ .endpoints = s->endpoints, .cacert = s->cacert,
+	                            .cert = s->cert, .key = s->key, .timeout_ms = eo.timeout_ms };
+	r = oom ? err_set(err, "", "out of memory") : etcd_new(&s->c, &s->eo, err);
 	if (!r) {
 		r = be_revision(&s->base, &rev);
 		if (r)
@@ -358,5 +540,7 @@ static const struct store_backend etcd_backend = {
 	.list = be_list,
 	.apply = be_apply,
 	.revision = be_revision,
+	.follow = be_follow,
+	.follow_drain = be_follow_drain,
 	.close = be_close,
 };

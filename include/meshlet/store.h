@@ -175,6 +175,20 @@ int store_revision(struct store *s, int64_t *revision);
  * until the next call on s. */
 const char *store_strerror(const struct store *s);
 
+/*
+ * Changes made by anyone else on a shared store: starts following the
+ * store (etcd: a thread holding a watch on the prefix, reconnecting with
+ * failover, resuming at the last revision it saw) and returns in *fd a
+ * descriptor that becomes readable after something under the store
+ * changed, or after the watch was lost and restored (something may have
+ * changed meanwhile); store_follow_drain() then empties it before the
+ * caller reads the store again. Returns 0, -ENOTSUP (SQLite: this process
+ * makes the writes it needs to know about) or -ENOMEM/-EAGAIN. The thread
+ * never touches s's connection; it stops in store_close().
+ */
+int store_follow(struct store *s, int *fd);
+void store_follow_drain(struct store *s);
+
 /* The calls an observer is told about: reads, listings, and writes (every
  * write, store_put/cas/delete included, is one store_apply). */
 enum store_call { STORE_CALL_GET, STORE_CALL_LIST, STORE_CALL_APPLY, STORE_CALL_COUNT };
