@@ -30,6 +30,12 @@
 #define STATE_PRUNE_CHUNK 100
 /* Runs of a read-modify-write that lost a race with another writer. */
 #define STATE_RETRIES 5
+/* Housekeeping runs on one replica of a shared store at a time: the one
+ * holding this lock, whose lease outlives two housekeeping rounds (control
+ * calls state_maintain() every minute), so a replica that dies hands it
+ * over within about two and a half minutes, one that stops at once. */
+#define STATE_HOUSEKEEPING_LOCK "locks/housekeeping"
+#define STATE_HOUSEKEEPING_TTL 150
 /* The trust bundle for control's clients, in the state directory. */
 #define STATE_BUNDLE_FILE "ca.pem"
 
@@ -65,6 +71,7 @@ struct control_state {
 	bool shared;
 	unsigned char kek[KEK_LEN];
 	int64_t bundle_rev;            /* revision of meta/bundle last loaded */
+	bool housekeeper;              /* holds STATE_HOUSEKEEPING_LOCK (shared store) */
 	bool store_down;               /* the last store call failed with -EAGAIN (etcd
 	                                * unreachable): failures answer 503, not 500 */
 	unsigned char admin_digest[32];

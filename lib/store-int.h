@@ -23,6 +23,7 @@ struct store_backend {
 	int (*revision)(struct store *s, int64_t *revision);
 	int (*follow)(struct store *s, int *fd);          /* NULL: -ENOTSUP */
 	void (*follow_drain)(struct store *s);
+	int (*lock_hold)(struct store *s, const char *name, int ttl_s);   /* NULL: always 1 */
 	void (*close)(struct store *s);
 };
 

@@ -96,6 +96,13 @@ void store_follow_drain(struct store *s)
 		s->be->follow_drain(s);
 }
 
+int store_lock_hold(struct store *s, const char *name, int ttl_s)
+{
+	if (!key_valid(name, false) || ttl_s < 2)
+		return -EINVAL;
+	return s->be->lock_hold ? s->be->lock_hold(s, name, ttl_s) : 1;
+}
+
 void store_entries_free(struct store_entry *entries, size_t n)
 {
 	size_t i;

@@ -21,6 +21,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <openssl/rand.h>
+
 #include "meshlet/etcd.h"
 #include "meshlet/log.h"
 
@@ -48,6 +50,8 @@ struct se {
 	struct etcd_opts eo;           /* copied: the follow thread opens its own client */
 	char *endpoints, *cacert, *cert, *key;
 	struct follower f;
+	int64_t lease;                 /* the lock's lease, 0: none */
+	char owner[96];                /* this handle's value in a lock key */
 };
 
 static const struct store_backend etcd_backend;
@@ -457,6 +461,86 @@ static void follow_stop(struct follower *f)
 	etcd_free(f->c);
 }
 
+/* ---- a lock on a lease (one replica at a time) ---- */
+
+/* Keeps s->lease alive, or grants a new one. 0 or a negative errno. */
+static int lease_keep(struct se *s, int ttl_s)
+{
+	char id[24];
+	json_t *resp = NULL;
+	int r;
+
+	if (s->lease) {
+		snprintf(id, sizeof(id), "%lld", (long long)s->lease);
+		r = call(s, "/v3/lease/keepalive", json_pack("{s:s}", "ID", id), &resp, true);
+		/* {"result": {"ID", "TTL"}}: no TTL means the lease is gone. */
+		if (!r && etcd_int(json_object_get(resp, "result"), "TTL") > 0) {
+			json_decref(resp);
+			return 0;
+		}
+		json_decref(resp);
+		resp = NULL;
+		if (r)
+			return r;
+		s->lease = 0;
+	}
+	snprintf(id, sizeof(id), "%d", ttl_s);
+	r = call(s, "/v3/lease/grant", json_pack("{s:s}", "TTL", id), &resp, false);
+	if (!r) {
+		s->lease = etcd_int(resp, "ID");
+		if (s->lease <= 0) {
+			s->lease = 0;
+			r = -EIO;
+		}
+	}
+	json_decref(resp);
+	return r;
+}
+
+static int be_lock_hold(struct store *st, const char *name, int ttl_s)
+{
+	struct se *s = (struct se *)st;
+	char *k = full_key_b64(s, name), *v = etcd_b64(s->owner, strlen(s->owner)), lease[24];
+	json_t *resp = NULL, *kvs;
+	const char *cur;
+	int r = k && v ? lease_keep(s, ttl_s) : -ENOMEM;
+
+	if (!r) {
+		snprintf(lease, sizeof(lease), "%lld", (long long)s->lease);
+		/* Take it if nobody holds it; either way read who does. */
+		r = call(s, "/v3/kv/txn", json_pack(
+			"{s:[{s:s, s:s, s:s, s:s}], s:[{s:{s:s, s:s, s:s}}], s:[{s:{s:s}}]}",
+			"compare", "key", k, "target", "CREATE", "result", "EQUAL", "create_revision", "0",
+			"success", "request_put", "key", k, "value", v, "lease", lease,
+			"failure", "request_range", "key", k), &resp, false);
+	}
+	if (!r && !json_is_true(json_object_get(resp, "succeeded"))) {
+		kvs = json_object_get(json_object_get(json_array_get(json_object_get(resp, "responses"),
+		                                                     0), "response_range"), "kvs");
+		cur = json_string_value(json_object_get(json_array_get(kvs, 0), "value"));
+		r = cur && strcmp(cur, v) == 0 ? 1 : 0;
+	} else if (!r) {
+		r = 1;
+	}
+	json_decref(resp);
+	free(k);
+	free(v);
+	return r;
+}
+
+static void lease_revoke(struct se *s)
+{
+	char id[24];
+	json_t *resp = NULL;
+
+	if (!s->lease)
+		return;
+	snprintf(id, sizeof(id), "%lld", (long long)s->lease);
+	if (call(s, "/v3/lease/revoke", json_pack("{s:s}", "ID", id), &resp, true) == 0)
+		json_decref(resp);
+	s->lease = 0;
+}
+
 /* ---- opening ---- */
 
 static void be_close(struct store *st)
@@ -464,6 +548,7 @@ static void be_close(struct store *st)
 	struct se *s = (struct se *)st;
 
 	follow_stop(&s->f);
+	lease_revoke(s);
 	etcd_free(s->c);
 	free(s->endpoints);
 	free(s->cacert);
@@ -514,6 +599,15 @@ int store_open_etcd(struct store **out, const struct store_etcd_opts *o, struct 
 	s->base.be = &etcd_backend;
 	snprintf(s->prefix, sizeof(s->prefix), "%s", prefix);
 	s->plen = strlen(s->prefix);
+	{
+		char host[64] = "?";
+		unsigned char rnd[6];
+
+		gethostname(host, sizeof(host) - 1);
+		RAND_bytes(rnd, sizeof(rnd));
+		snprintf(s->owner, sizeof(s->owner), "%.60s/%d/%02x%02x%02x%02x%02x%02x", host,
+		         (int)getpid(), rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5]);
+	}
 	s->endpoints = dup_or_null(o->endpoints, &oom);
 	s->cacert = dup_or_null(o->cacert, &oom);
 	s->cert = dup_or_null(o->cert, &oom);
@@ -542,5 +636,6 @@ static const struct store_backend etcd_backend = {
 	.revision = be_revision,
 	.follow = be_follow,
 	.follow_drain = be_follow_drain,
+	.lock_hold = be_lock_hold,
 	.close = be_close,
 };

@@ -189,6 +189,17 @@ const char *store_strerror(const struct store *s);
 int store_follow(struct store *s, int *fd);
 void store_follow_drain(struct store *s);
 
+/*
+ * Work that must run on one replica at a time (housekeeping): returns 1
+ * when this store handle holds the lock named name (a store key) now, 0
+ * when another holder has it, or a negative errno. On etcd the lock is
+ * name, put with a lease of ttl_s seconds that this call keeps alive; call
+ * it again well within ttl_s to keep holding; a holder that stops calling
+ * (or dies) loses the lock when the lease expires, and store_close()
+ * revokes the lease so another takes over at once. SQLite: always 1.
+ */
+int store_lock_hold(struct store *s, const char *name, int ttl_s);
+
 /* The calls an observer is told about: reads, listings, and writes (every
  * write, store_put/cas/delete included, is one store_apply). */
 enum store_call { STORE_CALL_GET, STORE_CALL_LIST, STORE_CALL_APPLY, STORE_CALL_COUNT };

@@ -390,6 +390,26 @@ static void test_observer_times_each_call(void **state)
 	assert_int_equal(o.calls[STORE_CALL_APPLY], 3);
 }
 
+/* One holder at a time; closing hands the lock over at once. */
+static void test_lock_one_holder(void **state)
+{
+	struct fixture *f = *state, g = {0};
+
+	assert_int_equal(store_lock_hold(f->s, "locks/gc", 30), 1);
+	assert_int_equal(store_lock_hold(f->s, "locks/gc", 30), 1);   /* kept */
+	assert_int_equal(store_lock_hold(f->s, "bad key", 30), -EINVAL);
+	if (!f->prefix[0])
+		return;                   /* SQLite: one process, always the holder */
+	memcpy(g.prefix, f->prefix, sizeof(g.prefix));
+	assert_int_equal(open_etcd(&g), 0);
+	assert_int_equal(store_lock_hold(g.s, "locks/gc", 30), 0);
+	assert_int_equal(store_lock_hold(g.s, "locks/other", 30), 1);
+	store_close(f->s);           /* revokes its lease */
+	f->s = NULL;
+	assert_int_equal(store_lock_hold(g.s, "locks/gc", 30), 1);
+	f->s = g.s;
+}
+
 static void test_reopen_keeps_everything(void **state)
 {
 	struct fixture *f = *state;
@@ -584,6 +604,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_apply_batch, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_observer_times_each_call, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reopen_keeps_everything, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_lock_one_holder, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_two_handles, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_file_mode_0600, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_symlink_refused, setup, teardown),
@@ -604,6 +625,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_apply_batch, setup_etcd, teardown_etcd),
 		cmocka_unit_test_setup_teardown(test_observer_times_each_call, setup_etcd, teardown_etcd),
 		cmocka_unit_test_setup_teardown(test_reopen_keeps_everything, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_lock_one_holder, setup_etcd, teardown_etcd),
 	};
 	int failed;
 
