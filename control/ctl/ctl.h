@@ -49,7 +49,9 @@ enum ctl_output { OUT_TABLE, OUT_JSON };
 /* Everything a command handler needs; filled by main(), no globals. */
 struct ctl {
 	const char *prog;
-	const char *control;       /* URL */
+	const char *control;       /* URL, or several: URL,URL (control replicas) */
+	size_t control_at;         /* index of the URL in use; see ctl_control_url() */
+	char control_url[512];     /* that URL */
 	const char *ca_file;       /* NULL: <state dir>/ca.pem */
 	const char *token_file;    /* NULL: MESHLET_TOKEN, else <state dir>/admin.token */
 	const char *state_dir;
@@ -57,6 +59,9 @@ struct ctl {
 	int timeout_ms;
 	struct httpc *http;     /* opened by ctl_connect() */
 };
+
+/* Control replicas one --control may list. */
+#define CTL_CONTROLS_MAX 16
 
 /* One option of a command: --name (and -s), taking an argument unless arg is NULL. */
 struct ctl_opt {
@@ -124,8 +129,13 @@ char *ctl_read_file(const char *path, size_t max, size_t *len);
 int ctl_connect(struct ctl *ctl);
 /* Prints the API's error of a non-2xx answer; returns EXIT_REFUSED. */
 int ctl_api_error(const struct ctl *ctl, const struct httpc_response *r);
+/* Moves to the next URL of --control (after why, printed), dropping the
+ * client; false when there is none left. */
+bool ctl_next_control(struct ctl *ctl, const char *why);
 /* One API call: 0 with *resp filled on a 2xx answer (the caller clears
- * it), else the exit code after printing why. */
+ * it), else the exit code after printing why. With several --control
+ * URLs, one that cannot be reached or answers 5xx hands the call to the
+ * next. */
 int ctl_api_call(struct ctl *ctl, const char *method, const char *path, const json_t *body,
                  const char *raw, size_t raw_len, const char *const *headers,
                  struct httpc_response *resp);
