@@ -71,6 +71,7 @@ struct control_state {
 	bool shared;
 	unsigned char kek[KEK_LEN];
 	int64_t bundle_rev;            /* revision of meta/bundle last loaded */
+	int64_t ca_rev;                /* revision of meta/ca last loaded */
 	bool housekeeper;              /* holds STATE_HOUSEKEEPING_LOCK (shared store) */
 	bool store_down;               /* the last store call failed with -EAGAIN (etcd
 	                                * unreachable): failures answer 503, not 500 */
@@ -198,6 +199,11 @@ json_t *state_root_record(const struct control_state *st, int id, const struct c
  * from their ca/<id> records). */
 int state_roots_load(struct control_state *st, struct meshlet_err *err);
 void state_roots_free(struct control_state *st);
+
+/* A shared store, after meta/ca moved (another replica's CA step): the
+ * roots again from the store; on failure the ones loaded before stay.
+ * 0 or a negative errno (logged). */
+int state_roots_reload(struct control_state *st);
 
 /* meta/ca as JSON. */
 json_t *state_ca_meta(const struct control_state *st);

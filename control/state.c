@@ -557,6 +557,7 @@ static int shared_load(struct control_state *st, const char *where, struct meshl
 	if (r)
 		return r;
 	kv_rev(st, "meta/bundle", &st->bundle_rev);
+	kv_rev(st, "meta/ca", &st->ca_rev);
 	state_proxies_load(st);
 	state_bundle_write(st);
 	state_endpoints_repair(st);
@@ -614,11 +615,26 @@ int state_follow_fd(struct control_state *st)
 	return fd;
 }
 
-void state_refresh(struct control_state *st)
+/* The roots, when meta/ca moved (a CA step made elsewhere). */
+static void refresh_roots(struct control_state *st, bool *tls_changed)
 {
 	int64_t rev = 0;
 
+	if (kv_rev(st, "meta/ca", &rev) < 0 || rev == st->ca_rev)
+		return;
+	if (state_roots_reload(st) == 0) {
+		st->ca_rev = rev;
+		*tls_changed = true;
+	}
+}
+
+void state_refresh(struct control_state *st, bool *tls_changed)
+{
+	int64_t rev = 0;
+
+	*tls_changed = false;
 	store_follow_drain(st->store);
+	refresh_roots(st, tls_changed);
 	if (kv_rev(st, "meta/bundle", &rev) < 0 || rev == st->bundle_rev)
 		return;
 	/* The bundle moved: a revocation (or a rotation step) elsewhere. */

@@ -146,9 +146,11 @@ void state_close(struct control_state *st);
 int state_follow_fd(struct control_state *st);
 
 /* After that descriptor was readable: empties it and reloads what this
- * replica keeps in memory from the store (the revocation list when the
- * bundle's version moved). The caller then answers its long polls. */
-void state_refresh(struct control_state *st);
+ * replica keeps in memory from the store (the roots when meta/ca moved,
+ * then *tls_changed: control's server certificate is to be reissued by the
+ * signing root; the revocation list when the bundle's version moved). The
+ * caller then answers its long polls. */
+void state_refresh(struct control_state *st, bool *tls_changed);
 
 /* ---- metrics ---- */
 

@@ -342,6 +342,61 @@ int state_roots_load(struct control_state *st, struct meshlet_err *err)
 	return 0;
 }
 
+/* What state_roots_reload() swaps out, to put back when the reload fails. */
+struct roots_saved {
+	struct state_root roots[STATE_ROOTS_MAX];
+	X509 *root_certs[STATE_ROOTS_MAX];
+	size_t n_roots, signing;
+	enum ca_phase phase;
+	int next_id;
+	X509 *cross;
+};
+
+static void roots_swap(struct control_state *st, struct roots_saved *sv)
+{
+	struct roots_saved tmp;
+
+	memcpy(tmp.roots, st->roots, sizeof(tmp.roots));
+	memcpy(tmp.root_certs, st->root_certs, sizeof(tmp.root_certs));
+	tmp.n_roots = st->n_roots;
+	tmp.signing = st->signing;
+	tmp.phase = st->phase;
+	tmp.next_id = st->next_id;
+	tmp.cross = st->cross;
+	memcpy(st->roots, sv->roots, sizeof(st->roots));
+	memcpy(st->root_certs, sv->root_certs, sizeof(st->root_certs));
+	st->n_roots = sv->n_roots;
+	st->signing = sv->signing;
+	st->phase = sv->phase;
+	st->next_id = sv->next_id;
+	st->cross = sv->cross;
+	*sv = tmp;
+}
+
+int state_roots_reload(struct control_state *st)
+{
+	struct roots_saved sv = {0};
+	struct meshlet_err err = {0};
+	int r;
+
+	roots_swap(st, &sv);              /* st now empty, sv the current roots */
+	r = state_roots_load(st, &err);
+	if (r) {
+		log_error("cannot reload the roots after another replica's CA step: %s; keeping "
+		          "the ones loaded before", err.message);
+		state_roots_free(st);
+		roots_swap(st, &sv);
+		return r;
+	}
+	roots_swap(st, &sv);              /* sv the new ones: free the old */
+	state_roots_free(st);
+	roots_swap(st, &sv);
+	state_bundle_write(st);
+	log_info("CA: reloaded after another replica's step: %zu root(s), phase %s, signing "
+	         "root %d", st->n_roots, state_phase_name(st->phase), st->roots[st->signing].id);
+	return 0;
+}
+
 json_t *state_roots_pem(const struct control_state *st)
 {
 	json_t *a = json_array();

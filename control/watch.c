@@ -25,6 +25,8 @@ struct watch_waiter {
 struct watch {
 	struct event_base *base;
 	struct event *store_changed;   /* another replica wrote (shared store), or NULL */
+	void (*tls_changed)(void *arg);   /* the roots changed elsewhere, or NULL */
+	void *tls_arg;
 	struct control_state *st;
 	watch_done_fn done;
 	struct watch_waiter *head;
@@ -38,8 +40,11 @@ struct watch {
 static void on_store_changed(evutil_socket_t fd, short what, void *arg)
 {
 	struct watch *w = arg;
+	bool tls = false;
 
-	state_refresh(w->st);
+	state_refresh(w->st, &tls);
+	if (tls && w->tls_changed)
+		w->tls_changed(w->tls_arg);
 	watch_notify(w, NULL);
 }
 
@@ -64,6 +69,12 @@ struct watch *watch_new(struct event_base *base, struct control_state *st, watch
 		}
 	}
 	return w;
+}
+
+void watch_on_tls_changed(struct watch *w, void (*fn)(void *arg), void *arg)
+{
+	w->tls_changed = fn;
+	w->tls_arg = arg;
 }
 
 void watch_set_limits(struct watch *w, size_t per_cert, size_t per_service, size_t total)

@@ -27,6 +27,10 @@ typedef void (*watch_done_fn)(struct api_call *call, bool aborted);
 /* Returns a new watch, or NULL (out of memory). */
 struct watch *watch_new(struct event_base *base, struct control_state *st, watch_done_fn done);
 
+/* fn(arg) runs when another replica's CA step changed the roots (control's
+ * server certificate is to be reissued), before the waiters are answered. */
+void watch_on_tls_changed(struct watch *w, void (*fn)(void *arg), void *arg);
+
 /* Caps the waiters: per client certificate (call->peer_serial), per
  * service, and in all. */
 void watch_set_limits(struct watch *w, size_t per_cert, size_t per_service, size_t total);

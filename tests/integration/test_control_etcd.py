@@ -7,6 +7,7 @@ Every test starts its own etcd (1 member, or 3 where the issue asks) on
 
 import json
 import os
+import ssl
 import stat
 import subprocess
 import threading
@@ -212,3 +213,50 @@ def test_etcd_down_writes_503_then_recovery(control_factory, etcd_factory, tmp_p
     assert "spiffe://mesh.local/y" in json.dumps(b.api("GET", "/v1/policies/orders",
                                                        token=token).json)
     assert "spiffe://mesh.local/x" not in json.dumps(cluster.get_prefix())
+
+
+def test_ca_rotation_and_revocation_across_replicas(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    """A CA step through A is what B serves within a second: roots, phase, and
+    its own server certificate from the new signing root after the switch;
+    a revocation through A is on B's list."""
+    cluster = etcd_factory(1)
+    kek = make_kek(tmp_path / "kek")
+    a, b = replicas(control_factory, cluster, kek, 2)
+    token = admin_token([a, b])
+
+    def ca(rep):
+        r = rep.api("GET", "/v1/ca", token=token)
+        assert r.status == 200, r
+        return r.json
+
+    r = a.api("POST", "/v1/ca/rotate", {"force": True}, token=token)
+    assert r.status == 200, r
+    deadline = time.monotonic() + 1.0
+    while ca(b)["phase"] != "prepared":
+        assert time.monotonic() < deadline, f"b still {ca(b)['phase']}"
+        time.sleep(0.02)
+    assert ca(b)["pins"] == ca(a)["pins"] and len(ca(b)["pins"]) == 2
+    assert b.ca_file.read_text() == a.ca_file.read_text()
+    r = a.api("POST", "/v1/ca/rotate", {"force": True}, token=token)
+    assert r.status == 200, r
+    time.sleep(1.0)
+    assert ca(b)["phase"] == "switched" and ca(b)["signing"] == ca(a)["signing"]
+    assert "reloaded after another replica's step" in b.stderr()
+    # b's own certificate now comes from the new signing root
+    assert "server certificate renewed" in b.stderr()
+    # a revocation through a: b refuses that certificate too
+    svc = "orders"
+    tok = a.join_token(svc)
+    from control_helpers import Identity, enroll
+    ident = Identity(tmp_path / "id", svc)
+    r = enroll(a, ident, token=tok)
+    assert r.status in (200, 201), r
+    assert b.api("GET", "/v1/bundle", svid=ident, token=None).status == 200
+    r = a.api("POST", "/v1/certs/revoke", {"serial": ident.serial}, token=token)
+    assert r.status in (200, 201, 204), r
+    time.sleep(1.0)
+    try:                                 # refused in the handshake, or by the API
+        status = b.api("GET", "/v1/bundle", svid=ident, token=None).status
+    except ssl.SSLError:
+        status = "handshake refused"
+    assert status in (401, 403, "handshake refused"), status
