@@ -84,8 +84,11 @@ static int if_match(struct api_call *call, int64_t *version)
 
 static int h_health(struct api_call *call)
 {
-	return ok(call, 200, json_pack("{s:s, s:s, s:s}", "status", "ok", "version", MESHLET_VERSION,
-	                               "trust_domain", state_trust_domain(call->st)));
+	/* 200 even when the store is down: this replica still serves what it can
+	 * (a liveness probe must not restart it for etcd's trouble). */
+	return ok(call, 200, json_pack("{s:s, s:s, s:s, s:o*}", "status", "ok", "version",
+	                               MESHLET_VERSION, "trust_domain", state_trust_domain(call->st),
+	                               "store", state_store_status(call->st)));
 }
 
 /* ---- proxies ---- */

@@ -739,6 +739,21 @@ const char *state_trust_domain(const struct control_state *st)
 	return st->td;
 }
 
+json_t *state_store_status(struct control_state *st)
+{
+	int64_t rev = 0;
+	int r = store_revision(st->store, &rev);
+	json_t *o = json_pack("{s:s, s:b}", "backend", store_backend_name(st->store), "ok", r == 0);
+
+	st->store_down = r == -EAGAIN;
+	if (o && r == 0)
+		json_object_set_new(o, "revision", json_integer(rev));
+	else if (o)
+		json_object_set_new(o, "error", json_string(r == -EAGAIN ? "unavailable" :
+		                                            store_strerror(st->store)));
+	return o;
+}
+
 bool state_store_down(const struct control_state *st)
 {
 	return st->store_down;

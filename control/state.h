@@ -173,6 +173,10 @@ const char *state_phase_name(enum ca_phase phase);
 
 const char *state_trust_domain(const struct control_state *st);
 
+/* {backend: "sqlite"|"etcd", ok, revision | error}: one cheap store read,
+ * for GET /v1/health and meshletctl status. */
+json_t *state_store_status(struct control_state *st);
+
 /* True when the last store call found the store unreachable (etcd down):
  * a failure now is worth a 503 and a retry, not a 500. */
 bool state_store_down(const struct control_state *st);

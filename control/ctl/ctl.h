@@ -12,6 +12,7 @@
  *   ctl_cmd_certs.c     token create, certs list|rotate|revoke
  *   ctl_cmd_ca.c        ca show|status|rotate (and rotate --auto)
  *   ctl_cmd_registry.c  endpoints list|add|remove, proxies list
+ *   ctl_cmd_status.c    status: every control replica of --control and its store
  *
  * Exit codes: 0 success; EXIT_REFUSED (1) the control refused the request
  * or could not be reached; EXIT_USAGE (2) usage errors and local problems.
@@ -187,6 +188,7 @@ int ctl_cmd_certs_revoke(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 int ctl_cmd_ca_show(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_ca_status(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
+int ctl_cmd_status(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_endpoints_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_endpoints_add(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_endpoints_remove(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);

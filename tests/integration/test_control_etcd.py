@@ -194,8 +194,10 @@ def test_etcd_down_writes_503_then_recovery(control_factory, etcd_factory, tmp_p
                      token=token, timeout=30)
     assert r.status == 503, r
     assert "unavailable" in r.error()[1], r
-    # what needs no store still answers
-    assert a.api("GET", "/v1/health", token=None).status == 200
+    # what needs no store still answers, and says the store does not
+    h = a.api("GET", "/v1/health", token=None)
+    assert h.status == 200 and h.json["store"] == {"backend": "etcd", "ok": False,
+                                                  "error": "unavailable"}, h
     assert b.api("GET", "/v1/health", token=None).status == 200
     member.start()
     cluster.wait_healthy()

@@ -4,6 +4,7 @@ replica when theirs dies, without a failed data-path request or a missed
 version.
 """
 
+import json
 import time
 
 from control_helpers import control_factory  # noqa: F401
@@ -97,7 +98,17 @@ def test_meshletctl_two_urls_first_dead(dyn, etcd_factory, tmp_path):  # noqa: F
     argv = ["--control", both, "--ca", str(a.ca_file), "--token-file", str(a.token_file)]
     p = a.ctl(*argv, "policy", "list", flags=False)
     assert p.returncode == 0, p.stderr
+    p = a.ctl(*argv, "status", flags=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [line.split() for line in p.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows] == [a.url, b.url] and all(r[1] == "up" for r in rows), p.stdout
+    assert all("etcd" in r and "ok" in r for r in rows), p.stdout
     a.kill()
+    p = a.ctl(*argv, "status", "-o", "json", flags=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    st = json.loads(p.stdout)
+    assert st[0]["state"].startswith("unreachable") and st[1]["state"] == "up", st
+    assert st[1]["health"]["store"]["backend"] == "etcd" and st[1]["health"]["store"]["ok"]
     p = a.ctl(*argv, "policy", "list", flags=False)
     assert p.returncode == 0, p.stderr
     assert "trying the next control" in p.stderr
