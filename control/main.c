@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -263,6 +264,9 @@ int main(int argc, char **argv)
 	if (r != 0)
 		return r > 0 ? 0 : 2;
 	log_init(o.log_level, "meshlet-control");
+	/* Before the store opens: a TLS write to an etcd that hung up must be an
+	 * error, not SIGPIPE (the server ignores it later too). */
+	signal(SIGPIPE, SIG_IGN);
 	if (state_open(&st, &o, &err) < 0) {
 		log_error("%s", err_str(&err, msg, sizeof(msg)));
 		return 1;

@@ -498,6 +498,8 @@ static int shared_init(struct control_state *st, const char *where, struct meshl
 		return err_set(err, "", "cannot initialise the store %s: %s (%s)", where,
 		               strerror(-r), store_strerror(st->store));
 	}
+	kv_rev(st, "meta/bundle", &st->bundle_rev);
+	kv_rev(st, "meta/ca", &st->ca_rev);
 	hex[64] = '\n';
 	state_path(st, tok, sizeof(tok), ADMIN_TOKEN_FILE);
 	r = file_replace(tok, 0600, hex, 65);

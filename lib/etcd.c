@@ -30,6 +30,7 @@ struct etcd {
 	struct endpoint ep[ETCD_ENDPOINTS_MAX];
 	size_t n_ep, cur;     /* cur: the endpoint tried first */
 	SSL_CTX *tls;         /* NULL when no endpoint is https */
+	bool client_cert;     /* --etcd-cert given */
 	int timeout_ms;
 	char err[ETCD_ERR_MAX];
 };
@@ -254,6 +255,7 @@ static int tls_setup(struct etcd *c, const struct etcd_opts *o, struct meshlet_e
 		               o->cacert ? o->cacert : "(system)");
 	if (!o->cert != !o->key)
 		return err_set(err, "", "--etcd-cert and --etcd-key go together");
+	c->client_cert = o->cert != NULL;
 	if (o->cert && (SSL_CTX_use_certificate_chain_file(c->tls, o->cert) != 1 ||
 	                SSL_CTX_use_PrivateKey_file(c->tls, o->key, SSL_FILETYPE_PEM) != 1 ||
 	                SSL_CTX_check_private_key(c->tls) != 1))
@@ -688,7 +690,10 @@ static int exchange(struct etcd *c, struct conn *cn, const struct endpoint *ep, 
 		r = buf_add(body, raw.p ? raw.p : "", raw.len);
 	free(raw.p);
 	if (r)
-		set_err(c, "%s%s: %s", ep->url, path, r == -ETIMEDOUT ? "timed out" : strerror(-r));
+		set_err(c, "%s%s: %s%s", ep->url, path, r == -ETIMEDOUT ? "timed out" : strerror(-r),
+		        cn->ssl && !c->client_cert && (r == -EPIPE || r == -ECONNRESET || r == -EPROTO) ?
+		        " (etcd closed the TLS connection: does it want a client certificate, "
+		        "--etcd-cert and --etcd-key?)" : "");
 	return r;
 }
 

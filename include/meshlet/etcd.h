@@ -13,7 +13,8 @@
  * come back as JSON strings (etcd_int reads both forms).
  *
  * A struct etcd is used by one thread at a time (the watch thread opens
- * its own).
+ * its own). The process must ignore SIGPIPE: a TLS write to an endpoint
+ * that hung up would otherwise kill it.
  */
 #ifndef MESHLET_ETCD_H
 #define MESHLET_ETCD_H

@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -23,7 +24,7 @@ ETCD = "/usr/bin/etcd"
 
 
 class Member:
-    def __init__(self, name, workdir, cluster_token):
+    def __init__(self, name, workdir, cluster_token, tls=None):
         self.name = name
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -32,10 +33,11 @@ class Member:
         self.cluster_token = cluster_token
         self.proc = None
         self.initial_cluster = None
+        self.tls = tls              # make_tls() paths: clients need https and a certificate
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self):
@@ -50,6 +52,10 @@ class Member:
                 "--initial-cluster-token", self.cluster_token,
                 "--initial-cluster-state", "new",
                 "--heartbeat-interval", "50", "--election-timeout", "500"]
+        if self.tls:
+            argv += ["--cert-file", str(self.tls["server"]), "--key-file",
+                     str(self.tls["server-key"]), "--trusted-ca-file", str(self.tls["ca"]),
+                     "--client-cert-auth"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         return self
@@ -69,15 +75,23 @@ class Member:
     def kill(self):
         self.stop(signal.SIGKILL)
 
+    def context(self):
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.tls["ca"]))
+        ctx.load_cert_chain(str(self.tls["client"]), str(self.tls["client-key"]))
+        return ctx
+
     def call(self, path, body, timeout=5):
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=self.context()) as r:
             return json.loads(r.read())
 
     def healthy(self):
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+            with urllib.request.urlopen(self.url + "/health", timeout=2,
+                                        context=self.context()) as r:
                 return json.loads(r.read()).get("health") == "true"
         except (OSError, ValueError):
             return False
@@ -88,9 +102,9 @@ def b64(s):
 
 
 class Cluster:
-    def __init__(self, workdir, size):
+    def __init__(self, workdir, size, tls=None):
         token = f"meshlet-test-{os.getpid()}-{time.monotonic_ns()}"
-        self.members = [Member(f"m{i}", workdir, token) for i in range(size)]
+        self.members = [Member(f"m{i}", workdir, token, tls) for i in range(size)]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:
             m.initial_cluster = initial
@@ -154,11 +168,40 @@ class Cluster:
 def etcd_factory(tmp_path):
     made = []
 
-    def make(size=1):
-        c = Cluster(tmp_path, size)
+    def make(size=1, tls=None):
+        c = Cluster(tmp_path, size, tls)
         made.append(c)
         return c.start()
 
     yield make
     for c in made:
         c.stop()
+
+
+def make_tls(directory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate
+    (openssl, EC P-256), for etcd over https. Returns a dict of paths."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    p = {k: d / f"{k}.pem" for k in ("ca", "ca-key", "server", "server-key", "client",
+                                       "client-key")}
+
+    def run(*argv):
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-keyout", str(p["ca-key"]), "-out", str(p["ca"]), "-days", "2",
+        "-subj", "/CN=etcd test CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        csr = d / f"{name}.csr"
+        extf = d / f"{name}.ext"
+        extf.write_text(ext + "\n")
+        run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(p[f"{name}-key"]), "-out", str(csr), "-subj", f"/CN=etcd {name}")
+        run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(p["ca"]), "-CAkey",
+            str(p["ca-key"]), "-CAcreateserial", "-out", str(p[name]), "-days", "2",
+            "-extfile", str(extf))
+    for k in ("ca-key", "server-key", "client-key"):
+        p[k].chmod(0o600)
+    return p

@@ -338,3 +338,33 @@ def test_1000_writes_while_the_etcd_leader_is_killed(control_factory, etcd_facto
         answers = {json.dumps(rep.api("GET", f"/v1/policies/{svc}", token=token).json,
                               sort_keys=True) for rep in reps}
         assert len(answers) == 1, svc
+
+
+def test_etcd_over_https_with_client_certificates(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    from etcd_helpers import make_tls
+    tls = make_tls(tmp_path / "etcd-tls")
+    cluster = etcd_factory(1, tls=tls)
+    kek = make_kek(tmp_path / "kek")
+    flags = ["--etcd-cacert", str(tls["ca"]), "--etcd-cert", str(tls["client"]),
+             "--etcd-key", str(tls["client-key"])]
+    a, b = [control_factory.new(name=f"t{i}", extra_args=etcd_args(cluster, kek) + flags)
+            for i in range(2)]
+    token = admin_token([a, b])
+    assert cluster.endpoints.startswith("https://")
+    cur = long_poll(b, token, "orders", 0, wait=0)["version"]
+    r = a.put_policy(policy_doc("orders", rules=rule("spiffe://mesh.local/svc/tls")), token=token)
+    assert r.status in (200, 201), r
+    assert long_poll(b, token, "orders", cur, wait=10)["version"] > cur
+    assert "/meshlet/policies/orders" in cluster.get_prefix()
+    # no client certificate, or a CA that does not sign etcd's: refused at start
+    for i, (bad, why) in enumerate((
+            (["--etcd-cacert", str(tls["ca"])], "client certificate"),
+            (["--etcd-cacert", str(tls["client"]), "--etcd-cert", str(tls["client"]),
+              "--etcd-key", str(tls["client-key"])], "TLS handshake failed"),
+            (["--etcd-cert", str(tls["client"]), "--etcd-key", str(tls["server-key"])],
+             "do not match"))):
+        c = control_factory.new(name=f"bad{i}", start=False,
+                                extra_args=etcd_args(cluster, kek) + bad)
+        c.start(wait=False)
+        assert c.proc.wait(30) == 1, c.stderr()[-1500:]
+        assert why in c.stderr(), c.stderr()[-1500:]
