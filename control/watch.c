@@ -2,6 +2,7 @@
 #include "watch.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -207,9 +208,42 @@ int watch_add(struct watch *w, struct api_call *call, const char *svc, int64_t a
 	return 0;
 }
 
+/* Config versions of the services one watch_notify() looked up: each is
+ * read from the store once per call, however many waiters it has (a store
+ * read is a network round trip on etcd). */
+struct seen_version {
+	char svc[SERVICE_NAME_MAX + 1];
+	int64_t own;
+	struct seen_version *next;
+};
+
+static int own_version(struct watch *w, struct seen_version **seen, const char *svc,
+                       int64_t *own)
+{
+	struct seen_version *s;
+
+	for (s = *seen; s; s = s->next) {
+		if (strcmp(s->svc, svc) == 0) {
+			*own = s->own;
+			return 0;
+		}
+	}
+	if (state_config_version_own(w->st, svc, own) < 0)
+		return -EIO;
+	s = malloc(sizeof(*s));
+	if (s) {
+		snprintf(s->svc, sizeof(s->svc), "%s", svc);
+		s->own = *own;
+		s->next = *seen;
+		*seen = s;
+	}
+	return 0;
+}
+
 void watch_notify(struct watch *w, const char *svc)
 {
 	struct watch_waiter *ww, *next;
+	struct seen_version *seen = NULL;
 	int64_t shared = 0, own;
 
 	if (!w->head || state_config_version_shared(w->st, &shared) < 0)
@@ -220,12 +254,18 @@ void watch_notify(struct watch *w, const char *svc)
 		if (svc && strcmp(svc, ww->svc) != 0)
 			continue;
 		if (shared <= ww->after) {
-			if (state_config_version_own(w->st, ww->svc, &own) < 0)
-				return;
+			if (own_version(w, &seen, ww->svc, &own) < 0)
+				break;
 			if (own <= ww->after)
 				continue;
 		}
 		waiter_finish(ww, false);
+	}
+	while (seen) {
+		struct seen_version *s = seen->next;
+
+		free(seen);
+		seen = s;
 	}
 }
 
