@@ -146,10 +146,18 @@ static void seen(struct api_call *call, int64_t held, int polling)
 
 static int h_bundle(struct api_call *call)
 {
+	uint64_t misses = state_store_misses(call->st);
+	json_t *b = state_bundle(call->st);
+
+	/* Its version comes from the store: without the store it would read 0. */
+	if (state_store_misses(call->st) != misses) {
+		json_decref(b);
+		return api_fail(&call->err, 503, "", "the state store is unavailable; retry later");
+	}
 	seen(call, -1, 0);
 	if (call->caller == CALLER_SVID)
 		state_proxy_bundle_fetched(call->st, call->peer_serial);
-	return ok(call, 200, state_bundle(call->st));
+	return ok(call, 200, b);
 }
 
 static int config_answer(struct api_call *call)

@@ -75,6 +75,8 @@ struct control_state {
 	bool housekeeper;              /* holds STATE_HOUSEKEEPING_LOCK (shared store) */
 	bool store_down;               /* the last store call failed with -EAGAIN (etcd
 	                                * unreachable): failures answer 503, not 500 */
+	uint64_t store_misses;         /* store calls that failed so, ever: a caller that
+	                                * reads several keys compares before and after */
 	unsigned char admin_digest[32];
 	struct state_root roots[STATE_ROOTS_MAX];
 	X509 *root_certs[STATE_ROOTS_MAX];

@@ -106,6 +106,7 @@ int kv_json(struct control_state *st, const char *key, json_t **out, int64_t *re
 	int ret = store_get(st->store, key, &v, &len, &r);
 
 	st->store_down = ret == -EAGAIN;
+	st->store_misses += ret == -EAGAIN;
 	*out = NULL;
 	if (rev)
 		*rev = 0;
@@ -131,6 +132,7 @@ int kv_rev(struct control_state *st, const char *key, int64_t *rev)
 	int r = store_get(st->store, key, NULL, NULL, rev);
 
 	st->store_down = r == -EAGAIN;
+	st->store_misses += r == -EAGAIN;
 	if (r == -ENOENT) {
 		*rev = 0;
 		return 0;
@@ -754,6 +756,11 @@ json_t *state_store_status(struct control_state *st)
 		json_object_set_new(o, "error", json_string(r == -EAGAIN ? "unavailable" :
 		                                            store_strerror(st->store)));
 	return o;
+}
+
+uint64_t state_store_misses(const struct control_state *st)
+{
+	return st->store_misses;
 }
 
 bool state_store_down(const struct control_state *st)

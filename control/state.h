@@ -177,6 +177,10 @@ const char *state_trust_domain(const struct control_state *st);
  * for GET /v1/health and meshletctl status. */
 json_t *state_store_status(struct control_state *st);
 
+/* How many store reads ever found the store unreachable: a caller that
+ * reads several keys compares the count before and after. */
+uint64_t state_store_misses(const struct control_state *st);
+
 /* True when the last store call found the store unreachable (etcd down):
  * a failure now is worth a 503 and a retry, not a 500. */
 bool state_store_down(const struct control_state *st);

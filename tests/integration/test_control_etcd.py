@@ -194,6 +194,9 @@ def test_etcd_down_writes_503_then_recovery(control_factory, etcd_factory, tmp_p
                      token=token, timeout=30)
     assert r.status == 503, r
     assert "unavailable" in r.error()[1], r
+    # a config answer needs the store: 503, never a half answer (versions read as 0)
+    r = b.api("GET", "/v1/services/orders/config?after=0&wait=0", token=token, timeout=30)
+    assert r.status == 503, r
     # what needs no store still answers, and says the store does not
     h = a.api("GET", "/v1/health", token=None)
     assert h.status == 200 and h.json["store"] == {"backend": "etcd", "ok": False,
