@@ -13,11 +13,20 @@
 #include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
+
+/* One connection: a socket, and TLS on it for https. */
+struct conn {
+	int fd;
+	SSL *ssl;
+	int64_t deadline;     /* monotonic ms; 0: none */
+};
 
 struct endpoint {
 	char url[256];        /* as given, for messages */
@@ -33,14 +42,12 @@ struct etcd {
 	bool client_cert;     /* --etcd-cert given */
 	int timeout_ms;
 	char err[ETCD_ERR_MAX];
+	struct conn keep;     /* the connection of the last call, kept alive (fd -1: none) */
+	size_t keep_ep;       /* its endpoint */
+	unsigned long connects;   /* connections opened, ever */
 };
 
-/* One connection: a socket, and TLS on it for https. */
-struct conn {
-	int fd;
-	SSL *ssl;
-	int64_t deadline;     /* monotonic ms; 0: none */
-};
+static void conn_close(struct conn *cn);
 
 __attribute__((format(printf, 2, 3)))
 static void set_err(struct etcd *c, const char *fmt, ...)
@@ -55,6 +62,11 @@ static void set_err(struct etcd *c, const char *fmt, ...)
 const char *etcd_strerror(const struct etcd *c)
 {
 	return c->err;
+}
+
+unsigned long etcd_connects(const struct etcd *c)
+{
+	return c->connects;
 }
 
 const char *etcd_endpoint(const struct etcd *c)
@@ -274,6 +286,7 @@ int etcd_new(struct etcd **out, const struct etcd_opts *o, struct meshlet_err *e
 	*out = NULL;
 	if (!c)
 		return err_set(err, "", "out of memory");
+	c->keep.fd = -1;
 	c->timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 5000;
 	if (!s || !*s)
 		r = err_set(err, "", "no etcd endpoint");
@@ -301,6 +314,7 @@ void etcd_free(struct etcd *c)
 {
 	if (!c)
 		return;
+	conn_close(&c->keep);
 	SSL_CTX_free(c->tls);
 	free(c);
 }
@@ -339,10 +353,14 @@ static int connect_addr(struct conn *cn, const struct addrinfo *ai)
 	int soerr = 0, r;
 	socklen_t sl = sizeof(soerr);
 
+	int one = 1;
+
 	cn->fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
 	                ai->ai_protocol);
 	if (cn->fd < 0)
 		return -errno;
+	/* Requests are single small writes answered at once: no Nagle. */
+	setsockopt(cn->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	if (connect(cn->fd, ai->ai_addr, ai->ai_addrlen) == 0)
 		return 0;
 	if (errno != EINPROGRESS)
@@ -433,6 +451,7 @@ static int conn_open(struct etcd *c, struct conn *cn, const struct endpoint *ep)
 
 	cn->fd = -1;
 	cn->ssl = NULL;
+	c->connects++;
 	if (r) {
 		set_err(c, "%s: %s", ep->url, gai_strerror(r));
 		return -EAGAIN;
@@ -544,17 +563,26 @@ static ssize_t conn_read(struct conn *cn, char *buf, size_t len, int extra_fd)
 static int send_request(struct conn *cn, const struct endpoint *ep, const char *path,
                         const char *body, bool keep)
 {
-	char head[768];
-	int n = snprintf(head, sizeof(head),
-	                 "POST %s HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
-	                 "Content-Length: %zu\r\nConnection: %s\r\nUser-Agent: meshlet-control\r\n\r\n",
-	                 path, ep->host, ep->port, strlen(body), keep ? "keep-alive" : "close");
-	int r;
+	size_t blen = strlen(body), cap = 768 + blen;
+	char *msg = malloc(cap);
+	int n, r;
 
-	if (n < 0 || (size_t)n >= sizeof(head))
+	if (!msg)
+		return -ENOMEM;
+	/* Head and body in one write: two small segments would wait on the
+	 * peer's delayed ACK. */
+	n = snprintf(msg, cap,
+	             "POST %s HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+	             "Content-Length: %zu\r\nConnection: %s\r\nUser-Agent: meshlet-control\r\n\r\n",
+	             path, ep->host, ep->port, blen, keep ? "keep-alive" : "close");
+	if (n < 0 || (size_t)n + blen >= cap) {
+		free(msg);
 		return -EINVAL;
-	r = conn_write(cn, head, (size_t)n);
-	return r ? r : conn_write(cn, body, strlen(body));
+	}
+	memcpy(msg + n, body, blen);
+	r = conn_write(cn, msg, (size_t)n + blen);
+	free(msg);
+	return r;
 }
 
 /* A growing buffer. */
@@ -590,26 +618,49 @@ static void buf_drop(struct buf *b, size_t n)
 	b->p[b->len] = '\0';
 }
 
-/* The status and whether the body is chunked, from the head that ends at
- * b->p + head_len. */
-static int parse_head(const char *p, int *status, bool *chunked)
-{
-	const char *line = strstr(p, "\r\n");
+/* What an answer's head says about its body. */
+struct head {
+	int status;
+	bool chunked;
+	long long length;     /* Content-Length, -1: none */
+	bool close;           /* Connection: close, or HTTP/1.0 */
+};
 
-	if (strncmp(p, "HTTP/1.", 7) != 0 || sscanf(p + 8, " %3d", status) != 1)
+/* The value of a header line that starts with name (lowercase, with the
+ * colon), spaces skipped; NULL if the line is another header. */
+static const char *header_value(const char *line, const char *name)
+{
+	size_t n = strlen(name);
+
+	if (strncasecmp(line, name, n) != 0)
+		return NULL;
+	line += n;
+	while (*line == ' ' || *line == '\t')
+		line++;
+	return line;
+}
+
+/* Parses the head that starts at p and ends at the first empty line. */
+static int parse_head(const char *p, struct head *h)
+{
+	const char *line = strstr(p, "\r\n"), *v;
+
+	if (strncmp(p, "HTTP/1.", 7) != 0 || sscanf(p + 8, " %3d", &h->status) != 1)
 		return -EPROTO;
-	*chunked = false;
+	h->chunked = false;
+	h->length = -1;
+	h->close = p[7] == '0';
 	while (line && strncmp(line, "\r\n\r\n", 4) != 0) {
 		line += 2;
-		if (strncasecmp(line, "transfer-encoding:", 18) == 0) {
-			const char *v = line + 18;
-			while (*v == ' ')
-				v++;
-			*chunked = strncasecmp(v, "chunked", 7) == 0;
-		}
+		if ((v = header_value(line, "transfer-encoding:")))
+			h->chunked = strncasecmp(v, "chunked", 7) == 0;
+		else if ((v = header_value(line, "content-length:")))
+			h->length = strtoll(v, NULL, 10);
+		else if ((v = header_value(line, "connection:")))
+			h->close = strncasecmp(v, "close", 5) == 0;
 		line = strstr(line, "\r\n");
 	}
-	return 0;
+	return h->length < -1 ? -EPROTO : 0;
 }
 
 /*
@@ -628,8 +679,16 @@ static int dechunk(struct buf *raw, struct buf *out)
 		size = strtoul(raw->p, &end, 16);
 		if (end == raw->p || (*end != '\r' && *end != ';'))
 			return -EPROTO;
-		if (size == 0)
+		if (size == 0) {
+			/* The last chunk and the empty line after it (no trailers:
+			 * we do not ask for them): the connection is clean again. */
+			if (raw->len < (size_t)(crlf + 4 - raw->p))
+				return 0;
+			if (strncmp(crlf + 2, "\r\n", 2) != 0)
+				return -EPROTO;
+			buf_drop(raw, (size_t)(crlf + 4 - raw->p));
 			return 1;
+		}
 		if (raw->len < (size_t)(crlf + 2 - raw->p) + size + 2)
 			return 0;
 		if (buf_add(out, crlf + 2, size) < 0)
@@ -639,7 +698,7 @@ static int dechunk(struct buf *raw, struct buf *out)
 }
 
 /* Reads until the head is complete; the rest stays in b after it. */
-static int read_head(struct conn *cn, struct buf *b, int stop_fd, int *status, bool *chunked)
+static int read_head(struct conn *cn, struct buf *b, int stop_fd, struct head *h)
 {
 	char tmp[16384];
 	char *hend;
@@ -654,40 +713,69 @@ static int read_head(struct conn *cn, struct buf *b, int stop_fd, int *status, b
 		if (b->len > 65536)
 			return -EPROTO;
 	}
-	if (parse_head(b->p, status, chunked) < 0)
+	if (parse_head(b->p, h) < 0)
 		return -EPROTO;
 	buf_drop(b, (size_t)(hend + 4 - b->p));
 	return 0;
 }
 
+/* The outcome of one exchange on a connection. */
+struct exch {
+	int status;
+	bool sent;            /* the request went out */
+	bool answered;        /* some byte of an answer came back */
+	bool reusable;        /* the answer ended cleanly and the connection may stay */
+};
+
+/* Reads the body that h announces (after the head, raw holds its start). */
+static int read_body(struct conn *cn, const struct head *h, struct buf *raw, struct buf *body)
+{
+	char tmp[65536];
+	int r = 0, done = 0;
+
+	for (;;) {
+		ssize_t n;
+
+		if (h->chunked && (done = dechunk(raw, body)) != 0)
+			return done < 0 ? done : 0;
+		if (!h->chunked && h->length >= 0 && raw->len >= (size_t)h->length)
+			return buf_add(body, raw->p ? raw->p : "", (size_t)h->length);
+		n = conn_read(cn, tmp, sizeof(tmp), -1);
+		if (n < 0)
+			return (int)n;
+		if (n == 0) {
+			/* The end: fine for a body framed by the close only. */
+			if (h->chunked || h->length >= 0)
+				return -EPIPE;
+			return buf_add(body, raw->p ? raw->p : "", raw->len);
+		}
+		if (raw->len + (size_t)n > ETCD_RESPONSE_MAX)
+			return -EFBIG;
+		r = buf_add(raw, tmp, (size_t)n);
+		if (r)
+			return r;
+	}
+}
+
 /* One request on one connection: the whole answer body into body. */
 static int exchange(struct etcd *c, struct conn *cn, const struct endpoint *ep, const char *path,
-                    const char *req, int *status, struct buf *body, bool *sent)
+                    const char *req, struct buf *body, struct exch *x)
 {
 	struct buf raw = {0};
-	char tmp[65536];
-	bool chunked;
-	int r = send_request(cn, ep, path, req, false);
+	struct head h = {0};
+	int r = send_request(cn, ep, path, req, true);
 
-	*sent = r == 0;
-	if (!r)
-		r = read_head(cn, &raw, -1, status, &chunked);
-	while (!r) {
-		ssize_t n = conn_read(cn, tmp, sizeof(tmp), -1);
-
-		if (n < 0)
-			r = (int)n;
-		else if (n == 0)
-			break;
-		else if (raw.len + (size_t)n > ETCD_RESPONSE_MAX)
-			r = -EFBIG;
-		else
-			r = buf_add(&raw, tmp, (size_t)n);
+	memset(x, 0, sizeof(*x));
+	x->sent = r == 0;
+	if (!r) {
+		r = read_head(cn, &raw, -1, &h);
+		x->answered = r == 0 || raw.len > 0;
 	}
-	if (!r && chunked)
-		r = dechunk(&raw, body) == 1 ? 0 : -EPROTO;
-	else if (!r)
-		r = buf_add(body, raw.p ? raw.p : "", raw.len);
+	if (!r)
+		r = read_body(cn, &h, &raw, body);
+	x->status = h.status;
+	x->reusable = !r && !h.close && (h.chunked || h.length >= 0) && raw.len ==
+	              (h.chunked ? 0 : (size_t)h.length);
 	free(raw.p);
 	if (r)
 		set_err(c, "%s%s: %s%s", ep->url, path, r == -ETIMEDOUT ? "timed out" : strerror(-r),
@@ -708,32 +796,63 @@ static void answer_error(struct etcd *c, const struct endpoint *ep, int status, 
 	set_err(c, "%s answered %d: %.160s", ep->url, status, m ? m : body->p ? body->p : "");
 }
 
+/* The connection to endpoint i: the one kept from the last call, or a new
+ * one. *reused: it is the kept one. */
+static int conn_get(struct etcd *c, size_t i, struct conn *cn, int64_t deadline, bool *reused)
+{
+	*reused = c->keep.fd >= 0 && c->keep_ep == i;
+	if (*reused) {
+		*cn = c->keep;
+		c->keep.fd = -1;
+		c->keep.ssl = NULL;
+		cn->deadline = deadline;
+		return 0;
+	}
+	conn_close(&c->keep);
+	cn->deadline = deadline;
+	return conn_open(c, cn, &c->ep[i]);
+}
+
 /* One attempt at endpoint i. 0 (answered 2xx, *resp), -EAGAIN (try the
- * next), -EINVAL (4xx), -EPROTO. *sent: the request went out. */
+ * next), -EINVAL (4xx), -EPROTO. */
 static int attempt(struct etcd *c, size_t i, const char *path, const char *req, int64_t deadline,
-                   json_t **resp, bool *sent, int *status)
+                   json_t **resp, struct exch *x)
 {
 	const struct endpoint *ep = &c->ep[i];
 	struct conn cn = { .fd = -1, .deadline = deadline };
 	struct buf body = {0};
 	json_error_t je;
 	json_t *j;
+	bool reused;
 	int r;
 
-	*sent = false;
-	*status = 0;
-	r = conn_open(c, &cn, ep);
+	memset(x, 0, sizeof(*x));
+	r = conn_get(c, i, &cn, deadline, &reused);
 	if (!r)
-		r = exchange(c, &cn, ep, path, req, status, &body, sent) ? -EAGAIN : 0;
-	conn_close(&cn);
+		r = exchange(c, &cn, ep, path, req, &body, x);
+	if (r && reused && !x->answered) {
+		/* etcd closed the idle kept connection before reading the
+		 * request: nothing was done; once more on a new connection. */
+		conn_close(&cn);
+		body.len = 0;
+		r = conn_open(c, &cn, ep);
+		if (!r)
+			r = exchange(c, &cn, ep, path, req, &body, x);
+	}
+	if (!r && x->reusable) {
+		c->keep = cn;
+		c->keep_ep = i;
+	} else {
+		conn_close(&cn);
+	}
 	if (r) {
 		free(body.p);
-		return r;
+		return -EAGAIN;
 	}
 	j = json_loadb(body.p ? body.p : "", body.len, 0, &je);
-	if (*status / 100 != 2 || !json_is_object(j)) {
-		answer_error(c, ep, *status, j, &body);
-		r = *status >= 500 ? -EAGAIN : *status >= 400 ? -EINVAL : -EPROTO;
+	if (x->status / 100 != 2 || !json_is_object(j)) {
+		answer_error(c, ep, x->status, j, &body);
+		r = x->status >= 500 ? -EAGAIN : x->status >= 400 ? -EINVAL : -EPROTO;
 		json_decref(j);
 	} else {
 		*resp = j;
@@ -755,10 +874,9 @@ int etcd_call(struct etcd *c, const char *path, json_t *req, json_t **resp, bool
 	}
 	for (size_t k = 0; k < c->n_ep && now_ms() < deadline; k++) {
 		size_t i = (c->cur + k) % c->n_ep;
-		bool sent;
-		int status;
+		struct exch x;
 
-		r = attempt(c, i, path, text, deadline, resp, &sent, &status);
+		r = attempt(c, i, path, text, deadline, resp, &x);
 		if (r != -EAGAIN) {
 			c->cur = i;
 			break;
@@ -766,7 +884,7 @@ int etcd_call(struct etcd *c, const char *path, json_t *req, json_t **resp, bool
 		/* A write that reached etcd may have been applied: sending it
 		 * again elsewhere could apply it twice. 503 is etcd saying it did
 		 * not take it (no leader, not ready). */
-		if (!retry_any && sent && status != 503)
+		if (!retry_any && x.sent && x.status != 503)
 			break;
 	}
 	free(text);
@@ -853,22 +971,21 @@ int etcd_stream(struct etcd *c, const char *path, json_t *req, int stop_fd, etcd
 		size_t i = (c->cur + k) % c->n_ep;
 		struct conn cn = { .fd = -1, .deadline = now_ms() + c->timeout_ms };
 		struct buf raw = {0};
-		bool chunked = false;
-		int status = 0;
+		struct head h = {0};
 
 		r = conn_open(c, &cn, &c->ep[i]);
 		if (!r)
 			r = send_request(&cn, &c->ep[i], path, text, true);
 		if (!r)
-			r = read_head(&cn, &raw, stop_fd, &status, &chunked);
-		if (!r && status != 200) {
-			set_err(c, "%s%s answered %d", c->ep[i].url, path, status);
+			r = read_head(&cn, &raw, stop_fd, &h);
+		if (!r && h.status != 200) {
+			set_err(c, "%s%s answered %d", c->ep[i].url, path, h.status);
 			r = -EAGAIN;
 		} else if (r == -ECANCELED) {
 			r = 0;
 		} else if (!r) {
 			c->cur = i;
-			r = stream_body(c, &cn, &raw, chunked, stop_fd, fn, arg);
+			r = stream_body(c, &cn, &raw, h.chunked, stop_fd, fn, arg);
 			k = c->n_ep;   /* it was open: the caller decides about retrying */
 		} else if (r != -EAGAIN) {
 			set_err(c, "%s%s: %s", c->ep[i].url, path, strerror(-r));

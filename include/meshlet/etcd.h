@@ -3,7 +3,8 @@
  * (HTTP/1.1 POSTs of JSON to /v3/kv/range, /v3/kv/txn, /v3/watch, ...),
  * for the etcd store backend and its watch thread.
  *
- * One request per connection (Connection: close); plain http or https
+ * Calls reuse one kept-alive connection (a new one when etcd closed it, or
+ * after an answer that did not end cleanly); plain http or https
  * (TLS 1.2+, server verified against a CA file and the endpoint's host;
  * optional client certificate). Every call runs against one deadline;
  * when an endpoint cannot be reached the next one of the list is tried,
@@ -75,6 +76,9 @@ int etcd_stream(struct etcd *c, const char *path, json_t *req, int stop_fd, etcd
 
 /* The last failure's description. */
 const char *etcd_strerror(const struct etcd *c);
+
+/* Connections opened so far (for tests and logs: calls share one). */
+unsigned long etcd_connects(const struct etcd *c);
 
 /* The endpoint the last call used ("http://h:p"). */
 const char *etcd_endpoint(const struct etcd *c);

@@ -64,25 +64,16 @@ static void run_etcd(const struct etcd_fixture *f, int peer)
 	_exit(127);
 }
 
-int etcd_fixture_start(struct etcd_fixture *f)
+/* Starts etcd on f's ports and waits until it answers. */
+static int spawn(struct etcd_fixture *f)
 {
 	struct store_etcd_opts o = {0};
 	struct meshlet_err err = {0};
 	struct store *s = NULL;
-	int client = free_port(), peer = free_port();
 
-	memset(f, 0, sizeof(*f));
-	if (access(ETCD_BIN, X_OK) != 0) {
-		fprintf(stderr, "etcd_fixture: %s missing: install etcd-server\n", ETCD_BIN);
-		return -1;
-	}
-	snprintf(f->dir, sizeof(f->dir), "/tmp/etcd_fixture.XXXXXX");
-	if (!mkdtemp(f->dir) || client < 0 || peer < 0)
-		return -1;
-	snprintf(f->url, sizeof(f->url), "http://127.0.0.1:%d", client);
 	f->pid = fork();
 	if (f->pid == 0)
-		run_etcd(f, peer);
+		run_etcd(f, f->peer);
 	if (f->pid < 0)
 		return -1;
 	o.endpoints = f->url;
@@ -98,11 +89,10 @@ int etcd_fixture_start(struct etcd_fixture *f)
 	}
 	fprintf(stderr, "etcd_fixture: etcd at %s did not answer: %s (see %s/etcd.log)\n", f->url,
 	        err.message, f->dir);
-	etcd_fixture_stop(f);
 	return -1;
 }
 
-void etcd_fixture_stop(struct etcd_fixture *f)
+static void halt(struct etcd_fixture *f)
 {
 	if (f->pid > 0) {
 		kill(f->pid, SIGTERM);
@@ -112,6 +102,37 @@ void etcd_fixture_stop(struct etcd_fixture *f)
 			waitpid(f->pid, NULL, 0);
 		f->pid = 0;
 	}
+}
+
+int etcd_fixture_restart(struct etcd_fixture *f)
+{
+	halt(f);
+	return spawn(f);
+}
+
+int etcd_fixture_start(struct etcd_fixture *f)
+{
+	int client = free_port(), peer = free_port();
+
+	memset(f, 0, sizeof(*f));
+	if (access(ETCD_BIN, X_OK) != 0) {
+		fprintf(stderr, "etcd_fixture: %s missing: install etcd-server\n", ETCD_BIN);
+		return -1;
+	}
+	snprintf(f->dir, sizeof(f->dir), "/tmp/etcd_fixture.XXXXXX");
+	if (!mkdtemp(f->dir) || client < 0 || peer < 0)
+		return -1;
+	snprintf(f->url, sizeof(f->url), "http://127.0.0.1:%d", client);
+	f->peer = peer;
+	if (spawn(f) == 0)
+		return 0;
+	etcd_fixture_stop(f);
+	return -1;
+}
+
+void etcd_fixture_stop(struct etcd_fixture *f)
+{
+	halt(f);
 	if (f->dir[0])
 		nftw(f->dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
 	f->dir[0] = '\0';

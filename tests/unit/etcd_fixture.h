@@ -12,10 +12,15 @@ struct etcd_fixture {
 	pid_t pid;
 	char dir[64];
 	char url[64];      /* "http://127.0.0.1:<port>" */
+	int peer;          /* its peer port */
 };
 
 /* Starts etcd and waits (up to 20 s) until it answers. 0 or -1 (printed). */
 int etcd_fixture_start(struct etcd_fixture *f);
+
+/* Stops it (SIGTERM) and starts it again on the same ports and data, waiting
+ * until it answers. 0 or -1. */
+int etcd_fixture_restart(struct etcd_fixture *f);
 
 /* Stops it (SIGTERM, then SIGKILL) and removes its data dir. */
 void etcd_fixture_stop(struct etcd_fixture *f);

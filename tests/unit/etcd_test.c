@@ -161,6 +161,30 @@ static void test_failover_past_dead_endpoint(void **state)
 	etcd_free(c);
 }
 
+/* Calls share one kept-alive connection; a restarted etcd is reconnected
+ * to without an error. */
+static void test_calls_share_a_connection(void **state)
+{
+	struct etcd_opts o = { .endpoints = fx.url, .timeout_ms = 3000 };
+	struct meshlet_err err = {0};
+	struct etcd *c = NULL;
+	json_t *resp = NULL, *req = range_all();
+
+	(void)state;
+	assert_int_equal(etcd_new(&c, &o, &err), 0);
+	for (int i = 0; i < 50; i++) {
+		assert_int_equal(etcd_call(c, "/v3/kv/range", req, &resp, i % 2 == 0), 0);
+		json_decref(resp);
+	}
+	assert_int_equal(etcd_connects(c), 1);
+	etcd_fixture_restart(&fx);
+	assert_int_equal(etcd_call(c, "/v3/kv/range", req, &resp, false), 0);
+	json_decref(resp);
+	assert_int_equal(etcd_connects(c), 2);
+	json_decref(req);
+	etcd_free(c);
+}
+
 static int64_t now_ms(void)
 {
 	struct timespec ts;
@@ -270,6 +294,7 @@ int main(void)
 		cmocka_unit_test(test_failover_past_dead_endpoint),
 		cmocka_unit_test(test_deadline_against_silent_endpoint),
 		cmocka_unit_test(test_watch_stream),
+		cmocka_unit_test(test_calls_share_a_connection),
 	};
 
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
