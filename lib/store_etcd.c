@@ -431,6 +431,9 @@ static int be_follow(struct store *st, int *fd)
 	if (pthread_create(&f->thread, NULL, follow_main, s) != 0)
 		return -ENOMEM;
 	f->running = true;
+	/* One wake-up at once: what changed between the caller's reads and
+	 * the watch's start revision is looked at too. */
+	poke(f->notify[1]);
 	*fd = f->notify[0];
 	return 0;
 }
