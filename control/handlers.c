@@ -43,6 +43,7 @@ int handlers_status(int err)
 	case -ESTALE: return 412;
 	case -E2BIG: return 413;
 	case -EDQUOT: return 429;
+	case -EAGAIN: return 503;   /* the store (etcd) is unreachable: nothing was written */
 	default: return 500;
 	}
 }
@@ -88,8 +89,11 @@ static int if_match(struct api_call *call, int64_t *version)
 
 static int h_health(struct api_call *call)
 {
-	return ok(call, 200, json_pack("{s:s, s:s, s:s}", "status", "ok", "version", MESHLET_VERSION,
-	                               "trust_domain", state_trust_domain(call->st)));
+	/* 200 even when the store is down: this replica still serves what it can
+	 * (a liveness probe must not restart it for etcd's trouble). */
+	return ok(call, 200, json_pack("{s:s, s:s, s:s, s:o*}", "status", "ok", "version",
+	                               MESHLET_VERSION, "trust_domain", state_trust_domain(call->st),
+	                               "store", state_store_status(call->st)));
 }
 
 /* ---- proxies ---- */
@@ -147,10 +151,18 @@ static void seen(struct api_call *call, int64_t held, int polling)
 
 static int h_bundle(struct api_call *call)
 {
+	uint64_t misses = state_store_misses(call->st);
+	json_t *b = state_bundle(call->st);
+
+	/* Its version comes from the store: without the store it would read 0. */
+	if (state_store_misses(call->st) != misses) {
+		json_decref(b);
+		return api_fail(&call->err, 503, "", "the state store is unavailable; retry later");
+	}
 	seen(call, -1, 0);
 	if (call->caller == CALLER_SVID)
 		state_proxy_bundle_fetched(call->st, call->peer_serial);
-	return ok(call, 200, state_bundle(call->st));
+	return ok(call, 200, b);
 }
 
 static int config_answer(struct api_call *call)
@@ -212,7 +224,8 @@ static int h_config(struct api_call *call)
 		return bad_request(call, &e);
 	take_stats(call);
 	if (state_config_version(call->st, call->svc, &v) < 0)
-		return api_fail(&call->err, 500, "", "the state store failed; see control's log");
+		return api_fail(&call->err, state_store_down(call->st) ? 503 : 500, "",
+		                "the state store failed; see control's log");
 	/* Past V: answer. Behind V (control's state was restored, or V came
 	 * from elsewhere): answer too, so that the proxy resynchronises. */
 	if (v != q.after || q.wait == 0) {

@@ -4,11 +4,13 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "meshlet/api.h"
+#include "meshlet/kek.h"
 #include "meshlet/log.h"
 #include "server.h"
 #include "state.h"
@@ -21,6 +23,7 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 	        "usage: meshlet-control --state-dir DIR --trust-domain TD [options]\n"
+	        "       meshlet-control init-kek FILE\n"
 	        "\n"
 	        "The meshlet control plane: certificate authority, policy store and HTTPS API.\n"
 	        "\n"
@@ -32,6 +35,14 @@ static void usage(FILE *f)
 	        "                       repeatable (localhost, 127.0.0.1 and ::1 are always included)\n"
 	        "  --svid-ttl DURATION  lifetime of issued SVIDs: 90s, 15m, 1h, or seconds (default 1h)\n"
 	        "  --store sqlite:PATH  the state database (default sqlite:DIR/state.db)\n"
+	        "  --store etcd:URL[,URL...]\n"
+	        "                       the state in an etcd cluster (http:// or https:// client\n"
+	        "                       URLs), shared by any number of replicas; needs --kek-file\n"
+	        "  --etcd-prefix P      keys under P in etcd (default /meshlet/)\n"
+	        "  --etcd-cacert FILE   https: the CA certificates etcd's certificate chains to\n"
+	        "  --etcd-cert FILE     https: a client certificate for etcd, with --etcd-key FILE\n"
+	        "  --kek-file FILE      the key encryption key (32 bytes, mode 0600) that seals the\n"
+	        "                       CA keys in etcd; every replica needs the same file\n"
 	        "  --log-level LEVEL    debug, info, warn or error (default info)\n"
 	        "  --max-connections N  open connections at most (default %d); an eighth of them\n"
 	        "                       (at least %d) is never used by long polls, for admin calls\n"
@@ -53,7 +64,10 @@ static void usage(FILE *f)
 	        "  --version            the version\n"
 	        "\n"
 	        "First start creates DIR/ca.key (0600), DIR/ca-0.pem, DIR/ca.pem (the trust bundle\n"
-	        "clients of control use as CA file) and DIR/admin.token (0600). Logs go to stderr;\n"
+	        "clients of control use as CA file) and DIR/admin.token (0600). On etcd the first\n"
+	        "replica to find the store empty initialises it (the root CA, its key sealed under\n"
+	        "the KEK, the admin token's digest) and writes DIR/admin.token; the others load it.\n"
+	        "init-kek FILE creates a new KEK file (never overwrites one). Logs go to stderr;\n"
 	        "one JSON line per API request goes to stdout. SIGTERM or SIGINT stop it.\n",
 	        SERVER_MAX_CONNS, SERVER_MIN_RESERVE, SERVER_POLLS_PER_SERVICE, SERVER_POLLS_PER_CERT,
 	        CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT, CONTROL_ENDPOINTS_PER_INSTANCE);
@@ -93,6 +107,11 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 		{ "max-polls-per-cert", required_argument, NULL, 'R' },
 		{ "max-endpoints-per-service", required_argument, NULL, 'E' },
 		{ "metrics-listen", required_argument, NULL, 'M' },
+		{ "etcd-prefix", required_argument, NULL, 'X' },
+		{ "etcd-cacert", required_argument, NULL, 'A' },
+		{ "etcd-cert", required_argument, NULL, 'c' },
+		{ "etcd-key", required_argument, NULL, 'k' },
+		{ "kek-file", required_argument, NULL, 'K' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -129,14 +148,19 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 		case 'S':
 			if (strncmp(optarg, "sqlite:", 7) == 0 && optarg[7]) {
 				o->store_path = optarg + 7;
-			} else if (strncmp(optarg, "etcd:", 5) == 0) {
-				fprintf(stderr, "meshlet-control: --store etcd: is not supported yet\n");
-				return -1;
+			} else if (strncmp(optarg, "etcd:", 5) == 0 && optarg[5]) {
+				o->etcd.endpoints = optarg + 5;
 			} else {
-				fprintf(stderr, "meshlet-control: --store: expected sqlite:PATH\n");
+				fprintf(stderr, "meshlet-control: --store: expected sqlite:PATH or "
+				        "etcd:http://HOST:PORT[,...]\n");
 				return -1;
 			}
 			break;
+		case 'X': o->etcd.prefix = optarg; break;
+		case 'A': o->etcd.cacert = optarg; break;
+		case 'c': o->etcd.cert = optarg; break;
+		case 'k': o->etcd.key = optarg; break;
+		case 'K': o->kek_file = optarg; break;
 		case 'L':
 			if (log_level_parse(optarg, &o->log_level) < 0) {
 				fprintf(stderr, "meshlet-control: --log-level: debug, info, warn or error\n");
@@ -193,10 +217,33 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 		        "(see --help)\n");
 		return -1;
 	}
+	if (!o->etcd.endpoints && (o->etcd.prefix || o->etcd.cacert || o->etcd.cert ||
+	                           o->etcd.key || o->kek_file)) {
+		fprintf(stderr, "meshlet-control: --etcd-* and --kek-file go with --store etcd:URL\n");
+		return -1;
+	}
 	if (server_limits_check(lim, &e) < 0) {
 		fprintf(stderr, "meshlet-control: --%s: %s\n", e.path, e.message);
 		return -1;
 	}
+	return 0;
+}
+
+/* meshlet-control init-kek FILE */
+static int init_kek(int argc, char **argv)
+{
+	struct meshlet_err err = {0};
+
+	if (argc != 3) {
+		fprintf(stderr, "usage: meshlet-control init-kek FILE\n");
+		return 2;
+	}
+	if (kek_create(argv[2], &err) < 0) {
+		fprintf(stderr, "meshlet-control: %s\n", err.message);
+		return 1;
+	}
+	printf("created %s (32 random bytes, mode 0600): give every control replica a copy "
+	       "(--kek-file); without it the CA keys in the store cannot be read\n", argv[2]);
 	return 0;
 }
 
@@ -208,11 +255,18 @@ int main(int argc, char **argv)
 	struct control_server *srv = NULL;
 	struct meshlet_err err = {0};
 	char msg[600];
-	int r = parse_args(argc, argv, &o, &lim);
+	int r;
+
+	if (argc >= 2 && strcmp(argv[1], "init-kek") == 0)
+		return init_kek(argc, argv);
+	r = parse_args(argc, argv, &o, &lim);
 
 	if (r != 0)
 		return r > 0 ? 0 : 2;
 	log_init(o.log_level, "meshlet-control");
+	/* Before the store opens: a TLS write to an etcd that hung up must be an
+	 * error, not SIGPIPE (the server ignores it later too). */
+	signal(SIGPIPE, SIG_IGN);
 	if (state_open(&st, &o, &err) < 0) {
 		log_error("%s", err_str(&err, msg, sizeof(msg)));
 		return 1;

@@ -416,6 +416,12 @@ fail:
 	return NULL;
 }
 
+/* For watch_on_tls_changed(). */
+static void tls_changed_cb(void *arg)
+{
+	server_tls_changed(arg);
+}
+
 void server_tls_changed(struct control_server *srv)
 {
 	struct meshlet_err err = {0};
@@ -996,6 +1002,7 @@ int server_new(struct control_server **out, struct control_state *st,
 		err_set(err, "", "out of memory");
 		goto fail;
 	}
+	watch_on_tls_changed(srv->watch, tls_changed_cb, srv);
 	srv->metrics = ctlmetrics_new(handlers_routes);
 	srv->stats = stats_new();
 	if (!srv->metrics || !srv->stats) {

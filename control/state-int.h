@@ -23,6 +23,7 @@
 #include <limits.h>
 
 #include "meshlet/identity.h"
+#include "meshlet/kek.h"
 #include "meshlet/store.h"
 #include "state.h"
 
@@ -32,6 +33,12 @@
 #define STATE_PRUNE_CHUNK 100
 /* Runs of a read-modify-write that lost a race with another writer. */
 #define STATE_RETRIES 5
+/* Housekeeping runs on one replica of a shared store at a time: the one
+ * holding this lock, whose lease outlives two housekeeping rounds (control
+ * calls state_maintain() every minute), so a replica that dies hands it
+ * over within about two and a half minutes, one that stops at once. */
+#define STATE_HOUSEKEEPING_LOCK "locks/housekeeping"
+#define STATE_HOUSEKEEPING_TTL 150
 /* The trust bundle for control's clients, in the state directory. */
 #define STATE_BUNDLE_FILE "ca.pem"
 
@@ -62,6 +69,17 @@ struct control_state {
 	char dir[PATH_MAX];
 	char td[TRUST_DOMAIN_MAX + 1];
 	struct store *store;
+	/* A shared store (etcd, several replicas): the roots and the admin
+	 * token's digest live in the store, root keys sealed under kek. */
+	bool shared;
+	unsigned char kek[KEK_LEN];
+	int64_t bundle_rev;            /* revision of meta/bundle last loaded */
+	int64_t ca_rev;                /* revision of meta/ca last loaded */
+	bool housekeeper;              /* holds STATE_HOUSEKEEPING_LOCK (shared store) */
+	bool store_down;               /* the last store call failed with -EAGAIN (etcd
+	                                * unreachable): failures answer 503, not 500 */
+	uint64_t store_misses;         /* store calls that failed so, ever: a caller that
+	                                * reads several keys compares before and after */
 	unsigned char admin_digest[32];
 	struct state_root roots[STATE_ROOTS_MAX];
 	X509 *root_certs[STATE_ROOTS_MAX];
@@ -204,9 +222,19 @@ void state_root_paths(const struct control_state *st, int id, char *cert, char *
 /* First start: root 0, created and saved to its files. */
 int state_roots_create(struct control_state *st, struct meshlet_err *err);
 
-/* Later starts: the roots meta/ca names, from their files. */
+/* ca/<id>: root id's certificate and its key sealed under the KEK (a new
+ * reference, NULL: out of memory). */
+json_t *state_root_record(const struct control_state *st, int id, const struct ca *ca);
+
+/* Later starts: the roots meta/ca names, from their files (a shared store:
+ * from their ca/<id> records). */
 int state_roots_load(struct control_state *st, struct meshlet_err *err);
 void state_roots_free(struct control_state *st);
+
+/* A shared store, after meta/ca moved (another replica's CA step): the
+ * roots again from the store; on failure the ones loaded before stay.
+ * 0 or a negative errno (logged). */
+int state_roots_reload(struct control_state *st);
 
 /* meta/ca as JSON. */
 json_t *state_ca_meta(const struct control_state *st);

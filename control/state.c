@@ -88,6 +88,9 @@ int state_refuse(struct state_error *se, int err, const char *reason, const char
 int state_store_failed(struct control_state *st, struct state_error *se, const char *what, int r)
 {
 	log_error("store: %s failed: %s (%s)", what, strerror(-r), store_strerror(st->store));
+	if (r == -EAGAIN || (r == -EIO && st->store_down))
+		return state_fail(se, -EAGAIN, "", "the state store is unavailable (%s); nothing was "
+		                  "acknowledged: retry later", store_strerror(st->store));
 	return state_fail(se, -EIO, "", "the state store failed (%s); see control's log",
 	                  strerror(-r));
 }
@@ -102,6 +105,8 @@ int kv_json(struct control_state *st, const char *key, json_t **out, int64_t *re
 	json_error_t je;
 	int ret = store_get(st->store, key, &v, &len, &r);
 
+	st->store_down = ret == -EAGAIN;
+	st->store_misses += ret == -EAGAIN;
 	*out = NULL;
 	if (rev)
 		*rev = 0;
@@ -126,6 +131,8 @@ int kv_rev(struct control_state *st, const char *key, int64_t *rev)
 {
 	int r = store_get(st->store, key, NULL, NULL, rev);
 
+	st->store_down = r == -EAGAIN;
+	st->store_misses += r == -EAGAIN;
 	if (r == -ENOENT) {
 		*rev = 0;
 		return 0;
@@ -185,8 +192,10 @@ int batch_commit(struct control_state *st, struct batch *b, int64_t *rev)
 {
 	int r = b->err;
 
-	if (!r && b->n > 0)
+	if (!r && b->n > 0) {
 		r = store_apply(st->store, b->ops, b->n, rev);
+		st->store_down = r == -EAGAIN;
+	}
 	batch_clear(b);
 	return r;
 }
@@ -430,6 +439,217 @@ static int load_existing(struct control_state *st, const char *db, struct meshle
 	return 0;
 }
 
+/* ---- a shared store (etcd): several replicas ---- */
+
+/* A new admin token: 32 random bytes in hex into hex (65 bytes). */
+static int new_admin_token(char *hex)
+{
+	unsigned char raw[32];
+
+	if (RAND_bytes(raw, sizeof(raw)) != 1)
+		return -EIO;
+	for (size_t i = 0; i < sizeof(raw); i++)
+		snprintf(hex + 2 * i, 3, "%02x", raw[i]);
+	OPENSSL_cleanse(raw, sizeof(raw));
+	return 0;
+}
+
+static void digest_hex(const unsigned char *d, char *out)
+{
+	for (size_t i = 0; i < 32; i++)
+		snprintf(out + 2 * i, 3, "%02x", d[i]);
+}
+
+/*
+ * The first replica on an empty store: one transaction that creates
+ * meta/control only if it is absent, with everything else of a complete
+ * state (root 0 with its sealed key, the admin token's digest). Of several
+ * replicas starting at once exactly one wins; the others get -ECANCELED
+ * and load what the winner wrote. The admin token goes to this replica's
+ * state dir only after the win.
+ */
+static int shared_init(struct control_state *st, const char *where, struct meshlet_err *err)
+{
+	char tok[PATH_MAX], hex[80], dhex[80];
+	struct batch b = {0};
+	int64_t now = state_now();
+	int r = state_roots_create(st, err);
+
+	if (r)
+		return r;
+	if (new_admin_token(hex) < 0)
+		return err_set(err, "", "no randomness for the admin token");
+	EVP_Digest(hex, 64, st->admin_digest, NULL, EVP_sha256(), NULL);
+	digest_hex(st->admin_digest, dhex);
+	batch_put(&b, "meta/control", json_pack("{s:s, s:I}", "trust_domain", st->td,
+	                                        "created_at", (json_int_t)now), 0);
+	batch_put(&b, "meta/admin", json_pack("{s:s}", "sha256", dhex), 0);
+	batch_put(&b, "ca/0", state_root_record(st, 0, st->roots[0].ca), 0);
+	batch_put(&b, "meta/ca", state_ca_meta(st), 0);
+	batch_put(&b, "meta/bundle", json_pack("{s:i}", "version", 1), 0);
+	batch_put(&b, "meta/endpoints", json_pack("{s:i}", "version", 1), 0);
+	batch_put(&b, "meta/rotate-all", json_pack("{s:i}", "cert_generation", 0), 0);
+	r = batch_commit(st, &b, NULL);
+	if (r == -ECANCELED || r == -ENOENT) {
+		OPENSSL_cleanse(hex, sizeof(hex));
+		state_roots_free(st);
+		return -ECANCELED;
+	}
+	if (r) {
+		OPENSSL_cleanse(hex, sizeof(hex));
+		return err_set(err, "", "cannot initialise the store %s: %s (%s)", where,
+		               strerror(-r), store_strerror(st->store));
+	}
+	kv_rev(st, "meta/bundle", &st->bundle_rev);
+	kv_rev(st, "meta/ca", &st->ca_rev);
+	hex[64] = '\n';
+	state_path(st, tok, sizeof(tok), ADMIN_TOKEN_FILE);
+	r = file_replace(tok, 0600, hex, 65);
+	OPENSSL_cleanse(hex, sizeof(hex));
+	if (r)
+		return err_set(err, "", "initialised the store %s but cannot write %s: %s", where, tok,
+		               strerror(-r));
+	state_bundle_write(st);
+	log_info("first start: initialised the store %s (root CA 0, its key sealed under "
+	         "--kek-file %s); admin token %s", where, st->o.kek_file, tok);
+	return 0;
+}
+
+/* The admin token's digest from meta/admin. */
+static int load_admin_shared(struct control_state *st, const char *where, struct meshlet_err *err)
+{
+	json_t *v = NULL;
+	const char *h;
+	int r = kv_json(st, "meta/admin", &v, NULL);
+
+	h = jstr(v, "sha256");
+	if (r || strlen(h) != 64)
+		r = err_set(err, "", "%s: meta/admin is missing or damaged", where);
+	for (size_t i = 0; !r && i < 32; i++) {
+		unsigned x;
+
+		if (sscanf(h + 2 * i, "%2x", &x) != 1)
+			r = err_set(err, "", "%s: meta/admin is damaged", where);
+		st->admin_digest[i] = (unsigned char)x;
+	}
+	json_decref(v);
+	return r;
+}
+
+/* A replica after the store was initialised: the roots (the KEK must open
+ * their keys) and the admin digest, then the rest as load_existing(). */
+static int shared_load(struct control_state *st, const char *where, struct meshlet_err *err)
+{
+	json_t *meta = NULL;
+	int r = kv_json(st, "meta/control", &meta, NULL);
+
+	if (r)
+		return err_set(err, "", "%s: cannot read meta/control%s", where,
+		               r == -ENOENT ? " (store not initialised)" : "");
+	if (strcmp(jstr(meta, "trust_domain"), st->td) != 0) {
+		err_set(err, "", "the store %s belongs to trust domain '%s', not '%s'", where,
+		        jstr(meta, "trust_domain"), st->td);
+		json_decref(meta);
+		return -EINVAL;
+	}
+	json_decref(meta);
+	r = state_roots_load(st, err);
+	if (!r)
+		r = load_admin_shared(st, where, err);
+	if (!r && state_revoked_load(st) < 0)
+		r = err_set(err, "", "%s: cannot read the revocation list", where);
+	if (r)
+		return r;
+	kv_rev(st, "meta/bundle", &st->bundle_rev);
+	kv_rev(st, "meta/ca", &st->ca_rev);
+	state_proxies_load(st);
+	state_bundle_write(st);
+	state_endpoints_repair(st);
+	log_info("joined the store %s: %zu root(s), phase %s", where, st->n_roots,
+	         state_phase_name(st->phase));
+	return 0;
+}
+
+static int open_shared(struct control_state *st, struct meshlet_err *err)
+{
+	const struct control_opts *o = &st->o;
+	char where[300];
+	json_t *meta = NULL;
+	int r;
+
+	if (!o->kek_file)
+		return err_set(err, "", "--store etcd: needs --kek-file FILE (the key that encrypts "
+		               "the CA keys in the store; make one with meshlet-control init-kek FILE "
+		               "and give every replica a copy)");
+	r = kek_load(o->kek_file, st->kek, err);
+	if (r)
+		return r;
+	st->shared = true;
+	snprintf(where, sizeof(where), "etcd:%s (prefix %s)", o->etcd.endpoints,
+	         o->etcd.prefix ? o->etcd.prefix : "/meshlet/");
+	r = store_open_etcd(&st->store, &o->etcd, err);
+	if (r)
+		return r;
+	r = kv_json(st, "meta/control", &meta, NULL);
+	json_decref(meta);
+	if (r == -ENOENT) {
+		r = shared_init(st, where, err);
+		if (r != -ECANCELED)
+			return r;
+		log_info("another replica initialised the store %s first; loading it", where);
+	} else if (r) {
+		return err_set(err, "", "%s: cannot read meta/control (%s)", where,
+		               store_strerror(st->store));
+	}
+	return shared_load(st, where, err);
+}
+
+int state_follow_fd(struct control_state *st)
+{
+	int fd = -1, r;
+
+	if (!st->shared)
+		return -1;
+	r = store_follow(st->store, &fd);
+	if (r < 0) {
+		log_warn("cannot follow the store's changes (%s): long polls here learn of other "
+		         "replicas' writes only when they time out", strerror(-r));
+		return -1;
+	}
+	return fd;
+}
+
+/* The roots, when meta/ca moved (a CA step made elsewhere). */
+static void refresh_roots(struct control_state *st, bool *tls_changed)
+{
+	int64_t rev = 0;
+
+	if (kv_rev(st, "meta/ca", &rev) < 0 || rev == st->ca_rev)
+		return;
+	if (state_roots_reload(st) == 0) {
+		st->ca_rev = rev;
+		*tls_changed = true;
+	}
+}
+
+void state_refresh(struct control_state *st, bool *tls_changed)
+{
+	int64_t rev = 0;
+
+	*tls_changed = false;
+	store_follow_drain(st->store);
+	refresh_roots(st, tls_changed);
+	if (kv_rev(st, "meta/bundle", &rev) < 0 || rev == st->bundle_rev)
+		return;
+	/* The bundle moved: a revocation (or a rotation step) elsewhere. */
+	state_revoked_free(st);
+	if (state_revoked_load(st) < 0) {
+		log_error("cannot reload the revocation list; retrying with the next change");
+		return;
+	}
+	st->bundle_rev = rev;
+}
+
 /* st->dir from the command line's state dir, trailing slashes dropped. */
 static int set_dir(struct control_state *st, const char *dir, struct meshlet_err *err)
 {
@@ -464,8 +684,12 @@ int state_open(struct control_state **out, const struct control_opts *o, struct 
 	r = set_dir(st, o->state_dir, err);
 	if (!r)
 		r = prepare_dir(st, err);
+	if (!r && o->etcd.endpoints)
+		r = open_shared(st, err);
 	if (r)
 		goto fail;
+	if (o->etcd.endpoints)
+		goto opened;
 	if (o->store_path)
 		snprintf(db, sizeof(db), "%s", o->store_path);
 	else
@@ -483,6 +707,7 @@ int state_open(struct control_state **out, const struct control_opts *o, struct 
 		r = first_start(st, db, err);
 	if (r)
 		goto fail;
+opened:
 	if (RAND_status() != 1) {
 		r = err_set(err, "", "the OpenSSL random generator is not seeded");
 		goto fail;
@@ -507,6 +732,7 @@ void state_close(struct control_state *st)
 	state_revoked_free(st);
 	state_proxies_free(st);
 	OPENSSL_cleanse(st->admin_digest, sizeof(st->admin_digest));
+	OPENSSL_cleanse(st->kek, sizeof(st->kek));
 	free(st);
 }
 
@@ -515,6 +741,31 @@ void state_close(struct control_state *st)
 const char *state_trust_domain(const struct control_state *st)
 {
 	return st->td;
+}
+
+json_t *state_store_status(struct control_state *st)
+{
+	int64_t rev = 0;
+	int r = store_revision(st->store, &rev);
+	json_t *o = json_pack("{s:s, s:b}", "backend", store_backend_name(st->store), "ok", r == 0);
+
+	st->store_down = r == -EAGAIN;
+	if (o && r == 0)
+		json_object_set_new(o, "revision", json_integer(rev));
+	else if (o)
+		json_object_set_new(o, "error", json_string(r == -EAGAIN ? "unavailable" :
+		                                            store_strerror(st->store)));
+	return o;
+}
+
+uint64_t state_store_misses(const struct control_state *st)
+{
+	return st->store_misses;
+}
+
+bool state_store_down(const struct control_state *st)
+{
+	return st->store_down;
 }
 
 bool state_admin_ok(const struct control_state *st, const char *token)

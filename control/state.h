@@ -25,6 +25,11 @@
  *   ca.key          root 0's private key (0600); ca-<n>.key for n >= 1
  *   admin.token     the admin bearer token, 64 hex digits (0600)
  *   state.db        the store (unless --store names another file)
+ * On a shared store (--store etcd:...) the directory holds only ca.pem and,
+ * on the replica that initialised the store, admin.token; the roots and
+ * the admin token's digest are in the store:
+ *   ca/<id>                 {cert: PEM, key: the PEM key sealed under the KEK}
+ *   meta/admin              {sha256: hex digest of the admin token}
  *
  * Store keys (values are JSON objects):
  *   meta/control            {trust_domain, created_at}
@@ -104,6 +109,9 @@ struct control_opts {
 	size_t n_sans;
 	int64_t svid_ttl;              /* seconds */
 	const char *store_path;        /* NULL: <state_dir>/state.db */
+	/* --store etcd:URLS: a shared store; then kek_file is required. */
+	struct store_etcd_opts etcd;   /* etcd.endpoints NULL: SQLite */
+	const char *kek_file;
 	int64_t max_endpoints_per_service;   /* 0: CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT */
 	const char *metrics_listen;    /* plain-HTTP /metrics "host:port", NULL: none */
 	enum log_level log_level;
@@ -133,6 +141,19 @@ int state_open(struct control_state **out, const struct control_opts *o, struct 
 /* Writes what is only in memory (proxies last seen) and frees st. */
 void state_close(struct control_state *st);
 
+/* ---- several replicas (a shared store) ---- */
+
+/* A descriptor that becomes readable when another replica changed the
+ * store (store_follow()), or -1 (SQLite: nobody else writes). */
+int state_follow_fd(struct control_state *st);
+
+/* After that descriptor was readable: empties it and reloads what this
+ * replica keeps in memory from the store (the roots when meta/ca moved,
+ * then *tls_changed: control's server certificate is to be reissued by the
+ * signing root; the revocation list when the bundle's version moved). The
+ * caller then answers its long polls. */
+void state_refresh(struct control_state *st, bool *tls_changed);
+
 /* ---- metrics ---- */
 
 /* Times every store call with fn(arg, ...) (store_set_observer); NULL: stop. */
@@ -153,6 +174,18 @@ const char *state_phase_name(enum ca_phase phase);
 /* ---- identity ---- */
 
 const char *state_trust_domain(const struct control_state *st);
+
+/* {backend: "sqlite"|"etcd", ok, revision | error}: one cheap store read,
+ * for GET /v1/health and meshletctl status. */
+json_t *state_store_status(struct control_state *st);
+
+/* How many store reads ever found the store unreachable: a caller that
+ * reads several keys compares the count before and after. */
+uint64_t state_store_misses(const struct control_state *st);
+
+/* True when the last store call found the store unreachable (etcd down):
+ * a failure now is worth a 503 and a retry, not a 500. */
+bool state_store_down(const struct control_state *st);
 
 /* True when token is the admin token (constant time over SHA-256 digests). */
 bool state_admin_ok(const struct control_state *st, const char *token);

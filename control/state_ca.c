@@ -11,7 +11,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "meshlet/file.h"
+#include "meshlet/kek.h"
 
 /* The largest ca.pem read back to compare (a few roots of ~1 KiB). */
 #define BUNDLE_FILE_MAX (64 * 1024)
@@ -138,8 +141,56 @@ static void root_clear(struct control_state *st, size_t i)
 	st->root_certs[i] = NULL;
 }
 
+/* The additional data a root's sealed key is bound to. */
+static void root_aad(const struct control_state *st, int id, char *out, size_t len)
+{
+	snprintf(out, len, "meshlet ca-key td=%s id=%d", st->td, id);
+}
+
+json_t *state_root_record(const struct control_state *st, int id, const struct ca *ca)
+{
+	X509 *cert = ca_cert(ca);
+	char *pem = ca_pem_encode(&cert, 1), *key = NULL, *sealed = NULL, aad[300];
+	size_t klen = 0;
+	json_t *rec = NULL;
+
+	root_aad(st, id, aad, sizeof(aad));
+	if (pem && ca_key_pem(ca, &key, &klen) == 0)
+		sealed = kek_seal(st->kek, aad, key, klen);
+	if (sealed)
+		rec = json_pack("{s:s, s:s}", "cert", pem, "key", sealed);
+	if (key)
+		OPENSSL_cleanse(key, klen);
+	free(key);
+	free(sealed);
+	free(pem);
+	return rec;
+}
+
+/* A shared store: root id's record ca/<id>, its key sealed under the KEK
+ * (a stale record of a failed rotation, never referenced, is replaced). */
+static int root_store(struct control_state *st, int id, const struct ca *ca,
+                      struct meshlet_err *err)
+{
+	char key[32];
+	struct batch b = {0};
+	json_t *rec = state_root_record(st, id, ca);
+	int r;
+
+	if (!rec)
+		return err_set(err, "", "cannot seal root %d's key", id);
+	snprintf(key, sizeof(key), "ca/%d", id);
+	batch_put(&b, key, rec, STORE_REV_ANY);
+	r = batch_commit(st, &b, NULL);
+	if (r)
+		err_set(err, "", "cannot store root %d: %s (%s)", id, strerror(-r),
+		        store_strerror(st->store));
+	return r;
+}
+
 /* A new root id, saved to its files (stale ones from a failed rotation,
- * never referenced, are replaced); *out on success. */
+ * never referenced, are replaced) or, on a shared store, to the store;
+ * *out on success. */
 static int root_generate(struct control_state *st, int id, struct ca **out,
                          struct meshlet_err *err)
 {
@@ -147,6 +198,17 @@ static int root_generate(struct control_state *st, int id, struct ca **out,
 	struct ca *ca = NULL;
 	int r;
 
+	if (st->shared) {
+		r = ca_generate(&ca, st->td, 0, err);
+		if (!r && id > 0)
+			r = root_store(st, id, ca, err);
+		if (r) {
+			ca_free(ca);
+			return r;
+		}
+		*out = ca;
+		return 0;
+	}
 	state_root_paths(st, id, cert, key, sizeof(cert));
 	if (id > 0) {
 		unlink(cert);
@@ -178,12 +240,48 @@ int state_roots_create(struct control_state *st, struct meshlet_err *err)
 	return r ? err_set(err, "", "out of memory") : 0;
 }
 
+/* A shared store: root id from ca/<id>, its key opened with the KEK. A KEK
+ * that does not open it is refused here, before anything is written. */
+static int load_root_shared(struct control_state *st, int id, struct ca **ca,
+                            struct meshlet_err *err)
+{
+	char key[32], aad[300], *pem = NULL;
+	const char *cert;
+	size_t len = 0;
+	json_t *rec = NULL;
+	int r;
+
+	snprintf(key, sizeof(key), "ca/%d", id);
+	if (kv_json(st, key, &rec, NULL) < 0)
+		return err_set(err, "", "the store has no readable %s record", key);
+	cert = jstr(rec, "cert");
+	root_aad(st, id, aad, sizeof(aad));
+	r = kek_open(st->kek, aad, jstr(rec, "key"), &pem, &len);
+	if (r == -EBADMSG)
+		r = err_set(err, "", "--kek-file %s does not decrypt root %d's key in the store: it is "
+		            "not the KEK the store was initialised with (every replica needs the "
+		            "same KEK file); refusing to start", st->o.kek_file, id);
+	else if (r)
+		r = err_set(err, "", "the store's %s record is damaged (no sealed key)", key);
+	if (!r)
+		r = ca_load_pem(ca, st->td, cert, strlen(cert), pem, len, key, err);
+	if (pem)
+		OPENSSL_cleanse(pem, len);
+	free(pem);
+	json_decref(rec);
+	return r;
+}
+
 static int load_root(struct control_state *st, size_t i, int id, struct meshlet_err *err)
 {
 	char cert[PATH_MAX], key[PATH_MAX];
 	struct ca *ca = NULL;
 	int r;
 
+	if (st->shared) {
+		r = load_root_shared(st, id, &ca, err);
+		return r < 0 ? r : root_set(st, i, id, ca);
+	}
 	state_root_paths(st, id, cert, key, sizeof(cert));
 	r = ca_load(&ca, st->td, cert, key, err);
 	if (r < 0)
@@ -241,6 +339,61 @@ int state_roots_load(struct control_state *st, struct meshlet_err *err)
 		return err_set(err, "", "the store's meta/ca names a signing root not in the bundle");
 	st->signing = (size_t)r;
 	cross_update(st);
+	return 0;
+}
+
+/* What state_roots_reload() swaps out, to put back when the reload fails. */
+struct roots_saved {
+	struct state_root roots[STATE_ROOTS_MAX];
+	X509 *root_certs[STATE_ROOTS_MAX];
+	size_t n_roots, signing;
+	enum ca_phase phase;
+	int next_id;
+	X509 *cross;
+};
+
+static void roots_swap(struct control_state *st, struct roots_saved *sv)
+{
+	struct roots_saved tmp;
+
+	memcpy(tmp.roots, st->roots, sizeof(tmp.roots));
+	memcpy(tmp.root_certs, st->root_certs, sizeof(tmp.root_certs));
+	tmp.n_roots = st->n_roots;
+	tmp.signing = st->signing;
+	tmp.phase = st->phase;
+	tmp.next_id = st->next_id;
+	tmp.cross = st->cross;
+	memcpy(st->roots, sv->roots, sizeof(st->roots));
+	memcpy(st->root_certs, sv->root_certs, sizeof(st->root_certs));
+	st->n_roots = sv->n_roots;
+	st->signing = sv->signing;
+	st->phase = sv->phase;
+	st->next_id = sv->next_id;
+	st->cross = sv->cross;
+	*sv = tmp;
+}
+
+int state_roots_reload(struct control_state *st)
+{
+	struct roots_saved sv = {0};
+	struct meshlet_err err = {0};
+	int r;
+
+	roots_swap(st, &sv);              /* st now empty, sv the current roots */
+	r = state_roots_load(st, &err);
+	if (r) {
+		log_error("cannot reload the roots after another replica's CA step: %s; keeping "
+		          "the ones loaded before", err.message);
+		state_roots_free(st);
+		roots_swap(st, &sv);
+		return r;
+	}
+	roots_swap(st, &sv);              /* sv the new ones: free the old */
+	state_roots_free(st);
+	roots_swap(st, &sv);
+	state_bundle_write(st);
+	log_info("CA: reloaded after another replica's step: %zu root(s), phase %s, signing "
+	         "root %d", st->n_roots, state_phase_name(st->phase), st->roots[st->signing].id);
 	return 0;
 }
 
@@ -497,9 +650,11 @@ static int ca_prepare(struct control_state *st, struct state_error *se)
 		root_clear(st, st->n_roots);
 		st->phase = CA_PHASE_STABLE;
 		st->next_id = id;
-		state_root_paths(st, id, cert, key, sizeof(cert));
-		unlink(cert);
-		unlink(key);
+		if (!st->shared) {
+			state_root_paths(st, id, cert, key, sizeof(cert));
+			unlink(cert);
+			unlink(key);
+		}
 		return r;
 	}
 	log_info("CA rotation: new root %d (pin %s) joined the bundle; signing stays with root %d",

@@ -58,7 +58,8 @@ int state_config(struct control_state *st, const char *svc, const struct api_con
 {
 	char key[STORE_KEY_MAX];
 	json_t *policy = NULL, *eps = NULL, *traffic = NULL;
-	int64_t version = 0, pver = 0, gen;
+	int64_t version = 0, pver = 0, gen, bver;
+	uint64_t misses = st->store_misses;
 	int r;
 
 	if (state_config_version(st, svc, &version) < 0)
@@ -77,10 +78,18 @@ int state_config(struct control_state *st, const char *svc, const struct api_con
 		json_decref(policy);
 		return state_store_failed(st, se, "list", r);
 	}
+	bver = counter_value(st, "meta/bundle", "version");
+	if (st->store_misses != misses) {
+		/* A counter read failed on the way (read as 0): no half answer. */
+		json_decref(policy);
+		json_decref(eps);
+		json_decref(traffic);
+		return state_store_failed(st, se, "read", -EAGAIN);
+	}
 	*out = json_pack("{s:s, s:I, s:o?, s:I, s:I, s:I, s:o, s:o}", "service", svc,
 	                 "version", (json_int_t)version, "policy", policy ? policy : json_null(),
 	                 "policy_version", (json_int_t)pver,
-	                 "bundle_version", (json_int_t)counter_value(st, "meta/bundle", "version"),
+	                 "bundle_version", (json_int_t)bver,
 	                 "cert_generation", (json_int_t)gen, "endpoints", eps,
 	                 "traffic", traffic);
 	return 0;

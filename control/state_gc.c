@@ -96,12 +96,36 @@ static void drop_gone_proxies(struct control_state *st)
 	}
 }
 
+/* A shared store: whether this replica does the pruning this round. */
+static bool housekeeper(struct control_state *st)
+{
+	int held = st->shared ? store_lock_hold(st->store, STATE_HOUSEKEEPING_LOCK,
+	                                         STATE_HOUSEKEEPING_TTL) : 1;
+
+	if ((held == 1) != st->housekeeper)
+		log_info("housekeeping: %s", held == 1 ? "this replica prunes the store now" :
+		         "another replica prunes the store");
+	if (held < 0)
+		log_warn("housekeeping: cannot take or keep the lock (%s)",
+		         store_strerror(st->store));
+	st->housekeeper = held == 1;
+	return st->housekeeper;
+}
+
 int state_maintain(struct control_state *st, bool *changed)
 {
 	size_t n = 0;
 	int r, ret = 0;
 
 	*changed = false;
+	if (!housekeeper(st)) {
+		/* What this replica alone keeps: its coalesced registry bump and
+		 * the proxies it has seen. */
+		if (st->endpoints_pending && !st->endpoints_timer && state_endpoints_bump(st) == 0)
+			*changed = true;
+		drop_gone_proxies(st);
+		return state_proxies_flush(st);
+	}
 	if ((r = prune(st, "tokens/", NULL, NULL, token_expired, &n)) != 0)
 		ret = r;
 	if ((r = prune(st, "certs/", NULL, NULL, cert_expired, &n)) != 0)

@@ -2,6 +2,7 @@
 #include "watch.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,6 +25,9 @@ struct watch_waiter {
 
 struct watch {
 	struct event_base *base;
+	struct event *store_changed;   /* another replica wrote (shared store), or NULL */
+	void (*tls_changed)(void *arg);   /* the roots changed elsewhere, or NULL */
+	void *tls_arg;
 	struct control_state *st;
 	watch_done_fn done;
 	struct watch_waiter *head;
@@ -31,16 +35,47 @@ struct watch {
 	size_t max_per_cert, max_per_service, max_total;   /* 0: no limit */
 };
 
+/* The store's follow thread saw a change: reload what the state caches,
+ * then answer the waiters whose version moved. The thread only signals;
+ * every store read happens here, on the event loop. */
+static void on_store_changed(evutil_socket_t fd, short what, void *arg)
+{
+	struct watch *w = arg;
+	bool tls = false;
+
+	state_refresh(w->st, &tls);
+	if (tls && w->tls_changed)
+		w->tls_changed(w->tls_arg);
+	watch_notify(w, NULL);
+}
+
 struct watch *watch_new(struct event_base *base, struct control_state *st, watch_done_fn done)
 {
 	struct watch *w = calloc(1, sizeof(*w));
+	int fd;
 
 	if (!w)
 		return NULL;
 	w->base = base;
 	w->st = st;
 	w->done = done;
+	fd = state_follow_fd(st);
+	if (fd >= 0) {
+		w->store_changed = event_new(base, fd, EV_READ | EV_PERSIST, on_store_changed, w);
+		if (!w->store_changed || event_add(w->store_changed, NULL) < 0) {
+			if (w->store_changed)
+				event_free(w->store_changed);
+			free(w);
+			return NULL;
+		}
+	}
 	return w;
+}
+
+void watch_on_tls_changed(struct watch *w, void (*fn)(void *arg), void *arg)
+{
+	w->tls_changed = fn;
+	w->tls_arg = arg;
 }
 
 void watch_set_limits(struct watch *w, size_t per_cert, size_t per_service, size_t total)
@@ -173,9 +208,42 @@ int watch_add(struct watch *w, struct api_call *call, const char *svc, int64_t a
 	return 0;
 }
 
+/* Config versions of the services one watch_notify() looked up: each is
+ * read from the store once per call, however many waiters it has (a store
+ * read is a network round trip on etcd). */
+struct seen_version {
+	char svc[SERVICE_NAME_MAX + 1];
+	int64_t own;
+	struct seen_version *next;
+};
+
+static int own_version(struct watch *w, struct seen_version **seen, const char *svc,
+                       int64_t *own)
+{
+	struct seen_version *s;
+
+	for (s = *seen; s; s = s->next) {
+		if (strcmp(s->svc, svc) == 0) {
+			*own = s->own;
+			return 0;
+		}
+	}
+	if (state_config_version_own(w->st, svc, own) < 0)
+		return -EIO;
+	s = malloc(sizeof(*s));
+	if (s) {
+		snprintf(s->svc, sizeof(s->svc), "%s", svc);
+		s->own = *own;
+		s->next = *seen;
+		*seen = s;
+	}
+	return 0;
+}
+
 void watch_notify(struct watch *w, const char *svc)
 {
 	struct watch_waiter *ww, *next;
+	struct seen_version *seen = NULL;
 	int64_t shared = 0, own;
 
 	if (!w->head || state_config_version_shared(w->st, &shared) < 0)
@@ -186,12 +254,18 @@ void watch_notify(struct watch *w, const char *svc)
 		if (svc && strcmp(svc, ww->svc) != 0)
 			continue;
 		if (shared <= ww->after) {
-			if (state_config_version_own(w->st, ww->svc, &own) < 0)
-				return;
+			if (own_version(w, &seen, ww->svc, &own) < 0)
+				break;
 			if (own <= ww->after)
 				continue;
 		}
 		waiter_finish(ww, false);
+	}
+	while (seen) {
+		struct seen_version *s = seen->next;
+
+		free(seen);
+		seen = s;
 	}
 }
 
@@ -216,5 +290,7 @@ void watch_free(struct watch *w)
 			evhttp_connection_set_closecb(call->evcon, NULL, NULL);
 		waiter_finish(w->head, true);
 	}
+	if (w->store_changed)
+		event_free(w->store_changed);
 	free(w);
 }

@@ -4,7 +4,8 @@
  * A waiting request costs a small struct and a timer, no thread: it sits in
  * a list until watch_notify() (called by the write handlers after a change)
  * finds its service's config version past V, until its wait timer fires, or
- * until its client closes the connection.
+ * until its client closes the connection. On a shared store (etcd) a
+ * change made through another replica wakes them too (state_follow_fd()).
  */
 #ifndef MESHLET_CONTROL_WATCH_H
 #define MESHLET_CONTROL_WATCH_H
@@ -25,6 +26,10 @@ typedef void (*watch_done_fn)(struct api_call *call, bool aborted);
 
 /* Returns a new watch, or NULL (out of memory). */
 struct watch *watch_new(struct event_base *base, struct control_state *st, watch_done_fn done);
+
+/* fn(arg) runs when another replica's CA step changed the roots (control's
+ * server certificate is to be reissued), before the waiters are answered. */
+void watch_on_tls_changed(struct watch *w, void (*fn)(void *arg), void *arg);
 
 /* Caps the waiters: per client certificate (call->peer_serial), per
  * service, and in all. */

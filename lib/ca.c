@@ -624,6 +624,57 @@ out:
 	return ret;
 }
 
+int ca_key_pem(const struct ca *ca, char **pem, size_t *len)
+{
+	BIO *b = BIO_new(BIO_s_secmem());
+	char *data;
+	long n;
+	int ret = -EIO;
+
+	*pem = NULL;
+	*len = 0;
+	if (!b || PEM_write_bio_PrivateKey(b, ca->key, NULL, NULL, 0, NULL, NULL) != 1)
+		goto out;
+	n = BIO_get_mem_data(b, &data);
+	*pem = malloc((size_t)n + 1);
+	ret = *pem ? 0 : -ENOMEM;
+	if (*pem) {
+		memcpy(*pem, data, (size_t)n);
+		(*pem)[n] = '\0';
+		*len = (size_t)n;
+	}
+out:
+	BIO_free(b);
+	ERR_clear_error();
+	return ret;
+}
+
+int ca_load_pem(struct ca **out, const char *trust_domain, const char *cert_pem, size_t clen,
+                const char *key_pem, size_t klen, const char *what, struct meshlet_err *err)
+{
+	struct ca *ca = calloc(1, sizeof(*ca));
+	int ret;
+
+	*out = NULL;
+	if (!ca)
+		return err_set(err, "", "out of memory"), -ENOMEM;
+	snprintf(ca->trust_domain, sizeof(ca->trust_domain), "%s", trust_domain);
+	ca->cert = parse_cert(cert_pem, clen);
+	ca->key = ca->cert ? parse_key(key_pem, klen) : NULL;
+	if (!ca->key) {
+		ossl_fail(err, "", what);
+		ca_free(ca);
+		return -EINVAL;
+	}
+	ret = check_root(ca, what, err);
+	if (ret) {
+		ca_free(ca);
+		return ret;
+	}
+	*out = ca;
+	return 0;
+}
+
 /* ---- CSRs ---- */
 
 /* Full check that an EC public key is a point of its group. */

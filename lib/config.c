@@ -29,7 +29,7 @@ static const char *const top_keys[] = {
 	"service", "trust_domain", "state_dir", "control", "tls", "policy_file", "traffic_file",
 	"inbound", "outbound", "transparent", "admin", "workers", "max_connections", "timeouts",
 	"log", NULL};
-static const char *const control_keys[] = {"url", "token_file", NULL};
+static const char *const control_keys[] = {"url", "urls", "token_file", NULL};
 static const char *const tls_keys[] = {"cert", "key", "bundle", "min_version", "groups", NULL};
 static const char *const inbound_keys[] = {"listen", "forward", "protocol", "advertise", NULL};
 static const char *const outbound_keys[] = {"listen", "service", "protocol", "endpoints", NULL};
@@ -429,33 +429,86 @@ static int parse_identity(const json_t *doc, struct parse_ctx *x)
 	return 0;
 }
 
-static int parse_control(const json_t *doc, struct parse_ctx *x)
+/* One control URL: https://host..., no spaces or control characters. */
+static int check_control_url(const char *url, const char *path, struct meshlet_err *err)
 {
 	static const char scheme[] = "https://";
-	const json_t *o = NULL;
-	const char *url = NULL, *s;
+
+	if (strncmp(url, scheme, sizeof(scheme) - 1) != 0)
+		return err_set(err, path, "must start with https://");
+	if (!url[sizeof(scheme) - 1] || url[sizeof(scheme) - 1] == '/')
+		return err_set(err, path, "missing host after https://");
+	for (const char *s = url; *s; s++) {
+		if ((unsigned char)*s <= 0x20 || *s == 0x7f)
+			return err_set(err, path, "must not contain spaces or control characters");
+	}
+	return 0;
+}
+
+/* "url": one replica, or "urls": [...] several (tried in order, the next
+ * one when one fails); exactly one of the two. */
+static int parse_control_urls(const json_t *o, struct parse_ctx *x)
+{
+	const json_t *one = json_object_get(o, "url"), *list = json_object_get(o, "urls");
 	struct config *c = x->c;
+	char path[48];
+	size_t i, n;
+
+	if (!one && !list)
+		return err_set(x->err, "control.url", "required");
+	if (one && list)
+		return err_set(x->err, "control", "give url (one control) or urls (a list of "
+		               "control replicas), not both");
+	if (one && !json_is_string(one))
+		return err_set(x->err, "control.url", "must be a string");
+	n = one ? 1 : json_array_size(list);
+	if (list && (!json_is_array(list) || n == 0 || n > CONFIG_CONTROL_URLS_MAX))
+		return err_set(x->err, "control.urls", "must be a list of 1..%d URLs",
+		               CONFIG_CONTROL_URLS_MAX);
+	c->control_urls = calloc(n, sizeof(*c->control_urls));
+	if (!c->control_urls)
+		return -ENOMEM;
+	for (i = 0; i < n; i++) {
+		const json_t *u = one ? one : json_array_get(list, i);
+
+		if (one)
+			snprintf(path, sizeof(path), "control.url");
+		else
+			snprintf(path, sizeof(path), "control.urls[%zu]", i);
+		if (!json_is_string(u))
+			return err_set(x->err, path, "must be a string");
+		if (check_control_url(json_string_value(u), path, x->err) < 0)
+			return -EINVAL;
+		for (size_t j = 0; j < i; j++)
+			if (strcmp(c->control_urls[j], json_string_value(u)) == 0)
+				return err_set(x->err, path, "listed twice");
+		c->control_urls[i] = strdup(json_string_value(u));
+		c->n_control_urls = i + 1;
+		if (!c->control_urls[i])
+			return -ENOMEM;
+	}
+	c->control_url = strdup(c->control_urls[0]);
+	return c->control_url ? 0 : -ENOMEM;
+}
+
+static int parse_control(const json_t *doc, struct parse_ctx *x)
+{
+	const json_t *o = NULL;
+	struct config *c = x->c;
+	int r;
 
 	if (json_get_object(doc, "", "control", false, &o, x->err) < 0)
 		return -EINVAL;
 	if (!o)
 		return 0;
-	if (json_check_object(o, "control", control_keys, x->err) < 0 ||
-	    json_get_str(o, "control", "url", true, &url, x->err) < 0)
+	if (json_check_object(o, "control", control_keys, x->err) < 0)
 		return -EINVAL;
-	if (strncmp(url, scheme, sizeof(scheme) - 1) != 0)
-		return err_set(x->err, "control.url", "must start with https://");
-	if (!url[sizeof(scheme) - 1] || url[sizeof(scheme) - 1] == '/')
-		return err_set(x->err, "control.url", "missing host after https://");
-	for (s = url; *s; s++) {
-		if ((unsigned char)*s <= 0x20 || *s == 0x7f)
-			return err_set(x->err, "control.url",
-			               "must not contain spaces or control characters");
-	}
+	r = parse_control_urls(o, x);
+	if (r)
+		return r;
 	c->has_control = true;
-	c->control_url = strdup(url);
 	c->control_token_file = strdup(DEFAULT_TOKEN_FILE);
-	if (!c->control_url || !c->control_token_file)
+	if (!c->control_token_file)
 		return -ENOMEM;
 	return get_file(x, o, "control", "token_file", false, &c->control_token_file);
 }
@@ -965,6 +1018,9 @@ void config_free(struct config *c)
 	free(c->file);
 	free(c->state_dir);
 	free(c->control_url);
+	for (size_t u = 0; u < c->n_control_urls; u++)
+		free(c->control_urls[u]);
+	free(c->control_urls);
 	free(c->control_token_file);
 	free(c->tls_cert);
 	free(c->tls_key);

@@ -105,6 +105,9 @@ struct ctlclient {
 	time_t renew_at;
 	unsigned backoff_ms;
 	unsigned failures;
+	size_t url;                     /* index of the control URL in use (cfg->control_urls) */
+	bool url_failed;                /* the last call could not reach it or got a 5xx */
+	size_t moves;                   /* URLs moved to since the last answered call */
 	char why[CTL_REASON_MAX];       /* reason of the step that just failed */
 	char call_err[HTTPC_ERR_MAX];   /* httpc's message of the last failed call */
 	char last_warned[CTL_REASON_MAX];
@@ -115,6 +118,9 @@ __attribute__((format(printf, 2, 3)))
 int ctlc_fail(struct ctlclient *c, const char *fmt, ...);
 __attribute__((format(printf, 2, 3)))
 void ctlc_set_status(struct ctlclient *c, const char *fmt, ...);
+/* The control URL in use: one of cfg->control_urls, the next one after a
+ * connection failure or a 5xx answer. */
+const char *ctlc_url(const struct ctlclient *c);
 /* A uniform value in [0, 1). */
 double ctlc_rand_unit(void);
 /* t as RFC 3339 UTC in buf (CA_TIME_LEN bytes), for messages. */

@@ -101,6 +101,11 @@ static bool sleep_ms(struct ctlclient *c, unsigned ms)
 	return !stop;
 }
 
+const char *ctlc_url(const struct ctlclient *c)
+{
+	return c->cfg->n_control_urls ? c->cfg->control_urls[c->url] : c->cfg->control_url;
+}
+
 /* t as RFC 3339 UTC in buf, for messages. */
 const char *ctlc_when(time_t t, char *buf)
 {
@@ -149,6 +154,8 @@ int ctlc_call_with(struct ctlclient *c, struct httpc *h, const char *what, const
 	pthread_mutex_lock(&c->lock);
 	c->active = NULL;
 	pthread_mutex_unlock(&c->lock);
+	/* Another replica may do better: this one is down, or failing itself. */
+	c->url_failed = rc == HTTPC_ECONNECT || (rc == 0 && r->status >= 500);
 	if (rc != 0) {
 		snprintf(c->call_err, sizeof(c->call_err), "%s", err);
 		ctlc_fail(c, "%s: %s", what, err);
@@ -165,6 +172,7 @@ int ctlc_call_with(struct ctlclient *c, struct httpc *h, const char *what, const
 		ctlc_fail(c, "%s: control refused: %s", what, text);
 		return rc;
 	}
+	c->moves = 0;
 	/* Any verified answer means control is reachable. */
 	if (!c->host.set_connected(c->host.ctx, true))
 		ctlc_set_status(c, "connected");
@@ -177,7 +185,7 @@ struct httpc *ctlc_mtls(struct ctlclient *c)
 	STACK_OF(X509) *roots = ctlc_pem_certs(c->st.bundle_pem);
 	STACK_OF(X509) *mine = ctlc_pem_certs(c->st.cert_pem);
 	struct httpc_opts o = {
-		.url = c->cfg->control_url, .expect_uri = c->control_id, .key = c->st.key,
+		.url = ctlc_url(c), .expect_uri = c->control_id, .key = c->st.key,
 		.user_agent = CTL_USER_AGENT,
 	};
 	char err[HTTPC_ERR_MAX] = "";
@@ -232,17 +240,45 @@ static int step(struct ctlclient *c)
 	return ctlc_poll_config(c);
 }
 
+/*
+ * After a failure that the control replica in use is to blame for, the
+ * next URL of the list: the mTLS client is rebuilt for it, and the long
+ * poll resumes there with the version held (every replica on one store
+ * numbers versions alike). Returns true when it moved to a URL not yet
+ * tried in this round of failures, which is worth trying at once.
+ */
+static bool next_url(struct ctlclient *c)
+{
+	size_t n = c->cfg->n_control_urls;
+	const char *from = ctlc_url(c);
+
+	if (n < 2 || !c->url_failed)
+		return false;
+	c->url = (c->url + 1) % n;
+	c->moves++;
+	ctlc_drop_mtls(c);
+	log_warn("control %s: %s; moving to %s", from, c->why, ctlc_url(c));
+	return c->moves < n;
+}
+
 static void failed(struct ctlclient *c)
 {
 	unsigned ms;
 
+	if (next_url(c)) {
+		c->reconnecting = true;
+		if (c->have_svid)
+			c->need_register = true;
+		sleep_ms(c, 20 + (unsigned)(ctlc_rand_unit() * 80));
+		return;
+	}
 	c->host.set_connected(c->host.ctx, false);
 	ctlc_set_status(c, "disconnected: %s", c->why);
 	if (strcmp(c->why, c->last_warned) != 0) {
-		log_warn("control %s: %s; retrying with backoff", c->cfg->control_url, c->why);
+		log_warn("control %s: %s; retrying with backoff", ctlc_url(c), c->why);
 		snprintf(c->last_warned, sizeof(c->last_warned), "%s", c->why);
 	} else {
-		log_debug("control %s: %s (again)", c->cfg->control_url, c->why);
+		log_debug("control %s: %s (again)", ctlc_url(c), c->why);
 	}
 	c->failures++;
 	c->reconnecting = true;
@@ -268,7 +304,7 @@ static void *ctl_main(void *arg)
 		}
 		if (c->failures) {
 			log_info("control %s: reachable again after %u failed attempt(s)",
-			         c->cfg->control_url, c->failures);
+			         ctlc_url(c), c->failures);
 			c->failures = 0;
 		}
 		c->backoff_ms = 0;

@@ -174,7 +174,7 @@ void ctlc_cache_load(struct ctlclient *c)
 	if (file_read(path, 1024 * 1024, FILE_NOFOLLOW, &bundle_pem, NULL) < 0)
 		bundle_pem = NULL;
 	if (!key_pem || !cert_pem || !bundle_pem) {
-		log_info("no cached SVID in %s: joining %s", dir, c->cfg->control_url);
+		log_info("no cached SVID in %s: joining %s", dir, ctlc_url(c));
 		goto out;
 	}
 	b = BIO_new_mem_buf(key_pem, -1);
@@ -206,7 +206,7 @@ void ctlc_cache_load(struct ctlclient *c)
 		goto out;
 	}
 	log_info("serving from the cache in %s (SVID %s valid until %s) while connecting to %s",
-	         dir, c->st.serial, ctlc_when(c->st.not_after, msg), c->cfg->control_url);
+	         dir, c->st.serial, ctlc_when(c->st.not_after, msg), ctlc_url(c));
 out:
 	EVP_PKEY_free(key);
 	if (key_pem) {

@@ -237,7 +237,7 @@ int ctlc_join(struct ctlclient *c)
 	}
 	{
 		struct httpc_opts o = {
-			.url = c->cfg->control_url, .pin_sha256 = jt.pin, .expect_uri = c->control_id,
+			.url = ctlc_url(c), .pin_sha256 = jt.pin, .expect_uri = c->control_id,
 			.token = tok, .user_agent = CTL_USER_AGENT,
 		};
 
@@ -250,7 +250,7 @@ int ctlc_join(struct ctlclient *c)
 		goto out;
 	rc = ctlc_call(c, h, "join", "POST", "/v1/svid", body, CTL_CALL_TIMEOUT_MS, &r);
 	if (rc == HTTPC_EVERIFY) {
-		ctlc_fail(c, "not sending the CSR to %s: %s", c->cfg->control_url, c->call_err);
+		ctlc_fail(c, "not sending the CSR to %s: %s", ctlc_url(c), c->call_err);
 	} else if (rc == 401 || rc == 403) {
 		char detail[CTL_REASON_MAX];
 
@@ -268,7 +268,7 @@ int ctlc_join(struct ctlclient *c)
 		key = NULL;
 		char t[CA_TIME_LEN];
 
-		log_info("joined %s as %s: SVID serial %s valid until %s", c->cfg->control_url,
+		log_info("joined %s as %s: SVID serial %s valid until %s", ctlc_url(c),
 		         c->cfg->service, c->st.serial, ctlc_when(c->st.not_after, t));
 		ctlc_set_status(c, "connected");
 	}

@@ -16,6 +16,7 @@
  *   ctl_cmd_registry.c  endpoints list|add|remove, proxies list
  *   ctl_cmd_top.c       top: GET /v1/stats as a live table
  *   ctl_cmd_dashboard.c dashboard: the web UI's server and its relay to control
+ *   ctl_cmd_status.c    status: every control replica of --control and its store
  *
  * Exit codes: 0 success; EXIT_REFUSED (1) the control refused the request
  * or could not be reached; EXIT_USAGE (2) usage errors and local problems.
@@ -53,7 +54,9 @@ enum ctl_output { OUT_TABLE, OUT_JSON };
 /* Everything a command handler needs; filled by main(), no globals. */
 struct ctl {
 	const char *prog;
-	const char *control;       /* URL */
+	const char *control;       /* URL, or several: URL,URL (control replicas) */
+	size_t control_at;         /* index of the URL in use; see ctl_control_url() */
+	char control_url[512];     /* that URL */
 	const char *ca_file;       /* NULL: <state dir>/ca.pem */
 	const char *token_file;    /* NULL: MESHLET_TOKEN, else <state dir>/admin.token */
 	const char *state_dir;
@@ -61,6 +64,9 @@ struct ctl {
 	int timeout_ms;
 	struct httpc *http;     /* opened by ctl_connect() */
 };
+
+/* Control replicas one --control may list. */
+#define CTL_CONTROLS_MAX 16
 
 /* One option of a command: --name (and -s), taking an argument unless arg is NULL. */
 struct ctl_opt {
@@ -128,8 +134,13 @@ char *ctl_read_file(const char *path, size_t max, size_t *len);
 int ctl_connect(struct ctl *ctl);
 /* Prints the API's error of a non-2xx answer; returns EXIT_REFUSED. */
 int ctl_api_error(const struct ctl *ctl, const struct httpc_response *r);
+/* Moves to the next URL of --control (after why, printed), dropping the
+ * client; false when there is none left. */
+bool ctl_next_control(struct ctl *ctl, const char *why);
 /* One API call: 0 with *resp filled on a 2xx answer (the caller clears
- * it), else the exit code after printing why. */
+ * it), else the exit code after printing why. With several --control
+ * URLs, one that cannot be reached or answers 5xx hands the call to the
+ * next. */
 int ctl_api_call(struct ctl *ctl, const char *method, const char *path, const json_t *body,
                  const char *raw, size_t raw_len, const char *const *headers,
                  struct httpc_response *resp);
@@ -198,6 +209,7 @@ int ctl_cmd_certs_revoke(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 int ctl_cmd_ca_show(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_ca_rotate(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_ca_status(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
+int ctl_cmd_status(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_endpoints_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_endpoints_add(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);
 int ctl_cmd_endpoints_remove(struct ctl *ctl, const struct ctl_cmd *cmd, const struct ctl_args *a);

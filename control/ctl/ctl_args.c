@@ -71,7 +71,8 @@ const char *ctl_arg(const struct ctl_cmd *cmd, const struct ctl_args *a, const c
 /* ---------------------------------------------------------------- help */
 
 static const struct ctl_opt global_opts[] = {
-	{ "control", 0, "URL", false, "the control's API (env MESHLET_CONTROL; default " CTL_DEFAULT_CONTROL ")" },
+	{ "control", 0, "URL[,URL]", false, "the control's API, or several replicas tried in order (env "
+	  "MESHLET_CONTROL; default " CTL_DEFAULT_CONTROL ")" },
 	{ "ca", 0, "FILE", false, "PEM roots to verify the control with (env MESHLET_CA; default STATE_DIR/ca.pem)" },
 	{ "token-file", 0, "FILE", false, "file holding the admin token (env MESHLET_TOKEN_FILE, or the token "
 	  "itself in MESHLET_TOKEN; default STATE_DIR/admin.token)" },

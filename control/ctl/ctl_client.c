@@ -120,6 +120,36 @@ static int load_token(const struct ctl *ctl, char **out)
 	return 0;
 }
 
+/* How many URLs --control lists (comma-separated). */
+static size_t control_count(const struct ctl *ctl)
+{
+	size_t n = 1;
+
+	for (const char *p = ctl->control; *p; p++)
+		n += *p == ',';
+	return n;
+}
+
+/* The URL in use (the control_at-th of --control) into ctl->control_url.
+ * 0 or EXIT_USAGE (an empty or too long entry, too many). */
+static int control_pick(struct ctl *ctl)
+{
+	const char *p = ctl->control, *end;
+	size_t len;
+
+	if (control_count(ctl) > CTL_CONTROLS_MAX)
+		return ctl_usage_error(ctl, "--control: at most %d URLs", CTL_CONTROLS_MAX);
+	for (size_t i = 0; i < ctl->control_at; i++)
+		p = strchr(p, ',') + 1;
+	end = strchr(p, ',');
+	len = end ? (size_t)(end - p) : strlen(p);
+	if (len == 0 || len >= sizeof(ctl->control_url))
+		return ctl_usage_error(ctl, "--control: an empty or too long URL in '%s'", ctl->control);
+	memcpy(ctl->control_url, p, len);
+	ctl->control_url[len] = '\0';
+	return 0;
+}
+
 /* Opens the HTTPS client (CA file and token loaded). 0 or EXIT_USAGE. */
 int ctl_connect(struct ctl *ctl)
 {
@@ -130,7 +160,9 @@ int ctl_connect(struct ctl *ctl)
 
 	if (ctl->http)
 		return 0;
-	rc = load_token(ctl, &token);
+	rc = control_pick(ctl);
+	if (!rc)
+		rc = load_token(ctl, &token);
 	if (rc)
 		return rc;
 	if (ctl->ca_file) {
@@ -147,7 +179,7 @@ int ctl_connect(struct ctl *ctl)
 		}
 		o.ca_file = ca_path;
 	}
-	o.url = ctl->control;
+	o.url = ctl->control_url;
 	o.token = token;
 	o.timeout_ms = ctl->timeout_ms;
 	o.user_agent = "meshletctl/" MESHLET_VERSION;
@@ -196,21 +228,64 @@ int ctl_api_error(const struct ctl *ctl, const struct httpc_response *r)
  * clears it). Otherwise prints why and returns the exit code: EXIT_REFUSED
  * (non-2xx, or the control unreachable), EXIT_USAGE (local problem).
  */
-int ctl_api_call(struct ctl *ctl, const char *method, const char *path, const json_t *body,
-                 const char *raw, size_t raw_len, const char *const *headers,
-                 struct httpc_response *resp)
+bool ctl_next_control(struct ctl *ctl, const char *why)
+{
+	if (ctl->control_at + 1 >= control_count(ctl))
+		return false;
+	fprintf(stderr, "%s: %s: %s; trying the next control\n", ctl->prog, ctl->control_url, why);
+	httpc_free(ctl->http);
+	ctl->http = NULL;
+	ctl->control_at++;
+	return true;
+}
+
+/* One attempt on the control in use; *retry: worth trying the next one
+ * (unreachable, or a 5xx: that replica or its store is failing). */
+static int api_call_once(struct ctl *ctl, const char *method, const char *path,
+                         const json_t *body, const char *raw, size_t raw_len,
+                         const char *const *headers, struct httpc_response *resp, bool *retry)
 {
 	char err[HTTPC_ERR_MAX] = "";
 	int rc = ctl_connect(ctl);
 
+	*retry = false;
 	memset(resp, 0, sizeof(*resp));
 	if (rc)
 		return rc;
 	rc = httpc_request(ctl->http, method, path, body, raw, raw_len, headers, resp, err);
 	if (rc == HTTPC_EUSAGE)
 		return ctl_usage_error(ctl, "%s", err);
+	if (rc == HTTPC_ECONNECT && ctl_next_control(ctl, err)) {
+		*retry = true;
+		return rc;
+	}
 	if (rc)
-		return ctl_refused(ctl, "%s: %s", ctl->control, err);
+		return ctl_refused(ctl, "%s: %s", ctl->control_url, err);
+	if (resp->status >= 500) {
+		char why[32];
+
+		snprintf(why, sizeof(why), "HTTP %d", resp->status);
+		if (ctl_next_control(ctl, why)) {
+			httpc_response_clear(resp);
+			*retry = true;
+			return EXIT_REFUSED;
+		}
+	}
+	return 0;
+}
+
+int ctl_api_call(struct ctl *ctl, const char *method, const char *path, const json_t *body,
+                 const char *raw, size_t raw_len, const char *const *headers,
+                 struct httpc_response *resp)
+{
+	bool retry = true;
+	int rc = 0;
+
+	while (retry) {
+		rc = api_call_once(ctl, method, path, body, raw, raw_len, headers, resp, &retry);
+		if (rc && !retry)
+			return rc;
+	}
 	if (resp->status < 200 || resp->status > 299) {
 		rc = ctl_api_error(ctl, resp);
 		httpc_response_clear(resp);

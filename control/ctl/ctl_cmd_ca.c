@@ -184,7 +184,7 @@ static int ca_step(struct ctl *ctl, bool force, json_t **answer)
 	if (rc == HTTPC_EUSAGE)
 		rc = ctl_usage_error(ctl, "%s", err);
 	else if (rc)
-		rc = ctl_refused(ctl, "%s: %s", ctl->control, err);
+		rc = ctl_refused(ctl, "%s: %s", ctl->control_url, err);
 	else if (r.status == 409)
 		rc = -1;
 	else if (r.status < 200 || r.status > 299)

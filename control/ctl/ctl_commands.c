@@ -168,6 +168,12 @@ const struct ctl_cmd ctl_commands[] = {
 	{ "proxies", "list", "", 0, 0, no_opts,
 	  "list connected proxies: config version held, certificate expiry",
 	  "GET /v1/proxies.", ctl_cmd_proxies_list },
+	{ "status", NULL, "", 0, 0, no_opts,
+	  "each control replica of --control: reachable, its version, its store's health",
+	  "GET /v1/health on every URL of --control (URL,URL,...), one row each: whether it\n"
+	  "answers and how fast, and whether its store (SQLite, or etcd) answers, with the\n"
+	  "store's revision. Exit 1 when any replica or its store is down.",
+	  ctl_cmd_status },
 	{ "check", NULL, "--from ID --to SERVICE --port PORT [--method M --path P] [--header NAME=VALUE]...",
 	  0, 0, check_opts,
 	  "dry run: would SERVICE's policy allow this call, and which rule decides",

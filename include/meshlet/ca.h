@@ -72,6 +72,15 @@ int ca_save(const struct ca *ca, const char *cert_path, const char *key_path,
 int ca_load(struct ca **out, const char *trust_domain, const char *cert_path,
             const char *key_path, struct meshlet_err *err);
 
+/* The root's private key as unencrypted PKCS#8 PEM into *pem (malloc'd, NUL
+ * after *len bytes; the caller cleanses and frees it). 0, -ENOMEM or -EIO. */
+int ca_key_pem(const struct ca *ca, char **pem, size_t *len);
+
+/* As ca_load(), from PEM text in memory (the etcd store keeps roots there);
+ * what names the source in messages. */
+int ca_load_pem(struct ca **out, const char *trust_domain, const char *cert_pem, size_t clen,
+                const char *key_pem, size_t klen, const char *what, struct meshlet_err *err);
+
 /* Frees the CA (the key is zeroised by OpenSSL). NULL is a no-op. */
 void ca_free(struct ca *ca);
 

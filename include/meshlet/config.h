@@ -17,6 +17,8 @@
 #define CONFIG_MAX_FILE (1024 * 1024)
 #define CONFIG_MAX_LISTENERS 64
 #define CONFIG_MAX_ENDPOINTS 256
+/* Control replicas a proxy may list (control.urls). */
+#define CONFIG_CONTROL_URLS_MAX 16
 
 enum listener_protocol { PROTO_TCP = 0, PROTO_HTTP = 1 };
 
@@ -61,7 +63,9 @@ struct config {
 	char *state_dir;                /* default /var/lib/meshlet-proxy */
 
 	bool has_control;
-	char *control_url;
+	char *control_url;             /* the first of control_urls */
+	char **control_urls;           /* control.url, or control.urls: the replicas in order */
+	size_t n_control_urls;
 	char *control_token_file;
 
 	bool has_tls;                   /* static mode */

@@ -1,16 +1,25 @@
 /*
  * store: meshlet-control's state as a small revisioned key-value store, in
- * the shape of etcd's, so that a distributed backend can replace SQLite.
+ * the shape of etcd's, with two backends: SQLite (store_open(), one file)
+ * and etcd (store_open_etcd(), several control replicas on one cluster).
  *
  * Keys are printable ASCII strings ("policies/orders", "tokens/<sha256hex>",
  * "certs/<serial>", "endpoints/orders/<proxy-id>"); values are bytes (JSON
  * text in practice). A store-wide revision counter grows by one with every
  * successful write (a store_apply() batch counts once); each key carries the
  * revision of its last write, like etcd's mod_revision. Deleting a key also
- * advances the counter.
+ * advances the counter. On etcd the counter is the cluster's revision: it
+ * grows with every write of anyone using the cluster, so it may jump by
+ * more than one between two writes of this store; it never repeats and
+ * never goes back.
  *
  * Durability: every successful write has been committed (SQLite WAL with
- * synchronous=FULL, so fsync'd) when the function returns.
+ * synchronous=FULL, so fsync'd; etcd: committed by a quorum) when the
+ * function returns.
+ *
+ * Every call may also fail with -EAGAIN: the store is unreachable now (etcd:
+ * no endpoint answered within the timeout); a write that failed so may or
+ * may not have been applied, like any write whose answer was lost.
  *
  * A struct store is not thread-safe: use it from one thread (control's event
  * loop). Several processes may open the same file; writes are serialised by
@@ -75,6 +84,28 @@ struct store_op {
  * -ENOENT (no such directory), -ENOMEM.
  */
 int store_open(struct store **out, const char *path, struct meshlet_err *err);
+
+/* The etcd backend's settings; strings borrowed for the call. */
+struct store_etcd_opts {
+	const char *endpoints;   /* "http://h:p[,https://h:p...]" */
+	const char *prefix;      /* every key is stored under it; NULL: "/meshlet/" */
+	const char *cacert;      /* https: PEM roots the server must chain to */
+	const char *cert;        /* https: client certificate (PEM), optional */
+	const char *key;         /* its private key */
+	int timeout_ms;          /* per call; 0: STORE_ETCD_TIMEOUT_MS */
+};
+#define STORE_ETCD_TIMEOUT_MS 5000
+
+/*
+ * Connects to the etcd cluster (any endpoint that answers) and checks it
+ * speaks the v3 API. Returns 0 and *out (free with store_close()), or
+ * -EINVAL (bad endpoints or prefix) / -EAGAIN (no endpoint answered) with a
+ * message in err.
+ */
+int store_open_etcd(struct store **out, const struct store_etcd_opts *o, struct meshlet_err *err);
+
+/* "sqlite" or "etcd". */
+const char *store_backend_name(const struct store *s);
 
 /* Finalises statements and closes the database. NULL is a no-op. */
 void store_close(struct store *s);
@@ -143,6 +174,31 @@ int store_revision(struct store *s, int64_t *revision);
 /* A description of the last database error on s ("" if none). Borrowed, valid
  * until the next call on s. */
 const char *store_strerror(const struct store *s);
+
+/*
+ * Changes made by anyone else on a shared store: starts following the
+ * store (etcd: a thread holding a watch on the prefix, reconnecting with
+ * failover, resuming at the last revision it saw) and returns in *fd a
+ * descriptor that becomes readable after something under the store
+ * changed, or after the watch was lost and restored (something may have
+ * changed meanwhile); store_follow_drain() then empties it before the
+ * caller reads the store again. Returns 0, -ENOTSUP (SQLite: this process
+ * makes the writes it needs to know about) or -ENOMEM/-EAGAIN. The thread
+ * never touches s's connection; it stops in store_close().
+ */
+int store_follow(struct store *s, int *fd);
+void store_follow_drain(struct store *s);
+
+/*
+ * Work that must run on one replica at a time (housekeeping): returns 1
+ * when this store handle holds the lock named name (a store key) now, 0
+ * when another holder has it, or a negative errno. On etcd the lock is
+ * name, put with a lease of ttl_s seconds that this call keeps alive; call
+ * it again well within ttl_s to keep holding; a holder that stops calling
+ * (or dies) loses the lock when the lease expires, and store_close()
+ * revokes the lease so another takes over at once. SQLite: always 1.
+ */
+int store_lock_hold(struct store *s, const char *name, int ttl_s);
 
 /* The calls an observer is told about: reads, listings, and writes (every
  * write, store_put/cas/delete included, is one store_apply). */

@@ -122,6 +122,20 @@ static const char full_control[] = "{" ID ","
 	"              \"idle_seconds\": 60, \"drain_seconds\": 0},"
 	"\"log\": {\"level\": \"debug\", \"access_log\": false}}";
 
+/* control.urls: several replicas, in order; the first is control_url. */
+static void test_control_urls(void **state)
+{
+	struct config *c = parse_ok("{" ID ", " IN1 ", \"control\": {\"urls\": [\"https://a:7443\", "
+	                            "\"https://b:7443\", \"https://[::1]:7443\"]}}", FILE_NAME);
+
+	assert_true(c->has_control);
+	assert_int_equal(c->n_control_urls, 3);
+	assert_string_equal(c->control_urls[0], "https://a:7443");
+	assert_string_equal(c->control_urls[2], "https://[::1]:7443");
+	assert_string_equal(c->control_url, "https://a:7443");
+	config_free(c);
+}
+
 static void test_full_control(void **state)
 {
 	struct config *c = parse_ok(full_control, FILE_NAME);
@@ -132,6 +146,8 @@ static void test_full_control(void **state)
 	assert_false(c->has_tls);
 	assert_null(c->policy_file);
 	assert_string_equal(c->control_url, "https://control.mesh.local:7443");
+	assert_int_equal(c->n_control_urls, 1);
+	assert_string_equal(c->control_urls[0], "https://control.mesh.local:7443");
 	assert_string_equal(c->control_token_file, "/etc/meshlet/token");
 	assert_int_equal(c->n_inbound, 2);
 	assert_int_equal(c->inbound[0].protocol, PROTO_HTTP);
@@ -359,6 +375,18 @@ static const struct bad_case bad_cases[] = {
 	{"{" ID ", " IN1 ", \"control\": {\"url\": \"https://c:1/a b\"}}",
 	 "control.url: must not contain spaces or control characters"},
 	{"{" ID ", " IN1 ", \"control\": {\"token_file\": \"t\"}}", "control.url: required"},
+	{"{" ID ", " IN1 ", \"control\": {\"url\": \"https://a:1\", \"urls\": [\"https://b:1\"]}}",
+	 "control: give url (one control) or urls (a list of control replicas), not both"},
+	{"{" ID ", " IN1 ", \"control\": {\"urls\": []}}", "control.urls: must be a list of 1..16 URLs"},
+	{"{" ID ", " IN1 ", \"control\": {\"urls\": \"https://a:1\"}}",
+	 "control.urls: must be a list of 1..16 URLs"},
+	{"{" ID ", " IN1 ", \"control\": {\"urls\": [\"https://a:1\", 7]}}",
+	 "control.urls[1]: must be a string"},
+	{"{" ID ", " IN1 ", \"control\": {\"urls\": [\"https://a:1\", \"http://b:1\"]}}",
+	 "control.urls[1]: must start with https://"},
+	{"{" ID ", " IN1 ", \"control\": {\"urls\": [\"https://a:1\", \"https://a:1\"]}}",
+	 "control.urls[1]: listed twice"},
+	{"{" ID ", " IN1 ", \"control\": {\"url\": 5}}", "control.url: must be a string"},
 	{"{" ID ", " IN1 ", \"control\": \"https://c:1\"}", "control: must be an object"},
 	{"{" ID ", \"policy_file\": \"p\", " IN1 ", \"tls\": {\"cert\": \"c\", \"bundle\": \"b\"}}",
 	 "tls.key: required"},
@@ -615,6 +643,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_minimal_static_defaults),
 		cmocka_unit_test(test_full_control),
+		cmocka_unit_test(test_control_urls),
 		cmocka_unit_test(test_full_static_tls),
 		cmocka_unit_test(test_relative_paths),
 		cmocka_unit_test(test_advertise_wildcard),

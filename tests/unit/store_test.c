@@ -1,4 +1,9 @@
-/* Unit tests for lib/store.c: real SQLite files in a fresh temporary directory. */
+/*
+ * Unit tests for lib/store*.c: the same tests on both backends, SQLite (a
+ * real file in a fresh temporary directory) and etcd (a real etcd started
+ * once for the group, a fresh key prefix per test); then the SQLite file's
+ * own cases.
+ */
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -16,12 +21,23 @@
 #include <sqlite3.h>
 
 #include "meshlet/store.h"
+#include "etcd_fixture.h"
 
 struct fixture {
 	char dir[64];
 	char path[PATH_MAX];
 	struct store *s;
+	/* etcd: the prefix of this test; revisions count from base (the
+	 * cluster's revision when the test started; 0 on SQLite). */
+	char prefix[64];
+	int64_t base;
 };
+
+static struct etcd_fixture etcd;   /* the etcd group's member */
+static int etcd_tests;              /* tests run on it, for fresh prefixes */
+
+/* Revision n of this test: base + n (etcd's revision is cluster-wide). */
+#define REV(n) (f->base + (n))
 
 static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
@@ -52,13 +68,61 @@ static int teardown(void **state)
 	return 0;
 }
 
+static int open_etcd(struct fixture *f)
+{
+	struct store_etcd_opts o = { .endpoints = etcd.url, .prefix = f->prefix };
+	struct meshlet_err err = {0};
+	int r = store_open_etcd(&f->s, &o, &err);
+
+	if (r)
+		fprintf(stderr, "store_open_etcd: %s\n", err.message);
+	return r;
+}
+
+static int setup_etcd(void **state)
+{
+	struct fixture *f = calloc(1, sizeof(*f));
+
+	assert_non_null(f);
+	snprintf(f->prefix, sizeof(f->prefix), "/test%d/", ++etcd_tests);
+	assert_int_equal(open_etcd(f), 0);
+	assert_int_equal(store_revision(f->s, &f->base), 0);
+	*state = f;
+	return 0;
+}
+
+static int teardown_etcd(void **state)
+{
+	struct fixture *f = *state;
+
+	store_close(f->s);
+	free(f);
+	return 0;
+}
+
+static int group_setup_etcd(void **state)
+{
+	(void)state;
+	return etcd_fixture_start(&etcd);
+}
+
+static int group_teardown_etcd(void **state)
+{
+	(void)state;
+	etcd_fixture_stop(&etcd);
+	return 0;
+}
+
 static void reopen(struct fixture *f)
 {
 	struct meshlet_err err = {0};
 
 	store_close(f->s);
 	f->s = NULL;
-	assert_int_equal(store_open(&f->s, f->path, &err), 0);
+	if (f->prefix[0])
+		assert_int_equal(open_etcd(f), 0);
+	else
+		assert_int_equal(store_open(&f->s, f->path, &err), 0);
 }
 
 /* Asserts key holds the string want at revision rev. */
@@ -82,21 +146,22 @@ static int put_str(struct store *s, const char *key, const char *v, int64_t *rev
 
 static void test_revisions_grow(void **state)
 {
-	struct store *s = ((struct fixture *)*state)->s;
+	struct fixture *f = *state;
+	struct store *s = f->s;
 	int64_t rev = -1, r1, r2, r3;
 
 	assert_int_equal(store_revision(s, &rev), 0);
-	assert_int_equal(rev, 0);
+	assert_int_equal(rev, REV(0));
 	assert_int_equal(put_str(s, "policies/orders", "{\"v\":1}", &r1), 0);
 	assert_int_equal(put_str(s, "policies/payments", "{}", &r2), 0);
 	assert_int_equal(put_str(s, "policies/orders", "{\"v\":2}", &r3), 0);
-	assert_int_equal(r1, 1);
-	assert_int_equal(r2, 2);
-	assert_int_equal(r3, 3);
-	assert_value(s, "policies/orders", "{\"v\":2}", 3);
-	assert_value(s, "policies/payments", "{}", 2);
+	assert_int_equal(r1, REV(1));
+	assert_int_equal(r2, REV(2));
+	assert_int_equal(r3, REV(3));
+	assert_value(s, "policies/orders", "{\"v\":2}", REV(3));
+	assert_value(s, "policies/payments", "{}", REV(2));
 	assert_int_equal(store_revision(s, &rev), 0);
-	assert_int_equal(rev, 3);
+	assert_int_equal(rev, REV(3));
 }
 
 static void test_get_missing_and_bad_keys(void **state)
@@ -219,7 +284,8 @@ static void test_list_prefix(void **state)
 	static const char *const b[] = { "b", "b/1", NULL };
 	static const char *const tilde[] = { "a~~", NULL };
 	static const char *const none[] = { NULL };
-	struct store *s = ((struct fixture *)*state)->s;
+	struct fixture *f = *state;
+	struct store *s = f->s;
 	struct store_entry *e = NULL;
 	int64_t rev = 0;
 	size_t i, n = 0;
@@ -234,8 +300,8 @@ static void test_list_prefix(void **state)
 	assert_list(s, "c", none);
 	assert_list(s, "a/3", none);
 	assert_int_equal(store_list(s, "a/", &e, &n, &rev), 0);
-	assert_int_equal(rev, 8);
-	assert_int_equal(e[0].revision, 5);
+	assert_int_equal(rev, REV(8));
+	assert_int_equal(e[0].revision, REV(5));
 	assert_int_equal(e[0].len, 3);
 	assert_string_equal(e[0].value, "a/1");
 	store_entries_free(e, n);
@@ -324,6 +390,26 @@ static void test_observer_times_each_call(void **state)
 	assert_int_equal(o.calls[STORE_CALL_APPLY], 3);
 }
 
+/* One holder at a time; closing hands the lock over at once. */
+static void test_lock_one_holder(void **state)
+{
+	struct fixture *f = *state, g = {0};
+
+	assert_int_equal(store_lock_hold(f->s, "locks/gc", 30), 1);
+	assert_int_equal(store_lock_hold(f->s, "locks/gc", 30), 1);   /* kept */
+	assert_int_equal(store_lock_hold(f->s, "bad key", 30), -EINVAL);
+	if (!f->prefix[0])
+		return;                   /* SQLite: one process, always the holder */
+	memcpy(g.prefix, f->prefix, sizeof(g.prefix));
+	assert_int_equal(open_etcd(&g), 0);
+	assert_int_equal(store_lock_hold(g.s, "locks/gc", 30), 0);
+	assert_int_equal(store_lock_hold(g.s, "locks/other", 30), 1);
+	store_close(f->s);           /* revokes its lease */
+	f->s = NULL;
+	assert_int_equal(store_lock_hold(g.s, "locks/gc", 30), 1);
+	f->s = g.s;
+}
+
 static void test_reopen_keeps_everything(void **state)
 {
 	struct fixture *f = *state;
@@ -334,8 +420,8 @@ static void test_reopen_keeps_everything(void **state)
 	assert_int_equal(put_str(f->s, "gone", "x", NULL), 0);
 	assert_int_equal(store_delete(f->s, "gone", STORE_REV_ANY, &rev), 0);
 	reopen(f);
-	assert_value(f->s, "ca/roots", "[\"pem\"]", 1);
-	assert_value(f->s, "policies/orders", "{}", 2);
+	assert_value(f->s, "ca/roots", "[\"pem\"]", REV(1));
+	assert_value(f->s, "policies/orders", "{}", REV(2));
 	assert_int_equal(store_get(f->s, "gone", NULL, NULL, NULL), -ENOENT);
 	assert_int_equal(store_revision(f->s, &r), 0);
 	assert_int_equal(r, rev);
@@ -518,6 +604,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_apply_batch, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_observer_times_each_call, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_reopen_keeps_everything, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_lock_one_holder, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_two_handles, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_file_mode_0600, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_symlink_refused, setup, teardown),
@@ -528,6 +615,22 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_foreign_database_refused, setup, teardown),
 	};
 
+	const struct CMUnitTest on_etcd[] = {
+		cmocka_unit_test_setup_teardown(test_revisions_grow, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_get_missing_and_bad_keys, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_values_are_bytes, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_cas, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_delete, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_list_prefix, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_apply_batch, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_observer_times_each_call, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_reopen_keeps_everything, setup_etcd, teardown_etcd),
+		cmocka_unit_test_setup_teardown(test_lock_one_holder, setup_etcd, teardown_etcd),
+	};
+	int failed;
+
 	umask(022);
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	failed = cmocka_run_group_tests_name("sqlite", tests, NULL, NULL);
+	return failed + cmocka_run_group_tests_name("etcd", on_etcd, group_setup_etcd,
+	                                             group_teardown_etcd);
 }
