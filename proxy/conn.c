@@ -621,6 +621,7 @@ static const struct conn_proto_ops *proto_of(const struct listener *l, const str
 		return &tcpflow_ops;
 	p = l->kind == LISTENER_INBOUND ? s->cfg->inbound[l->index].protocol
 	                                : s->cfg->outbound[l->index].protocol;
+	/* HTTP/1.1 first: httpflow switches to h2flow on the HTTP/2 preface. */
 	return p == PROTO_HTTP ? &httpflow_ops : &tcpflow_ops;
 }
 
@@ -654,20 +655,34 @@ static int pump_read(struct conn *c, int d)
 	struct relay_dir *r = &c->d[d];
 	ssize_t n;
 
-	if (r->in && r->in->off < r->in->len)
+	uint32_t keep = 0;
+
+	if (r->in && r->in->off < r->in->len && !r->need_more)
 		return 0;    /* input not processed yet: produce() is blocked */
 	if (!io_readable(c, src_is_tls(d)))
 		return 0;
 	if (!r->in && !(r->in = buf_get(c->w)))
 		return conn_close(c, CR_INTERNAL), -1;
-	r->in->off = r->in->len = 0;
-	n = io_read(c, src_is_tls(d), r->in->data, sizeof(r->in->data));
+	if (r->need_more) {
+		/* The protocol needs these bytes together with the next ones. */
+		keep = r->in->len - r->in->off;
+		memmove(r->in->data, r->in->data + r->in->off, keep);
+	}
+	r->in->off = 0;
+	r->in->len = keep;
+	n = io_read(c, src_is_tls(d), r->in->data + keep, sizeof(r->in->data) - keep);
 	if (n > 0) {
-		r->in->len = (uint32_t)n;
+		r->in->len = keep + (uint32_t)n;
+		r->need_more = false;
 		return 1;
 	}
-	buf_put(c->w, r->in);
-	r->in = NULL;
+	if (keep && n == -EAGAIN)
+		return 0;
+	r->need_more = false;
+	if (!keep) {
+		buf_put(c->w, r->in);
+		r->in = NULL;
+	}
 	if (n == -EAGAIN)
 		return 0;
 	if (n < 0 && !(c->proto->answers_after_reset && d == upstream_dir(c)))
@@ -744,7 +759,8 @@ static short side_wants(const struct conn *c, bool tls)
 	short wr = tls && c->ssl ? c->ssl_write_wants : EV_WRITE;
 	short what = 0;
 
-	if (!src->src_eof && !src->paused && !src->out_len && (!src->in || src->in->off == src->in->len) &&
+	if (!src->src_eof && !src->paused && !src->out_len &&
+	    (!src->in || src->in->off == src->in->len || src->need_more) &&
 	    !io_readable(c, tls))
 		what |= rd;
 	if ((dst->out_len || (dst->src_eof && !dst->dst_shut && !c->closing)) && !io_writable(c, tls))
@@ -943,6 +959,19 @@ static void relay(struct conn *c)
 		/* Out of rounds with work left: come back after other connections ran. */
 		event_active(&c->tls_ev, 0, 0);
 	}
+}
+
+int conn_switch_proto(struct conn *c, const struct conn_proto_ops *ops)
+{
+	log_debug("conn %llu: %s -> %s", (unsigned long long)c->id, c->proto->name, ops->name);
+	c->proto->release(c);
+	c->proto = ops;
+	if (ops->init(c) < 0) {
+		conn_close(c, CR_INTERNAL);
+		return -1;
+	}
+	ops->start(c);
+	return 0;
 }
 
 void conn_kick(struct conn *c)
