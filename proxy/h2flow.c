@@ -483,6 +483,8 @@ static const char *normalise_target(struct h2stream *s, const char *target, char
 	const char *q = strchr(target, '?'), *why = "invalid path";
 
 	*query = NULL;
+	if (!target)
+		return "missing :path";
 	if (strchr(target, '#'))
 		return "fragment in request target";
 	for (const char *p = target; *p; p++)
@@ -493,8 +495,11 @@ static const char *normalise_target(struct h2stream *s, const char *target, char
 	plen = q ? (size_t)(q - target) : len;
 	if (!(s->path = malloc(plen + 2)))
 		return "out of memory";
-	if (http_path_normalize(target, plen, s->path, plen + 2, &out_len, &why) < 0)
+	if (http_path_normalize(target, plen, s->path, plen + 2, &out_len, &why) < 0) {
+		free(s->path);
+		s->path = strdup(target);    /* logged as it came */
 		return why;
+	}
 	*query = q ? (char *)q + 1 : NULL;
 	return NULL;
 }

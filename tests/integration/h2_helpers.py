@@ -108,8 +108,10 @@ class DualApp:
             c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(out) + out)
 
     def _h2(self, c, first):
+        # Bytes as they arrive (latin-1 below): a header the proxy should have
+        # refused must still be recorded, not lost to a decoding error.
         conn = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding="utf-8"))
+            client_side=False, header_encoding=None, validate_inbound_headers=False))
         conn.initiate_connection()
         c.sendall(conn.data_to_send())
         streams = {}
@@ -117,7 +119,8 @@ class DualApp:
         while True:
             for ev in events:
                 if isinstance(ev, h2.events.RequestReceived):
-                    streams[ev.stream_id] = [dict(ev.headers), list(ev.headers), b""]
+                    hl = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in ev.headers]
+                    streams[ev.stream_id] = [dict(hl), hl, b""]
                 elif isinstance(ev, h2.events.DataReceived):
                     streams[ev.stream_id][2] += ev.data
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -187,8 +190,11 @@ class H2Client:
         hdrs = [(":method", method), (":scheme", "http"), (":authority", authority),
                 (":path", path)] + list(headers)
         self.conn.send_headers(sid, hdrs, end_stream=body is None)
-        if body is not None:
-            self.conn.send_data(sid, body, end_stream=True)
+        while body is not None:
+            n = min(len(body), self.conn.max_outbound_frame_size,
+                    self.conn.local_flow_control_window(sid))
+            self.conn.send_data(sid, body[:n], end_stream=n == len(body))
+            body = body[n:] if n < len(body) else None
         self.flush()
         return sid
 

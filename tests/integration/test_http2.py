@@ -49,3 +49,106 @@ def test_curl_h2_and_http11_through_one_listener(pair):
     assert h.header("x-forwarded-client-cert") == [
         f"By={spiffe('orders')};URI={spiffe('frontend')}"]
     assert len(h.header("x-request-id")) == 1
+
+
+# ---------------------------------------------------------------- policy per stream
+
+def test_policy_per_stream_on_one_connection(pair, pki):
+    app, inb, in_port, _, out_port = pair
+    for port, ctx in ((out_port, None), (in_port, frontend_ctx(pki))):
+        with H2Client(port, ctx) as c:
+            ok = c.request("/orders/1")
+            denied = c.request("/admin/x")
+            posted = c.request("/orders/new", "POST", body=b"x" * 60000)
+            st, h, body, reset, _ = c.response(ok)
+            assert (st, body, reset) == (200, b"ok /orders/1", None)
+            st, h, body, reset, _ = c.response(denied)
+            assert (st, reset) == (403, None)
+            assert json.loads(body) == {"error": "forbidden", "rule": "no-admin"}
+            assert h["content-type"] == "application/json" and h["x-request-id"]
+            st, h, body, reset, _ = c.response(posted)
+            assert (st, len(body), reset) == (200, 60000, None)
+    assert not [p for p in app.paths() if p.startswith("/admin")]
+    m = inb.metrics()
+    assert m.get("meshlet_http_requests_total", code="403") == 2
+    assert m.get("meshlet_http_requests_total", code="200") == 4
+    log = [json.loads(ln) for ln in inb.stdout().splitlines() if '"http_version":"2"' in ln]
+    assert sorted(e["status"] for e in log) == [200, 200, 200, 200, 403, 403]
+    assert {e["rule"] for e in log if e["status"] == 403} == {"no-admin"}
+
+
+def test_caller_request_id_kept_and_xfcc_replaced(pair):
+    app, _, _, _, port = pair
+    with H2Client(port) as c:
+        sid = c.request("/orders/rid", headers=[("x-request-id", "abc-123"),
+                                                 ("x-forwarded-client-cert", "By=evil")])
+        st, h, _, _, _ = c.response(sid)
+    assert st == 200
+    seen = app.seen[-1]
+    assert seen.header("x-request-id") == ["abc-123"]
+    assert seen.header("x-forwarded-client-cert") == [
+        f"By={spiffe('orders')};URI={spiffe('frontend')}"]
+
+
+# ---------------------------------------------------------------- the bypass table as HTTP/2
+
+def _parse_case(data):
+    """(method, target, [(name, value)]) of a raw HTTP/1.1 case."""
+    data = data.lstrip(b"\r\n")
+    head = data.split(b"\r\n\r\n", 1)[0]
+    lines = head.split(b"\r\n")
+    method, _, rest = lines[0].partition(b" ")
+    target = rest.rsplit(b" ", 1)[0] if rest.rsplit(b" ", 1)[-1].startswith(b"HTTP/") else rest
+    hdrs = [tuple(x.strip() for x in ln.split(b":", 1)) for ln in lines[1:] if b":" in ln]
+    return method, target, hdrs
+
+
+def _h2_attempt(port, ctx, method, target, hdrs):
+    with H2Client(port, ctx, validate=False) as c:
+        sid = c.conn.get_next_available_stream_id()
+        host = [v for n, v in hdrs if n.lower() == b"host"]
+        fields = [(b":method", method), (b":scheme", b"http"),
+                  (b":authority", host[0] if host else b"orders"), (b":path", target)]
+        fields += [(n.lower(), v) for n, v in hdrs if n.lower() != b"host"]
+        if len(host) > 1:
+            fields += [(b"host", h) for h in host]
+        c.conn.send_headers(sid, fields, end_stream=True)
+        c.flush()
+        st, h, body, reset, _ = c.response(sid)
+        return st, body, reset
+
+
+@pytest.mark.parametrize("via", ["inbound-direct", "outbound"])
+def test_bypass_table_as_http2(mesh, pki, via):
+    import test_http_bypass as bp
+    from http_helpers import is_admin
+
+    app = DualApp()
+    mesh.apps.append(app)
+    inb, in_port = http_inbound(mesh, app.port, bp.RULES)
+    port, ctx = in_port, frontend_ctx(pki)
+    if via == "outbound":
+        _, port = http_outbound(mesh, [in_port])
+        ctx = None
+    wrong = []
+    for cid, data, want in bp.CASES:
+        method, target, hdrs = _parse_case(data)
+        want = set(want if isinstance(want, tuple) else (want,))
+        # HTTP/2 has no request line: a target that is not "/..." (absolute
+        # form, "*" without OPTIONS, ...) is malformed (a reset), and what was
+        # 400/505/501 for the request line is a refusal or a denial here.
+        if want & {400, 505, 501} or not target.startswith(b"/"):
+            want |= {"refused", 403}
+        n_before = len(app.seen)
+        st, body, reset = _h2_attempt(port, ctx, method, target, hdrs)
+        got = "refused" if reset is not None or st == 400 else st
+        if got not in want:
+            wrong.append(f"{cid:26} {target!r}: got {st} reset={reset}, expected {want}")
+        elif got == 403 and json.loads(body) != {"error": "forbidden", "rule": "no-admin"}:
+            wrong.append(f"{cid:26}: 403 body {body!r}")
+        elif got == 200 and len(app.seen) != n_before + 1:
+            wrong.append(f"{cid:26}: allowed but the app saw {app.paths()[n_before:]}")
+    admin = [p for p in app.paths() if is_admin(p.split("?", 1)[0])]
+    assert not admin, f"requests for /admin reached the app: {admin}"
+    assert "/ADMIN/x" in app.paths() and "/Admin/x" in app.paths()
+    assert not wrong, "\n" + "\n".join(wrong)
