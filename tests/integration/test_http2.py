@@ -152,3 +152,73 @@ def test_bypass_table_as_http2(mesh, pki, via):
     assert not admin, f"requests for /admin reached the app: {admin}"
     assert "/ADMIN/x" in app.paths() and "/Admin/x" in app.paths()
     assert not wrong, "\n" + "\n".join(wrong)
+
+
+# ---------------------------------------------------------------- translation safety
+
+BASE = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"orders"),
+        (b":path", b"/safe")]
+
+RESET = "reset"   # RST_STREAM PROTOCOL_ERROR (or the connection refused the block)
+
+SAFETY = [
+    ("connection", BASE + [(b"connection", b"close")], RESET),
+    ("keep-alive", BASE + [(b"keep-alive", b"timeout=5")], RESET),
+    ("proxy-connection", BASE + [(b"proxy-connection", b"keep-alive")], RESET),
+    ("upgrade", BASE + [(b"upgrade", b"websocket")], RESET),
+    ("transfer-encoding", BASE + [(b"transfer-encoding", b"chunked")], RESET),
+    ("te-gzip", BASE + [(b"te", b"gzip")], RESET),
+    ("uppercase-name", BASE + [(b"X-Tenant", b"a")], RESET),
+    ("space-in-name", BASE + [(b"x tenant", b"a")], RESET),
+    ("cr-in-value", BASE + [(b"x-a", b"1\r\nx-b: 2")], RESET),
+    ("lf-in-value", BASE + [(b"x-a", b"1\nx-b: 2")], RESET),
+    ("nul-in-value", BASE + [(b"x-a", b"1\x00")], RESET),
+    ("nul-in-name", BASE + [(b"x-\x00a", b"1")], RESET),
+    ("path-no-slash", BASE[:3] + [(b":path", b"safe")], RESET),
+    ("asterisk-get", BASE[:3] + [(b":path", b"*")], RESET),
+    ("duplicate-path", BASE + [(b":path", b"/other")], RESET),
+    ("duplicate-method", [(b":method", b"GET")] + BASE, RESET),
+    ("pseudo-after-regular", BASE[:3] + [(b"x-a", b"1"), (b":path", b"/safe")], RESET),
+    ("unknown-pseudo", BASE + [(b":evil", b"1")], RESET),
+    ("authority-host-disagree", BASE + [(b"host", b"elsewhere")], 400),
+    ("two-content-lengths", BASE + [(b"content-length", b"0"), (b"content-length", b"1")], RESET),
+]
+
+
+def _raw_request(port, ctx, fields, body=None, end=True):
+    with H2Client(port, ctx, validate=False) as c:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, fields, end_stream=body is None and end)
+        if body is not None:
+            c.conn.send_data(sid, body, end_stream=True)
+        c.flush()
+        st, _, _, reset, _ = c.response(sid)
+        return st, reset
+
+
+@pytest.mark.parametrize("via", ["inbound-direct", "outbound"])
+def test_translation_safety_refusals(pair, pki, via):
+    app, _, in_port, _, out_port = pair
+    port, ctx = (in_port, frontend_ctx(pki)) if via == "inbound-direct" else (out_port, None)
+    wrong = []
+    for cid, fields, want in SAFETY:
+        st, reset = _raw_request(port, ctx, fields)
+        got = RESET if reset is not None else st
+        if got != want:
+            wrong.append(f"{cid}: got status {st} reset {reset}, expected {want}")
+    # te: trailers is the one te allowed; OPTIONS * the one non-"/" path.
+    assert _raw_request(port, ctx, BASE + [(b"te", b"trailers")]) == (200, None)
+    assert _raw_request(port, ctx, [(b":method", b"OPTIONS")] + BASE[1:3] + [(b":path", b"*")]) \
+        == (200, None)
+    assert not wrong, "\n".join(wrong)
+    assert sorted(app.paths()) == ["*", "/safe"], app.paths()
+
+
+@pytest.mark.parametrize("sent,declared", [(5, b"10"), (20, b"10")])
+def test_content_length_disagreeing_with_data_is_reset(pair, sent, declared):
+    app, _, _, _, port = pair
+    fields = [(b":method", b"POST")] + BASE[1:3] + [(b":path", b"/upload"),
+                                                    (b"content-length", declared)]
+    st, reset = _raw_request(port, None, fields, body=b"x" * sent)
+    assert reset is not None and st is None
+    assert [s for s in app.seen if s.path == "/upload" and s.body_len == sent] == []
