@@ -138,7 +138,7 @@ const char *metrics_h2_abuse_str(enum metrics_h2_abuse k)
 {
 	static const char *const names[H2_ABUSE_COUNT] = {
 		"rapid_reset", "control_flood", "continuation_flood", "header_list",
-		"too_many_streams", "outbound_flood", "protocol",
+		"too_many_streams", "protocol",
 	};
 
 	return k < H2_ABUSE_COUNT ? names[k] : "protocol";

@@ -439,7 +439,7 @@ static int abuse_of_error(int rc)
 {
 	switch (rc) {
 	case NGHTTP2_ERR_FLOODED:
-		return H2_ABUSE_OUTBOUND_FLOOD;
+		return H2_ABUSE_CONTROL_FLOOD;    /* SETTINGS/PING acks queued past nghttp2's bound */
 	case NGHTTP2_ERR_TOO_MANY_CONTINUATIONS:
 		return H2_ABUSE_CONTINUATION_FLOOD;
 	default:
@@ -960,8 +960,11 @@ static int feed(struct conn *c, int d)
 	if (n >= 0)
 		return 1;
 	if (from_client) {
+		int kind = abuse_of_error((int)n);
+
 		if (!f->dead)
-			abuse(f, abuse_of_error((int)n), NGHTTP2_PROTOCOL_ERROR);
+			abuse(f, kind, kind == H2_ABUSE_PROTOCOL ? NGHTTP2_PROTOCOL_ERROR
+			                                         : NGHTTP2_ENHANCE_YOUR_CALM);
 		log_info("conn %llu: HTTP/2 from %s: %s", (unsigned long long)c->id,
 		         c->peer ? c->peer : "app", nghttp2_strerror((int)n));
 	} else {

@@ -27,11 +27,11 @@ struct metrics_decision {
 /* Why an HTTP/2 connection was ended for abuse: meshlet_http2_abuse_total{kind}. */
 enum metrics_h2_abuse {
 	H2_ABUSE_RAPID_RESET,
-	H2_ABUSE_CONTROL_FLOOD,       /* SETTINGS, PING, PRIORITY, empty frames */
+	H2_ABUSE_CONTROL_FLOOD,       /* SETTINGS, PING, PRIORITY, empty frames; or
+	                                 their acks piling up (nghttp2's ERR_FLOODED) */
 	H2_ABUSE_CONTINUATION_FLOOD,
 	H2_ABUSE_HEADER_LIST,         /* a decoded header list over the limit (HPACK bomb) */
 	H2_ABUSE_TOO_MANY_STREAMS,
-	H2_ABUSE_OUTBOUND_FLOOD,      /* acks piling up unread (nghttp2's ERR_FLOODED) */
 	H2_ABUSE_PROTOCOL,            /* any other connection error */
 	H2_ABUSE_COUNT
 };

@@ -222,3 +222,115 @@ def test_content_length_disagreeing_with_data_is_reset(pair, sent, declared):
     st, reset = _raw_request(port, None, fields, body=b"x" * sent)
     assert reset is not None and st is None
     assert [s for s in app.seen if s.path == "/upload" and s.body_len == sent] == []
+
+
+# ---------------------------------------------------------------- abuse
+
+import struct  # noqa: E402
+import time  # noqa: E402
+
+from h2_helpers import rss_kib  # noqa: E402
+
+ENHANCE_YOUR_CALM, PROTOCOL_ERROR = 11, 1
+
+
+def frame(ftype, flags, sid, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + \
+        struct.pack(">I", sid) + payload
+
+
+def hpack_literal(name, value):
+    """A literal field without indexing, new name (RFC 7541 6.2.2)."""
+    def s(b):
+        assert len(b) < 127
+        return bytes([len(b)]) + b
+    return b"\x00" + s(name) + s(value)
+
+
+def request_block(path=b"/slow"):
+    return hpack_literal(b":method", b"GET") + hpack_literal(b":scheme", b"http") + \
+        hpack_literal(b":authority", b"orders") + hpack_literal(b":path", path)
+
+
+def rapid_reset(c):
+    out = b""
+    for i in range(1500):
+        sid = 1 + 2 * i
+        out += frame(1, 0x4 | 0x1, sid, request_block()) + frame(3, 0, sid, struct.pack(">I", 8))
+    return out
+
+
+def continuation_flood(c):
+    out = frame(1, 0, 1, request_block())          # HEADERS without END_HEADERS
+    for _ in range(200):
+        out += frame(9, 0, 1, hpack_literal(b"x-a", b"b" * 50))
+    return out
+
+
+def hpack_bomb(c):
+    # One 4000-byte field into the dynamic table, then a block that refers
+    # to it 400 times: 30 bytes on the wire, 1.6 MB decoded.
+    big = b"\x40" + bytes([3]) + b"x-b" + b"\x7f" + _hpack_int(4000 - 127) + b"v" * 4000
+    block = request_block(b"/") + big + b"\xbe" * 400
+    return frame(1, 0x4 | 0x1, 1, block)
+
+
+def _hpack_int(n):
+    out = b""
+    while n >= 128:
+        out += bytes([(n % 128) + 128])
+        n //= 128
+    return out + bytes([n])
+
+
+def settings_flood(c):
+    return frame(4, 0, 0) * 5000
+
+
+def ping_flood(c):
+    return frame(6, 0, 0, b"12345678") * 5000
+
+
+def priority_flood(c):
+    return b"".join(frame(2, 0, 1 + 2 * i, struct.pack(">IB", 0, 16)) for i in range(5000))
+
+
+def too_many_streams(c):
+    # 150 requests left open (no END_STREAM), against max_concurrent_streams 100.
+    return b"".join(frame(1, 0x4, 1 + 2 * i, request_block(b"/orders/open"))
+                    for i in range(150))
+
+
+ABUSES = [
+    ("rapid_reset", rapid_reset, ENHANCE_YOUR_CALM),
+    ("continuation_flood", continuation_flood, ENHANCE_YOUR_CALM),
+    ("header_list", hpack_bomb, ENHANCE_YOUR_CALM),
+    ("control_flood", settings_flood, ENHANCE_YOUR_CALM),
+    ("control_flood", ping_flood, ENHANCE_YOUR_CALM),
+    ("control_flood", priority_flood, ENHANCE_YOUR_CALM),
+    ("too_many_streams", too_many_streams, PROTOCOL_ERROR),
+]
+
+
+@pytest.mark.parametrize("kind,build,code", ABUSES, ids=[a[1].__name__ for a in ABUSES])
+def test_abuse_ends_in_goaway(pair, kind, build, code):
+    app, inb, _, outb, port = pair
+    rss0 = rss_kib(outb.pid)
+    with H2Client(port, timeout=10) as c:
+        try:
+            c.send_raw(build(c))
+        except OSError:
+            pass                       # closed while we were still sending: fine
+        t0 = time.monotonic()
+        goaway, closed = c.wait_goaway(10)
+        elapsed = time.monotonic() - t0
+    assert goaway is not None, "no GOAWAY"
+    assert goaway.error_code == code
+    assert closed and elapsed < 5
+    # Others are served meanwhile, and the sidecar holds no more than it did.
+    with H2Client(port) as other:
+        st, _, body, _, _ = other.response(other.request("/orders/after"))
+    assert (st, body) == (200, b"ok /orders/after")
+    m = outb.metrics()
+    assert m.get("meshlet_http2_abuse_total", kind=kind) == 1
+    assert rss_kib(outb.pid) - rss0 < 16 * 1024
