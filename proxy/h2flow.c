@@ -449,30 +449,45 @@ static int abuse_of_error(int rc)
 
 /* ---- the request side --------------------------------------------------- */
 
+/*
+ * A data provider's read: takes what half h buffered, reopens the window
+ * of the session it came from (from, from_id) by that much, and at the end
+ * of h sends its trailers or END_STREAM. more: the source may still add
+ * bytes (else an empty buffer is the end).
+ */
+static ssize_t pass_body(nghttp2_session *to, int32_t id, struct h2half *h, nghttp2_session *from,
+                         int32_t from_id, bool more, uint64_t *count, uint8_t *buf, size_t len,
+                         uint32_t *flags)
+{
+	size_t n = body_take(h, buf, len);
+
+	if (n) {
+		if (from)
+			nghttp2_session_consume(from, from_id, n);
+		*count += n;
+	}
+	if (h->buffered || more)
+		return n ? (ssize_t)n : NGHTTP2_ERR_DEFERRED;
+	*flags |= NGHTTP2_DATA_FLAG_EOF;
+	if (h->trailers.n) {
+		nghttp2_nv t[MAX_FIELDS];
+
+		for (size_t i = 0; i < h->trailers.n; i++)
+			t[i] = nv_of(&h->trailers, i);
+		if (nghttp2_submit_trailer(to, id, t, h->trailers.n) == 0)
+			*flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+	}
+	return (ssize_t)n;
+}
+
 static ssize_t req_body_read(nghttp2_session *up, int32_t id, uint8_t *buf, size_t len,
                              uint32_t *flags, nghttp2_data_source *src, void *user)
 {
 	struct h2flow *f = user;
 	struct h2stream *s = src->ptr;
-	size_t n = body_take(&s->req, buf, len);
 
-	if (n) {
-		/* Passed on: the client may send that much more. */
-		nghttp2_session_consume(f->down, s->down_id, n);
-		s->rec.bytes_in += n;
-	}
-	if (s->req.buffered || !s->req.end)
-		return n ? (ssize_t)n : NGHTTP2_ERR_DEFERRED;
-	*flags |= NGHTTP2_DATA_FLAG_EOF;
-	if (s->req.trailers.n) {
-		nghttp2_nv t[MAX_FIELDS];
-
-		for (size_t i = 0; i < s->req.trailers.n; i++)
-			t[i] = nv_of(&s->req.trailers, i);
-		if (nghttp2_submit_trailer(up, id, t, s->req.trailers.n) == 0)
-			*flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-	}
-	return (ssize_t)n;
+	return pass_body(up, id, &s->req, f->down, s->down_id, !s->req.end, &s->rec.bytes_in, buf,
+	                 len, flags);
 }
 
 /* Splits :path, refuses fragments and raw bytes HTTP/1.1 refuses in a target,
@@ -646,25 +661,9 @@ static ssize_t resp_body_read(nghttp2_session *down, int32_t id, uint8_t *buf, s
 {
 	struct h2flow *f = user;
 	struct h2stream *s = src->ptr;
-	size_t n = body_take(&s->resp, buf, len);
 
-	if (n) {
-		if (f->up)
-			nghttp2_session_consume(f->up, s->up_id, n);
-		s->rec.bytes_out += n;
-	}
-	if (s->resp.buffered || (!s->resp.end && !s->up_closed))
-		return n ? (ssize_t)n : NGHTTP2_ERR_DEFERRED;
-	*flags |= NGHTTP2_DATA_FLAG_EOF;
-	if (s->resp.trailers.n) {
-		nghttp2_nv t[MAX_FIELDS];
-
-		for (size_t i = 0; i < s->resp.trailers.n; i++)
-			t[i] = nv_of(&s->resp.trailers, i);
-		if (nghttp2_submit_trailer(down, id, t, s->resp.trailers.n) == 0)
-			*flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-	}
-	return (ssize_t)n;
+	return pass_body(down, id, &s->resp, f->up, s->up_id, !s->resp.end && !s->up_closed,
+	                 &s->rec.bytes_out, buf, len, flags);
 }
 
 static void note_grpc_status(struct h2stream *s, const struct h2hdrs *h)
