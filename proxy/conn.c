@@ -625,6 +625,29 @@ static const struct conn_proto_ops *proto_of(const struct listener *l, const str
 	return p == PROTO_HTTP ? &httpflow_ops : &tcpflow_ops;
 }
 
+/*
+ * The upstream reset the connection (a read or a write failed): for a
+ * protocol that still owes the client answers, nothing more goes to it
+ * and its end is the protocol's to handle. Returns progress (1) or -1.
+ */
+static int upstream_lost(struct conn *c)
+{
+	struct relay_dir *to_up = &c->d[1 - upstream_dir(c)], *from_up = &c->d[upstream_dir(c)];
+
+	to_up->dst_shut = true;
+	to_up->out_len = 0;
+	to_up->out = NULL;
+	free(to_up->owned);
+	to_up->owned = NULL;
+	to_up->src_eof = true;
+	log_info("conn %llu: %s reset the connection", (unsigned long long)c->id,
+	         conn_destination_text(c));
+	if (from_up->src_eof)
+		return 1;
+	from_up->src_eof = true;
+	return c->proto->eof(c, upstream_dir(c)) < 0 ? -1 : 1;
+}
+
 /* Writes what direction d has pending. Returns progress (0/1) or -1 when closed. */
 static int pump_write(struct conn *c, int d)
 {
@@ -636,6 +659,8 @@ static int pump_write(struct conn *c, int d)
 	n = io_write(c, !src_is_tls(d), r->out, r->out_len);
 	if (n == -EAGAIN)
 		return 0;
+	if (n < 0 && c->proto->answers_after_reset && d != upstream_dir(c))
+		return upstream_lost(c);    /* d's sink is the upstream */
 	if (n < 0)
 		return conn_close(c, CR_RESET), -1;
 	r->out += n;
@@ -687,16 +712,8 @@ static int pump_read(struct conn *c, int d)
 		return 0;
 	if (n < 0 && !(c->proto->answers_after_reset && d == upstream_dir(c)))
 		return conn_close(c, src_is_tls(d) ? CR_TLS_ERROR : CR_RESET), -1;
-	if (n < 0) {
-		/* A reset upstream is a gone upstream; the client is still owed answers. */
-		struct relay_dir *to_up = &c->d[1 - d];
-
-		to_up->dst_shut = true;
-		to_up->out_len = 0;
-		to_up->src_eof = true;
-		log_info("conn %llu: %s reset the connection", (unsigned long long)c->id,
-		         conn_destination_text(c));
-	}
+	if (n < 0)    /* a reset upstream is a gone upstream; the client is still owed answers */
+		return upstream_lost(c);
 	r->src_eof = true;
 	return c->proto->eof(c, d) < 0 ? -1 : 1;
 }

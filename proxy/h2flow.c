@@ -17,6 +17,10 @@
 
 #define OUT_GATHER 65536      /* frames gathered into one write, at most */
 #define MAX_FIELDS 256        /* fields of one header block we keep */
+/* The upstream is gone: streams still arriving are answered 502 / gRPC 14
+ * for this long (a client may have sent its request before it could know),
+ * then GOAWAY and close. */
+#define GONE_GRACE_MS 1000
 
 enum { GRPC_OK = 0, GRPC_DEADLINE = 4, GRPC_DENIED = 7, GRPC_UNAVAILABLE = 14, GRPC_CANCELLED = 1 };
 
@@ -77,6 +81,7 @@ struct h2flow {
 	struct h2_guard guard;
 	bool dead;                 /* GOAWAY for an error: nothing more is taken */
 	bool goaway;               /* GOAWAY sent or queued */
+	uint64_t gone_at;          /* conn_clock_ms() the upstream went, 0: it is there */
 	bool logged;
 };
 
@@ -421,14 +426,12 @@ static void upstream_gone(struct h2flow *f, const char *why)
 	}
 	nghttp2_session_del(f->up);
 	f->up = NULL;
-	/* No new streams: what is open finishes, then the connection closes. */
-	if (!f->goaway) {
-		nghttp2_submit_goaway(f->down, NGHTTP2_FLAG_NONE,
-		                      nghttp2_session_get_last_proc_stream_id(f->down),
-		                      NGHTTP2_NO_ERROR, NULL, 0);
-		f->goaway = true;
-	}
-	f->c->closing = true;
+	f->gone_at = conn_clock_ms();
+	/* No new streams, please (GOAWAY with the last ID possible); the final
+	 * GOAWAY and the close come after GONE_GRACE_MS (h2flow_on_timeout). */
+	if (!f->goaway)
+		nghttp2_submit_shutdown_notice(f->down);
+	conn_kick(f->c);
 	for (s = f->streams; s; s = next) {
 		next = s->next;
 		stream_maybe_free(f, s);
@@ -854,7 +857,9 @@ static int on_stream_close(nghttp2_session *sess, int32_t id, uint32_t code, voi
 		return 0;
 	}
 	s->up_closed = true;
-	if (!s->resp_started)
+	if (s->local)
+		;    /* answered by us already: the upstream's end changes nothing */
+	else if (!s->resp_started)
 		answer_unavailable(f, s, 502, code ? "upstream reset the stream" : "upstream closed the stream");
 	else if (code != NGHTTP2_NO_ERROR && !s->down_closed)
 		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, code);
@@ -1048,6 +1053,8 @@ static int h2flow_eof(struct conn *c, int d)
 		return 0;
 	}
 	upstream_gone(f, "closed the connection");
+	/* Its EOF is not passed on: the client's side stays open for our answers. */
+	c->d[1 - req_dir(c)].dst_shut = true;
 	return 0;
 }
 
@@ -1063,6 +1070,8 @@ static uint64_t h2flow_due(const struct conn *c, bool tls_side)
 		if (s->deadline && !s->down_closed && (!due || s->deadline < due))
 			due = s->deadline;
 	}
+	if (f->gone_at && !f->goaway && (!due || f->gone_at + GONE_GRACE_MS < due))
+		due = f->gone_at + GONE_GRACE_MS;
 	if (due && c->last_active + c->snap->cfg->timeouts.idle_ms < due)
 		due = c->last_active + c->snap->cfg->timeouts.idle_ms;
 	return due;
@@ -1098,14 +1107,24 @@ static bool h2flow_on_timeout(struct conn *c, uint64_t now)
 			handled = true;
 		}
 	}
+	if (f->gone_at && !f->goaway && now >= f->gone_at + GONE_GRACE_MS) {
+		nghttp2_submit_goaway(f->down, NGHTTP2_FLAG_NONE,
+		                      nghttp2_session_get_last_proc_stream_id(f->down),
+		                      NGHTTP2_NO_ERROR, NULL, 0);
+		f->goaway = true;
+		c->closing = true;
+		handled = true;
+	}
 	if (handled)
 		conn_kick(c);
 	return handled;
 }
 
+/* Switched to from httpflow: an upstream that closed before is gone already. */
 static void h2flow_start(struct conn *c)
 {
-	(void)c;
+	if (c->d[1 - req_dir(c)].src_eof)
+		upstream_gone(flow(c), "closed the connection");
 }
 
 static void h2flow_fail_early(struct conn *c, int status, enum conn_reason reason)

@@ -490,6 +490,8 @@ static int sniff(struct conn *c)
 	}
 	if (p <= 0) {
 		hf->sniffed = true;
+		if (c->d[resp_dir(c)].src_eof && pending_len(r))
+			return on_request_error(c, 502, "upstream closed the connection");
 		if (c->inbound && c->snap->cfg->inbound[c->listener].app_protocol == APP_PROTO_H2C &&
 		    pending_len(r))
 			return on_request_error(c, 502, "app_protocol h2c cannot carry an HTTP/1.1 "
@@ -715,6 +717,11 @@ static int httpflow_eof(struct conn *c, int d)
 
 	if (hf->tunnel)
 		return 0;
+	if (!hf->sniffed && d == resp_dir(c)) {
+		/* Which protocol tells the client is not known yet: held (sniff). */
+		c->d[d].dst_shut = true;
+		return 0;
+	}
 	if (d == req_dir(c)) {
 		ev = http_finish(&hf->req);
 		/* A request cut short cannot be answered: its head may be upstream already. */

@@ -334,3 +334,106 @@ def test_abuse_ends_in_goaway(pair, kind, build, code):
     m = outb.metrics()
     assert m.get("meshlet_http2_abuse_total", kind=kind) == 1
     assert rss_kib(outb.pid) - rss0 < 16 * 1024
+
+
+def test_alpn_between_sidecars(pair, pki):
+    """The inbound selects h2 when offered, else http/1.1; a client that
+    offers nothing (a tcp outbound) gets no ALPN and is served as before."""
+    import socket
+
+    _, _, in_port, _, _ = pair
+    for offer, want in ((["h2", "http/1.1"], "h2"), (["http/1.1"], "http/1.1"), (None, None)):
+        ctx = frontend_ctx(pki)
+        if offer:
+            ctx.set_alpn_protocols(offer)
+        with socket.create_connection(("127.0.0.1", in_port), timeout=5) as s:
+            with ctx.wrap_socket(s, server_hostname="localhost") as t:
+                assert t.selected_alpn_protocol() == want
+                t.sendall(b"GET /orders/alpn HTTP/1.1\r\nhost: orders\r\n\r\n")
+                assert t.recv(100).startswith(b"HTTP/1.1 200")
+
+
+def test_h2load_multiplexed(pair):
+    """Many streams at once on few connections (h2load, nghttp2-client):
+    every one answered 200, none lost, the log and counters agree."""
+    app, inb, _, _, port = pair
+    out = subprocess.run(["h2load", "-n", "4000", "-c", "4", "-m", "32",
+                          f"http://127.0.0.1:{port}/orders/load"],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "4000 succeeded, 0 failed, 0 errored" in out, out
+    assert "status codes: 4000 2xx" in out, out
+    assert inb.metrics().get("meshlet_http_requests_total", code="200") == 4000
+
+
+def test_upstream_down_is_502_for_http2(mesh):
+    from helpers import free_port
+
+    inb, in_port = http_inbound(mesh, free_port(), RULES)
+    _, port = http_outbound(mesh, [in_port])
+    code, version, body = curl(port, "/orders/1", "--http2-prior-knowledge")
+    assert (code, version) == (502, "2")
+    assert json.loads(body) == {"error": "upstream unavailable", "status": 502}
+
+
+def test_grpc_timeout_is_the_proxys_deadline(pair):
+    """The proxy itself ends a gRPC call at its grpc-timeout (the app would
+    answer /slow after 3 s): DEADLINE_EXCEEDED, trailers-only."""
+    import time
+
+    app, _, _, _, port = pair
+    with H2Client(port) as c:
+        t0 = time.monotonic()
+        sid = c.request("/slow/call", "POST", headers=[("content-type", "application/grpc"),
+                                                       ("te", "trailers"),
+                                                       ("grpc-timeout", "300m")],
+                        body=b"\x00\x00\x00\x00\x00")
+        st, h, body, reset, _ = c.response(sid)
+        elapsed = time.monotonic() - t0
+    assert (st, reset, body) == (200, None, b"")
+    assert h["grpc-status"] == "4" and h["grpc-message"] == "deadline exceeded"
+    assert 0.25 < elapsed < 2.0
+
+
+def test_app_protocol_mismatch_is_refused_clearly(mesh, pki):
+    app = DualApp()
+    mesh.apps.append(app)
+    port = free_port_()
+    cfg = mesh.config("orders", policy=mesh.policy("orders", RULES),
+                      inbound=[{"listen": f"127.0.0.1:{port}", "forward": f"127.0.0.1:{app.port}",
+                                "protocol": "http", "app_protocol": "http1"}])
+    mesh.proxy("orders-in", cfg)
+    with H2Client(port, frontend_ctx(pki)) as c:
+        grpc_call = c.request("/shop.Orders/Get", "POST",
+                              headers=[("content-type", "application/grpc")], body=b"")
+        plain = c.request("/orders/1")
+        st, h, _, _, _ = c.response(grpc_call)
+        assert (st, h["grpc-status"]) == (200, "14")
+        assert "needs the inbound pool" in h["grpc-message"]
+        st, _, body, _, _ = c.response(plain)
+        assert st == 502 and "app_protocol http1" in json.loads(body)["error"]
+    assert app.seen == []
+
+
+def free_port_():
+    from helpers import free_port
+    return free_port()
+
+
+@pytest.mark.parametrize("split", [24, 1, 7])
+def test_preface_starts_http2_even_cut_short(pair, split):
+    """The preface alone (or cut into pieces) is HTTP/2: the proxy answers
+    with its SETTINGS, not an HTTP/1.1 error; a request then works."""
+    import socket
+    import time
+
+    app, _, _, _, port = pair
+    from h2_helpers import PREFACE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for i in range(0, len(PREFACE), split):
+            s.sendall(PREFACE[i:i + split])
+            time.sleep(0.02)
+        head = s.recv(9)
+        assert len(head) == 9 and head[3] == 4 and head[4] == 0    # SETTINGS, not an ACK
+    with H2Client(port) as c:
+        st, _, body, _, _ = c.response(c.request("/orders/after-preface"))
+    assert (st, body) == (200, b"ok /orders/after-preface")
