@@ -653,8 +653,8 @@ static void on_request_head(struct h2flow *f, struct h2stream *s)
 		answer_unavailable(f, s, 502, "upstream unavailable");
 		return;
 	}
-	if (forward_request(f, s, query) < 0)
-		answer_local(f, s, 500, 13 /* INTERNAL */, "could not forward the request");
+	if (forward_request(f, s, query) < 0)    /* e.g. the upstream sent GOAWAY */
+		answer_unavailable(f, s, 502, "upstream unavailable");
 }
 
 /* ---- the response side -------------------------------------------------- */
@@ -786,6 +786,11 @@ static int on_header(nghttp2_session *sess, const nghttp2_frame *fr, const uint8
 		return NGHTTP2_ERR_CALLBACK_FAILURE;
 	}
 	h = sess == f->down ? &s->req : &s->resp;
+	/* The upstream's blocks are bounded too (the client's by the guard):
+	 * over the limit, its stream is reset and the client gets a 502. */
+	if (sess == f->up && h->head.len + h->trailers.len + nl + vl >
+	                     f->c->snap->cfg->http2.max_header_list_bytes)
+		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
 	if (hdrs_add(h->in_trailers ? &h->trailers : &h->head, name, nl, value, vl) < 0)
 		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;    /* resets the stream */
 	return 0;
@@ -1030,6 +1035,9 @@ static void check_end(struct conn *c)
 
 	if (!nghttp2_session_want_read(f->down) && !nghttp2_session_want_write(f->down))
 		c->closing = true;
+	/* The upstream ended its session (GOAWAY, streams done): it is gone. */
+	if (f->up && !nghttp2_session_want_read(f->up) && !nghttp2_session_want_write(f->up))
+		upstream_gone(f, "ended the session");
 }
 
 static int h2flow_produce(struct conn *c, int d)
