@@ -192,3 +192,26 @@ def test_large_streamed_transfer_intact_rss_bounded(grpc_pair):
     # Windows bound what a sidecar holds: growth stays far below the transfer.
     for b, p in zip(before, peak):
         assert p - b < 48 * 1024, (before, peak)
+
+
+def test_large_client_stream_intact_rss_bounded(grpc_pair):
+    """The other direction: 100 MiB uploaded as 1 MiB messages; the sidecars
+    pass them on only as the app takes them (flow control), so neither holds
+    more than its windows."""
+    ch, inb, outb = grpc_pair
+    block = bytes(range(256)) * (CHUNK // 256)
+    before = (rss_kib(inb.proc.pid), rss_kib(outb.proc.pid))
+    peak = [0, 0]
+
+    def messages():
+        for i in range(TRANSFER // CHUNK):
+            if i % 8 == 0:
+                peak[0] = max(peak[0], rss_kib(inb.proc.pid))
+                peak[1] = max(peak[1], rss_kib(outb.proc.pid))
+            yield block
+
+    want = hashlib.sha256(block * (TRANSFER // CHUNK)).hexdigest().encode()
+    got = stub(ch, "/shop.Orders/Upload", "stream_unary")(messages(), timeout=120)
+    assert got == b"%d:%s" % (TRANSFER, want)
+    for b, p in zip(before, peak):
+        assert p - b < 48 * 1024, (before, peak)
