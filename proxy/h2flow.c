@@ -22,7 +22,10 @@
  * then GOAWAY and close. */
 #define GONE_GRACE_MS 1000
 
-enum { GRPC_OK = 0, GRPC_DEADLINE = 4, GRPC_DENIED = 7, GRPC_UNAVAILABLE = 14, GRPC_CANCELLED = 1 };
+enum {
+	GRPC_CANCELLED = 1, GRPC_INVALID_ARGUMENT = 3, GRPC_DEADLINE = 4, GRPC_DENIED = 7,
+	GRPC_UNAVAILABLE = 14,
+};
 
 /* A header block, copied: names and values in one buffer, by offset. */
 struct hfield {
@@ -587,73 +590,91 @@ static int forward_request(struct h2flow *f, struct h2stream *s, const char *que
 	return 0;
 }
 
-/* The request head is whole: check, decide, forward or answer. */
-static void on_request_head(struct h2flow *f, struct h2stream *s)
+/* What the log, the answers and the timers need from the request head. */
+static void note_request(struct conn *c, struct h2stream *s)
+{
+	const char *m = hdrs_get(&s->req.head, ":method", NULL);
+	const char *ct = hdrs_get(&s->req.head, "content-type", NULL);
+	const char *to = hdrs_get(&s->req.head, "grpc-timeout", NULL);
+	size_t nrid;
+	const char *rid = hdrs_get(&s->req.head, "x-request-id", &nrid);
+	int64_t ms;
+
+	s->method = strdup(m ? m : "");
+	s->grpc = ct && h2_is_grpc(ct, strlen(ct));
+	httpreq_request_id(c->w, nrid == 1 ? rid : NULL, s->rid, &s->replace_rid);
+	if (s->grpc && to && (ms = h2_grpc_timeout_ms(to, strlen(to))) >= 0)
+		s->deadline = conn_clock_ms() + (uint64_t)ms;
+}
+
+/* Checks the head; a refused one is answered here. Returns true when refused. */
+static bool refuse_bad(struct h2flow *f, struct h2stream *s, char **query)
 {
 	struct conn *c = f->c;
 	struct h2_field fs[MAX_FIELDS];
-	struct http_field hf[MAX_FIELDS];
-	struct http_head h;
-	struct httpreq_verdict v = { 0 };
-	const char *why = NULL, *ct, *to, *rid, *authority, *host;
-	char *query;
-	size_t nrid;
+	const char *why = NULL;
 	enum h2_refusal r;
 
 	hdrs_fields(&s->req.head, fs);
 	r = h2_check_request(fs, s->req.head.n, &why);
-	s->method = strdup(hdrs_get(&s->req.head, ":method", NULL) ? hdrs_get(&s->req.head, ":method", NULL) : "");
-	ct = hdrs_get(&s->req.head, "content-type", NULL);
-	s->grpc = ct && h2_is_grpc(ct, strlen(ct));
-	rid = hdrs_get(&s->req.head, "x-request-id", &nrid);
-	httpreq_request_id(c->w, nrid == 1 ? rid : NULL, s->rid, &s->replace_rid);
 	if (r == H2_MALFORMED) {
 		log_info("conn %llu: malformed HTTP/2 request from %s: %s", (unsigned long long)c->id,
 		         c->peer ? c->peer : "app", why);
 		s->local = true;
 		s->rec.status = 400;
 		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, NGHTTP2_PROTOCOL_ERROR);
-		return;
+		return true;
 	}
-	if (r == H2_BAD_REQUEST || (why = normalise_target(s, hdrs_get(&s->req.head, ":path", NULL),
-	                                                   &query))) {
-		log_info("conn %llu: bad HTTP/2 request from %s: %s", (unsigned long long)c->id,
-		         c->peer ? c->peer : "app", why);
-		answer_local(f, s, 400, 3 /* INVALID_ARGUMENT */, why);
-		return;
-	}
-	authority = hdrs_get(&s->req.head, ":authority", NULL);
-	host = hdrs_get(&s->req.head, "host", NULL);
-	to = hdrs_get(&s->req.head, "grpc-timeout", NULL);
-	if (s->grpc && to && h2_grpc_timeout_ms(to, strlen(to)) >= 0)
-		s->deadline = conn_clock_ms() + (uint64_t)h2_grpc_timeout_ms(to, strlen(to));
-	if (c->inbound && c->snap->cfg->inbound[c->listener].app_protocol == APP_PROTO_HTTP1) {
+	if (r == H2_OK && !(why = normalise_target(s, hdrs_get(&s->req.head, ":path", NULL), query)))
+		return false;
+	log_info("conn %llu: bad HTTP/2 request from %s: %s", (unsigned long long)c->id,
+	         c->peer ? c->peer : "app", why);
+	answer_local(f, s, 400, GRPC_INVALID_ARGUMENT, why);
+	return true;
+}
+
+/* Inbound: the policy and the app's protocol. Returns true to forward; a
+ * refused stream is answered here. */
+static bool admit(struct h2flow *f, struct h2stream *s, const char *query)
+{
+	struct conn *c = f->c;
+	struct http_field hf[MAX_FIELDS];
+	struct http_head h;
+	struct httpreq_verdict v = { 0 };
+	const char *authority = hdrs_get(&s->req.head, ":authority", NULL);
+	char msg[POLICY_RULE_NAME_MAX + 32];
+
+	if (!c->inbound)
+		return true;
+	if (c->snap->cfg->inbound[c->listener].app_protocol == APP_PROTO_HTTP1) {
 		answer_local(f, s, 502, GRPC_UNAVAILABLE,
 		             "app_protocol http1 cannot carry an HTTP/2 caller yet (needs the inbound pool)");
-		return;
+		return false;
 	}
-	if (c->inbound) {
-		head_of(s, query, authority ? authority : host, hf, &h);
-		if (!httpreq_decide(c, &h, &v)) {
-			char msg[POLICY_RULE_NAME_MAX + 32];
+	head_of(s, query, authority ? authority : hdrs_get(&s->req.head, "host", NULL), hf, &h);
+	bool allowed = httpreq_decide(c, &h, &v);
 
-			s->rec.decided = v.decided;
-			s->rec.decision = v.decision;
-			s->rec.rule = v.rule;
-			snprintf(msg, sizeof(msg), "denied by rule %s", v.rule ? v.rule : "default");
-			answer_local(f, s, v.local_status, v.local_status == 403 ? GRPC_DENIED : 3,
-			             v.local_status == 403 ? msg : v.local_reason);
-			return;
-		}
-		s->rec.decided = v.decided;
-		s->rec.decision = v.decision;
-		s->rec.rule = v.rule;
-	}
-	if (!f->up) {
-		answer_unavailable(f, s, 502, "upstream unavailable");
+	s->rec.decided = v.decided;
+	s->rec.decision = v.decision;
+	s->rec.rule = v.rule;
+	if (allowed)
+		return true;
+	snprintf(msg, sizeof(msg), "denied by rule %s", v.rule ? v.rule : "default");
+	answer_local(f, s, v.local_status, v.local_status == 403 ? GRPC_DENIED : GRPC_INVALID_ARGUMENT,
+	             v.local_status == 403 ? msg : v.local_reason);
+	return false;
+}
+
+/* The request head is whole: check, decide, forward or answer. */
+static void on_request_head(struct h2flow *f, struct h2stream *s)
+{
+	char *query = NULL;
+
+	note_request(f->c, s);
+	if (refuse_bad(f, s, &query) || !admit(f, s, query))
 		return;
-	}
-	if (forward_request(f, s, query) < 0)    /* e.g. the upstream sent GOAWAY */
+	/* No upstream, or one that sent GOAWAY: unavailable. */
+	if (!f->up || forward_request(f, s, query) < 0)
 		answer_unavailable(f, s, 502, "upstream unavailable");
 }
 

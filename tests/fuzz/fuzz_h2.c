@@ -1,35 +1,72 @@
 /*
- * libFuzzer target for proxy/h2session.c, the nghttp2 side of the HTTP/2
- * module: the input (after the client preface, so the fuzzer starts past
- * the magic) is fed as frames to a server session set up by
- * h2_session_new() with the default limits, in two reads split at a point
- * taken from the input. Every header block nghttp2 accepts goes through
- * h2_check_request() / h2_check_response(), every frame header through
- * the abuse counters, grpc-timeout values through their parser; the
- * session's answers are drained as h2flow drains them. Beyond "no crash,
- * no leak", it checks that a block the checks accept has exactly one
- * :method and a :path starting with '/' or "*", and that no accepted
- * field carries CR, LF or NUL.
+ * libFuzzer target for the HTTP/2 module as the relay drives it: a real
+ * struct conn on an inbound http listener (a real snapshot: config, policy
+ * "deny /admin", SVID from tests/unit/proxy_fixture.c) starts as HTTP/1.1,
+ * is handed to h2flow by the client preface, and gets the input as the
+ * client's bytes (after the preface) and, from the offset in its first two
+ * bytes, as the app's bytes (after an empty SETTINGS). Both directions are
+ * run to a standstill after each piece, then every timer is fired.
+ *
+ * What the flow sends to the app is read by a real nghttp2 server session
+ * playing the app, and every request it sees must hold: one :path that is
+ * normalised (http_path_normalize gives it back unchanged) and not under
+ * /admin, and exactly one x-forwarded-client-cert, ours. Beyond that: no
+ * crash, no leak, no undefined behaviour (ASan, UBSan).
  */
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <event2/event.h>
+#include <nghttp2/nghttp2.h>
+
+#include "meshlet/http.h"
+#include "conn.h"
 #include "h2session.h"
+#include "httpflow.h"
+#include "proxy_fixture.h"
+#include "worker-t.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define MAX_FIELDS 64
+#define FRONTEND "spiffe://mesh.local/svc/frontend"
+#define XFCC "By=" FIXTURE_SELF ";URI=" FRONTEND
 
-struct fuzz_ctx {
-	struct h2_guard guard;
-	struct h2_field f[MAX_FIELDS];
-	char *copies[MAX_FIELDS * 2];
-	size_t n;
-	bool dead;
+static const char config_json[] = "{\"service\": \"orders\", \"trust_domain\": \"mesh.local\","
+	" \"tls\": {\"cert\": \"svid.pem\", \"key\": \"svid.key\", \"bundle\": \"bundle.pem\"},"
+	" \"policy_file\": \"policy.json\", \"log\": {\"access_log\": false, \"level\": \"error\"},"
+	" \"inbound\": [{\"listen\": \"127.0.0.1:15006\", \"forward\": \"127.0.0.1:8080\","
+	" \"protocol\": \"http\"}]}";
+
+static const char policy_json[] = "{\"service\": \"orders\", \"default\": \"deny\", \"rules\": ["
+	"{\"name\": \"no-admin\", \"action\": \"deny\", \"paths\": [\"/admin\", \"/admin/*\"]},"
+	"{\"name\": \"frontend\", \"action\": \"allow\", \"from\": [\"" FRONTEND "\"]}]}";
+
+static struct {
+	struct metrics *m;
+	struct snapshot *s;
+	struct worker_shared sh;
+	struct worker w;
+	nghttp2_session_callbacks *app_cb;
+} fz;
+
+/* The app's view of one request. */
+struct app_req {
+	int paths, xfcc;
+	bool bad;
 };
+
+static struct snapshot *current(void *arg)
+{
+	return snapshot_ref(fz.s);
+}
+
+static void on_kick(evutil_socket_t fd, short what, void *arg)
+{
+}
 
 static void check(int cond)
 {
@@ -37,142 +74,187 @@ static void check(int cond)
 		abort();
 }
 
-static void reset_fields(struct fuzz_ctx *x)
+static bool normalised(const uint8_t *v, size_t len)
 {
-	for (size_t i = 0; i < x->n * 2; i++)
-		free(x->copies[i]);
-	x->n = 0;
-}
-
-static char *copy(const uint8_t *p, size_t n)
-{
-	char *s = malloc(n + 1);
-
-	if (s) {
-		memcpy(s, p, n);
-		s[n] = '\0';
-	}
-	return s;
-}
-
-static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *user)
-{
-	struct fuzz_ctx *x = user;
-
-	if (x->dead)
-		return NGHTTP2_ERR_CALLBACK_FAILURE;
-	if (h2_guard_frame(&x->guard, hd, nghttp2_session_get_next_stream_id(s) / 2,
-	                   hd->type == NGHTTP2_HEADERS, 0) >= 0) {
-		x->dead = true;
-		nghttp2_session_terminate_session(s, NGHTTP2_ENHANCE_YOUR_CALM);
-		return NGHTTP2_ERR_CALLBACK_FAILURE;
-	}
-	return 0;
-}
-
-static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f, void *user)
-{
-	reset_fields(user);
-	return 0;
-}
-
-static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t nl,
-                     const uint8_t *value, size_t vl, uint8_t flags, void *user)
-{
-	struct fuzz_ctx *x = user;
-	char *n, *v;
-
-	if (h2_guard_header(&x->guard, nl, vl) >= 0 || x->n == MAX_FIELDS)
-		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-	n = copy(name, nl);
-	v = copy(value, vl);
-	if (!n || !v) {
-		free(n);
-		free(v);
-		return NGHTTP2_ERR_CALLBACK_FAILURE;
-	}
-	x->copies[2 * x->n] = n;
-	x->copies[2 * x->n + 1] = v;
-	x->f[x->n++] = (struct h2_field){ n, v, nl, vl };
-	return 0;
-}
-
-static void check_accepted(const struct fuzz_ctx *x)
-{
-	size_t methods = 0;
-	const struct h2_field *path = NULL;
-
-	for (size_t i = 0; i < x->n; i++) {
-		check(!memchr(x->f[i].value, '\r', x->f[i].value_len));
-		check(!memchr(x->f[i].value, '\n', x->f[i].value_len));
-		check(!memchr(x->f[i].value, '\0', x->f[i].value_len));
-		if (x->f[i].name_len == 7 && !memcmp(x->f[i].name, ":method", 7))
-			methods++;
-		if (x->f[i].name_len == 5 && !memcmp(x->f[i].name, ":path", 5))
-			path = &x->f[i];
-		if (x->f[i].name_len == 12 && !memcmp(x->f[i].name, "grpc-timeout", 12))
-			(void)h2_grpc_timeout_ms(x->f[i].value, x->f[i].value_len);
-	}
-	check(methods == 1 && path && (path->value[0] == '/' || !strcmp(path->value, "*")));
-}
-
-static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *user)
-{
-	struct fuzz_ctx *x = user;
+	char out[4096];
+	size_t n = 0, plen = len;
 	const char *why = NULL;
+	const uint8_t *q = memchr(v, '?', len);
 
-	if (f->hd.type != NGHTTP2_HEADERS)
+	if (len == 1 && v[0] == '*')
+		return true;
+	if (q)
+		plen = (size_t)(q - v);
+	if (plen + 2 > sizeof(out) || plen == 0 || v[0] != '/')
+		return false;
+	if (http_path_normalize((const char *)v, plen, out, sizeof(out), &n, &why) < 0)
+		return false;
+	if (n != plen || memcmp(out, v, n) != 0)
+		return false;
+	return !(n >= 6 && !memcmp(out, "/admin", 6) && (n == 6 || out[6] == '/'));
+}
+
+static int app_begin(nghttp2_session *s, const nghttp2_frame *f, void *user)
+{
+	memset(user, 0, sizeof(struct app_req));
+	return 0;
+}
+
+static int app_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t nl,
+                      const uint8_t *value, size_t vl, uint8_t flags, void *user)
+{
+	struct app_req *r = user;
+
+	if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST)
 		return 0;
-	if (f->headers.cat == NGHTTP2_HCAT_REQUEST) {
-		enum h2_refusal r = h2_check_request(x->f, x->n, &why);
-
-		check((r == H2_OK) == (why == NULL));
-		if (r == H2_OK)
-			check_accepted(x);
-		else if (r == H2_MALFORMED)
-			nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, f->hd.stream_id,
-			                          NGHTTP2_PROTOCOL_ERROR);
-	} else {
-		(void)h2_check_response(x->f, x->n, true, &why);
+	if (nl == 5 && !memcmp(name, ":path", 5)) {
+		r->paths++;
+		r->bad |= !normalised(value, vl);
+	}
+	if (nl == 23 && !memcmp(name, "x-forwarded-client-cert", 23)) {
+		r->xfcc++;
+		r->bad |= vl != strlen(XFCC) || memcmp(value, XFCC, vl) != 0;
 	}
 	return 0;
 }
 
-static void drain(nghttp2_session *s)
+static int app_frame(nghttp2_session *s, const nghttp2_frame *f, void *user)
 {
-	const uint8_t *out;
+	const struct app_req *r = user;
 
-	for (int i = 0; i < 64 && nghttp2_session_mem_send(s, &out) > 0; i++)
-		;
+	if (f->hd.type == NGHTTP2_HEADERS && f->headers.cat == NGHTTP2_HCAT_REQUEST)
+		check(r->paths == 1 && r->xfcc == 1 && !r->bad);
+	return 0;
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+	fz.m = metrics_new();
+	fz.s = fixture_snapshot(config_json, policy_json, NULL, 0, fz.m);
+	fz.sh.metrics = fz.m;
+	fz.sh.snapshot = current;
+	fz.w.shared = &fz.sh;
+	fz.w.base = event_base_new();
+	check(fz.w.base != NULL && nghttp2_session_callbacks_new(&fz.app_cb) == 0);
+	nghttp2_session_callbacks_set_on_begin_headers_callback(fz.app_cb, app_begin);
+	nghttp2_session_callbacks_set_on_header_callback(fz.app_cb, app_header);
+	nghttp2_session_callbacks_set_on_frame_recv_callback(fz.app_cb, app_frame);
+	return 0;
+}
+
+static struct conn *open_conn(void)
+{
+	struct conn *c = calloc(1, sizeof(*c));
+
+	check(c != NULL);
+	c->w = &fz.w;
+	c->snap = snapshot_ref(fz.s);
+	c->id = 1;
+	c->inbound = true;
+	c->dir = DIR_INBOUND;
+	c->tls_fd = c->plain_fd = -1;
+	c->peer = strdup(FRONTEND);
+	c->state = CONN_RELAYING;
+	clock_gettime(CLOCK_MONOTONIC, &c->started);
+	clock_gettime(CLOCK_REALTIME, &c->started_wall);
+	c->proto = &httpflow_ops;
+	check(c->proto->init(c) == 0);
+	event_assign(&c->tls_ev, fz.w.base, -1, 0, on_kick, c);
+	fz.w.conns = c;
+	fz.w.n_conns = 1;
+	atomic_fetch_add(&fz.sh.open_conns, 1);
+	atomic_fetch_add(&fz.m->connections_active[c->dir], 1);
+	c->proto->start(c);
+	return c;
+}
+
+/* The source of direction d delivers len bytes (at most one buffer). */
+static void put(struct conn *c, int d, const uint8_t *p, size_t len)
+{
+	struct relay_dir *r = &c->d[d];
+	size_t keep = r->in ? r->in->len - r->in->off : 0;
+
+	if (!r->in)
+		r->in = calloc(1, sizeof(*r->in));
+	check(r->in != NULL && keep + len <= RELAY_BUF_SIZE);
+	memmove(r->in->data, r->in->data + r->in->off, keep);    /* need_more keeps bytes */
+	memcpy(r->in->data + keep, p, len);
+	r->in->off = 0;
+	r->in->len = (uint32_t)(keep + len);
+	r->need_more = false;
+}
+
+/* Runs direction d until it waits; the app's output is read by app. Returns false once c closed. */
+static bool run(struct conn **cp, int d, nghttp2_session *app)
+{
+	for (int i = 0; i < 100000; i++) {
+		struct relay_dir *r = &(*cp)->d[d];
+		int rc;
+
+		if (r->out_len) {
+			if (d == RELAY_DOWN && app)    /* inbound: RELAY_DOWN goes to the app */
+				nghttp2_session_mem_recv(app, (const uint8_t *)r->out, r->out_len);
+			free(r->owned);
+			r->owned = NULL;
+			r->out = NULL;
+			r->out_len = 0;
+			continue;
+		}
+		rc = (*cp)->proto->produce(*cp, d);
+		if (rc < 0) {
+			*cp = NULL;
+			return false;
+		}
+		if (rc == 0)
+			return true;
+	}
+	return true;
+}
+
+/* Feeds data to direction d in buffer-sized pieces, running both directions. */
+static bool feed(struct conn **cp, int d, const uint8_t *p, size_t len, nghttp2_session *app)
+{
+	while (*cp && len) {
+		size_t n = len < 4096 ? len : 4096;
+
+		put(*cp, d, p, n);
+		p += n;
+		len -= n;
+		if (!run(cp, RELAY_DOWN, app) || !run(cp, RELAY_UP, app))
+			return false;
+	}
+	return *cp != NULL;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	static const struct config_http2 lim = { 100, 16384, 65535 };
-	struct fuzz_ctx x = { .n = 0 };
-	nghttp2_session_callbacks *cb;
-	nghttp2_session *s;
-	size_t split = size ? data[0] % (size + 1) : 0;
+	static const uint8_t settings[] = { 0, 0, 0, NGHTTP2_SETTINGS, 0, 0, 0, 0, 0 };
+	struct app_req req = { 0 };
+	nghttp2_session *app = NULL;
+	struct conn *c;
+	size_t split;
 
-	if (nghttp2_session_callbacks_new(&cb) != 0)
+	if (size < 2)
 		return 0;
-	nghttp2_session_callbacks_set_on_begin_frame_callback(cb, on_begin_frame);
-	nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
-	nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
-	nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
-	h2_guard_init(&x.guard, &lim, 0);
-	if (h2_session_new(&s, true, &lim, cb, &x) == 0) {
-		drain(s);
-		if (nghttp2_session_mem_recv(s, (const uint8_t *)H2_PREFACE, H2_PREFACE_LEN) ==
-		    H2_PREFACE_LEN &&
-		    nghttp2_session_mem_recv(s, data, split) >= 0) {
-			drain(s);
-			if (nghttp2_session_mem_recv(s, data + split, size - split) >= 0)
-				drain(s);
-		}
-		nghttp2_session_del(s);
+	split = ((size_t)data[0] << 8 | data[1]) % (size - 1);
+	data += 2;
+	size -= 2;
+	check(nghttp2_session_server_new(&app, fz.app_cb, &req) == 0);
+	c = open_conn();
+	if (feed(&c, RELAY_DOWN, (const uint8_t *)H2_PREFACE, H2_PREFACE_LEN, app) &&
+	    feed(&c, RELAY_DOWN, data, split, app) && feed(&c, RELAY_UP, settings, sizeof(settings), app))
+		feed(&c, RELAY_UP, data + split, size - split, app);
+	if (c && c->proto->on_timeout(c, conn_clock_ms() + 86400000ULL) && c) {
+		run(&c, RELAY_DOWN, app);
+		if (c)
+			run(&c, RELAY_UP, app);
 	}
-	reset_fields(&x);
-	nghttp2_session_callbacks_del(cb);
+	if (c)
+		conn_close(c, CR_DONE);
+	check(fz.w.n_conns == 0);
+	conn_free_buffers(&fz.w);
+	nghttp2_session_del(app);
 	return 0;
 }

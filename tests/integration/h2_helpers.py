@@ -19,7 +19,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from helpers import free_port
+from http_helpers import HttpClient
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -158,15 +158,14 @@ class DualApp:
             pass
 
 
-class H2Client:
-    """An HTTP/2 client on one connection (h2c, or h2 over mutual TLS with ALPN)."""
+class H2Client(HttpClient):
+    """An HTTP/2 client on one connection (h2c, or h2 over mutual TLS with
+    ALPN); HttpClient's socket set-up and closing."""
 
     def __init__(self, port, ctx=None, timeout=10.0, validate=True):
-        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         if ctx is not None:
             ctx.set_alpn_protocols(["h2"])
-            s = ctx.wrap_socket(s, server_hostname="localhost")
-        self.sock = s
+        super().__init__(port, ctx, timeout)
         cfg = h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
                                         validate_outbound_headers=validate,
                                         normalize_outbound_headers=validate,
@@ -257,18 +256,6 @@ class H2Client:
             if not self.pump(max(0.05, end - time.time())):
                 return self.goaway, True
         return self.goaway, False
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.close()
 
 
 def rss_kib(pid):
