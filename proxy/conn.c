@@ -628,7 +628,8 @@ static const struct conn_proto_ops *proto_of(const struct listener *l, const str
 /*
  * The upstream reset the connection (a read or a write failed): for a
  * protocol that still owes the client answers, nothing more goes to it
- * and its end is the protocol's to handle. Returns progress (1) or -1.
+ * (its direction's dst_shut says so) and its end is the protocol's to
+ * handle. Returns progress (1) or -1.
  */
 static int upstream_lost(struct conn *c)
 {
@@ -639,7 +640,8 @@ static int upstream_lost(struct conn *c)
 	to_up->out = NULL;
 	free(to_up->owned);
 	to_up->owned = NULL;
-	to_up->src_eof = true;
+	/* Whether the client is still read is the protocol's: HTTP/1.1 stops
+	 * taking requests, HTTP/2 answers the streams still arriving. */
 	log_info("conn %llu: %s reset the connection", (unsigned long long)c->id,
 	         conn_destination_text(c));
 	if (from_up->src_eof)

@@ -743,6 +743,12 @@ static int httpflow_eof(struct conn *c, int d)
 	hf->resp_in_message = false;
 	if (hf->q_len)
 		fail_unanswered(c);
+	/* Reset (conn.c upstream_lost): no more requests; idle, it closes now. */
+	if (c->d[req_dir(c)].dst_shut) {
+		stop_requests(c);
+		if (hf->q_len == 0)
+			c->closing = true;
+	}
 	/* No more requests are read (connection: close): nothing keeps it open now. */
 	if (hf->req_stopped && hf->q_len == 0)
 		c->closing = true;
