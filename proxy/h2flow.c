@@ -57,6 +57,7 @@ struct h2half {
 
 struct h2stream {
 	struct h2stream *prev, *next;
+	struct h2flow *f;          /* the client connection it belongs to */
 	int32_t down_id, up_id;    /* on the client's session, the upstream's (0: none) */
 	struct h2half req, resp;
 	bool down_closed, up_closed;
@@ -259,6 +260,7 @@ static struct h2stream *stream_new(struct h2flow *f, int32_t id)
 
 	if (!s)
 		return NULL;
+	s->f = f;
 	s->down_id = id;
 	s->grpc_status = -1;
 	s->rec.grpc_status = -1;
@@ -489,10 +491,9 @@ static ssize_t pass_body(nghttp2_session *to, int32_t id, struct h2half *h, nght
 static ssize_t req_body_read(nghttp2_session *up, int32_t id, uint8_t *buf, size_t len,
                              uint32_t *flags, nghttp2_data_source *src, void *user)
 {
-	struct h2flow *f = user;
 	struct h2stream *s = src->ptr;
 
-	return pass_body(up, id, &s->req, f->down, s->down_id, !s->req.end, &s->rec.bytes_in, buf,
+	return pass_body(up, id, &s->req, s->f->down, s->down_id, !s->req.end, &s->rec.bytes_in, buf,
 	                 len, flags);
 }
 
@@ -683,10 +684,9 @@ static void on_request_head(struct h2flow *f, struct h2stream *s)
 static ssize_t resp_body_read(nghttp2_session *down, int32_t id, uint8_t *buf, size_t len,
                               uint32_t *flags, nghttp2_data_source *src, void *user)
 {
-	struct h2flow *f = user;
 	struct h2stream *s = src->ptr;
 
-	return pass_body(down, id, &s->resp, f->up, s->up_id, !s->resp.end && !s->up_closed,
+	return pass_body(down, id, &s->resp, s->f->up, s->up_id, !s->resp.end && !s->up_closed,
 	                 &s->rec.bytes_out, buf, len, flags);
 }
 
@@ -754,14 +754,21 @@ static struct h2stream *stream_of(nghttp2_session *sess, int32_t id)
 	return nghttp2_session_get_stream_user_data(sess, id);
 }
 
-static int on_begin_frame(nghttp2_session *sess, const nghttp2_frame_hd *hd, void *user)
+/*
+ * Two sets of callbacks. The client's session belongs to its connection
+ * (user data: the flow). The upstream's finds everything through the
+ * stream (s->f), never through the session's user data: a stream does not
+ * care whose session carries it, which is what a pooled session needs.
+ */
+
+static int client_begin_frame(nghttp2_session *sess, const nghttp2_frame_hd *hd, void *user)
 {
 	struct h2flow *f = user;
 	bool new_stream;
 	int kind;
 
-	if (sess != f->down || f->dead)
-		return f->dead && sess == f->down ? NGHTTP2_ERR_CALLBACK_FAILURE : 0;
+	if (f->dead)
+		return NGHTTP2_ERR_CALLBACK_FAILURE;
 	new_stream = hd->type == NGHTTP2_HEADERS && !stream_of(sess, hd->stream_id);
 	kind = h2_guard_frame(&f->guard, hd, f->open_down, new_stream, conn_clock_ms());
 	if (kind < 0)
@@ -771,117 +778,155 @@ static int on_begin_frame(nghttp2_session *sess, const nghttp2_frame_hd *hd, voi
 	return NGHTTP2_ERR_CALLBACK_FAILURE;
 }
 
-static int on_begin_headers(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
+static int client_begin_headers(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
 {
 	struct h2flow *f = user;
 	struct h2stream *s = stream_of(sess, fr->hd.stream_id);
 
-	if (sess == f->down && fr->headers.cat == NGHTTP2_HCAT_REQUEST) {
+	if (fr->headers.cat == NGHTTP2_HCAT_REQUEST) {
 		if (!(s = stream_new(f, fr->hd.stream_id)))
 			return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
 		nghttp2_session_set_stream_user_data(sess, fr->hd.stream_id, s);
-		return 0;
-	}
-	if (!s)
-		return 0;
-	f->guard.header_bytes = 0;
-	if (sess == f->down)
+	} else if (s) {
 		s->req.in_trailers = true;
-	else
-		s->resp.in_trailers = s->resp.head_done;
+	}
 	return 0;
 }
 
-static int on_header(nghttp2_session *sess, const nghttp2_frame *fr, const uint8_t *name,
-                     size_t nl, const uint8_t *value, size_t vl, uint8_t flags, void *user)
+static int client_header(nghttp2_session *sess, const nghttp2_frame *fr, const uint8_t *name,
+                         size_t nl, const uint8_t *value, size_t vl, uint8_t flags, void *user)
 {
 	struct h2flow *f = user;
 	struct h2stream *s = stream_of(sess, fr->hd.stream_id);
-	struct h2half *h;
 	int kind;
 
 	if (!s)
 		return 0;
-	if (sess == f->down && (kind = h2_guard_header(&f->guard, nl, vl)) >= 0) {
+	if ((kind = h2_guard_header(&f->guard, nl, vl)) >= 0) {
 		abuse(f, kind, NGHTTP2_ENHANCE_YOUR_CALM);
 		return NGHTTP2_ERR_CALLBACK_FAILURE;
 	}
-	h = sess == f->down ? &s->req : &s->resp;
-	/* The upstream's blocks are bounded too (the client's by the guard):
-	 * over the limit, its stream is reset and the client gets a 502. */
-	if (sess == f->up && h->head.len + h->trailers.len + nl + vl >
-	                     f->c->snap->cfg->http2.max_header_list_bytes)
-		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-	if (hdrs_add(h->in_trailers ? &h->trailers : &h->head, name, nl, value, vl) < 0)
+	if (hdrs_add(s->req.in_trailers ? &s->req.trailers : &s->req.head, name, nl, value, vl) < 0)
 		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;    /* resets the stream */
 	return 0;
 }
 
-static int on_frame_recv(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
+static int client_frame(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
 {
 	struct h2flow *f = user;
 	struct h2stream *s = fr->hd.stream_id ? stream_of(sess, fr->hd.stream_id) : NULL;
-	bool end = (fr->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
-	struct h2half *h;
 
 	if (!s || (fr->hd.type != NGHTTP2_HEADERS && fr->hd.type != NGHTTP2_DATA))
 		return 0;
-	h = sess == f->down ? &s->req : &s->resp;
-	h->end = h->end || end;
-	if (sess == f->down) {
-		if (fr->hd.type == NGHTTP2_HEADERS && !h->in_trailers) {
-			h->head_done = true;
-			on_request_head(f, s);
-		}
-		if (s->up_id && f->up && !s->local)
-			nghttp2_session_resume_data(f->up, s->up_id);
-		return 0;
+	s->req.end = s->req.end || (fr->hd.flags & NGHTTP2_FLAG_END_STREAM);
+	if (fr->hd.type == NGHTTP2_HEADERS && !s->req.in_trailers) {
+		s->req.head_done = true;
+		on_request_head(f, s);
 	}
-	if (fr->hd.type == NGHTTP2_HEADERS && !h->in_trailers)
-		on_response_head(f, s, end);
-	else if (fr->hd.type == NGHTTP2_HEADERS)
-		on_response_trailers(f, s);
-	if (s->resp_started && !s->local)
-		nghttp2_session_resume_data(f->down, s->down_id);
+	if (s->up_id && f->up && !s->local)
+		nghttp2_session_resume_data(f->up, s->up_id);
 	return 0;
 }
 
-static int on_data_chunk(nghttp2_session *sess, uint8_t flags, int32_t id, const uint8_t *data,
-                         size_t len, void *user)
+static int client_data(nghttp2_session *sess, uint8_t flags, int32_t id, const uint8_t *data,
+                       size_t len, void *user)
 {
 	struct h2flow *f = user;
 	struct h2stream *s = stream_of(sess, id);
 
-	if (!s || (sess == f->down && s->local)) {
+	if (!s || s->local) {
 		/* Nobody takes these bytes: the window reopens at once. */
 		nghttp2_session_consume(sess, id, len);
 		return 0;
 	}
-	if (body_add(sess == f->down ? &s->req : &s->resp, data, len) < 0)
+	if (body_add(&s->req, data, len) < 0)
 		return NGHTTP2_ERR_CALLBACK_FAILURE;
-	if (sess == f->down && s->up_id && f->up)
+	if (s->up_id && f->up)
 		nghttp2_session_resume_data(f->up, s->up_id);
-	else if (sess == f->up && s->resp_started)
-		nghttp2_session_resume_data(f->down, s->down_id);
 	return 0;
 }
 
-static int on_stream_close(nghttp2_session *sess, int32_t id, uint32_t code, void *user)
+static int client_stream_close(nghttp2_session *sess, int32_t id, uint32_t code, void *user)
 {
 	struct h2flow *f = user;
 	struct h2stream *s = stream_of(sess, id);
 
 	if (!s)
 		return 0;
-	if (sess == f->down) {
-		s->down_closed = true;
-		f->open_down--;
-		if (s->up_id && !s->up_closed && f->up)
-			nghttp2_submit_rst_stream(f->up, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_CANCEL);
-		stream_log(f, s, 499);
-		stream_maybe_free(f, s);
+	s->down_closed = true;
+	f->open_down--;
+	if (s->up_id && !s->up_closed && f->up)
+		nghttp2_submit_rst_stream(f->up, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_CANCEL);
+	stream_log(f, s, 499);
+	stream_maybe_free(f, s);
+	return 0;
+}
+
+static int up_begin_headers(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
+{
+	struct h2stream *s = stream_of(sess, fr->hd.stream_id);
+
+	if (s)
+		s->resp.in_trailers = s->resp.head_done;
+	return 0;
+}
+
+static int up_header(nghttp2_session *sess, const nghttp2_frame *fr, const uint8_t *name,
+                     size_t nl, const uint8_t *value, size_t vl, uint8_t flags, void *user)
+{
+	struct h2stream *s = stream_of(sess, fr->hd.stream_id);
+	struct h2half *h = s ? &s->resp : NULL;
+
+	if (!s)
+		return 0;
+	/* The upstream's blocks are bounded too (the client's by the guard):
+	 * over the limit, its stream is reset and the client gets a 502. */
+	if (h->head.len + h->trailers.len + nl + vl > s->f->c->snap->cfg->http2.max_header_list_bytes ||
+	    hdrs_add(h->in_trailers ? &h->trailers : &h->head, name, nl, value, vl) < 0)
+		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+	return 0;
+}
+
+static int up_frame(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
+{
+	struct h2stream *s = fr->hd.stream_id ? stream_of(sess, fr->hd.stream_id) : NULL;
+	bool end = (fr->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+
+	if (!s || (fr->hd.type != NGHTTP2_HEADERS && fr->hd.type != NGHTTP2_DATA))
+		return 0;
+	s->resp.end = s->resp.end || end;
+	if (fr->hd.type == NGHTTP2_HEADERS && !s->resp.in_trailers)
+		on_response_head(s->f, s, end);
+	else if (fr->hd.type == NGHTTP2_HEADERS)
+		on_response_trailers(s->f, s);
+	if (s->resp_started && !s->local)
+		nghttp2_session_resume_data(s->f->down, s->down_id);
+	return 0;
+}
+
+static int up_data(nghttp2_session *sess, uint8_t flags, int32_t id, const uint8_t *data,
+                   size_t len, void *user)
+{
+	struct h2stream *s = stream_of(sess, id);
+
+	if (!s) {
+		nghttp2_session_consume(sess, id, len);
 		return 0;
 	}
+	if (body_add(&s->resp, data, len) < 0)
+		return NGHTTP2_ERR_CALLBACK_FAILURE;
+	if (s->resp_started)
+		nghttp2_session_resume_data(s->f->down, s->down_id);
+	return 0;
+}
+
+static int up_stream_close(nghttp2_session *sess, int32_t id, uint32_t code, void *user)
+{
+	struct h2stream *s = stream_of(sess, id);
+	struct h2flow *f = s ? s->f : NULL;
+
+	if (!s)
+		return 0;
 	s->up_closed = true;
 	if (s->local)
 		;    /* answered by us already: the upstream's end changes nothing */
@@ -895,18 +940,27 @@ static int on_stream_close(nghttp2_session *sess, int32_t id, uint32_t code, voi
 	return 0;
 }
 
-static nghttp2_session_callbacks *callbacks(void)
+/* The callbacks of the client's session (client true) or the upstream's. */
+static nghttp2_session_callbacks *callbacks(bool client)
 {
 	nghttp2_session_callbacks *cb;
 
 	if (nghttp2_session_callbacks_new(&cb) != 0)
 		return NULL;
-	nghttp2_session_callbacks_set_on_begin_frame_callback(cb, on_begin_frame);
-	nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin_headers);
-	nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
-	nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_frame_recv);
-	nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
-	nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
+	if (client) {
+		nghttp2_session_callbacks_set_on_begin_frame_callback(cb, client_begin_frame);
+		nghttp2_session_callbacks_set_on_begin_headers_callback(cb, client_begin_headers);
+		nghttp2_session_callbacks_set_on_header_callback(cb, client_header);
+		nghttp2_session_callbacks_set_on_frame_recv_callback(cb, client_frame);
+		nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, client_data);
+		nghttp2_session_callbacks_set_on_stream_close_callback(cb, client_stream_close);
+	} else {
+		nghttp2_session_callbacks_set_on_begin_headers_callback(cb, up_begin_headers);
+		nghttp2_session_callbacks_set_on_header_callback(cb, up_header);
+		nghttp2_session_callbacks_set_on_frame_recv_callback(cb, up_frame);
+		nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, up_data);
+		nghttp2_session_callbacks_set_on_stream_close_callback(cb, up_stream_close);
+	}
 	return cb;
 }
 
@@ -916,22 +970,24 @@ static int h2flow_new(struct conn *c)
 {
 	struct h2flow *f = calloc(1, sizeof(*f));
 	const struct config_http2 *lim = &c->snap->cfg->http2;
-	nghttp2_session_callbacks *cb = callbacks();
+	nghttp2_session_callbacks *client_cb = callbacks(true), *up_cb = callbacks(false);
 	int rc = -ENOMEM;
 
-	if (!f || !cb)
-		goto fail;
+	if (!f || !client_cb || !up_cb)
+		goto out;
 	f->c = c;
 	h2_guard_init(&f->guard, lim, conn_clock_ms());
-	if (h2_session_new(&f->down, true, lim, cb, f) != 0 ||
-	    h2_session_new(&f->up, false, lim, cb, f) != 0)
-		goto fail;
-	nghttp2_session_callbacks_del(cb);
+	if (h2_session_new(&f->down, true, lim, client_cb, f) != 0 ||
+	    h2_session_new(&f->up, false, lim, up_cb, f) != 0)
+		goto out;
 	c->proto_ctx = f;
-	return 0;
-fail:
-	if (cb)
-		nghttp2_session_callbacks_del(cb);
+	f = NULL;
+	rc = 0;
+out:
+	if (client_cb)
+		nghttp2_session_callbacks_del(client_cb);
+	if (up_cb)
+		nghttp2_session_callbacks_del(up_cb);
 	if (f) {
 		nghttp2_session_del(f->down);
 		nghttp2_session_del(f->up);
