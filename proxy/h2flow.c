@@ -335,9 +335,9 @@ static ssize_t local_read(nghttp2_session *sess, int32_t id, uint8_t *buf, size_
 static void answer_local(struct h2flow *f, struct h2stream *s, int status, int grpc_status,
                          const char *message)
 {
-	char code[4], gs[4], body[512], *msg_copy = NULL;
+	char code[4], gs[4], body[512], len_text[24], *msg_copy = NULL;
 	nghttp2_data_provider prd = { .source.ptr = s, .read_callback = local_read };
-	nghttp2_nv hdr[6];
+	nghttp2_nv hdr[7];
 	size_t n = 0;
 
 	if (s->resp_started || s->down_closed)
@@ -372,6 +372,14 @@ static void answer_local(struct h2flow *f, struct h2stream *s, int status, int g
 	}
 	if (s->rid[0])
 		hdr[n++] = nv("x-request-id", s->rid, strlen(s->rid));
+	/* HEAD: the length of the body, not the body. */
+	if (s->local_body && s->method && !strcmp(s->method, "HEAD")) {
+		snprintf(len_text, sizeof(len_text), "%zu", s->local_len);
+		hdr[n++] = nv("content-length", len_text, strlen(len_text));
+		free(s->local_body);
+		s->local_body = NULL;
+		s->local_len = 0;
+	}
 	if (nghttp2_submit_response(f->down, s->down_id, hdr, n,
 	                            s->grpc || !s->local_body ? NULL : &prd) != 0)
 		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, NGHTTP2_INTERNAL_ERROR);

@@ -472,3 +472,11 @@ def test_drain_sends_goaway_and_finishes_open_streams(mesh, pair):
     t.join(15)
     assert got["r"] == (200, "2", "ok /slow/drain")
     assert '"status":200' in outb.stdout() and '"/slow/drain"' in outb.stdout()
+
+
+def test_denied_head_gets_length_not_body(pair):
+    _, _, _, _, port = pair
+    with H2Client(port) as c:
+        st, h, body, reset, _ = c.response(c.request("/admin/x", "HEAD"))
+    assert (st, body, reset) == (403, b"", None)
+    assert int(h["content-length"]) == len(b'{"error":"forbidden","rule":"no-admin"}\n')
