@@ -28,15 +28,18 @@
 static const char *const top_keys[] = {
 	"service", "trust_domain", "state_dir", "control", "tls", "policy_file", "traffic_file",
 	"inbound", "outbound", "transparent", "admin", "workers", "max_connections", "timeouts",
-	"log", NULL};
+	"log", "http2", NULL};
 static const char *const control_keys[] = {"url", "urls", "token_file", NULL};
 static const char *const tls_keys[] = {"cert", "key", "bundle", "min_version", "groups", NULL};
-static const char *const inbound_keys[] = {"listen", "forward", "protocol", "advertise", NULL};
+static const char *const inbound_keys[] = {"listen", "forward", "protocol", "advertise",
+	"app_protocol", NULL};
 static const char *const outbound_keys[] = {"listen", "service", "protocol", "endpoints", NULL};
 static const char *const listen_keys[] = {"listen", NULL};
 static const char *const transparent_keys[] = {"listen", "outside_mesh", NULL};
 static const char *const timeout_keys[] = {"handshake_seconds", "connect_seconds",
 	"idle_seconds", "drain_seconds", "request_head_seconds", "response_head_seconds", NULL};
+static const char *const http2_keys[] = {"max_concurrent_streams", "max_header_list_bytes",
+	"initial_window_bytes", NULL};
 static const char *const log_keys[] = {"level", "access_log", NULL};
 
 /* What every parse step needs: the config being filled, the directory
@@ -396,6 +399,28 @@ static int get_protocol(const json_t *obj, const char *path, enum listener_proto
 	return err_set(err, p, "must be \"tcp\" or \"http\"");
 }
 
+static int get_app_protocol(const json_t *obj, const char *path, struct config_inbound *in,
+                            struct meshlet_err *err)
+{
+	static const char *const names[] = {"auto", "http1", "h2c"};
+	char p[MESHLET_PATH_MAX];
+	const char *s = NULL;
+
+	in->app_protocol = APP_PROTO_AUTO;
+	if (json_get_str(obj, path, "app_protocol", false, &s, err) < 0)
+		return -EINVAL;
+	json_path_key(p, sizeof(p), path, "app_protocol");
+	if (s && in->protocol != PROTO_HTTP)
+		return err_set(err, p, "only for \"protocol\": \"http\" listeners");
+	for (size_t i = 0; s && i < sizeof(names) / sizeof(names[0]); i++) {
+		if (strcmp(s, names[i]) == 0) {
+			in->app_protocol = (enum app_protocol)i;
+			return 0;
+		}
+	}
+	return s ? err_set(err, p, "must be \"auto\", \"http1\" or \"h2c\"") : 0;
+}
+
 static int get_service(const json_t *obj, const char *path, char *out, size_t len,
                        struct meshlet_err *err)
 {
@@ -631,7 +656,8 @@ static int parse_inbound_item(const json_t *o, const char *path, struct config_i
 	if (json_check_object(o, path, inbound_keys, err) < 0 ||
 	    get_addr(o, path, "listen", true, &in->listen, err) < 0 ||
 	    get_addr(o, path, "forward", true, &in->forward, err) < 0 ||
-	    get_protocol(o, path, &in->protocol, err) < 0)
+	    get_protocol(o, path, &in->protocol, err) < 0 ||
+	    get_app_protocol(o, path, in, err) < 0)
 		return -EINVAL;
 	rc = get_addr(o, path, "advertise", false, &in->advertise, err);
 	if (rc < 0)
@@ -828,6 +854,33 @@ static int parse_timeouts(const json_t *doc, struct parse_ctx *x)
 	return 0;
 }
 
+/*
+ * The limits are what every HTTP/2 session announces and enforces. The
+ * bounds keep a typo from opening a door: a window above 16 MiB or
+ * thousands of streams per connection multiply the memory a peer can pin.
+ */
+static int parse_http2(const json_t *doc, struct parse_ctx *x)
+{
+	struct config_http2 *h = &x->c->http2;
+	const json_t *o = NULL;
+	long long streams = 100, hdr = 16384, win = 65535;
+
+	if (json_get_object(doc, "", "http2", false, &o, x->err) < 0)
+		return -EINVAL;
+	if (o && (json_check_object(o, "http2", http2_keys, x->err) < 0 ||
+	          json_get_int(o, "http2", "max_concurrent_streams", false, 1, 1000, &streams,
+	                       x->err) < 0 ||
+	          json_get_int(o, "http2", "max_header_list_bytes", false, 1024, 262144, &hdr,
+	                       x->err) < 0 ||
+	          json_get_int(o, "http2", "initial_window_bytes", false, 1024, 16777216, &win,
+	                       x->err) < 0))
+		return -EINVAL;
+	h->max_concurrent_streams = (uint32_t)streams;
+	h->max_header_list_bytes = (uint32_t)hdr;
+	h->initial_window_bytes = (uint32_t)win;
+	return 0;
+}
+
 static int parse_log(const json_t *doc, struct parse_ctx *x)
 {
 	static const char *const levels[] = {"debug", "info", "warn", "error"};
@@ -942,7 +995,7 @@ static int parse_all(const json_t *doc, struct parse_ctx *x)
 	    (rc = check_mode(x->c, x->err)) < 0 || (rc = parse_inbound(doc, x)) < 0 ||
 	    (rc = parse_outbound(doc, x)) < 0 || (rc = parse_single_listeners(doc, x)) < 0 ||
 	    (rc = parse_limits(doc, x)) < 0 || (rc = parse_timeouts(doc, x)) < 0 ||
-	    (rc = parse_log(doc, x)) < 0)
+	    (rc = parse_http2(doc, x)) < 0 || (rc = parse_log(doc, x)) < 0)
 		return rc;
 	if (x->c->n_inbound == 0 && x->c->n_outbound == 0 && !x->c->has_transparent)
 		return err_set(x->err, "", "nothing to serve: give inbound, outbound or transparent");

@@ -164,6 +164,23 @@ void metrics_count_http(struct metrics *m, int status)
 	metrics_inc(&m->http_requests[status]);
 }
 
+void metrics_count_grpc(struct metrics *m, int grpc_status)
+{
+	if (!m || grpc_status < 0 || grpc_status >= METRICS_GRPC_CODES)
+		return;
+	metrics_inc(&m->grpc_requests[grpc_status]);
+}
+
+const char *metrics_h2_abuse_str(enum metrics_h2_abuse k)
+{
+	static const char *const names[H2_ABUSE_COUNT] = {
+		"rapid_reset", "control_flood", "continuation_flood", "header_list",
+		"too_many_streams", "protocol",
+	};
+
+	return k < H2_ABUSE_COUNT ? names[k] : "protocol";
+}
+
 static uint64_t load_u(atomic_uint_fast64_t *c)
 {
 	return atomic_load_explicit(c, memory_order_relaxed);
@@ -272,6 +289,23 @@ static void render_http(struct metrics *m, FILE *out)
 	}
 }
 
+/* gRPC codes seen at least once; every abuse kind (zeros are a useful baseline). */
+static void render_grpc_h2(struct metrics *m, FILE *out)
+{
+	header(out, "meshlet_grpc_requests_total", "counter", "gRPC calls, by grpc-status.");
+	for (int code = 0; code < METRICS_GRPC_CODES; code++) {
+		uint64_t n = load_u(&m->grpc_requests[code]);
+		if (n)
+			fprintf(out, "meshlet_grpc_requests_total{grpc_status=\"%d\"} %" PRIu64 "\n",
+			        code, n);
+	}
+	header(out, "meshlet_http2_abuse_total", "counter",
+	       "HTTP/2 connections ended with GOAWAY for abuse, by kind.");
+	for (int k = 0; k < H2_ABUSE_COUNT; k++)
+		fprintf(out, "meshlet_http2_abuse_total{kind=\"%s\"} %" PRIu64 "\n",
+		        metrics_h2_abuse_str((enum metrics_h2_abuse)k), load_u(&m->http2_abuse[k]));
+}
+
 /* Buckets are stored per interval and summed here, as Prometheus buckets are
  * cumulative. _count is the +Inf total, so the series stays consistent even
  * if a request lands between the reads. */
@@ -307,6 +341,7 @@ int metrics_render(struct metrics *m, FILE *out)
 	render_decisions(m, out);
 	render_labeled(m, out);
 	render_http(m, out);
+	render_grpc_h2(m, out);
 	render_duration(m, out);
 	gauge(out, "meshlet_cert_expiry_timestamp_seconds",
 	      "Expiry of the current SVID, as a Unix timestamp.", &m->cert_expiry);

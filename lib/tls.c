@@ -544,6 +544,22 @@ fail_quiet:
 	return NULL;
 }
 
+/*
+ * ALPN, server side: h2 when the client offers it, else http/1.1; a
+ * client that offers neither (a tcp listener offers nothing) gets no ALPN
+ * answer and the handshake goes on.
+ */
+static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                       const unsigned char *in, unsigned int inlen, void *arg)
+{
+	(void)ssl;
+	(void)arg;
+	if (SSL_select_next_proto((unsigned char **)out, outlen, (const unsigned char *)TLS_ALPN_HTTP,
+	                          sizeof(TLS_ALPN_HTTP) - 1, in, inlen) == OPENSSL_NPN_NEGOTIATED)
+		return SSL_TLSEXT_ERR_OK;
+	return SSL_TLSEXT_ERR_NOACK;
+}
+
 SSL_CTX *tls_server_ctx(const struct tls_material *m, const struct tls_options *o,
                         struct meshlet_err *err)
 {
@@ -560,6 +576,7 @@ SSL_CTX *tls_server_ctx(const struct tls_material *m, const struct tls_options *
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
 	SSL_CTX_set_num_tickets(ctx, 1);
 	SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1);
+	SSL_CTX_set_alpn_select_cb(ctx, alpn_select, NULL);
 	return ctx;
 }
 

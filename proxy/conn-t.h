@@ -135,6 +135,8 @@ struct relay_dir {
 	bool src_eof;               /* read EOF on the source */
 	bool dst_shut;              /* that EOF was passed on to the sink */
 	bool paused;                /* HTTP: wait before reading (upgrade pending) */
+	bool need_more;             /* what is pending cannot be used alone (a protocol
+	                               preface cut short): read more after it */
 	uint64_t bytes;             /* written to the sink */
 };
 

@@ -621,7 +621,33 @@ static const struct conn_proto_ops *proto_of(const struct listener *l, const str
 		return &tcpflow_ops;
 	p = l->kind == LISTENER_INBOUND ? s->cfg->inbound[l->index].protocol
 	                                : s->cfg->outbound[l->index].protocol;
+	/* HTTP/1.1 first: httpflow switches to h2flow on the HTTP/2 preface. */
 	return p == PROTO_HTTP ? &httpflow_ops : &tcpflow_ops;
+}
+
+/*
+ * The upstream reset the connection (a read or a write failed): for a
+ * protocol that still owes the client answers, nothing more goes to it
+ * (its direction's dst_shut says so) and its end is the protocol's to
+ * handle. Returns progress (1) or -1.
+ */
+static int upstream_lost(struct conn *c)
+{
+	struct relay_dir *to_up = &c->d[1 - upstream_dir(c)], *from_up = &c->d[upstream_dir(c)];
+
+	to_up->dst_shut = true;
+	to_up->out_len = 0;
+	to_up->out = NULL;
+	free(to_up->owned);
+	to_up->owned = NULL;
+	/* Whether the client is still read is the protocol's: HTTP/1.1 stops
+	 * taking requests, HTTP/2 answers the streams still arriving. */
+	log_info("conn %llu: %s reset the connection", (unsigned long long)c->id,
+	         conn_destination_text(c));
+	if (from_up->src_eof)
+		return 1;
+	from_up->src_eof = true;
+	return c->proto->eof(c, upstream_dir(c)) < 0 ? -1 : 1;
 }
 
 /* Writes what direction d has pending. Returns progress (0/1) or -1 when closed. */
@@ -635,6 +661,8 @@ static int pump_write(struct conn *c, int d)
 	n = io_write(c, !src_is_tls(d), r->out, r->out_len);
 	if (n == -EAGAIN)
 		return 0;
+	if (n < 0 && c->proto->answers_after_reset && d != upstream_dir(c))
+		return upstream_lost(c);    /* d's sink is the upstream */
 	if (n < 0)
 		return conn_close(c, CR_RESET), -1;
 	r->out += n;
@@ -654,34 +682,40 @@ static int pump_read(struct conn *c, int d)
 	struct relay_dir *r = &c->d[d];
 	ssize_t n;
 
-	if (r->in && r->in->off < r->in->len)
+	uint32_t keep = 0;
+
+	if (r->in && r->in->off < r->in->len && !r->need_more)
 		return 0;    /* input not processed yet: produce() is blocked */
 	if (!io_readable(c, src_is_tls(d)))
 		return 0;
 	if (!r->in && !(r->in = buf_get(c->w)))
 		return conn_close(c, CR_INTERNAL), -1;
-	r->in->off = r->in->len = 0;
-	n = io_read(c, src_is_tls(d), r->in->data, sizeof(r->in->data));
+	if (r->need_more) {
+		/* The protocol needs these bytes together with the next ones. */
+		keep = r->in->len - r->in->off;
+		memmove(r->in->data, r->in->data + r->in->off, keep);
+	}
+	r->in->off = 0;
+	r->in->len = keep;
+	n = io_read(c, src_is_tls(d), r->in->data + keep, sizeof(r->in->data) - keep);
 	if (n > 0) {
-		r->in->len = (uint32_t)n;
+		r->in->len = keep + (uint32_t)n;
+		r->need_more = false;
 		return 1;
 	}
-	buf_put(c->w, r->in);
-	r->in = NULL;
+	if (keep && n == -EAGAIN)
+		return 0;
+	r->need_more = false;
+	if (!keep) {
+		buf_put(c->w, r->in);
+		r->in = NULL;
+	}
 	if (n == -EAGAIN)
 		return 0;
 	if (n < 0 && !(c->proto->answers_after_reset && d == upstream_dir(c)))
 		return conn_close(c, src_is_tls(d) ? CR_TLS_ERROR : CR_RESET), -1;
-	if (n < 0) {
-		/* A reset upstream is a gone upstream; the client is still owed answers. */
-		struct relay_dir *to_up = &c->d[1 - d];
-
-		to_up->dst_shut = true;
-		to_up->out_len = 0;
-		to_up->src_eof = true;
-		log_info("conn %llu: %s reset the connection", (unsigned long long)c->id,
-		         conn_destination_text(c));
-	}
+	if (n < 0)    /* a reset upstream is a gone upstream; the client is still owed answers */
+		return upstream_lost(c);
 	r->src_eof = true;
 	return c->proto->eof(c, d) < 0 ? -1 : 1;
 }
@@ -744,7 +778,8 @@ static short side_wants(const struct conn *c, bool tls)
 	short wr = tls && c->ssl ? c->ssl_write_wants : EV_WRITE;
 	short what = 0;
 
-	if (!src->src_eof && !src->paused && !src->out_len && (!src->in || src->in->off == src->in->len) &&
+	if (!src->src_eof && !src->paused && !src->out_len &&
+	    (!src->in || src->in->off == src->in->len || src->need_more) &&
 	    !io_readable(c, tls))
 		what |= rd;
 	if ((dst->out_len || (dst->src_eof && !dst->dst_shut && !c->closing)) && !io_writable(c, tls))
@@ -943,6 +978,19 @@ static void relay(struct conn *c)
 		/* Out of rounds with work left: come back after other connections ran. */
 		event_active(&c->tls_ev, 0, 0);
 	}
+}
+
+int conn_switch_proto(struct conn *c, const struct conn_proto_ops *ops)
+{
+	log_debug("conn %llu: %s -> %s", (unsigned long long)c->id, c->proto->name, ops->name);
+	c->proto->release(c);
+	c->proto = ops;
+	if (ops->init(c) < 0) {
+		conn_close(c, CR_INTERNAL);
+		return -1;
+	}
+	ops->start(c);
+	return 0;
 }
 
 void conn_kick(struct conn *c)

@@ -42,6 +42,13 @@ const char *conn_destination_text(const struct conn *c);
 /* Runs the relay again soon (after a timer changed what is pending). */
 void conn_kick(struct conn *c);
 
+/*
+ * The connection's protocol turns out to be ops (HTTP/2 detected by its
+ * preface on an http listener): the old protocol's state is released and
+ * ops's made. Returns 0, or -1 when c was closed.
+ */
+int conn_switch_proto(struct conn *c, const struct conn_proto_ops *ops);
+
 /* One best-effort write to the client outside the relay (early errors). */
 void conn_write_client_now(struct conn *c, const char *buf, size_t len);
 

@@ -189,6 +189,14 @@ void conn_tls_connect(struct conn *c)
 		return;
 	}
 	SSL_set_connect_state(c->ssl);
+	/* An http listener offers both; the protocol a connection speaks
+	 * is still its client's (the preface, conn_proto_ops). */
+	if (c->proto->per_request_policy &&
+	    SSL_set_alpn_protos(c->ssl, (const unsigned char *)TLS_ALPN_HTTP,
+	                        sizeof(TLS_ALPN_HTTP) - 1) != 0) {
+		conn_close(c, CR_INTERNAL);
+		return;
+	}
 	if (!c->tdest)
 		adopt_sessions(c);
 	sess = c->tdest ? NULL : snapshot_session(c->snap, c->listener, c->endpoint, c->w->id);

@@ -8,15 +8,15 @@
 #include <strings.h>
 #include <time.h>
 
-#include <openssl/rand.h>
-
 #include "meshlet/http.h"
 #include "meshlet/log.h"
 #include "conn.h"
+#include "h2flow.h"
+#include "h2session.h"
+#include "httpreq.h"
 #include "snapshot.h"
 #include "worker-t.h"
 
-#define REQUEST_ID_LEN 128    /* longest caller x-request-id we keep */
 /* Room for "x-request-id: <128 chars>\r\n" added by a proxy on the way. */
 #define MESH_FIELD_ALLOWANCE 160
 
@@ -35,7 +35,7 @@ struct req_entry {
 	unsigned retry_after;
 	int status;                 /* final status sent to the client */
 	char *method, *path;        /* copies, for the log */
-	char request_id[REQUEST_ID_LEN + 1];
+	char request_id[HTTPREQ_ID_LEN + 1];
 	bool replace_request_id;    /* ours goes upstream instead of the caller's copies */
 	uint64_t bytes_in, bytes_out;
 	struct timespec started;    /* CLOCK_MONOTONIC: head complete */
@@ -60,6 +60,7 @@ struct httpflow {
 	bool logged;
 	bool draining;              /* the proxy drains: last response says close */
 	bool upstream_closing;      /* the app's last response said connection: close */
+	bool sniffed;               /* the client's first bytes said HTTP/1.x, not the HTTP/2 preface */
 };
 
 static struct httpflow *flow(const struct conn *c)
@@ -75,14 +76,6 @@ static int req_dir(const struct conn *c)
 static int resp_dir(const struct conn *c)
 {
 	return c->inbound ? RELAY_UP : RELAY_DOWN;
-}
-
-static double ms_since(const struct timespec *t)
-{
-	struct timespec now;
-
-	clock_gettime(CLOCK_MONOTONIC, &now);
-	return (double)(now.tv_sec - t->tv_sec) * 1e3 + (double)(now.tv_nsec - t->tv_nsec) / 1e6;
 }
 
 static int httpflow_new(struct conn *c)
@@ -177,53 +170,17 @@ static bool httpflow_logged(const struct conn *c)
 
 /* ---- the per-request log line ------------------------------------------ */
 
-static void json_str(char *out, size_t len, const char *s)
-{
-	size_t n;
-
-	if (!s) {
-		snprintf(out, len, "null");
-		return;
-	}
-	out[0] = '"';
-	n = log_json_escape(out + 1, len - 2, s);
-	snprintf(out + 1 + n, len - 1 - n, "\"");
-}
-
 static void log_request(struct conn *c, struct req_entry *e)
 {
-	struct metrics *m = c->w->shared->metrics;
-	char line[4096], when[40], from[80], peer[SPIFFE_ID_MAX + 8], path[1024], method[64];
-	char rule[POLICY_RULE_NAME_MAX + 8], rid[REQUEST_ID_LEN + 8];
-	double ms = ms_since(&e->started);
-	int n;
+	struct httpreq_record r = {
+		.method = e->method, .path = e->path, .request_id = e->request_id, .rule = e->rule,
+		.decided = e->decided, .decision = e->decision, .status = e->status,
+		.grpc_status = -1, .version = "1.1", .bytes_in = e->bytes_in,
+		.bytes_out = e->bytes_out, .started = e->started, .started_wall = e->started_wall,
+	};
 
 	flow(c)->logged = true;
-	metrics_count_http(m, e->status);
-	metrics_observe_duration(m, ms / 1e3);
-	if (c->inbound)
-		peerstats_answer(m->peers, c->peer, e->status, ms / 1e3);
-	if (!c->snap->cfg->access_log)
-		return;
-	log_format_time(when, sizeof(when), e->started_wall.tv_sec, e->started_wall.tv_nsec);
-	conn_source_text(c, from, sizeof(from));
-	json_str(peer, sizeof(peer), c->peer);
-	json_str(path, sizeof(path), e->path);
-	json_str(method, sizeof(method), e->method);
-	json_str(rule, sizeof(rule), e->rule);
-	json_str(rid, sizeof(rid), e->request_id);
-	n = snprintf(line, sizeof(line),
-	             "{\"time\":\"%s\",\"conn\":%llu,\"direction\":\"%s\",\"protocol\":\"http\","
-	             "\"source\":\"%s\",\"peer\":%s,\"destination\":\"%s\",\"method\":%s,"
-	             "\"path\":%s,\"request_id\":%s,\"decision\":%s%s%s,\"rule\":%s,\"status\":%d,"
-	             "\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.3f}",
-	             when, (unsigned long long)c->id, c->inbound ? "inbound" : "outbound", from, peer,
-	             conn_destination_text(c), method, path, rid, e->decided ? "\"" : "",
-	             e->decided ? policy_action_str(e->decision) : "null", e->decided ? "\"" : "",
-	             rule, e->status, (unsigned long long)e->bytes_in,
-	             (unsigned long long)e->bytes_out, ms);
-	if (n > 0 && (size_t)n < sizeof(line))
-		log_access(line, (size_t)n);
+	httpreq_log(c, &r);
 }
 
 /* ---- the proxy's own answers ------------------------------------------- */
@@ -232,23 +189,16 @@ static void log_request(struct conn *c, struct req_entry *e)
 static char *local_response(const struct req_entry *e, int status, const char *reason,
                             bool close_after, size_t *len)
 {
-	char body[512], esc[256], extra[64] = "", *out;
-	int blen, n;
+	struct httpreq_verdict v = {
+		.rule = e ? e->rule : NULL,
+		.traffic_name = e ? e->traffic_name : NULL,
+		.traffic_fault = e && e->traffic_fault,
+	};
+	char body[512], extra[64] = "", *out;
+	int blen = httpreq_error_body(status, &v, reason, body, sizeof(body)), n;
 
-	if (status == 403) {
-		log_json_escape(esc, sizeof(esc), e && e->rule ? e->rule : "default");
-		blen = snprintf(body, sizeof(body), "{\"error\":\"forbidden\",\"rule\":\"%s\"}\n", esc);
-	} else if (e && e->traffic_name) {
-		log_json_escape(esc, sizeof(esc), e->traffic_name);
-		blen = snprintf(body, sizeof(body), e->traffic_fault ?
-		                "{\"error\":\"fault injected\",\"fault\":\"%s\"}\n" :
-		                "{\"error\":\"rate limited\",\"limit\":\"%s\"}\n", esc);
-		if (!e->traffic_fault)
-			snprintf(extra, sizeof(extra), "retry-after: %u\r\n", e->retry_after);
-	} else {
-		log_json_escape(esc, sizeof(esc), reason ? reason : http_status_reason(status));
-		blen = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"status\":%d}\n", esc, status);
-	}
+	if (v.traffic_name && !v.traffic_fault)
+		snprintf(extra, sizeof(extra), "retry-after: %u\r\n", e->retry_after);
 	out = malloc(1024);
 	if (!out)
 		return NULL;
@@ -318,47 +268,6 @@ static size_t pending_len(const struct relay_dir *r)
 	return r->in ? r->in->len - r->in->off : 0;
 }
 
-static bool usable_request_id(const char *id)
-{
-	size_t n = strlen(id);
-
-	if (n == 0 || n > REQUEST_ID_LEN)
-		return false;
-	for (; *id; id++)
-		if (*id <= ' ' || *id > '~' || *id == '"' || *id == '\\')
-			return false;
-	return true;
-}
-
-/*
- * A new request ID: 16 random bytes in hex ("" when the DRBG fails).
- * The bytes come from the worker's pool, refilled 32 IDs at a time: a
- * RAND_bytes call per request cost a tenth of the request's handling,
- * and printing the hex with snprintf a fifth.
- */
-#define ID_BYTES 16
-
-static void new_request_id(struct worker *w, char out[2 * ID_BYTES + 1])
-{
-	static const char hex[] = "0123456789abcdef";
-	const unsigned char *raw;
-
-	if (w->rand_left < ID_BYTES) {
-		if (RAND_bytes(w->rand_pool, sizeof(w->rand_pool)) != 1) {
-			out[0] = '\0';
-			return;
-		}
-		w->rand_left = sizeof(w->rand_pool);
-	}
-	raw = w->rand_pool + sizeof(w->rand_pool) - w->rand_left;
-	w->rand_left -= ID_BYTES;
-	for (size_t i = 0; i < ID_BYTES; i++) {
-		out[2 * i] = hex[raw[i] >> 4];
-		out[2 * i + 1] = hex[raw[i] & 0xf];
-	}
-	out[2 * ID_BYTES] = '\0';
-}
-
 static struct req_entry *push_entry(struct conn *c, const struct http_head *h)
 {
 	struct httpflow *hf = flow(c);
@@ -375,70 +284,29 @@ static struct req_entry *push_entry(struct conn *c, const struct http_head *h)
 	 * Keep the caller's request ID when it sent one usable copy; otherwise
 	 * ours replaces every copy, so the app and every log see the same ID.
 	 */
-	if (http_head_count(h, "x-request-id", &rid) == 1 && usable_request_id(rid)) {
-		snprintf(e->request_id, sizeof(e->request_id), "%s", rid);
-	} else {
-		e->replace_request_id = true;
-		new_request_id(c->w, e->request_id);
-	}
+	if (http_head_count(h, "x-request-id", &rid) != 1)
+		rid = NULL;
+	httpreq_request_id(c->w, rid, e->request_id, &e->replace_request_id);
 	if (hf->q_len == 1)
 		hf->waiting_since = conn_clock_ms();
 	return e;
 }
 
-/* Inbound, a request the policy allowed: the service's rate limits and
- * faults (the one traffic hook). Returns true to forward it. */
-static bool traffic_admits(struct conn *c, struct req_entry *e, const struct policy_request *req)
-{
-	struct snapshot_traffic_verdict v;
-
-	snapshot_traffic_inbound(c->snap, req, &v);
-	if (!v.status)
-		return true;
-	e->local_status = v.status;
-	e->traffic_name = v.name;
-	e->traffic_fault = v.fault;
-	e->retry_after = v.retry_after;
-	return false;
-}
-
 /* Inbound: the policy decides the request. Returns true to forward it. */
 static bool decide(struct conn *c, struct req_entry *e, const struct http_head *h)
 {
-	const struct snapshot *s = c->snap;
-	struct policy_request req = {
-		.peer_id = c->peer,
-		.port = config_addr_port(&s->cfg->inbound[c->listener].forward),
-		.http = true,
-		.method = h->method,
-		.path = h->path,
-		.header = http_head_policy_header,
-		.header_ctx = h,
-	};
-	struct policy_decision d;
-	struct metrics_decision *counter;
+	struct httpreq_verdict v = { 0 };
+	bool ok = httpreq_decide(c, h, &v);
 
-	/* Decide on the head as the app will receive it, or not at all. */
-	e->local_reason = http_head_check_policy_fields(h, s->policy_headers, s->n_policy_headers);
-	if (e->local_reason) {
-		e->local_status = 400;
-		return false;
-	}
-	d = policy_eval(s->policy, &req);
-	counter = snapshot_decision_counter(s, &d);
-	if (counter)
-		metrics_inc(&counter->count);
-	e->decided = true;
-	e->decision = d.action;
-	e->rule = policy_decision_rule(&d);
-	peerstats_decision(c->w->shared->metrics->peers, c->peer, d.action == POLICY_ALLOW, e->rule,
-	                   h->method, h->path);
-	if (d.action == POLICY_ALLOW)
-		return traffic_admits(c, e, &req);
-	e->local_status = 403;
-	log_info("conn %llu: %s %s %s denied by rule %s", (unsigned long long)c->id, c->peer,
-	         h->method, h->path, e->rule);
-	return false;
+	e->local_status = v.local_status;
+	e->local_reason = v.local_reason;
+	e->decided = v.decided;
+	e->decision = v.decision;
+	e->rule = v.rule;
+	e->traffic_name = v.traffic_name;
+	e->traffic_fault = v.traffic_fault;
+	e->retry_after = v.retry_after;
+	return ok;
 }
 
 /*
@@ -469,22 +337,6 @@ static int serialize_head(const struct http_head *h, const struct http_rewrite *
 	return -1;
 }
 
-/*
- * Appends s to the string of n bytes in out (cap bytes), truncating as
- * snprintf would. Returns the new length. For the per-request header
- * value: snprintf cost 3% of an inbound request.
- */
-static size_t cat(char *out, size_t cap, size_t n, const char *s)
-{
-	size_t len = strlen(s);
-
-	if (len > cap - 1 - n)
-		len = cap - 1 - n;
-	memcpy(out + n, s, len);
-	out[n + len] = '\0';
-	return n + len;
-}
-
 /* Serialises the head to forward, with our x-forwarded-client-cert and x-request-id. */
 static int forward_head(struct conn *c, struct req_entry *e, const struct http_head *h)
 {
@@ -499,11 +351,7 @@ static int forward_head(struct conn *c, struct req_entry *e, const struct http_h
 
 	/* Inbound sets it from the verified peer; outbound only strips the app's copy. */
 	if (c->inbound) {
-		size_t n = cat(xfcc, sizeof(xfcc), 0, "By=");
-
-		n = cat(xfcc, sizeof(xfcc), n, c->snap->self_id);
-		n = cat(xfcc, sizeof(xfcc), n, ";URI=");
-		cat(xfcc, sizeof(xfcc), n, c->peer);
+		httpreq_xfcc(c, xfcc, sizeof(xfcc));
 		set[0].value = xfcc;
 	}
 	if (serialize_head(h, &rw, &r->owned, &need) < 0)
@@ -636,13 +484,49 @@ static bool head_too_slow(const struct conn *c, uint64_t now)
 	return due && now >= due;
 }
 
+/*
+ * Before the first request: the HTTP/2 preface switches the connection to
+ * h2flow (h2c prior knowledge from an app, h2 between sidecars). Returns
+ * SNIFF_HTTP1 to go on as HTTP/1.1, or what produce returns: 0 to wait
+ * for more bytes, or (after a switch, hf gone) h2flow's first produce.
+ */
+#define SNIFF_HTTP1 2
+
+static int sniff(struct conn *c)
+{
+	struct httpflow *hf = flow(c);
+	struct relay_dir *r = &c->d[req_dir(c)];
+	int p = h2_is_preface(pending(r), pending_len(r));
+
+	if (p < 0 && !r->src_eof) {
+		r->need_more = pending_len(r) > 0;
+		return 0;
+	}
+	if (p <= 0) {
+		hf->sniffed = true;
+		if (c->d[resp_dir(c)].src_eof && pending_len(r))
+			return on_request_error(c, 502, "upstream closed the connection");
+		if (c->inbound && c->snap->cfg->inbound[c->listener].app_protocol == APP_PROTO_H2C &&
+		    pending_len(r))
+			return on_request_error(c, 502, "app_protocol h2c cannot carry an HTTP/1.1 "
+			                                "caller yet (needs the inbound pool)");
+		return SNIFF_HTTP1;
+	}
+	if (conn_switch_proto(c, &h2flow_ops) < 0)
+		return -1;
+	return c->proto->produce(c, req_dir(c));
+}
+
 static int produce_request(struct conn *c)
 {
 	struct httpflow *hf = flow(c);
 	struct relay_dir *r = &c->d[req_dir(c)];
 	struct http_event ev;
 	size_t used = 0;
+	int rc;
 
+	if (!hf->sniffed && (rc = sniff(c)) != SNIFF_HTTP1)
+		return rc;
 	if (hf->req_stopped || r->paused || hf->q_len == HTTPFLOW_INFLIGHT)
 		return 0;
 	/* Fed even with no bytes left: a message may end exactly at the buffer's end. */
@@ -761,6 +645,10 @@ static int produce_response(struct conn *c)
 
 	if (e && e->local_status && !hf->resp_in_message)
 		return answer_front(c);
+	/* An h2c app may speak first (its SETTINGS): kept until the client's
+	 * preface says which protocol this is. */
+	if (!hf->sniffed)
+		return 0;
 	if (!hf->resp_expected && !hf->tunnel) {
 		if (pending_len(r) == 0)
 			return 0;
@@ -843,6 +731,11 @@ static int httpflow_eof(struct conn *c, int d)
 
 	if (hf->tunnel)
 		return 0;
+	if (!hf->sniffed && d == resp_dir(c)) {
+		/* Which protocol tells the client is not known yet: held (sniff). */
+		c->d[d].dst_shut = true;
+		return 0;
+	}
 	if (d == req_dir(c)) {
 		ev = http_finish(&hf->req);
 		/* A request cut short cannot be answered: its head may be upstream already. */
@@ -864,6 +757,12 @@ static int httpflow_eof(struct conn *c, int d)
 	hf->resp_in_message = false;
 	if (hf->q_len)
 		fail_unanswered(c);
+	/* Reset (conn.c upstream_lost): no more requests; idle, it closes now. */
+	if (c->d[req_dir(c)].dst_shut) {
+		stop_requests(c);
+		if (hf->q_len == 0)
+			c->closing = true;
+	}
 	/* No more requests are read (connection: close): nothing keeps it open now. */
 	if (hf->req_stopped && hf->q_len == 0)
 		c->closing = true;

@@ -22,6 +22,13 @@
 
 enum listener_protocol { PROTO_TCP = 0, PROTO_HTTP = 1 };
 
+/* inbound[].app_protocol: what an http listener speaks to its app. */
+enum app_protocol {
+	APP_PROTO_AUTO = 0,             /* what the calling app used (default) */
+	APP_PROTO_HTTP1,
+	APP_PROTO_H2C,
+};
+
 /* A socket address given as "ip:port" or "[ipv6]:port" (hostnames are
  * resolved once, at load). text keeps the form as written. */
 struct config_addr {
@@ -35,6 +42,7 @@ struct config_inbound {
 	struct config_addr forward;
 	struct config_addr advertise;
 	enum listener_protocol protocol;
+	enum app_protocol app_protocol;
 };
 
 struct config_outbound {
@@ -52,6 +60,13 @@ struct config_timeouts {            /* all in milliseconds */
 	uint32_t drain_ms;              /* SIGTERM drain: default 30 s */
 	uint32_t request_head_ms;       /* http: a request head must arrive whole: 10 s */
 	uint32_t response_head_ms;      /* http: upstream's response head, else 504: 30 s */
+};
+
+/* The "http2" section: limits of every HTTP/2 session. */
+struct config_http2 {
+	uint32_t max_concurrent_streams;    /* default 100 */
+	uint32_t max_header_list_bytes;     /* default 16384 */
+	uint32_t initial_window_bytes;      /* default 65535 */
 };
 
 enum config_log_level { CONFIG_LOG_DEBUG, CONFIG_LOG_INFO, CONFIG_LOG_WARN, CONFIG_LOG_ERROR };
@@ -88,6 +103,7 @@ struct config {
 	int workers;                    /* 0 in the file = one per core, resolved here */
 	uint32_t max_connections;       /* per process; default 10000 */
 	struct config_timeouts timeouts;
+	struct config_http2 http2;
 	enum config_log_level log_level; /* default info */
 	bool access_log;                 /* default true */
 };

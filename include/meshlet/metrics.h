@@ -40,6 +40,22 @@ struct metrics_labeled {
 	char label[];
 };
 
+/* Why an HTTP/2 connection was ended for abuse: meshlet_http2_abuse_total{kind}. */
+enum metrics_h2_abuse {
+	H2_ABUSE_RAPID_RESET,
+	H2_ABUSE_CONTROL_FLOOD,       /* SETTINGS, PING, PRIORITY, empty frames; or
+	                                 their acks piling up (nghttp2's ERR_FLOODED) */
+	H2_ABUSE_CONTINUATION_FLOOD,
+	H2_ABUSE_HEADER_LIST,         /* a decoded header list over the limit (HPACK bomb) */
+	H2_ABUSE_TOO_MANY_STREAMS,
+	H2_ABUSE_PROTOCOL,            /* any other connection error */
+	H2_ABUSE_COUNT
+};
+
+const char *metrics_h2_abuse_str(enum metrics_h2_abuse k);
+
+#define METRICS_GRPC_CODES 17         /* grpc-status 0..16 */
+
 struct metrics {
 	atomic_uint_fast64_t connections_total[DIR_COUNT];
 	atomic_int_fast64_t connections_active[DIR_COUNT];
@@ -47,6 +63,8 @@ struct metrics {
 	atomic_uint_fast64_t handshake_failures[TLS_FAIL_COUNT];     /* by enum tls_failure */
 	atomic_uint_fast64_t tls_resumed[DIR_COUNT];  /* handshakes that resumed a session */
 	atomic_uint_fast64_t http_requests[600];                      /* by status code */
+	atomic_uint_fast64_t grpc_requests[METRICS_GRPC_CODES];      /* by grpc-status */
+	atomic_uint_fast64_t http2_abuse[H2_ABUSE_COUNT];
 	atomic_uint_fast64_t duration_buckets[METRICS_DURATION_BUCKETS + 1]; /* last: +Inf */
 	atomic_uint_fast64_t duration_count;
 	atomic_uint_fast64_t duration_sum_us;
@@ -77,6 +95,8 @@ static inline void metrics_add(atomic_uint_fast64_t *c, uint64_t n) { atomic_fet
 
 void metrics_observe_duration(struct metrics *m, double seconds);
 void metrics_count_http(struct metrics *m, int status);
+/* Counts one gRPC call by grpc-status; codes outside 0..16 are ignored. */
+void metrics_count_grpc(struct metrics *m, int grpc_status);
 
 /* Writes the Prometheus text exposition (version 0.0.4) of m to out.
  * Returns 0 or -EIO. */

@@ -124,6 +124,13 @@ void tls_material_free(struct tls_material *m);
  */
 SSL_CTX *tls_server_ctx(const struct tls_material *m, const struct tls_options *o,
                         struct meshlet_err *err);
+
+/*
+ * The ALPN list (wire format) a client connecting an HTTP listener offers
+ * and the server prefers in this order: h2, then http/1.1. The server
+ * context selects from it; connections that offer nothing (tcp) get none.
+ */
+#define TLS_ALPN_HTTP "\x02h2\x08http/1.1"
 SSL_CTX *tls_client_ctx(const struct tls_material *m, const struct tls_options *o,
                         struct meshlet_err *err);
 

@@ -321,7 +321,7 @@ def test_dockerfile_stages_user_healthcheck_expose():
 
     bpk = apt_packages(build)
     for p in ("meson", "ninja-build", "pkg-config", "libssl-dev", "libevent-dev", "libjansson-dev",
-              "libsqlite3-dev", "libhttp-parser-dev"):
+              "libsqlite3-dev", "libhttp-parser-dev", "libnghttp2-dev"):
         assert p in bpk, f"build stage does not install {p}"
     runs = " ".join(r for k, r in build["ins"] if k == "RUN")
     assert re.search(r"meson setup .*--buildtype=release", runs)
@@ -332,7 +332,7 @@ def test_dockerfile_stages_user_healthcheck_expose():
     assert rpk, "rootfs stage installs no packages"
     assert not [p for p in rpk if p.endswith("-dev")], f"-dev packages at runtime: {rpk}"
     for p in ("iptables", "ca-certificates", "libssl3", "libjansson4", "libsqlite3-0",
-              "libhttp-parser2.9"):
+              "libhttp-parser2.9", "libnghttp2-14"):
         assert p in rpk, f"runtime stage does not install {p}"
     assert "curl" not in rpk and "wget" not in rpk, "meshlet-probe replaces curl"
     assert any(k == "RUN" and "rm -rf /var/lib/apt/lists" in r for k, r in rootfs["ins"])

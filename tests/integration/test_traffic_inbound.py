@@ -14,14 +14,15 @@ import time
 from control_helpers import control_factory  # noqa: F401
 from dynamic_helpers import dyn  # noqa: F401
 from helpers import addr, free_port, spiffe, wait_for
+from h2_helpers import DualApp, H2Client
 from http_helpers import HttpApp, HttpClient, frontend_ctx, request, timeouts
 
 FRONTEND, OPS = spiffe("frontend"), spiffe("ops")
 RULES = [{"name": "callers", "action": "allow", "from": [FRONTEND, OPS]}]
 
 
-def inbound(mesh, tmp_path, traffic):
-    app = HttpApp("ok")
+def inbound(mesh, tmp_path, traffic, app=None):
+    app = app or HttpApp("ok")
     mesh.apps.append(app)
     f = tmp_path / "traffic.json"
     f.write_text(json.dumps(traffic))
@@ -82,6 +83,38 @@ def test_fault_abort(mesh, pki, tmp_path):
     m = p.metrics()
     assert m.get("meshlet_faults_injected_total", fault="boom") == 2
     assert m.get("meshlet_faults_injected_total", fault="never") == 0
+
+
+def test_http2_streams_get_the_same_limits_and_faults(mesh, pki, tmp_path):
+    """HTTP/2 streams pass the same hook: a 429 with Retry-After and the
+    limit's JSON, a fault's status and JSON; gRPC calls get RESOURCE_EXHAUSTED
+    and UNAVAILABLE trailers naming them."""
+    p, port, app = inbound(mesh, tmp_path, {
+        "service": "orders",
+        "rate_limits": [{"name": "fe-rps", "from": [FRONTEND], "paths": ["/limited/*"],
+                         "requests_per_second": 1, "burst": 1}],
+        "faults": [{"name": "boom", "paths": ["/boom/*", "/shop.Orders/*"], "percent": 100,
+                    "abort_status": 503}]}, app=DualApp())
+    grpc = [("content-type", "application/grpc"), ("te", "trailers")]
+    with H2Client(port, frontend_ctx(pki)) as c:
+        first, second = c.request("/limited/1"), c.request("/limited/2")
+        boom = c.request("/boom/1")
+        call = c.request("/shop.Orders/Get", "POST", headers=grpc, body=b"\0\0\0\0\0")
+        st, _, _, reset, _ = c.response(first)
+        assert (st, reset) == (200, None)
+        st, h, body, _, _ = c.response(second)
+        assert st == 429 and h["retry-after"] == "1", h
+        assert json.loads(body) == {"error": "rate limited", "limit": "fe-rps"}
+        st, _, body, _, _ = c.response(boom)
+        assert st == 503 and json.loads(body) == {"error": "fault injected", "fault": "boom"}
+        st, h, _, _, trailers = c.response(call)
+        fields = {**h, **(trailers or {})}
+        assert st == 200 and fields["grpc-status"] == "14", fields
+        assert fields["grpc-message"] == "fault injected: boom"
+    assert app.paths() == ["/limited/1"]
+    m = p.metrics()
+    assert m.get("meshlet_rate_limited_total", limit="fe-rps") == 1
+    assert m.get("meshlet_faults_injected_total", fault="boom") == 2
 
 
 def test_fault_percentage_within_binomial_interval(mesh, pki, tmp_path):

@@ -102,6 +102,28 @@ static void test_minimal_static_defaults(void **state)
 	assert_int_equal(c->timeouts.drain_ms, 30000);
 	assert_int_equal(c->log_level, CONFIG_LOG_INFO);
 	assert_true(c->access_log);
+	assert_int_equal(c->http2.max_concurrent_streams, 100);
+	assert_int_equal(c->http2.max_header_list_bytes, 16384);
+	assert_int_equal(c->http2.initial_window_bytes, 65535);
+	assert_int_equal(c->inbound[0].app_protocol, APP_PROTO_AUTO);
+	config_free(c);
+}
+
+static void test_http2_and_app_protocol(void **state)
+{
+	struct config *c = parse_ok("{" STATIC ", "
+		INB("{\"listen\": \"127.0.0.1:1\", \"forward\": \"127.0.0.1:2\", \"protocol\": \"http\","
+		    " \"app_protocol\": \"h2c\"}, {\"listen\": \"127.0.0.1:3\","
+		    " \"forward\": \"127.0.0.1:4\", \"protocol\": \"http\", \"app_protocol\": \"http1\"}")
+		", \"http2\": {\"max_concurrent_streams\": 50, \"max_header_list_bytes\": 8192,"
+		" \"initial_window_bytes\": 1048576}}", FILE_NAME);
+
+	(void)state;
+	assert_int_equal(c->inbound[0].app_protocol, APP_PROTO_H2C);
+	assert_int_equal(c->inbound[1].app_protocol, APP_PROTO_HTTP1);
+	assert_int_equal(c->http2.max_concurrent_streams, 50);
+	assert_int_equal(c->http2.max_header_list_bytes, 8192);
+	assert_int_equal(c->http2.initial_window_bytes, 1048576);
 	config_free(c);
 }
 
@@ -279,6 +301,20 @@ struct bad_case {
 
 static const struct bad_case bad_cases[] = {
 	{"[]", "must be an object"},
+	{"{" STATIC ", " IN1 ", \"http2\": {\"max_streams\": 1}}", "http2.max_streams: unknown field"},
+	{"{" STATIC ", " IN1 ", \"http2\": {\"max_concurrent_streams\": 0}}",
+	 "http2.max_concurrent_streams: must be 1..1000"},
+	{"{" STATIC ", " IN1 ", \"http2\": {\"max_header_list_bytes\": 100}}",
+	 "http2.max_header_list_bytes: must be 1024..262144"},
+	{"{" STATIC ", " IN1 ", \"http2\": {\"initial_window_bytes\": 2147483647}}",
+	 "http2.initial_window_bytes: must be 1024..16777216"},
+	{"{" STATIC ", " IN1 ", \"http2\": []}", "http2: must be an object"},
+	{"{" STATIC ", " INB("{\"listen\": \"127.0.0.1:1\", \"forward\": \"127.0.0.1:2\","
+	                    " \"protocol\": \"http\", \"app_protocol\": \"h3\"}") "}",
+	 "inbound[0].app_protocol: must be \"auto\", \"http1\" or \"h2c\""},
+	{"{" STATIC ", " INB("{\"listen\": \"127.0.0.1:1\", \"forward\": \"127.0.0.1:2\","
+	                    " \"app_protocol\": \"h2c\"}") "}",
+	 "inbound[0].app_protocol: only for \"protocol\": \"http\" listeners"},
 	{"{" STATIC ", " IN1 ", \"workrs\": 2}", "workrs: unknown field"},
 	{"{" ID ", \"policy_file\": \"p\", " IN1 ", \"tls\": {\"crt\": \"a\"}}",
 	 "tls.crt: unknown field"},
@@ -642,6 +678,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_minimal_static_defaults),
+		cmocka_unit_test(test_http2_and_app_protocol),
 		cmocka_unit_test(test_full_control),
 		cmocka_unit_test(test_control_urls),
 		cmocka_unit_test(test_full_static_tls),

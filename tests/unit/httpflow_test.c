@@ -376,12 +376,23 @@ static void test_too_many_fields(void **state)
 	free(down);
 }
 
-/* An upstream that answers what nobody asked is not trusted further. */
+/*
+ * An upstream that answers what nobody asked is not trusted further, once
+ * the client's first bytes said HTTP/1.1. Before them it is held: an h2c
+ * app may send its SETTINGS first, and only the client's preface says.
+ */
 static void test_response_without_request(void **state)
 {
 	struct harness *h = *state;
+	char *out;
 
 	put(h, resp_dir(h), "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+	out = run(h, resp_dir(h));
+	assert_string_equal(out, "");
+	free(out);
+	assert_non_null(h->c);
+	put(h, req_dir(h), "GE");
+	free(run(h, req_dir(h)));
 	free(run(h, resp_dir(h)));
 	assert_null(h->c);
 	assert_int_equal(h->w.n_conns, 0);

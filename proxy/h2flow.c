@@ -1,0 +1,1305 @@
+/* h2flow: HTTP/2 streams between a client-facing and an upstream-facing nghttp2 session. */
+#include "h2flow.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "meshlet/http.h"
+#include "meshlet/log.h"
+#include "conn.h"
+#include "h2session.h"
+#include "httpreq.h"
+#include "snapshot.h"
+#include "worker-t.h"
+
+#define OUT_GATHER 65536      /* frames gathered into one write, at most */
+#define MAX_FIELDS 256        /* fields of one header block we keep */
+/* The upstream is gone: streams still arriving are answered 502 / gRPC 14
+ * for this long (a client may have sent its request before it could know),
+ * then GOAWAY and close. */
+#define GONE_GRACE_MS 1000
+
+enum {
+	GRPC_CANCELLED = 1, GRPC_INVALID_ARGUMENT = 3, GRPC_DEADLINE = 4, GRPC_DENIED = 7,
+	GRPC_RESOURCE_EXHAUSTED = 8, GRPC_UNKNOWN = 2, GRPC_UNAVAILABLE = 14,
+};
+
+/* A header block, copied: names and values in one buffer, by offset. */
+struct hfield {
+	uint32_t name_off, name_len, value_off, value_len;
+};
+
+struct h2hdrs {
+	char *buf;
+	size_t len, cap;
+	struct hfield *f;
+	size_t n, cap_n;
+};
+
+/* Body bytes received on one side, waiting for the other side to take them. */
+struct h2chunk {
+	struct h2chunk *next;
+	size_t off, len;
+	char data[];
+};
+
+struct h2half {
+	struct h2hdrs head, trailers;
+	struct h2chunk *first, *last;
+	size_t buffered;
+	bool in_trailers;          /* the header block arriving is trailers */
+	bool head_done;
+	bool end;                  /* END_STREAM received */
+};
+
+struct h2stream {
+	struct h2stream *prev, *next;
+	struct h2flow *f;          /* the client connection it belongs to */
+	int32_t down_id, up_id;    /* on the client's session, the upstream's (0: none) */
+	struct h2half req, resp;
+	bool down_closed, up_closed;
+	bool resp_started;         /* the response HEADERS went to the client's session */
+	bool local;                /* answered by the proxy: request bytes are dropped */
+	bool grpc;
+	int grpc_status;           /* -1: none seen */
+	uint64_t resp_due;         /* conn_clock_ms(): the response head is due (0: not awaited) */
+	uint64_t deadline;         /* grpc-timeout, 0: none */
+	char *local_body;
+	size_t local_len, local_off;
+	char *method, *path;
+	char rid[HTTPREQ_ID_LEN + 1];
+	bool replace_rid;
+	struct httpreq_record rec;
+	struct httpreq_verdict verdict;   /* inbound: what the policy and traffic said */
+};
+
+struct h2flow {
+	struct conn *c;
+	nghttp2_session *down;     /* faces the client: we are its server */
+	nghttp2_session *up;       /* faces the upstream: we are its client; NULL once gone */
+	struct h2stream *streams;
+	size_t n_streams;          /* in the list (until both sessions are done with them) */
+	size_t open_down;          /* open on the client's session */
+	struct h2_guard guard;
+	bool dead;                 /* GOAWAY for an error: nothing more is taken */
+	bool goaway;               /* GOAWAY sent or queued */
+	uint64_t gone_at;          /* conn_clock_ms() the upstream went, 0: it is there */
+	bool logged;
+};
+
+static struct h2flow *flow(const struct conn *c)
+{
+	return c->proto_ctx;
+}
+
+static int req_dir(const struct conn *c)
+{
+	return c->inbound ? RELAY_DOWN : RELAY_UP;
+}
+
+/* ---- header blocks ------------------------------------------------------ */
+
+static int hdrs_add(struct h2hdrs *h, const uint8_t *name, size_t nl, const uint8_t *val,
+                    size_t vl)
+{
+	size_t need = h->len + nl + vl + 2;
+
+	if (h->n == MAX_FIELDS)
+		return -ENOSPC;
+	if (need > h->cap) {
+		size_t cap = h->cap ? h->cap * 2 : 512;
+		char *b;
+
+		while (cap < need)
+			cap *= 2;
+		if (!(b = realloc(h->buf, cap)))
+			return -ENOMEM;
+		h->buf = b;
+		h->cap = cap;
+	}
+	if (h->n == h->cap_n) {
+		size_t cap_n = h->cap_n ? h->cap_n * 2 : 16;
+		struct hfield *f = realloc(h->f, cap_n * sizeof(*f));
+
+		if (!f)
+			return -ENOMEM;
+		h->f = f;
+		h->cap_n = cap_n;
+	}
+	h->f[h->n] = (struct hfield){ (uint32_t)h->len, (uint32_t)nl, (uint32_t)(h->len + nl + 1),
+	                              (uint32_t)vl };
+	memcpy(h->buf + h->len, name, nl);
+	h->buf[h->len + nl] = '\0';
+	memcpy(h->buf + h->len + nl + 1, val, vl);
+	h->buf[need - 1] = '\0';
+	h->len = need;
+	h->n++;
+	return 0;
+}
+
+static void hdrs_free(struct h2hdrs *h)
+{
+	free(h->buf);
+	free(h->f);
+	memset(h, 0, sizeof(*h));
+}
+
+static struct h2_field field(const struct h2hdrs *h, size_t i)
+{
+	return (struct h2_field){ h->buf + h->f[i].name_off, h->buf + h->f[i].value_off,
+	                          h->f[i].name_len, h->f[i].value_len };
+}
+
+/* The fields of h as h2_field, into out (h->n entries). */
+static void hdrs_fields(const struct h2hdrs *h, struct h2_field *out)
+{
+	for (size_t i = 0; i < h->n; i++)
+		out[i] = field(h, i);
+}
+
+/* The value of the first field called name (NUL-terminated), or NULL; *count copies. */
+static const char *hdrs_get(const struct h2hdrs *h, const char *name, size_t *count)
+{
+	const char *v = NULL;
+	size_t n = 0, len = strlen(name);
+
+	for (size_t i = 0; i < h->n; i++) {
+		if (h->f[i].name_len == len && !memcmp(h->buf + h->f[i].name_off, name, len)) {
+			if (!v)
+				v = h->buf + h->f[i].value_off;
+			n++;
+		}
+	}
+	if (count)
+		*count = n;
+	return v;
+}
+
+static nghttp2_nv nv(const char *name, const char *value, size_t vlen)
+{
+	return (nghttp2_nv){ (uint8_t *)name, (uint8_t *)value, strlen(name), vlen,
+	                     NGHTTP2_NV_FLAG_NONE };
+}
+
+static nghttp2_nv nv_of(const struct h2hdrs *h, size_t i)
+{
+	return (nghttp2_nv){ (uint8_t *)h->buf + h->f[i].name_off,
+	                     (uint8_t *)h->buf + h->f[i].value_off, h->f[i].name_len,
+	                     h->f[i].value_len, NGHTTP2_NV_FLAG_NONE };
+}
+
+/* ---- bodies ------------------------------------------------------------- */
+
+static int body_add(struct h2half *h, const uint8_t *data, size_t len)
+{
+	struct h2chunk *k = malloc(sizeof(*k) + len);
+
+	if (!k)
+		return -ENOMEM;
+	k->next = NULL;
+	k->off = 0;
+	k->len = len;
+	memcpy(k->data, data, len);
+	if (h->last)
+		h->last->next = k;
+	else
+		h->first = k;
+	h->last = k;
+	h->buffered += len;
+	return 0;
+}
+
+/* Takes up to len bytes into buf. Returns how many. */
+static size_t body_take(struct h2half *h, uint8_t *buf, size_t len)
+{
+	size_t got = 0;
+
+	while (got < len && h->first) {
+		struct h2chunk *k = h->first;
+		size_t n = k->len - k->off < len - got ? k->len - k->off : len - got;
+
+		memcpy(buf + got, k->data + k->off, n);
+		k->off += n;
+		got += n;
+		if (k->off == k->len) {
+			h->first = k->next;
+			if (!h->first)
+				h->last = NULL;
+			free(k);
+		}
+	}
+	h->buffered -= got;
+	return got;
+}
+
+/* Frees what was never passed on; the session it came from gets its
+ * connection window back (the stream's is gone with it). */
+static void half_free(struct h2half *h, nghttp2_session *from)
+{
+	if (from && h->buffered)
+		nghttp2_session_consume_connection(from, h->buffered);
+	while (h->first) {
+		struct h2chunk *k = h->first;
+
+		h->first = k->next;
+		free(k);
+	}
+	h->last = NULL;
+	h->buffered = 0;
+	hdrs_free(&h->head);
+	hdrs_free(&h->trailers);
+}
+
+/* ---- streams ------------------------------------------------------------ */
+
+static struct h2stream *stream_new(struct h2flow *f, int32_t id)
+{
+	struct h2stream *s = calloc(1, sizeof(*s));
+
+	if (!s)
+		return NULL;
+	s->f = f;
+	s->down_id = id;
+	s->grpc_status = -1;
+	s->rec.grpc_status = -1;
+	s->rec.version = "2";
+	httpreq_started(&s->rec);
+	s->next = f->streams;
+	if (f->streams)
+		f->streams->prev = s;
+	f->streams = s;
+	f->n_streams++;
+	f->open_down++;
+	return s;
+}
+
+static void stream_free(struct h2flow *f, struct h2stream *s)
+{
+	if (s->prev)
+		s->prev->next = s->next;
+	else
+		f->streams = s->next;
+	if (s->next)
+		s->next->prev = s->prev;
+	f->n_streams--;
+	half_free(&s->req, f->down);
+	half_free(&s->resp, f->up);
+	free(s->local_body);
+	free(s->method);
+	free(s->path);
+	free(s);
+}
+
+/* Both sessions are done with s: it goes. */
+static void stream_maybe_free(struct h2flow *f, struct h2stream *s)
+{
+	if (s->down_closed && (s->up_closed || !s->up_id))
+		stream_free(f, s);
+}
+
+static void stream_log(struct h2flow *f, struct h2stream *s, int status_if_none)
+{
+	if (s->rec.status == 0 && status_if_none)
+		s->rec.status = status_if_none;
+	if (s->grpc)
+		s->rec.grpc_status = s->grpc_status >= 0 ? s->grpc_status : GRPC_CANCELLED;
+	s->rec.method = s->method;
+	s->rec.path = s->path;
+	s->rec.request_id = s->rid[0] ? s->rid : NULL;
+	f->logged = true;
+	httpreq_log(f->c, &s->rec);
+}
+
+/* ---- the proxy's own answers ------------------------------------------- */
+
+static ssize_t local_read(nghttp2_session *sess, int32_t id, uint8_t *buf, size_t len,
+                          uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+	struct h2stream *s = src->ptr;
+	size_t n = s->local_len - s->local_off < len ? s->local_len - s->local_off : len;
+
+	memcpy(buf, s->local_body + s->local_off, n);
+	s->local_off += n;
+	if (s->local_off == s->local_len)
+		*flags |= NGHTTP2_DATA_FLAG_EOF;
+	return (ssize_t)n;
+}
+
+/*
+ * Answers s on the client's session: gRPC gets a trailers-only response
+ * with grpc_status and message; anything else status with the same JSON
+ * body as HTTP/1.1. The request's remaining body is dropped.
+ */
+static void answer_local(struct h2flow *f, struct h2stream *s, int status, int grpc_status,
+                         const char *message)
+{
+	char code[4], gs[4], body[512], len_text[24], retry[16], *msg_copy = NULL;
+	nghttp2_data_provider prd = { .source.ptr = s, .read_callback = local_read };
+	nghttp2_nv hdr[8];
+	size_t n = 0;
+
+	if (s->resp_started || s->down_closed)
+		return;
+	s->local = true;
+	s->resp_started = true;
+	s->resp_due = 0;
+	/* What arrived of the request and what is still on its way are dropped. */
+	nghttp2_session_consume(f->down, s->down_id, s->req.buffered);
+	half_free(&s->req, NULL);
+	snprintf(code, sizeof(code), "%d", s->grpc ? 200 : status);
+	hdr[n++] = nv(":status", code, strlen(code));
+	if (s->grpc) {
+		snprintf(gs, sizeof(gs), "%d", grpc_status);
+		msg_copy = strdup(message ? message : "");
+		hdr[n++] = nv("content-type", "application/grpc", 16);
+		hdr[n++] = nv("grpc-status", gs, strlen(gs));
+		if (msg_copy)
+			hdr[n++] = nv("grpc-message", msg_copy, strlen(msg_copy));
+		s->grpc_status = grpc_status;
+		s->rec.status = 200;
+	} else {
+		int len = httpreq_error_body(status, &s->verdict, message, body, sizeof(body));
+
+		s->local_body = malloc((size_t)len);
+		if (s->local_body) {
+			memcpy(s->local_body, body, (size_t)len);
+			s->local_len = (size_t)len;
+		}
+		hdr[n++] = nv("content-type", "application/json", 16);
+		s->rec.status = status;
+	}
+	if (s->rid[0])
+		hdr[n++] = nv("x-request-id", s->rid, strlen(s->rid));
+	if (s->verdict.traffic_name && !s->verdict.traffic_fault) {
+		snprintf(retry, sizeof(retry), "%u", s->verdict.retry_after);
+		hdr[n++] = nv("retry-after", retry, strlen(retry));
+	}
+	/* HEAD: the length of the body, not the body. */
+	if (s->local_body && s->method && !strcmp(s->method, "HEAD")) {
+		snprintf(len_text, sizeof(len_text), "%zu", s->local_len);
+		hdr[n++] = nv("content-length", len_text, strlen(len_text));
+		free(s->local_body);
+		s->local_body = NULL;
+		s->local_len = 0;
+	}
+	if (nghttp2_submit_response(f->down, s->down_id, hdr, n,
+	                            s->grpc || !s->local_body ? NULL : &prd) != 0)
+		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, NGHTTP2_INTERNAL_ERROR);
+	s->rec.bytes_out += s->local_len;
+	free(msg_copy);    /* nghttp2 copied the header block */
+}
+
+/* The upstream cannot answer s: 502 (gRPC: UNAVAILABLE), or 504 when it timed out. */
+static void answer_unavailable(struct h2flow *f, struct h2stream *s, int status,
+                               const char *why)
+{
+	if (s->resp_started) {
+		/* Part of the response went out: only a reset tells the client. */
+		if (!s->down_closed)
+			nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id,
+			                          NGHTTP2_INTERNAL_ERROR);
+		return;
+	}
+	answer_local(f, s, status, GRPC_UNAVAILABLE, why);
+}
+
+/* ---- abuse and session errors ------------------------------------------ */
+
+/* The client abused the connection: GOAWAY with code, counted, nothing more taken. */
+static void abuse(struct h2flow *f, int kind, uint32_t code)
+{
+	struct conn *c = f->c;
+
+	if (f->dead)
+		return;
+	f->dead = true;
+	f->goaway = true;
+	metrics_inc(&c->w->shared->metrics->http2_abuse[kind]);
+	log_warn("conn %llu: HTTP/2 %s from %s: GOAWAY %s", (unsigned long long)c->id,
+	         metrics_h2_abuse_str((enum metrics_h2_abuse)kind),
+	         c->peer ? c->peer : "app", nghttp2_http2_strerror(code));
+	nghttp2_session_terminate_session(f->down, code);
+	c->closing = true;
+}
+
+/* The upstream's session is gone or broken: every stream it held is answered. */
+static void upstream_gone(struct h2flow *f, const char *why)
+{
+	struct h2stream *s, *next;
+
+	if (!f->up)
+		return;
+	log_info("conn %llu: HTTP/2 upstream %s: %s", (unsigned long long)f->c->id,
+	         conn_destination_text(f->c), why);
+	for (s = f->streams; s; s = next) {
+		next = s->next;
+		if (s->up_id && !s->up_closed) {
+			s->up_closed = true;
+			half_free(&s->resp, NULL);
+			answer_unavailable(f, s, 502, "upstream unavailable");
+		}
+	}
+	nghttp2_session_del(f->up);
+	f->up = NULL;
+	f->gone_at = conn_clock_ms();
+	/* No new streams, please (GOAWAY with the last ID possible); the final
+	 * GOAWAY and the close come after GONE_GRACE_MS (h2flow_on_timeout). */
+	if (!f->goaway)
+		nghttp2_submit_shutdown_notice(f->down);
+	conn_kick(f->c);
+	for (s = f->streams; s; s = next) {
+		next = s->next;
+		stream_maybe_free(f, s);
+	}
+}
+
+static int abuse_of_error(int rc)
+{
+	switch (rc) {
+	case NGHTTP2_ERR_FLOODED:
+		return H2_ABUSE_CONTROL_FLOOD;    /* SETTINGS/PING acks queued past nghttp2's bound */
+	case NGHTTP2_ERR_TOO_MANY_CONTINUATIONS:
+		return H2_ABUSE_CONTINUATION_FLOOD;
+	default:
+		return H2_ABUSE_PROTOCOL;
+	}
+}
+
+/* ---- the request side --------------------------------------------------- */
+
+/*
+ * A data provider's read: takes what half h buffered, reopens the window
+ * of the session it came from (from, from_id) by that much, and at the end
+ * of h sends its trailers or END_STREAM. more: the source may still add
+ * bytes (else an empty buffer is the end).
+ */
+static ssize_t pass_body(nghttp2_session *to, int32_t id, struct h2half *h, nghttp2_session *from,
+                         int32_t from_id, bool more, uint64_t *count, uint8_t *buf, size_t len,
+                         uint32_t *flags)
+{
+	size_t n = body_take(h, buf, len);
+
+	if (n) {
+		if (from)
+			nghttp2_session_consume(from, from_id, n);
+		*count += n;
+	}
+	if (h->buffered || more)
+		return n ? (ssize_t)n : NGHTTP2_ERR_DEFERRED;
+	*flags |= NGHTTP2_DATA_FLAG_EOF;
+	if (h->trailers.n) {
+		nghttp2_nv t[MAX_FIELDS];
+
+		for (size_t i = 0; i < h->trailers.n; i++)
+			t[i] = nv_of(&h->trailers, i);
+		if (nghttp2_submit_trailer(to, id, t, h->trailers.n) == 0)
+			*flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+	}
+	return (ssize_t)n;
+}
+
+static ssize_t req_body_read(nghttp2_session *up, int32_t id, uint8_t *buf, size_t len,
+                             uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+	struct h2stream *s = src->ptr;
+
+	return pass_body(up, id, &s->req, s->f->down, s->down_id, !s->req.end, &s->rec.bytes_in, buf,
+	                 len, flags);
+}
+
+/* Splits :path, refuses fragments and raw bytes HTTP/1.1 refuses in a target,
+ * normalises the path part. Returns NULL, or why it is refused (400). */
+static const char *normalise_target(struct h2stream *s, const char *target, char **query)
+{
+	size_t len = strlen(target), plen, out_len;
+	const char *q = strchr(target, '?'), *why = "invalid path";
+
+	*query = NULL;
+	if (!target)
+		return "missing :path";
+	if (strchr(target, '#'))
+		return "fragment in request target";
+	for (const char *p = target; *p; p++)
+		if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f)
+			return "invalid character in request target";
+	if (strcmp(target, "*") == 0)
+		return (s->path = strdup("*")) ? NULL : "out of memory";
+	plen = q ? (size_t)(q - target) : len;
+	if (!(s->path = malloc(plen + 2)))
+		return "out of memory";
+	if (http_path_normalize(target, plen, s->path, plen + 2, &out_len, &why) < 0) {
+		free(s->path);
+		s->path = strdup(target);    /* logged as it came */
+		return why;
+	}
+	*query = q ? (char *)q + 1 : NULL;
+	return NULL;
+}
+
+/* The request head as httpreq_decide() reads it. */
+static void head_of(const struct h2stream *s, const char *query, const char *authority,
+                    struct http_field *fields, struct http_head *h)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < s->req.head.n; i++) {
+		struct h2_field x = field(&s->req.head, i);
+
+		if (x.name[0] == ':')
+			continue;
+		fields[n++] = (struct http_field){ x.name, x.value, (uint32_t)x.name_len,
+		                                   (uint32_t)x.value_len };
+	}
+	*h = (struct http_head){
+		.is_request = true, .version_minor = 1, .method = s->method,
+		.form = strcmp(s->path, "*") ? HTTP_TARGET_ORIGIN : HTTP_TARGET_ASTERISK,
+		.path = s->path, .query = query, .host = authority, .fields = fields, .n_fields = n,
+	};
+}
+
+/* Submits s to the upstream's session with the rewritten head. Returns 0 or -1. */
+static int forward_request(struct h2flow *f, struct h2stream *s, const char *query)
+{
+	struct conn *c = f->c;
+	nghttp2_nv out[MAX_FIELDS + 4];
+	char xfcc[2 * SPIFFE_ID_MAX + 16], *path = NULL;
+	nghttp2_data_provider prd = { .source.ptr = s, .read_callback = req_body_read };
+	size_t n = 0;
+	int32_t id;
+
+	if (query) {
+		size_t len = strlen(s->path) + strlen(query) + 2;
+
+		if (!(path = malloc(len)))
+			return -1;
+		snprintf(path, len, "%s?%s", s->path, query);
+	}
+	for (size_t i = 0; i < s->req.head.n; i++) {
+		struct h2_field x = field(&s->req.head, i);
+
+		if (!strcmp(x.name, ":path"))
+			out[n++] = nv(":path", path ? path : s->path, strlen(path ? path : s->path));
+		else if (!strcmp(x.name, "x-forwarded-client-cert") ||
+		         (s->replace_rid && !strcmp(x.name, "x-request-id")))
+			continue;    /* ours replaces the caller's */
+		else
+			out[n++] = nv_of(&s->req.head, i);
+	}
+	if (c->inbound) {
+		httpreq_xfcc(c, xfcc, sizeof(xfcc));
+		out[n++] = nv("x-forwarded-client-cert", xfcc, strlen(xfcc));
+	}
+	if (s->replace_rid && s->rid[0])
+		out[n++] = nv("x-request-id", s->rid, strlen(s->rid));
+	id = nghttp2_submit_request(f->up, NULL, out, n, s->req.end && !s->req.buffered ? NULL : &prd,
+	                            s);
+	free(path);
+	if (id < 0)
+		return -1;
+	s->up_id = id;
+	s->resp_due = conn_clock_ms() + c->snap->cfg->timeouts.response_head_ms;
+	return 0;
+}
+
+/* What the log, the answers and the timers need from the request head. */
+static void note_request(struct conn *c, struct h2stream *s)
+{
+	const char *m = hdrs_get(&s->req.head, ":method", NULL);
+	const char *ct = hdrs_get(&s->req.head, "content-type", NULL);
+	const char *to = hdrs_get(&s->req.head, "grpc-timeout", NULL);
+	size_t nrid;
+	const char *rid = hdrs_get(&s->req.head, "x-request-id", &nrid);
+	int64_t ms;
+
+	s->method = strdup(m ? m : "");
+	s->grpc = ct && h2_is_grpc(ct, strlen(ct));
+	httpreq_request_id(c->w, nrid == 1 ? rid : NULL, s->rid, &s->replace_rid);
+	if (s->grpc && to && (ms = h2_grpc_timeout_ms(to, strlen(to))) >= 0)
+		s->deadline = conn_clock_ms() + (uint64_t)ms;
+}
+
+/* Checks the head; a refused one is answered here. Returns true when refused. */
+static bool refuse_bad(struct h2flow *f, struct h2stream *s, char **query)
+{
+	struct conn *c = f->c;
+	struct h2_field fs[MAX_FIELDS];
+	const char *why = NULL;
+	enum h2_refusal r;
+
+	hdrs_fields(&s->req.head, fs);
+	r = h2_check_request(fs, s->req.head.n, &why);
+	if (r == H2_MALFORMED) {
+		log_info("conn %llu: malformed HTTP/2 request from %s: %s", (unsigned long long)c->id,
+		         c->peer ? c->peer : "app", why);
+		s->local = true;
+		s->rec.status = 400;
+		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, NGHTTP2_PROTOCOL_ERROR);
+		return true;
+	}
+	if (r == H2_OK && !(why = normalise_target(s, hdrs_get(&s->req.head, ":path", NULL), query)))
+		return false;
+	log_info("conn %llu: bad HTTP/2 request from %s: %s", (unsigned long long)c->id,
+	         c->peer ? c->peer : "app", why);
+	answer_local(f, s, 400, GRPC_INVALID_ARGUMENT, why);
+	return true;
+}
+
+/* A rate limit (gRPC: RESOURCE_EXHAUSTED) or an injected fault (gRPC: the
+ * code HTTP's status maps to, as gRPC's own HTTP mapping does). */
+static void answer_traffic(struct h2flow *f, struct h2stream *s, const struct httpreq_verdict *v)
+{
+	char msg[POLICY_RULE_NAME_MAX + 32];
+	int code = GRPC_RESOURCE_EXHAUSTED;
+
+	if (v->traffic_fault) {
+		code = v->local_status == 503 || v->local_status == 502 || v->local_status == 504 ||
+		       v->local_status == 429 ? GRPC_UNAVAILABLE : GRPC_UNKNOWN;
+		snprintf(msg, sizeof(msg), "fault injected: %s", v->traffic_name);
+	} else {
+		snprintf(msg, sizeof(msg), "rate limited by %s", v->traffic_name);
+	}
+	answer_local(f, s, v->local_status, code, msg);
+}
+
+/* Inbound: the policy and the app's protocol. Returns true to forward; a
+ * refused stream is answered here. */
+static bool admit(struct h2flow *f, struct h2stream *s, const char *query)
+{
+	struct conn *c = f->c;
+	struct http_field hf[MAX_FIELDS];
+	struct http_head h;
+	struct httpreq_verdict v = { 0 };
+	const char *authority = hdrs_get(&s->req.head, ":authority", NULL);
+	char msg[POLICY_RULE_NAME_MAX + 32];
+
+	if (!c->inbound)
+		return true;
+	if (c->snap->cfg->inbound[c->listener].app_protocol == APP_PROTO_HTTP1) {
+		answer_local(f, s, 502, GRPC_UNAVAILABLE,
+		             "app_protocol http1 cannot carry an HTTP/2 caller yet (needs the inbound pool)");
+		return false;
+	}
+	head_of(s, query, authority ? authority : hdrs_get(&s->req.head, "host", NULL), hf, &h);
+	bool allowed = httpreq_decide(c, &h, &v);
+
+	s->verdict = v;
+	s->rec.decided = v.decided;
+	s->rec.decision = v.decision;
+	s->rec.rule = v.rule;
+	if (allowed)
+		return true;
+	if (v.traffic_name) {
+		answer_traffic(f, s, &v);
+		return false;
+	}
+	snprintf(msg, sizeof(msg), "denied by rule %s", v.rule ? v.rule : "default");
+	answer_local(f, s, v.local_status, v.local_status == 403 ? GRPC_DENIED : GRPC_INVALID_ARGUMENT,
+	             v.local_status == 403 ? msg : v.local_reason);
+	return false;
+}
+
+/* The request head is whole: check, decide, forward or answer. */
+static void on_request_head(struct h2flow *f, struct h2stream *s)
+{
+	char *query = NULL;
+
+	note_request(f->c, s);
+	if (refuse_bad(f, s, &query) || !admit(f, s, query))
+		return;
+	/* No upstream, or one that sent GOAWAY: unavailable. */
+	if (!f->up || forward_request(f, s, query) < 0)
+		answer_unavailable(f, s, 502, "upstream unavailable");
+}
+
+/* ---- the response side -------------------------------------------------- */
+
+static ssize_t resp_body_read(nghttp2_session *down, int32_t id, uint8_t *buf, size_t len,
+                              uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+	struct h2stream *s = src->ptr;
+
+	return pass_body(down, id, &s->resp, s->f->up, s->up_id, !s->resp.end && !s->up_closed,
+	                 &s->rec.bytes_out, buf, len, flags);
+}
+
+static void note_grpc_status(struct h2stream *s, const struct h2hdrs *h)
+{
+	const char *g = hdrs_get(h, "grpc-status", NULL);
+
+	if (g)
+		s->grpc_status = atoi(g);
+}
+
+static void on_response_head(struct h2flow *f, struct h2stream *s, bool end)
+{
+	struct h2_field fs[MAX_FIELDS];
+	nghttp2_nv out[MAX_FIELDS];
+	nghttp2_data_provider prd = { .source.ptr = s, .read_callback = resp_body_read };
+	const char *why = NULL, *st = hdrs_get(&s->resp.head, ":status", NULL);
+	int status = st ? atoi(st) : 0;
+
+	if (status >= 100 && status < 200) {
+		hdrs_free(&s->resp.head);    /* interim: the final head follows */
+		return;
+	}
+	s->resp.head_done = true;
+	hdrs_fields(&s->resp.head, fs);
+	if (h2_check_response(fs, s->resp.head.n, false, &why) != H2_OK) {
+		log_warn("conn %llu: bad HTTP/2 response from %s: %s", (unsigned long long)f->c->id,
+		         conn_destination_text(f->c), why);
+		nghttp2_submit_rst_stream(f->up, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_PROTOCOL_ERROR);
+		answer_unavailable(f, s, 502, why);
+		return;
+	}
+	if (s->resp_started)
+		return;    /* answered already (deadline): the upstream's is dropped */
+	for (size_t i = 0; i < s->resp.head.n; i++)
+		out[i] = nv_of(&s->resp.head, i);
+	s->rec.status = status;
+	note_grpc_status(s, &s->resp.head);
+	s->resp_started = true;
+	s->resp_due = 0;
+	if (nghttp2_submit_response(f->down, s->down_id, out, s->resp.head.n, end ? NULL : &prd) != 0)
+		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, NGHTTP2_INTERNAL_ERROR);
+}
+
+static void on_response_trailers(struct h2flow *f, struct h2stream *s)
+{
+	struct h2_field fs[MAX_FIELDS];
+	const char *why = NULL;
+
+	hdrs_fields(&s->resp.trailers, fs);
+	if (h2_check_response(fs, s->resp.trailers.n, true, &why) != H2_OK) {
+		log_warn("conn %llu: bad HTTP/2 trailers from %s: %s", (unsigned long long)f->c->id,
+		         conn_destination_text(f->c), why);
+		hdrs_free(&s->resp.trailers);
+		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, NGHTTP2_INTERNAL_ERROR);
+		return;
+	}
+	note_grpc_status(s, &s->resp.trailers);
+}
+
+/* ---- nghttp2 callbacks -------------------------------------------------- */
+
+static struct h2stream *stream_of(nghttp2_session *sess, int32_t id)
+{
+	return nghttp2_session_get_stream_user_data(sess, id);
+}
+
+/*
+ * Two sets of callbacks. The client's session belongs to its connection
+ * (user data: the flow). The upstream's finds everything through the
+ * stream (s->f), never through the session's user data: a stream does not
+ * care whose session carries it, which is what a pooled session needs.
+ */
+
+static int client_begin_frame(nghttp2_session *sess, const nghttp2_frame_hd *hd, void *user)
+{
+	struct h2flow *f = user;
+	bool new_stream;
+	int kind;
+
+	if (f->dead)
+		return NGHTTP2_ERR_CALLBACK_FAILURE;
+	new_stream = hd->type == NGHTTP2_HEADERS && !stream_of(sess, hd->stream_id);
+	kind = h2_guard_frame(&f->guard, hd, f->open_down, new_stream, conn_clock_ms());
+	if (kind < 0)
+		return 0;
+	abuse(f, kind, kind == H2_ABUSE_TOO_MANY_STREAMS ? NGHTTP2_PROTOCOL_ERROR
+	                                                 : NGHTTP2_ENHANCE_YOUR_CALM);
+	return NGHTTP2_ERR_CALLBACK_FAILURE;
+}
+
+static int client_begin_headers(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
+{
+	struct h2flow *f = user;
+	struct h2stream *s = stream_of(sess, fr->hd.stream_id);
+
+	if (fr->headers.cat == NGHTTP2_HCAT_REQUEST) {
+		if (!(s = stream_new(f, fr->hd.stream_id)))
+			return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+		nghttp2_session_set_stream_user_data(sess, fr->hd.stream_id, s);
+	} else if (s) {
+		s->req.in_trailers = true;
+	}
+	return 0;
+}
+
+static int client_header(nghttp2_session *sess, const nghttp2_frame *fr, const uint8_t *name,
+                         size_t nl, const uint8_t *value, size_t vl, uint8_t flags, void *user)
+{
+	struct h2flow *f = user;
+	struct h2stream *s = stream_of(sess, fr->hd.stream_id);
+	int kind;
+
+	if (!s)
+		return 0;
+	if ((kind = h2_guard_header(&f->guard, nl, vl)) >= 0) {
+		abuse(f, kind, NGHTTP2_ENHANCE_YOUR_CALM);
+		return NGHTTP2_ERR_CALLBACK_FAILURE;
+	}
+	if (hdrs_add(s->req.in_trailers ? &s->req.trailers : &s->req.head, name, nl, value, vl) < 0)
+		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;    /* resets the stream */
+	return 0;
+}
+
+static int client_frame(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
+{
+	struct h2flow *f = user;
+	struct h2stream *s = fr->hd.stream_id ? stream_of(sess, fr->hd.stream_id) : NULL;
+
+	if (!s || (fr->hd.type != NGHTTP2_HEADERS && fr->hd.type != NGHTTP2_DATA))
+		return 0;
+	s->req.end = s->req.end || (fr->hd.flags & NGHTTP2_FLAG_END_STREAM);
+	if (fr->hd.type == NGHTTP2_HEADERS && !s->req.in_trailers) {
+		s->req.head_done = true;
+		on_request_head(f, s);
+	}
+	if (s->up_id && f->up && !s->local)
+		nghttp2_session_resume_data(f->up, s->up_id);
+	return 0;
+}
+
+static int client_data(nghttp2_session *sess, uint8_t flags, int32_t id, const uint8_t *data,
+                       size_t len, void *user)
+{
+	struct h2flow *f = user;
+	struct h2stream *s = stream_of(sess, id);
+
+	if (!s || s->local) {
+		/* Nobody takes these bytes: the window reopens at once. */
+		nghttp2_session_consume(sess, id, len);
+		return 0;
+	}
+	if (body_add(&s->req, data, len) < 0)
+		return NGHTTP2_ERR_CALLBACK_FAILURE;
+	if (s->up_id && f->up)
+		nghttp2_session_resume_data(f->up, s->up_id);
+	return 0;
+}
+
+static int client_stream_close(nghttp2_session *sess, int32_t id, uint32_t code, void *user)
+{
+	struct h2flow *f = user;
+	struct h2stream *s = stream_of(sess, id);
+
+	if (!s)
+		return 0;
+	s->down_closed = true;
+	f->open_down--;
+	if (s->up_id && !s->up_closed && f->up)
+		nghttp2_submit_rst_stream(f->up, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_CANCEL);
+	stream_log(f, s, 499);
+	stream_maybe_free(f, s);
+	return 0;
+}
+
+static int up_begin_headers(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
+{
+	struct h2stream *s = stream_of(sess, fr->hd.stream_id);
+
+	if (s)
+		s->resp.in_trailers = s->resp.head_done;
+	return 0;
+}
+
+static int up_header(nghttp2_session *sess, const nghttp2_frame *fr, const uint8_t *name,
+                     size_t nl, const uint8_t *value, size_t vl, uint8_t flags, void *user)
+{
+	struct h2stream *s = stream_of(sess, fr->hd.stream_id);
+	struct h2half *h = s ? &s->resp : NULL;
+
+	if (!s)
+		return 0;
+	/* The upstream's blocks are bounded too (the client's by the guard):
+	 * over the limit, its stream is reset and the client gets a 502. */
+	if (h->head.len + h->trailers.len + nl + vl > s->f->c->snap->cfg->http2.max_header_list_bytes ||
+	    hdrs_add(h->in_trailers ? &h->trailers : &h->head, name, nl, value, vl) < 0)
+		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+	return 0;
+}
+
+static int up_frame(nghttp2_session *sess, const nghttp2_frame *fr, void *user)
+{
+	struct h2stream *s = fr->hd.stream_id ? stream_of(sess, fr->hd.stream_id) : NULL;
+	bool end = (fr->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+
+	if (!s || (fr->hd.type != NGHTTP2_HEADERS && fr->hd.type != NGHTTP2_DATA))
+		return 0;
+	s->resp.end = s->resp.end || end;
+	if (fr->hd.type == NGHTTP2_HEADERS && !s->resp.in_trailers)
+		on_response_head(s->f, s, end);
+	else if (fr->hd.type == NGHTTP2_HEADERS)
+		on_response_trailers(s->f, s);
+	if (s->resp_started && !s->local)
+		nghttp2_session_resume_data(s->f->down, s->down_id);
+	return 0;
+}
+
+static int up_data(nghttp2_session *sess, uint8_t flags, int32_t id, const uint8_t *data,
+                   size_t len, void *user)
+{
+	struct h2stream *s = stream_of(sess, id);
+
+	if (!s) {
+		nghttp2_session_consume(sess, id, len);
+		return 0;
+	}
+	if (body_add(&s->resp, data, len) < 0)
+		return NGHTTP2_ERR_CALLBACK_FAILURE;
+	if (s->resp_started)
+		nghttp2_session_resume_data(s->f->down, s->down_id);
+	return 0;
+}
+
+static int up_stream_close(nghttp2_session *sess, int32_t id, uint32_t code, void *user)
+{
+	struct h2stream *s = stream_of(sess, id);
+	struct h2flow *f = s ? s->f : NULL;
+
+	if (!s)
+		return 0;
+	s->up_closed = true;
+	if (s->local)
+		;    /* answered by us already: the upstream's end changes nothing */
+	else if (!s->resp_started)
+		answer_unavailable(f, s, 502, code ? "upstream reset the stream" : "upstream closed the stream");
+	else if (code != NGHTTP2_NO_ERROR && !s->down_closed)
+		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, code);
+	else if (!s->down_closed)
+		nghttp2_session_resume_data(f->down, s->down_id);    /* its end may go out now */
+	stream_maybe_free(f, s);
+	return 0;
+}
+
+/* The callbacks of the client's session (client true) or the upstream's. */
+static nghttp2_session_callbacks *callbacks(bool client)
+{
+	nghttp2_session_callbacks *cb;
+
+	if (nghttp2_session_callbacks_new(&cb) != 0)
+		return NULL;
+	if (client) {
+		nghttp2_session_callbacks_set_on_begin_frame_callback(cb, client_begin_frame);
+		nghttp2_session_callbacks_set_on_begin_headers_callback(cb, client_begin_headers);
+		nghttp2_session_callbacks_set_on_header_callback(cb, client_header);
+		nghttp2_session_callbacks_set_on_frame_recv_callback(cb, client_frame);
+		nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, client_data);
+		nghttp2_session_callbacks_set_on_stream_close_callback(cb, client_stream_close);
+	} else {
+		nghttp2_session_callbacks_set_on_begin_headers_callback(cb, up_begin_headers);
+		nghttp2_session_callbacks_set_on_header_callback(cb, up_header);
+		nghttp2_session_callbacks_set_on_frame_recv_callback(cb, up_frame);
+		nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, up_data);
+		nghttp2_session_callbacks_set_on_stream_close_callback(cb, up_stream_close);
+	}
+	return cb;
+}
+
+/* ---- the table ---------------------------------------------------------- */
+
+static int h2flow_new(struct conn *c)
+{
+	struct h2flow *f = calloc(1, sizeof(*f));
+	const struct config_http2 *lim = &c->snap->cfg->http2;
+	nghttp2_session_callbacks *client_cb = callbacks(true), *up_cb = callbacks(false);
+	int rc = -ENOMEM;
+
+	if (!f || !client_cb || !up_cb)
+		goto out;
+	f->c = c;
+	h2_guard_init(&f->guard, lim, conn_clock_ms());
+	if (h2_session_new(&f->down, true, lim, client_cb, f) != 0 ||
+	    h2_session_new(&f->up, false, lim, up_cb, f) != 0)
+		goto out;
+	c->proto_ctx = f;
+	f = NULL;
+	rc = 0;
+out:
+	if (client_cb)
+		nghttp2_session_callbacks_del(client_cb);
+	if (up_cb)
+		nghttp2_session_callbacks_del(up_cb);
+	if (f) {
+		nghttp2_session_del(f->down);
+		nghttp2_session_del(f->up);
+		free(f);
+	}
+	return rc;
+}
+
+static void h2flow_free(struct conn *c)
+{
+	struct h2flow *f = flow(c);
+
+	if (!f)
+		return;
+	while (f->streams) {
+		struct h2stream *s = f->streams;
+
+		if (!s->down_closed && s->method)
+			stream_log(f, s, 499);    /* cut short with the connection */
+		stream_free(f, s);
+	}
+	nghttp2_session_del(f->down);
+	nghttp2_session_del(f->up);
+	free(f);
+	c->proto_ctx = NULL;
+}
+
+static const char *pending(const struct relay_dir *r)
+{
+	return r->in ? r->in->data + r->in->off : "";
+}
+
+static size_t pending_len(const struct relay_dir *r)
+{
+	return r->in ? r->in->len - r->in->off : 0;
+}
+
+/* Feeds what direction d read to the session facing its source. */
+static int feed(struct conn *c, int d)
+{
+	struct h2flow *f = flow(c);
+	struct relay_dir *r = &c->d[d];
+	bool from_client = d == req_dir(c);
+	nghttp2_session *sess = from_client ? f->down : f->up;
+	size_t len = pending_len(r);
+	ssize_t n;
+
+	if (!len)
+		return 0;
+	if (!sess || (from_client && f->dead)) {
+		r->in->off = r->in->len;    /* no one to read it: dropped */
+		return 1;
+	}
+	n = nghttp2_session_mem_recv(sess, (const uint8_t *)pending(r), len);
+	r->in->off = r->in->len;
+	if (n >= 0)
+		return 1;
+	if (from_client) {
+		int kind = abuse_of_error((int)n);
+
+		if (!f->dead)
+			abuse(f, kind, kind == H2_ABUSE_PROTOCOL ? NGHTTP2_PROTOCOL_ERROR
+			                                         : NGHTTP2_ENHANCE_YOUR_CALM);
+		log_info("conn %llu: HTTP/2 from %s: %s", (unsigned long long)c->id,
+		         c->peer ? c->peer : "app", nghttp2_strerror((int)n));
+	} else {
+		upstream_gone(f, nghttp2_strerror((int)n));
+	}
+	return 1;
+}
+
+/* Gathers what the session facing d's sink has to send into d's output. */
+static int flush(struct conn *c, int d)
+{
+	struct h2flow *f = flow(c);
+	struct relay_dir *r = &c->d[d];
+	nghttp2_session *sess = d == req_dir(c) ? f->up : f->down;
+	char *buf = NULL;
+	size_t len = 0, cap = 0;
+
+	while (sess && len < OUT_GATHER) {
+		const uint8_t *data;
+		ssize_t n = nghttp2_session_mem_send(sess, &data);
+
+		if (n <= 0) {
+			if (n < 0 && sess == f->up)
+				upstream_gone(f, nghttp2_strerror((int)n));
+			else if (n < 0)
+				c->closing = true;
+			break;
+		}
+		if (len + (size_t)n > cap) {
+			size_t ncap = cap ? cap * 2 : 16384;
+			char *b;
+
+			while (ncap < len + (size_t)n)
+				ncap *= 2;
+			if (!(b = realloc(buf, ncap))) {
+				free(buf);
+				return conn_close(c, CR_INTERNAL), -1;
+			}
+			buf = b;
+			cap = ncap;
+		}
+		memcpy(buf + len, data, (size_t)n);
+		len += (size_t)n;
+	}
+	if (!len) {
+		free(buf);
+		return 0;
+	}
+	r->owned = buf;
+	r->out = buf;
+	r->out_len = len;
+	return 1;
+}
+
+/* The client's session has nothing left to say or hear: the connection ends. */
+static void check_end(struct conn *c)
+{
+	struct h2flow *f = flow(c);
+
+	if (!nghttp2_session_want_read(f->down) && !nghttp2_session_want_write(f->down))
+		c->closing = true;
+	/* The upstream ended its session (GOAWAY, streams done): it is gone. */
+	if (f->up && !nghttp2_session_want_read(f->up) && !nghttp2_session_want_write(f->up))
+		upstream_gone(f, "ended the session");
+}
+
+static int h2flow_produce(struct conn *c, int d)
+{
+	int rc = feed(c, d);
+
+	if (rc == 0)
+		rc = flush(c, d);
+	if (rc >= 0)
+		check_end(c);
+	return rc;
+}
+
+static int h2flow_eof(struct conn *c, int d)
+{
+	struct h2flow *f = flow(c);
+
+	if (d == req_dir(c)) {
+		/* The client said all it will: what it asked is answered, then we close. */
+		c->closing = true;
+		return 0;
+	}
+	upstream_gone(f, "closed the connection");
+	/* Its EOF is not passed on: the client's side stays open for our answers. */
+	c->d[1 - req_dir(c)].dst_shut = true;
+	return 0;
+}
+
+/* The first deadline of a stream (response head, grpc-timeout), 0: none. */
+static uint64_t h2flow_due(const struct conn *c, bool tls_side)
+{
+	const struct h2flow *f = flow(c);
+	uint64_t due = 0;
+
+	for (const struct h2stream *s = f->streams; s; s = s->next) {
+		if (s->resp_due && (!due || s->resp_due < due))
+			due = s->resp_due;
+		if (s->deadline && !s->down_closed && (!due || s->deadline < due))
+			due = s->deadline;
+	}
+	if (f->gone_at && !f->goaway && (!due || f->gone_at + GONE_GRACE_MS < due))
+		due = f->gone_at + GONE_GRACE_MS;
+	if (due && c->last_active + c->snap->cfg->timeouts.idle_ms < due)
+		due = c->last_active + c->snap->cfg->timeouts.idle_ms;
+	return due;
+}
+
+static void cancel_upstream(struct h2flow *f, struct h2stream *s)
+{
+	if (s->up_id && !s->up_closed && f->up)
+		nghttp2_submit_rst_stream(f->up, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_CANCEL);
+}
+
+static bool h2flow_on_timeout(struct conn *c, uint64_t now)
+{
+	struct h2flow *f = flow(c);
+	bool handled = false;
+
+	for (struct h2stream *s = f->streams; s; s = s->next) {
+		if (s->deadline && !s->down_closed && now >= s->deadline) {
+			s->deadline = 0;
+			cancel_upstream(f, s);
+			if (s->resp_started)
+				nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, NGHTTP2_CANCEL);
+			else
+				answer_local(f, s, 504, GRPC_DEADLINE, "deadline exceeded");
+			s->grpc_status = GRPC_DEADLINE;
+			handled = true;
+		} else if (s->resp_due && now >= s->resp_due) {
+			log_warn("conn %llu: no HTTP/2 response from %s within %u ms",
+			         (unsigned long long)c->id, conn_destination_text(c),
+			         c->snap->cfg->timeouts.response_head_ms);
+			cancel_upstream(f, s);
+			answer_unavailable(f, s, 504, "upstream timed out");
+			handled = true;
+		}
+	}
+	if (f->gone_at && !f->goaway && now >= f->gone_at + GONE_GRACE_MS) {
+		nghttp2_submit_goaway(f->down, NGHTTP2_FLAG_NONE,
+		                      nghttp2_session_get_last_proc_stream_id(f->down),
+		                      NGHTTP2_NO_ERROR, NULL, 0);
+		f->goaway = true;
+		c->closing = true;
+		handled = true;
+	}
+	if (handled)
+		conn_kick(c);
+	return handled;
+}
+
+/* Switched to from httpflow: an upstream that closed before is gone already. */
+static void h2flow_start(struct conn *c)
+{
+	if (c->d[1 - req_dir(c)].src_eof)
+		upstream_gone(flow(c), "closed the connection");
+}
+
+static void h2flow_fail_early(struct conn *c, int status, enum conn_reason reason)
+{
+	(void)status;
+	conn_close(c, reason);    /* the switch to HTTP/2 happens only once relaying */
+}
+
+/* Draining: GOAWAY; open streams finish, then the connection closes. */
+static bool h2flow_drain(struct conn *c)
+{
+	struct h2flow *f = flow(c);
+
+	if (!f->goaway) {
+		nghttp2_submit_goaway(f->down, NGHTTP2_FLAG_NONE,
+		                      nghttp2_session_get_last_proc_stream_id(f->down),
+		                      NGHTTP2_NO_ERROR, NULL, 0);
+		f->goaway = true;
+	}
+	c->closing = true;
+	conn_kick(c);
+	return false;    /* the GOAWAY goes out first; done() ends it */
+}
+
+static void h2flow_shrink(struct conn *c)
+{
+	(void)c;
+}
+
+static bool h2flow_done(const struct conn *c)
+{
+	const struct h2flow *f = flow(c);
+
+	return !nghttp2_session_want_write(f->down) && (f->dead || f->n_streams == 0);
+}
+
+static bool h2flow_logged(const struct conn *c)
+{
+	return flow(c)->logged;
+}
+
+const struct conn_proto_ops h2flow_ops = {
+	.name = "h2",
+	.per_request_policy = true,
+	.answers_after_reset = true,
+	.init = h2flow_new,
+	.release = h2flow_free,
+	.start = h2flow_start,
+	.produce = h2flow_produce,
+	.eof = h2flow_eof,
+	.due = h2flow_due,
+	.on_timeout = h2flow_on_timeout,
+	.fail_early = h2flow_fail_early,
+	.drain = h2flow_drain,
+	.shrink = h2flow_shrink,
+	.done = h2flow_done,
+	.logged = h2flow_logged,
+};
