@@ -571,8 +571,11 @@ static void px_send(struct px *p)
 	p->server_closes = false;
 	if (L->o.do_register && !p->registered) {
 		char body[128];
-		int n = snprintf(body, sizeof(body), "{\"address\":\"127.0.0.1:%d\",\"ports\":[8080]}",
-		                 20000 + p->idx / L->o.services);
+		/* Ports of its own: an address or application port another service
+		 * holds from the same IP is refused (409). */
+		int port = 10000 + p->idx % 55000;
+		int n = snprintf(body, sizeof(body), "{\"address\":\"127.0.0.1:%d\",\"ports\":[%d]}",
+		                 port, port);
 
 		p->req = REQ_REGISTER;
 		evbuffer_add_printf(out, "POST /v1/services/%s/endpoints HTTP/1.1\r\nHost: %s\r\n"
