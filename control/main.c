@@ -44,9 +44,9 @@ static void usage(FILE *f)
 	        "  --kek-file FILE      the key encryption key (32 bytes, mode 0600) that seals the\n"
 	        "                       CA keys in etcd; every replica needs the same file\n"
 	        "  --log-level LEVEL    debug, info, warn or error (default info)\n"
-	        "  --max-connections N  open connections at most (default %d); an eighth of them\n"
-	        "                       (at least %d) is never used by long polls, for admin calls\n"
-	        "                       and handshakes\n"
+	        "  --max-connections N  open connections at most (default %d, up to %d); an\n"
+	        "                       eighth of them (at least %d) is never used by long polls,\n"
+	        "                       for admin calls and handshakes\n"
 	        "  --max-polls N        long polls waiting at once, in all (default: the rest)\n"
 	        "  --max-polls-per-service N\n"
 	        "                       long polls waiting at once per service (default %d)\n"
@@ -69,7 +69,8 @@ static void usage(FILE *f)
 	        "the KEK, the admin token's digest) and writes DIR/admin.token; the others load it.\n"
 	        "init-kek FILE creates a new KEK file (never overwrites one). Logs go to stderr;\n"
 	        "one JSON line per API request goes to stdout. SIGTERM or SIGINT stop it.\n",
-	        SERVER_MAX_CONNS, SERVER_MIN_RESERVE, SERVER_POLLS_PER_SERVICE, SERVER_POLLS_PER_CERT,
+	        SERVER_MAX_CONNS, SERVER_MAX_CONNS_LIMIT, SERVER_MIN_RESERVE, SERVER_POLLS_PER_SERVICE,
+	        SERVER_POLLS_PER_CERT,
 	        CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT, CONTROL_ENDPOINTS_PER_INSTANCE);
 }
 
@@ -168,20 +169,20 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 			}
 			break;
 		case 'C':
-			if (parse_count("max-connections", optarg, SERVER_MAX_CONNS, &lim->max_conns) < 0)
+			if (parse_count("max-connections", optarg, SERVER_MAX_CONNS_LIMIT, &lim->max_conns) < 0)
 				return -1;
 			break;
 		case 'P':
-			if (parse_count("max-polls", optarg, SERVER_MAX_CONNS, &lim->polls_total) < 0)
+			if (parse_count("max-polls", optarg, SERVER_MAX_CONNS_LIMIT, &lim->polls_total) < 0)
 				return -1;
 			break;
 		case 'Q':
-			if (parse_count("max-polls-per-service", optarg, SERVER_MAX_CONNS,
+			if (parse_count("max-polls-per-service", optarg, SERVER_MAX_CONNS_LIMIT,
 			                &lim->polls_per_service) < 0)
 				return -1;
 			break;
 		case 'R':
-			if (parse_count("max-polls-per-cert", optarg, SERVER_MAX_CONNS,
+			if (parse_count("max-polls-per-cert", optarg, SERVER_MAX_CONNS_LIMIT,
 			                &lim->polls_per_cert) < 0)
 				return -1;
 			break;

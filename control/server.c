@@ -947,9 +947,9 @@ int server_limits_check(struct server_limits *l, struct meshlet_err *err)
 {
 	size_t reserve = server_limits_reserve(l->max_conns);
 
-	if (l->max_conns < 2 * SERVER_MIN_RESERVE || l->max_conns > SERVER_MAX_CONNS)
+	if (l->max_conns < 2 * SERVER_MIN_RESERVE || l->max_conns > SERVER_MAX_CONNS_LIMIT)
 		return err_set(err, "max-connections", "must be %d..%d", 2 * SERVER_MIN_RESERVE,
-		               SERVER_MAX_CONNS);
+		               SERVER_MAX_CONNS_LIMIT);
 	if (l->polls_total == 0)
 		l->polls_total = l->max_conns - reserve;
 	if (l->polls_total > l->max_conns - reserve)

@@ -44,6 +44,10 @@
 #define SERVER_IO_TIMEOUT 10
 #define SERVER_REQUEST_DEADLINE 30
 #define SERVER_MAX_CONNS 4096
+/* The most --max-connections accepts: a replica holding the long polls of
+ * 10,000+ proxies (docs/benchmarks.md, "Control plane at scale") needs more
+ * than the default, each connection a file descriptor. */
+#define SERVER_MAX_CONNS_LIMIT 65536
 /* Long polls (GET .../config?wait=S) waiting at once: per client
  * certificate (each proxy instance has its own SVID and needs one or two),
  * per service (sized for services with hundreds of instances), and in all
@@ -132,7 +136,7 @@ size_t server_limits_reserve(size_t max_conns);
 
 /*
  * Checks *l and fills in polls_total when 0. Refuses (-EINVAL, err names
- * the flag) zero limits, more connections than SERVER_MAX_CONNS, and long
+ * the flag) zero limits, more connections than SERVER_MAX_CONNS_LIMIT, and long
  * polls that would eat into the reserve.
  */
 int server_limits_check(struct server_limits *l, struct meshlet_err *err);
