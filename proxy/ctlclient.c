@@ -141,7 +141,7 @@ int ctlc_call_with(struct ctlclient *c, struct httpc *h, const char *what, const
 
 	pthread_mutex_lock(&c->lock);
 	c->active = h;
-	if (c->stop)
+	if (c->stop || (c->polling && c->nudged))
 		httpc_cancel(h);
 	pthread_mutex_unlock(&c->lock);
 	httpc_set_timeout(h, timeout_ms);
@@ -373,6 +373,52 @@ void ctlclient_stop(struct ctlclient *c)
 	if (c->thread_started)
 		pthread_join(c->thread, NULL);
 	client_free(c);
+}
+
+static long long ms_since(const struct timespec *then, const struct timespec *now)
+{
+	return (long long)(now->tv_sec - then->tv_sec) * 1000 +
+	       (now->tv_nsec - then->tv_nsec) / 1000000;
+}
+
+void ctlclient_nudge(struct ctlclient *c)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	pthread_mutex_lock(&c->lock);
+	if (c->polling && !c->nudged && !c->stop &&
+	    ms_since(&c->last_nudge, &now) >= CTL_NUDGE_MIN_MS) {
+		c->nudged = true;
+		c->last_nudge = now;
+		if (c->active)
+			httpc_cancel(c->active);
+	}
+	pthread_mutex_unlock(&c->lock);
+}
+
+void ctlc_poll_begin(struct ctlclient *c)
+{
+	pthread_mutex_lock(&c->lock);
+	c->polling = true;
+	c->nudged = false;
+	pthread_mutex_unlock(&c->lock);
+}
+
+bool ctlc_poll_end(struct ctlclient *c, struct httpc *h)
+{
+	bool nudged;
+
+	pthread_mutex_lock(&c->lock);
+	nudged = c->nudged && !c->stop;
+	/* Every cancel but stop's happens under this lock: undoing ours here
+	 * cannot undo a stop. */
+	if (nudged)
+		httpc_uncancel(h);
+	c->polling = false;
+	c->nudged = false;
+	pthread_mutex_unlock(&c->lock);
+	return nudged;
 }
 
 void ctlclient_status(struct ctlclient *c, char *out, size_t len)

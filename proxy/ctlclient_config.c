@@ -412,20 +412,28 @@ int ctlc_poll_config(struct ctlclient *c)
 	/* A quick answer first: it shows control is reachable (status, gauge). */
 	if (!c->installed || c->reconnecting)
 		wait = 0;
+	ctlc_poll_begin(c);        /* before taking the summary: news after it nudges */
 	stats = c->host.stats ? c->host.stats(c->host.ctx) : NULL;
 	if (stats && wait > CTL_STATS_WAIT_S)
 		wait = CTL_STATS_WAIT_S;   /* traffic flows: report again soon */
+	if (c->after_nudge && wait > CTL_NUDGE_WAIT_S)
+		wait = CTL_NUDGE_WAIT_S;
 	upstreams_param(c->cfg, ups, sizeof(ups));
 	snprintf(path, sizeof(path), "/v1/services/%s/config?after=%lld&wait=%lld%s", c->cfg->service,
 	         (long long)(c->installed ? c->st.version : 0), wait, ups);
 	rc = stats_header(stats, &header);
 	free(stats);
-	if (rc < 0)
+	if (rc < 0) {
+		ctlc_poll_end(c, h);
 		return ctlc_fail(c, "out of memory");
+	}
 	rc = ctlc_call_with(c, h, "watching the config", "GET", path, NULL,
 	                    (const char *const[]){ header, NULL },
 	                    (int)(wait * 1000 + CTL_CALL_TIMEOUT_MS), &r);
 	free(header);
+	c->after_nudge = ctlc_poll_end(c, h);
+	if (rc != 0 && c->after_nudge && rc == HTTPC_ECANCELED)
+		return 0;          /* news to report: poll again at once */
 	if (rc != 0)
 		return -1;
 	c->reconnecting = false;
