@@ -48,6 +48,9 @@
  * second per proxy. */
 #define CTL_NUDGE_MIN_MS 1000
 #define CTL_NUDGE_WAIT_S 1
+/* A renewal control refused is tried again after this long, while the
+ * proxy keeps polling with its SVID (still valid for a while). */
+#define CTL_RENEW_RETRY_S 60
 #define CTL_CALL_TIMEOUT_MS 10000               /* any other call, and slack for the poll */
 #define CTL_TOKEN_MAX 1024
 #define CTL_STATE_MAX (8 * 1024 * 1024)
@@ -113,6 +116,10 @@ struct ctlclient {
 	bool reconnecting;              /* no call answered since start or the last failure */
 	bool warned_no_policy;
 	bool after_nudge;               /* the last poll was interrupted by a nudge */
+	/* Control refused the due renewal: the proxy keeps polling with its
+	 * valid SVID (degraded=renewal) and tries again at renew_retry_at. */
+	bool renew_failing;
+	time_t renew_retry_at;
 	time_t renew_at;
 	unsigned backoff_ms;
 	unsigned failures;
@@ -156,6 +163,7 @@ void ctlc_token_free(char *tok);
 int ctlc_adopt_svid(struct ctlclient *c, EVP_PKEY *key, const char *cert_pem,
                     const char *bundle_pem);
 int ctlc_join(struct ctlclient *c);
+/* 0, 403 when control refused the renewal (c->refusal says why), or -1. */
 int ctlc_renew(struct ctlclient *c);
 int ctlc_fetch_bundle(struct ctlclient *c);
 

@@ -207,6 +207,35 @@ void ctlc_drop_mtls(struct ctlclient *c)
 	c->http = NULL;
 }
 
+/*
+ * The due renewal. Refused by control (a limit, a revoked ancestor) while
+ * the SVID is valid for CTL_RENEW_RETRY_S more: keep polling the config
+ * (policy updates go on) and say so (degraded=renewal), try again later.
+ * Anything else fails the step as before (backoff).
+ */
+static int renew_or_defer(struct ctlclient *c, time_t now)
+{
+	int rc = ctlc_renew(c);
+
+	if (rc == 0) {
+		if (c->renew_failing)
+			ctlc_set_status(c, "connected");
+		c->renew_failing = false;
+		c->renew_retry_at = 0;
+		return 0;
+	}
+	if (rc != 403 || c->st.not_after - now <= CTL_RENEW_RETRY_S)
+		return -1;
+	if (!c->renew_failing)
+		log_warn("%s; serving with the current SVID and trying again every %d s",
+		         c->why, CTL_RENEW_RETRY_S);
+	/* /ready: connected, but degraded. */
+	ctlc_set_status(c, "connected, renewal refused: %s", c->why);
+	c->renew_failing = true;
+	c->renew_retry_at = now + CTL_RENEW_RETRY_S;
+	return 0;
+}
+
 /* One turn of the loop. 0, or -1 with c->why set. */
 static int step(struct ctlclient *c)
 {
@@ -219,11 +248,14 @@ static int step(struct ctlclient *c)
 			log_warn("the SVID expired at %s: joining again with the token in %s",
 			         ctlc_when(c->st.not_after, t), c->cfg->control_token_file);
 		c->have_svid = false;
+		c->renew_failing = false;      /* a new SVID, a new lineage */
+		c->renew_retry_at = 0;
 		return ctlc_join(c);
 	}
 	if (c->need_bundle && ctlc_fetch_bundle(c) < 0)
 		return -1;
-	if ((c->need_renew || now >= c->renew_at) && ctlc_renew(c) < 0)
+	if ((c->need_renew || now >= c->renew_at) && now >= c->renew_retry_at &&
+	    renew_or_defer(c, now) < 0)
 		return -1;
 	if (c->tls_dirty && c->installed && ctlc_install_current(c) < 0)
 		return -1;

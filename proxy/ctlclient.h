@@ -72,8 +72,8 @@ void ctlclient_stop(struct ctlclient *c);
 void ctlclient_nudge(struct ctlclient *c);
 
 /*
- * For /ready's body: "connected", "connecting", "joining" or
- * "disconnected: <last error>" into out.
+ * For /ready's body: "connected", "connected, renewal refused: <why>",
+ * "connecting", "joining" or "disconnected: <last error>" into out.
  */
 void ctlclient_status(struct ctlclient *c, char *out, size_t len);
 

@@ -23,7 +23,7 @@ import pytest
 
 from control_helpers import control_factory, ctl_binary, sanitizer_report  # noqa: F401
 from dynamic_helpers import dyn  # noqa: F401
-from helpers import REPO, wait_for
+from helpers import REPO, spiffe, wait_for
 from stats_helpers import DENY_RULE, call, start_http_mesh
 
 CHROMIUM = shutil.which("chromium")
@@ -296,5 +296,75 @@ def test_dashboard_says_when_control_is_unreachable_from_the_start(dyn):
         o = json.loads(body)
         assert st == 200 and o["control"]["reachable"] is False, o
         assert o["errors"], o
+    finally:
+        dash.stop()
+
+
+def proxy_of(c, service):
+    r = c.api("GET", "/v1/proxies")
+    assert r.status == 200, r
+    mine = [p for p in r.json["proxies"] if p["service"] == service and p["connected"]]
+    return mine[0] if mine else None
+
+
+def row_of(d, table_id, first):
+    rows = [ln for ln in table_text(d, table_id).splitlines()[1:] if ln.split()[0] == first]
+    return rows[0] if rows else ""
+
+
+@needs_browser
+def test_dashboard_services_and_a_degraded_proxy(dyn, browser):
+    """Services: traffic versions, registered instances, proxies and up to
+    date. Proxies: one whose renewals control refuses is degraded, keeps
+    polling (a policy change still reaches it), and the page says so."""
+    c, inb, outb, port = start_http_mesh(dyn)
+    r = c.api("PUT", "/v1/traffic/orders",
+              body={"service": "orders", "timeouts": {"connect_seconds": 2}})
+    assert r.status == 200, r
+    tver = r.json["version"]
+    dash = Dashboard(c)
+    try:
+        browser.get(dash.url)
+        # orders: a traffic version, one registered instance, its proxy up
+        # to date; frontend: no traffic document, no inbound instance.
+        wait_for(lambda: row_of(browser, "services", "orders").split()[2:6] ==
+                 [str(tver), "1", "1", "yes"], 30, interval=0.3,
+                 what=f"orders' row (traffic v{tver}, 1 instance, 1 proxy, up to date): "
+                      f"{row_of(browser, 'services', 'orders')!r}")
+        assert row_of(browser, "services", "frontend").split()[4:8] == \
+            ["none", "0", "1", "yes"], table_text(browser, "services")
+        assert "degraded" not in table_text(browser, "proxies")
+
+        # Each rotation makes orders' proxy renew at once; a lineage renews
+        # at most 10 times per SVID lifetime, so control refuses one soon.
+        for i in range(12):
+            before = proxy_of(c, "orders")
+            if before and before.get("degraded"):
+                break
+            c.ctl("certs", "rotate", "--service", "orders")
+            wait_for(lambda: (p := proxy_of(c, "orders")) and
+                     (p["cert_serial"] != (before or {}).get("cert_serial") or p["degraded"]),
+                     20, interval=0.2, what=f"orders' proxy to renew (rotation {i + 1})")
+        p = proxy_of(c, "orders")
+        assert p and p["degraded"] == ["renewal"], p
+        wait_for(lambda: "degraded: renewal refused" in row_of(browser, "proxies", "orders"),
+                 10, interval=0.3, what="orders' proxy marked degraded on the page")
+        assert "degraded" not in row_of(browser, "proxies", "frontend")
+        assert "lineage_limit" in inb.stderr(), "the proxy's log names the refusal"
+        st, body = inb.admin("/ready")
+        ready = json.loads(body)
+        assert st == 200 and ready["degraded"] and "renewal refused" in ready["control"], ready
+
+        # It keeps polling: a policy change still reaches it.
+        dyn.apply_policy({"service": "orders", "default": "deny",
+                          "rules": [{"name": DENY_RULE, "action": "deny", "from": ["*"],
+                                     "paths": ["/admin", "/admin/*", "/ok/closed"]},
+                                    {"name": "frontend-reads", "action": "allow",
+                                     "from": [spiffe("frontend")], "paths": ["/ok/*"]}]})
+        wait_for(lambda: call(port, "/ok/closed") == 403, 15, interval=0.3,
+                 what="the new policy applied by the degraded proxy")
+        wait_for(lambda: (p := proxy_of(c, "orders")) and p["up_to_date"] and
+                 p["degraded"] == ["renewal"], 10, interval=0.2,
+                 what="orders' proxy polling again, up to date and still degraded")
     finally:
         dash.stop()
