@@ -149,6 +149,13 @@ static void seen(struct api_call *call, int64_t held, int polling)
 		                 polling);
 }
 
+/* After seen(): what the proxy said about itself with its poll. */
+static void seen_degraded(struct api_call *call, unsigned flags)
+{
+	if (call->caller == CALLER_SVID)
+		state_proxy_degraded(call->st, call->peer_serial, flags);
+}
+
 static int h_bundle(struct api_call *call)
 {
 	uint64_t misses = state_store_misses(call->st);
@@ -230,6 +237,7 @@ static int h_config(struct api_call *call)
 	 * from elsewhere): answer too, so that the proxy resynchronises. */
 	if (v != q.after || q.wait == 0) {
 		seen(call, q.after, 0);
+		seen_degraded(call, q.degraded);
 		return config_answer(call);
 	}
 	ret = watch_add(call->watch, call, call->svc, q.after, q.wait);
@@ -238,6 +246,7 @@ static int h_config(struct api_call *call)
 	if (ret < 0)
 		return api_fail(&call->err, 503, "", "cannot wait now; retry");
 	seen(call, q.after, +1);
+	seen_degraded(call, q.degraded);
 	return SERVER_ASYNC;
 }
 

@@ -60,6 +60,7 @@ struct state_proxy {
 	int64_t held;                  /* config version it holds, -1 unknown */
 	int64_t bundle_rev;            /* revision of meta/bundle it last fetched */
 	int polling;                   /* long polls pending now */
+	unsigned degraded;             /* API_DEGRADED_* its last poll said (memory only) */
 	bool dirty;                    /* not yet written to the store */
 	struct state_proxy *next;
 };

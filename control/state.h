@@ -341,6 +341,10 @@ int state_endpoints_list(struct control_state *st, json_t **out, struct state_er
 void state_proxy_seen(struct control_state *st, const char *serial, const char *svc,
                       int64_t not_after, int64_t held, int polling);
 
+/* What the proxy with SVID serial said about itself with its config poll
+ * (API_DEGRADED_*), shown by state_proxies(). */
+void state_proxy_degraded(struct control_state *st, const char *serial, unsigned flags);
+
 /* Notes that the proxy with SVID serial fetched the bundle (GET /v1/bundle):
  * it then holds the roots, which is what the CA switch waits for. */
 void state_proxy_bundle_fetched(struct control_state *st, const char *serial);

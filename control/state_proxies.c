@@ -156,6 +156,14 @@ void state_proxy_seen(struct control_state *st, const char *serial, const char *
 	p->dirty = true;
 }
 
+void state_proxy_degraded(struct control_state *st, const char *serial, unsigned flags)
+{
+	struct state_proxy *p = state_proxy_find(st, serial);
+
+	if (p)
+		p->degraded = flags;
+}
+
 void state_proxy_bundle_fetched(struct control_state *st, const char *serial)
 {
 	struct state_proxy *p = state_proxy_find(st, serial);
@@ -179,17 +187,22 @@ static json_t *proxy_show(struct control_state *st, const struct state_proxy *p)
 {
 	char id[SPIFFE_ID_MAX + 1] = "", seen[CA_TIME_LEN], exp[CA_TIME_LEN];
 	int64_t current = 0;
+	unsigned degraded = p->degraded;
 
 	identity_format(id, sizeof(id), st->td, p->service);
 	state_config_version(st, p->service, &current);
-	return json_pack("{s:s, s:s, s:s?, s:O?, s:s, s:s, s:s, s:I, s:I, s:b, s:b}",
+	/* Control sees an expiry coming by itself, even when the proxy is silent. */
+	if (p->not_after - state_now() < API_CERT_WARN_S)
+		degraded |= API_DEGRADED_EXPIRY;
+	return json_pack("{s:s, s:s, s:s?, s:O?, s:s, s:s, s:s, s:I, s:I, s:b, s:b, s:o*}",
 	                 "service", p->service, "spiffe_id", id,
 	                 "address", p->address[0] ? p->address : NULL, "ports", p->ports,
 	                 "last_seen", state_fmt_time(p->last_seen, seen), "cert_serial", p->serial,
 	                 "cert_expires_at", state_fmt_time(p->not_after, exp),
 	                 "config_version", (json_int_t)p->held, "current_version",
 	                 (json_int_t)current, "connected", p->polling > 0,
-	                 "up_to_date", p->held >= current);
+	                 "up_to_date", p->held >= current,
+	                 "degraded", api_degraded_json(degraded));
 }
 
 json_t *state_proxies(struct control_state *st)

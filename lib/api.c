@@ -326,10 +326,69 @@ static int parse_upstreams(const char *v, size_t n, struct api_config_query *q,
 	return 0;
 }
 
+static const struct {
+	unsigned flag;
+	const char *name;
+} degraded_names[] = {
+	{ API_DEGRADED_RENEWAL, "renewal" },
+	{ API_DEGRADED_EXPIRY, "expiry" },
+};
+#define N_DEGRADED (sizeof(degraded_names) / sizeof(degraded_names[0]))
+
+void api_degraded_format(unsigned flags, char *out, size_t len)
+{
+	size_t used = 0;
+
+	out[0] = '\0';
+	for (size_t i = 0; i < N_DEGRADED && used < len; i++) {
+		if (flags & degraded_names[i].flag)
+			used += (size_t)snprintf(out + used, len - used, "%s%s", used ? "," : "",
+			                         degraded_names[i].name);
+	}
+}
+
+json_t *api_degraded_json(unsigned flags)
+{
+	json_t *a = json_array();
+
+	for (size_t i = 0; a && i < N_DEGRADED; i++) {
+		if ((flags & degraded_names[i].flag) &&
+		    json_array_append_new(a, json_string(degraded_names[i].name)) < 0) {
+			json_decref(a);
+			return NULL;
+		}
+	}
+	return a;
+}
+
+/* "renewal,expiry" (v, n bytes, not terminated) into q->degraded. */
+static int parse_degraded(const char *v, size_t n, struct api_config_query *q,
+                          struct meshlet_err *err)
+{
+	while (true) {
+		const char *comma = memchr(v, ',', n);
+		size_t len = comma ? (size_t)(comma - v) : n, i;
+
+		for (i = 0; i < N_DEGRADED; i++) {
+			if (strlen(degraded_names[i].name) == len &&
+			    memcmp(degraded_names[i].name, v, len) == 0)
+				break;
+		}
+		if (i == N_DEGRADED)
+			return err_set(err, "degraded", "'%.*s' is not one of renewal, expiry "
+			               "(separated by commas)", (int)(len > 64 ? 64 : len), v);
+		q->degraded |= degraded_names[i].flag;
+		if (!comma)
+			return 0;
+		v += len + 1;
+		n -= len + 1;
+	}
+}
+
 int api_parse_config_query(const char *query, struct api_config_query *out,
                            struct meshlet_err *err)
 {
-	bool seen_after = false, seen_wait = false, seen_upstreams = false;
+	bool seen_after = false, seen_wait = false, seen_upstreams = false, seen_degraded = false;
 	const char *p = query;
 
 	memset(out, 0, sizeof(*out));
@@ -355,6 +414,10 @@ int api_parse_config_query(const char *query, struct api_config_query *out,
 			if (parse_upstreams(eq + 1, n - 10, out, err) < 0)
 				return -EINVAL;
 			seen_upstreams = true;
+		} else if (eq - p == 8 && memcmp(p, "degraded", 8) == 0 && !seen_degraded) {
+			if (parse_degraded(eq + 1, n - 9, out, err) < 0)
+				return -EINVAL;
+			seen_degraded = true;
 		} else {
 			return err_set(err, "query", "unknown or repeated parameter '%.*s'",
 			               (int)((eq - p) > 64 ? 64 : (eq - p)), p);

@@ -386,6 +386,17 @@ void httpc_cancel(struct httpc *h)
 	}
 }
 
+void httpc_uncancel(struct httpc *h)
+{
+	uint64_t v;
+
+	/* Drain the eventfd first: a poll() of the next request must not wake. */
+	if (read(h->cancel_fd, &v, sizeof(v)) < 0) {
+		/* EAGAIN: it was not signalled. */
+	}
+	atomic_store(&h->cancelled, false);
+}
+
 void httpc_response_clear(struct httpc_response *resp)
 {
 	free(resp->body);

@@ -37,6 +37,10 @@ struct peerstats {
 	struct ps_denied denied[PEERSTATS_DENIED + 1];     /* last: API_STATS_OTHER */
 	struct api_stats_recent recent[API_STATS_RECENT_MAX];   /* oldest first, distinct */
 	size_t n_recent;
+	int64_t decisions;                 /* in this interval */
+	bool quiet;                        /* the last interval counted nothing */
+	peerstats_nudge_fn nudge;          /* see peerstats_set_nudge */
+	void *nudge_ctx;
 };
 
 static time_t mono_now(void)
@@ -58,6 +62,7 @@ struct peerstats *peerstats_new(void)
 		return NULL;
 	}
 	p->since = mono_now();
+	p->quiet = true;
 	return p;
 }
 
@@ -122,10 +127,12 @@ static bool same_denial(const struct api_stats_recent *r, const struct api_stats
 	       strcmp(r->method, n->method) == 0 && strcmp(r->path, n->path) == 0;
 }
 
-static void remember_denial(struct peerstats *p, const char *from, const char *rule,
+/* True when the denial is new in this interval (not a repeat). */
+static bool remember_denial(struct peerstats *p, const char *from, const char *rule,
                             const char *method, const char *path)
 {
 	struct api_stats_recent n;
+	bool is_new;
 	size_t i;
 
 	n.at = (int64_t)time(NULL);
@@ -136,12 +143,22 @@ static void remember_denial(struct peerstats *p, const char *from, const char *r
 	/* p->recent is ordered oldest first. */
 	for (i = 0; i < p->n_recent && !same_denial(&p->recent[i], &n); i++)
 		;
+	is_new = i == p->n_recent;
 	if (i == p->n_recent && p->n_recent == API_STATS_RECENT_MAX)
 		i = 0;                        /* full: the oldest goes */
 	else if (i == p->n_recent)
 		p->n_recent++;
 	memmove(&p->recent[i], &p->recent[i + 1], (p->n_recent - 1 - i) * sizeof(n));
 	p->recent[p->n_recent - 1] = n;
+	return is_new;
+}
+
+void peerstats_set_nudge(struct peerstats *p, peerstats_nudge_fn fn, void *ctx)
+{
+	pthread_mutex_lock(&p->lock);
+	p->nudge = fn;
+	p->nudge_ctx = ctx;
+	pthread_mutex_unlock(&p->lock);
 }
 
 void peerstats_decision(struct peerstats *p, const char *peer_id, bool allow, const char *rule,
@@ -149,6 +166,7 @@ void peerstats_decision(struct peerstats *p, const char *peer_id, bool allow, co
 {
 	char from[SERVICE_NAME_MAX + 1];
 	struct ps_caller *c;
+	bool news;
 
 	if (!p)
 		return;
@@ -158,11 +176,19 @@ void peerstats_decision(struct peerstats *p, const char *peer_id, bool allow, co
 	pthread_mutex_lock(&p->lock);
 	c = caller_slot(p, from);
 	c->requests++;
+	/* The first decision after a quiet interval, or a new kind of denial,
+	 * is news worth reporting now rather than at the next poll. */
+	news = p->quiet && p->decisions == 0;
+	p->decisions++;
 	if (!allow) {
 		c->denied++;
 		denied_slot(p, from, rule)->n++;
-		remember_denial(p, from, rule, method, path);
+		news |= remember_denial(p, from, rule, method, path);
 	}
+	/* Under the lock: peerstats_set_nudge(NULL) then waits for a call in
+	 * progress, so the hook's owner may be freed after it. */
+	if (news && p->nudge)
+		p->nudge(p->nudge_ctx);
 	pthread_mutex_unlock(&p->lock);
 }
 
@@ -323,6 +349,8 @@ int64_t peerstats_take(struct peerstats *p, struct api_stats_summary *out)
 	memset(p->callers, 0, sizeof(p->callers));
 	memset(p->denied, 0, sizeof(p->denied));
 	p->n_recent = 0;
+	p->quiet = p->decisions == 0;
+	p->decisions = 0;
 	p->since = now;
 	pthread_mutex_unlock(&p->lock);
 	snprintf(callers[PEERSTATS_CALLERS].from, sizeof(callers->from), "%s", API_STATS_OTHER);

@@ -41,6 +41,16 @@
 /* While traffic flows, the poll waits at most this long, so that control
  * gets a counter summary that often (an idle proxy waits CTL_POLL_WAIT_S). */
 #define CTL_STATS_WAIT_S 5
+/* ctlclient_nudge interrupts the config poll at most once per this many
+ * ms, and the poll after an interrupted one waits at most
+ * CTL_NUDGE_WAIT_S: news that came too soon after a nudge still leaves
+ * within about a second, and a storm of denials costs control one poll a
+ * second per proxy. */
+#define CTL_NUDGE_MIN_MS 1000
+#define CTL_NUDGE_WAIT_S 1
+/* A renewal control refused is tried again after this long, while the
+ * proxy keeps polling with its SVID (still valid for a while). */
+#define CTL_RENEW_RETRY_S 60
 #define CTL_CALL_TIMEOUT_MS 10000               /* any other call, and slack for the poll */
 #define CTL_TOKEN_MAX 1024
 #define CTL_STATE_MAX (8 * 1024 * 1024)
@@ -81,6 +91,9 @@ struct ctlclient {
 	pthread_cond_t cond;            /* signalled on stop */
 	bool stop;
 	struct httpc *active;           /* the client of the request in flight */
+	bool polling;                   /* a config poll is being prepared or in flight */
+	bool nudged;                    /* ctlclient_nudge interrupted it */
+	struct timespec last_nudge;     /* monotonic */
 	char status[CTL_REASON_MAX + 32];
 
 	struct ctl_state st;
@@ -102,6 +115,11 @@ struct ctlclient {
 	bool need_register;
 	bool reconnecting;              /* no call answered since start or the last failure */
 	bool warned_no_policy;
+	bool after_nudge;               /* the last poll was interrupted by a nudge */
+	/* Control refused the due renewal: the proxy keeps polling with its
+	 * valid SVID (degraded=renewal) and tries again at renew_retry_at. */
+	bool renew_failing;
+	time_t renew_retry_at;
 	time_t renew_at;
 	unsigned backoff_ms;
 	unsigned failures;
@@ -151,6 +169,7 @@ void ctlc_token_free(char *tok);
 int ctlc_adopt_svid(struct ctlclient *c, EVP_PKEY *key, const char *cert_pem,
                     const char *bundle_pem);
 int ctlc_join(struct ctlclient *c);
+/* 0, 403 when control refused the renewal (c->refusal says why), or -1. */
 int ctlc_renew(struct ctlclient *c);
 int ctlc_fetch_bundle(struct ctlclient *c);
 
@@ -169,6 +188,10 @@ int ctlc_install(struct ctlclient *c, const json_t *policy, int64_t policy_versi
 /* ctlc_install of what we hold, then cached. */
 int ctlc_install_current(struct ctlclient *c);
 int ctlc_poll_config(struct ctlclient *c);
+/* Around the config poll: ctlclient_nudge may interrupt it in between.
+ * ctlc_poll_end returns true when it did (h is usable again). */
+void ctlc_poll_begin(struct ctlclient *c);
+bool ctlc_poll_end(struct ctlclient *c, struct httpc *h);
 
 /* ctlclient_cache.c */
 /* Replaces state_dir/name with data atomically (file_replace). */

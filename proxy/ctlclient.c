@@ -146,7 +146,7 @@ int ctlc_call_with(struct ctlclient *c, struct httpc *h, const char *what, const
 
 	pthread_mutex_lock(&c->lock);
 	c->active = h;
-	if (c->stop)
+	if (c->stop || (c->polling && c->nudged))
 		httpc_cancel(h);
 	pthread_mutex_unlock(&c->lock);
 	httpc_set_timeout(h, timeout_ms);
@@ -215,6 +215,35 @@ void ctlc_drop_mtls(struct ctlclient *c)
 	c->http = NULL;
 }
 
+/*
+ * The due renewal. Refused by control (a limit, a revoked ancestor) while
+ * the SVID is valid for CTL_RENEW_RETRY_S more: keep polling the config
+ * (policy updates go on) and say so (degraded=renewal), try again later.
+ * Anything else fails the step as before (backoff).
+ */
+static int renew_or_defer(struct ctlclient *c, time_t now)
+{
+	int rc = ctlc_renew(c);
+
+	if (rc == 0) {
+		if (c->renew_failing)
+			ctlc_set_status(c, "connected");
+		c->renew_failing = false;
+		c->renew_retry_at = 0;
+		return 0;
+	}
+	if (rc != 403 || c->st.not_after - now <= CTL_RENEW_RETRY_S)
+		return -1;
+	if (!c->renew_failing)
+		log_warn("%s; serving with the current SVID and trying again every %d s",
+		         c->why, CTL_RENEW_RETRY_S);
+	/* /ready: connected, but degraded. */
+	ctlc_set_status(c, "connected, renewal refused: %s", c->why);
+	c->renew_failing = true;
+	c->renew_retry_at = now + CTL_RENEW_RETRY_S;
+	return 0;
+}
+
 /* One turn of the loop. 0, or -1 with c->why set. */
 static int step(struct ctlclient *c)
 {
@@ -227,11 +256,14 @@ static int step(struct ctlclient *c)
 			log_warn("the SVID expired at %s: joining again with the token in %s",
 			         ctlc_when(c->st.not_after, t), c->cfg->control_token_file);
 		c->have_svid = false;
+		c->renew_failing = false;      /* a new SVID, a new lineage */
+		c->renew_retry_at = 0;
 		return ctlc_join(c);
 	}
 	if (c->need_bundle && ctlc_fetch_bundle(c) < 0)
 		return -1;
-	if ((c->need_renew || now >= c->renew_at) && ctlc_renew(c) < 0)
+	if ((c->need_renew || now >= c->renew_at) && now >= c->renew_retry_at &&
+	    renew_or_defer(c, now) < 0)
 		return -1;
 	if (c->tls_dirty && c->installed && ctlc_install_current(c) < 0)
 		return -1;
@@ -409,6 +441,52 @@ void ctlclient_stop(struct ctlclient *c)
 	if (c->thread_started)
 		pthread_join(c->thread, NULL);
 	client_free(c);
+}
+
+static long long ms_since(const struct timespec *then, const struct timespec *now)
+{
+	return (long long)(now->tv_sec - then->tv_sec) * 1000 +
+	       (now->tv_nsec - then->tv_nsec) / 1000000;
+}
+
+void ctlclient_nudge(struct ctlclient *c)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	pthread_mutex_lock(&c->lock);
+	if (c->polling && !c->nudged && !c->stop &&
+	    ms_since(&c->last_nudge, &now) >= CTL_NUDGE_MIN_MS) {
+		c->nudged = true;
+		c->last_nudge = now;
+		if (c->active)
+			httpc_cancel(c->active);
+	}
+	pthread_mutex_unlock(&c->lock);
+}
+
+void ctlc_poll_begin(struct ctlclient *c)
+{
+	pthread_mutex_lock(&c->lock);
+	c->polling = true;
+	c->nudged = false;
+	pthread_mutex_unlock(&c->lock);
+}
+
+bool ctlc_poll_end(struct ctlclient *c, struct httpc *h)
+{
+	bool nudged;
+
+	pthread_mutex_lock(&c->lock);
+	nudged = c->nudged && !c->stop;
+	/* Every cancel but stop's happens under this lock: undoing ours here
+	 * cannot undo a stop. */
+	if (nudged)
+		httpc_uncancel(h);
+	c->polling = false;
+	c->nudged = false;
+	pthread_mutex_unlock(&c->lock);
+	return nudged;
 }
 
 void ctlclient_status(struct ctlclient *c, char *out, size_t len)

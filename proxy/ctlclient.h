@@ -64,8 +64,16 @@ int ctlclient_start(const struct ctlclient_host *host, const struct config *cfg,
 void ctlclient_stop(struct ctlclient *c);
 
 /*
- * For /ready's body: "connected", "connecting", "joining" or
- * "disconnected: <last error>" into out.
+ * News to report (peerstats_set_nudge): interrupts the config long poll
+ * in flight, at most once per second, so the next one carries the counter
+ * summary at once. Thread-safe, quick, never blocks on the network; a
+ * no-op while no poll is being made (the next one takes the summary).
+ */
+void ctlclient_nudge(struct ctlclient *c);
+
+/*
+ * For /ready's body: "connected", "connected, renewal refused: <why>",
+ * "connecting", "joining" or "disconnected: <last error>" into out.
  */
 void ctlclient_status(struct ctlclient *c, char *out, size_t len);
 

@@ -312,7 +312,10 @@ static int apply_config(struct ctlclient *c, const json_t *doc)
 	} else if (gen != c->st.cert_generation) {
 		c->need_renew = true;
 		c->pending_generation = gen;
-		return 0;
+		/* While control refuses the renewal, apply the rest (and wait on
+		 * this version) instead of asking again at once. */
+		if (!c->renew_failing)
+			return 0;
 	}
 	eps = ctlc_relevant_endpoints(c->cfg, a.endpoints);
 	traffic = ctlc_relevant_traffic(c->cfg, a.traffic);
@@ -377,6 +380,21 @@ static void upstreams_param(const struct config *cfg, char *out, size_t len)
 	}
 }
 
+/* "&degraded=..." for the config poll: what control's view of this proxy
+ * should say (a refused renewal, an SVID close to expiry); "" when fine. */
+static void degraded_param(const struct ctlclient *c, time_t now, char *out, size_t len)
+{
+	unsigned flags = 0;
+	char names[48];
+
+	if (c->renew_failing)
+		flags |= API_DEGRADED_RENEWAL;
+	if (c->st.not_after - now < API_CERT_WARN_S)
+		flags |= API_DEGRADED_EXPIRY;
+	api_degraded_format(flags, names, sizeof(names));
+	snprintf(out, len, "%s%s", names[0] ? "&degraded=" : "", names);
+}
+
 /* "Meshlet-Stats: <summary>" into *out (malloc'd; NULL without a summary,
  * which ends the header list). 0, or -1 (no memory). A summary lost with
  * a failed poll is not sent again: the dashboard shows rates. */
@@ -401,31 +419,43 @@ int ctlc_poll_config(struct ctlclient *c)
 	struct httpc *h = ctlc_mtls(c);
 	/* 64 listeners of 63-character names, and the rest. */
 	char path[CONFIG_MAX_LISTENERS * (SERVICE_NAME_MAX + 1) + 256], ups[sizeof(path) - 200];
-	long long wait = CTL_POLL_WAIT_S, until_renewal = (long long)(c->renew_at - time(NULL));
-	char *stats, *header = NULL;
+	time_t now = time(NULL);
+	long long wait = CTL_POLL_WAIT_S, until_renewal = (long long)(c->renew_at - now);
+	char *stats, *header = NULL, degraded[64];
 	int rc;
 
 	if (!h)
 		return -1;
+	if (c->renew_failing)
+		until_renewal = (long long)(c->renew_retry_at - now);
 	if (until_renewal < wait)
 		wait = until_renewal < 1 ? 1 : until_renewal;
 	/* A quick answer first: it shows control is reachable (status, gauge). */
 	if (!c->installed || c->reconnecting)
 		wait = 0;
+	ctlc_poll_begin(c);        /* before taking the summary: news after it nudges */
 	stats = c->host.stats ? c->host.stats(c->host.ctx) : NULL;
 	if (stats && wait > CTL_STATS_WAIT_S)
 		wait = CTL_STATS_WAIT_S;   /* traffic flows: report again soon */
+	if (c->after_nudge && wait > CTL_NUDGE_WAIT_S)
+		wait = CTL_NUDGE_WAIT_S;
 	upstreams_param(c->cfg, ups, sizeof(ups));
-	snprintf(path, sizeof(path), "/v1/services/%s/config?after=%lld&wait=%lld%s", c->cfg->service,
-	         (long long)(c->installed ? c->st.version : 0), wait, ups);
+	degraded_param(c, now, degraded, sizeof(degraded));
+	snprintf(path, sizeof(path), "/v1/services/%s/config?after=%lld&wait=%lld%s%s",
+	         c->cfg->service, (long long)(c->installed ? c->st.version : 0), wait, ups, degraded);
 	rc = stats_header(stats, &header);
 	free(stats);
-	if (rc < 0)
+	if (rc < 0) {
+		ctlc_poll_end(c, h);
 		return ctlc_fail(c, "out of memory");
+	}
 	rc = ctlc_call_with(c, h, "watching the config", "GET", path, NULL,
 	                    (const char *const[]){ header, NULL },
 	                    (int)(wait * 1000 + CTL_CALL_TIMEOUT_MS), &r);
 	free(header);
+	c->after_nudge = ctlc_poll_end(c, h);
+	if (rc != 0 && c->after_nudge && rc == HTTPC_ECANCELED)
+		return 0;          /* news to report: poll again at once */
 	if (rc != 0)
 		return -1;
 	c->reconnecting = false;

@@ -312,8 +312,10 @@ int ctlc_renew(struct ctlclient *c)
 	c->refusal[0] = '\0';
 	rc = ctlc_call(c, h, "renewing the SVID", "POST", "/v1/svid", c->renew_body,
 	               CTL_CALL_TIMEOUT_MS, &r);
-	if (rc == 403)
+	if (rc == 403) {
 		renew_refused(c);
+		return 403;
+	}
 	if (rc != 0)
 		return -1;
 	rc = accept_svid(c, r.json, c->renew_key, false);

@@ -277,8 +277,10 @@ static void wait_workers(struct meshlet_proxy *p)
 
 static void proxy_free(struct meshlet_proxy *p)
 {
-	if (p->ctl)
+	if (p->ctl) {
+		peerstats_set_nudge(p->metrics->peers, NULL, NULL);
 		ctlclient_stop(p->ctl);    /* first: it may install snapshots */
+	}
 	p->ctl = NULL;
 	for (int i = 0; p->workers && i < p->n_workers; i++)
 		worker_destroy(&p->workers[i]);
@@ -348,6 +350,12 @@ static char *ctl_stats(void *ctx)
 	return text;
 }
 
+/* News in the counters (peerstats_set_nudge): report it now. */
+static void ctl_nudge(void *ctx)
+{
+	ctlclient_nudge(ctx);
+}
+
 /* Static mode serves at once; control mode once control (or the cache) gave a state. */
 static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
 {
@@ -373,7 +381,12 @@ static int start_serving(struct meshlet_proxy *p, struct meshlet_err *err)
 			.ctx = p,
 		};
 
-		return ctlclient_start(&host, p->boot_cfg, &p->ctl, err);
+		int rc = ctlclient_start(&host, p->boot_cfg, &p->ctl, err);
+
+		if (rc < 0)
+			return rc;
+		peerstats_set_nudge(p->metrics->peers, ctl_nudge, p->ctl);
+		return 0;
 	}
 }
 

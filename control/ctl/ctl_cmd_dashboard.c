@@ -3,7 +3,8 @@
  * control/ctl/dashboard/ (built in: ctl_dashboard.h).
  *
  * The page reads one thing, GET /api/overview, which this process builds
- * from control's API reads (stats, proxies, policies, certs, ca)
+ * from control's API reads (stats, proxies, policies, certs, ca, traffic,
+ * endpoints)
  * made with this command's credentials: the admin token stays here, the
  * browser never sees it, and nothing but those GETs is relayed. Answers
  * carry no-store caching and a Content-Security-Policy that allows only
@@ -50,6 +51,8 @@ static const struct { const char *key, *path; } dash_reads[] = {
 	{ "policies", "/v1/policies" },
 	{ "certs", "/v1/certs" },
 	{ "ca", "/v1/ca" },
+	{ "traffic", "/v1/traffic" },
+	{ "endpoints", "/v1/endpoints" },
 };
 
 struct dash {

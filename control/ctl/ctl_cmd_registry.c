@@ -71,7 +71,7 @@ int ctl_cmd_proxies_list(struct ctl *ctl, const struct ctl_cmd *cmd, const struc
 {
 	static const char *const cols[] = { "service", "address", "ports", "config_version",
 	                                    "up_to_date", "connected", "cert_serial",
-	                                    "cert_expires_at", "last_seen", NULL };
+	                                    "cert_expires_at", "last_seen", "degraded", NULL };
 
 	return ctl_list_command(ctl, "/v1/proxies", "proxies", cols);
 }

@@ -131,15 +131,29 @@ void api_sha256_hex(const char *s, size_t len, char *out);
 int api_parse_if_match(const char *value, int64_t *version, struct meshlet_err *err);
 
 /*
+ * What a proxy says about itself with its config poll: degraded=NAME[,NAME]
+ * (absent: nothing to say). Control shows it in GET /v1/proxies.
+ */
+#define API_DEGRADED_RENEWAL 0x1u   /* "renewal": its SVID's renewal is due and fails */
+#define API_DEGRADED_EXPIRY 0x2u    /* "expiry": its SVID expires within API_CERT_WARN_S */
+#define API_CERT_WARN_S 600
+/* flags as "renewal,expiry" into out (len bytes; "" for none). */
+void api_degraded_format(unsigned flags, char *out, size_t len);
+/* flags as a JSON array of their names; NULL: no memory. */
+json_t *api_degraded_json(unsigned flags);
+
+/*
  * GET /v1/services/{svc}/config?after=V&wait=S&upstreams=LIST. Missing:
  * after 0, wait API_WAIT_DEFAULT, upstreams none (the answer carries no
  * endpoints). LIST is "*" (every service's endpoints: transparent mode) or
  * up to API_UPSTREAMS_MAX service names separated by commas. Unknown or
- * repeated parameters are refused.
+ * repeated parameters are refused. degraded=NAME[,NAME] (names above;
+ * others refused) is what the proxy says about itself.
  */
 struct api_config_query {
 	int64_t after;
 	int wait;          /* seconds, 0..API_WAIT_MAX */
+	unsigned degraded; /* API_DEGRADED_* */
 	bool upstreams_all;
 	size_t n_upstreams;
 	char upstreams[API_UPSTREAMS_MAX][64];

@@ -108,6 +108,14 @@ int httpc_request(struct httpc *h, const char *method, const char *path,
  */
 void httpc_cancel(struct httpc *h);
 
+/*
+ * Makes h usable again after httpc_cancel() (a request to be interrupted
+ * and made anew, not abandoned). Not safe against a concurrent
+ * httpc_cancel(): the caller serialises both (the proxy's control client
+ * does it under its lock).
+ */
+void httpc_uncancel(struct httpc *h);
+
 void httpc_response_clear(struct httpc_response *resp);
 
 /*

@@ -36,6 +36,17 @@ void peerstats_free(struct peerstats *p);
 void peerstats_decision(struct peerstats *p, const char *peer_id, bool allow, const char *rule,
                         const char *method, const char *path);
 
+/*
+ * fn(ctx) is called, from the counting thread and under peerstats' lock
+ * (so it must be quick and must not call back into p), when a decision is
+ * news: the first one after an interval that counted nothing, or a denial
+ * not yet among this interval's recent ones. The proxy uses it to send its
+ * summary at once instead of at the end of the long poll. NULL removes
+ * it; once that returns, fn is not running and will not be called.
+ */
+typedef void (*peerstats_nudge_fn)(void *ctx);
+void peerstats_set_nudge(struct peerstats *p, peerstats_nudge_fn fn, void *ctx);
+
 /* One HTTP answer to peer_id: its status (5xx counted) and duration. */
 void peerstats_answer(struct peerstats *p, const char *peer_id, int status, double seconds);
 

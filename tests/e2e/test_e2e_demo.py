@@ -1,9 +1,14 @@
 """deploy/local/demo itself, as a new user runs it (as root): every step
-OK, exit 0, and nothing left behind."""
+OK, exit 0, and nothing left behind; with --keep, the dashboard it leaves
+running answers on the host's loopback and shows the services, and
+`demo down` stops it with the rest."""
 
+import json
 import re
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from e2e_helpers import DEMO, SANITIZER_MARKERS, demo_env, netns_list, root_iptables, root_links
@@ -34,5 +39,71 @@ def test_demo_runs_every_step_and_cleans_up(root_before):
             text = f.read_text(errors="replace")
             assert not any(mk in text for mk in SANITIZER_MARKERS), f"{f.name}:\n{text[-4000:]}"
     finally:
+        if work and work.name.startswith("meshlet-demo."):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+STATE_DIR = Path("/run/meshlet-demo")
+
+
+def http_get(url, timeout=5):
+    """(status, body) of a GET, or (None, error) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except OSError as e:
+        return None, str(e)
+
+
+def test_demo_keep_leaves_the_dashboard_running_and_down_stops_it(root_before):
+    t0_ns = set(netns_list())
+    p = subprocess.run([str(DEMO), "--keep", "--no-build", "--no-install"], capture_output=True,
+                       text=True, env=demo_env(), timeout=120)
+    out = p.stdout + p.stderr
+    m = re.search(r"\$DEMO = (/tmp/meshlet-demo\.\w+)", out)
+    work = Path(m.group(1)) if m else None
+    mid = re.search(r"id (\w+)\.", out)
+    downed = False
+    try:
+        assert p.returncode == 0, out[-6000:]
+        m = re.search(r"dashboard \(read-only web UI, stopped by demo down\): open "
+                      r"(http://127\.0\.0\.1:(\d+)/)", out)
+        assert m, out[-3000:]
+        url = m.group(1)
+        status, page = http_get(url)
+        assert status == 200 and "<html" in page.lower(), (status, page[:500])
+        status, body = http_get(url + "api/overview")
+        assert status == 200, (status, body[:500])
+        ov = json.loads(body)
+        text = json.dumps(ov)
+        for svc in ("frontend", "orders", "reports"):
+            assert f'"{svc}"' in text, text[:2000]
+        token = (work / "control" / "admin.token").read_text().strip()
+        assert token not in page and token not in body
+        # A process of the demo like the others: on record in its state file.
+        state = STATE_DIR / f"{mid.group(1)}.state"
+        names = [ln.split()[3] for ln in state.read_text().splitlines() if ln.startswith("pid ")]
+        assert "dashboard" in names and "dashboard-forward" in names, names
+        pids = [int(ln.split()[1]) for ln in state.read_text().splitlines()
+                if ln.startswith("pid ") and ln.split()[3].startswith("dashboard")]
+        down = subprocess.run([str(DEMO), "down", mid.group(1)], capture_output=True, text=True,
+                              env=demo_env(), timeout=60)
+        downed = True
+        assert down.returncode == 0, down.stdout + down.stderr
+        status, err = http_get(url, timeout=2)
+        assert status is None, (status, err)
+        assert not state.exists()
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists() or \
+                Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z", pid
+        assert set(netns_list()) == t0_ns
+        assert root_iptables() == root_before["iptables"]
+        err_log = (work / "logs" / "dashboard.err").read_text(errors="replace")
+        assert not any(mk in err_log for mk in SANITIZER_MARKERS), err_log[-4000:]
+    finally:
+        if not downed and mid:
+            subprocess.run([str(DEMO), "down", mid.group(1)], env=demo_env(), timeout=60)
         if work and work.name.startswith("meshlet-demo."):
             shutil.rmtree(work, ignore_errors=True)

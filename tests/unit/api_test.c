@@ -190,6 +190,41 @@ static void test_config_query(void **state)
 	assert_int_equal(api_parse_config_query("after=", &q, &e), -EINVAL);
 }
 
+/* degraded=: what a proxy says about itself; only the known names. */
+static void test_config_query_degraded(void **state)
+{
+	struct api_config_query q;
+	struct meshlet_err e = {0};
+	char text[48];
+	json_t *a;
+
+	(void)state;
+	assert_int_equal(api_parse_config_query("after=1", &q, &e), 0);
+	assert_int_equal(q.degraded, 0);
+	assert_int_equal(api_parse_config_query("after=1&degraded=renewal", &q, &e), 0);
+	assert_int_equal(q.degraded, API_DEGRADED_RENEWAL);
+	assert_int_equal(api_parse_config_query("degraded=expiry,renewal&wait=5", &q, &e), 0);
+	assert_int_equal(q.degraded, API_DEGRADED_RENEWAL | API_DEGRADED_EXPIRY);
+	assert_int_equal(api_parse_config_query("degraded=fine", &q, &e), -EINVAL);
+	assert_string_equal(e.path, "degraded");
+	assert_non_null(strstr(e.message, "'fine'"));
+	assert_int_equal(api_parse_config_query("degraded=", &q, &e), -EINVAL);
+	assert_int_equal(api_parse_config_query("degraded=renewal,", &q, &e), -EINVAL);
+	assert_int_equal(api_parse_config_query("degraded=,renewal", &q, &e), -EINVAL);
+	assert_int_equal(api_parse_config_query("degraded=renewalx", &q, &e), -EINVAL);
+	assert_int_equal(api_parse_config_query("degraded=renewal&degraded=expiry", &q, &e),
+	                 -EINVAL);
+	api_degraded_format(0, text, sizeof(text));
+	assert_string_equal(text, "");
+	api_degraded_format(API_DEGRADED_RENEWAL | API_DEGRADED_EXPIRY, text, sizeof(text));
+	assert_string_equal(text, "renewal,expiry");
+	assert_int_equal(api_parse_config_query("degraded=renewal,expiry", &q, &e), 0);
+	a = api_degraded_json(q.degraded);
+	assert_int_equal(json_array_size(a), 2);
+	assert_string_equal(json_string_value(json_array_get(a, 1)), "expiry");
+	json_decref(a);
+}
+
 static void test_config_query_upstreams(void **state)
 {
 	struct api_config_query q;
@@ -951,6 +986,7 @@ int main(void)
 		cmocka_unit_test(test_if_match),
 		cmocka_unit_test(test_config_query),
 		cmocka_unit_test(test_config_query_upstreams),
+		cmocka_unit_test(test_config_query_degraded),
 		cmocka_unit_test(test_addr_parse_and_format),
 		cmocka_unit_test(test_assign_req),
 		cmocka_unit_test(test_token_req),

@@ -136,12 +136,57 @@ static void test_ten_thousand_callers_stay_bounded(void **state)
 	peerstats_free(p);
 }
 
+static void count_nudge(void *ctx)
+{
+	(*(int *)ctx)++;
+}
+
+/* The hook fires on news only: the first decision after a quiet interval
+ * and a denial not yet among the interval's recent ones. */
+static void test_nudge_on_news_only(void **state)
+{
+	struct peerstats *p = peerstats_new();
+	struct api_stats_summary *sum = malloc(sizeof(*sum));
+	const char *web = "spiffe://mesh.local/svc/web";
+	int n = 0;
+
+	(void)state;
+	assert_non_null(p);
+	assert_non_null(sum);
+	peerstats_set_nudge(p, count_nudge, &n);
+	peerstats_decision(p, web, true, "r", "GET", "/");
+	assert_int_equal(n, 1);                  /* first traffic after a quiet start */
+	peerstats_decision(p, web, true, "r", "GET", "/");
+	assert_int_equal(n, 1);
+	peerstats_decision(p, web, false, "deny-x", "GET", "/a");
+	assert_int_equal(n, 2);                  /* a new denial */
+	peerstats_decision(p, web, false, "deny-x", "GET", "/a");
+	assert_int_equal(n, 2);                  /* the same again: no news */
+	peerstats_decision(p, web, false, "deny-x", "GET", "/b");
+	assert_int_equal(n, 3);
+	assert_true(peerstats_take(p, sum) > 0);
+	peerstats_decision(p, web, true, "r", "GET", "/");
+	assert_int_equal(n, 3);                  /* traffic goes on: no news */
+	peerstats_decision(p, web, false, "deny-x", "GET", "/a");
+	assert_int_equal(n, 4);                  /* new in this interval */
+	assert_true(peerstats_take(p, sum) > 0);
+	assert_int_equal(peerstats_take(p, sum), 0);   /* a quiet interval */
+	peerstats_decision(p, web, true, "r", "GET", "/");
+	assert_int_equal(n, 5);                  /* first traffic after it */
+	peerstats_set_nudge(p, NULL, NULL);
+	peerstats_decision(p, web, false, "deny-y", "GET", "/c");
+	assert_int_equal(n, 5);
+	free(sum);
+	peerstats_free(p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_caller_names),
 		cmocka_unit_test(test_counts_and_latency),
 		cmocka_unit_test(test_ten_thousand_callers_stay_bounded),
+		cmocka_unit_test(test_nudge_on_news_only),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

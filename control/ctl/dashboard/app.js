@@ -7,6 +7,8 @@
 const REFRESH_MS = 2000;
 const EXPIRY_WARN_S = 600;
 const SVG = "http://www.w3.org/2000/svg";
+// What a proxy's "degraded" names mean (GET /v1/proxies).
+const DEGRADED = { renewal: "renewal refused", expiry: "certificate expiring" };
 
 function $(id) { return document.getElementById(id); }
 
@@ -122,6 +124,8 @@ function render(o) {
   const proxies = (o.proxies && o.proxies.proxies) || [];
   const policies = (o.policies && o.policies.policies) || [];
   const certs = (o.certs && o.certs.certs) || [];
+  const traffic = (o.traffic && o.traffic.traffic) || [];
+  const endpoints = (o.endpoints && o.endpoints.endpoints) || [];
   const edges = (stats.edges || []).filter((e) => e.from !== "(other)" || e.requests > 0);
 
   const names = new Set();
@@ -153,8 +157,12 @@ function render(o) {
 
   const inbound = {};
   for (const s of stats.services || []) inbound[s.name] = s;
-  const policyOf = {};
+  const policyOf = {}, trafficOf = {}, instancesOf = {};
   for (const p of policies) policyOf[p.service] = p;
+  for (const t of traffic) trafficOf[t.service] = t.version;
+  for (const e of endpoints) {
+    if (e.live) instancesOf[e.service] = (instancesOf[e.service] || 0) + 1;
+  }
   fillTable("services", services.filter((s) => s !== "(other)").map((s) => {
     const mine = proxies.filter((p) => p.service === s);
     const stale = mine.filter((p) => !p.up_to_date).length;
@@ -162,9 +170,10 @@ function render(o) {
     return {
       cls: stale ? "warn" : "",
       cells: [s, pol ? pol.version : "none (deny all)",
-        pol && pol.traffic_version !== undefined ? pol.traffic_version : "–",
+        trafficOf[s] !== undefined ? trafficOf[s] : "none",
+        { text: instancesOf[s] || 0, cls: "num" },
         { text: mine.length, cls: "num" },
-        mine.length ? (stale ? `${stale} behind` : "yes") : "–",
+        mine.length ? (stale ? `no: ${stale} of ${mine.length} behind` : "yes") : "–",
         { text: rate(inbound[s] && inbound[s].request_rate), cls: "num" },
         { text: rate(inbound[s] && inbound[s].denial_rate), cls: "num" }],
     };
@@ -173,11 +182,13 @@ function render(o) {
   fillTable("proxies", proxies.map((p) => {
     const left = expiresIn(p.cert_expires_at);
     const warn = left !== null && left < EXPIRY_WARN_S;
+    const degraded = (p.degraded || []).map((d) => DEGRADED[d] || d);
     return {
-      cls: warn || !p.connected ? "bad" : !p.up_to_date ? "warn" : "",
+      cls: warn || !p.connected || degraded.length ? "bad" : !p.up_to_date ? "warn" : "",
       cells: [p.service, p.address || "–", { text: p.config_version, cls: "num" },
         p.up_to_date ? "yes" : `no (current ${p.current_version})`,
         p.connected ? "yes" : "no",
+        degraded.length ? { text: "degraded: " + degraded.join(", "), cls: "deny" } : "ok",
         { text: `${p.cert_expires_at} (${human(left)})` + (warn ? " ⚠ expiring" : ""),
           cls: warn ? "deny" : "" },
         p.last_seen],
