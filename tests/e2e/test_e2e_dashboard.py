@@ -11,6 +11,7 @@ and socat: skipped with the reason otherwise."""
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -164,3 +165,31 @@ def test_dashboard_shows_the_namespace_mesh(mesh, dashboard, browser, tmp_path):
     took = denial_reaches_page(mesh, browser, "/orders/after-quiet")
     print(f"a denial after {QUIET_S} s of quiet reached the page in {took:.1f} s")
     assert took < 5, took
+
+
+def test_dashboard_follows_rotation_and_a_stopped_control(mesh, dashboard, browser):
+    """On the namespace mesh: `certs rotate --all` shows new expiry times;
+    control stopped (SIGSTOP: it holds its sockets but answers nothing) makes
+    the page say so, and the page recovers when it runs again."""
+    def expiries():
+        rows = table(browser, "proxies").splitlines()[1:]
+        return sorted(r.split(" (")[0].split()[-1] for r in rows)
+
+    browser.get(dashboard)
+    wait_for(lambda: len(expiries()) == 3, 60, interval=0.5, what="three proxies on the page")
+    before = expiries()
+    time.sleep(1.1)     # expiry times have a resolution of one second
+    mesh.ctl("certs", "rotate", "--all")
+    wait_for(lambda: all(a > b for a, b in zip(expiries(), before)), 60, interval=0.5,
+             what=f"new expiry times on the page (before: {before})")
+    print(f"certificate expiry on the page: {before} -> {expiries()}")
+
+    pid, _ = mesh.pids()["control"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "control unreachable" in browser.find_element(By.ID, "status").text,
+                 20, interval=0.3, what="the page to say control is unreachable")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: "control connected" in browser.find_element(By.ID, "status").text,
+             30, interval=0.3, what="the page to recover")
