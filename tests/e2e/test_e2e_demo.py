@@ -25,12 +25,18 @@ def test_demo_runs_every_step_and_cleans_up(root_before):
     try:
         assert p.returncode == 0, out[-6000:]
         for title in ("network:", "control:", "policies:", "sidecars:", "allowed:", "denied:",
-                      "around the sidecars:", "policy push:", "certificate rotation:",
-                      "metrics:", "cleaning up"):
+                      "gRPC allowed:", "gRPC denied:", "around the sidecars:", "policy push:",
+                      "certificate rotation:", "metrics:", "cleaning up"):
             assert title in out, f"step {title!r} missing:\n{out}"
         assert "FAIL" not in out, out
         assert "all steps OK" in out
-        assert out.count("    OK   ") == 10, out
+        assert out.count("    OK   ") == 12, out
+        # the gRPC steps: a real grpcio call answered by the app (naming the
+        # caller its sidecar vouched for), and one refused by the named rule
+        assert "-> OK order 42: 2 books, 1 lamp (caller spiffe://mesh.local/svc/frontend)" in out, out
+        assert "-> PERMISSION_DENIED denied by rule no-order-deletes" in out, out
+        assert re.search(r"path=/shop\.Orders/Get decision=allow rule=frontend-gets-orders-rpc status=200", out), out
+        assert 'meshlet_policy_decisions_total{decision="deny",rule="no-order-deletes"} 1' in out, out
         assert set(netns_list()) == t0_ns
         assert [n for n in root_links() if n not in root_before["links"]] == []
         assert root_iptables() == root_before["iptables"]

@@ -46,8 +46,12 @@ def orders_calls_work(mesh):
 def test_the_demo_registered_each_sidecar_once(mesh):
     entries = registry(mesh)["endpoints"]
     got = {(e["service"], e["address"], tuple(e["ports"]), e["via"]) for e in entries}
-    assert got == {(s, f"{mesh.ip[s]}:15006", (APP_PORT,), "connection")
-                   for s in ("frontend", "orders", "reports")}
+    want = {(s, f"{mesh.ip[s]}:15006", (APP_PORT,), "connection")
+            for s in ("frontend", "orders", "reports")}
+    # orders' second inbound listener, in front of its gRPC app on 9090:
+    # one entry per listener, each with its own application port
+    want.add(("orders", f"{mesh.ip['orders']}:15007", (9090,), "connection"))
+    assert got == want
     orders_calls_work(mesh)
 
 
@@ -69,7 +73,8 @@ def test_a_proxy_cannot_claim_another_services_address(mesh):
     code, body = register_as(mesh, "frontend", "orders", f"{mesh.ip['orders']}:15099", [APP_PORT])
     assert code == 409 and "orders" in body, (code, body)
     entries = registry(mesh)["endpoints"]
-    assert sorted(e["service"] for e in entries) == ["frontend", "orders", "reports"], entries
+    # (orders twice: its app's listener and its gRPC app's)
+    assert sorted(e["service"] for e in entries) == ["frontend", "orders", "orders", "reports"], entries
     orders_calls_work(mesh)
     # control's address stays outside the mesh for frontend's app
     code, _, err = mesh.curl("frontend", f"http://{mesh.ip['control']}:7443/v1/health")

@@ -77,6 +77,35 @@ def test_quick_run_on_meshlet(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+H2_TOOLS = ("h2load", "haproxy", "curl")
+
+
+@pytest.mark.skipif(any(shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None
+                        for t in H2_TOOLS),
+                    reason="the h2 rows need h2load (nghttp2-client), haproxy and curl")
+def test_quick_run_h2_rows(tmp_path):
+    """The HTTP/2 rows: meshlet-h2 and haproxy-h2 through an h2c-only
+    backend (a pair that fell back to HTTP/1.1 would not start), and
+    direct's h2 baseline."""
+    out = tmp_path / "out"
+    p = subprocess.run([str(RUN), "--quick", "--duration", "1", "--only", "meshlet-h2,haproxy-h2",
+                        "--no-install", "--no-chart", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, env=bench_env(),
+                       cwd=tmp_path)
+    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    got = {(r["candidate"], r["scenario"]): r for r in recs}
+    assert set(got) == {(c, s) for c in ("direct", "meshlet-h2", "haproxy-h2")
+                        for s in ("h2_keepalive", "grpc_unary_1000")}, sorted(got)
+    for r in got.values():
+        assert r["tool"] == "h2load" and r["requests"] > 0 and r["rps"] > 0, r
+        assert r["p99_ms"] >= r["p50_ms"] > 0 and r["errors"] == 0, r
+    table = (out / "table.md").read_text()
+    for row in ("h2 keepalive req/s vs HAProxy h2", "gRPC unary added p99 ms @ 1000/s"):
+        assert row in table
+    assert "Traceback" not in p.stderr
+
+
 def test_unknown_candidate_is_refused(tmp_path):
     p = subprocess.run([str(RUN), "--only", "meshlet,envoy", "--no-install", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=30, env=bench_env())
