@@ -101,6 +101,9 @@
 #define CONTROL_ENDPOINTS_COALESCE_MS 500
 
 /* The command line of meshlet-control; strings borrowed from argv. */
+/* The longest admin token accepted from a file (characters). */
+#define ADMIN_TOKEN_MAX 256
+
 struct control_opts {
 	const char *listen;            /* "host:port" */
 	const char *state_dir;
@@ -112,6 +115,10 @@ struct control_opts {
 	/* --store etcd:URLS: a shared store; then kek_file is required. */
 	struct store_etcd_opts etcd;   /* etcd.endpoints NULL: SQLite */
 	const char *kek_file;
+	/* etcd: the admin token (one line, 0600) the store is initialised
+	 * with, or checked against when it already is; NULL: a new random one
+	 * written to DIR/admin.token of the replica that initialises. */
+	const char *admin_token_file;
 	int64_t max_endpoints_per_service;   /* 0: CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT */
 	const char *metrics_listen;    /* plain-HTTP /metrics "host:port", NULL: none */
 	enum log_level log_level;
