@@ -380,8 +380,11 @@ json_t *state_ca_show(struct control_state *st);
  * reported a config version >= the one that added the new root nor
  * fetched the bundle since, unless force), switched -> stable (the old
  * root leaves the bundle: refused (-EBUSY, reason old_root_in_use) while SVIDs it
- * signed are unexpired and unrevoked, unless force). *tls_changed:
- * control's server context must be rebuilt.
+ * signed are unexpired and unrevoked, unless force). A shared store: the
+ * step is written only if meta/ca is at the revision this replica loaded
+ * it from; otherwise nothing is written, the roots are reloaded and it
+ * answers -EBUSY, reason ca_changed. *tls_changed: control's server
+ * context must be rebuilt (also on that refusal).
  */
 int state_ca_rotate(struct control_state *st, bool force, json_t **out, bool *tls_changed,
                     struct state_error *se);

@@ -5,11 +5,14 @@ replica with --admin-token-file, and an etcd that is slow (stopped) rather
 than down. Real etcd (etcd_helpers), real control replicas.
 """
 
+import hashlib
 import json
+import os
+import subprocess
 import threading
 import time
 
-from control_helpers import control_factory  # noqa: F401
+from control_helpers import control_factory, ctl_binary  # noqa: F401
 from etcd_helpers import etcd_factory  # noqa: F401
 from test_control_etcd import admin_token, make_kek, replicas
 
@@ -74,3 +77,77 @@ def test_simultaneous_ca_steps_on_two_replicas(control_factory, etcd_factory, tm
     b.restart()
     view = b.api("GET", "/v1/ca", token=token).json
     assert view["root_ids"] == ca_records(cluster)[0]["roots"]
+
+
+def token_file(path, text, mode=0o600):
+    path.write_text(text + "\n")
+    path.chmod(mode)
+    return path
+
+
+def test_admin_token_file_on_every_replica(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    """--admin-token-file: three replicas started at once with the same file;
+    the store keeps only its digest, no replica writes admin.token, the
+    token works on each of them and through meshletctl --token-file."""
+    cluster = etcd_factory(1)
+    kek = make_kek(tmp_path / "kek")
+    secret = os.urandom(32).hex()
+    tok = token_file(tmp_path / "admin-token", secret)
+    args = ["--store", f"etcd:{cluster.endpoints}", "--kek-file", str(kek),
+            "--admin-token-file", str(tok)]
+    reps = [control_factory.new(name=f"r{i}", extra_args=args, start=False) for i in range(3)]
+    for r in reps:
+        r.start(wait=False)
+    for r in reps:
+        r.wait_healthy()
+    assert not any(r.token_file.exists() for r in reps)
+    keys = cluster.get_prefix()
+    assert not any(secret in v for v, _ in keys.values())
+    digest = json.loads(keys["/meshlet/meta/admin"][0])["sha256"]
+    assert digest == hashlib.sha256(secret.encode()).hexdigest()
+    for r in reps:
+        assert r.api("GET", "/v1/ca", token=secret).status == 200
+        assert r.api("GET", "/v1/ca", token="0" * 64).status == 403
+        p = subprocess.run([str(ctl_binary()), "--control", r.url, "--ca", str(r.ca_file),
+                            "--token-file", str(tok), "ca", "show"],
+                           capture_output=True, text=True, timeout=30, env=r.env)
+        assert p.returncode == 0, p.stderr
+    assert "the admin token is the one in --admin-token-file" in "".join(
+        r.stderr() for r in reps)
+
+
+def test_admin_token_file_refusals(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    """A file that is not the store's token, one others may read, an absent
+    one or a malformed one: the replica does not start, says why and writes
+    nothing; with SQLite the option is a usage error."""
+    cluster = etcd_factory(1)
+    kek = make_kek(tmp_path / "kek")
+    good = token_file(tmp_path / "good", os.urandom(32).hex())
+    base = ["--store", f"etcd:{cluster.endpoints}", "--kek-file", str(kek)]
+    first = control_factory.new(name="first", extra_args=base + ["--admin-token-file",
+                                                                  str(good)])
+    first.stop()
+    rev, keys = cluster.revision(), cluster.get_prefix()
+    cases = [
+        (token_file(tmp_path / "other", os.urandom(32).hex()), "is not the admin token"),
+        (token_file(tmp_path / "loose", good.read_text().strip(), 0o644), "chmod 600"),
+        (tmp_path / "absent", "No such file"),
+        (token_file(tmp_path / "short", "abc"), "expected one token"),
+        (token_file(tmp_path / "two", "a" * 20 + " " + "b" * 20), "expected one token"),
+    ]
+    for i, (path, why) in enumerate(cases):
+        c = control_factory.new(name=f"bad{i}", start=False,
+                                extra_args=base + ["--admin-token-file", str(path)])
+        c.start(wait=False)
+        assert c.proc.wait(30) != 0, f"{path.name}: started"
+        assert why in c.stderr(), f"{path.name}: {c.stderr()[-1500:]}"
+    assert cluster.revision() == rev and cluster.get_prefix() == keys
+    # without the option a replica joins as before (the digest is in the store)
+    second = control_factory.new(name="second", extra_args=base)
+    assert second.api("GET", "/v1/ca", token=good.read_text().strip()).status == 200
+    # SQLite: the option belongs to etcd
+    c = control_factory.new(name="sqlite", start=False,
+                            extra_args=["--admin-token-file", str(good)])
+    c.start(wait=False)
+    assert c.proc.wait(30) == 2 or c.proc.returncode != 0
+    assert "go with --store etcd" in c.stderr()
