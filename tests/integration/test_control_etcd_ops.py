@@ -8,13 +8,14 @@ than down. Real etcd (etcd_helpers), real control replicas.
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
 
-from control_helpers import control_factory, ctl_binary  # noqa: F401
+from control_helpers import control_factory, ctl_binary, policy_doc  # noqa: F401
 from etcd_helpers import etcd_factory  # noqa: F401
-from test_control_etcd import admin_token, make_kek, replicas
+from test_control_etcd import admin_token, make_kek, replicas, rule
 
 
 def ca_records(cluster):
@@ -151,3 +152,77 @@ def test_admin_token_file_refusals(control_factory, etcd_factory, tmp_path):  # 
     c.start(wait=False)
     assert c.proc.wait(30) == 2 or c.proc.returncode != 0
     assert "go with --store etcd" in c.stderr()
+
+
+def changed_since(cluster, rev):
+    """{key: mod_revision} of the keys written after revision rev."""
+    return {k: m for k, (_, m) in cluster.get_prefix().items() if m > rev}
+
+
+def test_etcd_stopped_not_down(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    """etcd frozen (SIGSTOP), not gone: a write waits for it and succeeds
+    when the stall is shorter than the store's deadline (5 s); a longer one
+    answers 503 at the deadline, is never half applied (the write is one
+    etcd transaction: all of its keys at one revision, or none), and when
+    etcd runs again (SIGCONT) the replicas write and wake long polls as
+    before."""
+    cluster = etcd_factory(1)
+    kek = make_kek(tmp_path / "kek")
+    a, b = replicas(control_factory, cluster, kek, 2)
+    token = admin_token([a, b])
+    assert a.put_policy(policy_doc("orders"), token=token).status in (200, 201)
+    etcd = cluster.members[0].proc
+
+    # 3 s: slow, under the deadline: the write is answered once etcd runs
+    etcd.send_signal(signal.SIGSTOP)
+    threading.Timer(3.0, etcd.send_signal, args=(signal.SIGCONT,)).start()
+    t0 = time.monotonic()
+    r = a.put_policy(policy_doc("orders", rules=rule("spiffe://mesh.local/slow")), token=token,
+                     timeout=30)
+    took = time.monotonic() - t0
+    assert r.status in (200, 201) and 2.5 < took < 5.0, (r, took)
+    assert "spiffe://mesh.local/slow" in json.dumps(b.api("GET", "/v1/policies/orders",
+                                                          token=token).json)
+
+    # 8 s: past the deadline: 503 at about 5 s, nothing acknowledged
+    rev = cluster.revision()
+    etcd.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = a.put_policy(policy_doc("orders", rules=rule("spiffe://mesh.local/late")),
+                         token=token, timeout=30)
+        took = time.monotonic() - t0
+        assert r.status == 503 and "unavailable" in r.error()[1], r
+        assert 4.5 < took < 7.5, took
+        time.sleep(max(0.0, 8.0 - took))
+    finally:
+        etcd.send_signal(signal.SIGCONT)
+    cluster.wait_healthy()
+    # etcd may still carry out the request it had received before it froze
+    # (503 means "not acknowledged", not "not applied"); either way whole
+    time.sleep(0.5)
+    moved = changed_since(cluster, rev)
+    assert len(set(moved.values())) <= 1, f"a write torn over revisions: {moved}"
+    late = "spiffe://mesh.local/late" in json.dumps(b.api("GET", "/v1/policies/orders",
+                                                          token=token).json)
+    assert late == bool(moved), (late, moved)
+
+    # after: a long poll on b wakes for a write through a
+    cur = b.api("GET", "/v1/services/orders/config?after=0&wait=0", token=token)
+    assert cur.status == 200, cur
+    version = cur.json["version"]
+    out = {}
+
+    def poll():
+        out["r"] = b.api("GET", f"/v1/services/orders/config?after={version}&wait=20",
+                         token=token, timeout=30)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    r = a.put_policy(policy_doc("orders", rules=rule("spiffe://mesh.local/after")), token=token)
+    assert r.status in (200, 201), r
+    t.join(30)
+    assert out["r"].status == 200 and out["r"].json["version"] > version, out
+    assert time.monotonic() - t0 < 1.0
