@@ -938,7 +938,13 @@ static int stream_body(struct etcd *c, struct conn *cn, struct buf *raw, bool ch
 			raw->len = 0;
 		}
 		r = r ? r : feed(c, &data, fn, arg);
-		if (r || last)
+		if (!r && last) {
+			/* etcd ended the answer (a graceful shutdown does): to the
+			 * caller a broken stream, never 0, which means stopped. */
+			set_err(c, "stream ended: etcd finished the answer");
+			r = -EAGAIN;
+		}
+		if (r)
 			break;
 		n = conn_read(cn, tmp, sizeof(tmp), stop_fd);
 		if (n == -ECANCELED) {
