@@ -141,6 +141,13 @@ int kv_rev(struct control_state *st, const char *key, int64_t *rev)
 	return r < 0 ? -EIO : 0;
 }
 
+int kv_rev_followed(struct control_state *st, const char *key, int64_t *rev)
+{
+	if (st->shared && store_follow_rev(st->store, key, rev) == 0)
+		return 0;
+	return kv_rev(st, key, rev);
+}
+
 /* Notes the first failure of assembling b. */
 static void batch_error(struct batch *b)
 {
@@ -636,6 +643,11 @@ int state_follow_fd(struct control_state *st)
 
 	if (!st->shared)
 		return -1;
+	/* The keys config versions are made of (state_config.c): the follower
+	 * keeps their revisions, so waking long polls needs no store reads. */
+	if (store_follow_track(st->store, (const char *const[]){"meta/", "services/"}, 2) < 0)
+		log_warn("cannot track the config versions' keys in memory: long polls read them "
+		         "from the store");
 	r = store_follow(st->store, &fd);
 	if (r < 0) {
 		log_warn("cannot follow the store's changes (%s): long polls here learn of other "
@@ -650,7 +662,7 @@ static void refresh_roots(struct control_state *st, bool *tls_changed)
 {
 	int64_t rev = 0;
 
-	if (kv_rev(st, "meta/ca", &rev) < 0 || rev == st->ca_rev)
+	if (kv_rev_followed(st, "meta/ca", &rev) < 0 || rev == st->ca_rev)
 		return;
 	if (state_roots_reload(st) == 0)      /* sets ca_rev to the revision it read */
 		*tls_changed = true;
@@ -663,7 +675,7 @@ void state_refresh(struct control_state *st, bool *tls_changed)
 	*tls_changed = false;
 	store_follow_drain(st->store);
 	refresh_roots(st, tls_changed);
-	if (kv_rev(st, "meta/bundle", &rev) < 0 || rev == st->bundle_rev)
+	if (kv_rev_followed(st, "meta/bundle", &rev) < 0 || rev == st->bundle_rev)
 		return;
 	/* The bundle moved: a revocation (or a rotation step) elsewhere. */
 	state_revoked_free(st);

@@ -285,6 +285,14 @@ int state_config_version(struct control_state *st, const char *svc, int64_t *ver
 int state_config_version_shared(struct control_state *st, int64_t *version);
 int state_config_version_own(struct control_state *st, const char *svc, int64_t *version);
 
+/* As those two, for waking long polls: on etcd from the revisions the
+ * store's follower keeps in memory (its watch events and this replica's
+ * own writes), no round trip; from the store while it cannot tell (not yet
+ * primed, the watch being resumed). A version read so may lag the store
+ * by a watch event, which wakes the long polls again when it arrives. */
+int state_watch_version_shared(struct control_state *st, int64_t *version);
+int state_watch_version_own(struct control_state *st, const char *svc, int64_t *version);
+
 /* {service, version, policy|null, policy_version, bundle_version,
  *  cert_generation, endpoints: {svc: [{address, ports}]}, traffic: {svc:
  *  {version, traffic}}}: endpoints of the live entries of the services q

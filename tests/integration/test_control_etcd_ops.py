@@ -15,7 +15,9 @@ import time
 
 from control_helpers import control_factory, ctl_binary, policy_doc  # noqa: F401
 from etcd_helpers import etcd_factory  # noqa: F401
-from test_control_etcd import admin_token, make_kek, replicas, rule
+import prom_helpers as prom
+from helpers import free_port
+from test_control_etcd import admin_token, etcd_args, make_kek, replicas, rule
 
 
 def ca_records(cluster):
@@ -226,3 +228,85 @@ def test_etcd_stopped_not_down(control_factory, etcd_factory, tmp_path):  # noqa
     t.join(30)
     assert out["r"].status == 200 and out["r"].json["version"] > version, out
     assert time.monotonic() - t0 < 1.0
+
+
+def store_gets(url):
+    samples = prom.parse(prom.scrape(url))[0]
+    return samples[("meshlet_control_store_duration_seconds_count",
+                    frozenset({"op": "get"}.items()))]
+
+
+def test_long_poll_wake_ups_read_no_store(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    """20 long polls on C, for 20 services: writes through A to a service
+    nobody polls wake C's loop (the watch), which finds from the revisions
+    its follower keeps that no poll's version moved, without reading etcd
+    (before: 4 + 20 reads per wake-up). A write to one polled service
+    wakes that poll only; after etcd restarts (the watch is resumed and the
+    revisions primed again) a write still wakes a poll within a second."""
+    cluster = etcd_factory(1)
+    kek = make_kek(tmp_path / "kek")
+    port = free_port()
+    a = control_factory.new(name="a", extra_args=etcd_args(cluster, kek))
+    c = control_factory.new(name="c", extra_args=etcd_args(cluster, kek) +
+                            ["--metrics-listen", f"127.0.0.1:{port}"])
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    token = admin_token([a, c])
+    svcs = [f"svc{i}" for i in range(20)]
+    for s in svcs:
+        assert a.put_policy(policy_doc(s), token=token).status in (200, 201)
+    time.sleep(0.3)
+    after = {s: c.api("GET", f"/v1/services/{s}/config?after=0&wait=0",
+                      token=token).json["version"] for s in svcs}
+    got = {}
+
+    def poll(s, wait=8):
+        got[s] = (c.api("GET", f"/v1/services/{s}/config?after={after[s]}&wait={wait}",
+                        token=token, timeout=wait + 10), time.monotonic())
+
+    ts = [threading.Thread(target=poll, args=(s,)) for s in svcs]
+    for t in ts:
+        t.start()
+    time.sleep(0.5)
+    before = store_gets(metrics)
+    for i in range(5):
+        r = a.put_policy(policy_doc("elsewhere", rules=rule(f"spiffe://mesh.local/e{i}")),
+                         token=token)
+        assert r.status in (200, 201), r
+        time.sleep(0.2)
+    time.sleep(0.3)
+    reads = store_gets(metrics) - before
+    assert not got, f"a poll woke for another service's write: {list(got)}"
+    assert reads <= 2, f"{reads} store reads on C for 5 wake-ups"
+    t0 = time.monotonic()
+    assert a.put_policy(policy_doc("svc7", rules=rule("spiffe://mesh.local/x")),
+                        token=token).status in (200, 201)
+    ts[7].join(5)
+    r, t = got["svc7"]
+    assert r.status == 200 and r.json["version"] > after["svc7"] and t - t0 < 1.0, r
+    assert list(got) == ["svc7"]
+    for t in ts:
+        t.join(15)
+
+    # etcd restarts: the watch is resumed, its revisions primed again
+    member = cluster.members[0]
+    member.stop()
+    time.sleep(2.0)                      # the watch finds it gone (and retries)
+    member.start()
+    cluster.wait_healthy()
+    deadline = time.monotonic() + 15
+    while c.api("GET", "/v1/health", token=None).json["store"].get("ok") is not True:
+        assert time.monotonic() < deadline, c.stderr()[-2000:]
+        time.sleep(0.1)
+    time.sleep(1.0)                      # the watch reconnects (it retries every 500 ms)
+    after["svc3"] = c.api("GET", "/v1/services/svc3/config?after=0&wait=0",
+                          token=token).json["version"]
+    got.clear()
+    t = threading.Thread(target=poll, args=("svc3",))
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert a.put_policy(policy_doc("svc3", rules=rule("spiffe://mesh.local/y")),
+                        token=token).status in (200, 201)
+    t.join(10)
+    r, t1 = got["svc3"]
+    assert r.status == 200 and r.json["version"] > after["svc3"] and t1 - t0 < 1.0, r
