@@ -177,11 +177,13 @@ def test_etcd_stopped_not_down(control_factory, etcd_factory, tmp_path):  # noqa
 
     # 3 s: slow, under the deadline: the write is answered once etcd runs
     etcd.send_signal(signal.SIGSTOP)
-    threading.Timer(3.0, etcd.send_signal, args=(signal.SIGCONT,)).start()
+    resume = threading.Timer(3.0, etcd.send_signal, args=(signal.SIGCONT,))
+    resume.start()
     t0 = time.monotonic()
     r = a.put_policy(policy_doc("orders", rules=rule("spiffe://mesh.local/slow")), token=token,
                      timeout=30)
     took = time.monotonic() - t0
+    resume.join()
     assert r.status in (200, 201) and 2.5 < took < 5.0, (r, took)
     assert "spiffe://mesh.local/slow" in json.dumps(b.api("GET", "/v1/policies/orders",
                                                           token=token).json)
