@@ -597,8 +597,8 @@ json_t *state_ca_show(struct control_state *st)
  * `ca show` said; taking a different step than the one asked for, on a
  * re-read, would be a surprise.
  */
-static int ca_commit(struct control_state *st, const char *key, const char *field,
-                     int new_id, struct state_error *se)
+static int ca_commit_once(struct control_state *st, const char *key, const char *field,
+                          int new_id, struct state_error *se)
 {
 	struct batch b = {0};
 	char rec[32];
@@ -626,6 +626,22 @@ static int ca_commit(struct control_state *st, const char *key, const char *fiel
 		return state_store_failed(st, se, "CA rotation", r);
 	st->ca_rev = rev;
 	return 0;
+}
+
+/* ca_commit_once(), again while only the counter raced (a revocation or a
+ * renewal bumped it meanwhile): meta/ca still as loaded, the premise holds. */
+static int ca_commit(struct control_state *st, const char *key, const char *field,
+                     int new_id, struct state_error *se)
+{
+	int64_t now = 0;
+	int r = -ECANCELED;
+
+	for (int i = 0; i < STATE_RETRIES && r == -ECANCELED; i++) {
+		r = ca_commit_once(st, key, field, new_id, se);
+		if (r == -ECANCELED && (kv_rev(st, "meta/ca", &now) < 0 || now != st->ca_rev))
+			break;
+	}
+	return r;
 }
 
 /* stable -> prepared: a new root, saved to its files, joins the bundle. */
