@@ -587,10 +587,10 @@ static int h_ca_rotate(struct api_call *call)
 	if (api_parse_ca_rotate_req(call->body, &r, &e) < 0)
 		return bad_request(call, &e);
 	ret = state_ca_rotate(call->st, r.force, &out, &tls_changed, &se);
+	if (tls_changed)              /* also on a refusal that reloaded the roots */
+		server_tls_changed(call->srv);
 	if (ret)
 		return state_failed(call, ret, &se);
-	if (tls_changed)
-		server_tls_changed(call->srv);
 	watch_notify(call->watch, NULL);
 	return ok(call, 200, out);
 }

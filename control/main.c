@@ -43,6 +43,11 @@ static void usage(FILE *f)
 	        "  --etcd-cert FILE     https: a client certificate for etcd, with --etcd-key FILE\n"
 	        "  --kek-file FILE      the key encryption key (32 bytes, mode 0600) that seals the\n"
 	        "                       CA keys in etcd; every replica needs the same file\n"
+	        "  --admin-token-file FILE\n"
+	        "                       etcd: the admin token (one line of 16..%d characters, mode\n"
+	        "                       0600) to initialise the store with (only its SHA-256 is\n"
+	        "                       stored), or that the store's must equal; give every\n"
+	        "                       replica and operator the same file\n"
 	        "  --log-level LEVEL    debug, info, warn or error (default info)\n"
 	        "  --max-connections N  open connections at most (default %d, up to %d); an\n"
 	        "                       eighth of them (at least %d) is never used by long polls,\n"
@@ -66,10 +71,12 @@ static void usage(FILE *f)
 	        "First start creates DIR/ca.key (0600), DIR/ca-0.pem, DIR/ca.pem (the trust bundle\n"
 	        "clients of control use as CA file) and DIR/admin.token (0600). On etcd the first\n"
 	        "replica to find the store empty initialises it (the root CA, its key sealed under\n"
-	        "the KEK, the admin token's digest) and writes DIR/admin.token; the others load it.\n"
+	        "the KEK, the admin token's digest) and writes DIR/admin.token (none with\n"
+	        "--admin-token-file); the others load it.\n"
 	        "init-kek FILE creates a new KEK file (never overwrites one). Logs go to stderr;\n"
 	        "one JSON line per API request goes to stdout. SIGTERM or SIGINT stop it.\n",
-	        SERVER_MAX_CONNS, SERVER_MAX_CONNS_LIMIT, SERVER_MIN_RESERVE, SERVER_POLLS_PER_SERVICE,
+	        ADMIN_TOKEN_MAX, SERVER_MAX_CONNS, SERVER_MAX_CONNS_LIMIT, SERVER_MIN_RESERVE,
+	        SERVER_POLLS_PER_SERVICE,
 	        SERVER_POLLS_PER_CERT,
 	        CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT, CONTROL_ENDPOINTS_PER_INSTANCE);
 }
@@ -113,6 +120,7 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 		{ "etcd-cert", required_argument, NULL, 'c' },
 		{ "etcd-key", required_argument, NULL, 'k' },
 		{ "kek-file", required_argument, NULL, 'K' },
+		{ "admin-token-file", required_argument, NULL, 'a' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
@@ -162,6 +170,7 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 		case 'c': o->etcd.cert = optarg; break;
 		case 'k': o->etcd.key = optarg; break;
 		case 'K': o->kek_file = optarg; break;
+		case 'a': o->admin_token_file = optarg; break;
 		case 'L':
 			if (log_level_parse(optarg, &o->log_level) < 0) {
 				fprintf(stderr, "meshlet-control: --log-level: debug, info, warn or error\n");
@@ -219,8 +228,9 @@ static int parse_args(int argc, char **argv, struct control_opts *o, struct serv
 		return -1;
 	}
 	if (!o->etcd.endpoints && (o->etcd.prefix || o->etcd.cacert || o->etcd.cert ||
-	                           o->etcd.key || o->kek_file)) {
-		fprintf(stderr, "meshlet-control: --etcd-* and --kek-file go with --store etcd:URL\n");
+	                           o->etcd.key || o->kek_file || o->admin_token_file)) {
+		fprintf(stderr, "meshlet-control: --etcd-*, --kek-file and --admin-token-file go "
+		        "with --store etcd:URL\n");
 		return -1;
 	}
 	if (server_limits_check(lim, &e) < 0) {

@@ -147,6 +147,11 @@ int kv_json(struct control_state *st, const char *key, json_t **out, int64_t *re
 /* The revision of key, 0 when it does not exist; -EIO on error. */
 int kv_rev(struct control_state *st, const char *key, int64_t *rev);
 
+/* As kv_rev(), from the revisions the store's follower keeps for meta/ and
+ * services/ keys when it can tell (no round trip; it may lag the store by
+ * a watch event, whose wake-up comes after), else from the store. */
+int kv_rev_followed(struct control_state *st, const char *key, int64_t *rev);
+
 /* One atomic store write being assembled; keys and values are owned. */
 struct batch {
 	struct store_op ops[STORE_BATCH_MAX];

@@ -21,7 +21,6 @@
 #include "meshlet/file.h"
 
 #define ADMIN_TOKEN_FILE "admin.token"
-#define ADMIN_TOKEN_MAX 256
 
 /* ---- small helpers ---- */
 
@@ -140,6 +139,13 @@ int kv_rev(struct control_state *st, const char *key, int64_t *rev)
 	if (r < 0)
 		log_error("store: get %s: %s", key, store_strerror(st->store));
 	return r < 0 ? -EIO : 0;
+}
+
+int kv_rev_followed(struct control_state *st, const char *key, int64_t *rev)
+{
+	if (st->shared && store_follow_rev(st->store, key, rev) == 0)
+		return 0;
+	return kv_rev(st, key, rev);
 }
 
 /* Notes the first failure of assembling b. */
@@ -313,16 +319,18 @@ static int admin_digest(struct control_state *st, const char *path, char *text, 
 	return 0;
 }
 
-/* Reads admin.token (0600, one line) and keeps its SHA-256 only. */
-static int load_admin_token(struct control_state *st, struct meshlet_err *err)
+/* Reads an admin token file (0600, one line) and keeps its SHA-256 only.
+ * flags: FILE_NOFOLLOW in the state dir; an operator's --admin-token-file
+ * may be a symbolic link (a mounted Kubernetes Secret is one). */
+static int token_file_digest(struct control_state *st, const char *path, unsigned flags,
+                             struct meshlet_err *err)
 {
-	char path[PATH_MAX], *text = NULL;
+	char *text = NULL;
 	size_t len = 0;
 	int r;
 
-	state_path(st, path, sizeof(path), ADMIN_TOKEN_FILE);
 	/* Room for a line end or two after the longest token. */
-	r = file_read(path, ADMIN_TOKEN_MAX + 8, FILE_NOFOLLOW | FILE_SECRET, &text, &len);
+	r = file_read(path, ADMIN_TOKEN_MAX + 8, flags | FILE_SECRET, &text, &len);
 	if (r == -EACCES) {
 		struct stat sb;
 
@@ -341,6 +349,15 @@ static int load_admin_token(struct control_state *st, struct meshlet_err *err)
 	OPENSSL_cleanse(text, len);
 	free(text);
 	return r;
+}
+
+/* DIR/admin.token. */
+static int load_admin_token(struct control_state *st, struct meshlet_err *err)
+{
+	char path[PATH_MAX];
+
+	state_path(st, path, sizeof(path), ADMIN_TOKEN_FILE);
+	return token_file_digest(st, path, FILE_NOFOLLOW, err);
 }
 
 /* Creates admin.token: 32 random bytes in hex, 0600, never overwritten. */
@@ -391,7 +408,7 @@ static int first_start(struct control_state *st, const char *db, struct meshlet_
 	batch_put(&b, "meta/bundle", json_pack("{s:i}", "version", 1), 0);
 	batch_put(&b, "meta/endpoints", json_pack("{s:i}", "version", 1), 0);
 	batch_put(&b, "meta/rotate-all", json_pack("{s:i}", "cert_generation", 0), 0);
-	r = batch_commit(st, &b, NULL);
+	r = batch_commit(st, &b, &st->ca_rev);
 	if (r)
 		return err_set(err, "", "cannot initialise the store %s: %s (%s)", db, strerror(-r),
 		               store_strerror(st->store));
@@ -466,20 +483,22 @@ static void digest_hex(const unsigned char *d, char *out)
  * state (root 0 with its sealed key, the admin token's digest). Of several
  * replicas starting at once exactly one wins; the others get -ECANCELED
  * and load what the winner wrote. The admin token goes to this replica's
- * state dir only after the win.
+ * state dir only after the win, and only when the operator gave none
+ * (--admin-token-file: st->admin_digest is already its digest).
  */
 static int shared_init(struct control_state *st, const char *where, struct meshlet_err *err)
 {
 	char tok[PATH_MAX], hex[80], dhex[80];
 	struct batch b = {0};
-	int64_t now = state_now();
+	int64_t now = state_now(), rev = 0;
 	int r = state_roots_create(st, err);
 
 	if (r)
 		return r;
-	if (new_admin_token(hex) < 0)
+	if (!st->o.admin_token_file && new_admin_token(hex) < 0)
 		return err_set(err, "", "no randomness for the admin token");
-	EVP_Digest(hex, 64, st->admin_digest, NULL, EVP_sha256(), NULL);
+	if (!st->o.admin_token_file)
+		EVP_Digest(hex, 64, st->admin_digest, NULL, EVP_sha256(), NULL);
 	digest_hex(st->admin_digest, dhex);
 	batch_put(&b, "meta/control", json_pack("{s:s, s:I}", "trust_domain", st->td,
 	                                        "created_at", (json_int_t)now), 0);
@@ -489,7 +508,7 @@ static int shared_init(struct control_state *st, const char *where, struct meshl
 	batch_put(&b, "meta/bundle", json_pack("{s:i}", "version", 1), 0);
 	batch_put(&b, "meta/endpoints", json_pack("{s:i}", "version", 1), 0);
 	batch_put(&b, "meta/rotate-all", json_pack("{s:i}", "cert_generation", 0), 0);
-	r = batch_commit(st, &b, NULL);
+	r = batch_commit(st, &b, &rev);
 	if (r == -ECANCELED || r == -ENOENT) {
 		OPENSSL_cleanse(hex, sizeof(hex));
 		state_roots_free(st);
@@ -500,8 +519,14 @@ static int shared_init(struct control_state *st, const char *where, struct meshl
 		return err_set(err, "", "cannot initialise the store %s: %s (%s)", where,
 		               strerror(-r), store_strerror(st->store));
 	}
-	kv_rev(st, "meta/bundle", &st->bundle_rev);
-	kv_rev(st, "meta/ca", &st->ca_rev);
+	st->bundle_rev = st->ca_rev = rev;
+	state_bundle_write(st);
+	if (st->o.admin_token_file) {
+		log_info("first start: initialised the store %s (root CA 0, its key sealed under "
+		         "--kek-file %s); the admin token is the one in --admin-token-file %s",
+		         where, st->o.kek_file, st->o.admin_token_file);
+		return 0;
+	}
 	hex[64] = '\n';
 	state_path(st, tok, sizeof(tok), ADMIN_TOKEN_FILE);
 	r = file_replace(tok, 0600, hex, 65);
@@ -509,7 +534,6 @@ static int shared_init(struct control_state *st, const char *where, struct meshl
 	if (r)
 		return err_set(err, "", "initialised the store %s but cannot write %s: %s", where, tok,
 		               strerror(-r));
-	state_bundle_write(st);
 	log_info("first start: initialised the store %s (root CA 0, its key sealed under "
 	         "--kek-file %s); admin token %s", where, st->o.kek_file, tok);
 	return 0;
@@ -540,6 +564,7 @@ static int load_admin_shared(struct control_state *st, const char *where, struct
  * their keys) and the admin digest, then the rest as load_existing(). */
 static int shared_load(struct control_state *st, const char *where, struct meshlet_err *err)
 {
+	unsigned char given[sizeof(st->admin_digest)];   /* --admin-token-file's digest */
 	json_t *meta = NULL;
 	int r = kv_json(st, "meta/control", &meta, NULL);
 
@@ -553,15 +578,21 @@ static int shared_load(struct control_state *st, const char *where, struct meshl
 		return -EINVAL;
 	}
 	json_decref(meta);
+	memcpy(given, st->admin_digest, sizeof(given));
 	r = state_roots_load(st, err);
 	if (!r)
 		r = load_admin_shared(st, where, err);
+	if (!r && st->o.admin_token_file &&
+	    CRYPTO_memcmp(given, st->admin_digest, sizeof(given)) != 0)
+		r = err_set(err, "", "--admin-token-file %s is not the admin token of the store %s "
+		            "(its SHA-256 differs from meta/admin, set when the store was "
+		            "initialised): give every replica the same file, or leave the option out",
+		            st->o.admin_token_file, where);
 	if (!r && state_revoked_load(st) < 0)
 		r = err_set(err, "", "%s: cannot read the revocation list", where);
 	if (r)
 		return r;
 	kv_rev(st, "meta/bundle", &st->bundle_rev);
-	kv_rev(st, "meta/ca", &st->ca_rev);
 	state_proxies_load(st);
 	state_bundle_write(st);
 	state_endpoints_repair(st);
@@ -582,6 +613,8 @@ static int open_shared(struct control_state *st, struct meshlet_err *err)
 		               "the CA keys in the store; make one with meshlet-control init-kek FILE "
 		               "and give every replica a copy)");
 	r = kek_load(o->kek_file, st->kek, err);
+	if (!r && o->admin_token_file)
+		r = token_file_digest(st, o->admin_token_file, 0, err);
 	if (r)
 		return r;
 	st->shared = true;
@@ -610,6 +643,11 @@ int state_follow_fd(struct control_state *st)
 
 	if (!st->shared)
 		return -1;
+	/* The keys config versions are made of (state_config.c): the follower
+	 * keeps their revisions, so waking long polls needs no store reads. */
+	if (store_follow_track(st->store, (const char *const[]){"meta/", "services/"}, 2) < 0)
+		log_warn("cannot track the config versions' keys in memory: long polls read them "
+		         "from the store");
 	r = store_follow(st->store, &fd);
 	if (r < 0) {
 		log_warn("cannot follow the store's changes (%s): long polls here learn of other "
@@ -624,12 +662,10 @@ static void refresh_roots(struct control_state *st, bool *tls_changed)
 {
 	int64_t rev = 0;
 
-	if (kv_rev(st, "meta/ca", &rev) < 0 || rev == st->ca_rev)
+	if (kv_rev_followed(st, "meta/ca", &rev) < 0 || rev == st->ca_rev)
 		return;
-	if (state_roots_reload(st) == 0) {
-		st->ca_rev = rev;
+	if (state_roots_reload(st) == 0)      /* sets ca_rev to the revision it read */
 		*tls_changed = true;
-	}
 }
 
 void state_refresh(struct control_state *st, bool *tls_changed)
@@ -639,7 +675,7 @@ void state_refresh(struct control_state *st, bool *tls_changed)
 	*tls_changed = false;
 	store_follow_drain(st->store);
 	refresh_roots(st, tls_changed);
-	if (kv_rev(st, "meta/bundle", &rev) < 0 || rev == st->bundle_rev)
+	if (kv_rev_followed(st, "meta/bundle", &rev) < 0 || rev == st->bundle_rev)
 		return;
 	/* The bundle moved: a revocation (or a rotation step) elsewhere. */
 	state_revoked_free(st);

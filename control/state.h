@@ -101,6 +101,9 @@
 #define CONTROL_ENDPOINTS_COALESCE_MS 500
 
 /* The command line of meshlet-control; strings borrowed from argv. */
+/* The longest admin token accepted from a file (characters). */
+#define ADMIN_TOKEN_MAX 256
+
 struct control_opts {
 	const char *listen;            /* "host:port" */
 	const char *state_dir;
@@ -112,6 +115,10 @@ struct control_opts {
 	/* --store etcd:URLS: a shared store; then kek_file is required. */
 	struct store_etcd_opts etcd;   /* etcd.endpoints NULL: SQLite */
 	const char *kek_file;
+	/* etcd: the admin token (one line, 0600) the store is initialised
+	 * with, or checked against when it already is; NULL: a new random one
+	 * written to DIR/admin.token of the replica that initialises. */
+	const char *admin_token_file;
 	int64_t max_endpoints_per_service;   /* 0: CONTROL_ENDPOINTS_PER_SERVICE_DEFAULT */
 	const char *metrics_listen;    /* plain-HTTP /metrics "host:port", NULL: none */
 	enum log_level log_level;
@@ -278,6 +285,14 @@ int state_config_version(struct control_state *st, const char *svc, int64_t *ver
 int state_config_version_shared(struct control_state *st, int64_t *version);
 int state_config_version_own(struct control_state *st, const char *svc, int64_t *version);
 
+/* As those two, for waking long polls: on etcd from the revisions the
+ * store's follower keeps in memory (its watch events and this replica's
+ * own writes), no round trip; from the store while it cannot tell (not yet
+ * primed, the watch being resumed). A version read so may lag the store
+ * by a watch event, which wakes the long polls again when it arrives. */
+int state_watch_version_shared(struct control_state *st, int64_t *version);
+int state_watch_version_own(struct control_state *st, const char *svc, int64_t *version);
+
 /* {service, version, policy|null, policy_version, bundle_version,
  *  cert_generation, endpoints: {svc: [{address, ports}]}, traffic: {svc:
  *  {version, traffic}}}: endpoints of the live entries of the services q
@@ -377,8 +392,11 @@ json_t *state_ca_show(struct control_state *st);
  * reported a config version >= the one that added the new root nor
  * fetched the bundle since, unless force), switched -> stable (the old
  * root leaves the bundle: refused (-EBUSY, reason old_root_in_use) while SVIDs it
- * signed are unexpired and unrevoked, unless force). *tls_changed:
- * control's server context must be rebuilt.
+ * signed are unexpired and unrevoked, unless force). A shared store: the
+ * step is written only if meta/ca is at the revision this replica loaded
+ * it from; otherwise nothing is written, the roots are reloaded and it
+ * answers -EBUSY, reason ca_changed. *tls_changed: control's server
+ * context must be rebuilt (also on that refusal).
  */
 int state_ca_rotate(struct control_state *st, bool force, json_t **out, bool *tls_changed,
                     struct state_error *se);

@@ -167,27 +167,6 @@ json_t *state_root_record(const struct control_state *st, int id, const struct c
 	return rec;
 }
 
-/* A shared store: root id's record ca/<id>, its key sealed under the KEK
- * (a stale record of a failed rotation, never referenced, is replaced). */
-static int root_store(struct control_state *st, int id, const struct ca *ca,
-                      struct meshlet_err *err)
-{
-	char key[32];
-	struct batch b = {0};
-	json_t *rec = state_root_record(st, id, ca);
-	int r;
-
-	if (!rec)
-		return err_set(err, "", "cannot seal root %d's key", id);
-	snprintf(key, sizeof(key), "ca/%d", id);
-	batch_put(&b, key, rec, STORE_REV_ANY);
-	r = batch_commit(st, &b, NULL);
-	if (r)
-		err_set(err, "", "cannot store root %d: %s (%s)", id, strerror(-r),
-		        store_strerror(st->store));
-	return r;
-}
-
 /* A new root id, saved to its files (stale ones from a failed rotation,
  * never referenced, are replaced) or, on a shared store, to the store;
  * *out on success. */
@@ -199,9 +178,10 @@ static int root_generate(struct control_state *st, int id, struct ca **out,
 	int r;
 
 	if (st->shared) {
+		/* Its ca/<id> record goes into the step's own transaction
+		 * (ca_commit), conditioned with meta/ca: written before it, a
+		 * replica acting on a stale next_id would replace a root in use. */
 		r = ca_generate(&ca, st->td, 0, err);
-		if (!r && id > 0)
-			r = root_store(st, id, ca, err);
 		if (r) {
 			ca_free(ca);
 			return r;
@@ -311,10 +291,11 @@ json_t *state_ca_meta(const struct control_state *st)
 int state_roots_load(struct control_state *st, struct meshlet_err *err)
 {
 	json_t *meta = NULL, *ids;
+	int64_t rev = 0;
 	size_t i;
 	int r, signing_id;
 
-	if (kv_json(st, "meta/ca", &meta, NULL) < 0)
+	if (kv_json(st, "meta/ca", &meta, &rev) < 0)
 		return err_set(err, "", "the store has no readable meta/ca record");
 	ids = json_object_get(meta, "roots");
 	signing_id = (int)jint(meta, "signing");
@@ -338,6 +319,7 @@ int state_roots_load(struct control_state *st, struct meshlet_err *err)
 	if (r < 0)
 		return err_set(err, "", "the store's meta/ca names a signing root not in the bundle");
 	st->signing = (size_t)r;
+	st->ca_rev = rev;
 	cross_update(st);
 	return 0;
 }
@@ -377,11 +359,13 @@ int state_roots_reload(struct control_state *st)
 {
 	struct roots_saved sv = {0};
 	struct meshlet_err err = {0};
+	int64_t ca_rev = st->ca_rev;
 	int r;
 
 	roots_swap(st, &sv);              /* st now empty, sv the current roots */
 	r = state_roots_load(st, &err);
 	if (r) {
+		st->ca_rev = ca_rev;
 		log_error("cannot reload the roots after another replica's CA step: %s; keeping "
 		          "the ones loaded before", err.message);
 		state_roots_free(st);
@@ -604,25 +588,60 @@ json_t *state_ca_show(struct control_state *st)
 
 /*
  * Writes meta/ca as st now has it, with the counter (key, field) that tells
- * the proxies. One attempt, not state_txn(): a step that finds meta/ca
- * changed under it (another control on the store rotating too) must fail
- * and be rolled back, not overwrite the other's step.
+ * the proxies, and on a shared store the new root's record ca/<new_id>
+ * (new_id < 0: none). The write is conditioned on the revision of meta/ca
+ * this replica loaded its CA from (st->ca_rev), the premise of the step:
+ * when another control took a step since, it returns -ECANCELED and the
+ * caller rolls back (state_ca_rotate then reloads and refuses). One
+ * attempt, not state_txn(): a step is an operator's decision made on what
+ * `ca show` said; taking a different step than the one asked for, on a
+ * re-read, would be a surprise.
  */
-static int ca_commit(struct control_state *st, const char *key, const char *field,
-                     struct state_error *se)
+static int ca_commit_once(struct control_state *st, const char *key, const char *field,
+                          int new_id, struct state_error *se)
 {
 	struct batch b = {0};
+	char rec[32];
 	int64_t rev = 0;
-	int r = kv_rev(st, "meta/ca", &rev);
+	int r;
 
-	if (!r) {
-		batch_put(&b, "meta/ca", state_ca_meta(st), rev);
-		r = bump_counter(st, &b, key, field, NULL);
+	batch_put(&b, "meta/ca", state_ca_meta(st), st->ca_rev);
+	if (new_id >= 0 && st->shared) {
+		json_t *v = state_root_record(st, new_id, st->roots[st->n_roots - 1].ca);
+
+		if (!v) {
+			batch_clear(&b);
+			return state_fail(se, -EIO, "", "cannot seal root %d's key", new_id);
+		}
+		snprintf(rec, sizeof(rec), "ca/%d", new_id);
+		batch_put(&b, rec, v, STORE_REV_ANY);
 	}
+	r = bump_counter(st, &b, key, field, NULL);
 	if (!r)
-		r = batch_commit(st, &b, NULL);
+		r = batch_commit(st, &b, &rev);
 	batch_clear(&b);
-	return r ? state_store_failed(st, se, "CA rotation", r) : 0;
+	if (r == -ECANCELED || r == -ENOENT)
+		return -ECANCELED;
+	if (r)
+		return state_store_failed(st, se, "CA rotation", r);
+	st->ca_rev = rev;
+	return 0;
+}
+
+/* ca_commit_once(), again while only the counter raced (a revocation or a
+ * renewal bumped it meanwhile): meta/ca still as loaded, the premise holds. */
+static int ca_commit(struct control_state *st, const char *key, const char *field,
+                     int new_id, struct state_error *se)
+{
+	int64_t now = 0;
+	int r = -ECANCELED;
+
+	for (int i = 0; i < STATE_RETRIES && r == -ECANCELED; i++) {
+		r = ca_commit_once(st, key, field, new_id, se);
+		if (r == -ECANCELED && (kv_rev(st, "meta/ca", &now) < 0 || now != st->ca_rev))
+			break;
+	}
+	return r;
 }
 
 /* stable -> prepared: a new root, saved to its files, joins the bundle. */
@@ -644,7 +663,7 @@ static int ca_prepare(struct control_state *st, struct state_error *se)
 	st->n_roots++;
 	st->phase = CA_PHASE_PREPARED;
 	st->next_id = id + 1;
-	r = ca_commit(st, "meta/bundle", "version", se);
+	r = ca_commit(st, "meta/bundle", "version", id, se);
 	if (r) {
 		st->n_roots--;
 		root_clear(st, st->n_roots);
@@ -688,7 +707,7 @@ static int ca_switch(struct control_state *st, bool force, struct state_error *s
 	json_decref(behind);
 	st->signing = st->n_roots - 1;
 	st->phase = CA_PHASE_SWITCHED;
-	r = ca_commit(st, "meta/rotate-all", "cert_generation", se);
+	r = ca_commit(st, "meta/rotate-all", "cert_generation", -1, se);
 	if (r) {
 		st->signing = old;
 		st->phase = CA_PHASE_PREPARED;
@@ -730,7 +749,7 @@ static int ca_finish(struct control_state *st, bool force, struct state_error *s
 	st->n_roots = 1;
 	st->signing = 0;
 	st->phase = CA_PHASE_STABLE;
-	r = ca_commit(st, "meta/bundle", "version", se);
+	r = ca_commit(st, "meta/bundle", "version", -1, se);
 	if (r) {
 		memcpy(st->roots, saved, sizeof(saved));
 		memcpy(st->root_certs, saved_certs, sizeof(saved_certs));
@@ -758,6 +777,17 @@ int state_ca_rotate(struct control_state *st, bool force, json_t **out, bool *tl
 	case CA_PHASE_STABLE: r = ca_prepare(st, se); break;
 	case CA_PHASE_PREPARED: r = ca_switch(st, force, se); break;
 	default: r = ca_finish(st, force, se); break;
+	}
+	if (r == -ECANCELED) {
+		/* Another replica's step came first: nothing of this one was
+		 * written. The roots as they are now, and a refusal that says so. */
+		if (state_roots_reload(st) == 0)
+			*tls_changed = true;
+		return state_refuse(se, -EBUSY, "ca_changed", "", "another control replica took a "
+		                    "CA rotation step after this one loaded the CA (phase %s then, "
+		                    "%s now); nothing was applied: check `meshletctl ca show` and "
+		                    "run the step again if it is still wanted",
+		                    phase_names[from], phase_names[st->phase]);
 	}
 	if (r)
 		return r;

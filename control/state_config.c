@@ -18,14 +18,21 @@ json_t *state_bundle(struct control_state *st)
 	                 "version", (json_int_t)counter_value(st, "meta/bundle", "version"));
 }
 
-int state_config_version_shared(struct control_state *st, int64_t *version)
+/* key's revision: with cached, as the store's follower knows it when it
+ * can tell (no round trip), else read from the store. */
+static int version_rev(struct control_state *st, const char *key, bool cached, int64_t *rev)
+{
+	return cached ? kv_rev_followed(st, key, rev) : kv_rev(st, key, rev);
+}
+
+static int version_shared(struct control_state *st, bool cached, int64_t *version)
 {
 	static const char *const shared[] = {"meta/bundle", "meta/endpoints", "meta/rotate-all",
 	                                     "meta/traffic"};
 	int64_t v = 0, rev;
 
 	for (size_t i = 0; i < sizeof(shared) / sizeof(shared[0]); i++) {
-		if (kv_rev(st, shared[i], &rev) < 0)
+		if (version_rev(st, shared[i], cached, &rev) < 0)
 			return -EIO;
 		if (rev > v)
 			v = rev;
@@ -34,12 +41,33 @@ int state_config_version_shared(struct control_state *st, int64_t *version)
 	return 0;
 }
 
-int state_config_version_own(struct control_state *st, const char *svc, int64_t *version)
+static int version_own(struct control_state *st, const char *svc, bool cached,
+                       int64_t *version)
 {
 	char key[STORE_KEY_MAX];
 
 	state_key(key, sizeof(key), "services/", svc);
-	return kv_rev(st, key, version);
+	return version_rev(st, key, cached, version);
+}
+
+int state_config_version_shared(struct control_state *st, int64_t *version)
+{
+	return version_shared(st, false, version);
+}
+
+int state_config_version_own(struct control_state *st, const char *svc, int64_t *version)
+{
+	return version_own(st, svc, false, version);
+}
+
+int state_watch_version_shared(struct control_state *st, int64_t *version)
+{
+	return version_shared(st, true, version);
+}
+
+int state_watch_version_own(struct control_state *st, const char *svc, int64_t *version)
+{
+	return version_own(st, svc, true, version);
 }
 
 int state_config_version(struct control_state *st, const char *svc, int64_t *version)

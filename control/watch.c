@@ -209,8 +209,9 @@ int watch_add(struct watch *w, struct api_call *call, const char *svc, int64_t a
 }
 
 /* Config versions of the services one watch_notify() looked up: each is
- * read from the store once per call, however many waiters it has (a store
- * read is a network round trip on etcd). */
+ * looked up once per call, however many waiters it has (on etcd from the
+ * revisions the store's follower keeps; a store read, a network round
+ * trip, only while it cannot tell). */
 struct seen_version {
 	char svc[SERVICE_NAME_MAX + 1];
 	int64_t own;
@@ -228,7 +229,7 @@ static int own_version(struct watch *w, struct seen_version **seen, const char *
 			return 0;
 		}
 	}
-	if (state_config_version_own(w->st, svc, own) < 0)
+	if (state_watch_version_own(w->st, svc, own) < 0)
 		return -EIO;
 	s = malloc(sizeof(*s));
 	if (s) {
@@ -246,7 +247,7 @@ void watch_notify(struct watch *w, const char *svc)
 	struct seen_version *seen = NULL;
 	int64_t shared = 0, own;
 
-	if (!w->head || state_config_version_shared(w->st, &shared) < 0)
+	if (!w->head || state_watch_version_shared(w->st, &shared) < 0)
 		return;
 	/* Answering may not add waiters, so walking with a saved next is safe. */
 	for (ww = w->head; ww; ww = next) {

@@ -830,9 +830,12 @@ static int attempt(struct etcd *c, size_t i, const char *path, const char *req, 
 	r = conn_get(c, i, &cn, deadline, &reused);
 	if (!r)
 		r = exchange(c, &cn, ep, path, req, &body, x);
-	if (r && reused && !x->answered) {
+	if (r && r != -ETIMEDOUT && reused && !x->answered) {
 		/* etcd closed the idle kept connection before reading the
-		 * request: nothing was done; once more on a new connection. */
+		 * request: nothing was done; once more on a new connection.
+		 * Not after a timeout: a stalled etcd (SIGSTOP, overload) has
+		 * the request and may carry it out; sending it again would
+		 * have it twice (loopback connects at once, past the deadline). */
 		conn_close(&cn);
 		body.len = 0;
 		r = conn_open(c, &cn, ep);
@@ -938,7 +941,13 @@ static int stream_body(struct etcd *c, struct conn *cn, struct buf *raw, bool ch
 			raw->len = 0;
 		}
 		r = r ? r : feed(c, &data, fn, arg);
-		if (r || last)
+		if (!r && last) {
+			/* etcd ended the answer (a graceful shutdown does): to the
+			 * caller a broken stream, never 0, which means stopped. */
+			set_err(c, "stream ended: etcd finished the answer");
+			r = -EAGAIN;
+		}
+		if (r)
 			break;
 		n = conn_read(cn, tmp, sizeof(tmp), stop_fd);
 		if (n == -ECANCELED) {

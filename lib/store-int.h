@@ -23,6 +23,8 @@ struct store_backend {
 	int (*revision)(struct store *s, int64_t *revision);
 	int (*follow)(struct store *s, int *fd);          /* NULL: -ENOTSUP */
 	void (*follow_drain)(struct store *s);
+	int (*follow_track)(struct store *s, const char *const *prefixes, size_t n); /* NULL: -ENOTSUP */
+	int (*follow_rev)(struct store *s, const char *key, int64_t *rev);          /* NULL: -EAGAIN */
 	int (*lock_hold)(struct store *s, const char *name, int ttl_s);   /* NULL: always 1 */
 	void (*close)(struct store *s);
 };

@@ -90,6 +90,16 @@ int store_follow(struct store *s, int *fd)
 	return s->be->follow ? s->be->follow(s, fd) : -ENOTSUP;
 }
 
+int store_follow_track(struct store *s, const char *const *prefixes, size_t n)
+{
+	return s->be->follow_track ? s->be->follow_track(s, prefixes, n) : -ENOTSUP;
+}
+
+int store_follow_rev(struct store *s, const char *key, int64_t *rev)
+{
+	return s->be->follow_rev ? s->be->follow_rev(s, key, rev) : -EAGAIN;
+}
+
 void store_follow_drain(struct store *s)
 {
 	if (s->be->follow_drain)

@@ -31,6 +31,24 @@
 /* Pause between two attempts of the follow thread to restore its watch. */
 #define FOLLOW_RETRY_MS 500
 
+/* The revisions of the tracked keys (store_follow_track) as the follow
+ * thread saw them: primed by a range read each time the watch (re)starts,
+ * then fed by its events and by this handle's own writes; sorted by key. */
+struct rev_entry {
+	char *key;                     /* without the prefix */
+	int64_t mod;                   /* its mod_revision, 0: deleted */
+	int64_t seen;                  /* the revision of what set mod (events come late) */
+};
+
+struct revmap {
+	pthread_mutex_t mu;
+	bool primed;                   /* false: not yet, or the watch is being resumed */
+	struct rev_entry *e;
+	size_t n, cap;
+	char *track[STORE_TRACK_MAX];  /* key prefixes tracked */
+	size_t ntrack;
+};
+
 /* The follow thread's side: its own client, and the pipes it talks through. */
 struct follower {
 	pthread_t thread;
@@ -40,6 +58,7 @@ struct follower {
 	int stop[2];                   /* store_close writes [1], the thread polls [0] */
 	int64_t next_rev;              /* the revision to resume the watch at */
 	bool lost;                     /* the last stream broke (logged once) */
+	struct se *s;                  /* the store it follows (its revision map) */
 };
 
 struct se {
@@ -50,6 +69,7 @@ struct se {
 	struct etcd_opts eo;           /* copied: the follow thread opens its own client */
 	char *endpoints, *cacert, *cert, *key;
 	struct follower f;
+	struct revmap rm;
 	int64_t lease;                 /* the lock's lease, 0: none */
 	char owner[96];                /* this handle's value in a lock key */
 };
@@ -296,6 +316,205 @@ static int failed_why(struct se *s, const struct store_op *ops, size_t n, const 
 	return -ECANCELED;
 }
 
+/* ---- the revisions of tracked keys ---- */
+
+static bool tracked(const struct revmap *m, const char *key)
+{
+	for (size_t i = 0; i < m->ntrack; i++)
+		if (strncmp(key, m->track[i], strlen(m->track[i])) == 0)
+			return true;
+	return false;
+}
+
+/* The index of key, or where it goes (*found false). */
+static size_t rev_find(const struct revmap *m, const char *key, bool *found)
+{
+	size_t lo = 0, hi = m->n;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		int c = strcmp(m->e[mid].key, key);
+
+		if (c == 0) {
+			*found = true;
+			return mid;
+		}
+		if (c < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	*found = false;
+	return lo;
+}
+
+/* key's revision is mod as of revision seen (mu held); an older report
+ * than the one kept is ignored. false: out of memory (then unprimed). */
+static bool rev_set(struct revmap *m, const char *key, int64_t mod, int64_t seen)
+{
+	bool found;
+	size_t i = rev_find(m, key, &found);
+
+	if (found) {
+		if (seen > m->e[i].seen) {
+			m->e[i].mod = mod;
+			m->e[i].seen = seen;
+		}
+		return true;
+	}
+	if (m->n == m->cap) {
+		size_t cap = m->cap ? 2 * m->cap : 32;
+		struct rev_entry *e = realloc(m->e, cap * sizeof(*e));
+
+		if (!e)
+			return false;
+		m->e = e;
+		m->cap = cap;
+	}
+	char *k = strdup(key);
+	if (!k)
+		return false;
+	memmove(&m->e[i + 1], &m->e[i], (m->n - i) * sizeof(*m->e));
+	m->e[i] = (struct rev_entry){ .key = k, .mod = mod, .seen = seen };
+	m->n++;
+	return true;
+}
+
+static void rev_clear(struct revmap *m)
+{
+	for (size_t i = 0; i < m->n; i++)
+		free(m->e[i].key);
+	m->n = 0;
+	m->primed = false;
+}
+
+/* A full etcd key (base64) without the prefix into out; false: not ours. */
+static bool own_key(const struct se *s, const char *b64, char *out, size_t len)
+{
+	char *key = NULL;
+	size_t klen;
+	bool ok = b64 && etcd_unb64(b64, &key, &klen) == 0 && klen >= s->plen &&
+	          memcmp(key, s->prefix, s->plen) == 0 && strlen(key) == klen &&
+	          klen - s->plen < len;
+
+	if (ok)
+		memcpy(out, key + s->plen, klen - s->plen + 1);
+	free(key);
+	return ok;
+}
+
+/* The follow thread, before (re)starting its watch: the tracked keys'
+ * revisions now. Returns the revision they are read at, or a negative
+ * errno (then unprimed). */
+static int64_t rev_prime(struct se *s)
+{
+	struct revmap *m = &s->rm;
+	json_t *req = range_req(s, "", false), *resp = NULL, *kvs;
+	char key[STORE_KEY_MAX + 1];
+	int64_t rev;
+	bool ok = true;
+	int r;
+
+	if (!req)
+		return -ENOMEM;
+	json_object_set_new(req, "keys_only", json_true());
+	r = etcd_call(s->f.c, "/v3/kv/range", req, &resp, true);
+	json_decref(req);
+	if (r)
+		return r;
+	rev = etcd_int(json_object_get(resp, "header"), "revision");
+	kvs = json_object_get(resp, "kvs");
+	pthread_mutex_lock(&m->mu);
+	rev_clear(m);
+	for (size_t i = 0; ok && i < json_array_size(kvs); i++) {
+		const json_t *kv = json_array_get(kvs, i);
+
+		if (own_key(s, json_string_value(json_object_get(kv, "key")), key, sizeof(key)) &&
+		    tracked(m, key))
+			ok = rev_set(m, key, etcd_int(kv, "mod_revision"), rev);
+	}
+	m->primed = ok && rev > 0;
+	pthread_mutex_unlock(&m->mu);
+	json_decref(resp);
+	return m->primed ? rev : -EIO;
+}
+
+static void rev_unprime(struct revmap *m)
+{
+	pthread_mutex_lock(&m->mu);
+	m->primed = false;
+	pthread_mutex_unlock(&m->mu);
+}
+
+/* The events of one watch message into the map. */
+static void rev_events(struct se *s, const json_t *events)
+{
+	struct revmap *m = &s->rm;
+	char key[STORE_KEY_MAX + 1];
+
+	pthread_mutex_lock(&m->mu);
+	for (size_t i = 0; m->primed && i < json_array_size(events); i++) {
+		const json_t *ev = json_array_get(events, i);
+		const json_t *kv = json_object_get(ev, "kv");
+		int64_t mod = etcd_int(kv, "mod_revision");
+		const char *type = json_string_value(json_object_get(ev, "type"));
+		bool del = type && strcmp(type, "DELETE") == 0;   /* PUT is omitted (proto3) */
+
+		if (own_key(s, json_string_value(json_object_get(kv, "key")), key, sizeof(key)) &&
+		    tracked(m, key) && !rev_set(m, key, del ? 0 : mod, mod))
+			m->primed = false;
+	}
+	pthread_mutex_unlock(&m->mu);
+}
+
+/* This handle's own committed write at revision rev: known at once, not
+ * only when its watch event arrives. */
+static void rev_own_write(struct se *s, const struct store_op *ops, size_t n, int64_t rev)
+{
+	struct revmap *m = &s->rm;
+
+	pthread_mutex_lock(&m->mu);
+	for (size_t i = 0; m->primed && i < n; i++)
+		if (tracked(m, ops[i].key) &&
+		    !rev_set(m, ops[i].key, ops[i].kind == STORE_OP_DELETE ? 0 : rev, rev))
+			m->primed = false;
+	pthread_mutex_unlock(&m->mu);
+}
+
+static int be_follow_track(struct store *st, const char *const *prefixes, size_t n)
+{
+	struct se *s = (struct se *)st;
+	struct revmap *m = &s->rm;
+
+	if (s->f.running || n > STORE_TRACK_MAX)
+		return -EINVAL;
+	for (size_t i = 0; i < n; i++) {
+		m->track[i] = strdup(prefixes[i]);
+		if (!m->track[i])
+			return -ENOMEM;
+		m->ntrack = i + 1;
+	}
+	return 0;
+}
+
+static int be_follow_rev(struct store *st, const char *key, int64_t *rev)
+{
+	struct se *s = (struct se *)st;
+	struct revmap *m = &s->rm;
+	bool found;
+	size_t i;
+	int r = -EAGAIN;
+
+	pthread_mutex_lock(&m->mu);
+	if (m->primed && tracked(m, key)) {
+		i = rev_find(m, key, &found);
+		*rev = found ? m->e[i].mod : 0;
+		r = 0;
+	}
+	pthread_mutex_unlock(&m->mu);
+	return r;
+}
+
 static int be_apply(struct store *st, const struct store_op *ops, size_t n, int64_t *revision)
 {
 	struct se *s = (struct se *)st;
@@ -314,10 +533,17 @@ static int be_apply(struct store *st, const struct store_op *ops, size_t n, int6
 	                                    "failure", ko), &resp, false);
 	if (r)
 		return r;
-	if (!json_is_true(json_object_get(resp, "succeeded")))
+	if (!json_is_true(json_object_get(resp, "succeeded"))) {
 		r = failed_why(s, ops, n, resp);
-	else if (revision)
-		r = header_revision(s, resp, revision);
+	} else {
+		int64_t rev = 0;
+
+		r = header_revision(s, resp, &rev);
+		if (!r && s->rm.ntrack)
+			rev_own_write(s, ops, n, rev);
+		if (!r && revision)
+			*revision = rev;
+	}
 	json_decref(resp);
 	return r;
 }
@@ -348,12 +574,15 @@ static int on_watch_msg(void *arg, json_t *msg)
 		/* Resuming past etcd's compaction: start afresh at what it keeps;
 		 * the caller re-reads everything anyway. */
 		f->next_rev = compacted;
+		rev_unprime(&f->s->rm);
 		poke(f->notify[1]);
 		return 1;
 	}
 	if (json_array_size(json_object_get(res, "events")) > 0) {
 		if (rev >= f->next_rev)
 			f->next_rev = rev + 1;
+		/* The map before the wake-up: the loop reads it when woken. */
+		rev_events(f->s, json_object_get(res, "events"));
 		poke(f->notify[1]);
 	}
 	if (json_is_true(json_object_get(res, "canceled")))
@@ -388,10 +617,22 @@ static void *follow_main(void *arg)
 	struct follower *f = &s->f;
 
 	while (!stop_requested(f, 0)) {
-		json_t *req = watch_req(s);
-		int r = req ? etcd_stream(f->c, "/v3/watch", req, f->stop[0], on_watch_msg, f)
-		            : -ENOMEM;
+		json_t *req;
+		int r;
 
+		if (s->rm.ntrack) {
+			/* Primed at R, the watch goes on from R + 1, and the loop is
+			 * woken for what the map learnt meanwhile. Not primed: the
+			 * watch resumes where it was, readers read the store. */
+			int64_t at = rev_prime(s);
+
+			if (at > 0 && at + 1 > f->next_rev)
+				f->next_rev = at + 1;
+			poke(f->notify[1]);
+		}
+		req = watch_req(s);
+		r = req ? etcd_stream(f->c, "/v3/watch", req, f->stop[0], on_watch_msg, f) : -ENOMEM;
+		rev_unprime(&s->rm);
 		json_decref(req);
 		if (r == 0)
 			break;                 /* stopped */
@@ -422,6 +663,7 @@ static int be_follow(struct store *st, int *fd)
 	if (r)
 		return r;
 	f->next_rev = rev + 1;
+	f->s = s;
 	if (etcd_new(&f->c, &s->eo, &err) < 0)
 		return -ENOMEM;
 	if (pipe2(f->notify, O_CLOEXEC | O_NONBLOCK) < 0)
@@ -551,6 +793,11 @@ static void be_close(struct store *st)
 	struct se *s = (struct se *)st;
 
 	follow_stop(&s->f);
+	rev_clear(&s->rm);
+	free(s->rm.e);
+	for (size_t i = 0; i < s->rm.ntrack; i++)
+		free(s->rm.track[i]);
+	pthread_mutex_destroy(&s->rm.mu);
 	lease_revoke(s);
 	etcd_free(s->c);
 	free(s->endpoints);
@@ -600,6 +847,7 @@ int store_open_etcd(struct store **out, const struct store_etcd_opts *o, struct 
 	if (!s)
 		return err_set(err, "", "out of memory"), -ENOMEM;
 	s->base.be = &etcd_backend;
+	pthread_mutex_init(&s->rm.mu, NULL);
 	snprintf(s->prefix, sizeof(s->prefix), "%s", prefix);
 	s->plen = strlen(s->prefix);
 	{
@@ -639,6 +887,8 @@ static const struct store_backend etcd_backend = {
 	.revision = be_revision,
 	.follow = be_follow,
 	.follow_drain = be_follow_drain,
+	.follow_track = be_follow_track,
+	.follow_rev = be_follow_rev,
 	.lock_hold = be_lock_hold,
 	.close = be_close,
 };

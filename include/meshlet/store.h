@@ -190,6 +190,21 @@ int store_follow(struct store *s, int *fd);
 void store_follow_drain(struct store *s);
 
 /*
+ * Before store_follow(): the follower also keeps the revision of every key
+ * starting with one of prefixes (at most STORE_TRACK_MAX), fed by what it
+ * watches and by this handle's own writes, so that store_follow_rev()
+ * answers without a round trip. 0, -EINVAL (too many, or already
+ * following), -ENOMEM or -ENOTSUP (SQLite).
+ */
+#define STORE_TRACK_MAX 4
+int store_follow_track(struct store *s, const char *const *prefixes, size_t n);
+
+/* The revision of a tracked key (0: it does not exist) as the follower
+ * knows it: 0, or -EAGAIN when it cannot tell (not following, key not
+ * tracked, the watch not yet primed or being resumed): read the store. */
+int store_follow_rev(struct store *s, const char *key, int64_t *rev);
+
+/*
  * Work that must run on one replica at a time (housekeeping): returns 1
  * when this store handle holds the lock named name (a store key) now, 0
  * when another holder has it, or a negative errno. On etcd the lock is
