@@ -231,6 +231,10 @@ int ctlmetrics_render(const struct ctlmetrics *m, const struct ctlmetrics_gauges
 	      (long long)g->proxies_polling);
 	gauge(out, "meshlet_control_connections_open", "TLS connections open to the API.",
 	      (long long)g->connections);
+	header(out, "meshlet_control_connections_accepted_total", "counter",
+	       "TCP connections accepted on the API (each a TLS handshake): with proxies "
+	       "keeping their connection, it grows with proxies, not with long polls.");
+	fprintf(out, "meshlet_control_connections_accepted_total %" PRIu64 "\n", g->accepted);
 	gauge(out, "meshlet_control_revoked_certificates",
 	      "Serials on the revocation list (unexpired revoked SVIDs).", (long long)g->revoked);
 	gauge(out, "meshlet_control_bundle_roots", "Root certificates in the trust bundle.",

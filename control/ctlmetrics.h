@@ -32,6 +32,7 @@ enum ctlmetrics_issue { ISSUE_JOIN, ISSUE_RENEWAL, ISSUE_COUNT };
 struct ctlmetrics_gauges {
 	size_t long_polls;             /* config long polls waiting */
 	size_t connections;            /* TLS connections open */
+	uint64_t accepted;             /* connections accepted since start */
 	size_t proxies_polling;        /* distinct proxies holding a long poll */
 	size_t revoked;                /* serials on the revocation list */
 	size_t roots;                  /* roots in the trust bundle */

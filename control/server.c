@@ -53,6 +53,7 @@ struct ctl_conn {
 	struct bufferevent *bev;       /* TLS; evhttp holds the gate on top of it */
 	struct event *deadline;
 	bool busy;                     /* a request is being handled (or waits) */
+	bool waiting;                  /* a long poll waits: I/O timeout lifted */
 	bool evicted;                  /* shut to make room (conn_make_room) */
 	bool checked;                  /* peer identity below filled in */
 	bool has_svid;
@@ -78,6 +79,7 @@ struct control_server {
 	struct stats *stats;           /* the proxies' counter summaries */
 	struct event *sigterm, *sigint, *tick;
 	size_t n_conns;
+	uint64_t n_accepted;           /* connections accepted since start (metrics) */
 	struct ctl_conn *conns, *conns_tail;   /* every connection, oldest first */
 	struct server_limits lim;
 	size_t max_conns;              /* lim.max_conns, or less if few fds */
@@ -224,6 +226,7 @@ static struct bufferevent *server_bevcb(struct event_base *base, void *arg)
 	}
 	c->srv = srv;
 	srv->n_conns++;
+	srv->n_accepted++;
 	SSL_set_ex_data(ssl, conn_index, c);     /* conn_free() from now on */
 	bev = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_ACCEPTING,
 	                                     BEV_OPT_CLOSE_ON_FREE);
@@ -520,6 +523,10 @@ void server_reply(struct api_call *call)
 	if (c) {
 		c->busy = false;
 		conn_arm(c);
+		if (c->waiting) {
+			c->waiting = false;
+			evhttp_connection_set_timeout(call->evcon, SERVER_IO_TIMEOUT);
+		}
 	}
 	gate = call->evcon ? evhttp_connection_get_bufferevent(call->evcon) : NULL;
 	evhttp_send_reply(call->req, status, NULL, buf);
@@ -817,8 +824,15 @@ static void server_handle(struct evhttp_request *req, void *arg)
 		return;
 	}
 	ret = r->handler(call);
-	if (ret == SERVER_ASYNC)
+	if (ret == SERVER_ASYNC) {
+		/* A long poll is bounded by its own wait (watch.c). On a kept-alive
+		 * connection evhttp reads on while it waits, and its read timeout
+		 * would end the wait after SERVER_IO_TIMEOUT (logged 499): lift it
+		 * past the longest wait until the answer (server_reply). */
+		c->waiting = true;
+		evhttp_connection_set_timeout(call->evcon, API_WAIT_MAX + SERVER_IO_TIMEOUT);
 		return;
+	}
 	if (ret < 0 && !call->err.status)
 		call_error(call, 500, "", "internal error");
 	if (ret < 0)
@@ -923,6 +937,7 @@ static void metrics_gauges(void *arg, struct ctlmetrics_gauges *g)
 	state_counts(srv->st, &c);
 	g->long_polls = watch_count(srv->watch);
 	g->connections = srv->n_conns;
+	g->accepted = srv->n_accepted;
 	g->proxies_polling = c.proxies_polling;
 	g->revoked = c.revoked;
 	g->roots = c.roots;

@@ -11,7 +11,9 @@
  *   (401/403/404/405/400), and at most API_BODY_MAX bytes (16 KiB with an
  *   unverified join token) (413); refused bodies are read and discarded,
  *   never held, and the answer is JSON on a connection that stays usable; read and
- *   write timeouts SERVER_IO_TIMEOUT; a connection that completes no
+ *   write timeouts SERVER_IO_TIMEOUT (which also closes a kept-alive
+ *   connection idle between requests), lifted while a long poll waits (it
+ *   is bounded by its own wait); a connection that completes no
  *   request within SERVER_REQUEST_DEADLINE of accepting it (or of its last
  *   answer) is shut down, so trickling bytes cannot hold it; at most
  *   struct server_limits.max_conns connections (when full, the oldest idle

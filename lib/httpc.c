@@ -1,6 +1,7 @@
 /*
  * httpc: see meshlet/httpc.h. A deliberately small HTTP/1.1 client: one
- * request per TLS connection, non-blocking socket driven by poll() against a
+ * request per TLS connection unless keep-alive is on (then one connection
+ * kept in struct httpc between requests), non-blocking socket driven by poll() against a
  * single deadline and an eventfd that httpc_cancel() signals; Content-Length,
  * chunked and read-to-close bodies.
  */
@@ -65,6 +66,10 @@ struct httpc {
 	size_t n_ids;
 	int cancel_fd;                    /* eventfd, readable once cancelled */
 	atomic_bool cancelled;
+	bool keepalive;                   /* httpc_set_keepalive() */
+	int ka_fd;                        /* the kept connection, or -1 */
+	SSL *ka_ssl;
+	unsigned long n_conns;            /* connections opened (httpc_connections()) */
 };
 
 __attribute__((format(printf, 2, 3)))
@@ -303,6 +308,7 @@ int httpc_new(struct httpc **out, const struct httpc_opts *opts, char *err)
 	if (!h)
 		return fail(err, "out of memory"), HTTPC_EUSAGE;
 	h->cancel_fd = -1;
+	h->ka_fd = -1;
 	h->cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (h->cancel_fd < 0) {
 		fail(err, "eventfd: %s", strerror(errno));
@@ -356,6 +362,7 @@ void httpc_free(struct httpc *h)
 {
 	if (!h)
 		return;
+	httpc_set_keepalive(h, false);
 	SSL_CTX_free(h->ctx);
 	if (h->token) {
 		OPENSSL_cleanse(h->token, strlen(h->token));
@@ -373,6 +380,29 @@ void httpc_free(struct httpc *h)
 void httpc_set_timeout(struct httpc *h, int timeout_ms)
 {
 	h->timeout_ms = timeout_ms > 0 ? timeout_ms : HTTPC_TIMEOUT_MS_DEFAULT;
+}
+
+/* Closes the kept connection, if any, without a close_notify: the peer
+ * sees EOF, which is all an idle HTTP/1.1 connection needs. */
+static void ka_drop(struct httpc *h)
+{
+	SSL_free(h->ka_ssl);
+	if (h->ka_fd >= 0)
+		close(h->ka_fd);
+	h->ka_ssl = NULL;
+	h->ka_fd = -1;
+}
+
+void httpc_set_keepalive(struct httpc *h, bool on)
+{
+	h->keepalive = on;
+	if (!on)
+		ka_drop(h);
+}
+
+unsigned long httpc_connections(const struct httpc *h)
+{
+	return h->n_conns;
 }
 
 void httpc_cancel(struct httpc *h)
@@ -777,6 +807,7 @@ struct head {
 	int status;
 	bool chunked;
 	bool has_length;
+	bool close;             /* Connection: close, or HTTP/1.0 */
 	size_t length;
 	char etag[128];
 	char content_type[128];
@@ -812,6 +843,7 @@ static int parse_head(const struct buf *b, struct head *hd, char *err)
 	    !isdigit((unsigned char)b->d[10]) || !isdigit((unsigned char)b->d[11]))
 		return fail(err, "malformed HTTP status line from the control");
 	hd->status = (b->d[9] - '0') * 100 + (b->d[10] - '0') * 10 + (b->d[11] - '0');
+	hd->close = b->d[7] == '0';
 	line = strstr(b->d, "\r\n") + 2;
 	while (line < end + 2) {
 		const char *colon;
@@ -844,6 +876,12 @@ static int parse_head(const struct buf *b, struct head *hd, char *err)
 				hd->chunked = true;
 			else if (strcasecmp(tmp, "identity") != 0)
 				return fail(err, "unsupported Transfer-Encoding %s from the control", tmp);
+		} else if (nlen == 10 && strncasecmp(line, "Connection", 10) == 0) {
+			char tmp[64];
+
+			copy_value(tmp, sizeof(tmp), colon + 1, vlen);
+			if (strcasecmp(tmp, "close") == 0)
+				hd->close = true;
 		} else if (nlen == 4 && strncasecmp(line, "ETag", 4) == 0) {
 			copy_value(hd->etag, sizeof(hd->etag), colon + 1, vlen);
 		} else if (nlen == 12 && strncasecmp(line, "Content-Type", 12) == 0) {
@@ -918,17 +956,266 @@ static bool body_expected(const char *method, int status)
 
 /* ---------------------------------------------------------------- request */
 
+/* The kept connection, if the server has not closed it meanwhile: an idle
+ * HTTP/1.1 connection has nothing to read, so anything readable (EOF, a
+ * close_notify, stray bytes) means it is not worth a request. */
+static bool ka_take(struct httpc *h, struct conn *c)
+{
+	struct pollfd p = { .fd = h->ka_fd, .events = POLLIN };
+
+	if (!h->ka_ssl)
+		return false;
+	if (poll(&p, 1, 0) != 0 || SSL_pending(h->ka_ssl) > 0) {
+		ka_drop(h);
+		return false;
+	}
+	c->fd = h->ka_fd;
+	c->ssl = h->ka_ssl;
+	h->ka_fd = -1;
+	h->ka_ssl = NULL;
+	return true;
+}
+
+/* A new verified TLS connection into c. 0, or -1 with err set. */
+static int conn_open(struct httpc *h, struct conn *c, char *err)
+{
+	if (tcp_connect(c, err) < 0)
+		return -1;
+	h->n_conns++;
+	c->ssl = SSL_new(h->ctx);
+	if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1)
+		return fail(err, "TLS setup failed");
+	SSL_set_app_data(c->ssl, c);
+	if (!h->host_is_ip)
+		SSL_set_tlsext_host_name(c->ssl, h->host);
+	if (ssl_step(c, do_handshake, NULL, 0, "TLS handshake with the control", err) <= 0) {
+		if (!err || !*err)
+			fail(err, "TLS handshake with the control: connection closed");
+		return -1;
+	}
+	return check_name(c, err);
+}
+
+/* Reads a response on c into in/hd/dec until it is complete. 0, or -1
+ * with err set. */
+static int read_response(struct conn *c, const char *method, struct buf *in, struct head *hd,
+                         struct buf *dec, char *err)
+{
+	bool eof = false, complete = false;
+
+	while (!complete) {
+		char tmp[16384];
+		int n;
+
+		if (eof)
+			break;
+		n = ssl_step(c, do_read, tmp, sizeof(tmp), "reading the response", err);
+		if (n < 0) {
+			if (!hd->done || hd->has_length || hd->chunked)
+				return -1;
+			break;
+		}
+		if (n == 0) {
+			eof = true;
+		} else {
+			if (in->len + (size_t)n > c->h->max_response)
+				return fail(err, "the control's response is over %zu bytes", c->h->max_response);
+			if (buf_add(in, tmp, (size_t)n) < 0)
+				return fail(err, "out of memory");
+		}
+		if (!hd->done) {
+			int r = parse_head(in, hd, err);
+
+			if (r < 0)
+				return -1;
+			if (r == 0) {
+				if (eof)
+					return fail(err, "the control closed the connection %s",
+					            in->len ? "in the middle of the response headers"
+					                    : "without answering");
+				continue;
+			}
+			if (hd->status >= 100 && hd->status < 200) {
+				/* interim response: drop it and parse the next head */
+				memmove(in->d, in->d + hd->hdr_len, in->len - hd->hdr_len);
+				in->len -= hd->hdr_len;
+				in->d[in->len] = '\0';
+				memset(hd, 0, sizeof(*hd));
+				continue;
+			}
+		}
+		if (!body_expected(method, hd->status)) {
+			complete = true;
+		} else if (hd->chunked) {
+			int r = dechunk(in->d + hd->hdr_len, in->len - hd->hdr_len, dec, err);
+
+			if (r < 0)
+				return -1;
+			complete = r == 1;
+		} else if (hd->has_length) {
+			complete = in->len - hd->hdr_len >= hd->length;
+		} else {
+			complete = eof;
+			hd->close = true;       /* read to close: nothing to keep */
+		}
+		if (!complete && eof)
+			return fail(err, "the control closed the connection in the middle of the body");
+	}
+	if (!hd->done) {
+		if (!err || !*err)
+			fail(err, "no response from the control");
+		return -1;
+	}
+	return 0;
+}
+
+/* Fills resp from a complete response. 0, or -1 out of memory. */
+static int fill_response(const char *method, const struct buf *in, const struct head *hd,
+                         const struct buf *dec, struct httpc_response *resp)
+{
+	const char *src = "";
+	size_t n = 0;
+
+	resp->status = hd->status;
+	snprintf(resp->etag, sizeof(resp->etag), "%s", hd->etag);
+	snprintf(resp->content_type, sizeof(resp->content_type), "%s", hd->content_type);
+	if (!body_expected(method, hd->status)) {
+		n = 0;
+	} else if (hd->chunked) {
+		src = dec->d ? dec->d : "";
+		n = dec->len;
+	} else {
+		src = in->d + hd->hdr_len;
+		n = in->len - hd->hdr_len;
+		if (hd->has_length && n > hd->length)
+			n = hd->length;
+	}
+	resp->body = malloc(n + 1);
+	if (!resp->body)
+		return -1;
+	memcpy(resp->body, src, n);
+	resp->body[n] = '\0';
+	resp->body_len = n;
+	if (n > 0)
+		resp->json = json_loadb(resp->body, n, JSON_DECODE_ANY, NULL);
+	return 0;
+}
+
+/* Whether the connection of this complete response can carry another:
+ * the server did not close it and no byte beyond the response arrived. */
+static bool keepable(const char *method, const struct buf *in, const struct head *hd)
+{
+	if (hd->close)
+		return false;
+	if (!body_expected(method, hd->status))
+		return in->len == hd->hdr_len;
+	if (hd->has_length)
+		return in->len == hd->hdr_len + hd->length;
+	return hd->chunked;
+}
+
+/* One attempt: the request req on the kept connection (*reused) or a new
+ * one, the response into resp. *written: a byte of req went out. */
+static int exchange(struct httpc *h, int64_t deadline, const char *method, const struct buf *req,
+                    struct httpc_response *resp, char *err, bool *reused, bool *written)
+{
+	struct conn c = { .fd = -1, .h = h, .deadline = deadline };
+	struct buf in = { 0 }, dec = { 0 };
+	struct head hd = { 0 };
+	size_t off = 0;
+	int rc = HTTPC_ECONNECT;
+
+	*written = false;
+	*reused = h->keepalive && ka_take(h, &c);
+	if (*reused)
+		SSL_set_app_data(c.ssl, &c);
+	else if (conn_open(h, &c, err) < 0)
+		goto out;
+
+	while (off < req->len) {
+		size_t chunk = req->len - off > (1u << 30) ? (1u << 30) : req->len - off;
+		int n = ssl_step(&c, do_write, req->d + off, (int)chunk, "sending the request", err);
+
+		if (n <= 0) {
+			if (n == 0)
+				fail(err, "sending the request: connection closed by the control");
+			/* The server may have answered early (413) and closed: try to read it. */
+			break;
+		}
+		off += (size_t)n;
+		*written = true;
+	}
+	if (read_response(&c, method, &in, &hd, &dec, err) < 0)
+		goto out;
+	if (err)
+		err[0] = '\0';
+	if (fill_response(method, &in, &hd, &dec, resp) < 0) {
+		fail(err, "out of memory");
+		goto out;
+	}
+	rc = 0;
+	if (h->keepalive && off == req->len && keepable(method, &in, &hd)) {
+		SSL_set_app_data(c.ssl, NULL);
+		h->ka_fd = c.fd;
+		h->ka_ssl = c.ssl;
+		c.fd = -1;
+		c.ssl = NULL;
+	}
+out:
+	if (c.ssl) {
+		if (rc == 0)
+			SSL_shutdown(c.ssl);    /* one close_notify, no waiting for the peer's */
+		SSL_free(c.ssl);
+	}
+	if (c.fd >= 0)
+		close(c.fd);
+	sk_X509_free(c.anchors);
+	if (rc != 0 && c.why != 0)
+		rc = c.why;
+	ERR_clear_error();
+	free(in.d);
+	free(dec.d);
+	if (rc != 0)
+		httpc_response_clear(resp);
+	return rc;
+}
+
+/* The request's bytes into req. 0, or -1 out of memory. */
+static int build_request(const struct httpc *h, const char *method, const char *path,
+                         const char *payload, size_t plen, bool has_body,
+                         const char *const *headers, struct buf *req)
+{
+	if (buf_printf(req, "%s %s%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n"
+	               "Accept: application/json\r\nConnection: %s\r\n",
+	               method, h->prefix, path, h->host_header, h->user_agent,
+	               h->keepalive ? "keep-alive" : "close") < 0)
+		return -1;
+	if (h->token && (buf_add(req, "Authorization: Bearer ", 22) < 0 ||
+	                 buf_add(req, h->token, strlen(h->token)) < 0 || buf_add(req, "\r\n", 2) < 0))
+		return -1;
+	for (size_t i = 0; headers && headers[i]; i++)
+		if (buf_printf(req, "%s\r\n", headers[i]) < 0)
+			return -1;
+	if (has_body) {
+		if (buf_printf(req, "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n", plen) < 0)
+			return -1;
+		return buf_add(req, payload, plen);
+	}
+	if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0)
+		return buf_printf(req, "Content-Length: 0\r\n\r\n");
+	return buf_add(req, "\r\n", 2);
+}
+
 int httpc_request(struct httpc *h, const char *method, const char *path,
                      const json_t *body, const char *raw_body, size_t raw_len,
                      const char *const *headers, struct httpc_response *resp, char *err)
 {
-	struct conn c = { .fd = -1, .h = h, .deadline = now_ms() + h->timeout_ms };
-	struct buf req = { 0 }, in = { 0 }, dec = { 0 };
-	struct head hd = { 0 };
+	int64_t deadline = now_ms() + h->timeout_ms;
+	struct buf req = { 0 };
 	char *payload = NULL;
-	size_t plen = 0, off = 0;
-	int rc = HTTPC_ECONNECT;
-	bool eof = false, complete = false;
+	size_t plen = 0;
+	bool reused, written, idempotent;
+	int rc;
 
 	memset(resp, 0, sizeof(*resp));
 	if (err)
@@ -947,181 +1234,25 @@ int httpc_request(struct httpc *h, const char *method, const char *path,
 	} else if (raw_body) {
 		plen = raw_len;
 	}
-	if (buf_printf(&req, "%s %s%s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n"
-	               "Accept: application/json\r\nConnection: close\r\n",
-	               method, h->prefix, path, h->host_header, h->user_agent) < 0)
-		goto oom;
-	if (h->token && (buf_add(&req, "Authorization: Bearer ", 22) < 0 ||
-	                 buf_add(&req, h->token, strlen(h->token)) < 0 || buf_add(&req, "\r\n", 2) < 0))
-		goto oom;
-	for (size_t i = 0; headers && headers[i]; i++)
-		if (buf_printf(&req, "%s\r\n", headers[i]) < 0)
-			goto oom;
-	if (body || raw_body) {
-		if (buf_printf(&req, "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n", plen) < 0)
-			goto oom;
-		if (buf_add(&req, payload ? payload : raw_body, plen) < 0)
-			goto oom;
-	} else if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0) {
-		if (buf_printf(&req, "Content-Length: 0\r\n\r\n") < 0)
-			goto oom;
-	} else if (buf_add(&req, "\r\n", 2) < 0) {
-		goto oom;
-	}
-
-	if (tcp_connect(&c, err) < 0)
-		goto out;
-	c.ssl = SSL_new(h->ctx);
-	if (!c.ssl || SSL_set_fd(c.ssl, c.fd) != 1) {
-		fail(err, "TLS setup failed");
+	if (build_request(h, method, path, payload ? payload : raw_body, plen,
+	                  body || raw_body, headers, &req) < 0) {
+		fail(err, "out of memory");
+		rc = HTTPC_ECONNECT;
 		goto out;
 	}
-	SSL_set_app_data(c.ssl, &c);
-	if (!h->host_is_ip)
-		SSL_set_tlsext_host_name(c.ssl, h->host);
-	if (ssl_step(&c, do_handshake, NULL, 0, "TLS handshake with the control", err) <= 0) {
-		if (!err || !*err)
-			fail(err, "TLS handshake with the control: connection closed");
-		goto out;
-	}
-	if (check_name(&c, err) < 0)
-		goto out;
-
-	while (off < req.len) {
-		size_t chunk = req.len - off > (1u << 30) ? (1u << 30) : req.len - off;
-		int n = ssl_step(&c, do_write, req.d + off, (int)chunk, "sending the request", err);
-
-		if (n <= 0) {
-			if (n == 0)
-				fail(err, "sending the request: connection closed by the control");
-			/* The server may have answered early (413) and closed: try to read it. */
-			break;
-		}
-		off += (size_t)n;
-	}
-
-	while (!complete) {
-		char tmp[16384];
-		int n;
-
-		if (eof)
-			break;
-		n = ssl_step(&c, do_read, tmp, sizeof(tmp), "reading the response", err);
-		if (n < 0) {
-			if (!hd.done || hd.has_length || hd.chunked)
-				goto out;
-			break;
-		}
-		if (n == 0) {
-			eof = true;
-		} else {
-			if (in.len + (size_t)n > h->max_response) {
-				fail(err, "the control's response is over %zu bytes", h->max_response);
-				goto out;
-			}
-			if (buf_add(&in, tmp, (size_t)n) < 0)
-				goto oom;
-		}
-		if (!hd.done) {
-			int r = parse_head(&in, &hd, err);
-
-			if (r < 0)
-				goto out;
-			if (r == 0) {
-				if (eof) {
-					fail(err, "the control closed the connection %s",
-					     in.len ? "in the middle of the response headers" : "without answering");
-					goto out;
-				}
-				continue;
-			}
-			if (hd.status >= 100 && hd.status < 200) {
-				/* interim response: drop it and parse the next head */
-				memmove(in.d, in.d + hd.hdr_len, in.len - hd.hdr_len);
-				in.len -= hd.hdr_len;
-				in.d[in.len] = '\0';
-				memset(&hd, 0, sizeof(hd));
-				continue;
-			}
-		}
-		if (!body_expected(method, hd.status)) {
-			complete = true;
-		} else if (hd.chunked) {
-			int r = dechunk(in.d + hd.hdr_len, in.len - hd.hdr_len, &dec, err);
-
-			if (r < 0)
-				goto out;
-			complete = r == 1;
-			if (!complete && eof) {
-				fail(err, "the control closed the connection in the middle of the body");
-				goto out;
-			}
-		} else if (hd.has_length) {
-			complete = in.len - hd.hdr_len >= hd.length;
-			if (!complete && eof) {
-				fail(err, "the control closed the connection in the middle of the body");
-				goto out;
-			}
-		} else {
-			complete = eof;
-		}
-	}
-	if (!hd.done) {
-		if (!err || !*err)
-			fail(err, "no response from the control");
-		goto out;
-	}
-	if (err)
-		err[0] = '\0';
-
-	resp->status = hd.status;
-	snprintf(resp->etag, sizeof(resp->etag), "%s", hd.etag);
-	snprintf(resp->content_type, sizeof(resp->content_type), "%s", hd.content_type);
-	{
-		const char *src = "";
-		size_t n = 0;
-
-		if (!body_expected(method, hd.status)) {
-			n = 0;
-		} else if (hd.chunked) {
-			src = dec.d ? dec.d : "";
-			n = dec.len;
-		} else {
-			src = in.d + hd.hdr_len;
-			n = in.len - hd.hdr_len;
-			if (hd.has_length && n > hd.length)
-				n = hd.length;
-		}
-		resp->body = malloc(n + 1);
-		if (!resp->body)
-			goto oom;
-		memcpy(resp->body, src, n);
-		resp->body[n] = '\0';
-		resp->body_len = n;
-		if (n > 0)
-			resp->json = json_loadb(resp->body, n, JSON_DECODE_ANY, NULL);
-	}
-	rc = 0;
-	goto out;
-oom:
-	fail(err, "out of memory");
+	rc = exchange(h, deadline, method, &req, resp, err, &reused, &written);
+	/* A kept connection the server closed just as we reused it: once more
+	 * on a new one, when that cannot run the request twice. */
+	idempotent = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
+	if (rc == HTTPC_ECONNECT && reused && (!written || idempotent) &&
+	    now_ms() < deadline && !atomic_load(&h->cancelled))
+		rc = exchange(h, deadline, method, &req, resp, err, &reused, &written);
 out:
-	if (c.ssl) {
-		if (rc == 0)
-			SSL_shutdown(c.ssl);    /* one close_notify, no waiting for the peer's */
-		SSL_free(c.ssl);
-	}
-	if (c.fd >= 0)
-		close(c.fd);
-	sk_X509_free(c.anchors);
-	if (rc != 0 && c.why != 0)
-		rc = c.why;
-	ERR_clear_error();
+	if (payload)
+		OPENSSL_cleanse(payload, plen);
 	free(payload);
+	if (req.d)
+		OPENSSL_cleanse(req.d, req.len);
 	free(req.d);
-	free(in.d);
-	free(dec.d);
-	if (rc != 0)
-		httpc_response_clear(resp);
 	return rc;
 }

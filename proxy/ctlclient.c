@@ -202,6 +202,13 @@ struct httpc *ctlc_mtls(struct ctlclient *c)
 	o.chain = mine;
 	if (httpc_new(&c->http, &o, err) != 0)
 		ctlc_fail(c, "cannot set up the control client: %s", err);
+	else
+		/* One connection for the long polls and the other calls: a
+		 * mutual-TLS handshake per long poll is most of control's CPU
+		 * with many proxies (docs/benchmarks.md). It goes with c->http
+		 * (new URL, SVID or bundle) and with any failed or cancelled
+		 * call; control re-checks the SVID on every request. */
+		httpc_set_keepalive(c->http, true);
 out:
 	X509_free(leaf);
 	sk_X509_pop_free(mine, X509_free);

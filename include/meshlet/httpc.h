@@ -2,8 +2,10 @@
  * httpc: a small blocking HTTPS client for the control API, shared by
  * meshletctl and the proxy's control client.
  *
- * One request per connection (Connection: close), TLS 1.3 only, JSON bodies
- * in and out through jansson. Every step (resolve, connect, handshake,
+ * By default one request per connection (Connection: close); with
+ * httpc_set_keepalive() the connection of a complete response is kept for
+ * the next request on the same client while the server keeps it open.
+ * TLS 1.3 only, JSON bodies in and out through jansson. Every step (resolve, connect, handshake,
  * write, read) runs against one deadline, the response is refused past a
  * size limit, and another thread may interrupt a request (httpc_cancel).
  *
@@ -17,10 +19,13 @@
  *    presents in its own chain whose SHA-256 SPKI pin (ca_pin_sha256) is
  *    the given one, and the leaf carries the URI SAN expect_uri.
  * In every mode nothing (token, body) is sent before the server verified.
+ * Verification happens at each new handshake: a kept-alive connection was
+ * verified when it was made and is not verified again when reused.
  */
 #ifndef MESHLET_HTTPC_H
 #define MESHLET_HTTPC_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <jansson.h>
 #include <openssl/evp.h>
@@ -100,6 +105,22 @@ void httpc_set_timeout(struct httpc *h, int timeout_ms);
 int httpc_request(struct httpc *h, const char *method, const char *path,
                   const json_t *body, const char *raw_body, size_t raw_len,
                   const char *const *headers, struct httpc_response *resp, char *err);
+
+/*
+ * Keep-alive (off by default): the connection of a complete response
+ * (Content-Length, chunked, or no body; the server did not say
+ * Connection: close) is kept for the next request on h. A request on a
+ * kept connection that fails before a complete response is retried once on
+ * a new connection when nothing of it was written or the method is GET or
+ * HEAD (same deadline); otherwise its error is returned. Any failure,
+ * cancellation or timeout drops the connection. Not thread-safe against a
+ * running request on h (httpc_cancel() is).
+ */
+void httpc_set_keepalive(struct httpc *h, bool on);
+
+/* Connections h opened so far (TCP connects that reached the TLS
+ * handshake): a request that reused one does not count. */
+unsigned long httpc_connections(const struct httpc *h);
 
 /*
  * Interrupts the request running on h in another thread (it returns

@@ -13,8 +13,10 @@
  * /v1/services/{svc}/endpoints once (--register), then GET
  * /v1/services/{svc}/config?after=V&wait=W with its own SVID, wait=0 for the
  * first answer, and again with after= the version it holds on every answer.
- * Like lib/httpc.c each request is its own TLS connection ("Connection:
- * close"; control issues no session tickets) unless --keepalive. Proxies go
+ * Without --keepalive each request is its own TLS connection ("Connection:
+ * close"; control issues no session tickets), as meshlet-proxy did before
+ * it kept its control connection; --keepalive is what it does now (one
+ * connection per proxy, a new one only when control closes it). Proxies go
  * to the control URLs round robin; at most --max-connecting handshakes are
  * under way at once (the rest queue), so a reconnect storm is paced the
  * same way in every run.

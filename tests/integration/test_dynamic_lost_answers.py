@@ -50,10 +50,12 @@ class LossyRelay:
         was_lossy = False
         try:
             while not self._stop.is_set():
-                if self.lossy and not was_lossy:
-                    server_spoke = False        # a kept-alive connection: from now on
-                was_lossy = self.lossy
                 r, _, _ = select.select([c, s], [], [], 0.1)
+                # After select: bytes that arrived once lossy was set count
+                # as the server speaking on a kept-alive connection from now on.
+                if self.lossy and not was_lossy:
+                    server_spoke = False
+                was_lossy = self.lossy
                 if holding and (held > 1500 or time.monotonic() - hold_start > 3):
                     self.cut += 1
                     return

@@ -1,7 +1,9 @@
 /*
  * Unit tests for lib/httpc.c against a real TLS server in a thread: the
  * three ways of verifying the server (nothing is sent to one that fails),
- * the client certificate, cancellation from another thread, and option
+ * the client certificate, cancellation from another thread, keep-alive
+ * (reuse, a server closing between requests, the retry rules, a cancelled
+ * request on a kept connection), and option
  * checks. Also the join's building blocks of other modules that httpc's
  * users rely on: ca_make_csr() and tls_material_from_pem().
  */
@@ -358,6 +360,264 @@ static void test_cancel_interrupts_a_blocked_request(void **state)
 	server_join(f);
 }
 
+/* ---------------------------------------------------------------- keep-alive */
+
+/*
+ * A keep-alive server in a thread: accepts up to accepts connections one
+ * after the other; on each answers up to answers requests (Content-Length,
+ * no Connection: close), then closes it either at once (close_idle) or
+ * after reading the next request without answering it (the race a client
+ * reusing a connection must survive). hang: after the first answer, reads
+ * the next request and waits for the client to go away.
+ */
+struct ka_server {
+	int lfd;
+	SSL_CTX *ctx;
+	pthread_t th;
+	int accepts, answers;
+	bool close_idle, hang;
+	int n_accepted, n_requests;      /* counted by the thread */
+	char last[4096];                 /* the last request line seen */
+	bool saw_eof;                    /* hang: the client closed the connection */
+};
+
+/* Reads one request head (no bodies but Content-Length ones). 1, or 0 at EOF. */
+static int ka_read_request(SSL *ssl, char *last, size_t len)
+{
+	char b[8192];
+	size_t n = 0;
+
+	for (;;) {
+		int r = SSL_read(ssl, b + n, (int)(sizeof(b) - 1 - n));
+		char *end;
+
+		if (r <= 0)
+			return 0;
+		n += (size_t)r;
+		b[n] = '\0';
+		end = strstr(b, "\r\n\r\n");
+		if (end) {
+			const char *cl = strstr(b, "Content-Length: ");
+			size_t want = cl ? (size_t)atoi(cl + 16) : 0;
+
+			if (n >= (size_t)(end + 4 - b) + want) {
+				snprintf(last, len, "%.*s", (int)strcspn(b, "\r"), b);
+				return 1;
+			}
+		}
+	}
+}
+
+static void *ka_main(void *arg)
+{
+	static const char answer[] = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+	                             "Content-Length: 11\r\n\r\n{\"ok\":true}";
+	struct ka_server *s = arg;
+
+	for (int a = 0; a < s->accepts; a++) {
+		int fd = accept(s->lfd, NULL, NULL);
+		SSL *ssl;
+
+		if (fd < 0)
+			return NULL;
+		s->n_accepted++;
+		ssl = SSL_new(s->ctx);
+		SSL_set_fd(ssl, fd);
+		if (SSL_accept(ssl) == 1) {
+			for (int i = 0; i < s->answers && ka_read_request(ssl, s->last, sizeof(s->last)); i++) {
+				s->n_requests++;
+				SSL_write(ssl, answer, (int)sizeof(answer) - 1);
+			}
+			if (s->hang) {
+				char b[256];
+
+				if (ka_read_request(ssl, s->last, sizeof(s->last)))
+					s->n_requests++;
+				while (SSL_read(ssl, b, sizeof(b)) > 0)
+					;
+				s->saw_eof = true;
+			} else if (!s->close_idle && ka_read_request(ssl, s->last, sizeof(s->last))) {
+				s->n_requests++;        /* read, never answered */
+			}
+		}
+		ERR_clear_error();
+		SSL_free(ssl);
+		close(fd);
+	}
+	return NULL;
+}
+
+static void ka_start(struct fixture *f, struct ka_server *s)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t al = sizeof(a);
+
+	s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	assert_true(s->lfd >= 0);
+	assert_int_equal(bind(s->lfd, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(s->lfd, 4), 0);
+	assert_int_equal(getsockname(s->lfd, (struct sockaddr *)&a, &al), 0);
+	snprintf(f->url, sizeof(f->url), "https://127.0.0.1:%d", ntohs(a.sin_port));
+	s->ctx = SSL_CTX_new(TLS_server_method());
+	assert_non_null(s->ctx);
+	SSL_CTX_set_min_proto_version(s->ctx, TLS1_3_VERSION);
+	SSL_CTX_set_num_tickets(s->ctx, 0);
+	assert_int_equal(SSL_CTX_use_certificate(s->ctx, f->server_cert), 1);
+	assert_int_equal(SSL_CTX_use_PrivateKey(s->ctx, f->server_key), 1);
+	assert_int_equal(SSL_CTX_add1_chain_cert(s->ctx, ca_cert(f->ca)), 1);
+	assert_int_equal(pthread_create(&s->th, NULL, ka_main, s), 0);
+}
+
+static void ka_join(struct ka_server *s)
+{
+	pthread_join(s->th, NULL);
+	close(s->lfd);
+	SSL_CTX_free(s->ctx);
+}
+
+static struct httpc *ka_client(struct fixture *f, int timeout_ms)
+{
+	struct httpc_opts o = { .pin_sha256 = f->pin, .expect_uri = CONTROL_ID, .url = f->url,
+	                        .timeout_ms = timeout_ms };
+	char err[HTTPC_ERR_MAX] = "";
+	struct httpc *h = NULL;
+
+	assert_int_equal(httpc_new(&h, &o, err), 0);
+	httpc_set_keepalive(h, true);
+	return h;
+}
+
+/* One request on h; returns httpc_request's result and checks a 200. */
+static int ka_call(struct httpc *h, const char *method, char *err)
+{
+	struct httpc_response r;
+	json_t *body = strcmp(method, "POST") == 0 ? json_pack("{s:i}", "n", 1) : NULL;
+	int rc = httpc_request(h, method, "/v1/config", body, NULL, 0, NULL, &r, err);
+
+	json_decref(body);
+	if (rc == 0) {
+		assert_int_equal(r.status, 200);
+		assert_true(json_is_true(json_object_get(r.json, "ok")));
+		httpc_response_clear(&r);
+	}
+	return rc;
+}
+
+static void test_keepalive_reuses_one_connection(void **state)
+{
+	struct fixture *f = *state;
+	struct ka_server s = { .accepts = 1, .answers = 3, .close_idle = true };
+	char err[HTTPC_ERR_MAX] = "";
+	struct httpc *h;
+
+	ka_start(f, &s);
+	h = ka_client(f, 5000);
+	assert_int_equal(ka_call(h, "GET", err), 0);
+	assert_int_equal(ka_call(h, "POST", err), 0);
+	assert_int_equal(ka_call(h, "GET", err), 0);
+	assert_int_equal(httpc_connections(h), 1);
+	httpc_free(h);
+	ka_join(&s);
+	assert_int_equal(s.n_accepted, 1);
+	assert_int_equal(s.n_requests, 3);
+}
+
+static void test_keepalive_server_closes_between_requests(void **state)
+{
+	struct fixture *f = *state;
+	struct ka_server s = { .accepts = 2, .answers = 1, .close_idle = true };
+	char err[HTTPC_ERR_MAX] = "";
+	struct httpc *h;
+
+	ka_start(f, &s);
+	h = ka_client(f, 5000);
+	assert_int_equal(ka_call(h, "GET", err), 0);
+	usleep(100 * 1000);             /* the server's close has arrived */
+	/* Even a POST goes: the closed connection is noticed before sending. */
+	assert_int_equal(ka_call(h, "POST", err), 0);
+	assert_int_equal(httpc_connections(h), 2);
+	httpc_free(h);
+	ka_join(&s);
+	assert_int_equal(s.n_requests, 2);
+}
+
+static void test_keepalive_retries_only_what_is_safe(void **state)
+{
+	struct fixture *f = *state;
+	struct ka_server s = { .accepts = 2, .answers = 1 };
+	char err[HTTPC_ERR_MAX] = "";
+	struct httpc *h;
+
+	/* A GET the server read but dropped on the kept connection: sent
+	 * again on a new one, answered there. */
+	ka_start(f, &s);
+	h = ka_client(f, 5000);
+	assert_int_equal(ka_call(h, "GET", err), 0);
+	assert_int_equal(ka_call(h, "GET", err), 0);
+	assert_int_equal(httpc_connections(h), 2);
+	httpc_free(h);
+	ka_join(&s);
+	assert_int_equal(s.n_accepted, 2);
+	assert_int_equal(s.n_requests, 3);
+
+	/* A POST in the same case is not sent twice: the caller learns. */
+	memset(&s, 0, sizeof(s));
+	s.accepts = 1;
+	s.answers = 1;
+	ka_start(f, &s);
+	h = ka_client(f, 5000);
+	assert_int_equal(ka_call(h, "GET", err), 0);
+	assert_int_equal(ka_call(h, "POST", err), HTTPC_ECONNECT);
+	assert_true(err[0] != '\0');
+	assert_int_equal(httpc_connections(h), 1);
+	httpc_free(h);
+	ka_join(&s);
+	assert_int_equal(s.n_requests, 2);
+	assert_non_null(strstr(s.last, "POST /v1/config"));
+
+	/* Without keep-alive: Connection: close, one connection per request. */
+	memset(&s, 0, sizeof(s));
+	s.accepts = 2;
+	s.answers = 1;
+	s.close_idle = true;
+	ka_start(f, &s);
+	h = ka_client(f, 5000);
+	httpc_set_keepalive(h, false);
+	assert_int_equal(ka_call(h, "GET", err), 0);
+	assert_int_equal(ka_call(h, "GET", err), 0);
+	assert_int_equal(httpc_connections(h), 2);
+	httpc_free(h);
+	ka_join(&s);
+}
+
+static void test_keepalive_cancel_drops_the_connection(void **state)
+{
+	struct fixture *f = *state;
+	struct ka_server s = { .accepts = 1, .answers = 1, .hang = true };
+	struct canceller c = { .delay_ms = 200 };
+	char err[HTTPC_ERR_MAX] = "";
+	pthread_t th;
+	double t0;
+
+	ka_start(f, &s);
+	c.h = ka_client(f, 20000);
+	assert_int_equal(ka_call(c.h, "GET", err), 0);
+	assert_int_equal(pthread_create(&th, NULL, cancel_later, &c), 0);
+	t0 = now_s();
+	/* The long poll on the kept connection never gets an answer. */
+	assert_int_equal(ka_call(c.h, "GET", err), HTTPC_ECANCELED);
+	assert_true(now_s() - t0 < 2.0);
+	pthread_join(th, NULL);
+	/* The server sees the connection go away before the client is freed. */
+	for (int i = 0; i < 100 && !s.saw_eof; i++)
+		usleep(20 * 1000);
+	assert_true(s.saw_eof);
+	assert_int_equal(httpc_connections(c.h), 1);
+	httpc_free(c.h);
+	ka_join(&s);
+	assert_int_equal(s.n_requests, 2);
+}
+
 static void test_options(void **state)
 {
 	struct fixture *f = *state;
@@ -456,6 +716,13 @@ int main(void)
 		                                teardown),
 		cmocka_unit_test_setup_teardown(test_roots_and_client_certificate, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_cancel_interrupts_a_blocked_request, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_keepalive_reuses_one_connection, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_keepalive_server_closes_between_requests, setup,
+		                                teardown),
+		cmocka_unit_test_setup_teardown(test_keepalive_retries_only_what_is_safe, setup,
+		                                teardown),
+		cmocka_unit_test_setup_teardown(test_keepalive_cancel_drops_the_connection, setup,
+		                                teardown),
 		cmocka_unit_test_setup_teardown(test_options, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_join_building_blocks, setup, teardown),
 	};
