@@ -42,6 +42,7 @@ class H1App:
         self.busy = 0
         self.max_busy = 0
         self.seen = []          # (method, target, headers list)
+        self.socks = []
         self.stopped = False
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -54,6 +55,7 @@ class H1App:
             with self.lock:
                 self.accepted += 1
                 self.open += 1
+                self.socks.append(c)
             threading.Thread(target=self._conn, args=(c,), daemon=True).start()
 
     def _conn(self, c):
@@ -141,8 +143,15 @@ class H1App:
         return True
 
     def stop(self):
+        """Down: no more connections, and the open ones closed."""
         self.stopped = True
         self.sock.close()
+        with self.lock:
+            for c in self.socks:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 @pytest.fixture
@@ -240,22 +249,20 @@ def test_app_closes_mid_response_and_app_down(h1, mesh, pki):
         # The pool is still usable afterwards.
         sid = c.request("/orders/2")
         assert c.response(sid)[0] == 200
-    down_port = free_port()
-    cfg = mesh.config("orders", policy=mesh.policy("orders", RULES),
-                      inbound=[{"listen": addr(free_port()), "forward": addr(down_port),
-                                "protocol": "http", "app_protocol": "http1"}])
-    # An app that is down: the sidecar cannot even connect its own side, or
-    # the pool's connect is refused: either way 502 / gRPC 14, never a hang.
-    proxy = mesh.proxy("orders-in-down", cfg)
-    port = int(cfg["inbound"][0]["listen"].rsplit(":", 1)[1])
-    try:
-        with H2Client(port, frontend_ctx(pki)) as c:
-            sid = c.request("/orders/1")
-            st, _, _, reset, _ = c.response(sid)
-            assert st == 502 or reset is not None
-    except (ConnectionError, OSError):
-        pass    # refused at connect: the connection itself is closed
-    assert proxy is not None
+    # The app goes away with the caller's connection open (its own app
+    # connection made): the pool cannot connect -> 502, gRPC 14.
+    with H2Client(in_port, frontend_ctx(pki)) as c:
+        app.stop()
+        time.sleep(0.5)
+        results = []
+        for _ in range(3):
+            plain = c.request("/orders/1")
+            grpc_call = c.request("/shop.Orders/Get", "POST",
+                                  headers=[("content-type", "application/grpc")], body=b"")
+            results.append((c.response(plain), c.response(grpc_call)))
+        (st, _, _, _, _), (gst, gh, _, _, _) = results[-1]
+        assert st == 502
+        assert (gst, gh.get("grpc-status")) == (200, "14")
 
 
 def test_idle_pool_connections_close(h1, pki):
