@@ -24,6 +24,17 @@ RULES = [
 ]
 
 
+def big_body(n):
+    """n bytes that differ along their length (a lost or repeated piece shows)."""
+    block = hashlib.sha256(str(n).encode()).digest() * 4096
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += i.to_bytes(4, "big") + block[:8188]
+        i += 1
+    return bytes(out[:n])
+
+
 class H1App:
     """HTTP/1.1 only (an HTTP/2 preface is answered 400 and closed). Routes:
     /echo (body back, with its sha256), /chunked (a chunked answer), /204,
@@ -128,6 +139,17 @@ class H1App:
                 part = (b"%02d" % i) * 1000
                 c.sendall(b"%x\r\n%s\r\n" % (len(part), part))
             c.sendall(b"0\r\nx-trailer: t\r\n\r\n")
+        elif path in ("/big", "/bigchunked"):
+            n = int(target.split("=")[1])
+            data = big_body(n)
+            if path == "/big":
+                c.sendall(f"HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n".encode() + data)
+            else:
+                c.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                for i in range(0, n, 40000):
+                    part = data[i:i + 40000]
+                    c.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+                c.sendall(b"0\r\n\r\n")
         elif path in ("/204", "/304"):
             c.sendall(f"HTTP/1.1 {path[1:]} X\r\n\r\n".encode())
         elif path == "/cut":
@@ -207,6 +229,15 @@ def test_large_post_and_chunked_answer(h1, tmp_path):
     assert "x-hop" not in hdrs and "keep-alive" not in hdrs
     code, _, body = curl(out, "/chunked")
     assert code == 200 and body == b"".join((b"%02d" % i) * 1000 for i in range(20))
+
+
+@pytest.mark.parametrize("path", ["/big", "/bigchunked"])
+def test_large_response_through_small_windows(h1, path):
+    """24 MiB against 64 KiB windows: the pool pauses and resumes reading the
+    app hundreds of times; every byte arrives once, in order."""
+    n = 24 * 1024 * 1024 + 5
+    code, _, body = curl(h1[2], f"{path}?n={n}")
+    assert code == 200 and len(body) == n and body == big_body(n)
 
 
 def test_many_streams_few_app_connections(h1, pki):
