@@ -45,6 +45,7 @@ struct apppool_req {
 	unsigned req_flags;
 	bool body_done;                     /* the owner gave all of its body */
 	bool starved;                       /* the owner had no body bytes: wait for resume */
+	bool write_broken;                  /* the app stopped taking the request: no reuse */
 	bool answered;                      /* the response head arrived */
 	bool keep_alive;
 	uint64_t queued_at;
@@ -325,8 +326,13 @@ static int conn_write(struct appconn *ac)
 		if (n < 0 && (errno == EAGAIN || errno == EINTR))
 			return 0;
 		if (n < 0) {
-			conn_fail(ac, 502, r->answered ? "app connection lost" : "app closed the connection");
-			return -1;
+			/* The app stopped reading (it may have answered already, e.g.
+			 * 413 and close): the rest of the body is not sent, and the
+			 * read side decides between its answer and a 502. */
+			r->write_broken = true;
+			r->body_done = true;
+			r->out_off = r->out_len = 0;
+			return 0;
 		}
 		r->out_off += (size_t)n;
 	}
@@ -340,8 +346,8 @@ static int response_done(struct appconn *ac)
 {
 	struct apppool *p = ac->p;
 	struct apppool_req *r = ac->req;
-	bool reuse = r->keep_alive && r->body_done && r->out_off == r->out_len &&
-	             ac->in_off == ac->in_len;
+	bool reuse = r->keep_alive && r->body_done && !r->write_broken &&
+	             r->out_off == r->out_len && ac->in_off == ac->in_len;
 
 	req_end(r, 0, NULL);
 	if (!reuse) {

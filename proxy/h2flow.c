@@ -796,9 +796,16 @@ static void app_end(void *ctx, int status, const char *why)
 	struct h2flow *f = s->f;
 
 	s->app = NULL;
+	if (status == 0 && !s->req.end) {
+		/* Answered before the request was all sent: the rest of it is
+		 * dropped as it comes (the client's window must not stall). */
+		nghttp2_session_consume(f->down, s->down_id, s->req.buffered);
+		half_free(&s->req, NULL);
+		s->local = true;
+	}
 	if (status == 0) {
 		s->resp.end = true;
-		if (s->resp_started && !s->local && !s->down_closed)
+		if (s->resp_started && !s->down_closed)
 			nghttp2_session_resume_data(f->down, s->down_id);
 	} else if (!s->local) {
 		answer_unavailable(f, s, status, why);

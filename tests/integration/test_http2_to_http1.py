@@ -83,6 +83,12 @@ class H1App:
                 method, target, version = lines[0].split(" ")
                 hdrs = [tuple(x.strip() for x in ln.split(":", 1)) for ln in lines[1:]]
                 h = {k.lower(): v for k, v in hdrs}
+                if target == "/early":
+                    # Refuses the body without reading it, as apps with a size limit do.
+                    with self.lock:
+                        self.seen.append((method, target, hdrs))
+                    c.sendall(b"HTTP/1.1 413 X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno")
+                    return
                 body, buf = self._body(c, h, buf)
                 with self.lock:
                     self.seen.append((method, target, hdrs))
@@ -238,6 +244,38 @@ def test_large_response_through_small_windows(h1, path):
     n = 24 * 1024 * 1024 + 5
     code, _, body = curl(h1[2], f"{path}?n={n}")
     assert code == 200 and len(body) == n and body == big_body(n)
+
+
+def test_app_answers_before_the_body_is_sent(h1, pki):
+    """The app answers 413 without reading a 2 MiB body: the caller gets the
+    413, the rest of its body is dropped as it comes (no stalled window), and
+    the connection serves the next stream."""
+    _, in_port, _ = h1
+    with H2Client(in_port, frontend_ctx(pki)) as c:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                                  (":authority", "orders"), (":path", "/early"),
+                                  ("content-length", str(2 << 20))])
+        c.flush()
+        sent = 0
+        st = None
+        deadline = time.time() + 10
+        while sent < (2 << 20) and time.time() < deadline:
+            n = min(c.conn.local_flow_control_window(sid), 16384, (2 << 20) - sent)
+            if n == 0:
+                c.pump(0.2)
+                continue
+            try:
+                c.conn.send_data(sid, b"z" * n, end_stream=sent + n == 2 << 20)
+            except Exception:
+                break    # the stream is closed on our side: fine
+            c.flush()
+            sent += n
+        assert sent == 2 << 20, f"window stalled after {sent} bytes"
+        st, _, body, _, _ = c.response(sid)
+        assert (st, body) == (413, b"no")
+        nxt = c.request("/orders/3")
+        assert c.response(nxt)[0] == 200
 
 
 def test_many_streams_few_app_connections(h1, pki):
