@@ -105,6 +105,11 @@ void http_response_init(struct http_parser_state *p, const struct http_limits *l
 	parser_init(p, HTTP_KIND_RESPONSE, lim);
 }
 
+void http_split_chunks(struct http_parser_state *p, bool split)
+{
+	p->split_chunks = split;
+}
+
 void http_request_guard_trailers(struct http_parser_state *p, const char *const *names,
                                  size_t n)
 {
@@ -1080,6 +1085,7 @@ static struct http_event feed_head(struct http_parser_state *p, const char *data
 struct body_step {
 	size_t used;
 	bool done;
+	bool framing;     /* split_chunks: the span is chunk framing or trailers */
 	struct verdict v;
 };
 
@@ -1228,7 +1234,7 @@ static struct verdict chunk_line_byte(struct http_parser_state *p, unsigned char
 /* Frames chunked bytes; data runs are skipped without looking at them. */
 static struct body_step chunked_step(struct http_parser_state *p, const char *data, size_t len)
 {
-	struct body_step r = { 0, false, { 0, NULL } };
+	struct body_step r = { 0, false, p->split_chunks, { 0, NULL } };
 
 	while (r.used < len && !r.done) {
 		unsigned char c = (unsigned char)data[r.used];
@@ -1236,12 +1242,19 @@ static struct body_step chunked_step(struct http_parser_state *p, const char *da
 		if (p->chunk_state == CH_DATA) {
 			uint64_t n = len - r.used;
 
+			/* Split: content and framing never share a span. */
+			if (p->split_chunks && r.used)
+				return r;
+			r.framing = false;
+
 			if (n > p->remaining)
 				n = p->remaining;
 			r.used += (size_t)n;
 			p->remaining -= n;
 			if (p->remaining == 0)
 				p->chunk_state = CH_DATA_CR;
+			if (p->split_chunks)
+				return r;
 			continue;
 		}
 		r.used++;
@@ -1268,7 +1281,7 @@ static struct body_step chunked_step(struct http_parser_state *p, const char *da
 
 static struct body_step body_step(struct http_parser_state *p, const char *data, size_t len)
 {
-	struct body_step r = { 0, false, { 0, NULL } };
+	struct body_step r = { 0, false, false, { 0, NULL } };
 
 	switch (p->head.framing) {
 	case HTTP_BODY_LENGTH:
@@ -1301,6 +1314,7 @@ static struct http_event feed_body(struct http_parser_state *p, const char *data
 	ev = ev_make(HTTP_EV_BODY);
 	ev.data = data;
 	ev.len = r.used;
+	ev.framing = r.framing;
 	return ev;
 }
 

@@ -9,8 +9,10 @@
 
 #include "meshlet/http.h"
 #include "meshlet/log.h"
+#include "apppool.h"
 #include "conn.h"
 #include "h2session.h"
+#include "h2to1.h"
 #include "httpreq.h"
 #include "snapshot.h"
 #include "worker-t.h"
@@ -59,6 +61,7 @@ struct h2stream {
 	struct h2stream *prev, *next;
 	struct h2flow *f;          /* the client connection it belongs to */
 	int32_t down_id, up_id;    /* on the client's session, the upstream's (0: none) */
+	struct apppool_req *app;   /* carried by the app pool (HTTP/1.1 app), until it ends */
 	struct h2half req, resp;
 	bool down_closed, up_closed;
 	bool resp_started;         /* the response HEADERS went to the client's session */
@@ -79,7 +82,10 @@ struct h2stream {
 struct h2flow {
 	struct conn *c;
 	nghttp2_session *down;     /* faces the client: we are its server */
-	nghttp2_session *up;       /* faces the upstream: we are its client; NULL once gone */
+	nghttp2_session *up;       /* faces the upstream: we are its client; NULL once gone
+	                              (and always with app1) */
+	bool app1;                 /* inbound to an HTTP/1.1 app: streams go through the
+	                              worker's app pool, not the connection's upstream */
 	struct h2stream *streams;
 	size_t n_streams;          /* in the list (until both sessions are done with them) */
 	size_t open_down;          /* open on the client's session */
@@ -278,6 +284,8 @@ static struct h2stream *stream_new(struct h2flow *f, int32_t id)
 
 static void stream_free(struct h2flow *f, struct h2stream *s)
 {
+	if (s->app)
+		apppool_cancel(s->app);
 	if (s->prev)
 		s->prev->next = s->next;
 	else
@@ -296,7 +304,7 @@ static void stream_free(struct h2flow *f, struct h2stream *s)
 /* Both sessions are done with s: it goes. */
 static void stream_maybe_free(struct h2flow *f, struct h2stream *s)
 {
-	if (s->down_closed && (s->up_closed || !s->up_id))
+	if (s->down_closed && !s->app && (s->up_closed || !s->up_id))
 		stream_free(f, s);
 }
 
@@ -677,11 +685,6 @@ static bool admit(struct h2flow *f, struct h2stream *s, const char *query)
 
 	if (!c->inbound)
 		return true;
-	if (c->snap->cfg->inbound[c->listener].app_protocol == APP_PROTO_HTTP1) {
-		answer_local(f, s, 502, GRPC_UNAVAILABLE,
-		             "app_protocol http1 cannot carry an HTTP/2 caller yet (needs the inbound pool)");
-		return false;
-	}
 	head_of(s, query, authority ? authority : hdrs_get(&s->req.head, "host", NULL), hf, &h);
 	bool allowed = httpreq_decide(c, &h, &v);
 
@@ -701,6 +704,187 @@ static bool admit(struct h2flow *f, struct h2stream *s, const char *query)
 	return false;
 }
 
+/* ---- an HTTP/1.1 app, through the worker's pool (apppool.c) ------------- */
+
+/* The body bytes taken are passed on: the client's window reopens by as much. */
+static size_t app_body(void *ctx, char *buf, size_t cap, bool *end)
+{
+	struct h2stream *s = ctx;
+	struct h2flow *f = s->f;
+	size_t n = body_take(&s->req, (uint8_t *)buf, cap);
+
+	if (n) {
+		nghttp2_session_consume(f->down, s->down_id, n);
+		s->rec.bytes_in += n;
+		conn_kick(f->c);
+	}
+	*end = s->req.end && !s->req.buffered;
+	return n;
+}
+
+static size_t app_window(const struct h2stream *s)
+{
+	return s->f->c->snap->cfg->http2.initial_window_bytes;
+}
+
+static ssize_t app_resp_read(nghttp2_session *down, int32_t id, uint8_t *buf, size_t len,
+                             uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+	struct h2stream *s = src->ptr;
+	ssize_t n = pass_body(down, id, &s->resp, NULL, 0, !s->resp.end, &s->rec.bytes_out, buf,
+	                      len, flags);
+
+	if (s->app && s->resp.buffered < app_window(s))
+		apppool_resume(s->app);
+	return n;
+}
+
+static bool app_head(void *ctx, const struct http_head *h)
+{
+	struct h2stream *s = ctx;
+	struct h2flow *f = s->f;
+	nghttp2_data_provider prd = { .source.ptr = s, .read_callback = app_resp_read };
+	size_t names = 4, n = 0;
+	nghttp2_nv *nv = calloc(h->n_fields + 1, sizeof(*nv));
+	char *buf;
+	int rc = -ENOMEM;
+
+	for (size_t i = 0; i < h->n_fields; i++)
+		names += h->fields[i].name_len;
+	if (s->resp_started) {
+		free(nv);
+		return true;    /* answered already (deadline): the app's is dropped */
+	}
+	if (nv && (buf = malloc(names))) {
+		rc = h2to1_response_nv(h, nv, h->n_fields + 1, &n, buf, names);
+		if (rc == 0) {
+			s->rec.status = h->status;
+			s->resp_started = true;
+			s->resp_due = 0;
+			if (nghttp2_submit_response(f->down, s->down_id, nv, n,
+			                            h->framing == HTTP_BODY_NONE ? NULL : &prd) != 0)
+				nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id,
+				                          NGHTTP2_INTERNAL_ERROR);
+		}
+		free(buf);
+	}
+	free(nv);
+	conn_kick(f->c);
+	return rc == 0;
+}
+
+static bool app_data(void *ctx, const char *data, size_t len)
+{
+	struct h2stream *s = ctx;
+
+	if (s->local)
+		return true;    /* answered by us: dropped */
+	if (body_add(&s->resp, (const uint8_t *)data, len) < 0) {
+		nghttp2_submit_rst_stream(s->f->down, NGHTTP2_FLAG_NONE, s->down_id,
+		                          NGHTTP2_INTERNAL_ERROR);
+		s->local = true;
+		return true;
+	}
+	nghttp2_session_resume_data(s->f->down, s->down_id);
+	conn_kick(s->f->c);
+	return s->resp.buffered < app_window(s);
+}
+
+static void app_end(void *ctx, int status, const char *why)
+{
+	struct h2stream *s = ctx;
+	struct h2flow *f = s->f;
+
+	s->app = NULL;
+	if (status == 0 && !s->req.end) {
+		/* Answered before the request was all sent: the rest of it is
+		 * dropped as it comes (the client's window must not stall). */
+		nghttp2_session_consume(f->down, s->down_id, s->req.buffered);
+		half_free(&s->req, NULL);
+		s->local = true;
+	}
+	if (status == 0) {
+		s->resp.end = true;
+		if (s->resp_started && !s->down_closed)
+			nghttp2_session_resume_data(f->down, s->down_id);
+	} else if (!s->local) {
+		answer_unavailable(f, s, status, why);
+	}
+	conn_kick(f->c);
+	stream_maybe_free(f, s);
+}
+
+static const struct apppool_owner_ops app_ops = {
+	.body = app_body, .head = app_head, .data = app_data, .end = app_end,
+};
+
+/* The worker's pool for this connection's listener, made on first use. */
+static struct apppool *app_pool(struct conn *c)
+{
+	struct worker *w = c->w;
+	const struct config *cfg = c->snap->cfg;
+	const struct config_addr *app = &cfg->inbound[c->listener].forward;
+	struct apppool **slot = c->listener < w->n_apppools ? &w->apppools[c->listener] : NULL;
+	struct apppool_limits lim = { APPPOOL_MAX_CONNS, APPPOOL_MAX_QUEUE,
+	                              cfg->timeouts.response_head_ms, cfg->timeouts.idle_ms,
+	                              cfg->timeouts.connect_ms };
+	struct apppool_stats st;
+
+	if (!slot)
+		return NULL;
+	if (*slot && !apppool_is_for(*slot, app)) {
+		/* The app moved (new config): the old pool goes once nothing uses it. */
+		apppool_stats(*slot, &st);
+		if (st.open == st.idle && !st.queued) {
+			apppool_free(*slot);
+			*slot = NULL;
+		}
+	}
+	if (!*slot)
+		*slot = apppool_new(w->base, app, &lim);
+	return *slot;
+}
+
+/* The stream as an HTTP/1.1 request to the app, through the pool. */
+static void app_forward(struct h2flow *f, struct h2stream *s, const char *query)
+{
+	struct conn *c = f->c;
+	struct h2_field fs[MAX_FIELDS];
+	char xfcc[2 * SPIFFE_ID_MAX + 16], *target = NULL, *head = NULL;
+	const char *authority = hdrs_get(&s->req.head, ":authority", NULL);
+	struct h2to1_request r;
+	enum h2to1_framing framing;
+	struct apppool *pool = app_pool(c);
+	size_t len = 0, tlen = strlen(s->path) + (query ? strlen(query) + 2 : 1);
+
+	hdrs_fields(&s->req.head, fs);
+	httpreq_xfcc(c, xfcc, sizeof(xfcc));
+	if (!pool || !(target = malloc(tlen))) {
+		answer_unavailable(f, s, 502, "out of memory");
+		return;
+	}
+	snprintf(target, tlen, query ? "%s?%s" : "%s", s->path, query);
+	r = (struct h2to1_request){ s->method, target,
+	                            authority ? authority : hdrs_get(&s->req.head, "host", NULL),
+	                            fs, s->req.head.n, xfcc,
+	                            s->replace_rid && s->rid[0] ? s->rid : NULL, s->req.end };
+	if (h2to1_request_head(&r, NULL, 0, &len, &framing) == -EINVAL) {
+		free(target);
+		answer_local(f, s, 400, GRPC_INVALID_ARGUMENT, "request cannot be carried as HTTP/1.1");
+		return;
+	}
+	if ((head = malloc(len)) && h2to1_request_head(&r, head, len, &len, &framing) == 0)
+		s->app = apppool_submit(pool, head, len, framing,
+		                        strcmp(s->method, "HEAD") ? 0 : HTTP_REQ_HEAD, &app_ops, s);
+	free(head);
+	free(target);
+	if (!s->app) {
+		answer_local(f, s, 503, GRPC_UNAVAILABLE, "app busy");
+		return;
+	}
+	s->resp_due = conn_clock_ms() + c->snap->cfg->timeouts.response_head_ms;
+}
+
 /* The request head is whole: check, decide, forward or answer. */
 static void on_request_head(struct h2flow *f, struct h2stream *s)
 {
@@ -709,6 +893,10 @@ static void on_request_head(struct h2flow *f, struct h2stream *s)
 	note_request(f->c, s);
 	if (refuse_bad(f, s, &query) || !admit(f, s, query))
 		return;
+	if (f->app1) {
+		app_forward(f, s, query);
+		return;
+	}
 	/* No upstream, or one that sent GOAWAY: unavailable. */
 	if (!f->up || forward_request(f, s, query) < 0)
 		answer_unavailable(f, s, 502, "upstream unavailable");
@@ -860,6 +1048,8 @@ static int client_frame(nghttp2_session *sess, const nghttp2_frame *fr, void *us
 	}
 	if (s->up_id && f->up && !s->local)
 		nghttp2_session_resume_data(f->up, s->up_id);
+	if (s->app)
+		apppool_resume(s->app);
 	return 0;
 }
 
@@ -878,6 +1068,8 @@ static int client_data(nghttp2_session *sess, uint8_t flags, int32_t id, const u
 		return NGHTTP2_ERR_CALLBACK_FAILURE;
 	if (s->up_id && f->up)
 		nghttp2_session_resume_data(f->up, s->up_id);
+	if (s->app)
+		apppool_resume(s->app);
 	return 0;
 }
 
@@ -892,6 +1084,10 @@ static int client_stream_close(nghttp2_session *sess, int32_t id, uint32_t code,
 	f->open_down--;
 	if (s->up_id && !s->up_closed && f->up)
 		nghttp2_submit_rst_stream(f->up, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_CANCEL);
+	if (s->app) {
+		apppool_cancel(s->app);
+		s->app = NULL;
+	}
 	stream_log(f, s, 499);
 	stream_maybe_free(f, s);
 	return 0;
@@ -1011,9 +1207,10 @@ static int h2flow_new(struct conn *c)
 	if (!f || !client_cb || !up_cb)
 		goto out;
 	f->c = c;
+	f->app1 = c->inbound && c->snap->cfg->inbound[c->listener].app_protocol == APP_PROTO_HTTP1;
 	h2_guard_init(&f->guard, lim, conn_clock_ms());
 	if (h2_session_new(&f->down, true, lim, client_cb, f) != 0 ||
-	    h2_session_new(&f->up, false, lim, up_cb, f) != 0)
+	    (!f->app1 && h2_session_new(&f->up, false, lim, up_cb, f) != 0))
 		goto out;
 	c->proto_ctx = f;
 	f = NULL;
@@ -1199,6 +1396,10 @@ static uint64_t h2flow_due(const struct conn *c, bool tls_side)
 
 static void cancel_upstream(struct h2flow *f, struct h2stream *s)
 {
+	if (s->app) {
+		apppool_cancel(s->app);
+		s->app = NULL;
+	}
 	if (s->up_id && !s->up_closed && f->up)
 		nghttp2_submit_rst_stream(f->up, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_CANCEL);
 }

@@ -18,6 +18,7 @@
 
 #include "acceptguard.h"
 
+struct apppool;
 struct conn;
 struct metrics;
 struct relay_buf;
@@ -76,6 +77,9 @@ struct worker {
 	unsigned char rand_pool[512];   /* random bytes for request IDs (httpflow) */
 	size_t rand_left;               /* unused bytes at the end of rand_pool */
 	unsigned *rr;                   /* round-robin position per outbound listener */
+	struct apppool **apppools;      /* per inbound listener: HTTP/1.1 connections to its
+	                                 * app for HTTP/2 callers (apppool.c), made on first use */
+	size_t n_apppools;
 	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
 	bool draining;
 };

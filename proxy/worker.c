@@ -1,5 +1,6 @@
 /* worker: a thread's event loop, its listeners and the commands it takes. */
 #include "worker.h"
+#include "apppool.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -156,8 +157,10 @@ static int worker_listen(struct worker *w, const struct config *cfg)
 
 	w->listeners = calloc(n ? n : 1, sizeof(*w->listeners));
 	w->rr = calloc(cfg->n_outbound ? cfg->n_outbound : 1, sizeof(*w->rr));
-	if (!w->listeners || !w->rr)
+	w->apppools = calloc(cfg->n_inbound ? cfg->n_inbound : 1, sizeof(*w->apppools));
+	if (!w->listeners || !w->rr || !w->apppools)
 		return -ENOMEM;
+	w->n_apppools = cfg->n_inbound;
 	w->n_listeners = n;
 	for (size_t i = 0; i < cfg->n_inbound; i++, k += 2) {
 		w->listeners[k].kind = w->listeners[k + 1].kind = LISTENER_INBOUND;
@@ -229,6 +232,10 @@ void worker_destroy(struct worker *w)
 	if (w->quiet_ev)
 		event_free(w->quiet_ev);
 	BIO_meth_free(w->bio_method);
+	/* After the connections: none holds a request of a pool any more. */
+	for (size_t i = 0; i < w->n_apppools; i++)
+		apppool_free(w->apppools[i]);
+	free(w->apppools);
 	if (w->base)
 		event_base_free(w->base);
 	free(w->listeners);

@@ -182,6 +182,8 @@ struct http_event {
 	const struct http_head *head;   /* HEAD_COMPLETE, MESSAGE_COMPLETE */
 	const char *data;               /* BODY: span of the fed data */
 	size_t len;
+	bool framing;                   /* BODY with http_split_chunks(): the span is
+	                                   chunk sizes, CRLFs or trailers, not content */
 	int status;                     /* ERROR: HTTP status to answer */
 	const char *reason;             /* ERROR: short static text */
 };
@@ -212,6 +214,7 @@ struct http_parser_state {
 	size_t trailer_bytes, n_trailers;
 	char trailer_name[64];
 	size_t trailer_name_len;
+	bool split_chunks;              /* see http_split_chunks() */
 	const char *const *guarded;     /* trailer names refused (policy's) */
 	size_t n_guarded;
 	/* response side */
@@ -231,6 +234,15 @@ void http_limits_default(struct http_limits *lim);
  * arrive. Release with http_cleanup().
  */
 void http_request_init(struct http_parser_state *p, const struct http_limits *lim);
+
+/*
+ * Chunked bodies: split true reports chunk content and framing (sizes,
+ * CRLFs, trailers) as separate BODY spans, the latter with event.framing
+ * set, so a caller that re-frames the body (HTTP/1.1 -> HTTP/2) passes on
+ * the content alone without a decoder of its own. Off by default: BODY
+ * spans then mix both, to be forwarded verbatim.
+ */
+void http_split_chunks(struct http_parser_state *p, bool split);
 
 /*
  * Request side: trailers of chunked requests naming one of names[0..n)

@@ -122,14 +122,25 @@ def _h2_attempt(port, ctx, method, target, hdrs):
         return st, body, reset
 
 
+@pytest.mark.parametrize("app_protocol", ["auto", "http1"])
 @pytest.mark.parametrize("via", ["inbound-direct", "outbound"])
-def test_bypass_table_as_http2(mesh, pki, via):
+def test_bypass_table_as_http2(mesh, pki, via, app_protocol):
+    """auto: the app gets h2c; http1: every stream reaches it as HTTP/1.1
+    through the inbound pool, with the same decisions."""
     import test_http_bypass as bp
     from http_helpers import is_admin
 
     app = DualApp()
     mesh.apps.append(app)
-    inb, in_port = http_inbound(mesh, app.port, bp.RULES)
+    if app_protocol == "auto":
+        inb, in_port = http_inbound(mesh, app.port, bp.RULES)
+    else:
+        in_port = free_port_()
+        cfg = mesh.config("orders", policy=mesh.policy("orders", bp.RULES, "deny"),
+                          inbound=[{"listen": f"127.0.0.1:{in_port}",
+                                    "forward": f"127.0.0.1:{app.port}",
+                                    "protocol": "http", "app_protocol": "http1"}])
+        mesh.proxy("orders-in", cfg)
     port, ctx = in_port, frontend_ctx(pki)
     if via == "outbound":
         _, port = http_outbound(mesh, [in_port])
@@ -156,6 +167,8 @@ def test_bypass_table_as_http2(mesh, pki, via):
     assert not admin, f"requests for /admin reached the app: {admin}"
     assert "/ADMIN/x" in app.paths() and "/Admin/x" in app.paths()
     assert not wrong, "\n" + "\n".join(wrong)
+    if app_protocol == "http1":
+        assert {s.proto for s in app.seen} == {"http/1.1"}
 
 
 # ---------------------------------------------------------------- translation safety
@@ -402,7 +415,9 @@ def test_grpc_timeout_is_the_proxys_deadline(pair):
     assert 0.25 < elapsed < 2.0
 
 
-def test_app_protocol_mismatch_is_refused_clearly(mesh, pki):
+def test_app_protocol_http1_carries_http2_callers(mesh, pki):
+    """An app that must be spoken HTTP/1.1 to gets HTTP/2 callers' streams as
+    HTTP/1.1 requests (the inbound pool; more in test_http2_to_http1.py)."""
     app = DualApp()
     mesh.apps.append(app)
     port = free_port_()
@@ -411,15 +426,18 @@ def test_app_protocol_mismatch_is_refused_clearly(mesh, pki):
                                 "protocol": "http", "app_protocol": "http1"}])
     mesh.proxy("orders-in", cfg)
     with H2Client(port, frontend_ctx(pki)) as c:
-        grpc_call = c.request("/shop.Orders/Get", "POST",
-                              headers=[("content-type", "application/grpc")], body=b"")
+        # DualApp reads content-length bodies only (chunked ones: test_http2_to_http1.py).
+        post = c.request("/orders/new", "POST", headers=[("content-type", "text/plain"),
+                                                         ("content-length", "5")], body=b"hello")
         plain = c.request("/orders/1")
-        st, h, _, _, _ = c.response(grpc_call)
-        assert (st, h["grpc-status"]) == (200, "14")
-        assert "needs the inbound pool" in h["grpc-message"]
+        st, _, body, _, _ = c.response(post)
+        assert (st, body) == (200, b"hello")
         st, _, body, _, _ = c.response(plain)
-        assert st == 502 and "app_protocol http1" in json.loads(body)["error"]
-    assert app.seen == []
+        assert (st, body) == (200, b"ok /orders/1")
+    seen = {s.path: s for s in app.seen}
+    assert seen["/orders/1"].proto == "http/1.1" and seen["/orders/new"].proto == "http/1.1"
+    assert seen["/orders/new"].body_len == 5
+    assert seen["/orders/1"].header("host") == ["orders"]
 
 
 def free_port_():

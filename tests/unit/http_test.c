@@ -1319,10 +1319,64 @@ static void test_status_reason(void **state)
 	assert_string_equal(http_status_reason(299), "Unknown");
 }
 
+/* Feeds resp in steps of step bytes with split chunks; the content alone into out. */
+static size_t split_content(const char *resp, size_t step, char *out, size_t cap,
+                            size_t *framing_bytes)
+{
+	struct http_parser_state p;
+	size_t len = strlen(resp), off = 0, got = 0, end;
+	bool complete = false;
+
+	http_response_init(&p, NULL);
+	http_response_expect(&p, 0);
+	http_split_chunks(&p, true);
+	*framing_bytes = 0;
+	while (!complete) {
+		size_t used = 0;
+		struct http_event ev;
+
+		end = off + step < len ? off + step : len;
+		ev = http_feed(&p, resp + off, end - off, &used);
+		off += used;
+		assert_int_not_equal(ev.type, HTTP_EV_ERROR);
+		if (ev.type == HTTP_EV_BODY && ev.framing) {
+			*framing_bytes += ev.len;
+		} else if (ev.type == HTTP_EV_BODY) {
+			assert_true(got + ev.len <= cap);
+			memcpy(out + got, ev.data, ev.len);
+			got += ev.len;
+		}
+		complete = ev.type == HTTP_EV_MESSAGE_COMPLETE;
+		assert_true(complete || ev.type != HTTP_EV_NEED_MORE || off < len);
+	}
+	assert_int_equal(off, len);
+	http_cleanup(&p);
+	return got;
+}
+
+static void test_split_chunks(void **state)
+{
+	const char *resp = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+	                   "5;ext=1\r\nhello\r\n1\r\n \r\n6\r\nworld!\r\n0\r\nX-T: 1\r\n\r\n";
+	size_t head = strlen("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+	char out[64];
+	size_t framing;
+
+	(void)state;
+	for (size_t step = 1; step <= strlen(resp); step++) {
+		size_t got = split_content(resp, step, out, sizeof(out), &framing);
+
+		assert_int_equal(got, 12);
+		assert_memory_equal(out, "hello world!", 12);
+		assert_int_equal(framing + got + head, strlen(resp));
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_normalize_table),
+		cmocka_unit_test(test_split_chunks),
 		cmocka_unit_test(test_normalize_idempotent),
 		cmocka_unit_test(test_normalize_space),
 		cmocka_unit_test(test_refusals),

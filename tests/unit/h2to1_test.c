@@ -1,0 +1,264 @@
+/*
+ * Unit tests for proxy/h2to1.c: an HTTP/2 request head written as
+ * HTTP/1.1 (framing chosen once, hop-by-hop fields gone, cookies joined,
+ * hostile values refused so CR/LF never reach the app), read back by
+ * lib/http.c's own request parser; an app's HTTP/1.1 response head (parsed
+ * by lib/http.c) turned into an HTTP/2 header list.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdio.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "h2to1.h"
+
+#define F(n, v) { n, v, sizeof(n) - 1, sizeof(v) - 1 }
+#define PSEUDO F(":method", "POST"), F(":scheme", "http"), F(":authority", "orders"), \
+	F(":path", "/x")
+
+static int head(const struct h2to1_request *r, char *out, size_t cap, enum h2to1_framing *fr)
+{
+	size_t len = 0, need = 0;
+	int rc = h2to1_request_head(r, NULL, 0, &need, fr);
+
+	if (rc == -EINVAL)
+		return rc;
+	assert_int_equal(rc, -ENOSPC);
+	rc = h2to1_request_head(r, out, cap - 1, &len, fr);
+	assert_int_equal(rc, 0);
+	assert_int_equal(len, need);
+	out[len] = '\0';
+	return 0;
+}
+
+/* The head, parsed by the proxy's own HTTP/1.1 request parser: it must be one clean request. */
+static void parse_back(const char *text, struct http_parser_state *p, const struct http_head **h)
+{
+	size_t used = 0;
+	struct http_event ev;
+
+	http_request_init(p, NULL);
+	ev = http_feed(p, text, strlen(text), &used);
+	assert_int_equal(ev.type, HTTP_EV_HEAD_COMPLETE);
+	assert_int_equal(used, strlen(text));
+	*h = ev.head;
+}
+
+static void test_request_basic(void **state)
+{
+	const struct h2_field f[] = { PSEUDO, F("x-a", "b c"), F("content-length", "5"),
+	                              F("content-length", "5"), F("te", "trailers"),
+	                              F("host", "orders"), F("x-forwarded-client-cert", "forged"),
+	                              F("x-request-id", "theirs") };
+	struct h2to1_request r = { "POST", "/x?q=1", "orders", f, sizeof(f) / sizeof(f[0]),
+	                           "By=spiffe://a", "ours", false };
+	struct http_parser_state p;
+	const struct http_head *h;
+	enum h2to1_framing fr;
+	char out[1024];
+	const char *v;
+
+	(void)state;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), 0);
+	assert_int_equal(fr, H2TO1_LENGTH);
+	assert_non_null(strstr(out, "POST /x?q=1 HTTP/1.1\r\nhost: orders\r\n"));
+	parse_back(out, &p, &h);
+	assert_int_equal(h->framing, HTTP_BODY_LENGTH);
+	assert_int_equal(h->content_length, 5);
+	assert_int_equal(http_head_count(h, "content-length", NULL), 1);   /* one copy, not two */
+	assert_int_equal(http_head_count(h, "te", NULL), 0);
+	assert_int_equal(http_head_count(h, "host", &v), 1);
+	assert_string_equal(v, "orders");
+	assert_int_equal(http_head_count(h, "x-forwarded-client-cert", &v), 1);
+	assert_string_equal(v, "By=spiffe://a");
+	assert_int_equal(http_head_count(h, "x-request-id", &v), 1);
+	assert_string_equal(v, "ours");
+	assert_int_equal(http_head_count(h, "x-a", &v), 1);
+	assert_string_equal(v, "b c");
+	http_cleanup(&p);
+}
+
+static void test_request_framing(void **state)
+{
+	const struct h2_field f[] = { PSEUDO, F("cookie", "a=1"), F("cookie", "b=2") };
+	struct h2to1_request r = { "POST", "/x", "orders", f, sizeof(f) / sizeof(f[0]), NULL, NULL,
+	                           false };
+	struct http_parser_state p;
+	const struct http_head *h;
+	enum h2to1_framing fr;
+	char out[1024];
+	const char *v;
+
+	(void)state;
+	/* A body of unknown length: chunked. */
+	assert_int_equal(head(&r, out, sizeof(out), &fr), 0);
+	assert_int_equal(fr, H2TO1_CHUNKED);
+	parse_back(out, &p, &h);
+	assert_int_equal(h->framing, HTTP_BODY_CHUNKED);
+	assert_int_equal(http_head_count(h, "cookie", &v), 1);
+	assert_string_equal(v, "a=1; b=2");
+	http_cleanup(&p);
+	/* No body: POST says length 0, GET says nothing. */
+	r.no_body = true;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), 0);
+	assert_int_equal(fr, H2TO1_NO_BODY);
+	assert_non_null(strstr(out, "content-length: 0\r\n"));
+	r.method = "GET";
+	assert_int_equal(head(&r, out, sizeof(out), &fr), 0);
+	assert_null(strstr(out, "content-length"));
+	assert_null(strstr(out, "transfer-encoding"));
+	parse_back(out, &p, &h);
+	assert_int_equal(h->framing, HTTP_BODY_NONE);
+	http_cleanup(&p);
+}
+
+static void test_request_hostile(void **state)
+{
+	const struct h2_field crlf[] = { PSEUDO, F("x-a", "b\r\nx-admin: 1") };
+	const struct h2_field lf[] = { PSEUDO, F("x-a", "b\nGET /admin HTTP/1.1") };
+	const struct h2_field nul[] = { PSEUDO, { "x-a", "b\0c", 3, 3 } };
+	const struct h2_field upper[] = { PSEUDO, F("X-A", "b") };
+	const struct h2_field space[] = { PSEUDO, F("x a", "b") };
+	const struct h2_field colon[] = { PSEUDO, F("x:a", "b") };
+	const struct h2_field cl_bad[] = { PSEUDO, F("content-length", "5"), F("content-length", "6") };
+	const struct h2_field cl_sign[] = { PSEUDO, F("content-length", "+5") };
+	const struct h2_field ok[] = { PSEUDO };
+	struct h2to1_request r = { "POST", "/x", "orders", NULL, 5, NULL, NULL, false };
+	enum h2to1_framing fr;
+	char out[512];
+
+	(void)state;
+	r.fields = crlf;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.fields = lf;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.fields = nul;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.fields = upper;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.fields = space;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.fields = colon;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.fields = cl_sign;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.n_fields = 6;
+	r.fields = cl_bad;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	/* The values we add ourselves and the start line are checked too. */
+	r.fields = ok;
+	r.n_fields = 4;
+	r.authority = "orders\r\nx-admin: 1";
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.authority = "orders";
+	r.target = "/x HTTP/1.1\r\nx: y";
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.target = "/x";
+	r.method = "GET /admin";
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.method = "POST";
+	r.request_id = "a\rb";
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.request_id = NULL;
+	r.xfcc = "a\nb";
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.xfcc = NULL;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), 0);
+	assert_non_null(strstr(out, "POST /x HTTP/1.1\r\nhost: orders\r\ntransfer-encoding: chunked\r\n\r\n"));
+}
+
+/* A response head parsed by lib/http.c's response parser. */
+static const struct http_head *response(struct http_parser_state *p, const char *text,
+                                        unsigned req_flags)
+{
+	size_t used = 0;
+	struct http_event ev;
+
+	http_response_init(p, NULL);
+	http_response_expect(p, req_flags);
+	ev = http_feed(p, text, strlen(text), &used);
+	assert_int_equal(ev.type, HTTP_EV_HEAD_COMPLETE);
+	return ev.head;
+}
+
+static const char *nv_get(const nghttp2_nv *nv, size_t n, const char *name, size_t *count)
+{
+	static char value[256];
+	const char *found = NULL;
+
+	*count = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (nv[i].namelen == strlen(name) && !memcmp(nv[i].name, name, nv[i].namelen)) {
+			if (!found) {
+				snprintf(value, sizeof(value), "%.*s", (int)nv[i].valuelen, nv[i].value);
+				found = value;
+			}
+			(*count)++;
+		}
+	}
+	return found;
+}
+
+static void test_response(void **state)
+{
+	struct http_parser_state p;
+	const struct http_head *h;
+	nghttp2_nv nv[32];
+	char buf[512];
+	size_t n = 0, count;
+
+	(void)state;
+	h = response(&p, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive, X-Hop\r\n"
+	             "X-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n"
+	             "Trailer: X-T\r\nX-Keep: yes\r\n\r\n", 0);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), 0);
+	assert_string_equal(nv_get(nv, n, ":status", &count), "200");
+	assert_string_equal(nv_get(nv, n, "content-type", &count), "text/plain");
+	assert_string_equal(nv_get(nv, n, "x-keep", &count), "yes");
+	assert_null(nv_get(nv, n, "connection", &count));
+	assert_null(nv_get(nv, n, "x-hop", &count));
+	assert_null(nv_get(nv, n, "keep-alive", &count));
+	assert_null(nv_get(nv, n, "transfer-encoding", &count));
+	assert_null(nv_get(nv, n, "trailer", &count));
+	assert_int_equal(n, 3);
+	http_cleanup(&p);
+	/* 204 cannot have a length; HEAD's answer keeps it. */
+	h = response(&p, "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", 0);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), 0);
+	assert_null(nv_get(nv, n, "content-length", &count));
+	http_cleanup(&p);
+	h = response(&p, "HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", HTTP_REQ_HEAD);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), 0);
+	assert_string_equal(nv_get(nv, n, "content-length", &count), "1234");
+	/* Too small: -ENOSPC, never a write past the end. */
+	assert_int_equal(h2to1_response_nv(h, nv, 1, &n, buf, sizeof(buf)), -ENOSPC);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, 8), -ENOSPC);
+	http_cleanup(&p);
+}
+
+static void test_chunk_header(void **state)
+{
+	char out[20];
+
+	(void)state;
+	assert_int_equal(h2to1_chunk_header(16384, out), 6);
+	assert_memory_equal(out, "4000\r\n", 6);
+	assert_int_equal(h2to1_chunk_header(1, out), 3);
+	assert_memory_equal(out, "1\r\n", 3);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_request_basic),
+		cmocka_unit_test(test_request_framing),
+		cmocka_unit_test(test_request_hostile),
+		cmocka_unit_test(test_response),
+		cmocka_unit_test(test_chunk_header),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
