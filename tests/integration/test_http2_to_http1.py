@@ -63,6 +63,9 @@ class H1App:
                 c, _ = self.sock.accept()
             except OSError:
                 return
+            if self.stopped:
+                c.close()
+                return
             with self.lock:
                 self.accepted += 1
                 self.open += 1
@@ -173,6 +176,12 @@ class H1App:
     def stop(self):
         """Down: no more connections, and the open ones closed."""
         self.stopped = True
+        # close() alone does not wake an accept() blocked in another thread,
+        # which may then still take a connection: shutdown() does.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         with self.lock:
             for c in self.socks:
@@ -320,7 +329,15 @@ def test_app_closes_mid_response_and_app_down(h1, mesh, pki):
         assert c.response(sid)[0] == 200
     # The app goes away with the caller's connection open (its own app
     # connection made): the pool cannot connect -> 502, gRPC 14.
+    before = app.accepted
     with H2Client(in_port, frontend_ctx(pki)) as c:
+        # The sidecar's own connection to the app (made when a caller
+        # connects) must be up before the app goes: otherwise the whole
+        # caller connection is refused instead of each stream.
+        deadline = time.time() + 5
+        while app.accepted == before and time.time() < deadline:
+            time.sleep(0.02)
+        assert app.accepted > before, "the inbound sidecar never connected to the app"
         app.stop()
         time.sleep(0.5)
         results = []
