@@ -46,6 +46,7 @@ struct apppool_req {
 	bool body_done;                     /* the owner gave all of its body */
 	bool starved;                       /* the owner had no body bytes: wait for resume */
 	bool write_broken;                  /* the app stopped taking the request: no reuse */
+	bool head_sent;                     /* the whole request head reached the socket */
 	bool answered;                      /* the response head arrived */
 	bool keep_alive;
 	uint64_t queued_at;
@@ -284,6 +285,7 @@ static bool next_piece(struct apppool_req *r)
 	bool end = false;
 	size_t n, h = 0;
 
+	r->head_sent = true;    /* the head was out's first content */
 	if (r->body_done)
 		return false;
 	n = r->ops->body(r->ctx, body, sizeof(body), &end);
@@ -341,13 +343,33 @@ static int conn_write(struct appconn *ac)
 
 /* ---- reading ------------------------------------------------------------ */
 
+/*
+ * True when the app already sent more than the response it owed, or
+ * closed: bytes after a framed response (a HEAD answered with a body, a
+ * body longer than its length) would otherwise be read as the next
+ * request's response, perhaps another caller's.
+ */
+static bool stray_pending(const struct appconn *ac)
+{
+	char b;
+
+	if (ac->in_off != ac->in_len)
+		return true;
+	return recv(ac->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) >= 0 ||
+	       (errno != EAGAIN && errno != EWOULDBLOCK);
+}
+
 /* The response ended: the owner is told, ac carries the next request or idles. */
 static int response_done(struct appconn *ac)
 {
 	struct apppool *p = ac->p;
 	struct apppool_req *r = ac->req;
+	/* Not after a HEAD: an app that answers HEAD with a body (a classic
+	 * desync) may send it a moment later, when the connection already
+	 * carries the next request, and its bytes would read as that answer. */
 	bool reuse = r->keep_alive && r->body_done && !r->write_broken &&
-	             r->out_off == r->out_len && ac->in_off == ac->in_len;
+	             !(r->req_flags & HTTP_REQ_HEAD) && r->out_off == r->out_len &&
+	             !stray_pending(ac);
 
 	req_end(r, 0, NULL);
 	if (!reuse) {
@@ -365,6 +387,12 @@ static int response_done(struct appconn *ac)
 /* Parses what ac read. Returns 0, or -1 when ac is gone. */
 static int conn_parse(struct appconn *ac)
 {
+	/* No app answers a request whose head it has not had: such bytes were
+	 * left over from the response before (stray bytes that came late). */
+	if (ac->req && !ac->req->head_sent && ac->in_off < ac->in_len) {
+		conn_fail(ac, 502, "app sent bytes before the request reached it");
+		return -1;
+	}
 	while (ac->req && !ac->paused) {
 		struct apppool_req *r = ac->req;
 		size_t used = 0;

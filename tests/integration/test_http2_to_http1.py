@@ -161,6 +161,15 @@ class H1App:
                 c.sendall(b"0\r\n\r\n")
         elif path in ("/204", "/304"):
             c.sendall(f"HTTP/1.1 {path[1:]} X\r\n\r\n".encode())
+        elif path == "/oversend":
+            # A HEAD answered with a body, in a second write: bytes after the
+            # framed response that must never become another request's answer.
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 38\r\n\r\n")
+            time.sleep(0.005)
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged")
+        elif path == "/overlong":
+            c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                      b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged")
         elif path == "/cut":
             c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 10)
             return False
@@ -349,6 +358,29 @@ def test_app_closes_mid_response_and_app_down(h1, mesh, pki):
         (st, _, _, _, _), (gst, gh, _, _, _) = results[-1]
         assert st == 502
         assert (gst, gh.get("grpc-status")) == (200, "14")
+
+
+def test_bytes_after_a_response_never_answer_another_request(h1, pki):
+    """An app that sends more than the response it owes must not have those
+    bytes read as the next request's response: that request gets its own
+    answer or a 502, never the forged one. A HEAD answered with a body (the
+    body in a second write, a moment later); a GET whose answer runs past
+    its content-length (in the same burst)."""
+    app, in_port, _ = h1
+    forged = 0
+    with H2Client(in_port, frontend_ctx(pki)) as c:
+        for i in range(30):
+            st, _, _, _, _ = c.response(c.request("/oversend", "HEAD"))
+            assert st in (200, 502)
+            st, _, body, _, _ = c.response(c.request(f"/orders/{i}"))
+            forged += body == b"forged"
+            assert st in (200, 502) and (st == 502 or body.startswith(b"{")), (st, body)
+            st, _, body, _, _ = c.response(c.request("/overlong"))
+            assert (st, body) == (200, b"ok")
+            st, _, body, _, _ = c.response(c.request(f"/orders/{i}"))
+            forged += body == b"forged"
+            assert st in (200, 502) and (st == 502 or body.startswith(b"{")), (st, body)
+    assert forged == 0
 
 
 def test_idle_pool_connections_close(h1, pki):
