@@ -362,6 +362,19 @@ const char *http_head_check_policy_fields(const struct http_head *h, const char 
                                           size_t n);
 
 /*
+ * Method-override fields (X-HTTP-Method-Override, X-HTTP-Method,
+ * X-Method-Override): many frameworks let them replace the request line's
+ * method, so a policy that allows GET would let a DELETE through. The
+ * proxy decides on both methods (both must be allowed). Writes the
+ * overriding method, upper-cased as those frameworks read it, to out
+ * (cap bytes), or "" when h has none; returns why h must be refused with
+ * 400, or NULL: a field repeated, spelt with '_', named by a Connection
+ * option, or two of them that disagree, or a value that is not a method
+ * token shorter than cap.
+ */
+const char *http_head_method_override(const struct http_head *h, char *out, size_t cap);
+
+/*
  * Normalises the path of a request target (in, len bytes; the part before
  * '?', which must not be in it) as docs/design.md says, writing a NUL-terminated
  * result to out (cap >= len + 2) and its length to *out_len:
