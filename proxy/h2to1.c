@@ -274,6 +274,10 @@ int h2to1_response_nv(const struct http_head *h, nghttp2_nv *nv, size_t cap_nv, 
 
 	if (cap_nv < 1 || buf_cap < 4 || h->status < 200 || h->status > 999)
 		return h->status < 200 || h->status > 999 ? -EINVAL : -ENOSPC;
+	/* HTTP/2 has no transfer codings: a gzip-coded body passed on with
+	 * Transfer-Encoding dropped would reach the caller as if it were plain. */
+	if (h->te_coded && h->framing != HTTP_BODY_NONE)
+		return -EINVAL;
 	len = snprintf(buf, 4, "%d", h->status);
 	nv[k++] = (nghttp2_nv){ (uint8_t *)":status", (uint8_t *)buf, 7, (size_t)len,
 	                        NGHTTP2_NV_FLAG_NONE };

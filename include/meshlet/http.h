@@ -160,6 +160,9 @@ struct http_head {
 	int status;
 	const char *reason;             /* reason phrase, may be "" */
 	bool tunnel;                    /* 101 / 2xx to CONNECT: raw bytes follow */
+	bool te_coded;                  /* Transfer-Encoding names a coding besides
+	                                   chunked (gzip...): the content is encoded,
+	                                   and only an HTTP/1.1 hop can say so */
 	/* both */
 	const struct http_field *fields;
 	size_t n_fields;

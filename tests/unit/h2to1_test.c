@@ -233,6 +233,19 @@ static void test_response(void **state)
 	h = response(&p, "HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", HTTP_REQ_HEAD);
 	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), 0);
 	assert_string_equal(nv_get(nv, n, "content-length", &count), "1234");
+	http_cleanup(&p);
+	/* A transfer coding HTTP/2 cannot carry: refused while there is a body. */
+	h = response(&p, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 0);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), -EINVAL);
+	http_cleanup(&p);
+	h = response(&p, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", 0);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), -EINVAL);
+	http_cleanup(&p);
+	h = response(&p, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", HTTP_REQ_HEAD);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), 0);
+	assert_null(nv_get(nv, n, "transfer-encoding", &count));
+	http_cleanup(&p);
+	h = response(&p, "HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", HTTP_REQ_HEAD);
 	/* Too small: -ENOSPC, never a write past the end. */
 	assert_int_equal(h2to1_response_nv(h, nv, 1, &n, buf, sizeof(buf)), -ENOSPC);
 	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, 8), -ENOSPC);
