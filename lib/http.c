@@ -784,6 +784,11 @@ static bool all_host_chars(const char *s, size_t len)
 	return true;
 }
 
+bool http_host_chars_ok(const char *s, size_t len)
+{
+	return all_host_chars(s, len);
+}
+
 /* host ":" port for CONNECT. */
 static bool valid_authority_form(const char *t, size_t len)
 {

@@ -339,6 +339,11 @@ int http_head_serialize(const struct http_head *h, const struct http_rewrite *rw
  */
 size_t http_head_count(const struct http_head *h, const char *name, const char **first);
 
+/* Whether s (len bytes) has only the characters a Host field may (RFC 3986
+ * host and port: unreserved, sub-delims, ':', '[', ']', '%'), the rule an
+ * HTTP/1.1 Host is checked by; other protocols' authorities use it too. */
+bool http_host_chars_ok(const char *s, size_t len);
+
 /* The first of names[0..n) that occurs more than once in h, or NULL. */
 const char *http_head_find_duplicate(const struct http_head *h, const char *const *names,
                                      size_t n);
