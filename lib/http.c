@@ -751,6 +751,7 @@ static struct verdict response_framing(struct http_parser_state *p, const struct
 		return refuse(502, "Transfer-Encoding in HTTP/1.0");
 	if (fi->te && (v = parse_te(fi->te, &chunked, &only)).status)
 		return v;
+	h->te_coded = fi->te && !only;
 	if (fi->cl && (v = parse_content_length(fi->cl, &h->content_length)).status)
 		return v;
 	if ((p->expect_flags & HTTP_REQ_CONNECT) && h->status >= 200 && h->status < 300)
@@ -781,6 +782,11 @@ static bool all_host_chars(const char *s, size_t len)
 		if (!is_host_char((unsigned char)s[i]))
 			return false;
 	return true;
+}
+
+bool http_host_chars_ok(const char *s, size_t len)
+{
+	return all_host_chars(s, len);
 }
 
 /* host ":" port for CONNECT. */

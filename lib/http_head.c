@@ -107,6 +107,50 @@ const char *http_head_check_policy_fields(const struct http_head *h, const char 
 	return NULL;
 }
 
+static const char *const method_override_names[] = {
+	"x-http-method-override", "x-http-method", "x-method-override",
+};
+
+/* A trimmed field value as an upper-case token in out; false if it is not one or too long. */
+static bool override_token(const char *v, char *out, size_t cap)
+{
+	size_t n = 0;
+
+	while (*v == ' ' || *v == '\t')
+		v++;
+	for (; *v && *v != ' ' && *v != '\t'; v++) {
+		if (!is_tchar((unsigned char)*v) || n + 1 >= cap)
+			return false;
+		out[n++] = (char)(*v >= 'a' && *v <= 'z' ? *v - 'a' + 'A' : *v);
+	}
+	while (*v == ' ' || *v == '\t')
+		v++;
+	out[n] = '\0';
+	return n > 0 && *v == '\0';
+}
+
+const char *http_head_method_override(const struct http_head *h, char *out, size_t cap)
+{
+	size_t n = sizeof(method_override_names) / sizeof(method_override_names[0]), i;
+	char one[32];
+	const char *why, *v;
+
+	out[0] = '\0';
+	why = http_head_check_policy_fields(h, method_override_names, n);
+	if (why)
+		return "method-override header repeated, spelt with '_' or named by Connection";
+	for (i = 0; i < n; i++) {
+		if (!http_head_count(h, method_override_names[i], &v))
+			continue;
+		if (!override_token(v, one, cap < sizeof(one) ? cap : sizeof(one)))
+			return "method-override header is not a method";
+		if (out[0] && strcmp(out, one) != 0)
+			return "method-override headers disagree";
+		strcpy(out, one);
+	}
+	return NULL;
+}
+
 /* ---- serialisation ---------------------------------------------------------- */
 
 /* Appends to out while it fits; counts the length either way. */

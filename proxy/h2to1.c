@@ -55,6 +55,17 @@ static bool value_ok(const char *s, size_t n)
 	return true;
 }
 
+static bool is_ows(char ch)
+{
+	return ch == ' ' || ch == '\t';
+}
+
+/* No whitespace at either end (empty is fine). */
+static bool value_trimmed(const char *s, size_t n)
+{
+	return !n || (!is_ows(s[0]) && !is_ows(s[n - 1]));
+}
+
 static bool named(const struct h2_field *f, const char *name)
 {
 	return f->name_len == strlen(name) && !memcmp(f->name, name, f->name_len);
@@ -120,7 +131,12 @@ static int check_request(const struct h2to1_request *r)
 	for (const char *p = r->target; *p; p++)
 		if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f)
 			return -EINVAL;
-	if (r->authority && !value_ok(r->authority, strlen(r->authority)))
+	/* Our own checks, not nghttp2's: what the HTTP/1.1 app reads must be
+	 * what the policy saw. The authority obeys the Host rules, and no
+	 * field value has the leading or trailing whitespace an HTTP/1.1
+	 * parser would trim (" evil" would pass a rule about "evil"). */
+	if (r->authority && (!r->authority[0] ||
+	                     !http_host_chars_ok(r->authority, strlen(r->authority))))
 		return -EINVAL;
 	if ((r->xfcc && !value_ok(r->xfcc, strlen(r->xfcc))) ||
 	    (r->request_id && !value_ok(r->request_id, strlen(r->request_id))))
@@ -130,7 +146,8 @@ static int check_request(const struct h2to1_request *r)
 
 		if (f->name_len && f->name[0] == ':')
 			continue;
-		if (!token_ok(f->name, f->name_len, true) || !value_ok(f->value, f->value_len))
+		if (!token_ok(f->name, f->name_len, true) || !value_ok(f->value, f->value_len) ||
+		    !value_trimmed(f->value, f->value_len))
 			return -EINVAL;
 	}
 	return 0;
@@ -274,6 +291,10 @@ int h2to1_response_nv(const struct http_head *h, nghttp2_nv *nv, size_t cap_nv, 
 
 	if (cap_nv < 1 || buf_cap < 4 || h->status < 200 || h->status > 999)
 		return h->status < 200 || h->status > 999 ? -EINVAL : -ENOSPC;
+	/* HTTP/2 has no transfer codings: a gzip-coded body passed on with
+	 * Transfer-Encoding dropped would reach the caller as if it were plain. */
+	if (h->te_coded && h->framing != HTTP_BODY_NONE)
+		return -EINVAL;
 	len = snprintf(buf, 4, "%d", h->status);
 	nv[k++] = (nghttp2_nv){ (uint8_t *)":status", (uint8_t *)buf, 7, (size_t)len,
 	                        NGHTTP2_NV_FLAG_NONE };

@@ -50,14 +50,22 @@ bool httpreq_decide(struct conn *c, const struct http_head *h, struct httpreq_ve
 	};
 	struct policy_decision d;
 	struct metrics_decision *counter;
+	char override[32];
 
 	/* Decide on the head as the app will receive it, or not at all. */
 	v->local_reason = http_head_check_policy_fields(h, s->policy_headers, s->n_policy_headers);
+	if (!v->local_reason)
+		v->local_reason = http_head_method_override(h, override, sizeof(override));
 	if (v->local_reason) {
 		v->local_status = 400;
 		return false;
 	}
 	d = policy_eval(s->policy, &req);
+	/* An app may act on the override instead: both methods must pass. */
+	if (d.action == POLICY_ALLOW && override[0] && strcmp(override, h->method) != 0) {
+		req.method = override;
+		d = policy_eval(s->policy, &req);
+	}
 	counter = snapshot_decision_counter(s, &d);
 	if (counter)
 		metrics_inc(&counter->count);
@@ -69,8 +77,9 @@ bool httpreq_decide(struct conn *c, const struct http_head *h, struct httpreq_ve
 	if (d.action == POLICY_ALLOW)
 		return traffic_admits(c, &req, v);
 	v->local_status = 403;
-	log_info("conn %llu: %s %s %s denied by rule %s", (unsigned long long)c->id, c->peer,
-	         h->method, h->path, v->rule);
+	log_info("conn %llu: %s %s%s%s %s denied by rule %s", (unsigned long long)c->id, c->peer,
+	         h->method, req.method != h->method ? " overridden as " : "",
+	         req.method != h->method ? req.method : "", h->path, v->rule);
 	return false;
 }
 

@@ -160,6 +160,9 @@ struct http_head {
 	int status;
 	const char *reason;             /* reason phrase, may be "" */
 	bool tunnel;                    /* 101 / 2xx to CONNECT: raw bytes follow */
+	bool te_coded;                  /* Transfer-Encoding names a coding besides
+	                                   chunked (gzip...): the content is encoded,
+	                                   and only an HTTP/1.1 hop can say so */
 	/* both */
 	const struct http_field *fields;
 	size_t n_fields;
@@ -336,6 +339,11 @@ int http_head_serialize(const struct http_head *h, const struct http_rewrite *rw
  */
 size_t http_head_count(const struct http_head *h, const char *name, const char **first);
 
+/* Whether s (len bytes) has only the characters a Host field may (RFC 3986
+ * host and port: unreserved, sub-delims, ':', '[', ']', '%'), the rule an
+ * HTTP/1.1 Host is checked by; other protocols' authorities use it too. */
+bool http_host_chars_ok(const char *s, size_t len);
+
 /* The first of names[0..n) that occurs more than once in h, or NULL. */
 const char *http_head_find_duplicate(const struct http_head *h, const char *const *names,
                                      size_t n);
@@ -360,6 +368,19 @@ const char *http_head_policy_header(const void *ctx, const char *lname);
  */
 const char *http_head_check_policy_fields(const struct http_head *h, const char *const *names,
                                           size_t n);
+
+/*
+ * Method-override fields (X-HTTP-Method-Override, X-HTTP-Method,
+ * X-Method-Override): many frameworks let them replace the request line's
+ * method, so a policy that allows GET would let a DELETE through. The
+ * proxy decides on both methods (both must be allowed). Writes the
+ * overriding method, upper-cased as those frameworks read it, to out
+ * (cap bytes), or "" when h has none; returns why h must be refused with
+ * 400, or NULL: a field repeated, spelt with '_', named by a Connection
+ * option, or two of them that disagree, or a value that is not a method
+ * token shorter than cap.
+ */
+const char *http_head_method_override(const struct http_head *h, char *out, size_t cap);
 
 /*
  * Normalises the path of a request target (in, len bytes; the part before

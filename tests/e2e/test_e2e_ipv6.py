@@ -163,6 +163,23 @@ def test_the_apps_ipv6_calls_go_to_its_sidecar(v6, echo):
              what="frontend's sidecar to log the IPv6 destination it refused")
 
 
+def test_ipv6_exclude_cidr_lets_that_destination_go_direct(v6, echo):
+    """--exclude-cidr with an IPv6 CIDR goes into ip6tables: frontend's app
+    then reaches the excluded server directly, and is intercepted again once
+    the rules are installed without it."""
+    helper(v6, "frontend", "install", *APP_ARGS, "--exclude-cidr", f"{echo}/128,10.255.0.0/16")
+    try:
+        r6 = rules(v6, "frontend", "ip6tables", "nat")
+        assert f"-A MESHLET_OUTPUT -d {echo}/128 -j RETURN" in r6, "\n".join(r6)
+        assert not any("10.255.0.0/16" in r for r in r6), "an IPv4 CIDR in ip6tables"
+        assert any("10.255.0.0/16" in r for r in rules(v6, "frontend", "iptables", "nat"))
+        assert connect(v6, "frontend", echo, ECHO_PORT) == "reply echo server here"
+    finally:
+        helper(v6, "frontend", "install", *APP_ARGS)
+    got = connect(v6, "frontend", echo, ECHO_PORT)
+    assert "echo server" not in got, f"still excluded after reinstall: {got}"
+
+
 def test_ipv6_drop(v6, echo):
     """--ipv6 drop: no ip6tables nat rules, a filter chain that refuses IPv6
     TCP to the app port and from the app; IPv4 interception is unchanged."""

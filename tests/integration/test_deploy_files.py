@@ -1083,7 +1083,11 @@ def test_meshlet_iptables_script_and_usage():
                 ["install", "--proxy-uid", "1337", "--app-ports", "80,x", "--dry-run"],
                 ["install", "--proxy-uid", "1337", "--inbound-port", "70000", "--dry-run"],
                 ["install", "--proxy-uid", "1337", "--exclude-cidr", "10.0.0.0/33", "--dry-run"],
-                ["install", "--proxy-uid", "1337", "--exclude-cidr", "fd00::/8", "--dry-run"],
+                ["install", "--proxy-uid", "1337", "--exclude-cidr", "fd00::/129", "--dry-run"],
+                ["install", "--proxy-uid", "1337", "--exclude-cidr", "fd00::1::2", "--dry-run"],
+                ["install", "--proxy-uid", "1337", "--exclude-cidr", "1:2:3:4:5:6:7:8:9", "--dry-run"],
+                ["install", "--proxy-uid", "1337", "--exclude-cidr", "12345::/64", "--dry-run"],
+                ["install", "--proxy-uid", "1337", "--exclude-cidr", "10.0.0.0/8,", "--dry-run"],
                 ["install", "--proxy-uid", "1337", "--app-ports", "15006", "--dry-run"],
                 ["install", "--proxy-uid", "no-such-user-xyz", "--dry-run"],
                 ["remove", "--proxy-uid", "1337", "--dry-run"],
@@ -1171,6 +1175,17 @@ def test_meshlet_iptables_dry_run_ipv6_modes():
         "-A OUTPUT -p tcp -j MESHLET_OUTPUT",
         "-A INPUT -p tcp -j MESHLET_INBOUND",
     ]
+    # IPv6 CIDRs go to ip6tables only, IPv4 ones to iptables only
+    mixed = args + ["--exclude-cidr", "fd00::/8,2001:db8::1"]
+    assert dry_lines(*mixed) == v4
+    assert [l for l in dry_lines(*mixed, family="ip6tables") if " -d " in l] == [
+        "-A MESHLET_OUTPUT -d ::1/128 -j RETURN",
+        "-A MESHLET_OUTPUT -d fd00::/8 -j RETURN",
+        "-A MESHLET_OUTPUT -d 2001:db8::1 -j RETURN",
+    ]
+    assert [l for l in dry_lines(*mixed, "--ipv6", "drop", family="ip6tables", table="filter")
+            if " -d " in l] == ["-A MESHLET_OUTPUT -d fd00::/8 -j RETURN",
+                                "-A MESHLET_OUTPUT -d 2001:db8::1 -j RETURN"]
     p = ipt(*args, "--ipv6", "off")
     assert p.returncode == 0 and "ip6tables" not in p.stdout, p.stdout
     assert dry_lines(*args, "--ipv6", "off") == v4

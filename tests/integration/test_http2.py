@@ -94,6 +94,27 @@ def test_caller_request_id_kept_and_xfcc_replaced(pair):
         f"By={spiffe('orders')};URI={spiffe('frontend')}"]
 
 
+def test_method_override_decided_on_both_methods(mesh, pki):
+    """x-http-method-override on a stream: the policy must allow both the
+    :method and the override (an app may act on either)."""
+    app = DualApp()
+    mesh.apps.append(app)
+    rules = [{"name": "no-delete", "action": "deny", "from": ["*"], "methods": ["DELETE"]},
+             {"name": "frontend-all", "action": "allow", "from": [spiffe("frontend")]}]
+    _, in_port = http_inbound(mesh, app.port, rules)
+    with H2Client(in_port, frontend_ctx(pki)) as c:
+        denied = c.request("/orders/1", headers=[("x-http-method-override", "delete")])
+        ok = c.request("/orders/2", headers=[("x-http-method-override", "GET")])
+        twice = c.request("/orders/3", headers=[("x-http-method", "GET"),
+                                                ("x-http-method", "DELETE")])
+        st, _, body, reset, _ = c.response(denied)
+        assert (st, reset) == (403, None)
+        assert json.loads(body) == {"error": "forbidden", "rule": "no-delete"}
+        assert c.response(ok)[0] == 200
+        assert c.response(twice)[0] == 400
+    assert app.paths() == ["/orders/2"]
+
+
 # ---------------------------------------------------------------- the bypass table as HTTP/2
 
 def _parse_case(data):

@@ -4,6 +4,7 @@ connections to the app (proxy/apppool.c, heads by proxy/h2to1.c). The app
 here is a plain socket server that speaks HTTP/1.1 only, keeps connections
 alive and counts them."""
 
+import gzip
 import hashlib
 import json
 import os
@@ -159,6 +160,11 @@ class H1App:
                     part = data[i:i + 40000]
                     c.sendall(b"%x\r\n%s\r\n" % (len(part), part))
                 c.sendall(b"0\r\n\r\n")
+        elif path == "/gzipped":
+            # A transfer coding HTTP/2 cannot carry (RFC 9113 8.2.2).
+            data = gzip.compress(b"plain text " * 50)
+            c.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+                      b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
         elif path in ("/204", "/304"):
             c.sendall(f"HTTP/1.1 {path[1:]} X\r\n\r\n".encode())
         elif path == "/oversend":
@@ -381,6 +387,18 @@ def test_bytes_after_a_response_never_answer_another_request(h1, pki):
             forged += body == b"forged"
             assert st in (200, 502) and (st == 502 or body.startswith(b"{")), (st, body)
     assert forged == 0
+
+
+def test_transfer_coded_answer_is_not_passed_as_plain(h1, pki):
+    """An app answering `Transfer-Encoding: gzip, chunked`: HTTP/2 has no
+    transfer codings, so the stream gets a 502, never the gzip bytes as if
+    they were the content; the next stream is served."""
+    app, in_port, _ = h1
+    with H2Client(in_port, frontend_ctx(pki)) as c:
+        st, _, body, reset, _ = c.response(c.request("/gzipped"))
+        assert st == 502 or reset is not None, (st, body[:40])
+        assert b"plain text" not in body and not body.startswith(b"\x1f\x8b")
+        assert c.response(c.request("/orders/1"))[0] == 200
 
 
 def test_idle_pool_connections_close(h1, pki):

@@ -50,6 +50,18 @@ CASES = [
     ("deny-exact", "GET", "/admin", [], None, 403, "no-admin"),
     ("deny-wins-over-allow", "DELETE", "/ops/1", [], None, 403, "no-ops-delete"),
     ("allow-other-method", "PUT", "/ops/1", [], b"x", 200, "ops"),
+    # Method overrides (an app may act on them): both methods must be allowed.
+    ("override-to-denied", "PUT", "/ops/1", [("X-HTTP-Method-Override", "DELETE")], b"x", 403,
+     "no-ops-delete"),
+    ("override-lowercase", "PUT", "/ops/1", [("x-method-override", "delete")], b"x", 403,
+     "no-ops-delete"),
+    ("override-unlisted", "GET", "/orders/42", [("X-HTTP-Method", "DELETE")], None, 403, "default"),
+    ("override-allowed", "GET", "/orders/42", [("X-HTTP-Method-Override", "HEAD")], None, 200,
+     "reads"),
+    ("override-twice", "GET", "/orders/42", [("X-HTTP-Method-Override", "GET"),
+                                             ("X-HTTP-Method-Override", "DELETE")], None, 400, None),
+    ("override-not-a-method", "GET", "/orders/42", [("X-HTTP-Method-Override", "GET DELETE")],
+     None, 400, None),
     # A header the policy evaluates, twice: refused, never first-wins.
     ("header-twice", "POST", "/orders/42", [("x-tenant", "acme"), ("x-tenant", "evil")], b"{}",
      400, None),

@@ -125,6 +125,9 @@ static void test_request_hostile(void **state)
 	const struct h2_field colon[] = { PSEUDO, F("x:a", "b") };
 	const struct h2_field cl_bad[] = { PSEUDO, F("content-length", "5"), F("content-length", "6") };
 	const struct h2_field cl_sign[] = { PSEUDO, F("content-length", "+5") };
+	const struct h2_field lead_ws[] = { PSEUDO, F("x-tenant", " evil") };
+	const struct h2_field trail_ws[] = { PSEUDO, F("x-tenant", "evil\t") };
+	const struct h2_field inner_ws[] = { PSEUDO, F("x-a", "b c") };
 	const struct h2_field ok[] = { PSEUDO };
 	struct h2to1_request r = { "POST", "/x", "orders", NULL, 5, NULL, NULL, false };
 	enum h2to1_framing fr;
@@ -145,6 +148,12 @@ static void test_request_hostile(void **state)
 	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
 	r.fields = cl_sign;
 	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.fields = lead_ws;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.fields = trail_ws;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	r.fields = inner_ws;
+	assert_int_equal(head(&r, out, sizeof(out), &fr), 0);
 	r.n_fields = 6;
 	r.fields = cl_bad;
 	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
@@ -153,6 +162,15 @@ static void test_request_hostile(void **state)
 	r.n_fields = 4;
 	r.authority = "orders\r\nx-admin: 1";
 	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	static const char *const bad_authorities[] = {
+		"orders x", "orders/admin", "user@orders", "orders\t", "", "orders\"",
+	};
+	for (size_t i = 0; i < sizeof(bad_authorities) / sizeof(bad_authorities[0]); i++) {
+		r.authority = bad_authorities[i];
+		assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
+	}
+	r.authority = "[::1]:8080";
+	assert_int_equal(head(&r, out, sizeof(out), &fr), 0);
 	r.authority = "orders";
 	r.target = "/x HTTP/1.1\r\nx: y";
 	assert_int_equal(head(&r, out, sizeof(out), &fr), -EINVAL);
@@ -233,6 +251,19 @@ static void test_response(void **state)
 	h = response(&p, "HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", HTTP_REQ_HEAD);
 	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), 0);
 	assert_string_equal(nv_get(nv, n, "content-length", &count), "1234");
+	http_cleanup(&p);
+	/* A transfer coding HTTP/2 cannot carry: refused while there is a body. */
+	h = response(&p, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 0);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), -EINVAL);
+	http_cleanup(&p);
+	h = response(&p, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", 0);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), -EINVAL);
+	http_cleanup(&p);
+	h = response(&p, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", HTTP_REQ_HEAD);
+	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, sizeof(buf)), 0);
+	assert_null(nv_get(nv, n, "transfer-encoding", &count));
+	http_cleanup(&p);
+	h = response(&p, "HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", HTTP_REQ_HEAD);
 	/* Too small: -ENOSPC, never a write past the end. */
 	assert_int_equal(h2to1_response_nv(h, nv, 1, &n, buf, sizeof(buf)), -ENOSPC);
 	assert_int_equal(h2to1_response_nv(h, nv, 32, &n, buf, 8), -ENOSPC);

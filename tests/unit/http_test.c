@@ -1242,6 +1242,45 @@ static void test_policy_fields(void **state)
 	}
 }
 
+static const struct {
+	const char *raw;
+	const char *method;       /* the override read, "" for none; NULL: refused */
+} mo_cases[] = {
+	{ GET1 "\r\n", "" },
+	{ GET1 "X-HTTP-Method-Override: DELETE\r\n\r\n", "DELETE" },
+	{ GET1 "x-http-method-override:  delete \r\n\r\n", "DELETE" },
+	{ GET1 "X-HTTP-Method: put\r\n\r\n", "PUT" },
+	{ GET1 "X-Method-Override: PATCH\r\nX-HTTP-Method-Override: patch\r\n\r\n", "PATCH" },
+	{ GET1 "X-Method-Override: PATCH\r\nX-HTTP-Method-Override: DELETE\r\n\r\n", NULL },
+	{ GET1 "X-HTTP-Method-Override: GET\r\nX-HTTP-Method-Override: DELETE\r\n\r\n", NULL },
+	{ GET1 "X_HTTP_Method_Override: DELETE\r\n\r\n", NULL },
+	{ GET1 "X-HTTP-Method: DELETE\r\nConnection: x-http-method\r\n\r\n", NULL },
+	{ GET1 "X-HTTP-Method-Override: DEL ETE\r\n\r\n", NULL },
+	{ GET1 "X-HTTP-Method-Override: \r\n\r\n", NULL },
+	{ GET1 "X-HTTP-Method-Override: DELETE,GET\r\n\r\n", NULL },
+	{ GET1 "X-HTTP-Method-Override: AVERYLONGMETHODNAMETHATDOESNOTFITINTHEBUFFER\r\n\r\n", NULL },
+};
+
+static void test_method_override(void **state)
+{
+	size_t i;
+
+	(void)state;
+	for (i = 0; i < ARRAY_LEN(mo_cases); i++) {
+		struct http_parser_state p;
+		const struct http_head *h = parse_one(&p, mo_cases[i].raw, strlen(mo_cases[i].raw));
+		char got[32];
+		const char *why = http_head_method_override(h, got, sizeof(got));
+
+		if ((why == NULL) != (mo_cases[i].method != NULL))
+			print_error("case %zu: %s\n", i, why ? why : got);
+		assert_int_equal(why == NULL, mo_cases[i].method != NULL);
+		if (!why)
+			assert_string_equal(got, mo_cases[i].method);
+		http_cleanup(&p);
+	}
+}
+
 /* Feeds a whole request; returns the error status, or 0 at MESSAGE_COMPLETE. */
 static int feed_request(struct http_parser_state *p, const char *raw, size_t len)
 {
@@ -1396,6 +1435,7 @@ int main(void)
 		cmocka_unit_test(test_serialize_other),
 		cmocka_unit_test(test_duplicates),
 		cmocka_unit_test(test_policy_fields),
+		cmocka_unit_test(test_method_override),
 		cmocka_unit_test(test_guarded_trailers),
 		cmocka_unit_test(test_status_reason),
 	};
