@@ -315,9 +315,15 @@ void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_requ
 		return;
 	}
 	traffic_fault_decide(it->t, req, random_u64, NULL, &d);
+	if (d.delay && d.delay_ms) {
+		count(it->faulted[d.delay - it->t->faults]);
+		v->delay_ms = d.delay_ms;
+		v->delay_name = d.delay->sel.name;
+	}
 	if (!d.abort)
 		return;
-	count(it->faulted[d.abort - it->t->faults]);
+	if (d.abort != d.delay || !d.delay_ms)
+		count(it->faulted[d.abort - it->t->faults]);
 	v->status = d.abort_status;
 	v->fault = true;
 	v->name = d.abort->sel.name;

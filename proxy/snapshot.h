@@ -94,6 +94,9 @@ struct snapshot_traffic_verdict {
 	bool fault;                     /* status is a fault's abort (else 429, a rate limit) */
 	const char *name;               /* the limit or fault (owned by the snapshot) */
 	unsigned retry_after;           /* 429: seconds for Retry-After */
+	uint32_t delay_ms;              /* a fault's delay before forwarding (or before the
+	                                   abort answers); 0: none */
+	const char *delay_name;         /* the fault that delays (the snapshot's), or NULL */
 };
 
 struct snapshot {
@@ -149,9 +152,10 @@ const struct snapshot_traffic *snapshot_traffic(const struct snapshot *s, const 
 /*
  * Inbound, a request the policy allowed: the service's rate limits take a
  * token for its caller (429 when one has none), then its faults roll
- * (their abort status). Counts meshlet_rate_limited_total and
- * meshlet_faults_injected_total. Fault delays are not applied yet (they
- * need a timer on the data path). Safe from any worker.
+ * (the longest delay that hit, and the first abort: the request waits the
+ * delay, then is forwarded or aborted). Counts meshlet_rate_limited_total
+ * and meshlet_faults_injected_total (a fault that both delays and aborts
+ * once). Safe from any worker.
  */
 void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_request *req,
                               struct snapshot_traffic_verdict *v);
