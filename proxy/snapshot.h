@@ -46,7 +46,9 @@ struct snapshot_traffic {
 struct snapshot_source {
 	/* NULL, or the same as reuse_tls's (certificate, chain, bundle,
 	 * revocations, options): reuse_tls's contexts are shared, and with them
-	 * its session tickets and the workers' session caches. */
+	 * its session tickets and the workers' session caches. reuse_tls is
+	 * the snapshot being replaced (or NULL): its rate-limit buckets carry
+	 * on too, where a limit did not change. */
 	struct tls_material *tls;
 	const struct snapshot *reuse_tls;
 	struct policy *policy;
@@ -77,12 +79,13 @@ struct snapshot_endpoints {
 
 /*
  * The service's own traffic document as its inbound side applies it: rate
- * limits (one limiter the workers share, behind lock) and faults, with
- * their counters resolved once.
+ * limits (one limiter the workers share; it locks itself, and its buckets
+ * carry on from the previous snapshot's where a limit did not change) and
+ * faults (stateless: every request rolls anew), with their counters
+ * resolved once.
  */
 struct snapshot_inbound_traffic {
 	const struct traffic *t;                   /* in the snapshot's traffic */
-	pthread_mutex_t lock;                      /* guards limiter */
 	struct traffic_limiter *limiter;
 	struct metrics_labeled **limited;          /* one per t->rate_limits */
 	struct metrics_labeled **faulted;          /* one per t->faults */

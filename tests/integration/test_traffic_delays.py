@@ -173,3 +173,43 @@ def test_delay_percentage_within_binomial_interval(mesh, pki, tmp_path):
     # A request held up elsewhere (a busy machine) may take as long: a few at most.
     assert injected <= delayed <= injected + 3, (delayed, injected)
     assert binomial_ok(injected, n, pct), injected
+
+
+def config_version(p):
+    return p.metrics().get("meshlet_config_version")
+
+
+def reload_traffic(p, f, doc):
+    v0 = config_version(p)
+    f.write_text(json.dumps(doc))
+    p.signal(signal.SIGHUP)
+    wait_for(lambda: config_version(p) > v0, 10, what="the reload")
+
+
+def test_buckets_survive_a_config_push(mesh, pki, tmp_path):
+    """A reload (here SIGHUP of traffic_file; control's pushes build the
+    same new snapshot) keeps the tokens of every unchanged limit, on new
+    connections and on those still on the old snapshot; a limit whose rate
+    or burst changed starts full."""
+    limit = {"name": "fe", "from": [FRONTEND], "requests_per_second": 0.01, "burst": 5}
+    doc = {"service": "orders", "rate_limits": [limit]}
+    p, port, app = inbound(mesh, tmp_path, doc)
+    f = tmp_path / "traffic.json"
+    old = HttpClient(port, frontend_ctx(pki))
+    assert [get(old).status for _ in range(6)] == [200] * 5 + [429]
+    # A fault and another limit added, "fe" unchanged: still empty.
+    reload_traffic(p, f, {**doc, "rate_limits": [limit, {**limit, "name": "other"}],
+                          "faults": [{"name": "never", "percent": 0, "abort_status": 500}]})
+    with HttpClient(port, frontend_ctx(pki)) as c:
+        assert get(c).status == 429
+    assert get(old).status == 429
+    # The burst changed: a new bucket, full, for new connections; the old
+    # connection keeps the snapshot (and so the limit) it started with.
+    reload_traffic(p, f, {**doc, "rate_limits": [{**limit, "burst": 3}]})
+    with HttpClient(port, frontend_ctx(pki)) as c:
+        assert [get(c).status for _ in range(2)] == [200] * 2
+        assert get(old).status == 429
+        assert get(c).status == 200
+        assert get(c).status == 429
+    old.close()
+    assert p.metrics().get("meshlet_rate_limited_total", limit="fe") >= 4
