@@ -329,6 +329,22 @@ void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_requ
 	v->name = d.abort->sel.name;
 }
 
+const char *snapshot_traffic_tcp_fault(const struct snapshot *s, const struct policy_request *req)
+{
+	const struct snapshot_inbound_traffic *it = s->in_traffic;
+
+	for (size_t i = 0; it && i < it->t->n_faults; i++) {
+		const struct traffic_fault *f = &it->t->faults[i];
+
+		if (!f->abort_status || !traffic_fault_selects(f, req) ||
+		    !traffic_roll(f->percent, random_u64(NULL)))
+			continue;
+		count(it->faulted[i]);
+		return f->sel.name;
+	}
+	return NULL;
+}
+
 struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
                                 struct metrics *m, uint64_t version, struct meshlet_err *err)
 {

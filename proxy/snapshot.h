@@ -163,6 +163,15 @@ const struct snapshot_traffic *snapshot_traffic(const struct snapshot *s, const 
 void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_request *req,
                               struct snapshot_traffic_verdict *v);
 
+/*
+ * Inbound on a tcp listener, a connection the policy allowed: the first
+ * fault of the service's document that selects it (one with no HTTP
+ * fields), rolls and aborts (abort_status set) closes it. Returns that
+ * fault's name (counted in meshlet_faults_injected_total) or NULL. Rate
+ * limits and delays do not apply to tcp connections.
+ */
+const char *snapshot_traffic_tcp_fault(const struct snapshot *s, const struct policy_request *req);
+
 struct snapshot *snapshot_ref(struct snapshot *s);
 void snapshot_unref(struct snapshot *s);
 
