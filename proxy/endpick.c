@@ -125,7 +125,10 @@ int endpick_choose(struct endpick *p, size_t listener, const struct config_addr 
 				fallback = (long)i;
 			continue;
 		}
-		l->rr = (unsigned)(i + 1);
+		/* A call's first choice moves the rotation on; its retries do not
+		 * (they would make every call start at the same endpoint). */
+		if (tried->n == 0)
+			l->rr = (unsigned)(i + 1);
 		mark_tried(tried, i);
 		return (int)i;
 	}
