@@ -65,7 +65,7 @@ def test_refusing_endpoint_ejected_then_back(mesh, pki):
         assert first_line(port) in ("alpha", "beta")
         time.sleep(0.01)
     back = time.monotonic() - t_eject
-    assert 1.0 <= back < 1.3, back
+    assert 1.0 <= back < 1.5, back
     assert metric(p, "meshlet_endpoints_ejected") == 0
     # A second failure in a row ejects it again, for 2 s now.
     while attempts(p, dead) < 4:
@@ -76,7 +76,7 @@ def test_refusing_endpoint_ejected_then_back(mesh, pki):
         first_line(port)
         time.sleep(0.01)
     back2 = time.monotonic() - t2
-    assert 2.0 <= back2 < 2.3, back2
+    assert 2.0 <= back2 < 2.5, back2
     print(f"\nejected for {back:.3f} s, then (doubled) {back2:.3f} s")
 
 
