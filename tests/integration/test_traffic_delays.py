@@ -11,6 +11,8 @@ import statistics
 import threading
 import time
 
+from control_helpers import control_factory  # noqa: F401
+from dynamic_helpers import dyn  # noqa: F401
 from h2_helpers import DualApp, H2Client
 from helpers import wait_for
 from http_helpers import HttpClient, frontend_ctx, request
@@ -213,3 +215,46 @@ def test_buckets_survive_a_config_push(mesh, pki, tmp_path):
         assert get(c).status == 429
     old.close()
     assert p.metrics().get("meshlet_rate_limited_total", limit="fe") >= 4
+
+
+def test_buckets_survive_a_control_push(dyn):
+    """Control mode: a policy push and a traffic push (another limit added)
+    each build a new snapshot; frontend's bucket stays empty through both.
+    frontend -> its outbound (http) -> orders' inbound (http) -> app."""
+    from dynamic_helpers import allow_policy
+    from http_helpers import HttpApp
+    from test_traffic_api import proxy_traffic
+
+    dyn.start_control()
+    app = HttpApp("ok")
+    dyn.mesh.apps.append(app)
+    dyn.apply_policy(allow_policy("orders", "frontend"))
+    inb, _ = dyn.inbound(app.port, protocol="http")
+    outb, port = dyn.outbound(protocol="http")
+
+    def status():
+        with HttpClient(port, None) as c:
+            return get(c).status
+    wait_for(lambda: status() == 200, 15, what="a call through the pair")
+    limit = {"name": "fe", "from": [FRONTEND], "requests_per_second": 0.01, "burst": 3}
+    f = dyn.tmp / "orders-traffic.json"
+    f.write_text(json.dumps({"service": "orders", "rate_limits": [limit]}))
+    dyn.ctl("traffic", "apply", "-f", str(f))
+    wait_for(lambda: proxy_traffic(inb).get("orders", {}).get("rate_limits") == ["fe"], 15,
+             what="orders' proxy holds the document")
+    assert [status() for _ in range(4)] == [200] * 3 + [429]
+
+    def pushed(v0):
+        return lambda: inb.metrics().get("meshlet_config_version") > v0
+    v0 = inb.metrics().get("meshlet_config_version")
+    dyn.apply_policy({**allow_policy("orders", "frontend"), "rules": [
+        {"name": "allow-caller", "action": "allow", "from": [FRONTEND]},
+        {"name": "ops", "action": "allow", "from": ["spiffe://mesh.local/svc/ops"]}]})
+    wait_for(pushed(v0), 15, what="the policy push")
+    assert status() == 429
+    v0 = inb.metrics().get("meshlet_config_version")
+    f.write_text(json.dumps({"service": "orders",
+                             "rate_limits": [limit, {**limit, "name": "other", "from": ["*"]}]}))
+    dyn.ctl("traffic", "apply", "-f", str(f))
+    wait_for(pushed(v0), 15, what="the traffic push")
+    assert status() == 429
