@@ -139,16 +139,18 @@ uint32_t conn_pick_connect_ms(const struct conn *c)
 void conn_pick_report(struct conn *c, bool failed)
 {
 	const struct traffic *t;
+	const struct config_addr *ep;
 	size_t before;
 
 	if (!picked(c) || !(t = upstream_traffic(c)))
 		return;
 	before = endpick_ejected(c->w->pick);
-	if (endpick_report(c->w->pick, c->listener, c->endpoint, failed, &t->outlier, now_us())) {
+	ep = &c->snap->outbound[c->listener].endpoints[c->endpoint];
+	if (endpick_report(c->w->pick, c->listener, ep, failed, &t->outlier, now_us())) {
 		metrics_inc(&c->w->shared->metrics->outlier_ejections);
 		log_warn("conn %llu: endpoint %s of %s ejected after %u connect failures in a row",
-		         (unsigned long long)c->id, c->snap->outbound[c->listener].endpoints[c->endpoint].text,
-		         t->service, t->outlier.consecutive_failures);
+		         (unsigned long long)c->id, ep->text, t->service,
+		         t->outlier.consecutive_failures);
 	}
 	update_gauge(c, before);
 }

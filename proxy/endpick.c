@@ -137,14 +137,16 @@ int endpick_choose(struct endpick *p, size_t listener, const struct config_addr 
 	return (int)fallback;
 }
 
-bool endpick_report(struct endpick *p, size_t listener, size_t i, bool failed,
-                    const struct traffic_outlier *cfg, int64_t now_us)
+bool endpick_report(struct endpick *p, size_t listener, const struct config_addr *addr,
+                    bool failed, const struct traffic_outlier *cfg, int64_t now_us)
 {
 	struct pick_listener *l = listener < p->n ? &p->ls[listener] : NULL;
 
-	if (!l || i >= l->out.n)
-		return false;
-	return traffic_outlier_report(&l->out, cfg, i, failed, now_us);
+	for (size_t i = 0; l && l->addrs && i < l->out.n; i++) {
+		if (same_addr(&l->addrs[i], addr))
+			return traffic_outlier_report(&l->out, cfg, i, failed, now_us);
+	}
+	return false;
 }
 
 size_t endpick_ejected(const struct endpick *p)

@@ -49,13 +49,15 @@ int endpick_choose(struct endpick *p, size_t listener, const struct config_addr 
                    struct endpick_tried *tried, int64_t now_us);
 
 /*
- * The outcome of a connect to endpoint i of listener (as last chosen
- * among eps of endpick_choose): a failure (refused, timed out) counts
- * towards cfg's ejection, a success ends the streak. Returns true when
- * this ejected the endpoint. cfg with consecutive_failures 0: no ejection.
+ * The outcome of a connect to the endpoint at addr of listener: a failure
+ * (refused, timed out) counts towards cfg's ejection, a success ends the
+ * streak. By address, not index: a connection that chose from an older
+ * snapshot's list reports rightly (an address no longer listed is
+ * ignored). Returns true when this ejected the endpoint. cfg with
+ * consecutive_failures 0: no ejection.
  */
-bool endpick_report(struct endpick *p, size_t listener, size_t i, bool failed,
-                    const struct traffic_outlier *cfg, int64_t now_us);
+bool endpick_report(struct endpick *p, size_t listener, const struct config_addr *addr,
+                    bool failed, const struct traffic_outlier *cfg, int64_t now_us);
 
 /* Endpoints ejected now across the worker's listeners (an ejection whose
  * time passed counts until the next choice for that listener ends it). */

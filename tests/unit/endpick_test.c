@@ -60,7 +60,7 @@ static void test_round_robin_and_tried(void **state)
 	/* Hostile: no endpoints, a listener out of range. */
 	assert_int_equal(pick(p, a, 0, 0), -1);
 	assert_int_equal(endpick_choose(p, 7, a, 3, &(struct endpick_tried){0}, 0), -1);
-	assert_false(endpick_report(p, 7, 0, true, &(struct traffic_outlier){1, 1000, 100}, 0));
+	assert_false(endpick_report(p, 7, &a[0], true, &(struct traffic_outlier){1, 1000, 100}, 0));
 	endpick_free(p);
 }
 
@@ -75,10 +75,10 @@ static void test_eject_and_return(void **state)
 
 	(void)state;
 	addrs(a, 3, 9100);
-	assert_false(endpick_report(p, 0, 1, true, &cfg, 0));    /* before any choice: no state */
+	assert_false(endpick_report(p, 0, &a[1], true, &cfg, 0));    /* before any choice: no state */
 	pick(p, a, 3, 0);
-	assert_false(endpick_report(p, 0, 1, true, &cfg, 0));
-	assert_true(endpick_report(p, 0, 1, true, &cfg, 0));
+	assert_false(endpick_report(p, 0, &a[1], true, &cfg, 0));
+	assert_true(endpick_report(p, 0, &a[1], true, &cfg, 0));
 	assert_int_equal(endpick_ejected(p), 1);
 	for (int i = 0; i < 10; i++)
 		assert_int_not_equal(pick(p, a, 3, SEC / 2), 1);
@@ -89,15 +89,15 @@ static void test_eject_and_return(void **state)
 		back += pick(p, a, 3, SEC) == 1;
 	assert_int_equal(back, 1);
 	assert_int_equal(endpick_ejected(p), 0);
-	assert_false(endpick_report(p, 0, 1, true, &cfg, SEC));
-	assert_true(endpick_report(p, 0, 1, true, &cfg, SEC));
+	assert_false(endpick_report(p, 0, &a[1], true, &cfg, SEC));
+	assert_true(endpick_report(p, 0, &a[1], true, &cfg, SEC));
 	for (int i = 0; i < 6; i++)
 		assert_int_not_equal(pick(p, a, 3, SEC + SEC * 19 / 10), 1);    /* doubled: 2 s */
 	pick(p, a, 3, 3 * SEC);
 	assert_int_equal(endpick_ejected(p), 0);
-	assert_false(endpick_report(p, 0, 1, false, &cfg, 3 * SEC));    /* success: streak over */
-	assert_false(endpick_report(p, 0, 1, true, &cfg, 3 * SEC));
-	assert_true(endpick_report(p, 0, 1, true, &cfg, 3 * SEC));
+	assert_false(endpick_report(p, 0, &a[1], false, &cfg, 3 * SEC));    /* success: streak over */
+	assert_false(endpick_report(p, 0, &a[1], true, &cfg, 3 * SEC));
+	assert_true(endpick_report(p, 0, &a[1], true, &cfg, 3 * SEC));
 	pick(p, a, 3, 4 * SEC);    /* 1 s again, not 4 */
 	assert_int_equal(endpick_ejected(p), 0);
 	endpick_free(p);
@@ -118,7 +118,7 @@ static void test_cap_and_fallback(void **state)
 	addrs(a, 4, 9200);
 	pick(p, a, 4, 0);
 	for (size_t i = 0; i < 4; i++)
-		ejected += endpick_report(p, 0, i, true, &cfg, 0);
+		ejected += endpick_report(p, 0, &a[i], true, &cfg, 0);
 	assert_int_equal(ejected, 2);
 	assert_int_equal(endpick_ejected(p), 2);
 	/* Endpoints 0 and 1 are out: a call tries 2, 3, then falls back to them. */
@@ -142,7 +142,7 @@ static void test_follows_endpoint_changes(void **state)
 	(void)state;
 	addrs(a, 3, 9300);
 	pick(p, a, 3, 0);
-	assert_true(endpick_report(p, 0, 2, true, &cfg, 0));    /* 9302 out */
+	assert_true(endpick_report(p, 0, &a[2], true, &cfg, 0));    /* 9302 out */
 	addrs(b, 2, 9302);                                       /* 9302, 9303 */
 	for (int i = 0; i < 4; i++)
 		assert_int_equal(pick(p, b, 2, 1), 1);
@@ -150,6 +150,10 @@ static void test_follows_endpoint_changes(void **state)
 	addrs(b, 2, 9303);                                       /* 9303, 9304: 9302 gone */
 	pick(p, b, 2, 1);
 	assert_int_equal(endpick_ejected(p), 0);
+	/* A report for an address no longer listed (an older snapshot's) is ignored. */
+	assert_false(endpick_report(p, 0, &a[2], true, &cfg, 1));
+	assert_int_equal(endpick_ejected(p), 0);
+	assert_true(endpick_report(p, 0, &b[1], true, &cfg, 1));
 	endpick_free(p);
 }
 
