@@ -330,6 +330,25 @@ static void gauge(FILE *out, const char *name, const char *help, atomic_int_fast
 	fprintf(out, "%s %" PRId64 "\n", name, load_i(v));
 }
 
+static void counter(FILE *out, const char *name, const char *help, atomic_uint_fast64_t *v)
+{
+	header(out, name, "counter", help);
+	fprintf(out, "%s %" PRIu64 "\n", name, load_u(v));
+}
+
+/* The callers' traffic rules on the connect step. */
+static void render_traffic(struct metrics *m, FILE *out)
+{
+	counter(out, "meshlet_retries_total", "Retries of upstream connects (to another endpoint).",
+	        &m->retries);
+	counter(out, "meshlet_outlier_ejections_total", "Upstream endpoints ejected as outliers.",
+	        &m->outlier_ejections);
+	gauge(out, "meshlet_endpoints_ejected", "Upstream endpoints ejected now.",
+	      &m->endpoints_ejected);
+	counter(out, "meshlet_overloaded_total",
+	        "Calls refused at once for a traffic document's limits.", &m->overloaded);
+}
+
 /* Writes the Prometheus text exposition (version 0.0.4) of m to out.
  * Returns 0, or -EIO when out reports an error. */
 int metrics_render(struct metrics *m, FILE *out)
@@ -343,6 +362,7 @@ int metrics_render(struct metrics *m, FILE *out)
 	render_http(m, out);
 	render_grpc_h2(m, out);
 	render_duration(m, out);
+	render_traffic(m, out);
 	gauge(out, "meshlet_cert_expiry_timestamp_seconds",
 	      "Expiry of the current SVID, as a Unix timestamp.", &m->cert_expiry);
 	gauge(out, "meshlet_config_version", "Version of the config snapshot in use.",

@@ -9,6 +9,8 @@
 #include "meshlet/traffic.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -546,9 +548,16 @@ struct caller_bucket {
 	struct traffic_bucket b;
 };
 
-/* The buckets of one rate limit: one per caller up to TRAFFIC_CALLERS_MAX,
- * then the overflow bucket (also the rule's one bucket when per rule). */
+/*
+ * The buckets of one rate limit: one per caller up to TRAFFIC_CALLERS_MAX,
+ * then the overflow bucket (also the rule's one bucket when per rule).
+ * Reference-counted: a new limiter for a new version of the document
+ * shares them (traffic_limiter_inherit) with the old one, which
+ * connections on the old snapshot still use; lock guards them.
+ */
 struct limit_buckets {
+	atomic_int refs;
+	pthread_mutex_t lock;
 	struct caller_bucket *callers;
 	size_t n, cap;
 	struct traffic_bucket shared;
@@ -556,8 +565,30 @@ struct limit_buckets {
 
 struct traffic_limiter {
 	const struct traffic *t;
-	struct limit_buckets *limits;      /* one per t->rate_limits */
+	struct limit_buckets **limits;     /* one per t->rate_limits */
 };
+
+static struct limit_buckets *buckets_new(void)
+{
+	struct limit_buckets *lb = calloc(1, sizeof(*lb));
+
+	if (!lb)
+		return NULL;
+	atomic_init(&lb->refs, 1);
+	pthread_mutex_init(&lb->lock, NULL);
+	return lb;
+}
+
+static void buckets_unref(struct limit_buckets *lb)
+{
+	if (!lb || atomic_fetch_sub(&lb->refs, 1) != 1)
+		return;
+	for (size_t k = 0; k < lb->n; k++)
+		free(lb->callers[k].caller);
+	free(lb->callers);
+	pthread_mutex_destroy(&lb->lock);
+	free(lb);
+}
 
 struct traffic_limiter *traffic_limiter_new(const struct traffic *t)
 {
@@ -571,6 +602,12 @@ struct traffic_limiter *traffic_limiter_new(const struct traffic *t)
 		free(l);
 		return NULL;
 	}
+	for (size_t i = 0; i < t->n_rate_limits; i++) {
+		if (!(l->limits[i] = buckets_new())) {
+			traffic_limiter_free(l);
+			return NULL;
+		}
+	}
 	return l;
 }
 
@@ -578,13 +615,35 @@ void traffic_limiter_free(struct traffic_limiter *l)
 {
 	if (!l)
 		return;
-	for (size_t i = 0; i < l->t->n_rate_limits; i++) {
-		for (size_t k = 0; k < l->limits[i].n; k++)
-			free(l->limits[i].callers[k].caller);
-		free(l->limits[i].callers);
-	}
+	for (size_t i = 0; i < l->t->n_rate_limits; i++)
+		buckets_unref(l->limits[i]);
 	free(l->limits);
 	free(l);
+}
+
+/* Same name, rate, burst and kind: the buckets mean the same. */
+static bool same_limit(const struct traffic_rate_limit *a, const struct traffic_rate_limit *b)
+{
+	return strcmp(a->sel.name, b->sel.name) == 0 && a->rps == b->rps && a->burst == b->burst &&
+	       a->per_caller == b->per_caller;
+}
+
+size_t traffic_limiter_inherit(struct traffic_limiter *l, const struct traffic_limiter *from)
+{
+	size_t kept = 0;
+
+	for (size_t i = 0; from && i < l->t->n_rate_limits; i++) {
+		for (size_t j = 0; j < from->t->n_rate_limits; j++) {
+			if (!same_limit(&l->t->rate_limits[i], &from->t->rate_limits[j]))
+				continue;
+			atomic_fetch_add(&from->limits[j]->refs, 1);
+			buckets_unref(l->limits[i]);
+			l->limits[i] = from->limits[j];
+			kept++;
+			break;
+		}
+	}
+	return kept;
 }
 
 /* Drops the buckets that have refilled to full by now: such a bucket is
@@ -653,13 +712,16 @@ const struct traffic_rate_limit *traffic_limiter_admit(struct traffic_limiter *l
 		struct traffic_bucket *b;
 		int64_t wait;
 
+		struct limit_buckets *lb = l->limits[i];
+
 		if (!traffic_rate_limit_selects(rl, req))
 			continue;
+		pthread_mutex_lock(&lb->lock);
 		/* An unauthenticated caller (none on mTLS listeners) is one "". */
-		b = rl->per_caller ? caller_bucket(&l->limits[i], rl, req->peer_id ? req->peer_id : "",
-		                                   now_us)
-		                   : &l->limits[i].shared;
+		b = rl->per_caller ? caller_bucket(lb, rl, req->peer_id ? req->peer_id : "", now_us)
+		                   : &lb->shared;
 		wait = traffic_bucket_take(b, rl->rps, (double)rl->burst, now_us);
+		pthread_mutex_unlock(&lb->lock);
 		if (wait > 0) {
 			*retry_after_us = wait;
 			return rl;

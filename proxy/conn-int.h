@@ -37,6 +37,15 @@ void conn_tls_connect(struct conn *c);
 void conn_tls_step(struct conn *c);         /* the handshake's socket is ready */
 void conn_tls_timeout(struct conn *c);      /* its deadline passed */
 
+/* conn_pick.c: the callers' traffic rules on the connect step of an
+ * outbound listener (transparent and inbound connections: one connect to
+ * their one destination, the proxy's connect timeout). */
+bool conn_pick_admit(struct conn *c);          /* limits.max_connections; false: refused, closed */
+void conn_pick_release(struct conn *c);        /* c closes: its place is free */
+bool conn_pick_next(struct conn *c);           /* c->endpoint: the next to try; false: none */
+uint32_t conn_pick_connect_ms(const struct conn *c);
+void conn_pick_report(struct conn *c, bool failed);   /* a connect's outcome (ejection) */
+
 /* conn_tdest.c: a transparent connection on accepted socket fd: finds
  * where the app was going, then connects there or refuses. */
 void conn_transparent_start(struct conn *c, int fd);

@@ -3,7 +3,8 @@
  * machine and the byte relay) and the protocol modules that sit between a
  * direction's reads and writes through struct conn_proto_ops (httpflow.c:
  * HTTP/1.1). Functions live in conn.h. Nothing here includes a proxy
- * header: the worker and the snapshot are only named.
+ * header but endpick.h (pure types): the worker and the snapshot are only
+ * named.
  */
 #ifndef MESHLET_PROXY_CONN_T_H
 #define MESHLET_PROXY_CONN_T_H
@@ -20,6 +21,7 @@
 #include "meshlet/metrics.h"
 #include "meshlet/policy.h"
 #include "meshlet/tls.h"
+#include "endpick.h"
 
 struct conn;
 struct snapshot;
@@ -51,6 +53,7 @@ enum conn_reason {
 	CR_EXPIRED_SESSION,
 	CR_REVOKED,
 	CR_OUTSIDE_MESH,
+	CR_FAULT,           /* a traffic document's fault aborted it (tcp) */
 };
 
 /*
@@ -159,7 +162,9 @@ struct conn {
 	bool closing;               /* close once every out is written */
 	uint16_t listener;
 	uint16_t endpoint;          /* outbound: endpoint being tried or used */
-	uint16_t tries;             /* outbound: endpoints tried so far */
+	uint16_t tries;             /* inbound, transparent: connects tried so far */
+	struct endpick_tried tried; /* outbound: the endpoints this connection tried */
+	bool upstream_counted;      /* counted in upstream_open (limits.max_connections) */
 	uint8_t ready;              /* CONN_PLAIN_R ... : readiness seen, lost on EAGAIN */
 	bool tls_drained;           /* the last socket read under SSL came back short */
 	bool ssl_starved;           /* SSL_read wants socket bytes: its buffer cannot help */

@@ -60,6 +60,7 @@ static const char *const reason_names[] = {
 	[CR_EXPIRED_SESSION] = "expired_peer_certificate",
 	[CR_REVOKED] = "peer_revoked",
 	[CR_OUTSIDE_MESH] = "outside_mesh",
+	[CR_FAULT] = "fault_injected",
 };
 
 const char *conn_reason_str(enum conn_reason r)
@@ -317,6 +318,7 @@ void conn_close(struct conn *c, enum conn_reason reason)
 	}
 	c->proto->release(c);
 	unhold_buffers(c);
+	conn_pick_release(c);
 	free(c->tdest);
 	metrics_add(&m->bytes_total[c->dir], c->d[RELAY_UP].bytes + c->d[RELAY_DOWN].bytes);
 	atomic_fetch_sub_explicit(&m->connections_active[c->dir], 1, memory_order_relaxed);
@@ -1049,32 +1051,46 @@ static void watch_upstream(struct conn *c, short what, uint64_t due)
 		conn_watch_tls(c, what, due);
 }
 
-/* Connects to the current destination; outbound moves to the next endpoint on failure. */
-void conn_connect_next(struct conn *c)
+/*
+ * Connects to the current destination; outbound moves on to another
+ * endpoint on failure as its traffic rules say (conn_pick.c).
+ */
+static void connect_from(struct conn *c, bool timed_out)
 {
-	const struct config *cfg = conn_cfg(c);
-	size_t n_eps = c->inbound || c->tdest ? 1 : c->snap->outbound[c->listener].n_endpoints;
+	while (conn_pick_next(c)) {
+		const struct config_addr *dest = conn_destination(c);
+		int fd = start_connect(dest);
 
-	while (c->tries < n_eps) {
-		const struct config_addr *dest;
-		int fd;
-
-		if (!c->inbound && !c->tdest)
-			c->endpoint = (uint16_t)((c->endpoint + (c->tries ? 1 : 0)) % n_eps);
-		c->tries++;
-		dest = conn_destination(c);
-		fd = start_connect(dest);
 		if (fd >= 0) {
 			*upstream_fd(c) = fd;
 			conn_set_state(c, CONN_CONNECTING);
-			conn_set_deadline(c, cfg->timeouts.connect_ms);
+			conn_set_deadline(c, conn_pick_connect_ms(c));
 			watch_upstream(c, EV_WRITE, c->deadline);
 			return;
 		}
 		log_warn("conn %llu: connect to %s failed: %s", (unsigned long long)c->id,
 		         dest->text, strerror(-fd));
+		conn_pick_report(c, true);
+		timed_out = false;
 	}
-	c->proto->fail_early(c, 502, CR_UPSTREAM_REFUSED);
+	if (timed_out)
+		c->proto->fail_early(c, 504, CR_UPSTREAM_TIMEOUT);
+	else
+		c->proto->fail_early(c, 502, CR_UPSTREAM_REFUSED);
+}
+
+void conn_connect_next(struct conn *c)
+{
+	connect_from(c, false);
+}
+
+/* The connect to the current endpoint failed (refused, or timed out): the next. */
+static void connect_failed(struct conn *c, bool timed_out)
+{
+	conn_pick_report(c, true);
+	watch_upstream(c, 0, 0);
+	close_fd(upstream_fd(c));
+	connect_from(c, timed_out);
 }
 
 static void connect_done(struct conn *c)
@@ -1090,11 +1106,10 @@ static void connect_done(struct conn *c)
 	if (err) {
 		log_warn("conn %llu: connect to %s failed: %s", (unsigned long long)c->id,
 		         conn_destination(c)->text, strerror(err));
-		watch_upstream(c, 0, 0);
-		close_fd(fd);
-		conn_connect_next(c);
+		connect_failed(c, false);
 		return;
 	}
+	conn_pick_report(c, false);
 	if (c->inbound || (c->tdest && !c->tdest->expect_id[0]))
 		conn_relay_start(c);    /* to the app, or a passthrough outside the mesh */
 	else
@@ -1112,6 +1127,7 @@ void conn_authorize(struct conn *c)
 	};
 	struct policy_decision d;
 	struct metrics_decision *counter;
+	const char *fault;
 
 	conn_set_state(c, CONN_AUTHORIZING);
 	conn_watch_tls(c, 0, 0);    /* the peer waits until the app is connected */
@@ -1133,6 +1149,11 @@ void conn_authorize(struct conn *c)
 	if (d.action != POLICY_ALLOW) {
 		log_info("conn %llu: %s denied by rule %s", (unsigned long long)c->id, c->peer, c->rule);
 		conn_close(c, CR_DENIED);
+		return;
+	}
+	if ((fault = snapshot_traffic_tcp_fault(c->snap, &req))) {
+		log_info("conn %llu: %s closed by fault %s", (unsigned long long)c->id, c->peer, fault);
+		conn_close(c, CR_FAULT);
 		return;
 	}
 	conn_connect_next(c);
@@ -1178,7 +1199,7 @@ static void on_timeout(struct conn *c, bool tls_side)
 	case CONN_CONNECTING:
 		log_warn("conn %llu: connect to %s timed out", (unsigned long long)c->id,
 		         conn_destination(c)->text);
-		c->proto->fail_early(c, 504, CR_UPSTREAM_TIMEOUT);
+		connect_failed(c, true);
 		return;
 	case CONN_LINGERING:
 		conn_close(c, CR_DONE);    /* the client went quiet: enough */
@@ -1301,8 +1322,8 @@ static void outbound_start(struct conn *c)
 		conn_close(c, CR_UPSTREAM_REFUSED);
 		return;
 	}
-	c->endpoint = (uint16_t)(c->w->rr[c->listener]++ % o->n_endpoints);
-	conn_connect_next(c);
+	if (conn_pick_admit(c))
+		conn_connect_next(c);
 }
 
 void conn_accept(struct listener *l, int fd, const struct sockaddr *from, int fromlen)

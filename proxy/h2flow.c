@@ -70,6 +70,9 @@ struct h2stream {
 	int grpc_status;           /* -1: none seen */
 	uint64_t resp_due;         /* conn_clock_ms(): the response head is due (0: not awaited) */
 	uint64_t deadline;         /* grpc-timeout, 0: none */
+	uint64_t hold_until;       /* inbound, conn_clock_ms(): a fault's delay holds the stream
+	                              (its forwarding or its abort) until then; 0: not held */
+	char *held_query;          /* the held stream's query, for forwarding it */
 	char *local_body;
 	size_t local_len, local_off;
 	char *method, *path;
@@ -296,6 +299,7 @@ static void stream_free(struct h2flow *f, struct h2stream *s)
 	half_free(&s->req, f->down);
 	half_free(&s->resp, f->up);
 	free(s->local_body);
+	free(s->held_query);
 	free(s->method);
 	free(s->path);
 	free(s);
@@ -692,6 +696,15 @@ static bool admit(struct h2flow *f, struct h2stream *s, const char *query)
 	s->rec.decided = v.decided;
 	s->rec.decision = v.decision;
 	s->rec.rule = v.rule;
+	if (v.delay_ms) {
+		/* A fault's delay: forwarded (or aborted) by h2flow_on_timeout. */
+		s->hold_until = conn_clock_ms() + v.delay_ms;
+		if (query && !(s->held_query = strdup(query))) {
+			s->hold_until = 0;
+			answer_unavailable(f, s, 502, "out of memory");
+		}
+		return false;
+	}
 	if (allowed)
 		return true;
 	if (v.traffic_name) {
@@ -885,6 +898,18 @@ static void app_forward(struct h2flow *f, struct h2stream *s, const char *query)
 	s->resp_due = conn_clock_ms() + c->snap->cfg->timeouts.response_head_ms;
 }
 
+/* An admitted stream to the app (through the pool) or the upstream. */
+static void forward_stream(struct h2flow *f, struct h2stream *s, const char *query)
+{
+	if (f->app1) {
+		app_forward(f, s, query);
+		return;
+	}
+	/* No upstream, or one that sent GOAWAY: unavailable. */
+	if (!f->up || forward_request(f, s, query) < 0)
+		answer_unavailable(f, s, 502, "upstream unavailable");
+}
+
 /* The request head is whole: check, decide, forward or answer. */
 static void on_request_head(struct h2flow *f, struct h2stream *s)
 {
@@ -893,13 +918,19 @@ static void on_request_head(struct h2flow *f, struct h2stream *s)
 	note_request(f->c, s);
 	if (refuse_bad(f, s, &query) || !admit(f, s, query))
 		return;
-	if (f->app1) {
-		app_forward(f, s, query);
-		return;
-	}
-	/* No upstream, or one that sent GOAWAY: unavailable. */
-	if (!f->up || forward_request(f, s, query) < 0)
-		answer_unavailable(f, s, 502, "upstream unavailable");
+	forward_stream(f, s, query);
+}
+
+/* A fault's delay is over: the stream goes on as admit() said. */
+static void release_held(struct h2flow *f, struct h2stream *s)
+{
+	s->hold_until = 0;
+	if (s->resp_started || s->down_closed)
+		return;    /* answered meanwhile (a deadline, the upstream went) */
+	if (s->verdict.local_status)
+		answer_traffic(f, s, &s->verdict);
+	else
+		forward_stream(f, s, s->held_query);
 }
 
 /* ---- the response side -------------------------------------------------- */
@@ -1386,6 +1417,8 @@ static uint64_t h2flow_due(const struct conn *c, bool tls_side)
 			due = s->resp_due;
 		if (s->deadline && !s->down_closed && (!due || s->deadline < due))
 			due = s->deadline;
+		if (s->hold_until && (!due || s->hold_until < due))
+			due = s->hold_until;
 	}
 	if (f->gone_at && !f->goaway && (!due || f->gone_at + GONE_GRACE_MS < due))
 		due = f->gone_at + GONE_GRACE_MS;
@@ -1410,6 +1443,10 @@ static bool h2flow_on_timeout(struct conn *c, uint64_t now)
 	bool handled = false;
 
 	for (struct h2stream *s = f->streams; s; s = s->next) {
+		if (s->hold_until && now >= s->hold_until) {
+			release_held(f, s);
+			handled = true;
+		}
 		if (s->deadline && !s->down_closed && now >= s->deadline) {
 			s->deadline = 0;
 			cancel_upstream(f, s);

@@ -33,6 +33,8 @@ struct req_entry {
 	const char *traffic_name;   /* the rate limit or fault that answers it (snapshot's) */
 	bool traffic_fault;
 	unsigned retry_after;
+	uint64_t hold_until;        /* conn_clock_ms(): a fault's delay holds its head (or its
+	                               abort) until then; 0: not held */
 	int status;                 /* final status sent to the client */
 	char *method, *path;        /* copies, for the log */
 	char request_id[HTTPREQ_ID_LEN + 1];
@@ -61,6 +63,8 @@ struct httpflow {
 	bool draining;              /* the proxy drains: last response says close */
 	bool upstream_closing;      /* the app's last response said connection: close */
 	bool sniffed;               /* the client's first bytes said HTTP/1.x, not the HTTP/2 preface */
+	char *held;                 /* a delayed request's head, forwarded at its hold_until */
+	size_t held_len;
 };
 
 static struct httpflow *flow(const struct conn *c)
@@ -136,6 +140,7 @@ static void httpflow_free(struct conn *c)
 		entry_clear(&hf->q[i]);
 	http_cleanup(&hf->req);
 	http_cleanup(&hf->resp);
+	free(hf->held);
 	free(hf);
 	c->proto_ctx = NULL;
 }
@@ -306,6 +311,7 @@ static bool decide(struct conn *c, struct req_entry *e, const struct http_head *
 	e->traffic_name = v.traffic_name;
 	e->traffic_fault = v.traffic_fault;
 	e->retry_after = v.retry_after;
+	e->hold_until = v.delay_ms ? conn_clock_ms() + v.delay_ms : 0;
 	return ok;
 }
 
@@ -384,6 +390,48 @@ static bool within_limits(const struct http_head *h)
 	return fields <= HTTP_DEFAULT_MAX_HEADERS && bytes <= HTTP_DEFAULT_MAX_HEADER_BYTES;
 }
 
+/*
+ * A fault's delay: the serialised head waits in hf->held, and nothing more
+ * of the request is read, until its hold_until (the client side's timer,
+ * httpflow_due). No thread waits: the connection just has nothing to write.
+ */
+static void hold_head(struct conn *c)
+{
+	struct httpflow *hf = flow(c);
+	struct relay_dir *r = &c->d[req_dir(c)];
+
+	hf->held = r->owned;
+	hf->held_len = r->out_len;
+	r->owned = NULL;
+	r->out = NULL;
+	r->out_len = 0;
+}
+
+/* Returns true when no head is held (any more): the request side may go on. */
+static bool release_held(struct conn *c)
+{
+	struct httpflow *hf = flow(c);
+	struct relay_dir *r = &c->d[req_dir(c)];
+	struct req_entry *e = hf->q_len ? last(hf) : NULL;
+
+	if (!hf->held)
+		return true;
+	if (e && !e->local_status && e->hold_until && conn_clock_ms() < e->hold_until)
+		return false;
+	if (!e || e->local_status) {    /* answered meanwhile (the upstream went): never sent */
+		free(hf->held);
+	} else {
+		e->hold_until = 0;
+		r->owned = hf->held;
+		r->out = hf->held;
+		r->out_len = hf->held_len;
+		if (hf->q_len == 1)
+			hf->waiting_since = conn_clock_ms();
+	}
+	hf->held = NULL;
+	return true;
+}
+
 static int on_request_head(struct conn *c, const struct http_head *h)
 {
 	struct httpflow *hf = flow(c);
@@ -416,6 +464,8 @@ static int on_request_head(struct conn *c, const struct http_head *h)
 		e->close_after = true;
 		hf->req_dropping = true;
 		stop_requests(c);
+	} else if (e->hold_until) {
+		hold_head(c);
 	}
 	return 1;
 }
@@ -527,6 +577,10 @@ static int produce_request(struct conn *c)
 
 	if (!hf->sniffed && (rc = sniff(c)) != SNIFF_HTTP1)
 		return rc;
+	if (hf->held && !release_held(c))
+		return 0;
+	if (r->out_len)
+		return 1;    /* the head just released */
 	if (hf->req_stopped || r->paused || hf->q_len == HTTPFLOW_INFLIGHT)
 		return 0;
 	/* Fed even with no bytes left: a message may end exactly at the buffer's end. */
@@ -643,8 +697,11 @@ static int produce_response(struct conn *c)
 	struct http_event ev;
 	size_t used = 0;
 
-	if (e && e->local_status && !hf->resp_in_message)
+	if (e && e->local_status && !hf->resp_in_message) {
+		if (e->traffic_fault && e->hold_until > conn_clock_ms())
+			return 0;    /* a delayed abort: answered at hold_until */
 		return answer_front(c);
+	}
 	/* An h2c app may speak first (its SETTINGS): kept until the client's
 	 * preface says which protocol this is. */
 	if (!hf->sniffed)
@@ -737,6 +794,9 @@ static int httpflow_eof(struct conn *c, int d)
 		return 0;
 	}
 	if (d == req_dir(c)) {
+		/* The caller went away while its request was delayed: nothing was sent. */
+		if (hf->held)
+			return conn_close(c, CR_RESET), -1;
 		ev = http_finish(&hf->req);
 		/* A request cut short cannot be answered: its head may be upstream already. */
 		if (ev.type == HTTP_EV_ERROR && !hf->req_between)
@@ -785,13 +845,33 @@ static uint64_t response_due(const struct conn *c)
 	return awaiting_response(hf) ? hf->waiting_since + c->snap->cfg->timeouts.response_head_ms : 0;
 }
 
-/* The request head's deadline on the client's side, the response head's on
- * the upstream's. */
+/* The first end of a fault's delay among the queued requests, 0: none. */
+static uint64_t hold_due(const struct conn *c)
+{
+	const struct httpflow *hf = flow(c);
+	uint64_t due = 0;
+
+	for (size_t i = 0; i < hf->q_len; i++) {
+		const struct req_entry *e = &hf->q[(hf->q_first + i) % HTTPFLOW_INFLIGHT];
+
+		if (e->hold_until && (!due || e->hold_until < due))
+			due = e->hold_until;
+	}
+	return due;
+}
+
+/* The request head's deadline (and a fault's delay) on the client's side,
+ * the response head's on the upstream's. */
 static uint64_t httpflow_due(const struct conn *c, bool tls_side)
 {
 	bool client_side = tls_side == c->inbound;
+	uint64_t head, hold;
 
-	return client_side ? head_due(c) : response_due(c);
+	if (!client_side)
+		return response_due(c);
+	head = head_due(c);
+	hold = c->inbound ? hold_due(c) : 0;
+	return !hold || (head && head < hold) ? head : hold;
 }
 
 /*
@@ -818,8 +898,20 @@ static bool httpflow_on_timeout(struct conn *c, uint64_t now)
 	struct httpflow *hf = flow(c);
 	const struct config_timeouts *t = &c->snap->cfg->timeouts;
 	struct req_entry *e = front(hf);
-	uint64_t due = response_due(c);
+	uint64_t due = response_due(c), hold = c->inbound ? hold_due(c) : 0;
 
+	if (hold && now >= hold) {
+		/* Delays over: their heads go upstream, their aborts answer (when
+		 * the relay gets there; cleared now, so the timer does not spin). */
+		for (size_t i = 0; i < hf->q_len; i++) {
+			struct req_entry *h = &hf->q[(hf->q_first + i) % HTTPFLOW_INFLIGHT];
+
+			if (h->hold_until && h->hold_until <= now)
+				h->hold_until = 0;
+		}
+		conn_kick(c);
+		return true;
+	}
 	if (due && now >= due) {
 		log_warn("conn %llu: no response from %s within %u ms", (unsigned long long)c->id,
 		         conn_destination_text(c), t->response_head_ms);

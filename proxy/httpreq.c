@@ -27,6 +27,7 @@ static bool traffic_admits(const struct conn *c, const struct policy_request *re
 	struct snapshot_traffic_verdict t;
 
 	snapshot_traffic_inbound(c->snap, req, &t);
+	v->delay_ms = t.delay_ms;
 	if (!t.status)
 		return true;
 	v->local_status = t.status;

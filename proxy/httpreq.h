@@ -28,6 +28,9 @@ struct httpreq_verdict {
 	const char *traffic_name;     /* the rate limit or fault (the snapshot's), or NULL */
 	bool traffic_fault;           /* a fault's abort (else a rate limit's 429) */
 	unsigned retry_after;         /* 429: seconds for Retry-After */
+	/* A fault's delay: the request (forwarded, or its fault's abort) waits
+	 * this long first; 0: none. Never set with a rate limit's 429. */
+	uint32_t delay_ms;
 };
 
 /*

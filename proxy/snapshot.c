@@ -239,15 +239,16 @@ static void free_inbound_traffic(struct snapshot_inbound_traffic *it)
 	if (!it)
 		return;
 	traffic_limiter_free(it->limiter);
-	pthread_mutex_destroy(&it->lock);
 	free(it->limited);
 	free(it->faulted);
 	free(it);
 }
 
 /* s->in_traffic from the service's own document, when it has rate limits
- * or faults. Returns 0 or -ENOMEM. */
-static int build_inbound_traffic(struct snapshot *s, struct metrics *m)
+ * or faults; its buckets carry on from prev's (the snapshot it replaces,
+ * or NULL) where a limit did not change. Returns 0 or -ENOMEM. */
+static int build_inbound_traffic(struct snapshot *s, const struct snapshot *prev,
+                                 struct metrics *m)
 {
 	const struct snapshot_traffic *own = snapshot_traffic(s, s->cfg->service);
 	const struct traffic *t = own ? own->t : NULL;
@@ -258,9 +259,10 @@ static int build_inbound_traffic(struct snapshot *s, struct metrics *m)
 	it = calloc(1, sizeof(*it));
 	if (!it)
 		return -ENOMEM;
-	pthread_mutex_init(&it->lock, NULL);
 	it->t = t;
 	it->limiter = traffic_limiter_new(t);
+	if (it->limiter && prev && prev->in_traffic && strcmp(prev->cfg->service, s->cfg->service) == 0)
+		traffic_limiter_inherit(it->limiter, prev->in_traffic->limiter);
 	it->limited = calloc(t->n_rate_limits + 1, sizeof(*it->limited));
 	it->faulted = calloc(t->n_faults + 1, sizeof(*it->faulted));
 	s->in_traffic = it;
@@ -303,10 +305,8 @@ void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_requ
 	if (!it)
 		return;
 	clock_gettime(CLOCK_MONOTONIC, &now);
-	pthread_mutex_lock(&it->lock);
 	rl = traffic_limiter_admit(it->limiter, req,
 	                           (int64_t)now.tv_sec * 1000000 + now.tv_nsec / 1000, &wait);
-	pthread_mutex_unlock(&it->lock);
 	if (rl) {
 		count(it->limited[rl - it->t->rate_limits]);
 		v->status = 429;
@@ -315,12 +315,34 @@ void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_requ
 		return;
 	}
 	traffic_fault_decide(it->t, req, random_u64, NULL, &d);
+	if (d.delay && d.delay_ms) {
+		count(it->faulted[d.delay - it->t->faults]);
+		v->delay_ms = d.delay_ms;
+		v->delay_name = d.delay->sel.name;
+	}
 	if (!d.abort)
 		return;
-	count(it->faulted[d.abort - it->t->faults]);
+	if (d.abort != d.delay || !d.delay_ms)
+		count(it->faulted[d.abort - it->t->faults]);
 	v->status = d.abort_status;
 	v->fault = true;
 	v->name = d.abort->sel.name;
+}
+
+const char *snapshot_traffic_tcp_fault(const struct snapshot *s, const struct policy_request *req)
+{
+	const struct snapshot_inbound_traffic *it = s->in_traffic;
+
+	for (size_t i = 0; it && i < it->t->n_faults; i++) {
+		const struct traffic_fault *f = &it->t->faults[i];
+
+		if (!f->abort_status || !traffic_fault_selects(f, req) ||
+		    !traffic_roll(f->percent, random_u64(NULL)))
+			continue;
+		count(it->faulted[i]);
+		return f->sel.name;
+	}
+	return NULL;
 }
 
 struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
@@ -368,7 +390,7 @@ struct snapshot *snapshot_build(struct config *cfg, struct snapshot_source *src,
 	s->n_traffic = src->n_traffic;
 	src->traffic = NULL;
 	src->n_traffic = 0;
-	if (build_inbound_traffic(s, m) < 0) {
+	if (build_inbound_traffic(s, src->reuse_tls, m) < 0) {
 		err_set(err, "", "out of memory");
 		goto fail;
 	}

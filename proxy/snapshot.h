@@ -46,7 +46,9 @@ struct snapshot_traffic {
 struct snapshot_source {
 	/* NULL, or the same as reuse_tls's (certificate, chain, bundle,
 	 * revocations, options): reuse_tls's contexts are shared, and with them
-	 * its session tickets and the workers' session caches. */
+	 * its session tickets and the workers' session caches. reuse_tls is
+	 * the snapshot being replaced (or NULL): its rate-limit buckets carry
+	 * on too, where a limit did not change. */
 	struct tls_material *tls;
 	const struct snapshot *reuse_tls;
 	struct policy *policy;
@@ -77,12 +79,13 @@ struct snapshot_endpoints {
 
 /*
  * The service's own traffic document as its inbound side applies it: rate
- * limits (one limiter the workers share, behind lock) and faults, with
- * their counters resolved once.
+ * limits (one limiter the workers share; it locks itself, and its buckets
+ * carry on from the previous snapshot's where a limit did not change) and
+ * faults (stateless: every request rolls anew), with their counters
+ * resolved once.
  */
 struct snapshot_inbound_traffic {
 	const struct traffic *t;                   /* in the snapshot's traffic */
-	pthread_mutex_t lock;                      /* guards limiter */
 	struct traffic_limiter *limiter;
 	struct metrics_labeled **limited;          /* one per t->rate_limits */
 	struct metrics_labeled **faulted;          /* one per t->faults */
@@ -94,6 +97,9 @@ struct snapshot_traffic_verdict {
 	bool fault;                     /* status is a fault's abort (else 429, a rate limit) */
 	const char *name;               /* the limit or fault (owned by the snapshot) */
 	unsigned retry_after;           /* 429: seconds for Retry-After */
+	uint32_t delay_ms;              /* a fault's delay before forwarding (or before the
+	                                   abort answers); 0: none */
+	const char *delay_name;         /* the fault that delays (the snapshot's), or NULL */
 };
 
 struct snapshot {
@@ -149,12 +155,22 @@ const struct snapshot_traffic *snapshot_traffic(const struct snapshot *s, const 
 /*
  * Inbound, a request the policy allowed: the service's rate limits take a
  * token for its caller (429 when one has none), then its faults roll
- * (their abort status). Counts meshlet_rate_limited_total and
- * meshlet_faults_injected_total. Fault delays are not applied yet (they
- * need a timer on the data path). Safe from any worker.
+ * (the longest delay that hit, and the first abort: the request waits the
+ * delay, then is forwarded or aborted). Counts meshlet_rate_limited_total
+ * and meshlet_faults_injected_total (a fault that both delays and aborts
+ * once). Safe from any worker.
  */
 void snapshot_traffic_inbound(const struct snapshot *s, const struct policy_request *req,
                               struct snapshot_traffic_verdict *v);
+
+/*
+ * Inbound on a tcp listener, a connection the policy allowed: the first
+ * fault of the service's document that selects it (one with no HTTP
+ * fields), rolls and aborts (abort_status set) closes it. Returns that
+ * fault's name (counted in meshlet_faults_injected_total) or NULL. Rate
+ * limits and delays do not apply to tcp connections.
+ */
+const char *snapshot_traffic_tcp_fault(const struct snapshot *s, const struct policy_request *req);
 
 struct snapshot *snapshot_ref(struct snapshot *s);
 void snapshot_unref(struct snapshot *s);

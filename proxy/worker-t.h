@@ -16,10 +16,12 @@
 #include <event2/listener.h>
 #include <openssl/types.h>
 
+#include "meshlet/config.h"
 #include "acceptguard.h"
 
 struct apppool;
 struct conn;
+struct endpick;
 struct metrics;
 struct relay_buf;
 struct snapshot;
@@ -51,6 +53,9 @@ struct worker_shared {
 	struct metrics *metrics;
 	atomic_uint_fast64_t next_conn_id;
 	atomic_uint open_conns;         /* across workers, for max_connections */
+	/* Per outbound listener: connections to its service, for the traffic
+	 * document's limits.max_connections (conn_pick.c). */
+	atomic_uint upstream_open[CONFIG_MAX_LISTENERS];
 	/* The current snapshot with a new reference (snapshot_unref when done);
 	 * NULL in control mode until the first state arrived. Any thread. */
 	struct snapshot *(*snapshot)(void *arg);
@@ -76,7 +81,7 @@ struct worker {
 	size_t n_free_bufs;
 	unsigned char rand_pool[512];   /* random bytes for request IDs (httpflow) */
 	size_t rand_left;               /* unused bytes at the end of rand_pool */
-	unsigned *rr;                   /* round-robin position per outbound listener */
+	struct endpick *pick;           /* endpoint choice and ejection per outbound listener */
 	struct apppool **apppools;      /* per inbound listener: HTTP/1.1 connections to its
 	                                 * app for HTTP/2 callers (apppool.c), made on first use */
 	size_t n_apppools;

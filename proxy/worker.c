@@ -11,6 +11,7 @@
 
 #include "meshlet/log.h"
 #include "conn.h"
+#include "endpick.h"
 #include "snapshot.h"
 
 #define LISTEN_BACKLOG 4096
@@ -156,9 +157,9 @@ static int worker_listen(struct worker *w, const struct config *cfg)
 	size_t n = 2 * cfg->n_inbound + cfg->n_outbound + (cfg->has_transparent ? 2 : 0), k = 0;
 
 	w->listeners = calloc(n ? n : 1, sizeof(*w->listeners));
-	w->rr = calloc(cfg->n_outbound ? cfg->n_outbound : 1, sizeof(*w->rr));
+	w->pick = endpick_new(cfg->n_outbound);
 	w->apppools = calloc(cfg->n_inbound ? cfg->n_inbound : 1, sizeof(*w->apppools));
-	if (!w->listeners || !w->rr || !w->apppools)
+	if (!w->listeners || !w->pick || !w->apppools)
 		return -ENOMEM;
 	w->n_apppools = cfg->n_inbound;
 	w->n_listeners = n;
@@ -239,7 +240,7 @@ void worker_destroy(struct worker *w)
 	if (w->base)
 		event_base_free(w->base);
 	free(w->listeners);
-	free(w->rr);
+	endpick_free(w->pick);
 }
 
 void *worker_main(void *arg)

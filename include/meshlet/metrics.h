@@ -71,6 +71,11 @@ struct metrics {
 	atomic_int_fast64_t cert_expiry;      /* unix seconds */
 	atomic_int_fast64_t config_version;
 	atomic_int_fast64_t control_connected;
+	/* Callers' traffic rules on the connect step (docs/traffic.md). */
+	atomic_uint_fast64_t retries;             /* meshlet_retries_total */
+	atomic_uint_fast64_t outlier_ejections;   /* meshlet_outlier_ejections_total */
+	atomic_int_fast64_t endpoints_ejected;    /* meshlet_endpoints_ejected (gauge) */
+	atomic_uint_fast64_t overloaded;          /* meshlet_overloaded_total */
 	pthread_mutex_t lock;                 /* guards the decisions list only */
 	struct metrics_decision *decisions;
 	struct metrics_labeled *labeled;      /* guarded by lock too */

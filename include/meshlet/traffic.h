@@ -150,12 +150,22 @@ struct traffic_bucket {
 int64_t traffic_bucket_take(struct traffic_bucket *b, double rps, double burst, int64_t now_us);
 
 /* The buckets of one traffic document's rate limits, per rule and caller.
- * Not thread-safe: one limiter is used by one thread at a time. */
+ * Thread-safe: each rate limit's buckets have a lock of their own. */
 struct traffic_limiter;
 
 /* A limiter for t (which must outlive it); NULL when out of memory. */
 struct traffic_limiter *traffic_limiter_new(const struct traffic *t);
 void traffic_limiter_free(struct traffic_limiter *l);
+
+/*
+ * A new version of the document keeps the tokens of the old: every rate
+ * limit of l's document that from's (may be NULL) has with the same name,
+ * requests_per_second, burst and per shares from's buckets from now on
+ * (reference-counted: both limiters draw from the same tokens, whichever
+ * is freed first). A changed or new limit starts full. Call before l is
+ * used. Returns how many limits were kept.
+ */
+size_t traffic_limiter_inherit(struct traffic_limiter *l, const struct traffic_limiter *from);
 
 /*
  * Takes a token for req (caller req->peer_id) from every rate limit of

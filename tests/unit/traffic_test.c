@@ -454,6 +454,62 @@ static void test_limiter_many_callers(void **state)
 	traffic_free(t);
 }
 
+/*
+ * A new version of the document keeps the buckets of every limit whose
+ * name, rate, burst and kind did not change (also while the old limiter
+ * is still in use: both draw from the same tokens); a changed limit, a
+ * new one, or one changed from per caller to per rule starts full.
+ */
+static void test_limiter_inherit(void **state)
+{
+	struct traffic *t1 = parse_ok(D("\"rate_limits\": ["
+		"{\"name\": \"same\", \"requests_per_second\": 1, \"burst\": 2, \"paths\": [\"/a/*\"]},"
+		"{\"name\": \"rate\", \"requests_per_second\": 1, \"burst\": 2, \"paths\": [\"/b/*\"]},"
+		"{\"name\": \"kind\", \"requests_per_second\": 1, \"burst\": 2, \"paths\": [\"/c/*\"]}]"));
+	/* "same" now also selects /d/ paths (selectors may change), "rate" has a
+	 * new rate, "kind" is per rule, "new" is new. */
+	struct traffic *t2 = parse_ok(D("\"rate_limits\": ["
+		"{\"name\": \"new\", \"requests_per_second\": 1, \"burst\": 2, \"paths\": [\"/n/*\"]},"
+		"{\"name\": \"same\", \"requests_per_second\": 1, \"burst\": 2, \"paths\": [\"/a/*\", \"/d/*\"]},"
+		"{\"name\": \"rate\", \"requests_per_second\": 2, \"burst\": 2, \"paths\": [\"/b/*\"]},"
+		"{\"name\": \"kind\", \"requests_per_second\": 1, \"burst\": 2, \"per\": \"rule\","
+		" \"paths\": [\"/c/*\"]}]"));
+	struct traffic_limiter *l1 = traffic_limiter_new(t1), *l2 = traffic_limiter_new(t2);
+	const char *paths[] = { "/a/x", "/b/x", "/c/x" };
+	struct policy_request r = http_req(FRONTEND, "GET", "/");
+	int64_t wait;
+
+	(void)state;
+	assert_non_null(l1);
+	assert_non_null(l2);
+	for (size_t i = 0; i < 3; i++) {    /* empty every bucket of l1 */
+		r.path = paths[i];
+		assert_null(traffic_limiter_admit(l1, &r, 0, &wait));
+		assert_null(traffic_limiter_admit(l1, &r, 0, &wait));
+		assert_non_null(traffic_limiter_admit(l1, &r, 0, &wait));
+	}
+	assert_int_equal(traffic_limiter_inherit(l2, NULL), 0);
+	assert_int_equal(traffic_limiter_inherit(l2, l1), 1);
+	r.path = "/a/x";
+	assert_ptr_equal(traffic_limiter_admit(l2, &r, 0, &wait), &t2->rate_limits[1]);
+	r.path = "/d/x";    /* the same bucket, the same caller */
+	assert_ptr_equal(traffic_limiter_admit(l2, &r, 0, &wait), &t2->rate_limits[1]);
+	r.path = "/b/x";
+	assert_null(traffic_limiter_admit(l2, &r, 0, &wait));
+	r.path = "/c/x";
+	assert_null(traffic_limiter_admit(l2, &r, 0, &wait));
+	/* A token l2 takes is gone for l1 too, and l1 may go first. */
+	r.path = "/a/x";
+	assert_null(traffic_limiter_admit(l2, &r, SEC, &wait));
+	assert_non_null(traffic_limiter_admit(l1, &r, SEC, &wait));
+	traffic_limiter_free(l1);
+	traffic_free(t1);
+	assert_null(traffic_limiter_admit(l2, &r, 2 * SEC, &wait));
+	assert_non_null(traffic_limiter_admit(l2, &r, 2 * SEC, &wait));
+	traffic_limiter_free(l2);
+	traffic_free(t2);
+}
+
 /* ---- faults ------------------------------------------------------------- */
 
 /* (k - np)^2 <= z^2 n p (1-p), z = 3.2905 (two-sided 99.9 %), without libm. */
@@ -693,6 +749,7 @@ int main(void)
 		cmocka_unit_test(test_limiter_many_callers),
 		cmocka_unit_test(test_fault_percentages),
 		cmocka_unit_test(test_fault_decide),
+		cmocka_unit_test(test_limiter_inherit),
 		cmocka_unit_test(test_retry_budget),
 		cmocka_unit_test(test_backoff),
 		cmocka_unit_test(test_outlier_eject_and_return),
