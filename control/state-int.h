@@ -63,6 +63,7 @@ struct state_proxy {
 	unsigned degraded;             /* API_DEGRADED_* its last poll said (memory only) */
 	bool dirty;                    /* not yet written to the store */
 	struct state_proxy *next;
+	struct state_proxy *hnext;     /* in its bucket of proxy_index */
 };
 
 struct control_state {
@@ -92,6 +93,9 @@ struct control_state {
 	char **revoked;                /* sorted canonical serials */
 	size_t n_revoked, cap_revoked;
 	struct state_proxy *proxies;
+	/* proxies by serial: found on every long poll, so not by a walk */
+	struct state_proxy **proxy_index;
+	size_t n_index, n_proxies;     /* buckets (a power of two), entries */
 	char **gone;                   /* proxies/<serial> keys to delete */
 	size_t n_gone;
 	/* Registry changes bump meta/endpoints at most once per

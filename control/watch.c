@@ -11,6 +11,7 @@
 
 #include "meshlet/identity.h"
 #include "meshlet/log.h"
+#include "tally.h"
 
 struct watch_waiter {
 	struct watch *w;
@@ -32,6 +33,7 @@ struct watch {
 	watch_done_fn done;
 	struct watch_waiter *head;
 	size_t n;
+	struct tally per_cert, per_svc;   /* waiters by certificate serial, by service */
 	size_t max_per_cert, max_per_service, max_total;   /* 0: no limit */
 };
 
@@ -85,6 +87,26 @@ void watch_set_limits(struct watch *w, size_t per_cert, size_t per_service, size
 	w->max_total = total;
 }
 
+/* Counts ww in the tallies the limits are checked against: 0 or -ENOMEM
+ * (then it is counted nowhere). */
+static int waiter_count(struct watch *w, const struct watch_waiter *ww)
+{
+	if (tally_inc(&w->per_svc, ww->svc) < 0)
+		return -ENOMEM;
+	if (ww->cert[0] && tally_inc(&w->per_cert, ww->cert) < 0) {
+		tally_dec(&w->per_svc, ww->svc);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+static void waiter_uncount(struct watch *w, const struct watch_waiter *ww)
+{
+	tally_dec(&w->per_svc, ww->svc);
+	if (ww->cert[0])
+		tally_dec(&w->per_cert, ww->cert);
+}
+
 /* Takes ww off the list and frees it; its call goes to done. */
 static void waiter_finish(struct watch_waiter *ww, bool aborted)
 {
@@ -98,6 +120,7 @@ static void waiter_finish(struct watch_waiter *ww, bool aborted)
 	if (ww->next)
 		ww->next->prev = ww->prev;
 	w->n--;
+	waiter_uncount(w, ww);
 	event_free(ww->timer);
 	if (ww->closed)
 		event_free(ww->closed);
@@ -135,21 +158,17 @@ static void waiter_peer_closed(evutil_socket_t fd, short what, void *arg)
 	evhttp_connection_free(ww->call->evcon);
 }
 
-/* Refuses (429 in call->err, -EBUSY) a waiter over one of the limits. One
- * walk over the waiters: there are at most max_total of them. */
+/* Refuses (429 in call->err, -EBUSY) a waiter over one of the limits. */
 static int watch_admit(const struct watch *w, struct api_call *call, const char *svc)
 {
 	const char *cert = call->caller == CALLER_SVID ? call->peer_serial : "";
-	size_t of_cert = 0, of_svc = 0;
+	size_t of_cert = cert[0] ? tally_get(&w->per_cert, cert) : 0;
+	size_t of_svc = tally_get(&w->per_svc, svc);
 
 	if (w->max_total && w->n >= w->max_total) {
 		api_fail(&call->err, 429, "", "control holds %zu long polls, its limit; retry later",
 		         w->n);
 		return -EBUSY;
-	}
-	for (const struct watch_waiter *ww = w->head; ww; ww = ww->next) {
-		of_cert += cert[0] && strcmp(ww->cert, cert) == 0;
-		of_svc += strcmp(ww->svc, svc) == 0;
 	}
 	if (w->max_per_cert && of_cert >= w->max_per_cert) {
 		api_fail(&call->err, 429, "", "this certificate (serial %s) already holds %zu long "
@@ -175,19 +194,24 @@ int watch_add(struct watch *w, struct api_call *call, const char *svc, int64_t a
 	ww = calloc(1, sizeof(*ww));
 	if (!ww)
 		return -ENOMEM;
+	snprintf(ww->svc, sizeof(ww->svc), "%s", svc);
+	if (call->caller == CALLER_SVID)
+		snprintf(ww->cert, sizeof(ww->cert), "%s", call->peer_serial);
+	if (waiter_count(w, ww) < 0) {
+		free(ww);
+		return -ENOMEM;
+	}
 	ww->timer = evtimer_new(w->base, waiter_timeout, ww);
 	if (!ww->timer || evtimer_add(ww->timer, &tv) < 0) {
 		if (ww->timer)
 			event_free(ww->timer);
+		waiter_uncount(w, ww);
 		free(ww);
 		return -ENOMEM;
 	}
 	ww->w = w;
 	ww->call = call;
 	ww->after = after;
-	snprintf(ww->svc, sizeof(ww->svc), "%s", svc);
-	if (call->caller == CALLER_SVID)
-		snprintf(ww->cert, sizeof(ww->cert), "%s", call->peer_serial);
 	ww->next = w->head;
 	if (w->head)
 		w->head->prev = ww;
@@ -293,5 +317,7 @@ void watch_free(struct watch *w)
 	}
 	if (w->store_changed)
 		event_free(w->store_changed);
+	tally_free(&w->per_cert);
+	tally_free(&w->per_svc);
 	free(w);
 }

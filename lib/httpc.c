@@ -338,6 +338,10 @@ int httpc_new(struct httpc **out, const struct httpc_opts *opts, char *err)
 	SSL_CTX_set_max_proto_version(h->ctx, TLS1_3_VERSION);
 	SSL_CTX_set_options(h->ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
 	SSL_CTX_set_session_cache_mode(h->ctx, SSL_SESS_CACHE_OFF);
+	/* Send the chain we are given and nothing OpenSSL would build from
+	 * the trust store: a root sent along costs control a parsed copy of it
+	 * for as long as the connection lives (docs/benchmarks.md). */
+	SSL_CTX_set_mode(h->ctx, SSL_MODE_NO_AUTO_CHAIN);
 	if (setup_verify(h, opts, err) < 0)
 		goto fail;
 	if (opts->cert || opts->key) {
