@@ -313,3 +313,57 @@ def test_long_poll_wake_ups_read_no_store(control_factory, etcd_factory, tmp_pat
     t.join(10)
     r, t1 = got["svc3"]
     assert r.status == 200 and r.json["version"] > after["svc3"] and t1 - t0 < 1.0, r
+
+
+def store_reads(url):
+    """Store calls that read (get and list) so far, from control's metrics."""
+    samples = prom.parse(prom.scrape(url))[0]
+    return sum(v for (name, labels), v in samples.items()
+               if name == "meshlet_control_store_duration_seconds_count"
+               and dict(labels).get("op") in ("get", "list"))
+
+
+def test_config_answers_reused_until_the_version_moves(control_factory, etcd_factory,  # noqa: F811
+                                                       tmp_path):
+    """30 config answers of one service on C (as 30 proxies re-polling
+    after a timeout) read etcd about once, not 30 times (before: some 17
+    reads each); a write through A moves the version, and C's next answer
+    has it; an answer for a proxy that holds a later version than C knows
+    is read from etcd, never an older one from what C kept."""
+    cluster = etcd_factory(1)
+    kek = make_kek(tmp_path / "kek")
+    port = free_port()
+    a = control_factory.new(name="a", extra_args=etcd_args(cluster, kek))
+    c = control_factory.new(name="c", extra_args=etcd_args(cluster, kek) +
+                            ["--metrics-listen", f"127.0.0.1:{port}"])
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    token = admin_token([a, c])
+    assert a.put_policy(policy_doc("orders"), token=token).status in (200, 201)
+    time.sleep(0.3)
+    path = "/v1/services/orders/config?after=0&wait=0&upstreams=billing"
+    first = c.api("GET", path, token=token)
+    assert first.status == 200, first
+    before = store_reads(metrics)
+    for _ in range(30):
+        r = c.api("GET", path, token=token)
+        assert r.status == 200 and r.json == first.json, r
+    reads = store_reads(metrics) - before
+    print(f"\nstore reads on C for 30 config answers: {reads:.0f}")
+    assert reads <= 3, f"{reads} store reads for 30 answers of one version"
+
+    assert a.put_policy(policy_doc("orders", rules=rule("spiffe://mesh.local/z")),
+                        token=token).status in (200, 201)
+    deadline = time.monotonic() + 1.0
+    while True:
+        r = c.api("GET", path, token=token)
+        if r.json["version"] > first.json["version"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert r.json["version"] > first.json["version"], r
+    assert "spiffe://mesh.local/z" in json.dumps(r.json["policy"]), r
+
+    # a proxy ahead of what C kept: answered from etcd, not from the cache
+    ahead = r.json["version"] + 1000
+    r2 = c.api("GET", f"/v1/services/orders/config?after={ahead}&wait=0&upstreams=billing",
+               token=token)
+    assert r2.status == 200 and r2.json["version"] == r.json["version"], r2
