@@ -209,7 +209,11 @@ static int config_build(struct control_state *st, const char *svc,
 	uint64_t misses = st->store_misses;
 	int r;
 
-	if (state_config_version(st, svc, &version) < 0)
+	/* The version first, then what it versions: the answer is never older
+	 * than its version says. The follower's version saves five round
+	 * trips on etcd; the store's when the proxy holds a later one. */
+	if (state_watch_version(st, svc, &version) < 0 ||
+	    (version < q->after && state_config_version(st, svc, &version) < 0))
 		return state_store_failed(st, se, "read", -EIO);
 	state_key(key, sizeof(key), "policies/", svc);
 	r = kv_json(st, key, &policy, &pver);

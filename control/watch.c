@@ -13,6 +13,9 @@
 #include "meshlet/log.h"
 #include "tally.h"
 
+/* Services remembered for a deferred notify; more make it one for all. */
+#define WATCH_NOTIFY_SVCS 16
+
 struct watch_waiter {
 	struct watch *w;
 	struct api_call *call;
@@ -34,6 +37,12 @@ struct watch {
 	struct watch_waiter *head;
 	size_t n;
 	struct tally per_cert, per_svc;   /* waiters by certificate serial, by service */
+	/* watch_notify() calls not yet carried out (on_notify): every
+	 * service, or these; NULL event: carried out at once */
+	struct event *notify_ev;
+	bool notify_pending, notify_all;
+	size_t n_notify;
+	char notify_svc[WATCH_NOTIFY_SVCS][SERVICE_NAME_MAX + 1];
 	size_t max_per_cert, max_per_service, max_total;   /* 0: no limit */
 };
 
@@ -51,6 +60,27 @@ static void on_store_changed(evutil_socket_t fd, short what, void *arg)
 	watch_notify(w, NULL);
 }
 
+static void notify_now(struct watch *w, const char *svc);
+
+/* The deferred watch_notify() calls, carried out together. */
+static void on_notify(evutil_socket_t fd, short what, void *arg)
+{
+	struct watch *w = arg;
+	char svcs[WATCH_NOTIFY_SVCS][SERVICE_NAME_MAX + 1];
+	size_t n = w->n_notify;
+	bool all = w->notify_all;
+
+	memcpy(svcs, w->notify_svc, n * sizeof(svcs[0]));
+	w->notify_pending = w->notify_all = false;
+	w->n_notify = 0;
+	if (all) {
+		notify_now(w, NULL);
+		return;
+	}
+	for (size_t i = 0; i < n; i++)
+		notify_now(w, svcs[i]);
+}
+
 struct watch *watch_new(struct event_base *base, struct control_state *st, watch_done_fn done)
 {
 	struct watch *w = calloc(1, sizeof(*w));
@@ -61,6 +91,8 @@ struct watch *watch_new(struct event_base *base, struct control_state *st, watch
 	w->base = base;
 	w->st = st;
 	w->done = done;
+	/* Without it, watch_notify() answers at once: slower writes, no harm. */
+	w->notify_ev = event_new(base, -1, 0, on_notify, w);
 	fd = state_follow_fd(st);
 	if (fd >= 0) {
 		w->store_changed = event_new(base, fd, EV_READ | EV_PERSIST, on_store_changed, w);
@@ -267,6 +299,26 @@ static int own_version(struct watch *w, struct seen_version **seen, const char *
 
 void watch_notify(struct watch *w, const char *svc)
 {
+	bool known = false;
+
+	if (!w->notify_ev) {
+		notify_now(w, svc);
+		return;
+	}
+	for (size_t i = 0; svc && i < w->n_notify; i++)
+		known = known || strcmp(w->notify_svc[i], svc) == 0;
+	if (!svc || (!known && w->n_notify == WATCH_NOTIFY_SVCS))
+		w->notify_all = true;
+	else if (!known)
+		snprintf(w->notify_svc[w->n_notify++], sizeof(w->notify_svc[0]), "%s", svc);
+	if (!w->notify_pending) {
+		w->notify_pending = true;
+		event_active(w->notify_ev, EV_TIMEOUT, 0);
+	}
+}
+
+static void notify_now(struct watch *w, const char *svc)
+{
 	struct watch_waiter *ww, *next;
 	struct seen_version *seen = NULL;
 	int64_t shared = 0, own;
@@ -317,6 +369,8 @@ void watch_free(struct watch *w)
 	}
 	if (w->store_changed)
 		event_free(w->store_changed);
+	if (w->notify_ev)
+		event_free(w->notify_ev);
 	tally_free(&w->per_cert);
 	tally_free(&w->per_svc);
 	free(w);
