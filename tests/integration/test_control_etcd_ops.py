@@ -238,13 +238,9 @@ def store_gets(url):
                     frozenset({"op": "get"}.items()))]
 
 
-def test_long_poll_wake_ups_read_no_store(control_factory, etcd_factory, tmp_path):  # noqa: F811
-    """20 long polls on C, for 20 services: writes through A to a service
-    nobody polls wake C's loop (the watch), which finds from the revisions
-    its follower keeps that no poll's version moved, without reading etcd
-    (before: 4 + 20 reads per wake-up). A write to one polled service
-    wakes that poll only; after etcd restarts (the watch is resumed and the
-    revisions primed again) a write still wakes a poll within a second."""
+def a_and_c_with_metrics(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    """One etcd member, replicas A and C (C serving its metrics): (cluster,
+    a, c, C's metrics URL, the admin token)."""
     cluster = etcd_factory(1)
     kek = make_kek(tmp_path / "kek")
     port = free_port()
@@ -253,6 +249,18 @@ def test_long_poll_wake_ups_read_no_store(control_factory, etcd_factory, tmp_pat
                             ["--metrics-listen", f"127.0.0.1:{port}"])
     metrics = f"http://127.0.0.1:{port}/metrics"
     token = admin_token([a, c])
+    return cluster, a, c, metrics, token
+
+
+def test_long_poll_wake_ups_read_no_store(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    """20 long polls on C, for 20 services: writes through A to a service
+    nobody polls wake C's loop (the watch), which finds from the revisions
+    its follower keeps that no poll's version moved, without reading etcd
+    (before: 4 + 20 reads per wake-up). A write to one polled service
+    wakes that poll only; after etcd restarts (the watch is resumed and the
+    revisions primed again) a write still wakes a poll within a second."""
+    cluster, a, c, metrics, token = a_and_c_with_metrics(control_factory, etcd_factory,
+                                                         tmp_path)
     svcs = [f"svc{i}" for i in range(20)]
     for s in svcs:
         assert a.put_policy(policy_doc(s), token=token).status in (200, 201)
@@ -330,14 +338,8 @@ def test_config_answers_reused_until_the_version_moves(control_factory, etcd_fac
     reads each); a write through A moves the version, and C's next answer
     has it; an answer for a proxy that holds a later version than C knows
     is read from etcd, never an older one from what C kept."""
-    cluster = etcd_factory(1)
-    kek = make_kek(tmp_path / "kek")
-    port = free_port()
-    a = control_factory.new(name="a", extra_args=etcd_args(cluster, kek))
-    c = control_factory.new(name="c", extra_args=etcd_args(cluster, kek) +
-                            ["--metrics-listen", f"127.0.0.1:{port}"])
-    metrics = f"http://127.0.0.1:{port}/metrics"
-    token = admin_token([a, c])
+    cluster, a, c, metrics, token = a_and_c_with_metrics(control_factory, etcd_factory,
+                                                         tmp_path)
     assert a.put_policy(policy_doc("orders"), token=token).status in (200, 201)
     time.sleep(0.3)
     path = "/v1/services/orders/config?after=0&wait=0&upstreams=billing"
