@@ -101,7 +101,10 @@ int state_watch_version(struct control_state *st, const char *svc, int64_t *vers
  * A config answer is a function of the service, the services its query
  * asks for and the config version (which moves with every write that
  * changes the answer), except for endpoints that stop being live as their
- * SVID expires: an answer is kept at most CONFIG_CACHE_MAX_AGE_MS. Its
+ * SVID expires (an answer is kept at most CONFIG_CACHE_MAX_AGE_MS) and
+ * registrations whose version bump is coalesced (none is reused while one
+ * made here waits for its bump; one made on another replica shows with
+ * its bump, within CONTROL_ENDPOINTS_COALESCE_MS). Its
  * version is checked against the one the store's follower knows (no round
  * trip on etcd), so a long poll that times out, or one woken with many
  * others, is answered without reading the store again. Direct-mapped:
@@ -164,7 +167,10 @@ static json_t *config_cached_answer(struct control_state *st, const struct confi
 {
 	int64_t now;
 
-	if (!c || !c->key || strcmp(c->key, key) != 0 || c->version < after ||
+	/* A registration not yet in the version (its bump is coalesced,
+	 * state_registry.c) changes answers without moving it: build. */
+	if (!c || !c->key || st->endpoints_pending || strcmp(c->key, key) != 0 ||
+	    c->version < after ||
 	    state_watch_version(st, svc, &now) < 0 || now != c->version ||
 	    state_mono_ms() - c->built_ms > CONFIG_CACHE_MAX_AGE_MS)
 		return NULL;

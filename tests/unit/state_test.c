@@ -772,6 +772,36 @@ static void test_registry_claims(void **state)
 	assert_int_equal(reg(f, "orders", "10.0.0.3:8443", 0, serial, later, "10.0.0.3:1", &se), 0);
 }
 
+/* A registration whose version bump is coalesced (pending) changes the
+ * answer without moving the version: the kept answer is not reused then. */
+static void test_config_answer_shows_pending_registration(void **state)
+{
+	struct fixture *f = *state;
+	struct state_error se = {0};
+	struct api_config_query q = { .upstreams_all = true };
+	int64_t later = time(NULL) + 600, v1 = 0, v2 = 0;
+	char serial[CA_SERIAL_HEX_MAX];
+	json_t *a, *b;
+
+	joined(f, "orders", serial);
+	assert_int_equal(reg(f, "orders", "10.0.0.1:8443", 8080, serial, later, "10.0.0.1:1", &se), 0);
+	assert_int_equal(state_endpoints_touch(f->st), 0);          /* bumped at once */
+	assert_int_equal(state_config(f->st, "frontend", &q, &a, &se), 0);
+	assert_int_equal(json_array_size(json_object_get(json_object_get(a, "endpoints"),
+	                                                 "orders")), 1);
+	assert_int_equal(state_config_version(f->st, "frontend", &v1), 0);
+	assert_int_equal(reg(f, "orders", "10.0.0.1:9443", 9090, serial, later, "10.0.0.1:1", &se), 0);
+	assert_true(state_endpoints_touch(f->st) > 0);              /* coalesced: later */
+	assert_int_equal(state_config_version(f->st, "frontend", &v2), 0);
+	assert_int_equal(v1, v2);
+	assert_int_equal(state_config(f->st, "frontend", &q, &b, &se), 0);
+	assert_ptr_not_equal(a, b);
+	assert_int_equal(json_array_size(json_object_get(json_object_get(b, "endpoints"),
+	                                                 "orders")), 2);
+	json_decref(a);
+	json_decref(b);
+}
+
 static void test_registry_revoked_entry_frees_claim(void **state)
 {
 	struct fixture *f = *state;
@@ -1061,6 +1091,7 @@ int main(void)
 		T(test_policy_versions),
 		T(test_traffic_documents),
 		T(test_config_answer_reused_per_version),
+		T(test_config_answer_shows_pending_registration),
 		T(test_policy_too_large),
 		T(test_check),
 		T(test_join_token_single_use),
