@@ -3,6 +3,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -24,6 +25,8 @@ void gate_init(struct gate *g, const struct http_limits *lim, struct bufferevent
 void gate_cleanup(struct gate *g)
 {
 	http_cleanup(&g->parser);
+	free(g->err);
+	g->err = NULL;
 }
 
 int gate_fail(struct api_error *ae, int status, const char *fmt, ...)
@@ -84,11 +87,17 @@ static void refuse(struct gate *g, struct evbuffer *dst, const struct http_head 
 	const char *m = h && method_ok(h->method) ? h->method : "GET";
 	const char *path = h && h->path && h->path[0] == '/' ? h->path : "/";
 
-	if (g->err.status) {
+	if (g->err) {
 		g->dead = true;
 		return;
 	}
-	g->err = *ae;
+	g->err = malloc(sizeof(*g->err));
+	if (!g->err) {
+		/* No room for the answer: the connection goes, as when framing is lost. */
+		g->dead = true;
+		return;
+	}
+	*g->err = *ae;
 	evbuffer_add_printf(dst, "%s %s HTTP/1.1\r\nHost: control\r\nContent-Length: 0\r\n"
 	                    "%s: 1\r\n\r\n", m, path, GATE_MARK);
 	if (dead)
@@ -168,17 +177,20 @@ enum bufferevent_filter_result gate_in(struct evbuffer *src, struct evbuffer *ds
 
 	(void)limit;
 	(void)mode;
-	while (evbuffer_get_length(src) > 0) {
-		size_t used = 0;
+	/* Fed on with nothing left too: a bodiless request's MESSAGE_COMPLETE
+	 * then comes at once, and its head buffer is freed (http_shrink) while
+	 * the request waits, instead of when the next request arrives. */
+	for (;;) {
+		size_t used = 0, len = evbuffer_get_length(src);
 		struct http_event ev;
 
 		if (g->dead) {
-			evbuffer_drain(src, evbuffer_get_length(src));
+			evbuffer_drain(src, len);
 			return progress ? BEV_OK : BEV_NEED_MORE;
 		}
-		if (evbuffer_peek(src, -1, NULL, &v, 1) < 1)
+		if (len > 0 && evbuffer_peek(src, -1, NULL, &v, 1) < 1)
 			break;
-		ev = http_feed(&g->parser, v.iov_base, v.iov_len, &used);
+		ev = http_feed(&g->parser, len ? v.iov_base : "", len ? v.iov_len : 0, &used);
 		step(g, ev, used, src, dst);
 		progress = progress || used > 0 || ev.type != HTTP_EV_NEED_MORE;
 		if (ev.type == HTTP_EV_NEED_MORE && used == 0)
@@ -191,9 +203,13 @@ bool gate_refused(struct gate *g, struct evhttp_request *req, struct api_error *
 {
 	if (!evhttp_find_header(evhttp_request_get_input_headers(req), GATE_MARK))
 		return false;
-	*ae = g->err;
+	if (g->err)
+		*ae = *g->err;
+	else
+		memset(ae, 0, sizeof(*ae));
 	if (!ae->status)
 		api_fail(ae, 500, "", "the request gate lost its answer");
-	memset(&g->err, 0, sizeof(g->err));
+	free(g->err);
+	g->err = NULL;
 	return true;
 }

@@ -47,7 +47,8 @@ struct gate {
 	bool in_body;                  /* between a head and its end */
 	bool drop;                     /* this body is refused: read and discard it */
 	bool dead;                     /* framing lost or refusals piling up: discard all */
-	struct api_error err;          /* the answer to the marked head (status 0: none) */
+	struct api_error *err;         /* the answer to the marked head, or NULL
+	                                * (allocated: one gate lives per connection) */
 };
 
 /* Sets g up for a connection over tls with the head limits lim. */

@@ -230,7 +230,11 @@ static int h_config(struct api_call *call)
 	if (api_parse_config_query(call->query, &q, &e) < 0)
 		return bad_request(call, &e);
 	take_stats(call);
-	if (state_config_version(call->st, call->svc, &v) < 0)
+	/* The version as the store's follower knows it (no round trip on
+	 * etcd); from the store itself when that is behind the proxy's (the
+	 * follower lags a write made elsewhere): it must not look older. */
+	if (state_watch_version(call->st, call->svc, &v) < 0 ||
+	    (v < q.after && state_config_version(call->st, call->svc, &v) < 0))
 		return api_fail(&call->err, state_store_down(call->st) ? 503 : 500, "",
 		                "the state store failed; see control's log");
 	/* Past V: answer. Behind V (control's state was restored, or V came

@@ -57,7 +57,10 @@ struct ctl_conn {
 	bool evicted;                  /* shut to make room (conn_make_room) */
 	bool checked;                  /* peer identity below filled in */
 	bool has_svid;
-	struct spiffe_id id;
+	/* The SVID's ID and service, kept small: one of these lives per
+	 * waiting proxy (a struct spiffe_id is 2.4 KB). */
+	char *uri;
+	char service[SERVICE_NAME_MAX + 1];
 	char serial[CA_SERIAL_HEX_MAX];
 	int64_t not_after;
 	int refused;                   /* why the handshake refused its certificate */
@@ -115,6 +118,7 @@ static void conn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long
 	if (c->deadline)
 		event_free(c->deadline);
 	gate_cleanup(&c->gate);
+	free(c->uri);
 	if (c->prev)
 		c->prev->next = c->next;
 	else
@@ -274,16 +278,19 @@ static void conn_identify(struct ctl_conn *c)
 {
 	SSL *ssl = bufferevent_openssl_get_ssl(c->bev);
 	X509 *leaf = ssl ? SSL_get0_peer_certificate(ssl) : NULL;
+	struct spiffe_id id;
 
 	if (c->checked)
 		return;
 	c->checked = true;
 	if (!leaf || SSL_get_verify_result(ssl) != X509_V_OK)
 		return;
-	if (identity_check_svid(leaf, state_trust_domain(c->srv->st), ROLE_CLIENT, &c->id) != ID_OK ||
-	    ca_serial_hex(leaf, c->serial) < 0 || ca_cert_not_after(leaf, &c->not_after) < 0)
+	if (identity_check_svid(leaf, state_trust_domain(c->srv->st), ROLE_CLIENT, &id) != ID_OK ||
+	    ca_serial_hex(leaf, c->serial) < 0 || ca_cert_not_after(leaf, &c->not_after) < 0 ||
+	    id.service[0] == '\0' || !(c->uri = strdup(id.uri)))
 		return;
-	c->has_svid = c->id.service[0] != '\0';
+	snprintf(c->service, sizeof(c->service), "%s", id.service);
+	c->has_svid = true;
 }
 
 /* accept() failed (EMFILE, ENFILE, ENOBUFS...): the pending connection
@@ -637,14 +644,14 @@ static int authenticate(struct api_call *call, struct ctl_conn *c, const char *h
 	if (c->has_svid) {
 		/* An SVID's ID fits: its service and trust domain are bounded. */
 		snprintf(call->caller_id, sizeof(call->caller_id), "%.*s",
-		         (int)sizeof(call->caller_id) - 1, c->id.uri);
+		         (int)sizeof(call->caller_id) - 1, c->uri);
 		if (c->not_after <= (int64_t)time(NULL))
 			return call_error(call, 401, "", "your SVID expired; reconnect with a valid one "
 			                  "or join again with a token");
 		if (state_is_revoked(call->st, c->serial))
 			return call_error(call, 403, "", "your SVID (serial %s) is revoked", c->serial);
 		call->caller = CALLER_SVID;
-		snprintf(call->peer_svc, sizeof(call->peer_svc), "%s", c->id.service);
+		snprintf(call->peer_svc, sizeof(call->peer_svc), "%s", c->service);
 		snprintf(call->peer_serial, sizeof(call->peer_serial), "%s", c->serial);
 		call->peer_not_after = c->not_after;
 	}

@@ -63,6 +63,7 @@ struct state_proxy {
 	unsigned degraded;             /* API_DEGRADED_* its last poll said (memory only) */
 	bool dirty;                    /* not yet written to the store */
 	struct state_proxy *next;
+	struct state_proxy *hnext;     /* in its bucket of proxy_index */
 };
 
 struct control_state {
@@ -92,6 +93,9 @@ struct control_state {
 	char **revoked;                /* sorted canonical serials */
 	size_t n_revoked, cap_revoked;
 	struct state_proxy *proxies;
+	/* proxies by serial: found on every long poll, so not by a walk */
+	struct state_proxy **proxy_index;
+	size_t n_index, n_proxies;     /* buckets (a power of two), entries */
 	char **gone;                   /* proxies/<serial> keys to delete */
 	size_t n_gone;
 	/* Registry changes bump meta/endpoints at most once per
@@ -100,6 +104,8 @@ struct control_state {
 	bool endpoints_pending;        /* a change not yet in the version */
 	bool endpoints_timer;          /* a state_endpoints_flush() call is due */
 	int64_t endpoints_bumped_ms;   /* monotonic time of the last bump */
+	/* Config answers kept for reuse (state_config.c), NULL until the first. */
+	struct config_cached *config_cache;
 };
 
 /* ---- small helpers (state.c) ---- */
@@ -116,6 +122,9 @@ static inline const char *jstr(const json_t *o, const char *k)
 }
 
 int64_t state_now(void);
+
+/* CLOCK_MONOTONIC in milliseconds. */
+int64_t state_mono_ms(void);
 
 /* RFC 3339 of t into out (CA_TIME_LEN); returns out. */
 const char *state_fmt_time(int64_t t, char *out);
@@ -282,5 +291,8 @@ void state_proxies_load(struct control_state *st);
 /* Writes dirty entries and deletes dropped ones, in chunks; 0 or -errno. */
 int state_proxies_flush(struct control_state *st);
 void state_proxies_free(struct control_state *st);
+
+/* Frees the config answers kept for reuse (state_config.c). */
+void state_config_cache_free(struct control_state *st);
 
 #endif

@@ -29,6 +29,14 @@ int64_t state_now(void)
 	return (int64_t)time(NULL);
 }
 
+int64_t state_mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 const char *state_fmt_time(int64_t t, char *out)
 {
 	if (ca_time_rfc3339(t, out) < 0)
@@ -767,6 +775,7 @@ void state_close(struct control_state *st)
 	state_roots_free(st);
 	state_revoked_free(st);
 	state_proxies_free(st);
+	state_config_cache_free(st);
 	OPENSSL_cleanse(st->admin_digest, sizeof(st->admin_digest));
 	OPENSSL_cleanse(st->kek, sizeof(st->kek));
 	free(st);

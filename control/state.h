@@ -292,12 +292,17 @@ int state_config_version_own(struct control_state *st, const char *svc, int64_t 
  * by a watch event, which wakes the long polls again when it arrives. */
 int state_watch_version_shared(struct control_state *st, int64_t *version);
 int state_watch_version_own(struct control_state *st, const char *svc, int64_t *version);
+/* Both, the larger: svc's config version as the follower knows it. */
+int state_watch_version(struct control_state *st, const char *svc, int64_t *version);
 
 /* {service, version, policy|null, policy_version, bundle_version,
  *  cert_generation, endpoints: {svc: [{address, ports}]}, traffic: {svc:
  *  {version, traffic}}}: endpoints of the live entries of the services q
  *  asks for (upstreams=), none when it asks for none; traffic documents of
- *  svc and of those services. */
+ *  svc and of those services. The same answer (a new reference to one
+ *  object: do not change it) is reused for the same service and upstreams
+ *  while the version the follower knows is its version, for at most 10 s,
+ *  and never for a proxy that holds a later version (q->after). */
 int state_config(struct control_state *st, const char *svc, const struct api_config_query *q,
                  json_t **out, struct state_error *se);
 

@@ -4,25 +4,51 @@
  * write) and written by housekeeping and at close; see state.h.
  */
 #include "state-int.h"
+#include "tally.h"
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+static struct state_proxy **index_slot(const struct control_state *st, const char *serial)
+{
+	struct state_proxy **pp = &st->proxy_index[tally_hash(serial) & (st->n_index - 1)];
+
+	while (*pp && strcmp((*pp)->serial, serial) != 0)
+		pp = &(*pp)->hnext;
+	return pp;
+}
+
+/* Doubles the index's buckets; without memory the chains grow longer. */
+static void index_grow(struct control_state *st)
+{
+	size_t n = st->n_index ? st->n_index * 2 : 256;
+	struct state_proxy **b = calloc(n, sizeof(*b));
+
+	if (!b)
+		return;
+	free(st->proxy_index);
+	st->proxy_index = b;
+	st->n_index = n;
+	for (struct state_proxy *p = st->proxies; p; p = p->next) {
+		size_t k = tally_hash(p->serial) & (n - 1);
+
+		p->hnext = b[k];
+		b[k] = p;
+	}
+}
+
 struct state_proxy *state_proxy_find(struct control_state *st, const char *serial)
 {
-	for (struct state_proxy *p = st->proxies; p; p = p->next) {
-		if (strcmp(p->serial, serial) == 0)
-			return p;
-	}
-	return NULL;
+	return st->n_index ? *index_slot(st, serial) : NULL;
 }
 
 struct state_proxy *state_proxy_add(struct control_state *st, const char *serial,
                                     const char *svc)
 {
-	struct state_proxy *p = calloc(1, sizeof(*p));
+	struct state_proxy *p = calloc(1, sizeof(*p)), **slot;
 
 	if (!p)
 		return NULL;
@@ -31,6 +57,22 @@ struct state_proxy *state_proxy_add(struct control_state *st, const char *serial
 	p->held = -1;
 	p->next = st->proxies;
 	st->proxies = p;
+	st->n_proxies++;
+	if (st->n_proxies > st->n_index) {
+		index_grow(st);      /* also indexes p */
+		if (st->n_index)
+			return p;
+	}
+	if (!st->n_index) {
+		/* Not even a first index: p is unfindable, so not kept. */
+		st->proxies = p->next;
+		st->n_proxies--;
+		free(p);
+		return NULL;
+	}
+	slot = index_slot(st, serial);
+	p->hnext = *slot;
+	*slot = p;
 	return p;
 }
 
@@ -58,6 +100,15 @@ void state_proxy_drop(struct control_state *st, struct state_proxy *p)
 			break;
 		}
 	}
+	for (struct state_proxy **pp = st->n_index ? &st->proxy_index[tally_hash(p->serial) &
+	                                                           (st->n_index - 1)] : NULL;
+	     pp && *pp; pp = &(*pp)->hnext) {
+		if (*pp == p) {
+			*pp = p->hnext;
+			break;
+		}
+	}
+	st->n_proxies--;
 	proxy_free(p);
 }
 
@@ -69,6 +120,9 @@ void state_proxies_free(struct control_state *st)
 		st->proxies = p->next;
 		proxy_free(p);
 	}
+	free(st->proxy_index);
+	st->proxy_index = NULL;
+	st->n_index = st->n_proxies = 0;
 	for (size_t i = 0; i < st->n_gone; i++)
 		free(st->gone[i]);
 	free(st->gone);

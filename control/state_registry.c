@@ -205,10 +205,7 @@ int state_endpoints_json(struct control_state *st, const struct api_config_query
 
 static int64_t mono_ms(void)
 {
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	return state_mono_ms();
 }
 
 static int bump_txn(struct control_state *st, struct batch *b, void *arg,

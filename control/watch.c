@@ -11,6 +11,10 @@
 
 #include "meshlet/identity.h"
 #include "meshlet/log.h"
+#include "tally.h"
+
+/* Services remembered for a deferred notify; more make it one for all. */
+#define WATCH_NOTIFY_SVCS 16
 
 struct watch_waiter {
 	struct watch *w;
@@ -32,6 +36,13 @@ struct watch {
 	watch_done_fn done;
 	struct watch_waiter *head;
 	size_t n;
+	struct tally per_cert, per_svc;   /* waiters by certificate serial, by service */
+	/* watch_notify() calls not yet carried out (on_notify): every
+	 * service, or these; NULL event: carried out at once */
+	struct event *notify_ev;
+	bool notify_pending, notify_all;
+	size_t n_notify;
+	char notify_svc[WATCH_NOTIFY_SVCS][SERVICE_NAME_MAX + 1];
 	size_t max_per_cert, max_per_service, max_total;   /* 0: no limit */
 };
 
@@ -49,6 +60,27 @@ static void on_store_changed(evutil_socket_t fd, short what, void *arg)
 	watch_notify(w, NULL);
 }
 
+static void notify_now(struct watch *w, const char *svc);
+
+/* The deferred watch_notify() calls, carried out together. */
+static void on_notify(evutil_socket_t fd, short what, void *arg)
+{
+	struct watch *w = arg;
+	char svcs[WATCH_NOTIFY_SVCS][SERVICE_NAME_MAX + 1];
+	size_t n = w->n_notify;
+	bool all = w->notify_all;
+
+	memcpy(svcs, w->notify_svc, n * sizeof(svcs[0]));
+	w->notify_pending = w->notify_all = false;
+	w->n_notify = 0;
+	if (all) {
+		notify_now(w, NULL);
+		return;
+	}
+	for (size_t i = 0; i < n; i++)
+		notify_now(w, svcs[i]);
+}
+
 struct watch *watch_new(struct event_base *base, struct control_state *st, watch_done_fn done)
 {
 	struct watch *w = calloc(1, sizeof(*w));
@@ -59,6 +91,8 @@ struct watch *watch_new(struct event_base *base, struct control_state *st, watch
 	w->base = base;
 	w->st = st;
 	w->done = done;
+	/* Without it, watch_notify() answers at once: slower writes, no harm. */
+	w->notify_ev = event_new(base, -1, 0, on_notify, w);
 	fd = state_follow_fd(st);
 	if (fd >= 0) {
 		w->store_changed = event_new(base, fd, EV_READ | EV_PERSIST, on_store_changed, w);
@@ -85,6 +119,26 @@ void watch_set_limits(struct watch *w, size_t per_cert, size_t per_service, size
 	w->max_total = total;
 }
 
+/* Counts ww in the tallies the limits are checked against: 0 or -ENOMEM
+ * (then it is counted nowhere). */
+static int waiter_count(struct watch *w, const struct watch_waiter *ww)
+{
+	if (tally_inc(&w->per_svc, ww->svc) < 0)
+		return -ENOMEM;
+	if (ww->cert[0] && tally_inc(&w->per_cert, ww->cert) < 0) {
+		tally_dec(&w->per_svc, ww->svc);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+static void waiter_uncount(struct watch *w, const struct watch_waiter *ww)
+{
+	tally_dec(&w->per_svc, ww->svc);
+	if (ww->cert[0])
+		tally_dec(&w->per_cert, ww->cert);
+}
+
 /* Takes ww off the list and frees it; its call goes to done. */
 static void waiter_finish(struct watch_waiter *ww, bool aborted)
 {
@@ -98,6 +152,7 @@ static void waiter_finish(struct watch_waiter *ww, bool aborted)
 	if (ww->next)
 		ww->next->prev = ww->prev;
 	w->n--;
+	waiter_uncount(w, ww);
 	event_free(ww->timer);
 	if (ww->closed)
 		event_free(ww->closed);
@@ -135,21 +190,17 @@ static void waiter_peer_closed(evutil_socket_t fd, short what, void *arg)
 	evhttp_connection_free(ww->call->evcon);
 }
 
-/* Refuses (429 in call->err, -EBUSY) a waiter over one of the limits. One
- * walk over the waiters: there are at most max_total of them. */
+/* Refuses (429 in call->err, -EBUSY) a waiter over one of the limits. */
 static int watch_admit(const struct watch *w, struct api_call *call, const char *svc)
 {
 	const char *cert = call->caller == CALLER_SVID ? call->peer_serial : "";
-	size_t of_cert = 0, of_svc = 0;
+	size_t of_cert = cert[0] ? tally_get(&w->per_cert, cert) : 0;
+	size_t of_svc = tally_get(&w->per_svc, svc);
 
 	if (w->max_total && w->n >= w->max_total) {
 		api_fail(&call->err, 429, "", "control holds %zu long polls, its limit; retry later",
 		         w->n);
 		return -EBUSY;
-	}
-	for (const struct watch_waiter *ww = w->head; ww; ww = ww->next) {
-		of_cert += cert[0] && strcmp(ww->cert, cert) == 0;
-		of_svc += strcmp(ww->svc, svc) == 0;
 	}
 	if (w->max_per_cert && of_cert >= w->max_per_cert) {
 		api_fail(&call->err, 429, "", "this certificate (serial %s) already holds %zu long "
@@ -175,19 +226,24 @@ int watch_add(struct watch *w, struct api_call *call, const char *svc, int64_t a
 	ww = calloc(1, sizeof(*ww));
 	if (!ww)
 		return -ENOMEM;
+	snprintf(ww->svc, sizeof(ww->svc), "%s", svc);
+	if (call->caller == CALLER_SVID)
+		snprintf(ww->cert, sizeof(ww->cert), "%s", call->peer_serial);
+	if (waiter_count(w, ww) < 0) {
+		free(ww);
+		return -ENOMEM;
+	}
 	ww->timer = evtimer_new(w->base, waiter_timeout, ww);
 	if (!ww->timer || evtimer_add(ww->timer, &tv) < 0) {
 		if (ww->timer)
 			event_free(ww->timer);
+		waiter_uncount(w, ww);
 		free(ww);
 		return -ENOMEM;
 	}
 	ww->w = w;
 	ww->call = call;
 	ww->after = after;
-	snprintf(ww->svc, sizeof(ww->svc), "%s", svc);
-	if (call->caller == CALLER_SVID)
-		snprintf(ww->cert, sizeof(ww->cert), "%s", call->peer_serial);
 	ww->next = w->head;
 	if (w->head)
 		w->head->prev = ww;
@@ -243,6 +299,26 @@ static int own_version(struct watch *w, struct seen_version **seen, const char *
 
 void watch_notify(struct watch *w, const char *svc)
 {
+	bool known = false;
+
+	if (!w->notify_ev) {
+		notify_now(w, svc);
+		return;
+	}
+	for (size_t i = 0; svc && i < w->n_notify; i++)
+		known = known || strcmp(w->notify_svc[i], svc) == 0;
+	if (!svc || (!known && w->n_notify == WATCH_NOTIFY_SVCS))
+		w->notify_all = true;
+	else if (!known)
+		snprintf(w->notify_svc[w->n_notify++], sizeof(w->notify_svc[0]), "%s", svc);
+	if (!w->notify_pending) {
+		w->notify_pending = true;
+		event_active(w->notify_ev, EV_TIMEOUT, 0);
+	}
+}
+
+static void notify_now(struct watch *w, const char *svc)
+{
 	struct watch_waiter *ww, *next;
 	struct seen_version *seen = NULL;
 	int64_t shared = 0, own;
@@ -293,5 +369,9 @@ void watch_free(struct watch *w)
 	}
 	if (w->store_changed)
 		event_free(w->store_changed);
+	if (w->notify_ev)
+		event_free(w->notify_ev);
+	tally_free(&w->per_cert);
+	tally_free(&w->per_svc);
 	free(w);
 }

@@ -44,7 +44,11 @@ void watch_free(struct watch *w);
 int watch_add(struct watch *w, struct api_call *call, const char *svc, int64_t after, int wait_s);
 
 /* Something changed: answers the waiters of svc (NULL: of every service)
- * whose config version has passed their after. */
+ * whose config version has passed their after. They are answered on the
+ * next turn of the event loop, not within this call: the write that
+ * caused the change is answered first (answering thousands of waiters can
+ * take seconds on etcd, longer than the writer's connection may idle),
+ * and a burst of writes wakes them once. */
 void watch_notify(struct watch *w, const char *svc);
 
 /* Answers every waiter now (shutting down). */

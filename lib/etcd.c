@@ -1,32 +1,21 @@
 /* etcd: a blocking client of etcd's v3 JSON gateway; see etcd.h. */
 #include "meshlet/etcd.h"
+#include "meshlet/tlsio.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
-#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <sys/socket.h>
 
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
-
-/* One connection: a socket, and TLS on it for https. */
-struct conn {
-	int fd;
-	SSL *ssl;
-	int64_t deadline;     /* monotonic ms; 0: none */
-};
 
 struct endpoint {
 	char url[256];        /* as given, for messages */
@@ -42,12 +31,15 @@ struct etcd {
 	bool client_cert;     /* --etcd-cert given */
 	int timeout_ms;
 	char err[ETCD_ERR_MAX];
-	struct conn keep;     /* the connection of the last call, kept alive (fd -1: none) */
+	struct tlsio keep;    /* the connection of the last call, kept alive (fd -1: none) */
 	size_t keep_ep;       /* its endpoint */
 	unsigned long connects;   /* connections opened, ever */
 };
 
-static void conn_close(struct conn *cn);
+static void conn_close(struct tlsio *cn)
+{
+	tlsio_close(cn, false);
+}
 
 __attribute__((format(printf, 2, 3)))
 static void set_err(struct etcd *c, const char *fmt, ...)
@@ -76,10 +68,7 @@ const char *etcd_endpoint(const struct etcd *c)
 
 static int64_t now_ms(void)
 {
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+	return tlsio_now_ms();
 }
 
 /* ---- base64 and JSON fields ---- */
@@ -286,7 +275,7 @@ int etcd_new(struct etcd **out, const struct etcd_opts *o, struct meshlet_err *e
 	*out = NULL;
 	if (!c)
 		return err_set(err, "", "out of memory");
-	c->keep.fd = -1;
+	tlsio_init(&c->keep);
 	c->timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 5000;
 	if (!s || !*s)
 		r = err_set(err, "", "no etcd endpoint");
@@ -321,104 +310,7 @@ void etcd_free(struct etcd *c)
 
 /* ---- one connection ---- */
 
-static int wait_fd(const struct conn *cn, short events)
-{
-	struct pollfd p = { .fd = cn->fd, .events = events };
-	int64_t left = cn->deadline ? cn->deadline - now_ms() : -1;
-	int r;
-
-	if (cn->deadline && left <= 0)
-		return -ETIMEDOUT;
-	do
-		r = poll(&p, 1, (int)left);
-	while (r < 0 && errno == EINTR);
-	return r > 0 ? 0 : r == 0 ? -ETIMEDOUT : -errno;
-}
-
-static void conn_close(struct conn *cn)
-{
-	if (cn->ssl) {
-		SSL_free(cn->ssl);
-		cn->ssl = NULL;
-	}
-	if (cn->fd >= 0)
-		close(cn->fd);
-	cn->fd = -1;
-}
-
-/* A non-blocking connect to one address within ETCD_CONNECT_TIMEOUT_MS. */
-static int connect_addr(struct conn *cn, const struct addrinfo *ai)
-{
-	int64_t saved = cn->deadline, cap = now_ms() + ETCD_CONNECT_TIMEOUT_MS;
-	int soerr = 0, r;
-	socklen_t sl = sizeof(soerr);
-
-	int one = 1;
-
-	cn->fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-	                ai->ai_protocol);
-	if (cn->fd < 0)
-		return -errno;
-	/* Requests are single small writes answered at once: no Nagle. */
-	setsockopt(cn->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	if (connect(cn->fd, ai->ai_addr, ai->ai_addrlen) == 0)
-		return 0;
-	if (errno != EINPROGRESS)
-		return -errno;
-	if (!cn->deadline || cap < cn->deadline)
-		cn->deadline = cap;
-	r = wait_fd(cn, POLLOUT);
-	cn->deadline = saved;
-	if (r)
-		return r;
-	if (getsockopt(cn->fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
-		return -errno;
-	return -soerr;
-}
-
-/* Runs an SSL call until it stops wanting I/O or the deadline passes. */
-static int ssl_io(struct conn *cn, int (*op)(SSL *, void *, int), void *buf, int len)
-{
-	for (;;) {
-		int r = op(cn->ssl, buf, len), e;
-
-		if (r > 0)
-			return r;
-		e = SSL_get_error(cn->ssl, r);
-		if (e == SSL_ERROR_ZERO_RETURN)
-			return 0;
-		if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-			int w = wait_fd(cn, e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT);
-			if (w)
-				return w;
-			continue;
-		}
-		/* A peer that closes without close_notify: the end of the answer. */
-		if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
-			return 0;
-		ERR_clear_error();
-		return -EPROTO;
-	}
-}
-
-static int ssl_handshake_op(SSL *ssl, void *buf, int len)
-{
-	(void)buf;
-	(void)len;
-	return SSL_connect(ssl);
-}
-
-static int ssl_read_op(SSL *ssl, void *buf, int len)
-{
-	return SSL_read(ssl, buf, len);
-}
-
-static int ssl_write_op(SSL *ssl, void *buf, int len)
-{
-	return SSL_write(ssl, buf, len);
-}
-
-static int tls_start(struct etcd *c, struct conn *cn, const struct endpoint *ep)
+static int tls_start(struct etcd *c, struct tlsio *cn, const struct endpoint *ep)
 {
 	struct in6_addr a6;
 	struct in_addr a4;
@@ -433,7 +325,8 @@ static int tls_start(struct etcd *c, struct conn *cn, const struct endpoint *ep)
 	else if (SSL_set1_host(cn->ssl, ep->host) != 1 ||
 	         SSL_set_tlsext_host_name(cn->ssl, ep->host) != 1)
 		return -ENOMEM;
-	r = ssl_io(cn, ssl_handshake_op, NULL, 0);
+	r = tlsio_handshake(cn);
+	ERR_clear_error();
 	if (r <= 0) {
 		long v = SSL_get_verify_result(cn->ssl);
 		set_err(c, "%s: TLS handshake failed%s%s", ep->url, v != X509_V_OK ? ": " : "",
@@ -444,28 +337,23 @@ static int tls_start(struct etcd *c, struct conn *cn, const struct endpoint *ep)
 }
 
 /* Connects to ep (any of its addresses), TLS included. */
-static int conn_open(struct etcd *c, struct conn *cn, const struct endpoint *ep)
+static int conn_open(struct etcd *c, struct tlsio *cn, const struct endpoint *ep)
 {
-	struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res = NULL, *ai;
-	int r = getaddrinfo(ep->host, ep->port, &hints, &res);
+	char why[256] = "";
+	int r;
 
 	cn->fd = -1;
 	cn->ssl = NULL;
+	cn->cancel_fd = -1;
+	cn->cancelled = NULL;
 	c->connects++;
-	if (r) {
-		set_err(c, "%s: %s", ep->url, gai_strerror(r));
+	r = tlsio_connect(cn, ep->host, ep->port, ETCD_CONNECT_TIMEOUT_MS, why, sizeof(why));
+	if (r == -EHOSTUNREACH) {
+		set_err(c, "%s: %s", ep->url, why);
 		return -EAGAIN;
 	}
-	r = -ECONNREFUSED;
-	for (ai = res; ai; ai = ai->ai_next) {
-		r = connect_addr(cn, ai);
-		if (!r)
-			break;
-		conn_close(cn);
-	}
-	freeaddrinfo(res);
 	if (r) {
-		set_err(c, "%s: cannot connect: %s", ep->url, strerror(-r));
+		set_err(c, "%s: cannot connect: %s", ep->url, why);
 		return -EAGAIN;
 	}
 	if (ep->tls && c->tls && tls_start(c, cn, ep) < 0) {
@@ -475,92 +363,23 @@ static int conn_open(struct etcd *c, struct conn *cn, const struct endpoint *ep)
 	return 0;
 }
 
-static int conn_write(struct conn *cn, const char *p, size_t n)
-{
-	while (n > 0) {
-		ssize_t w;
-
-		if (cn->ssl) {
-			int r = ssl_io(cn, ssl_write_op, (void *)p, n > 65536 ? 65536 : (int)n);
-			if (r <= 0)
-				return r < 0 ? r : -EPIPE;
-			w = r;
-		} else {
-			w = send(cn->fd, p, n, MSG_NOSIGNAL);
-			if (w < 0 && (errno == EAGAIN || errno == EINTR)) {
-				int r = wait_fd(cn, POLLOUT);
-				if (r)
-					return r;
-				continue;
-			}
-			if (w < 0)
-				return -errno;
-		}
-		p += w;
-		n -= (size_t)w;
-	}
-	return 0;
-}
-
-/* Waits until fd is readable, or extra_fd (-1: none): -ECANCELED. */
-static int wait_readable(const struct conn *cn, int extra_fd)
-{
-	struct pollfd p[2] = { { .fd = cn->fd, .events = POLLIN },
-	                       { .fd = extra_fd, .events = POLLIN } };
-	int64_t left = cn->deadline ? cn->deadline - now_ms() : -1;
-	int r;
-
-	if (cn->deadline && left <= 0)
-		return -ETIMEDOUT;
-	do
-		r = poll(p, extra_fd >= 0 ? 2 : 1, (int)left);
-	while (r < 0 && errno == EINTR);
-	if (r < 0)
-		return -errno;
-	if (r == 0)
-		return -ETIMEDOUT;
-	return extra_fd >= 0 && p[1].revents ? -ECANCELED : 0;
-}
-
-/* Reads some bytes: > 0, 0 at the end, or -errno (-ECANCELED: extra_fd,
+/* Reads some bytes: > 0, 0 at the end, or -errno (-ECANCELED: stop_fd,
  * may be -1, became readable). */
-static ssize_t conn_read(struct conn *cn, char *buf, size_t len, int extra_fd)
+static ssize_t conn_read(struct tlsio *cn, char *buf, size_t len, int stop_fd)
 {
-	int cap = len > 65536 ? 65536 : (int)len;
+	ssize_t n;
 
-	for (;;) {
-		int w;
-
-		if (cn->ssl && SSL_pending(cn->ssl) > 0)
-			return ssl_io(cn, ssl_read_op, buf, cap);
-		w = wait_readable(cn, extra_fd);
-		if (w)
-			return w;
-		if (cn->ssl) {
-			int r = SSL_read(cn->ssl, buf, cap), e;
-
-			if (r > 0)
-				return r;
-			e = SSL_get_error(cn->ssl, r);
-			if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
-				continue;
-			if (e == SSL_ERROR_ZERO_RETURN ||
-			    (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0))
-				return 0;
-			ERR_clear_error();
-			return -EPROTO;
-		}
-		ssize_t n = recv(cn->fd, buf, len, 0);
-		if (n >= 0)
-			return n;
-		if (errno != EAGAIN && errno != EINTR)
-			return -errno;
-	}
+	cn->cancel_fd = stop_fd;
+	n = tlsio_read(cn, buf, len);
+	cn->cancel_fd = -1;
+	if (n == -EPROTO)
+		ERR_clear_error();
+	return n;
 }
 
 /* ---- HTTP ---- */
 
-static int send_request(struct conn *cn, const struct endpoint *ep, const char *path,
+static int send_request(struct tlsio *cn, const struct endpoint *ep, const char *path,
                         const char *body, bool keep)
 {
 	size_t blen = strlen(body), cap = 768 + blen;
@@ -580,7 +399,9 @@ static int send_request(struct conn *cn, const struct endpoint *ep, const char *
 		return -EINVAL;
 	}
 	memcpy(msg + n, body, blen);
-	r = conn_write(cn, msg, (size_t)n + blen);
+	r = tlsio_write_all(cn, msg, (size_t)n + blen, NULL);
+	if (r == -EPROTO)
+		ERR_clear_error();
 	free(msg);
 	return r;
 }
@@ -698,7 +519,7 @@ static int dechunk(struct buf *raw, struct buf *out)
 }
 
 /* Reads until the head is complete; the rest stays in b after it. */
-static int read_head(struct conn *cn, struct buf *b, int stop_fd, struct head *h)
+static int read_head(struct tlsio *cn, struct buf *b, int stop_fd, struct head *h)
 {
 	char tmp[16384];
 	char *hend;
@@ -728,7 +549,7 @@ struct exch {
 };
 
 /* Reads the body that h announces (after the head, raw holds its start). */
-static int read_body(struct conn *cn, const struct head *h, struct buf *raw, struct buf *body)
+static int read_body(struct tlsio *cn, const struct head *h, struct buf *raw, struct buf *body)
 {
 	char tmp[65536];
 	int r = 0, done = 0;
@@ -758,7 +579,7 @@ static int read_body(struct conn *cn, const struct head *h, struct buf *raw, str
 }
 
 /* One request on one connection: the whole answer body into body. */
-static int exchange(struct etcd *c, struct conn *cn, const struct endpoint *ep, const char *path,
+static int exchange(struct etcd *c, struct tlsio *cn, const struct endpoint *ep, const char *path,
                     const char *req, struct buf *body, struct exch *x)
 {
 	struct buf raw = {0};
@@ -798,7 +619,7 @@ static void answer_error(struct etcd *c, const struct endpoint *ep, int status, 
 
 /* The connection to endpoint i: the one kept from the last call, or a new
  * one. *reused: it is the kept one. */
-static int conn_get(struct etcd *c, size_t i, struct conn *cn, int64_t deadline, bool *reused)
+static int conn_get(struct etcd *c, size_t i, struct tlsio *cn, int64_t deadline, bool *reused)
 {
 	*reused = c->keep.fd >= 0 && c->keep_ep == i;
 	if (*reused) {
@@ -819,7 +640,7 @@ static int attempt(struct etcd *c, size_t i, const char *path, const char *req, 
                    json_t **resp, struct exch *x)
 {
 	const struct endpoint *ep = &c->ep[i];
-	struct conn cn = { .fd = -1, .deadline = deadline };
+	struct tlsio cn = { .fd = -1, .deadline = deadline, .cancel_fd = -1 };
 	struct buf body = {0};
 	json_error_t je;
 	json_t *j;
@@ -918,7 +739,7 @@ static int feed(struct etcd *c, struct buf *data, etcd_msg_fn fn, void *arg)
 }
 
 /* Reads the stream's body until fn, the peer or stop_fd ends it. */
-static int stream_body(struct etcd *c, struct conn *cn, struct buf *raw, bool chunked,
+static int stream_body(struct etcd *c, struct tlsio *cn, struct buf *raw, bool chunked,
                        int stop_fd, etcd_msg_fn fn, void *arg)
 {
 	struct buf data = {0};
@@ -978,7 +799,7 @@ int etcd_stream(struct etcd *c, const char *path, json_t *req, int stop_fd, etcd
 		return -ENOMEM;
 	for (size_t k = 0; k < c->n_ep && r == -EAGAIN; k++) {
 		size_t i = (c->cur + k) % c->n_ep;
-		struct conn cn = { .fd = -1, .deadline = now_ms() + c->timeout_ms };
+		struct tlsio cn = { .fd = -1, .deadline = now_ms() + c->timeout_ms, .cancel_fd = -1 };
 		struct buf raw = {0};
 		struct head h = {0};
 

@@ -10,7 +10,6 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -20,11 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 
@@ -35,6 +32,7 @@
 #include <openssl/x509v3.h>
 
 #include "meshlet/ca.h"
+#include "meshlet/tlsio.h"
 
 #define HTTPC_HOST_MAX 256
 #define HTTPC_PREFIX_MAX 512
@@ -99,14 +97,6 @@ static const char *ssl_errstr(char *buf, size_t len)
 	}
 	ERR_clear_error();
 	return buf;
-}
-
-static int64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* ---------------------------------------------------------------- setup */
@@ -338,6 +328,10 @@ int httpc_new(struct httpc **out, const struct httpc_opts *opts, char *err)
 	SSL_CTX_set_max_proto_version(h->ctx, TLS1_3_VERSION);
 	SSL_CTX_set_options(h->ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
 	SSL_CTX_set_session_cache_mode(h->ctx, SSL_SESS_CACHE_OFF);
+	/* Send the chain we are given and nothing OpenSSL would build from
+	 * the trust store: a root sent along costs control a parsed copy of it
+	 * for as long as the connection lives (docs/benchmarks.md). */
+	SSL_CTX_set_mode(h->ctx, SSL_MODE_NO_AUTO_CHAIN);
 	if (setup_verify(h, opts, err) < 0)
 		goto fail;
 	if (opts->cert || opts->key) {
@@ -461,45 +455,22 @@ int httpc_escape(char *out, size_t outlen, const char *s)
 /* ---------------------------------------------------------------- I/O */
 
 struct conn {
-	int fd;
-	SSL *ssl;
-	int64_t deadline;
+	struct tlsio io;                /* the socket, its TLS, the deadline and cancelling */
 	const struct httpc *h;
 	int why;                        /* enum httpc_status of a failure */
 	const char *verify_why;         /* VERIFY_PIN: why the chain was refused */
 	STACK_OF(X509) *anchors;        /* VERIFY_PIN: the pinned certificate (borrowed) */
 };
 
-/* Waits until fd is ready for events, the deadline passes or the request is
- * cancelled. 0, or -1 (c->why says which). */
-static int wait_fd(struct conn *c, short events)
+/* A connection of h, none yet, bounded by deadline and httpc_cancel(). */
+static void conn_init(struct conn *c, const struct httpc *h, int64_t deadline)
 {
-	for (;;) {
-		int64_t left = c->deadline - now_ms();
-		struct pollfd p[2] = {
-			{ .fd = c->fd, .events = events },
-			{ .fd = c->h->cancel_fd, .events = POLLIN },
-		};
-		int r;
-
-		if (atomic_load(&c->h->cancelled)) {
-			c->why = HTTPC_ECANCELED;
-			return -1;
-		}
-		if (left <= 0)
-			return -1;
-		r = poll(p, 2, (int)(left > INT32_MAX ? INT32_MAX : left));
-		if (r > 0 && p[1].revents) {
-			c->why = HTTPC_ECANCELED;
-			return -1;
-		}
-		if (r > 0)
-			return 0;
-		if (r == 0)
-			return -1;
-		if (errno != EINTR)
-			return -1;
-	}
+	memset(c, 0, sizeof(*c));
+	tlsio_init(&c->io);
+	c->h = h;
+	c->io.deadline = deadline;
+	c->io.cancel_fd = h->cancel_fd;
+	c->io.cancelled = &h->cancelled;
 }
 
 /*
@@ -551,68 +522,22 @@ static int verify_pin(X509_STORE_CTX *xs, void *arg)
 static int tcp_connect(struct conn *c, char *err)
 {
 	const struct httpc *h = c->h;
-	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-	                          .ai_flags = AI_ADDRCONFIG | AI_NUMERICSERV };
-	struct addrinfo *res, *ai;
-	char why[256] = "no address";
-	int r;
+	char why[256] = "";
+	int r = tlsio_connect(&c->io, h->host, h->port, 0, why, sizeof(why));
 
-	if (h->host_is_ip)
-		hints.ai_flags |= AI_NUMERICHOST;
-	r = getaddrinfo(h->host, h->port, &hints, &res);
-	if (r == EAI_ADDRFAMILY || r == EAI_NONAME) {
-		hints.ai_flags &= ~AI_ADDRCONFIG;
-		r = getaddrinfo(h->host, h->port, &hints, &res);
-	}
-	if (r != 0)
-		return fail(err, "cannot resolve %s: %s", h->host, gai_strerror(r));
-	for (ai = res; ai; ai = ai->ai_next) {
-		int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-		                ai->ai_protocol);
-		int one = 1, soerr = 0;
-		socklen_t sl = sizeof(soerr);
-
-		if (fd < 0) {
-			snprintf(why, sizeof(why), "%s", strerror(errno));
-			continue;
-		}
-		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
-			c->fd = fd;
-			break;
-		}
-		if (errno != EINPROGRESS) {
-			snprintf(why, sizeof(why), "%s", strerror(errno));
-			close(fd);
-			continue;
-		}
-		c->fd = fd;
-		if (wait_fd(c, POLLOUT) < 0) {
-			snprintf(why, sizeof(why), "%s", c->why == HTTPC_ECANCELED ? "cancelled" : "timed out");
-			close(fd);
-			c->fd = -1;
-			break;          /* the deadline is gone: no point in another address */
-		}
-		if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0 || soerr) {
-			snprintf(why, sizeof(why), "%s", strerror(soerr ? soerr : errno));
-			close(fd);
-			c->fd = -1;
-			continue;
-		}
-		break;
-	}
-	freeaddrinfo(res);
-	if (c->fd < 0)
-		return fail(err, "cannot connect to %s port %s: %s", h->host, h->port, why);
-	return 0;
+	if (r == 0)
+		return 0;
+	if (r == -ECANCELED)
+		c->why = HTTPC_ECANCELED;
+	if (r == -EHOSTUNREACH)
+		return fail(err, "cannot resolve %s: %s", h->host, why);
+	return fail(err, "cannot connect to %s port %s: %s", h->host, h->port, why);
 }
-
-static int do_handshake(SSL *ssl, void *buf, int len);
 
 /* The message for a server certificate that did not verify. */
 static int verify_failed(struct conn *c, const char *what, char *err)
 {
-	long vr = SSL_get_verify_result(c->ssl);
+	long vr = SSL_get_verify_result(c->io.ssl);
 	const char *detail = vr != X509_V_OK ? X509_verify_cert_error_string(vr) : "refused";
 
 	c->why = HTTPC_EVERIFY;
@@ -632,58 +557,27 @@ static int verify_failed(struct conn *c, const char *what, char *err)
 	}
 }
 
-/* Runs one SSL_* step until it completes. Returns its result (> 0), 0 on a
- * clean EOF (reads), or -1 with err set and c->why. */
-static int ssl_step(struct conn *c, int (*fn)(SSL *, void *, int), void *buf, int len,
-                    const char *what, char *err)
+/* The result r of a tlsio step on c: r when >= 0, else -1 with err saying
+ * what failed (and c->why when it was a cancel or the verification). */
+static int io_result(struct conn *c, int r, bool handshake, const char *what, char *err)
 {
 	char ebuf[256];
 
-	for (;;) {
-		int r, e;
-
-		ERR_clear_error();
-		r = fn(c->ssl, buf, len);
-		if (r > 0)
-			return r;
-		e = SSL_get_error(c->ssl, r);
-		if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-			if (wait_fd(c, e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT) < 0) {
-				if (c->why == HTTPC_ECANCELED)
-					return fail(err, "%s: cancelled", what);
-				return fail(err, "%s: timed out after %d ms", what, c->h->timeout_ms);
-			}
-		} else if (e == SSL_ERROR_ZERO_RETURN) {
-			return 0;
-		} else if (e == SSL_ERROR_SYSCALL) {
-			if (ERR_peek_error())
-				return fail(err, "%s: %s", what, ssl_errstr(ebuf, sizeof(ebuf)));
-			if (errno == 0)
-				return 0;
-			return fail(err, "%s: %s", what, strerror(errno));
-		} else {
-			if (fn == do_handshake && SSL_get_verify_result(c->ssl) != X509_V_OK)
-				return verify_failed(c, what, err);
-			return fail(err, "%s: %s", what, ssl_errstr(ebuf, sizeof(ebuf)));
-		}
+	if (r >= 0)
+		return r;
+	switch (r) {
+	case -ECANCELED:
+		c->why = HTTPC_ECANCELED;
+		return fail(err, "%s: cancelled", what);
+	case -ETIMEDOUT:
+		return fail(err, "%s: timed out after %d ms", what, c->h->timeout_ms);
+	case -EPROTO:
+		if (handshake && SSL_get_verify_result(c->io.ssl) != X509_V_OK)
+			return verify_failed(c, what, err);
+		return fail(err, "%s: %s", what, ssl_errstr(ebuf, sizeof(ebuf)));
+	default:
+		return fail(err, "%s: %s", what, strerror(-r));
 	}
-}
-
-static int do_handshake(SSL *ssl, void *buf, int len)
-{
-	(void)buf;
-	(void)len;
-	return SSL_connect(ssl);
-}
-
-static int do_read(SSL *ssl, void *buf, int len)
-{
-	return SSL_read(ssl, buf, len);
-}
-
-static int do_write(SSL *ssl, void *buf, int len)
-{
-	return SSL_write(ssl, buf, len);
 }
 
 /* True when cert carries exactly one URI SAN, and it is uri. */
@@ -717,7 +611,7 @@ static bool has_only_uri(X509 *cert, const char *uri)
 static int check_name(struct conn *c, char *err)
 {
 	const struct httpc *h = c->h;
-	X509 *cert = SSL_get0_peer_certificate(c->ssl);
+	X509 *cert = SSL_get0_peer_certificate(c->io.ssl);
 	GENERAL_NAMES *gens;
 	bool ok = false;
 
@@ -969,8 +863,8 @@ static bool ka_take(struct httpc *h, struct conn *c)
 		ka_drop(h);
 		return false;
 	}
-	c->fd = h->ka_fd;
-	c->ssl = h->ka_ssl;
+	c->io.fd = h->ka_fd;
+	c->io.ssl = h->ka_ssl;
 	h->ka_fd = -1;
 	h->ka_ssl = NULL;
 	return true;
@@ -982,13 +876,13 @@ static int conn_open(struct httpc *h, struct conn *c, char *err)
 	if (tcp_connect(c, err) < 0)
 		return -1;
 	h->n_conns++;
-	c->ssl = SSL_new(h->ctx);
-	if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1)
+	c->io.ssl = SSL_new(h->ctx);
+	if (!c->io.ssl || SSL_set_fd(c->io.ssl, c->io.fd) != 1)
 		return fail(err, "TLS setup failed");
-	SSL_set_app_data(c->ssl, c);
+	SSL_set_app_data(c->io.ssl, c);
 	if (!h->host_is_ip)
-		SSL_set_tlsext_host_name(c->ssl, h->host);
-	if (ssl_step(c, do_handshake, NULL, 0, "TLS handshake with the control", err) <= 0) {
+		SSL_set_tlsext_host_name(c->io.ssl, h->host);
+	if (io_result(c, tlsio_handshake(&c->io), true, "TLS handshake with the control", err) <= 0) {
 		if (!err || !*err)
 			fail(err, "TLS handshake with the control: connection closed");
 		return -1;
@@ -1009,7 +903,8 @@ static int read_response(struct conn *c, const char *method, struct buf *in, str
 
 		if (eof)
 			break;
-		n = ssl_step(c, do_read, tmp, sizeof(tmp), "reading the response", err);
+		n = io_result(c, (int)tlsio_read(&c->io, tmp, sizeof(tmp)), false,
+		              "reading the response", err);
 		if (n < 0) {
 			if (!hd->done || hd->has_length || hd->chunked)
 				return -1;
@@ -1119,32 +1014,28 @@ static bool keepable(const char *method, const struct buf *in, const struct head
 static int exchange(struct httpc *h, int64_t deadline, const char *method, const struct buf *req,
                     struct httpc_response *resp, char *err, bool *reused, bool *written)
 {
-	struct conn c = { .fd = -1, .h = h, .deadline = deadline };
+	struct conn c;
 	struct buf in = { 0 }, dec = { 0 };
 	struct head hd = { 0 };
 	size_t off = 0;
-	int rc = HTTPC_ECONNECT;
+	int rc = HTTPC_ECONNECT, w;
 
+	conn_init(&c, h, deadline);
 	*written = false;
 	*reused = h->keepalive && ka_take(h, &c);
 	if (*reused)
-		SSL_set_app_data(c.ssl, &c);
+		SSL_set_app_data(c.io.ssl, &c);
 	else if (conn_open(h, &c, err) < 0)
 		goto out;
 
-	while (off < req->len) {
-		size_t chunk = req->len - off > (1u << 30) ? (1u << 30) : req->len - off;
-		int n = ssl_step(&c, do_write, req->d + off, (int)chunk, "sending the request", err);
-
-		if (n <= 0) {
-			if (n == 0)
-				fail(err, "sending the request: connection closed by the control");
-			/* The server may have answered early (413) and closed: try to read it. */
-			break;
-		}
-		off += (size_t)n;
-		*written = true;
-	}
+	w = tlsio_write_all(&c.io, req->d, req->len, &off);
+	*written = off > 0;
+	/* On failure the server may have answered early (413) and closed: the
+	 * answer is read all the same. */
+	if (w == -EPIPE)
+		fail(err, "sending the request: connection closed by the control");
+	else if (w < 0)
+		io_result(&c, w, false, "sending the request", err);
 	if (read_response(&c, method, &in, &hd, &dec, err) < 0)
 		goto out;
 	if (err)
@@ -1155,20 +1046,14 @@ static int exchange(struct httpc *h, int64_t deadline, const char *method, const
 	}
 	rc = 0;
 	if (h->keepalive && off == req->len && keepable(method, &in, &hd)) {
-		SSL_set_app_data(c.ssl, NULL);
-		h->ka_fd = c.fd;
-		h->ka_ssl = c.ssl;
-		c.fd = -1;
-		c.ssl = NULL;
+		SSL_set_app_data(c.io.ssl, NULL);
+		h->ka_fd = c.io.fd;
+		h->ka_ssl = c.io.ssl;
+		c.io.fd = -1;
+		c.io.ssl = NULL;
 	}
 out:
-	if (c.ssl) {
-		if (rc == 0)
-			SSL_shutdown(c.ssl);    /* one close_notify, no waiting for the peer's */
-		SSL_free(c.ssl);
-	}
-	if (c.fd >= 0)
-		close(c.fd);
+	tlsio_close(&c.io, rc == 0);    /* one close_notify when clean, no waiting for the peer's */
 	sk_X509_free(c.anchors);
 	if (rc != 0 && c.why != 0)
 		rc = c.why;
@@ -1210,7 +1095,7 @@ int httpc_request(struct httpc *h, const char *method, const char *path,
                      const json_t *body, const char *raw_body, size_t raw_len,
                      const char *const *headers, struct httpc_response *resp, char *err)
 {
-	int64_t deadline = now_ms() + h->timeout_ms;
+	int64_t deadline = tlsio_now_ms() + h->timeout_ms;
 	struct buf req = { 0 };
 	char *payload = NULL;
 	size_t plen = 0;
@@ -1245,7 +1130,7 @@ int httpc_request(struct httpc *h, const char *method, const char *path,
 	 * on a new one, when that cannot run the request twice. */
 	idempotent = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
 	if (rc == HTTPC_ECONNECT && reused && (!written || idempotent) &&
-	    now_ms() < deadline && !atomic_load(&h->cancelled))
+	    tlsio_now_ms() < deadline && !atomic_load(&h->cancelled))
 		rc = exchange(h, deadline, method, &req, resp, err, &reused, &written);
 out:
 	if (payload)

@@ -613,14 +613,16 @@ static void px_start(struct px *p)
 		return;
 	}
 	ssl = SSL_new(L->ctx);
-	if (!ssl || SSL_use_certificate(ssl, p->cert) != 1 || SSL_use_PrivateKey(ssl, p->key) != 1) {
+	/* The SVID and its chain as given (none after the leaf: control signs
+	 * with a root), as lib/httpc.c sets them: never a chain OpenSSL builds
+	 * from the CA file, which would send control the root as well and make
+	 * it parse and hold a copy of it per connection (about 3 KB). */
+	if (!ssl || SSL_use_cert_and_key(ssl, p->cert, p->key, p->chain, 1) != 1) {
 		SSL_free(ssl);
 		say("ctlload: proxy %d: cannot set up TLS", p->idx);
 		px_fail(p, RETRY_MS);
 		return;
 	}
-	for (int k = 0; p->chain && k < sk_X509_num(p->chain); k++)
-		SSL_add1_chain_cert(ssl, sk_X509_value(p->chain, k));
 	p->bev = bufferevent_openssl_socket_new(L->base, -1, ssl, BUFFEREVENT_SSL_CONNECTING,
 	                                        BEV_OPT_CLOSE_ON_FREE);
 	if (!p->bev) {
@@ -870,7 +872,7 @@ static SSL_CTX *client_ctx(const char *ca)
 	 * session cache (control issues no tickets anyway). */
 	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN);
 	return ctx;
 }
 

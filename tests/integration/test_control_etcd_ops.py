@@ -238,13 +238,9 @@ def store_gets(url):
                     frozenset({"op": "get"}.items()))]
 
 
-def test_long_poll_wake_ups_read_no_store(control_factory, etcd_factory, tmp_path):  # noqa: F811
-    """20 long polls on C, for 20 services: writes through A to a service
-    nobody polls wake C's loop (the watch), which finds from the revisions
-    its follower keeps that no poll's version moved, without reading etcd
-    (before: 4 + 20 reads per wake-up). A write to one polled service
-    wakes that poll only; after etcd restarts (the watch is resumed and the
-    revisions primed again) a write still wakes a poll within a second."""
+def a_and_c_with_metrics(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    """One etcd member, replicas A and C (C serving its metrics): (cluster,
+    a, c, C's metrics URL, the admin token)."""
     cluster = etcd_factory(1)
     kek = make_kek(tmp_path / "kek")
     port = free_port()
@@ -253,6 +249,18 @@ def test_long_poll_wake_ups_read_no_store(control_factory, etcd_factory, tmp_pat
                             ["--metrics-listen", f"127.0.0.1:{port}"])
     metrics = f"http://127.0.0.1:{port}/metrics"
     token = admin_token([a, c])
+    return cluster, a, c, metrics, token
+
+
+def test_long_poll_wake_ups_read_no_store(control_factory, etcd_factory, tmp_path):  # noqa: F811
+    """20 long polls on C, for 20 services: writes through A to a service
+    nobody polls wake C's loop (the watch), which finds from the revisions
+    its follower keeps that no poll's version moved, without reading etcd
+    (before: 4 + 20 reads per wake-up). A write to one polled service
+    wakes that poll only; after etcd restarts (the watch is resumed and the
+    revisions primed again) a write still wakes a poll within a second."""
+    cluster, a, c, metrics, token = a_and_c_with_metrics(control_factory, etcd_factory,
+                                                         tmp_path)
     svcs = [f"svc{i}" for i in range(20)]
     for s in svcs:
         assert a.put_policy(policy_doc(s), token=token).status in (200, 201)
@@ -313,3 +321,51 @@ def test_long_poll_wake_ups_read_no_store(control_factory, etcd_factory, tmp_pat
     t.join(10)
     r, t1 = got["svc3"]
     assert r.status == 200 and r.json["version"] > after["svc3"] and t1 - t0 < 1.0, r
+
+
+def store_reads(url):
+    """Store calls that read (get and list) so far, from control's metrics."""
+    samples = prom.parse(prom.scrape(url))[0]
+    return sum(v for (name, labels), v in samples.items()
+               if name == "meshlet_control_store_duration_seconds_count"
+               and dict(labels).get("op") in ("get", "list"))
+
+
+def test_config_answers_reused_until_the_version_moves(control_factory, etcd_factory,  # noqa: F811
+                                                       tmp_path):
+    """30 config answers of one service on C (as 30 proxies re-polling
+    after a timeout) read etcd about once, not 30 times (before: some 17
+    reads each); a write through A moves the version, and C's next answer
+    has it; an answer for a proxy that holds a later version than C knows
+    is read from etcd, never an older one from what C kept."""
+    cluster, a, c, metrics, token = a_and_c_with_metrics(control_factory, etcd_factory,
+                                                         tmp_path)
+    assert a.put_policy(policy_doc("orders"), token=token).status in (200, 201)
+    time.sleep(0.3)
+    path = "/v1/services/orders/config?after=0&wait=0&upstreams=billing"
+    first = c.api("GET", path, token=token)
+    assert first.status == 200, first
+    before = store_reads(metrics)
+    for _ in range(30):
+        r = c.api("GET", path, token=token)
+        assert r.status == 200 and r.json == first.json, r
+    reads = store_reads(metrics) - before
+    print(f"\nstore reads on C for 30 config answers: {reads:.0f}")
+    assert reads <= 3, f"{reads} store reads for 30 answers of one version"
+
+    assert a.put_policy(policy_doc("orders", rules=rule("spiffe://mesh.local/z")),
+                        token=token).status in (200, 201)
+    deadline = time.monotonic() + 1.0
+    while True:
+        r = c.api("GET", path, token=token)
+        if r.json["version"] > first.json["version"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert r.json["version"] > first.json["version"], r
+    assert "spiffe://mesh.local/z" in json.dumps(r.json["policy"]), r
+
+    # a proxy ahead of what C kept: answered from etcd, not from the cache
+    ahead = r.json["version"] + 1000
+    r2 = c.api("GET", f"/v1/services/orders/config?after={ahead}&wait=0&upstreams=billing",
+               token=token)
+    assert r2.status == 200 and r2.json["version"] == r.json["version"], r2

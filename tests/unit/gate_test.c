@@ -252,6 +252,41 @@ static void test_expect_continue_answered_here(void **state)
 	assert_string_equal(got, "HTTP/1.1 100 Continue\r\n\r\n");
 }
 
+/* A waiting request holds no head buffer: a bodiless request is complete
+ * as soon as its head is, and the gate frees what the parser collected
+ * then (one gate lives per connection; thousands wait in long polls). */
+static void test_head_buffer_freed_once_request_is_complete(void **state)
+{
+	struct fixture *f = *state;
+
+	assert_fed(f, "GET /v1/services/a/config?wait=30 HTTP/1.1\r\nHost: c\r\n\r\n",
+	           "GET /v1/services/a/config?wait=30 HTTP/1.1\r\nHost: c\r\n\r\n");
+	assert_null(f->g.parser.buf);
+	assert_null(f->g.parser.fields);
+	/* A head still arriving keeps its bytes; the next request on the
+	 * connection is framed as usual once it is whole. */
+	assert_fed(f, "GET /v1/ca HTTP/1.1\r\nHo", "");
+	assert_non_null(f->g.parser.buf);
+	assert_fed(f, "st: c\r\n\r\n", "GET /v1/ca HTTP/1.1\r\nHost: c\r\n\r\n");
+	assert_null(f->g.parser.buf);
+}
+
+/* A body still arriving is not the end of its request: nothing is cut
+ * short, and the buffer goes when the body is complete. */
+static void test_body_in_flight_is_not_completed_early(void **state)
+{
+	struct fixture *f = *state;
+	char *out = feed(f, "POST /v1/tokens HTTP/1.1\r\nHost: c\r\nContent-Length: 7\r\n\r\n{\"a\"");
+
+	assert_non_null(strstr(out, "\r\n\r\n{\"a\""));
+	free(out);
+	assert_fed(f, ":1", ":1");      /* body bytes pass as they come */
+	assert_non_null(f->g.parser.buf);
+	assert_fed(f, "}", "}");
+	assert_null(f->g.parser.buf);
+	assert_fed(f, "GET /v1/ca HTTP/1.1\r\nHost: c\r\n\r\n", "GET /v1/ca HTTP/1.1\r\nHost: c\r\n\r\n");
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
 int main(void)
@@ -265,6 +300,8 @@ int main(void)
 		T(test_garbage_is_refused_and_kills),
 		T(test_absolute_form_kills),
 		T(test_expect_continue_answered_here),
+		T(test_head_buffer_freed_once_request_is_complete),
+		T(test_body_in_flight_is_not_completed_early),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

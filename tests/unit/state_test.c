@@ -383,6 +383,50 @@ static void test_traffic_documents(void **state)
 	json_decref(doc);
 }
 
+/* Config answers are reused while the version stands: the same object
+ * for the same service and upstreams; a write that moves the version, a
+ * different query, or a proxy holding a later version gets a new one. */
+static void test_config_answer_reused_per_version(void **state)
+{
+	struct fixture *f = *state;
+	struct state_error se = {0};
+	json_t *doc = json_pack("{s:s, s:s, s:[]}", "service", "orders", "default", "deny", "rules");
+	json_t *a, *b, *c, *d;
+	struct api_config_query q = {0}, up = {0};
+	int64_t v = 0;
+
+	assert_int_equal(state_config(f->st, "orders", &q, &a, &se), 0);
+	assert_int_equal(state_config(f->st, "orders", &q, &b, &se), 0);
+	assert_ptr_equal(a, b);
+	json_decref(b);
+	/* Another query is another answer. */
+	up.n_upstreams = 1;
+	snprintf(up.upstreams[0], sizeof(up.upstreams[0]), "billing");
+	assert_int_equal(state_config(f->st, "orders", &up, &b, &se), 0);
+	assert_ptr_not_equal(a, b);
+	json_decref(b);
+	/* A proxy that says it holds a later version is not answered from
+	 * what this replica kept (it may be behind): read again. */
+	q.after = jint_of(a, "version") + 1;
+	assert_int_equal(state_config(f->st, "orders", &q, &b, &se), 0);
+	assert_ptr_not_equal(a, b);
+	assert_int_equal(jint_of(b, "version"), jint_of(a, "version"));
+	json_decref(b);
+	q.after = 0;
+	/* A write moves the version: a new answer with the new policy. */
+	assert_int_equal(state_policy_put(f->st, "orders", doc, -1, &v, &se), 0);
+	assert_int_equal(state_config(f->st, "orders", &q, &c, &se), 0);
+	assert_ptr_not_equal(a, c);
+	assert_true(jint_of(c, "version") > jint_of(a, "version"));
+	assert_true(json_equal(json_object_get(c, "policy"), doc));
+	assert_int_equal(state_config(f->st, "orders", &q, &d, &se), 0);
+	assert_ptr_equal(c, d);
+	json_decref(a);
+	json_decref(c);
+	json_decref(d);
+	json_decref(doc);
+}
+
 static void test_policy_too_large(void **state)
 {
 	struct fixture *f = *state;
@@ -728,6 +772,36 @@ static void test_registry_claims(void **state)
 	assert_int_equal(reg(f, "orders", "10.0.0.3:8443", 0, serial, later, "10.0.0.3:1", &se), 0);
 }
 
+/* A registration whose version bump is coalesced (pending) changes the
+ * answer without moving the version: the kept answer is not reused then. */
+static void test_config_answer_shows_pending_registration(void **state)
+{
+	struct fixture *f = *state;
+	struct state_error se = {0};
+	struct api_config_query q = { .upstreams_all = true };
+	int64_t later = time(NULL) + 600, v1 = 0, v2 = 0;
+	char serial[CA_SERIAL_HEX_MAX];
+	json_t *a, *b;
+
+	joined(f, "orders", serial);
+	assert_int_equal(reg(f, "orders", "10.0.0.1:8443", 8080, serial, later, "10.0.0.1:1", &se), 0);
+	assert_int_equal(state_endpoints_touch(f->st), 0);          /* bumped at once */
+	assert_int_equal(state_config(f->st, "frontend", &q, &a, &se), 0);
+	assert_int_equal(json_array_size(json_object_get(json_object_get(a, "endpoints"),
+	                                                 "orders")), 1);
+	assert_int_equal(state_config_version(f->st, "frontend", &v1), 0);
+	assert_int_equal(reg(f, "orders", "10.0.0.1:9443", 9090, serial, later, "10.0.0.1:1", &se), 0);
+	assert_true(state_endpoints_touch(f->st) > 0);              /* coalesced: later */
+	assert_int_equal(state_config_version(f->st, "frontend", &v2), 0);
+	assert_int_equal(v1, v2);
+	assert_int_equal(state_config(f->st, "frontend", &q, &b, &se), 0);
+	assert_ptr_not_equal(a, b);
+	assert_int_equal(json_array_size(json_object_get(json_object_get(b, "endpoints"),
+	                                                 "orders")), 2);
+	json_decref(a);
+	json_decref(b);
+}
+
 static void test_registry_revoked_entry_frees_claim(void **state)
 {
 	struct fixture *f = *state;
@@ -1016,6 +1090,8 @@ int main(void)
 		T(test_open_refusals),
 		T(test_policy_versions),
 		T(test_traffic_documents),
+		T(test_config_answer_reused_per_version),
+		T(test_config_answer_shows_pending_registration),
 		T(test_policy_too_large),
 		T(test_check),
 		T(test_join_token_single_use),
