@@ -19,6 +19,7 @@
 #include "acceptguard.h"
 
 struct apppool;
+struct upool;
 struct conn;
 struct metrics;
 struct relay_buf;
@@ -80,6 +81,9 @@ struct worker {
 	struct apppool **apppools;      /* per inbound listener: HTTP/1.1 connections to its
 	                                 * app for HTTP/2 callers (apppool.c), made on first use */
 	size_t n_apppools;
+	struct upool **upools;          /* per outbound listener: pooled mTLS HTTP/2 connections
+	                                 * to its service's sidecars (upool.c), made on first use */
+	size_t n_upools;
 	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
 	bool draining;
 };
