@@ -49,6 +49,14 @@ void conn_kick(struct conn *c);
  */
 int conn_switch_proto(struct conn *c, const struct conn_proto_ops *ops);
 
+/*
+ * A detached connection (outbound http, requests pooled) needs an upstream
+ * connection of its own after all (an Upgrade or CONNECT tunnel): connected
+ * and verified as any outbound connection once the current relay round
+ * ends; what the protocol queued for it waits until then.
+ */
+void conn_connect_upstream(struct conn *c);
+
 /* One best-effort write to the client outside the relay (early errors). */
 void conn_write_client_now(struct conn *c, const char *buf, size_t len);
 

@@ -51,6 +51,7 @@ struct uconn {
 	enum uc_state state;
 	bool draining;                 /* GOAWAY either way: no new streams */
 	bool counted;                  /* in meshlet_upstream_connections_active */
+	bool carried;                  /* some stream went over it */
 	struct upool_req *streams;     /* requests it carries */
 	unsigned n_streams;
 	uint64_t deadline;             /* connect or handshake */
@@ -96,7 +97,9 @@ struct upool {
 static void uc_arm(struct uconn *uc);
 static void uc_run(struct uconn *uc);
 static void uc_close(struct uconn *uc, const char *why);
+static void fail_queued(struct upool *p, const struct config_addr *addr);
 static void schedule(struct upool *p);
+static void dispatch(struct upool *p);
 
 static struct metrics *metrics_of(const struct upool *p)
 {
@@ -493,7 +496,7 @@ static void uc_close(struct uconn *uc, const char *why)
 		if (r->id)
 			nghttp2_session_set_stream_user_data(uc->sess, r->id, NULL);
 		r->uc = NULL;
-		req_end(r, 502, 0, "upstream connection lost");
+		req_end(r, 502, 0, "upstream unavailable");
 	}
 	if (uc->prev)
 		uc->prev->next = uc->next;
@@ -519,7 +522,16 @@ static void uc_close(struct uconn *uc, const char *why)
 	nghttp2_session_del(uc->sess);
 	free(uc->out);
 	snapshot_unref(uc->snap);
-	free(uc);
+	/* Gone before carrying anything (refused, broken, closed at once): the
+	 * requests waiting for its endpoint must not just open the next one. */
+	if (!uc->carried) {
+		struct config_addr addr = uc->addr;
+
+		free(uc);
+		fail_queued(p, &addr);
+	} else {
+		free(uc);
+	}
 	schedule(p);
 }
 
@@ -537,22 +549,19 @@ static void uc_drain(struct uconn *uc, const char *why)
 	uc_kick(uc);
 }
 
-/* The connect or the handshake failed: requests waiting for uc's endpoint
- * try the next endpoint, or end with 502. */
-static void uc_failed(struct uconn *uc, const char *why)
+/* A connection to addr failed before carrying anything: unless another one
+ * to addr is there, the requests waiting for addr try the next endpoint,
+ * or end with 502. */
+static void fail_queued(struct upool *p, const struct config_addr *addr)
 {
-	struct upool *p = uc->p;
 	struct upool_req *r, *next;
-	struct config_addr addr = uc->addr;
 	bool others = false;
 
-	log_warn("upstream conn %llu to %s failed: %s", (unsigned long long)uc->id, addr.text, why);
-	uc_close(uc, why);
 	for (struct uconn *o = p->conns; o; o = o->next)
-		others = others || same_addr(&o->addr, &addr);
+		others = others || same_addr(&o->addr, addr);
 	for (r = p->queue; r && !others; r = next) {
 		next = r->next;
-		if (!same_addr(&r->addr, &addr))
+		if (!same_addr(&r->addr, addr))
 			continue;
 		queue_del(p, r);
 		if (++r->tries < r->n_endpoints && r->ops) {
@@ -564,7 +573,14 @@ static void uc_failed(struct uconn *uc, const char *why)
 		}
 		req_end(r, 502, 0, "upstream unavailable");
 	}
-	schedule(p);
+}
+
+/* The connect or the handshake failed. */
+static void uc_failed(struct uconn *uc, const char *why)
+{
+	log_warn("upstream conn %llu to %s failed: %s", (unsigned long long)uc->id, uc->addr.text,
+	         why);
+	uc_close(uc, why);
 }
 
 static int set_nodelay(int fd)
@@ -827,7 +843,8 @@ static void uc_event(evutil_socket_t fd, short what, void *arg)
 		}
 		switch (uc_handshake(uc)) {
 		case 1:
-			uc_run(uc);    /* the preface and SETTINGS go now; dispatch is scheduled */
+			dispatch(uc->p);    /* the preface, SETTINGS and the first streams together */
+			uc_run(uc);
 			return;
 		case 0:
 			uc_arm(uc);
@@ -890,6 +907,7 @@ static void start_stream(struct uconn *uc, struct upool_req *r)
 	r->uc = uc;
 	list_add(&uc->streams, r);
 	uc->n_streams++;
+	uc->carried = true;
 	uc_kick(uc);
 }
 
