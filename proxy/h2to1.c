@@ -451,7 +451,7 @@ static bool h1_response_dropped(const nghttp2_nv *v, int status)
 	for (size_t i = 0; i < sizeof(drop) / sizeof(drop[0]); i++)
 		if (nv_is(v, drop[i]))
 			return true;
-	return status == 204 && nv_is(v, "content-length");
+	return nv_is(v, "content-length");    /* written once, by the framing */
 }
 
 int h2to1_response_head(const nghttp2_nv *nv, size_t n, unsigned req_flags, bool end, bool close,
@@ -481,6 +481,11 @@ int h2to1_response_head(const nghttp2_nv *nv, size_t n, unsigned req_flags, bool
 		put(&w, (const char *)nv[i].name, nv[i].namelen);
 		put(&w, ": ", 2);
 		put(&w, (const char *)nv[i].value, nv[i].valuelen);
+		put(&w, "\r\n", 2);
+	}
+	if (has_cl && status != 204) {
+		puts_(&w, "content-length: ");
+		put(&w, (const char *)cl->value, cl->valuelen);
 		put(&w, "\r\n", 2);
 	}
 	if (*framing == H2TO1_CHUNKED)

@@ -108,7 +108,7 @@ int h1to2_request_nv(const struct http_head *h, const char *request_id, nghttp2_
  * HTTP/1.1 head into out. end: END_STREAM came with it. One framing,
  * chosen once: none for HEAD, 204 and 304 (content-length kept for HEAD
  * and 304, dropped for 204); the response's content-length (all copies
- * equal, digits only) for a body; "content-length: 0" when END_STREAM came
+ * equal, digits only; written once) for a body; "content-length: 0" when END_STREAM came
  * with the head; else "transfer-encoding: chunked". close adds
  * "connection: close". Connection-specific fields are dropped. Returns 0
  * with *len and *framing; -ENOSPC with *len the size needed (out NULL, cap
