@@ -577,6 +577,15 @@ static void head_of(const struct h2stream *s, const char *query, const char *aut
 
 static int pool_submit(struct h2flow *f, struct h2stream *s, const nghttp2_nv *nv, size_t n);
 
+/* name (lower case from the peer) is spelt as lname with '_' for '-'. */
+static bool loose_name(const char *name, const char *lname)
+{
+	for (; *name && *lname; name++, lname++)
+		if (*name != *lname && !(*name == '_' && *lname == '-'))
+			return false;
+	return !*name && !*lname;
+}
+
 /* Submits s to the upstream's session with the rewritten head. Returns 0 or -1. */
 static int forward_request(struct h2flow *f, struct h2stream *s, const char *query)
 {
@@ -599,8 +608,8 @@ static int forward_request(struct h2flow *f, struct h2stream *s, const char *que
 
 		if (!strcmp(x.name, ":path"))
 			out[n++] = nv(":path", path ? path : s->path, strlen(path ? path : s->path));
-		else if (!strcmp(x.name, "x-forwarded-client-cert") ||
-		         !strcmp(x.name, H2TO1_PROTO_FIELD) ||
+		else if (loose_name(x.name, "x-forwarded-client-cert") ||
+		         loose_name(x.name, H2TO1_PROTO_FIELD) ||
 		         (s->replace_rid && !strcmp(x.name, "x-request-id")))
 			continue;    /* ours replaces the caller's; the sidecars' own never passes */
 		else
@@ -639,6 +648,9 @@ static void note_request(struct conn *c, struct h2stream *s)
 
 	s->method = strdup(m ? m : "");
 	s->grpc = ct && h2_is_grpc(ct, strlen(ct));
+	/* The head counts as received bytes, as an HTTP/1.1 request's does. */
+	for (size_t i = 0; i < s->req.head.n; i++)
+		s->rec.bytes_in += s->req.head.f[i].name_len + s->req.head.f[i].value_len + 4;
 	httpreq_request_id(c->w, nrid == 1 ? rid : NULL, s->rid, &s->replace_rid);
 	if (s->grpc && to && (ms = h2_grpc_timeout_ms(to, strlen(to))) >= 0)
 		s->deadline = conn_clock_ms() + (uint64_t)ms;
@@ -1671,6 +1683,21 @@ static bool h2flow_done(const struct conn *c)
 static bool h2flow_logged(const struct conn *c)
 {
 	return flow(c)->logged;
+}
+
+/*
+ * A new snapshot with another policy: inbound HTTP/2 connections drain
+ * (GOAWAY; their open streams finish under the policy they started with).
+ * The pools of the calling sidecars keep their connections for long, so
+ * without this a new policy would never decide their streams; their next
+ * streams go over a new connection, decided by the new policy.
+ */
+void h2flow_drain_stale(struct worker *w, const struct snapshot *s)
+{
+	for (struct conn *c = w->conns; c; c = c->next)
+		if (c->proto == &h2flow_ops && c->inbound && c->state == CONN_RELAYING &&
+		    c->snap->policy != s->policy && !flow(c)->goaway)
+			h2flow_drain(c);
 }
 
 const struct conn_proto_ops h2flow_ops = {

@@ -1,6 +1,7 @@
 /* h2to1: HTTP/2 heads as HTTP/1.1 and back (see h2to1.h). */
 #include "h2to1.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
@@ -56,6 +57,9 @@ static bool value_ok(const char *s, size_t n)
 	return true;
 }
 
+static bool ieq(const char *a, size_t alen, const char *b);
+static bool loose_eq(const char *a, size_t alen, const char *b);
+
 static int atoi_3(const uint8_t *s)
 {
 	return (s[0] - '0') * 100 + (s[1] - '0') * 10 + (s[2] - '0');
@@ -79,7 +83,8 @@ static bool request_dropped(const struct h2_field *f, const struct h2to1_request
 	for (size_t i = 0; i < sizeof(drop) / sizeof(drop[0]); i++)
 		if (named(f, drop[i]))
 			return true;
-	return (r->xfcc && named(f, "x-forwarded-client-cert")) ||
+	return (r->xfcc && loose_eq(f->name, f->name_len, "x-forwarded-client-cert")) ||
+	       loose_eq(f->name, f->name_len, H2TO1_PROTO_FIELD) ||
 	       (r->request_id && named(f, "x-request-id"));
 }
 
@@ -232,6 +237,33 @@ static bool ieq(const char *a, size_t alen, const char *b)
 	return alen == strlen(b) && !strncasecmp(a, b, alen);
 }
 
+/* Case-insensitive, '_' read as '-': the spellings CGI-style apps merge. */
+static bool loose_eq(const char *a, size_t alen, const char *b)
+{
+	if (alen != strlen(b))
+		return false;
+	for (size_t i = 0; i < alen; i++) {
+		char x = a[i] == '_' ? '-' : (char)tolower((unsigned char)a[i]);
+
+		if (x != b[i])
+			return false;
+	}
+	return true;
+}
+
+/* Case-insensitive, '_' and '-' alike (as lib/http_head.c reads Connection options). */
+static bool names_loose_eq(const char *a, const char *b, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		char x = a[i] == '_' ? '-' : (char)tolower((unsigned char)a[i]);
+		char y = b[i] == '_' ? '-' : (char)tolower((unsigned char)b[i]);
+
+		if (x != y)
+			return false;
+	}
+	return true;
+}
+
 /* Whether the Connection field(s) of h name the field called name (len bytes). */
 static bool connection_names(const struct http_head *h, const char *name, size_t len)
 {
@@ -249,7 +281,7 @@ static bool connection_names(const struct http_head *h, const char *name, size_t
 
 			while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
 				n--;
-			if (n == len && !strncasecmp(v, name, len))
+			if (n == len && names_loose_eq(v, name, len))
 				return true;
 			v = comma ? comma + 1 : end;
 		}
@@ -321,8 +353,9 @@ static bool h1_request_dropped(const struct http_head *h, const struct http_fiel
 		"http2-settings", "expect", "host", "x-forwarded-client-cert", H2TO1_PROTO_FIELD,
 	};
 
+	/* '_' spellings too: an app may read x_forwarded_client_cert as the real one. */
 	for (size_t i = 0; i < sizeof(drop) / sizeof(drop[0]); i++)
-		if (ieq(f->name, f->name_len, drop[i]))
+		if (loose_eq(f->name, f->name_len, drop[i]))
 			return true;
 	if (ieq(f->name, f->name_len, "content-length") && h->framing != HTTP_BODY_LENGTH)
 		return true;
@@ -356,15 +389,18 @@ int h1to2_request_nv(const struct http_head *h, const char *request_id, nghttp2_
 {
 	const char *authority = h->authority ? h->authority : h->host;
 	size_t used = 0, k = 0, plen = strlen(h->path), qlen = h->query ? strlen(h->query) : 0;
-	char path[8192];
+	char *path;
 	int rc;
 
 	if ((h->req_flags & (HTTP_REQ_CONNECT | HTTP_REQ_UPGRADE)) || !h->method ||
 	    !token_ok(h->method, strlen(h->method), false) || !plen)
 		return -EINVAL;
-	if (plen + qlen + 2 > sizeof(path))
+	/* :path goes into buf (nv points there); the query as it came. */
+	if (plen + qlen + 2 > buf_cap)
 		return -ENOSPC;
-	snprintf(path, sizeof(path), h->query ? "%s?%s" : "%s", h->path, h->query);
+	path = buf + buf_cap - (plen + qlen + 2);
+	buf_cap -= plen + qlen + 2;
+	snprintf(path, plen + qlen + 2, h->query ? "%s?%s" : "%s", h->path, h->query);
 	if (!value_ok(path, strlen(path)) || strchr(path, ' ') || (authority &&
 	    (!value_ok(authority, strlen(authority)) || !*authority)) ||
 	    (request_id && !value_ok(request_id, strlen(request_id))))
@@ -375,7 +411,7 @@ int h1to2_request_nv(const struct http_head *h, const char *request_id, nghttp2_
 	    (authority && (rc = nv_put(nv, cap_nv, &k, buf, buf_cap, &used, ":authority", 10,
 	                               authority, strlen(authority), false)) < 0) ||
 	    (rc = nv_put(nv, cap_nv, &k, buf, buf_cap, &used, ":path", 5, path, strlen(path),
-	                 true)) < 0)
+	                 false)) < 0)
 		return rc;
 	for (size_t i = 0; i < h->n_fields; i++) {
 		const struct http_field *f = &h->fields[i];

@@ -396,6 +396,7 @@ static bool within_limits(const struct http_head *h)
 }
 
 static int pool_request(struct conn *c, struct req_entry *e, const struct http_head *h);
+static bool pool_fits(const struct conn *c, const struct http_head *h);
 
 static int on_request_head(struct conn *c, const struct http_head *h)
 {
@@ -424,10 +425,12 @@ static int on_request_head(struct conn *c, const struct http_head *h)
 			stop_requests(c);
 		return 1;
 	}
-	if (c->detached && !tunnel_ask)
+	if (c->detached && !tunnel_ask && pool_fits(c, h))
 		return pool_request(c, e, h);
+	/* A tunnel, or a head larger than an HTTP/2 stream between sidecars
+	 * may carry: a connection of its own, as HTTP/1.1. */
 	if (c->detached)
-		conn_connect_upstream(c);    /* a tunnel gets a connection of its own */
+		conn_connect_upstream(c);
 	if (forward_head(c, e, h) < 0) {
 		e->local_status = 500;
 		e->close_after = true;
@@ -535,6 +538,7 @@ static int sniff(struct conn *c)
 }
 
 static bool pool_holds_requests(const struct httpflow *hf);
+static bool pool_body_full(const struct httpflow *hf);
 static void pool_body(struct conn *c, const char *data, size_t len);
 static void pool_body_end(struct conn *c);
 
@@ -552,6 +556,8 @@ static int produce_request(struct conn *c)
 		return 0;
 	if (c->detached && pool_holds_requests(hf))
 		return 0;
+	if (c->detached && pool_body_full(hf))
+		return 0;    /* the stream takes it first (up_body kicks) */
 	/* Fed even with no bytes left: a message may end exactly at the buffer's end. */
 	ev = http_feed(&hf->req, pending(r), pending_len(r), &used);
 	if (used)
@@ -576,7 +582,8 @@ static int produce_request(struct conn *c)
 		if (hf->req_dropping)
 			return 1;
 		if (c->detached) {
-			pool_body(c, ev.data, ev.len);
+			if (!ev.framing)    /* chunk sizes and trailers stay here */
+				pool_body(c, ev.data, ev.len);
 			return 1;
 		}
 		r->out = ev.data;
@@ -843,6 +850,11 @@ static bool pool_holds_requests(const struct httpflow *hf)
 	return hf->q_len && front((struct httpflow *)hf)->complete;
 }
 
+static bool pool_body_full(const struct httpflow *hf)
+{
+	return hf->up && hf->up->body_buffered >= POOL_BODY_MAX;
+}
+
 static size_t up_body(void *ctx, uint8_t *buf, size_t cap, bool *end)
 {
 	struct h1up *up = ctx;
@@ -926,6 +938,23 @@ static struct upool *pool_of(struct conn *c)
 	return w->upools[c->listener];
 }
 
+/*
+ * Whether h's header list, as the next sidecar's HTTP/2 session counts it
+ * (name + value + 32 per field, RFC 9113 6.5.2), stays within
+ * http2.max_header_list_bytes with the fields the sidecars add: a larger
+ * one would end the whole pooled connection (GOAWAY), not just its stream.
+ */
+static bool pool_fits(const struct conn *c, const struct http_head *h)
+{
+	size_t bytes = 4 * 32 + 512 + strlen(h->method) + strlen(h->path) +
+	               (h->query ? strlen(h->query) + 1 : 0) +
+	               (h->authority ? strlen(h->authority) : h->host ? strlen(h->host) : 0);
+
+	for (size_t i = 0; i < h->n_fields; i++)
+		bytes += h->fields[i].name_len + h->fields[i].value_len + 32;
+	return bytes <= c->snap->cfg->http2.max_header_list_bytes && h->n_fields + 8 <= POOL_NV_MAX;
+}
+
 static bool wants_continue(const struct http_head *h)
 {
 	const char *v = NULL;
@@ -953,6 +982,8 @@ static int pool_request(struct conn *c, struct req_entry *e, const struct http_h
 		hf->up->c = c;
 		rc = h1to2_request_nv(h, e->replace_request_id ? e->request_id : NULL, nv, POOL_NV_MAX,
 		                      &n, buf, cap);
+		for (size_t i = 0; rc == 0 && i < n; i++)
+			e->bytes_in += nv[i].namelen + nv[i].valuelen + 4;    /* the head, as HTTP/1.1 counts it */
 		if (rc == 0)
 			hf->up->req = upool_submit(pool, c->snap, nv, n, h->framing != HTTP_BODY_NONE,
 			                           &up_ops, hf->up);
@@ -1225,6 +1256,8 @@ static uint64_t httpflow_due(const struct conn *c, bool tls_side)
  */
 static void httpflow_start(struct conn *c)
 {
+	/* Detached, a body goes as DATA: chunk framing is told apart from content. */
+	http_split_chunks(&flow(c)->req, c->detached);
 	if (c->inbound && flow(c)->requests == 0 && !flow(c)->in_head)
 		flow(c)->head_started = conn_clock_ms();
 }

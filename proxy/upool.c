@@ -987,9 +987,10 @@ static void on_kick(evutil_socket_t fd, short what, void *arg)
 
 	dispatch(p);
 	s = p->w->shared->snapshot(p->w->shared->arg);
-	ms = s ? s->cfg->timeouts.response_head_ms : 30000;
+	/* Waiting for a stream is part of reaching the upstream: the connect timeout. */
+	ms = s ? s->cfg->timeouts.connect_ms : 5000;
 	snapshot_unref(s);
-	/* Queued too long: 503 (no connection to the upstream free in time). */
+	/* Queued too long: 503 (no stream to the upstream free in time). */
 	for (r = p->queue; r; r = next) {
 		next = r->next;
 		if (now >= r->queued_at + ms) {

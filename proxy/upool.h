@@ -10,7 +10,7 @@
  * SETTINGS_MAX_CONCURRENT_STREAMS); a new connection is opened only while
  * the endpoint has fewer than pool.max_connections (one handshake in
  * flight per endpoint at a time); otherwise it waits in a bounded queue
- * and ends with 503 after the response-head timeout. The peer is verified
+ * and ends with 503 after the connect timeout (timeouts.connect_seconds). The peer is verified
  * as on a single connection: the SPIFFE ID of the listener's service,
  * with the worker's current SVID and bundle (the snapshot's client
  * context). Connections made under an older context (rotated SVID, new

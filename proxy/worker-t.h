@@ -30,7 +30,8 @@ struct worker;
 enum worker_cmd {
 	WORKER_DRAIN = 1 << 0,          /* stop accepting, finish open connections */
 	WORKER_STOP = 1 << 1,           /* close everything now */
-	WORKER_RECHECK = 1 << 2,        /* close connections whose peer is now revoked */
+	WORKER_RECHECK = 1 << 2,        /* close connections whose peer is now revoked,
+	                                 * drain inbound HTTP/2 ones on a new policy */
 };
 
 enum listener_kind { LISTENER_INBOUND, LISTENER_OUTBOUND, LISTENER_TRANSPARENT };

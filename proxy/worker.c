@@ -1,6 +1,7 @@
 /* worker: a thread's event loop, its listeners and the commands it takes. */
 #include "worker.h"
 #include "apppool.h"
+#include "h2flow.h"
 #include "upool.h"
 
 #include <errno.h>
@@ -59,6 +60,7 @@ static void on_worker_cmd(evutil_socket_t fd, short what, void *arg)
 		conn_close_revoked(w, s);
 		for (size_t i = 0; i < w->n_upools; i++)
 			upool_close_revoked(w->upools[i], s);
+		h2flow_drain_stale(w, s);
 		snapshot_unref(s);
 	}
 	if (cmd & WORKER_STOP) {
