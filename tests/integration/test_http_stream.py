@@ -370,15 +370,33 @@ class HalfCloseApp:
         self.sock.listen(4)
         self.port = self.sock.getsockname()[1]
         self.closed_after = None
+        self.answered = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self):
-        conn, _ = self.sock.accept()
+        # The connection that brings the request is served; an inbound
+        # sidecar also opens one of its own per mesh connection that stays
+        # idle while its pool to the app carries HTTP/2 callers' requests.
+        import threading
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
         conn.settimeout(10)
         buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += conn.recv(4096)
+        try:
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                buf += data
+        except OSError:
+            return
         conn.sendall(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nold-style body\n")
         conn.shutdown(socket.SHUT_WR)
         t0 = time.monotonic()
@@ -389,6 +407,7 @@ class HalfCloseApp:
         except OSError:
             self.closed_after = time.monotonic() - t0
         conn.close()
+        self.answered.set()
 
     def stop(self):
         self.sock.close()
@@ -410,7 +429,7 @@ def test_close_delimited_response_closes_both_sides(mesh, pki, via):
         assert r is not None and r.status == 200 and r.body == b"old-style body\n", r
         if via != "outbound":    # through the pool, the client's connection is its own
             assert c.closed_within(3), "the client's connection stays open"
-        app.thread.join(5)
+        app.answered.wait(5)
         assert app.closed_after is not None and app.closed_after < 3, \
             f"the app's connection was not closed by the proxy ({app.closed_after})"
 
