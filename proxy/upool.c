@@ -90,7 +90,6 @@ struct upool {
 	unsigned n_queued;
 	unsigned rr;
 	struct event *kick, *timer;
-	uint64_t handshakes;
 	uint64_t next_id;
 };
 
@@ -702,7 +701,6 @@ static int uc_handshake(struct uconn *uc)
 	uc->counted = true;
 	uc->idle_since = conn_clock_ms();
 	uc->p->n_ready++;
-	uc->p->handshakes++;
 	atomic_fetch_add_explicit(&metrics_of(uc->p)->upstream_connections_active, 1,
 	                          memory_order_relaxed);
 	log_debug("upstream conn %llu to %s (%s) ready", (unsigned long long)uc->id, uc->addr.text,
@@ -1115,15 +1113,4 @@ void upool_close_revoked(struct upool *p, struct snapshot *s)
 		    tls_is_revoked(s->server_ctx, SSL_get0_peer_certificate(uc->ssl)))
 			uc_close(uc, "the peer's certificate was revoked");
 	}
-}
-
-void upool_stats(const struct upool *p, struct upool_stats *out)
-{
-	memset(out, 0, sizeof(*out));
-	out->open = p->n_conns;
-	out->ready = p->n_ready;
-	out->queued = p->n_queued;
-	out->handshakes = p->handshakes;
-	for (const struct uconn *uc = p->conns; uc; uc = uc->next)
-		out->streams += uc->n_streams;
 }

@@ -92,11 +92,4 @@ void upool_cancel(struct upool_req *r);
 /* Closes the connections whose peer certificate s's bundle revokes. */
 void upool_close_revoked(struct upool *p, struct snapshot *s);
 
-struct upool_stats {
-	unsigned open, ready, queued, streams;
-	uint64_t handshakes;       /* completed since the pool was made */
-};
-
-void upool_stats(const struct upool *p, struct upool_stats *out);
-
 #endif
