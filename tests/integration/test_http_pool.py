@@ -210,3 +210,20 @@ def test_rotated_certificate_drains_pooled_connections(mesh, pki, tmp_path):
              what="the old pooled connection to drain")
     wait_for(lambda: outb.metrics().get("meshlet_upstream_connections_active") == 1, 5,
              what="the drained connection to close")
+
+
+def test_http11_caller_reaches_an_h2c_app_as_h2c(mesh):
+    """app_protocol h2c: an HTTP/1.1 caller's request arrives as a stream and
+    goes on as one (the 1:1 path answered it 502)."""
+    app = DualApp()
+    mesh.apps.append(app)
+    in_port = free_port()
+    cfg = mesh.config("orders", policy=mesh.policy("orders", RULES),
+                      inbound=[{"listen": addr(in_port), "forward": addr(app.port),
+                                "protocol": "http", "app_protocol": "h2c"}],
+                      timeouts=timeouts())
+    mesh.proxy("orders-in", cfg)
+    _, port = outbound(mesh, [in_port])
+    assert curl(port, "/orders/1", "--http1.1") == (200, "1.1", "ok /orders/1")
+    assert [(s.proto, s.path) for s in app.seen] == [("h2", "/orders/1")]
+    assert not app.seen[0].header("x-meshlet-app-protocol")
