@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from h2_helpers import DualApp, H2Client
-from helpers import free_port, spiffe, wait_for
+from helpers import free_port, server_context, spiffe, wait_for
 from http_helpers import (HttpApp, HttpClient, addr, http_inbound, request, timeouts)
 
 RULES = [{"name": "frontend-all", "action": "allow", "from": [spiffe("frontend")]}]
@@ -227,3 +227,106 @@ def test_http11_caller_reaches_an_h2c_app_as_h2c(mesh):
     assert curl(port, "/orders/1", "--http1.1") == (200, "1.1", "ok /orders/1")
     assert [(s.proto, s.path) for s in app.seen] == [("h2", "/orders/1")]
     assert not app.seen[0].header("x-meshlet-app-protocol")
+
+
+class HostilePeer:
+    """A sidecar that verifies like one (orders' SVID, mutual TLS, ALPN h2)
+    and answers each stream by its path: /ok 200 "ok"; /bad-name a response
+    header with an upper-case name; /bad-length a content-length its DATA
+    contradicts; /reset RST_STREAM after the head. Counts connections."""
+
+    def __init__(self, svid):
+        import threading
+        self.ctx = server_context(svid)
+        self.ctx.set_alpn_protocols(["h2"])
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import threading
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns += 1
+            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
+
+    def _answer(self, conn, sid, path):
+        import h2.errors
+        if path == "/bad-name":
+            conn.send_headers(sid, [(":status", "200"), ("X-Upper", "1")], end_stream=True)
+        elif path == "/bad-length":
+            conn.send_headers(sid, [(":status", "200"), ("content-length", "100")])
+            conn.send_data(sid, b"short", end_stream=True)
+        elif path == "/reset":
+            conn.send_headers(sid, [(":status", "200")])
+            conn.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        else:
+            conn.send_headers(sid, [(":status", "200"), ("content-length", "2")])
+            conn.send_data(sid, b"ok", end_stream=True)
+
+    def _one(self, raw):
+        import h2.config
+        import h2.connection
+        import h2.events
+        try:
+            s = self.ctx.wrap_socket(raw, server_side=True)
+            cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
+                                            validate_outbound_headers=False,
+                                            normalize_outbound_headers=False)
+            conn = h2.connection.H2Connection(cfg)
+            conn.initiate_connection()
+            s.sendall(conn.data_to_send())
+            paths = {}
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    return
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        paths[ev.stream_id] = dict(ev.headers)[":path"]
+                    if isinstance(ev, h2.events.StreamEnded):
+                        self._answer(conn, ev.stream_id, paths.get(ev.stream_id))
+                s.sendall(conn.data_to_send())
+        except Exception:
+            return
+
+    def stop(self):
+        self.sock.close()
+
+
+def test_hostile_peer_responses_fail_their_stream_only(mesh, pki):
+    """A peer's malformed answers end their own stream (502), never the
+    pooled connection: the good requests around them ride the same one."""
+    peer = HostilePeer(pki.svid("orders"))
+    mesh.apps.append(peer)
+    outb, port = outbound(mesh, [peer.port])
+    with HttpClient(port) as c:
+        for path, want in [("/ok", 200), ("/bad-name", 502), ("/ok", 200)]:
+            c.send(request("GET", path))
+            r = c.read_response()
+            assert r is not None and r.status == want, (path, r)
+            if want == 200:
+                assert r.body == b"ok"
+    # Cut short after the head went out (a content-length its DATA
+    # contradicts, a reset): only closing tells the client; never a
+    # complete-looking answer.
+    for path in ("/bad-length", "/reset"):
+        with HttpClient(port) as c:
+            c.send(request("GET", path))
+            try:
+                r = c.read_response()
+            except AssertionError as e:
+                assert "connection ended inside a" in str(e), e
+            else:
+                assert r is None or r.status == 502, (path, r)
+            assert c.closed_within(5)
+    with HttpClient(port) as c:
+        c.send(request("GET", "/ok"))
+        assert c.read_response().status == 200
+    assert peer.conns == 1
