@@ -33,7 +33,9 @@ static const char *const control_keys[] = {"url", "urls", "token_file", NULL};
 static const char *const tls_keys[] = {"cert", "key", "bundle", "min_version", "groups", NULL};
 static const char *const inbound_keys[] = {"listen", "forward", "protocol", "advertise",
 	"app_protocol", NULL};
-static const char *const outbound_keys[] = {"listen", "service", "protocol", "endpoints", NULL};
+static const char *const outbound_keys[] = {"listen", "service", "protocol", "endpoints", "pool",
+	NULL};
+static const char *const pool_keys[] = {"max_connections", "max_streams", "idle_seconds", NULL};
 static const char *const listen_keys[] = {"listen", NULL};
 static const char *const transparent_keys[] = {"listen", "outside_mesh", NULL};
 static const char *const timeout_keys[] = {"handshake_seconds", "connect_seconds",
@@ -729,13 +731,41 @@ static int parse_endpoints(const json_t *o, const char *path, bool is_static,
 	return 0;
 }
 
+/*
+ * outbound[].pool: only http listeners pool (a tcp connection is the app's
+ * own byte stream). The bounds keep a typo from opening thousands of
+ * connections per worker or pinning windows for thousands of streams.
+ */
+static int get_pool(const json_t *o, const char *path, struct config_outbound *out,
+                    struct meshlet_err *err)
+{
+	char p[MESHLET_PATH_MAX];
+	const json_t *po = NULL;
+	long long conns = 4, streams = 100, idle = 90;
+
+	if (json_get_object(o, path, "pool", false, &po, err) < 0)
+		return -EINVAL;
+	json_path_key(p, sizeof(p), path, "pool");
+	if (po && out->protocol != PROTO_HTTP)
+		return err_set(err, p, "only for \"protocol\": \"http\" listeners");
+	if (po && (json_check_object(po, p, pool_keys, err) < 0 ||
+	           json_get_int(po, p, "max_connections", false, 1, 64, &conns, err) < 0 ||
+	           json_get_int(po, p, "max_streams", false, 1, 1000, &streams, err) < 0 ||
+	           json_get_int(po, p, "idle_seconds", false, 1, 86400, &idle, err) < 0))
+		return -EINVAL;
+	out->pool.max_connections = (uint32_t)conns;
+	out->pool.max_streams = (uint32_t)streams;
+	out->pool.idle_ms = (uint32_t)idle * 1000;
+	return 0;
+}
+
 static int parse_outbound_item(const json_t *o, const char *path, bool is_static,
                                struct config_outbound *out, struct meshlet_err *err)
 {
 	if (json_check_object(o, path, outbound_keys, err) < 0 ||
 	    get_addr(o, path, "listen", true, &out->listen, err) < 0 ||
 	    get_service(o, path, out->service, sizeof(out->service), err) < 0 ||
-	    get_protocol(o, path, &out->protocol, err) < 0)
+	    get_protocol(o, path, &out->protocol, err) < 0 || get_pool(o, path, out, err) < 0)
 		return -EINVAL;
 	return parse_endpoints(o, path, is_static, out, err);
 }

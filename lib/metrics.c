@@ -219,6 +219,10 @@ static void render_connections(struct metrics *m, FILE *out)
 	for (int d = 0; d < DIR_COUNT; d++)
 		fprintf(out, "meshlet_connections_active{direction=\"%s\"} %" PRId64 "\n",
 		        direction_names[d], load_i(&m->connections_active[d]));
+	header(out, "meshlet_upstream_connections_active", "gauge",
+	       "Pooled mutual-TLS HTTP/2 connections to upstream sidecars, open and verified.");
+	fprintf(out, "meshlet_upstream_connections_active %" PRId64 "\n",
+	        load_i(&m->upstream_connections_active));
 	header(out, "meshlet_bytes_total", "counter", "Application bytes relayed.");
 	for (int d = 0; d < DIR_COUNT; d++)
 		fprintf(out, "meshlet_bytes_total{direction=\"%s\"} %" PRIu64 "\n",

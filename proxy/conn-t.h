@@ -160,6 +160,9 @@ struct conn {
 	bool inbound;
 	bool transparent;           /* outbound by SO_ORIGINAL_DST; see tdest */
 	bool closing;               /* close once every out is written */
+	bool detached;              /* outbound http: no upstream socket; requests ride the
+	                               worker's pool (upool.c) until a tunnel needs one */
+	bool connect_pending;       /* detached: connect an upstream when the relay round ends */
 	uint16_t listener;
 	uint16_t endpoint;          /* outbound: endpoint being tried or used */
 	uint16_t tries;             /* inbound, transparent: connects tried so far */

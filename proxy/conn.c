@@ -949,6 +949,8 @@ void conn_release_quiet(evutil_socket_t fd, short what, void *arg)
 		arm_quiet(w);
 }
 
+static void connect_detached(struct conn *c);
+
 static void relay(struct conn *c)
 {
 	int rounds = 0, progress;
@@ -965,6 +967,10 @@ static void relay(struct conn *c)
 	} while (progress && ++rounds < RELAY_ROUNDS);
 	if (rounds)
 		touch(c);
+	if (c->connect_pending) {
+		connect_detached(c);    /* its connect's and handshake's watches rule now */
+		return;
+	}
 	if (dir_done(&c->d[RELAY_UP]) && dir_done(&c->d[RELAY_DOWN])) {
 		conn_close(c, CR_DONE);
 		return;
@@ -1313,10 +1319,59 @@ static struct conn *conn_new(struct listener *l, struct snapshot *s, int fd,
 	return c;
 }
 
+/*
+ * An outbound http connection starts without an upstream: its requests go
+ * over the worker's pool of connections between sidecars (httpflow.c,
+ * h2flow.c, upool.c), so relaying starts at once, with only the client's
+ * side. The upstream direction has no source (paused) until a tunnel asks
+ * for a connection of its own (conn_connect_upstream).
+ */
+static void detached_start(struct conn *c)
+{
+	c->detached = true;
+	c->d[RELAY_DOWN].paused = true;
+	conn_set_state(c, CONN_RELAYING);
+	c->ready |= PLAIN_R | PLAIN_W;
+	touch(c);
+	c->proto->start(c);
+	watch_plain(c, 0, 0);
+	conn_watch_tls(c, 0, 0);
+	relay(c);
+}
+
+void conn_connect_upstream(struct conn *c)
+{
+	if (c->detached)
+		c->connect_pending = true;
+}
+
+static void connect_detached(struct conn *c)
+{
+	const struct snapshot_outbound *o = &c->snap->outbound[c->listener];
+
+	c->connect_pending = false;
+	c->detached = false;
+	c->d[RELAY_DOWN].paused = false;
+	watch_plain(c, 0, 0);    /* the client waits for the upstream */
+	if (o->n_endpoints == 0) {
+		c->proto->fail_early(c, 502, CR_UPSTREAM_REFUSED);
+		return;
+	}
+	c->tries = 0;
+	conn_connect_next(c);    /* admitted (limits) when it started */
+}
+
 static void outbound_start(struct conn *c)
 {
 	const struct snapshot_outbound *o = &c->snap->outbound[c->listener];
 
+	if (c->proto->per_request_policy) {
+		/* limits.max_connections counts the app connections an http
+		 * listener carries, pooled or not (docs/traffic.md). */
+		if (conn_pick_admit(c))
+			detached_start(c);
+		return;
+	}
 	if (o->n_endpoints == 0) {
 		log_warn("conn %llu: no endpoint known for %s", (unsigned long long)c->id, o->expect_id);
 		conn_close(c, CR_UPSTREAM_REFUSED);

@@ -13,6 +13,23 @@
 #include <openssl/ssl.h>
 #include "conn-t.h"
 
+/*
+ * conn_pick.c's endpoint choice and outcomes, for whatever connects to an
+ * outbound listener's endpoints: single connections (conn.c) and the pool
+ * between sidecars (upool.c). conn_pick_first_attempt: a call starts (the
+ * retry budget's base). conn_pick_choose: the next endpoint index for a
+ * call that tried `tried` (round robin, skipping tried and ejected ones),
+ * -1 when none is left. conn_pick_listener_connect_ms: the connect timeout
+ * of the listener's service (its traffic document, else timeouts). And a
+ * connect's outcome, for outlier ejection.
+ */
+void conn_pick_first_attempt(struct worker *w, size_t listener);
+int conn_pick_choose(struct worker *w, const struct snapshot *s, size_t listener,
+                     struct endpick_tried *tried);
+uint32_t conn_pick_listener_connect_ms(const struct snapshot *s, size_t listener);
+void conn_pick_outcome(struct worker *w, const struct snapshot *s, size_t listener,
+                       const struct config_addr *addr, bool failed);
+
 struct listener;
 
 const char *conn_reason_str(enum conn_reason r);
@@ -48,6 +65,14 @@ void conn_kick(struct conn *c);
  * ops's made. Returns 0, or -1 when c was closed.
  */
 int conn_switch_proto(struct conn *c, const struct conn_proto_ops *ops);
+
+/*
+ * A detached connection (outbound http, requests pooled) needs an upstream
+ * connection of its own after all (an Upgrade or CONNECT tunnel): connected
+ * and verified as any outbound connection once the current relay round
+ * ends; what the protocol queued for it waits until then.
+ */
+void conn_connect_upstream(struct conn *c);
 
 /* One best-effort write to the client outside the relay (early errors). */
 void conn_write_client_now(struct conn *c, const char *buf, size_t len);

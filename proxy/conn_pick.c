@@ -15,12 +15,17 @@
 #include "conn-int.h"
 #include "endpick.h"
 
-static const struct traffic *upstream_traffic(const struct conn *c)
+/* The traffic document of the service behind outbound listener `listener`, or NULL. */
+static const struct traffic *listener_traffic(const struct snapshot *s, size_t listener)
 {
-	const struct snapshot_traffic *t =
-		snapshot_traffic(c->snap, conn_cfg(c)->outbound[c->listener].service);
+	const struct snapshot_traffic *t = snapshot_traffic(s, s->cfg->outbound[listener].service);
 
 	return t ? t->t : NULL;
+}
+
+static const struct traffic *upstream_traffic(const struct conn *c)
+{
+	return listener_traffic(c->snap, c->listener);
 }
 
 static int64_t now_us(void)
@@ -82,13 +87,54 @@ void conn_pick_release(struct conn *c)
 }
 
 /* The gauge follows the worker's count (each worker adds its own change). */
-static void update_gauge(struct conn *c, size_t before)
+static void update_gauge(struct worker *w, size_t before)
 {
-	size_t after = endpick_ejected(c->w->pick);
+	size_t after = endpick_ejected(w->pick);
 
 	if (after != before)
-		atomic_fetch_add(&c->w->shared->metrics->endpoints_ejected,
+		atomic_fetch_add(&w->shared->metrics->endpoints_ejected,
 		                 (int_fast64_t)after - (int_fast64_t)before);
+}
+
+void conn_pick_first_attempt(struct worker *w, size_t listener)
+{
+	endpick_first_attempt(w->pick, listener, now_us());
+}
+
+int conn_pick_choose(struct worker *w, const struct snapshot *s, size_t listener,
+                     struct endpick_tried *tried)
+{
+	const struct snapshot_outbound *o = &s->outbound[listener];
+	size_t before = endpick_ejected(w->pick);
+	int i;
+
+	i = endpick_choose(w->pick, listener, o->endpoints, o->n_endpoints, tried, now_us());
+	update_gauge(w, before);
+	return i;
+}
+
+uint32_t conn_pick_listener_connect_ms(const struct snapshot *s, size_t listener)
+{
+	const struct traffic *t = listener_traffic(s, listener);
+
+	return t ? t->connect_ms : s->cfg->timeouts.connect_ms;
+}
+
+void conn_pick_outcome(struct worker *w, const struct snapshot *s, size_t listener,
+                       const struct config_addr *addr, bool failed)
+{
+	const struct traffic *t = listener_traffic(s, listener);
+	size_t before;
+
+	if (!t)
+		return;
+	before = endpick_ejected(w->pick);
+	if (endpick_report(w->pick, listener, addr, failed, &t->outlier, now_us())) {
+		metrics_inc(&w->shared->metrics->outlier_ejections);
+		log_warn("endpoint %s of %s ejected after %u connect failures in a row", addr->text,
+		         t->service, t->outlier.consecutive_failures);
+	}
+	update_gauge(w, before);
 }
 
 /*
@@ -112,17 +158,13 @@ static bool may_try_again(struct conn *c, const struct traffic *t)
 
 bool conn_pick_next(struct conn *c)
 {
-	const struct snapshot_outbound *o = &c->snap->outbound[c->listener];
-	size_t before;
 	int i;
 
 	if (!picked(c))
 		return c->tries++ == 0;
 	if (c->tried.n && !may_try_again(c, upstream_traffic(c)))
 		return false;
-	before = endpick_ejected(c->w->pick);
-	i = endpick_choose(c->w->pick, c->listener, o->endpoints, o->n_endpoints, &c->tried, now_us());
-	update_gauge(c, before);
+	i = conn_pick_choose(c->w, c->snap, c->listener, &c->tried);
 	if (i < 0)
 		return false;
 	c->endpoint = (uint16_t)i;
@@ -131,26 +173,13 @@ bool conn_pick_next(struct conn *c)
 
 uint32_t conn_pick_connect_ms(const struct conn *c)
 {
-	const struct traffic *t = picked(c) ? upstream_traffic(c) : NULL;
-
-	return t ? t->connect_ms : conn_cfg(c)->timeouts.connect_ms;
+	return picked(c) ? conn_pick_listener_connect_ms(c->snap, c->listener)
+	                 : conn_cfg(c)->timeouts.connect_ms;
 }
 
 void conn_pick_report(struct conn *c, bool failed)
 {
-	const struct traffic *t;
-	const struct config_addr *ep;
-	size_t before;
-
-	if (!picked(c) || !(t = upstream_traffic(c)))
-		return;
-	before = endpick_ejected(c->w->pick);
-	ep = &c->snap->outbound[c->listener].endpoints[c->endpoint];
-	if (endpick_report(c->w->pick, c->listener, ep, failed, &t->outlier, now_us())) {
-		metrics_inc(&c->w->shared->metrics->outlier_ejections);
-		log_warn("conn %llu: endpoint %s of %s ejected after %u connect failures in a row",
-		         (unsigned long long)c->id, ep->text, t->service,
-		         t->outlier.consecutive_failures);
-	}
-	update_gauge(c, before);
+	if (picked(c))
+		conn_pick_outcome(c->w, c->snap, c->listener,
+		                  &c->snap->outbound[c->listener].endpoints[c->endpoint], failed);
 }

@@ -15,6 +15,7 @@
 #include "h2to1.h"
 #include "httpreq.h"
 #include "snapshot.h"
+#include "upool.h"
 #include "worker-t.h"
 
 #define OUT_GATHER 65536      /* frames gathered into one write, at most */
@@ -62,6 +63,7 @@ struct h2stream {
 	struct h2flow *f;          /* the client connection it belongs to */
 	int32_t down_id, up_id;    /* on the client's session, the upstream's (0: none) */
 	struct apppool_req *app;   /* carried by the app pool (HTTP/1.1 app), until it ends */
+	struct upool_req *pooled;  /* outbound: carried by the pool between sidecars, until it ends */
 	struct h2half req, resp;
 	bool down_closed, up_closed;
 	bool resp_started;         /* the response HEADERS went to the client's session */
@@ -89,6 +91,9 @@ struct h2flow {
 	                              (and always with app1) */
 	bool app1;                 /* inbound to an HTTP/1.1 app: streams go through the
 	                              worker's app pool, not the connection's upstream */
+	bool app_auto;             /* inbound, app_protocol auto: a stream an HTTP/1.1 app
+	                              sent (H2TO1_PROTO_FIELD) goes as app1; the upstream
+	                              session is made for the first other one */
 	struct h2stream *streams;
 	size_t n_streams;          /* in the list (until both sessions are done with them) */
 	size_t open_down;          /* open on the client's session */
@@ -289,6 +294,8 @@ static void stream_free(struct h2flow *f, struct h2stream *s)
 {
 	if (s->app)
 		apppool_cancel(s->app);
+	if (s->pooled)
+		upool_cancel(s->pooled);
 	if (s->prev)
 		s->prev->next = s->next;
 	else
@@ -308,7 +315,7 @@ static void stream_free(struct h2flow *f, struct h2stream *s)
 /* Both sessions are done with s: it goes. */
 static void stream_maybe_free(struct h2flow *f, struct h2stream *s)
 {
-	if (s->down_closed && !s->app && (s->up_closed || !s->up_id))
+	if (s->down_closed && !s->app && !s->pooled && (s->up_closed || !s->up_id))
 		stream_free(f, s);
 }
 
@@ -572,6 +579,17 @@ static void head_of(const struct h2stream *s, const char *query, const char *aut
 	};
 }
 
+static int pool_submit(struct h2flow *f, struct h2stream *s, const nghttp2_nv *nv, size_t n);
+
+/* name (lower case from the peer) is spelt as lname with '_' for '-'. */
+static bool loose_name(const char *name, const char *lname)
+{
+	for (; *name && *lname; name++, lname++)
+		if (*name != *lname && !(*name == '_' && *lname == '-'))
+			return false;
+	return !*name && !*lname;
+}
+
 /* Submits s to the upstream's session with the rewritten head. Returns 0 or -1. */
 static int forward_request(struct h2flow *f, struct h2stream *s, const char *query)
 {
@@ -594,9 +612,10 @@ static int forward_request(struct h2flow *f, struct h2stream *s, const char *que
 
 		if (!strcmp(x.name, ":path"))
 			out[n++] = nv(":path", path ? path : s->path, strlen(path ? path : s->path));
-		else if (!strcmp(x.name, "x-forwarded-client-cert") ||
+		else if (loose_name(x.name, "x-forwarded-client-cert") ||
+		         loose_name(x.name, H2TO1_PROTO_FIELD) ||
 		         (s->replace_rid && !strcmp(x.name, "x-request-id")))
-			continue;    /* ours replaces the caller's */
+			continue;    /* ours replaces the caller's; the sidecars' own never passes */
 		else
 			out[n++] = nv_of(&s->req.head, i);
 	}
@@ -606,6 +625,11 @@ static int forward_request(struct h2flow *f, struct h2stream *s, const char *que
 	}
 	if (s->replace_rid && s->rid[0])
 		out[n++] = nv("x-request-id", s->rid, strlen(s->rid));
+	if (c->detached) {
+		id = pool_submit(f, s, out, n);
+		free(path);
+		return id;
+	}
 	id = nghttp2_submit_request(f->up, NULL, out, n, s->req.end && !s->req.buffered ? NULL : &prd,
 	                            s);
 	free(path);
@@ -628,6 +652,9 @@ static void note_request(struct conn *c, struct h2stream *s)
 
 	s->method = strdup(m ? m : "");
 	s->grpc = ct && h2_is_grpc(ct, strlen(ct));
+	/* The head counts as received bytes, as an HTTP/1.1 request's does. */
+	for (size_t i = 0; i < s->req.head.n; i++)
+		s->rec.bytes_in += s->req.head.f[i].name_len + s->req.head.f[i].value_len + 4;
 	httpreq_request_id(c->w, nrid == 1 ? rid : NULL, s->rid, &s->replace_rid);
 	if (s->grpc && to && (ms = h2_grpc_timeout_ms(to, strlen(to))) >= 0)
 		s->deadline = conn_clock_ms() + (uint64_t)ms;
@@ -898,13 +925,156 @@ static void app_forward(struct h2flow *f, struct h2stream *s, const char *query)
 	s->resp_due = conn_clock_ms() + c->snap->cfg->timeouts.response_head_ms;
 }
 
-/* An admitted stream to the app (through the pool) or the upstream. */
+/* The caller's sidecar says its app spoke HTTP/1.1 (it strips any copy the app sent). */
+static bool from_http1_app(const struct h2stream *s)
+{
+	size_t n;
+	const char *v = hdrs_get(&s->req.head, H2TO1_PROTO_FIELD, &n);
+
+	return n == 1 && !strcmp(v, "http1");
+}
+
+static int up_session(struct h2flow *f);
+
+/* ---- the pool of connections between sidecars (outbound, upool.c) ------- */
+
+static void note_grpc_status(struct h2stream *s, const struct h2hdrs *h);
+
+static size_t pool_body(void *ctx, uint8_t *buf, size_t cap, bool *end)
+{
+	return app_body(ctx, (char *)buf, cap, end);
+}
+
+static size_t pool_trailers(void *ctx, nghttp2_nv *nv, size_t cap)
+{
+	struct h2stream *s = ctx;
+	size_t n = s->req.trailers.n < cap ? s->req.trailers.n : 0;
+
+	for (size_t i = 0; i < n; i++)
+		nv[i] = nv_of(&s->req.trailers, i);
+	return n;
+}
+
+static ssize_t pool_resp_read(nghttp2_session *down, int32_t id, uint8_t *buf, size_t len,
+                              uint32_t *flags, nghttp2_data_source *src, void *user)
+{
+	struct h2stream *s = src->ptr;
+	uint64_t before = s->rec.bytes_out;
+	ssize_t n = pass_body(down, id, &s->resp, NULL, 0, !s->resp.end, &s->rec.bytes_out, buf,
+	                      len, flags);
+
+	/* The bytes left toward the client: the pooled stream's window reopens. */
+	if (s->pooled && s->rec.bytes_out > before)
+		upool_consume(s->pooled, (size_t)(s->rec.bytes_out - before));
+	return n;
+}
+
+static bool pool_head(void *ctx, const nghttp2_nv *nv, size_t n, bool end)
+{
+	struct h2stream *s = ctx;
+	struct h2flow *f = s->f;
+	nghttp2_data_provider prd = { .source.ptr = s, .read_callback = pool_resp_read };
+
+	if (s->resp_started)
+		return true;    /* answered already (deadline): the upstream's is dropped */
+	for (size_t i = 0; i < n; i++) {
+		if (nv[i].namelen == 7 && !memcmp(nv[i].name, ":status", 7))
+			s->rec.status = atoi((const char *)nv[i].value);
+		else if (nv[i].namelen == 11 && !memcmp(nv[i].name, "grpc-status", 11))
+			s->grpc_status = atoi((const char *)nv[i].value);
+	}
+	s->resp_started = true;
+	s->resp_due = 0;
+	if (nghttp2_submit_response(f->down, s->down_id, nv, n, end ? NULL : &prd) != 0)
+		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id, NGHTTP2_INTERNAL_ERROR);
+	conn_kick(f->c);
+	return true;
+}
+
+static void pool_data(void *ctx, const uint8_t *data, size_t len)
+{
+	struct h2stream *s = ctx;
+
+	if (s->local || body_add(&s->resp, data, len) < 0) {
+		upool_consume(s->pooled, len);    /* answered by us, or no memory: dropped */
+		return;
+	}
+	nghttp2_session_resume_data(s->f->down, s->down_id);
+	conn_kick(s->f->c);
+}
+
+static void pool_resp_trailers(void *ctx, const nghttp2_nv *nv, size_t n)
+{
+	struct h2stream *s = ctx;
+
+	for (size_t i = 0; i < n; i++)
+		if (hdrs_add(&s->resp.trailers, nv[i].name, nv[i].namelen, nv[i].value,
+		             nv[i].valuelen) < 0)
+			break;
+	note_grpc_status(s, &s->resp.trailers);
+}
+
+static void pool_end(void *ctx, int status, uint32_t code, const char *why)
+{
+	struct h2stream *s = ctx;
+	struct h2flow *f = s->f;
+
+	s->pooled = NULL;
+	s->up_closed = true;
+	if (status == 0) {
+		s->resp.end = true;
+		if (s->resp_started && !s->down_closed)
+			nghttp2_session_resume_data(f->down, s->down_id);
+	} else if (!s->local && s->resp_started && !s->down_closed) {
+		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id,
+		                          code ? code : NGHTTP2_INTERNAL_ERROR);
+	} else if (!s->local) {
+		answer_unavailable(f, s, status, why);
+	}
+	conn_kick(f->c);
+	stream_maybe_free(f, s);
+}
+
+static const struct upool_owner_ops pool_ops = {
+	.body = pool_body, .trailers = pool_trailers, .head = pool_head, .data = pool_data,
+	.resp_trailers = pool_resp_trailers, .end = pool_end,
+};
+
+/* s as a stream on the worker's pool between sidecars. Returns 0, or -1 (503). */
+static int pool_submit(struct h2flow *f, struct h2stream *s, const nghttp2_nv *nv, size_t n)
+{
+	struct conn *c = f->c;
+	struct worker *w = c->w;
+
+	if (c->listener >= w->n_upools)
+		return -1;
+	if (!w->upools[c->listener])
+		w->upools[c->listener] = upool_new(w, c->listener);
+	if (!w->upools[c->listener])
+		return -1;
+	s->pooled = upool_submit(w->upools[c->listener], c->snap, nv, n,
+	                         !(s->req.end && !s->req.buffered), &pool_ops, s);
+	if (!s->pooled)
+		return -1;
+	s->resp_due = conn_clock_ms() + c->snap->cfg->timeouts.response_head_ms;
+	return 0;
+}
+
+/* An admitted stream: to the app (through the app pool) when it is to be
+ * HTTP/1.1, to the pool between sidecars (outbound), or to the upstream. */
 static void forward_stream(struct h2flow *f, struct h2stream *s, const char *query)
 {
-	if (f->app1) {
+	if (f->app1 || (f->app_auto && from_http1_app(s))) {
 		app_forward(f, s, query);
 		return;
 	}
+	if (f->c->detached) {
+		if (forward_request(f, s, query) < 0)
+			answer_local(f, s, 503, GRPC_UNAVAILABLE, "too many requests waiting for the upstream");
+		return;
+	}
+	if (f->app_auto && !f->up && !f->gone_at && up_session(f) < 0)
+		f->gone_at = conn_clock_ms();
 	/* No upstream, or one that sent GOAWAY: unavailable. */
 	if (!f->up || forward_request(f, s, query) < 0)
 		answer_unavailable(f, s, 502, "upstream unavailable");
@@ -1081,6 +1251,8 @@ static int client_frame(nghttp2_session *sess, const nghttp2_frame *fr, void *us
 		nghttp2_session_resume_data(f->up, s->up_id);
 	if (s->app)
 		apppool_resume(s->app);
+	if (s->pooled)
+		upool_resume(s->pooled);
 	return 0;
 }
 
@@ -1101,6 +1273,8 @@ static int client_data(nghttp2_session *sess, uint8_t flags, int32_t id, const u
 		nghttp2_session_resume_data(f->up, s->up_id);
 	if (s->app)
 		apppool_resume(s->app);
+	if (s->pooled)
+		upool_resume(s->pooled);
 	return 0;
 }
 
@@ -1118,6 +1292,10 @@ static int client_stream_close(nghttp2_session *sess, int32_t id, uint32_t code,
 	if (s->app) {
 		apppool_cancel(s->app);
 		s->app = NULL;
+	}
+	if (s->pooled) {
+		upool_cancel(s->pooled);
+		s->pooled = NULL;
 	}
 	stream_log(f, s, 499);
 	stream_maybe_free(f, s);
@@ -1239,9 +1417,13 @@ static int h2flow_new(struct conn *c)
 		goto out;
 	f->c = c;
 	f->app1 = c->inbound && c->snap->cfg->inbound[c->listener].app_protocol == APP_PROTO_HTTP1;
+	f->app_auto = c->inbound && c->snap->cfg->inbound[c->listener].app_protocol == APP_PROTO_AUTO;
 	h2_guard_init(&f->guard, lim, conn_clock_ms());
+	/* Outbound streams ride the pool (detached); an inbound auto listener's
+	 * app may speak only HTTP/1.1: no preface to it before a stream needs h2. */
 	if (h2_session_new(&f->down, true, lim, client_cb, f) != 0 ||
-	    (!f->app1 && h2_session_new(&f->up, false, lim, up_cb, f) != 0))
+	    (!f->app1 && !f->app_auto && !c->detached &&
+	     h2_session_new(&f->up, false, lim, up_cb, f) != 0))
 		goto out;
 	c->proto_ctx = f;
 	f = NULL;
@@ -1257,6 +1439,17 @@ out:
 		free(f);
 	}
 	return rc;
+}
+
+/* The upstream-facing session, made when the first stream needs it (app_auto). */
+static int up_session(struct h2flow *f)
+{
+	nghttp2_session_callbacks *cb = callbacks(false);
+	int rc = cb ? h2_session_new(&f->up, false, &f->c->snap->cfg->http2, cb, f) : -1;
+
+	if (cb)
+		nghttp2_session_callbacks_del(cb);
+	return rc == 0 ? 0 : -1;
 }
 
 static void h2flow_free(struct conn *c)
@@ -1300,6 +1493,8 @@ static int feed(struct conn *c, int d)
 
 	if (!len)
 		return 0;
+	if (!sess && !from_client && f->app_auto && !f->gone_at)
+		return 0;    /* an h2c app speaking first: held for the session made later */
 	if (!sess || (from_client && f->dead)) {
 		r->in->off = r->in->len;    /* no one to read it: dropped */
 		return 1;
@@ -1433,6 +1628,10 @@ static void cancel_upstream(struct h2flow *f, struct h2stream *s)
 		apppool_cancel(s->app);
 		s->app = NULL;
 	}
+	if (s->pooled) {
+		upool_cancel(s->pooled);
+		s->pooled = NULL;
+	}
 	if (s->up_id && !s->up_closed && f->up)
 		nghttp2_submit_rst_stream(f->up, NGHTTP2_FLAG_NONE, s->up_id, NGHTTP2_CANCEL);
 }
@@ -1522,6 +1721,21 @@ static bool h2flow_done(const struct conn *c)
 static bool h2flow_logged(const struct conn *c)
 {
 	return flow(c)->logged;
+}
+
+/*
+ * A new snapshot with another policy: inbound HTTP/2 connections drain
+ * (GOAWAY; their open streams finish under the policy they started with).
+ * The pools of the calling sidecars keep their connections for long, so
+ * without this a new policy would never decide their streams; their next
+ * streams go over a new connection, decided by the new policy.
+ */
+void h2flow_drain_stale(struct worker *w, const struct snapshot *s)
+{
+	for (struct conn *c = w->conns; c; c = c->next)
+		if (c->proto == &h2flow_ops && c->inbound && c->state == CONN_RELAYING &&
+		    c->snap->policy != s->policy && !flow(c)->goaway)
+			h2flow_drain(c);
 }
 
 const struct conn_proto_ops h2flow_ops = {

@@ -19,4 +19,10 @@
 
 extern const struct conn_proto_ops h2flow_ops;
 
+struct snapshot;
+struct worker;
+
+/* Drains w's inbound HTTP/2 connections decided under another policy than s's. */
+void h2flow_drain_stale(struct worker *w, const struct snapshot *s);
+
 #endif

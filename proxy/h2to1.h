@@ -74,6 +74,49 @@ int h2to1_request_head(const struct h2to1_request *r, char *out, size_t cap, siz
 int h2to1_response_nv(const struct http_head *h, nghttp2_nv *nv, size_t cap_nv, size_t *n,
                       char *buf, size_t buf_cap);
 
+/*
+ * Between sidecars: the field the outbound sidecar sets on a stream whose
+ * calling app spoke HTTP/1.1 (value "http1"), so that an inbound listener
+ * with app_protocol auto reaches its app as HTTP/1.1 too. Neither side
+ * ever forwards a copy it received: the outbound drops the app's, the
+ * inbound strips the peer's before anything reaches the app.
+ */
+#define H2TO1_PROTO_FIELD "x-meshlet-app-protocol"
+
+/*
+ * HTTP/1.1 -> HTTP/2, for the pool between sidecars (upool.c): the request
+ * head h (parsed and normalised by lib/http.c) as a header list into nv
+ * (cap_nv entries), names lower-cased into buf (buf_cap bytes; nv points
+ * into buf and h). :method, :scheme "http", :authority from the absolute
+ * target or Host, :path the normalised path with the query as sent ("*"
+ * for OPTIONS *); dropped: Host, connection-specific fields (connection and
+ * the fields its options name, keep-alive, proxy-connection,
+ * transfer-encoding, upgrade, te, http2-settings), expect (100-continue is
+ * answered by the outbound sidecar), x-forwarded-client-cert, and the
+ * caller's x-request-id when request_id replaces it; content-length kept
+ * only for a body of that length (a chunked body ends with END_STREAM);
+ * H2TO1_PROTO_FIELD added. Returns 0; -ENOSPC; -EINVAL for a name that is
+ * not a token or a value with a control byte, or a CONNECT / Upgrade
+ * request (those are tunnels, never streams).
+ */
+int h1to2_request_nv(const struct http_head *h, const char *request_id, nghttp2_nv *nv,
+                     size_t cap_nv, size_t *n, char *buf, size_t buf_cap);
+
+/*
+ * HTTP/2 -> HTTP/1.1: the final response head nv (checked by
+ * h2_check_response) for a request with req_flags (HTTP_REQ_HEAD) as an
+ * HTTP/1.1 head into out. end: END_STREAM came with it. One framing,
+ * chosen once: none for HEAD, 204 and 304 (content-length kept for HEAD
+ * and 304, dropped for 204); the response's content-length (all copies
+ * equal, digits only; written once) for a body; "content-length: 0" when END_STREAM came
+ * with the head; else "transfer-encoding: chunked". close adds
+ * "connection: close". Connection-specific fields are dropped. Returns 0
+ * with *len and *framing; -ENOSPC with *len the size needed (out NULL, cap
+ * 0 to ask); -EINVAL for a bad :status, content-length, name or value.
+ */
+int h2to1_response_head(const nghttp2_nv *nv, size_t n, unsigned req_flags, bool end, bool close,
+                        char *out, size_t cap, size_t *len, enum h2to1_framing *framing);
+
 /* The chunk header for n body bytes ("<hex>\r\n") into out (>= 20 bytes); its length. */
 size_t h2to1_chunk_header(size_t n, char *out);
 

@@ -13,8 +13,10 @@
 #include "conn.h"
 #include "h2flow.h"
 #include "h2session.h"
+#include "h2to1.h"
 #include "httpreq.h"
 #include "snapshot.h"
+#include "upool.h"
 #include "worker-t.h"
 
 /* Room for "x-request-id: <128 chars>\r\n" added by a proxy on the way. */
@@ -44,8 +46,12 @@ struct req_entry {
 	struct timespec started_wall;
 };
 
+struct h1up;
+
 struct httpflow {
 	struct http_parser_state req, resp;
+	struct h1up *up;            /* detached (outbound): the request riding the pool */
+	bool client_close;          /* detached: the client's request said no keep-alive */
 	struct req_entry q[HTTPFLOW_INFLIGHT];
 	size_t q_first, q_len;
 	bool req_dropping;          /* body of a refused request: read, not forwarded */
@@ -130,12 +136,15 @@ static void entry_clear(struct req_entry *e)
 	memset(e, 0, sizeof(*e));
 }
 
+static void pool_abort(struct httpflow *hf);
+
 static void httpflow_free(struct conn *c)
 {
 	struct httpflow *hf = flow(c);
 
 	if (!hf)
 		return;
+	pool_abort(hf);
 	for (size_t i = 0; i < HTTPFLOW_INFLIGHT; i++)
 		entry_clear(&hf->q[i]);
 	http_cleanup(&hf->req);
@@ -348,11 +357,13 @@ static int forward_head(struct conn *c, struct req_entry *e, const struct http_h
 {
 	struct relay_dir *r = &c->d[req_dir(c)];
 	char xfcc[2 * SPIFFE_ID_MAX + 16];
-	struct http_rewrite_field set[2] = {
+	/* The sidecars' own protocol field never reaches an app or a peer as sent. */
+	struct http_rewrite_field set[3] = {
 		{ "x-forwarded-client-cert", NULL },
+		{ H2TO1_PROTO_FIELD, NULL },
 		{ "x-request-id", e->request_id },
 	};
-	struct http_rewrite rw = { set, e->replace_request_id ? 2 : 1, NULL, 0 };
+	struct http_rewrite rw = { set, e->replace_request_id ? 3 : 2, NULL, 0 };
 	size_t need = 0;
 
 	/* Inbound sets it from the verified peer; outbound only strips the app's copy. */
@@ -432,6 +443,9 @@ static bool release_held(struct conn *c)
 	return true;
 }
 
+static int pool_request(struct conn *c, struct req_entry *e, const struct http_head *h);
+static bool pool_fits(const struct conn *c, const struct http_head *h);
+
 static int on_request_head(struct conn *c, const struct http_head *h)
 {
 	struct httpflow *hf = flow(c);
@@ -459,6 +473,12 @@ static int on_request_head(struct conn *c, const struct http_head *h)
 			stop_requests(c);
 		return 1;
 	}
+	if (c->detached && !tunnel_ask && pool_fits(c, h))
+		return pool_request(c, e, h);
+	/* A tunnel, or a head larger than an HTTP/2 stream between sidecars
+	 * may carry: a connection of its own, as HTTP/1.1. */
+	if (c->detached)
+		conn_connect_upstream(c);
 	if (forward_head(c, e, h) < 0) {
 		e->local_status = 500;
 		e->close_after = true;
@@ -567,6 +587,11 @@ static int sniff(struct conn *c)
 	return c->proto->produce(c, req_dir(c));
 }
 
+static bool pool_holds_requests(const struct httpflow *hf);
+static bool pool_body_full(const struct httpflow *hf);
+static void pool_body(struct conn *c, const char *data, size_t len);
+static void pool_body_end(struct conn *c);
+
 static int produce_request(struct conn *c)
 {
 	struct httpflow *hf = flow(c);
@@ -583,6 +608,10 @@ static int produce_request(struct conn *c)
 		return 1;    /* the head just released */
 	if (hf->req_stopped || r->paused || hf->q_len == HTTPFLOW_INFLIGHT)
 		return 0;
+	if (c->detached && pool_holds_requests(hf))
+		return 0;
+	if (c->detached && pool_body_full(hf))
+		return 0;    /* the stream takes it first (up_body kicks) */
 	/* Fed even with no bytes left: a message may end exactly at the buffer's end. */
 	ev = http_feed(&hf->req, pending(r), pending_len(r), &used);
 	if (used)
@@ -606,12 +635,19 @@ static int produce_request(struct conn *c)
 	case HTTP_EV_BODY:
 		if (hf->req_dropping)
 			return 1;
+		if (c->detached) {
+			if (!ev.framing)    /* chunk sizes and trailers stay here */
+				pool_body(c, ev.data, ev.len);
+			return 1;
+		}
 		r->out = ev.data;
 		r->out_len = ev.len;
 		if (hf->q_len)    /* an early response may have answered it already */
 			last(hf)->bytes_in += ev.len;
 		return 1;
 	case HTTP_EV_MESSAGE_COMPLETE:
+		if (c->detached && !hf->req_dropping)
+			pool_body_end(c);
 		hf->req_dropping = false;
 		hf->req_between = true;
 		if (hf->q_len && !last(hf)->complete) {
@@ -689,6 +725,8 @@ static int on_response_error(struct conn *c, const char *reason)
 	return answer_front(c);
 }
 
+static int pool_produce(struct conn *c);
+
 static int produce_response(struct conn *c)
 {
 	struct httpflow *hf = flow(c);
@@ -702,6 +740,8 @@ static int produce_response(struct conn *c)
 			return 0;    /* a delayed abort: answered at hold_until */
 		return answer_front(c);
 	}
+	if (c->detached)
+		return hf->sniffed ? pool_produce(c) : 0;
 	/* An h2c app may speak first (its SETTINGS): kept until the client's
 	 * preface says which protocol this is. */
 	if (!hf->sniffed)
@@ -753,6 +793,417 @@ static int httpflow_produce(struct conn *c, int d)
 	return d == req_dir(c) ? produce_request(c) : produce_response(c);
 }
 
+/* ---- requests over the pool between sidecars (outbound, detached) -------- */
+
+/*
+ * An outbound http connection has no upstream of its own (conn.c
+ * detached_start): each request, parsed and checked as above, becomes an
+ * HTTP/2 stream on the worker's pool (upool.c), one at a time, and its
+ * response comes back as HTTP/1.1 (h2to1.c: one framing, chosen once).
+ * Pipelined requests wait in the socket until the one before is answered.
+ * The request body is held at most POOL_BODY_MAX ahead of the stream's
+ * window; the response at most the stream's window (reopened as the bytes
+ * are written to the client).
+ */
+#define POOL_BODY_MAX 65536
+#define POOL_PIECE 16384
+#define POOL_NV_MAX (HTTP_DEFAULT_MAX_HEADERS + 8)
+
+struct h1piece {
+	struct h1piece *next;
+	size_t off, len;
+	char data[];
+};
+
+struct h1up {
+	struct conn *c;
+	struct upool_req *req;         /* NULL once the pool ended it */
+	struct h1piece *body, *body_tail, *resp, *resp_tail;
+	size_t body_buffered, resp_buffered;
+	bool body_end;                 /* the whole request body was parsed */
+	bool continue_due;             /* "100 Continue" owed to the client */
+	char *head;                    /* the response head, not yet written */
+	size_t head_len;
+	enum h2to1_framing framing;
+	bool head_made, ended, resp_end, last_chunk_sent;
+	int failed;                    /* ended before a head: 502/503/504 */
+	const char *why;
+};
+
+static int pieces_add(struct h1piece **first, struct h1piece **tail, size_t *count,
+                      const void *data, size_t len)
+{
+	struct h1piece *k = malloc(sizeof(*k) + len);
+
+	if (!k)
+		return -ENOMEM;
+	k->next = NULL;
+	k->off = 0;
+	k->len = len;
+	memcpy(k->data, data, len);
+	if (*tail)
+		(*tail)->next = k;
+	else
+		*first = k;
+	*tail = k;
+	*count += len;
+	return 0;
+}
+
+static size_t pieces_take(struct h1piece **first, struct h1piece **tail, size_t *count, char *buf,
+                          size_t cap)
+{
+	size_t got = 0;
+
+	while (got < cap && *first) {
+		struct h1piece *k = *first;
+		size_t n = k->len - k->off < cap - got ? k->len - k->off : cap - got;
+
+		memcpy(buf + got, k->data + k->off, n);
+		k->off += n;
+		got += n;
+		if (k->off == k->len) {
+			*first = k->next;
+			if (!*first)
+				*tail = NULL;
+			free(k);
+		}
+	}
+	*count -= got;
+	return got;
+}
+
+static void pieces_free(struct h1piece **first, struct h1piece **tail, size_t *count)
+{
+	while (*first) {
+		struct h1piece *k = *first;
+
+		*first = k->next;
+		free(k);
+	}
+	*tail = NULL;
+	*count = 0;
+}
+
+/* The pooled request is over for us: cancelled if still running, freed. */
+static void pool_abort(struct httpflow *hf)
+{
+	struct h1up *up = hf->up;
+
+	if (!up)
+		return;
+	if (up->req)
+		upool_cancel(up->req);
+	pieces_free(&up->body, &up->body_tail, &up->body_buffered);
+	pieces_free(&up->resp, &up->resp_tail, &up->resp_buffered);
+	free(up->head);
+	free(up);
+	hf->up = NULL;
+}
+
+static bool pool_holds_requests(const struct httpflow *hf)
+{
+	/* One at a time: the next head is parsed once this one is answered. */
+	return hf->q_len && front((struct httpflow *)hf)->complete;
+}
+
+static bool pool_body_full(const struct httpflow *hf)
+{
+	return hf->up && hf->up->body_buffered >= POOL_BODY_MAX;
+}
+
+static size_t up_body(void *ctx, uint8_t *buf, size_t cap, bool *end)
+{
+	struct h1up *up = ctx;
+	size_t n = pieces_take(&up->body, &up->body_tail, &up->body_buffered, (char *)buf, cap);
+
+	*end = up->body_end && !up->body_buffered;
+	if (n)
+		conn_kick(up->c);    /* room for more of the body */
+	return n;
+}
+
+static bool up_head(void *ctx, const nghttp2_nv *nv, size_t n, bool end)
+{
+	struct h1up *up = ctx;
+	struct httpflow *hf = flow(up->c);
+	struct req_entry *e = front(hf);
+	bool close = hf->client_close || hf->draining;
+	size_t len = 0;
+
+	if (!e || up->head_made)
+		return false;
+	if (h2to1_response_head(nv, n, e->flags, end, close, NULL, 0, &len, &up->framing) != -ENOSPC ||
+	    !(up->head = malloc(len)) ||
+	    h2to1_response_head(nv, n, e->flags, end, close, up->head, len, &len, &up->framing) < 0) {
+		log_warn("conn %llu: response from %s cannot be carried as HTTP/1.1",
+		         (unsigned long long)up->c->id, conn_destination_text(up->c));
+		free(up->head);
+		up->head = NULL;
+		return false;
+	}
+	for (size_t i = 0; i < n; i++)
+		if (nv[i].namelen == 7 && !memcmp(nv[i].name, ":status", 7))
+			e->status = atoi((const char *)nv[i].value);
+	up->head_len = len;
+	up->head_made = true;
+	up->continue_due = false;    /* the final answer came first: no interim one */
+	conn_kick(up->c);
+	return true;
+}
+
+static void up_data(void *ctx, const uint8_t *data, size_t len)
+{
+	struct h1up *up = ctx;
+
+	if (up->framing == H2TO1_NO_BODY ||
+	    pieces_add(&up->resp, &up->resp_tail, &up->resp_buffered, data, len) < 0) {
+		upool_consume(up->req, len);    /* nothing to carry it: dropped */
+		return;
+	}
+	conn_kick(up->c);
+}
+
+static void up_end(void *ctx, int status, uint32_t code, const char *why)
+{
+	struct h1up *up = ctx;
+
+	up->req = NULL;
+	up->ended = true;
+	up->resp_end = status == 0;
+	if (status) {
+		up->failed = status;
+		up->why = why;
+		log_info("conn %llu: pooled request to %s ended: %s (%u)", (unsigned long long)up->c->id,
+		         conn_destination_text(up->c), why, code);
+	}
+	conn_kick(up->c);
+}
+
+static const struct upool_owner_ops up_ops = {
+	.body = up_body, .head = up_head, .data = up_data, .end = up_end,
+};
+
+static struct upool *pool_of(struct conn *c)
+{
+	struct worker *w = c->w;
+
+	if (c->listener >= w->n_upools)
+		return NULL;
+	if (!w->upools[c->listener])
+		w->upools[c->listener] = upool_new(w, c->listener);
+	return w->upools[c->listener];
+}
+
+/*
+ * Whether h's header list, as the next sidecar's HTTP/2 session counts it
+ * (name + value + 32 per field, RFC 9113 6.5.2), stays within
+ * http2.max_header_list_bytes with the fields the sidecars add: a larger
+ * one would end the whole pooled connection (GOAWAY), not just its stream.
+ */
+static bool pool_fits(const struct conn *c, const struct http_head *h)
+{
+	size_t bytes = 4 * 32 + 512 + strlen(h->method) + strlen(h->path) +
+	               (h->query ? strlen(h->query) + 1 : 0) +
+	               (h->authority ? strlen(h->authority) : h->host ? strlen(h->host) : 0);
+
+	for (size_t i = 0; i < h->n_fields; i++)
+		bytes += h->fields[i].name_len + h->fields[i].value_len + 32;
+	return bytes <= c->snap->cfg->http2.max_header_list_bytes && h->n_fields + 8 <= POOL_NV_MAX;
+}
+
+static bool wants_continue(const struct http_head *h)
+{
+	const char *v = NULL;
+
+	return http_head_count(h, "expect", &v) == 1 && v && !strcasecmp(v, "100-continue");
+}
+
+/* The request as a stream on the pool; refused ones are answered by us. */
+static int pool_request(struct conn *c, struct req_entry *e, const struct http_head *h)
+{
+	struct httpflow *hf = flow(c);
+	nghttp2_nv nv[POOL_NV_MAX];
+	size_t n = 0, cap = 256 + strlen(h->path) + (h->query ? strlen(h->query) : 0);
+	struct upool *pool = pool_of(c);
+	char *buf;
+	int rc;
+
+	for (size_t i = 0; i < h->n_fields; i++)
+		cap += h->fields[i].name_len;
+	hf->client_close = !h->keep_alive;
+	if (!pool || !(hf->up = calloc(1, sizeof(*hf->up))) || !(buf = malloc(cap))) {
+		e->local_status = 500;
+		e->local_reason = "out of memory";
+	} else {
+		hf->up->c = c;
+		rc = h1to2_request_nv(h, e->replace_request_id ? e->request_id : NULL, nv, POOL_NV_MAX,
+		                      &n, buf, cap);
+		for (size_t i = 0; rc == 0 && i < n; i++)
+			e->bytes_in += nv[i].namelen + nv[i].valuelen + 4;    /* the head, as HTTP/1.1 counts it */
+		if (rc == 0)
+			hf->up->req = upool_submit(pool, c->snap, nv, n, h->framing != HTTP_BODY_NONE,
+			                           &up_ops, hf->up);
+		free(buf);
+		if (rc < 0) {
+			e->local_status = 400;
+			e->local_reason = "request cannot be carried between sidecars";
+		} else if (!hf->up->req) {
+			e->local_status = 503;
+			e->local_reason = "too many requests waiting for the upstream";
+		}
+	}
+	if (!e->local_status) {
+		hf->up->continue_due = wants_continue(h);
+		return 1;
+	}
+	pool_abort(hf);
+	/* A body we would have to read just to skip it: answer and close. */
+	e->close_after = h->framing != HTTP_BODY_NONE || !h->keep_alive;
+	hf->req_dropping = true;
+	if (e->close_after)
+		stop_requests(c);
+	return 1;
+}
+
+static void pool_body(struct conn *c, const char *data, size_t len)
+{
+	struct httpflow *hf = flow(c);
+	struct h1up *up = hf->up;
+
+	if (hf->q_len)
+		last(hf)->bytes_in += len;
+	if (!up || up->ended)
+		return;    /* answered already: the rest is dropped */
+	if (pieces_add(&up->body, &up->body_tail, &up->body_buffered, data, len) < 0) {
+		upool_cancel(up->req);
+		up_end(up, 502, 0, "out of memory");
+		return;
+	}
+	if (up->req)
+		upool_resume(up->req);
+}
+
+static void pool_body_end(struct conn *c)
+{
+	struct h1up *up = flow(c)->up;
+
+	if (!up)
+		return;
+	up->body_end = true;
+	if (up->req)
+		upool_resume(up->req);
+}
+
+/* Sets d's output to len bytes of buf (owned). */
+static int put_out(struct relay_dir *r, char *buf, size_t len)
+{
+	r->owned = buf;
+	r->out = buf;
+	r->out_len = len;
+	return 1;
+}
+
+/* The next piece of the response body, chunk-framed when it must be. */
+static int pool_body_out(struct conn *c, struct h1up *up, struct req_entry *e)
+{
+	char *buf = malloc(POOL_PIECE + 32);
+	size_t hlen = 0, n;
+
+	if (!buf)
+		return conn_close(c, CR_INTERNAL), -1;
+	if (up->framing == H2TO1_CHUNKED)
+		hlen = h2to1_chunk_header(up->resp_buffered < POOL_PIECE ? up->resp_buffered : POOL_PIECE,
+		                          buf);
+	n = pieces_take(&up->resp, &up->resp_tail, &up->resp_buffered, buf + hlen, POOL_PIECE);
+	if (up->framing == H2TO1_CHUNKED) {
+		memcpy(buf + hlen + n, "\r\n", 2);
+		hlen += 2;
+	}
+	if (up->req)
+		upool_consume(up->req, n);
+	e->bytes_out += n + hlen;
+	return put_out(&c->d[resp_dir(c)], buf, n + hlen);
+}
+
+/* The response ended: logged, and the next request may be read. */
+static int pool_finish(struct conn *c, struct req_entry *e)
+{
+	struct httpflow *hf = flow(c);
+	bool whole = e->complete;
+
+	log_request(c, e);
+	pop_front(hf);
+	pool_abort(hf);
+	hf->resp_in_message = false;
+	/* Answered before the request was all read (413 and the like): the
+	 * rest of it cannot be told from a next request. */
+	if (!whole) {
+		hf->req_dropping = true;
+		stop_requests(c);
+	}
+	if (hf->client_close || hf->draining)
+		stop_requests(c);
+	if (hf->req_stopped && hf->q_len == 0)
+		c->closing = true;
+	return 1;
+}
+
+static int pool_produce(struct conn *c)
+{
+	static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+	struct httpflow *hf = flow(c);
+	struct relay_dir *r = &c->d[resp_dir(c)];
+	struct req_entry *e = front(hf);
+	struct h1up *up = hf->up;
+
+	if (!up || !e)
+		return 0;
+	if (up->continue_due) {
+		up->continue_due = false;
+		r->out = cont;
+		r->out_len = sizeof(cont) - 1;
+		return 1;
+	}
+	if (up->head) {
+		put_out(r, up->head, up->head_len);
+		e->bytes_out += up->head_len;
+		up->head = NULL;
+		hf->resp_in_message = true;
+		hf->resp_sent_any = true;
+		return 1;
+	}
+	if (up->failed && !hf->resp_sent_any) {
+		/* Nothing of a response went out: ours instead (502, 503, 504). */
+		e->local_status = up->failed;
+		e->local_reason = up->why;
+		e->close_after = !e->complete;
+		if (!e->complete)
+			hf->req_dropping = true;
+		pool_abort(hf);
+		return answer_front(c);
+	}
+	if (up->failed) {
+		/* Cut short after its head: only closing tells the client. */
+		e->status = e->status ? e->status : 502;
+		log_request(c, e);
+		pop_front(hf);
+		return conn_close(c, CR_RESET), -1;
+	}
+	if (up->resp_buffered)
+		return pool_body_out(c, up, e);
+	if (!up->ended || !up->resp_end || !up->head_made)
+		return 0;
+	if (up->framing == H2TO1_CHUNKED && !up->last_chunk_sent) {
+		up->last_chunk_sent = true;
+		r->out = "0\r\n\r\n";
+		r->out_len = 5;
+		e->bytes_out += 5;
+		return 1;
+	}
+	return pool_finish(c, e);
+}
+
 /* ---- end of stream, timers, early failures ----------------------------- */
 
 /* The upstream is gone: requests it never answered get a 502 from us. */
@@ -766,6 +1217,7 @@ static void fail_unanswered(struct conn *c)
 	 */
 	while (hf->upstream_closing && hf->q_len && !hf->resp_sent_any)
 		pop_front(hf);
+	pool_abort(hf);
 
 	for (size_t i = 0; i < hf->q_len; i++) {
 		struct req_entry *e = &hf->q[(hf->q_first + i) % HTTPFLOW_INFLIGHT];
@@ -801,7 +1253,7 @@ static int httpflow_eof(struct conn *c, int d)
 		/* A request cut short cannot be answered: its head may be upstream already. */
 		if (ev.type == HTTP_EV_ERROR && !hf->req_between)
 			return conn_close(c, CR_RESET), -1;
-		if (hf->q_len)
+		if (hf->q_len || c->detached)
 			c->closing = true;    /* answer what was asked, then close */
 		return 0;
 	}
@@ -884,6 +1336,8 @@ static uint64_t httpflow_due(const struct conn *c, bool tls_side)
  */
 static void httpflow_start(struct conn *c)
 {
+	/* Detached, a body goes as DATA: chunk framing is told apart from content. */
+	http_split_chunks(&flow(c)->req, c->detached);
 	if (c->inbound && flow(c)->requests == 0 && !flow(c)->in_head)
 		flow(c)->head_started = conn_clock_ms();
 }

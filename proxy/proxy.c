@@ -36,8 +36,10 @@ static void swap_snapshot(struct meshlet_proxy *p, struct snapshot *s)
 	p->snap = s;
 	p->version = s->version;
 	pthread_mutex_unlock(&p->snap_lock);
-	/* A new bundle may revoke peers of open connections. */
-	if (old && old->server_ctx != s->server_ctx && atomic_load(&p->workers_started))
+	/* A new bundle may revoke peers of open connections; a new policy
+	 * drains the pooled HTTP/2 connections from other sidecars. */
+	if (old && (old->server_ctx != s->server_ctx || old->policy != s->policy) &&
+	    atomic_load(&p->workers_started))
 		for (int i = 0; i < p->n_workers; i++)
 			worker_send(&p->workers[i], WORKER_RECHECK);
 	atomic_store(&p->metrics->config_version, (int_fast64_t)s->version);

@@ -20,6 +20,7 @@
 #include "acceptguard.h"
 
 struct apppool;
+struct upool;
 struct conn;
 struct endpick;
 struct metrics;
@@ -31,7 +32,8 @@ struct worker;
 enum worker_cmd {
 	WORKER_DRAIN = 1 << 0,          /* stop accepting, finish open connections */
 	WORKER_STOP = 1 << 1,           /* close everything now */
-	WORKER_RECHECK = 1 << 2,        /* close connections whose peer is now revoked */
+	WORKER_RECHECK = 1 << 2,        /* close connections whose peer is now revoked,
+	                                 * drain inbound HTTP/2 ones on a new policy */
 };
 
 enum listener_kind { LISTENER_INBOUND, LISTENER_OUTBOUND, LISTENER_TRANSPARENT };
@@ -85,6 +87,9 @@ struct worker {
 	struct apppool **apppools;      /* per inbound listener: HTTP/1.1 connections to its
 	                                 * app for HTTP/2 callers (apppool.c), made on first use */
 	size_t n_apppools;
+	struct upool **upools;          /* per outbound listener: pooled mTLS HTTP/2 connections
+	                                 * to its service's sidecars (upool.c), made on first use */
+	size_t n_upools;
 	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
 	bool draining;
 };

@@ -1,6 +1,8 @@
 /* worker: a thread's event loop, its listeners and the commands it takes. */
 #include "worker.h"
 #include "apppool.h"
+#include "h2flow.h"
+#include "upool.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -57,6 +59,9 @@ static void on_worker_cmd(evutil_socket_t fd, short what, void *arg)
 		struct snapshot *s = w->shared->snapshot(w->shared->arg);
 
 		conn_close_revoked(w, s);
+		for (size_t i = 0; i < w->n_upools; i++)
+			upool_close_revoked(w->upools[i], s);
+		h2flow_drain_stale(w, s);
 		snapshot_unref(s);
 	}
 	if (cmd & WORKER_STOP) {
@@ -159,9 +164,11 @@ static int worker_listen(struct worker *w, const struct config *cfg)
 	w->listeners = calloc(n ? n : 1, sizeof(*w->listeners));
 	w->pick = endpick_new(cfg->n_outbound);
 	w->apppools = calloc(cfg->n_inbound ? cfg->n_inbound : 1, sizeof(*w->apppools));
-	if (!w->listeners || !w->pick || !w->apppools)
+	w->upools = calloc(cfg->n_outbound ? cfg->n_outbound : 1, sizeof(*w->upools));
+	if (!w->listeners || !w->pick || !w->apppools || !w->upools)
 		return -ENOMEM;
 	w->n_apppools = cfg->n_inbound;
+	w->n_upools = cfg->n_outbound;
 	w->n_listeners = n;
 	for (size_t i = 0; i < cfg->n_inbound; i++, k += 2) {
 		w->listeners[k].kind = w->listeners[k + 1].kind = LISTENER_INBOUND;
@@ -237,6 +244,9 @@ void worker_destroy(struct worker *w)
 	for (size_t i = 0; i < w->n_apppools; i++)
 		apppool_free(w->apppools[i]);
 	free(w->apppools);
+	for (size_t i = 0; i < w->n_upools; i++)
+		upool_free(w->upools[i]);
+	free(w->upools);
 	if (w->base)
 		event_base_free(w->base);
 	free(w->listeners);

@@ -45,8 +45,17 @@ struct config_inbound {
 	enum app_protocol app_protocol;
 };
 
+/* outbound[].pool: the worker's mTLS HTTP/2 connections to each endpoint of
+ * an http listener's service (proxy/upool.c). */
+struct config_pool {
+	uint32_t max_connections;       /* per endpoint and worker: default 4 */
+	uint32_t max_streams;           /* per connection (and the peer's limit): default 100 */
+	uint32_t idle_ms;               /* an idle connection closes after: default 90 s */
+};
+
 struct config_outbound {
 	struct config_addr listen;
+	struct config_pool pool;
 	char service[SERVICE_NAME_MAX + 1];
 	enum listener_protocol protocol;
 	struct config_addr *endpoints;

@@ -59,6 +59,7 @@ const char *metrics_h2_abuse_str(enum metrics_h2_abuse k);
 struct metrics {
 	atomic_uint_fast64_t connections_total[DIR_COUNT];
 	atomic_int_fast64_t connections_active[DIR_COUNT];
+	atomic_int_fast64_t upstream_connections_active;   /* pooled mTLS HTTP/2 (upool.c) */
 	atomic_uint_fast64_t bytes_total[DIR_COUNT];
 	atomic_uint_fast64_t handshake_failures[TLS_FAIL_COUNT];     /* by enum tls_failure */
 	atomic_uint_fast64_t tls_resumed[DIR_COUNT];  /* handshakes that resumed a session */

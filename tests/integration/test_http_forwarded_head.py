@@ -121,6 +121,11 @@ def test_trailers_naming_policy_headers_are_refused(mesh, pki, via):
     problems = []
     for i, (cid, trailers, want) in enumerate(TRAILER_CASES):
         rid = f"t{i:02d}-{via[:3]}"
+        if via == "outbound":
+            # The calling sidecar carries the request over the pool between
+            # sidecars and drops its trailers: none can reach the app, so
+            # nothing is refused either (docs/http.md, Trailers).
+            want = OK
         with HttpClient(port, ctx) as c:
             c.send(chunked("/orders/1", [T, ("x-request-id", rid)], trailers))
             r = c.read_response()

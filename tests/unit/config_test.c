@@ -127,6 +127,26 @@ static void test_http2_and_app_protocol(void **state)
 	config_free(c);
 }
 
+static void test_outbound_pool(void **state)
+{
+	struct config *c = parse_ok("{" STATIC ", "
+		OUTB("{\"listen\": \"127.0.0.1:1\", \"service\": \"orders\", \"protocol\": \"http\","
+		     " \"endpoints\": [\"127.0.0.1:2\"]},"
+		     "{\"listen\": \"127.0.0.1:3\", \"service\": \"orders\", \"protocol\": \"http\","
+		     " \"endpoints\": [\"127.0.0.1:2\"], \"pool\": {\"max_connections\": 2,"
+		     " \"max_streams\": 10, \"idle_seconds\": 5}}") "}", FILE_NAME);
+
+	(void)state;
+	/* The defaults: 4 connections of 100 streams, closed after 90 s idle. */
+	assert_int_equal(c->outbound[0].pool.max_connections, 4);
+	assert_int_equal(c->outbound[0].pool.max_streams, 100);
+	assert_int_equal(c->outbound[0].pool.idle_ms, 90000);
+	assert_int_equal(c->outbound[1].pool.max_connections, 2);
+	assert_int_equal(c->outbound[1].pool.max_streams, 10);
+	assert_int_equal(c->outbound[1].pool.idle_ms, 5000);
+	config_free(c);
+}
+
 static const char full_control[] = "{" ID ","
 	"\"state_dir\": \"/srv/meshlet\","
 	"\"control\": {\"url\": \"https://control.mesh.local:7443\", \"token_file\": \"token\"},"
@@ -309,6 +329,21 @@ static const struct bad_case bad_cases[] = {
 	{"{" STATIC ", " IN1 ", \"http2\": {\"initial_window_bytes\": 2147483647}}",
 	 "http2.initial_window_bytes: must be 1024..16777216"},
 	{"{" STATIC ", " IN1 ", \"http2\": []}", "http2: must be an object"},
+#define POOL_OUT(pool) OUTB("{\"listen\": \"127.0.0.1:1\", \"service\": \"orders\"," \
+	" \"protocol\": \"http\", \"endpoints\": [\"127.0.0.1:2\"], \"pool\": " pool "}")
+	{"{" STATIC ", " POOL_OUT("{\"max_connections\": 0}") "}",
+	 "outbound[0].pool.max_connections: must be 1..64"},
+	{"{" STATIC ", " POOL_OUT("{\"max_connections\": 65}") "}",
+	 "outbound[0].pool.max_connections: must be 1..64"},
+	{"{" STATIC ", " POOL_OUT("{\"max_streams\": 1001}") "}",
+	 "outbound[0].pool.max_streams: must be 1..1000"},
+	{"{" STATIC ", " POOL_OUT("{\"idle_seconds\": 0}") "}",
+	 "outbound[0].pool.idle_seconds: must be 1..86400"},
+	{"{" STATIC ", " POOL_OUT("{\"idle\": 5}") "}", "outbound[0].pool.idle: unknown field"},
+	{"{" STATIC ", " POOL_OUT("[4]") "}", "outbound[0].pool: must be an object"},
+	{"{" STATIC ", " OUTB("{\"listen\": \"127.0.0.1:1\", \"service\": \"orders\","
+	                      " \"endpoints\": [\"127.0.0.1:2\"], \"pool\": {}}") "}",
+	 "outbound[0].pool: only for \"protocol\": \"http\" listeners"},
 	{"{" STATIC ", " INB("{\"listen\": \"127.0.0.1:1\", \"forward\": \"127.0.0.1:2\","
 	                    " \"protocol\": \"http\", \"app_protocol\": \"h3\"}") "}",
 	 "inbound[0].app_protocol: must be \"auto\", \"http1\" or \"h2c\""},
@@ -679,6 +714,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_minimal_static_defaults),
 		cmocka_unit_test(test_http2_and_app_protocol),
+		cmocka_unit_test(test_outbound_pool),
 		cmocka_unit_test(test_full_control),
 		cmocka_unit_test(test_control_urls),
 		cmocka_unit_test(test_full_static_tls),

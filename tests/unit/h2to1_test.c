@@ -281,6 +281,188 @@ static void test_chunk_header(void **state)
 	assert_memory_equal(out, "1\r\n", 3);
 }
 
+
+/* ---- HTTP/1.1 requests as HTTP/2 streams, and their answers back ---------- */
+
+/* A request head parsed by lib/http.c, as h1to2_request_nv() gets it. */
+static const struct http_head *request(struct http_parser_state *p, const char *text)
+{
+	size_t used = 0;
+	struct http_event ev;
+
+	http_request_init(p, NULL);
+	ev = http_feed(p, text, strlen(text), &used);
+	assert_int_equal(ev.type, HTTP_EV_HEAD_COMPLETE);
+	return ev.head;
+}
+
+static void test_h1to2_request(void **state)
+{
+	struct http_parser_state p;
+	const struct http_head *h;
+	nghttp2_nv nv[64];
+	char buf[1024];
+	size_t n = 0, count;
+
+	(void)state;
+	h = request(&p, "POST /a/./b/../c?q=1&r HTTP/1.1\r\nHost: orders:8080\r\n"
+	            "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: 5\r\n"
+	            "TE: trailers\r\nExpect: 100-continue\r\nX-Forwarded-Client-Cert: forged\r\n"
+	            "X-Meshlet-App-Protocol: h2c\r\nX-Request-Id: theirs\r\nContent-Length: 3\r\n"
+	            "X-Mixed-Case: Kept As Is\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n");
+	assert_int_equal(h1to2_request_nv(h, "ours", nv, 64, &n, buf, sizeof(buf)), 0);
+	assert_string_equal(nv_get(nv, n, ":method", &count), "POST");
+	assert_string_equal(nv_get(nv, n, ":scheme", &count), "http");
+	assert_string_equal(nv_get(nv, n, ":authority", &count), "orders:8080");
+	/* The normalised path the policy saw, the query as sent. */
+	assert_string_equal(nv_get(nv, n, ":path", &count), "/a/c?q=1&r");
+	assert_string_equal(nv_get(nv, n, "content-length", &count), "3");
+	assert_string_equal(nv_get(nv, n, "x-mixed-case", &count), "Kept As Is");
+	assert_string_equal(nv_get(nv, n, "x-request-id", &count), "ours");
+	assert_int_equal(count, 1);
+	assert_string_equal(nv_get(nv, n, "x-meshlet-app-protocol", &count), "http1");
+	assert_int_equal(count, 1);    /* ours, the app's copy gone */
+	nv_get(nv, n, "cookie", &count);
+	assert_int_equal(count, 2);
+	for (const char *gone = "connection\0x-hop\0keep-alive\0te\0expect\0host\0"
+	                        "x-forwarded-client-cert\0";
+	     *gone; gone += strlen(gone) + 1)
+		assert_null(nv_get(nv, n, gone, &count));
+	/* Pseudo-headers first, names lower-case. */
+	assert_memory_equal(nv[0].name, ":method", 7);
+	for (size_t i = 0; i < n; i++)
+		for (size_t j = 0; j < nv[i].namelen; j++)
+			assert_false(nv[i].name[j] >= 'A' && nv[i].name[j] <= 'Z');
+	/* Too small: -ENOSPC, never a write past the end. */
+	assert_int_equal(h1to2_request_nv(h, NULL, nv, 3, &n, buf, sizeof(buf)), -ENOSPC);
+	assert_int_equal(h1to2_request_nv(h, NULL, nv, 64, &n, buf, 16), -ENOSPC);
+	http_cleanup(&p);
+	/* Chunked: no length, the body ends with END_STREAM; the caller's
+	 * x-request-id kept when none replaces it. */
+	h = request(&p, "PUT /x HTTP/1.1\r\nHost: o\r\nTransfer-Encoding: chunked\r\n"
+	            "X-Request-Id: theirs\r\n\r\n");
+	assert_int_equal(h1to2_request_nv(h, NULL, nv, 64, &n, buf, sizeof(buf)), 0);
+	assert_null(nv_get(nv, n, "transfer-encoding", &count));
+	assert_null(nv_get(nv, n, "content-length", &count));
+	assert_string_equal(nv_get(nv, n, "x-request-id", &count), "theirs");
+	http_cleanup(&p);
+}
+
+static void test_h1to2_refused(void **state)
+{
+	static const char *const tunnels[] = {
+		"CONNECT orders:443 HTTP/1.1\r\nHost: orders:443\r\n\r\n",
+		"GET /ws HTTP/1.1\r\nHost: o\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+	};
+	struct http_parser_state p;
+	const struct http_head *h;
+	nghttp2_nv nv[64];
+	char buf[1024];
+	size_t n = 0;
+
+	(void)state;
+	/* Tunnels are never streams: they keep a connection of their own. */
+	for (size_t i = 0; i < sizeof(tunnels) / sizeof(tunnels[0]); i++) {
+		h = request(&p, tunnels[i]);
+		assert_int_equal(h1to2_request_nv(h, NULL, nv, 64, &n, buf, sizeof(buf)), -EINVAL);
+		http_cleanup(&p);
+	}
+	/* A request id of ours with a control byte never goes out. */
+	h = request(&p, "GET / HTTP/1.1\r\nHost: o\r\n\r\n");
+	assert_int_equal(h1to2_request_nv(h, "a\r\nb", nv, 64, &n, buf, sizeof(buf)), -EINVAL);
+	http_cleanup(&p);
+}
+
+#define NV(n, v) { (uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, sizeof(v) - 1, 0 }
+
+/* h2to1_response_head() into out, then read back by lib/http.c's response parser. */
+static const struct http_head *resp_back(struct http_parser_state *p, const nghttp2_nv *nv,
+                                         size_t n, unsigned flags, bool end, bool close,
+                                         char *out, size_t cap, enum h2to1_framing *fr)
+{
+	size_t need = 0, len = 0;
+
+	assert_int_equal(h2to1_response_head(nv, n, flags, end, close, NULL, 0, &need, fr), -ENOSPC);
+	assert_int_equal(h2to1_response_head(nv, n, flags, end, close, out, cap - 1, &len, fr), 0);
+	assert_int_equal(len, need);
+	out[len] = '\0';
+	return response(p, out, flags);
+}
+
+static void test_h2to1_response_head(void **state)
+{
+	const nghttp2_nv with_len[] = { NV(":status", "200"), NV("content-length", "5"),
+	                                NV("content-length", "5"), NV("x-a", "b"),
+	                                NV("connection", "x-a"), NV("transfer-encoding", "chunked") };
+	const nghttp2_nv no_len[] = { NV(":status", "404"), NV("content-type", "text/plain") };
+	const nghttp2_nv no_content[] = { NV(":status", "204"), NV("content-length", "0") };
+	struct http_parser_state p;
+	const struct http_head *h;
+	enum h2to1_framing fr;
+	char out[512];
+
+	(void)state;
+	h = resp_back(&p, with_len, 6, 0, false, false, out, sizeof(out), &fr);
+	assert_int_equal(fr, H2TO1_LENGTH);
+	assert_int_equal(h->framing, HTTP_BODY_LENGTH);
+	assert_int_equal(h->content_length, 5);
+	assert_true(h->keep_alive);
+	assert_non_null(strstr(out, "x-a: b\r\n"));
+	assert_null(strstr(out, "connection"));
+	assert_null(strstr(out, "transfer-encoding"));
+	http_cleanup(&p);
+	/* No length and a body to come: chunked, said once. */
+	h = resp_back(&p, no_len, 2, 0, false, true, out, sizeof(out), &fr);
+	assert_int_equal(fr, H2TO1_CHUNKED);
+	assert_int_equal(h->framing, HTTP_BODY_CHUNKED);
+	assert_false(h->keep_alive);    /* close asked */
+	http_cleanup(&p);
+	/* END_STREAM with the head: an empty body, said as content-length: 0. */
+	h = resp_back(&p, no_len, 2, 0, true, false, out, sizeof(out), &fr);
+	assert_int_equal(fr, H2TO1_NO_BODY);
+	assert_int_equal(h->framing, HTTP_BODY_LENGTH);
+	assert_int_equal(h->content_length, 0);
+	http_cleanup(&p);
+	/* HEAD: the length of the body it would have, no body. 204: no length. */
+	h = resp_back(&p, with_len, 6, HTTP_REQ_HEAD, false, false, out, sizeof(out), &fr);
+	assert_int_equal(fr, H2TO1_NO_BODY);
+	assert_non_null(strstr(out, "content-length: 5\r\n"));
+	http_cleanup(&p);
+	h = resp_back(&p, no_content, 2, 0, true, false, out, sizeof(out), &fr);
+	assert_int_equal(fr, H2TO1_NO_BODY);
+	assert_null(strstr(out, "content-length"));
+	assert_int_equal(h->status, 204);
+	http_cleanup(&p);
+}
+
+static void test_h2to1_response_hostile(void **state)
+{
+	const nghttp2_nv crlf[] = { NV(":status", "200"), NV("x-a", "b\r\nx-smuggled: 1") };
+	const nghttp2_nv nul[] = { NV(":status", "200"), { (uint8_t *)"x-a", (uint8_t *)"b\0c", 3, 3, 0 } };
+	const nghttp2_nv two_lengths[] = { NV(":status", "200"), NV("content-length", "5"),
+	                                   NV("content-length", "6") };
+	const nghttp2_nv bad_length[] = { NV(":status", "200"), NV("content-length", "+5") };
+	const nghttp2_nv short_status[] = { NV(":status", "20") };
+	const nghttp2_nv interim[] = { NV(":status", "100") };
+	const nghttp2_nv upper[] = { NV(":status", "200"), NV("X-A", "b") };
+	const nghttp2_nv space[] = { NV(":status", "200"), NV("x a", "b") };
+	const struct { const nghttp2_nv *nv; size_t n; } bad[] = {
+		{ crlf, 2 }, { nul, 2 }, { two_lengths, 3 }, { bad_length, 2 }, { short_status, 1 },
+		{ interim, 1 }, { upper, 2 }, { space, 2 },
+	};
+	enum h2to1_framing fr;
+	char out[512];
+	size_t len;
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		assert_int_equal(h2to1_response_head(bad[i].nv, bad[i].n, 0, false, false, NULL, 0, &len,
+		                                     &fr), -EINVAL);
+		assert_int_equal(h2to1_response_head(bad[i].nv, bad[i].n, 0, false, false, out,
+		                                     sizeof(out), &len, &fr), -EINVAL);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -289,6 +471,10 @@ int main(void)
 		cmocka_unit_test(test_request_hostile),
 		cmocka_unit_test(test_response),
 		cmocka_unit_test(test_chunk_header),
+		cmocka_unit_test(test_h1to2_request),
+		cmocka_unit_test(test_h1to2_refused),
+		cmocka_unit_test(test_h2to1_response_head),
+		cmocka_unit_test(test_h2to1_response_hostile),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
