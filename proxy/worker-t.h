@@ -21,6 +21,7 @@
 struct apppool;
 struct conn;
 struct metrics;
+struct peerstats_shard;
 struct relay_buf;
 struct snapshot;
 struct worker;
@@ -81,6 +82,7 @@ struct worker {
 	                                 * app for HTTP/2 callers (apppool.c), made on first use */
 	size_t n_apppools;
 	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
+	struct peerstats_shard *peers;  /* this worker's per-caller counters (no lock) */
 	bool draining;
 };
 
