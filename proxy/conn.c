@@ -1150,7 +1150,7 @@ void conn_authorize(struct conn *c)
 	c->rule = policy_decision_rule(&d);
 	if (counter)
 		metrics_inc(&counter->count);
-	peerstats_decision(c->w->shared->metrics->peers, c->peer, d.action == POLICY_ALLOW, c->rule,
+	peerstats_decision(c->w->peers, c->peer, d.action == POLICY_ALLOW, c->rule,
 	                   NULL, NULL);
 	if (d.action != POLICY_ALLOW) {
 		log_info("conn %llu: %s denied by rule %s", (unsigned long long)c->id, c->peer, c->rule);

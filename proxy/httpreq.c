@@ -73,7 +73,7 @@ bool httpreq_decide(struct conn *c, const struct http_head *h, struct httpreq_ve
 	v->decided = true;
 	v->decision = d.action;
 	v->rule = policy_decision_rule(&d);
-	peerstats_decision(c->w->shared->metrics->peers, c->peer, d.action == POLICY_ALLOW, v->rule,
+	peerstats_decision(c->w->peers, c->peer, d.action == POLICY_ALLOW, v->rule,
 	                   h->method, h->path);
 	if (d.action == POLICY_ALLOW)
 		return traffic_admits(c, &req, v);
@@ -217,7 +217,7 @@ void httpreq_log(struct conn *c, const struct httpreq_record *e)
 	}
 	metrics_observe_duration(m, ms / 1e3);
 	if (c->inbound)
-		peerstats_answer(m->peers, c->peer, e->status, ms / 1e3);
+		peerstats_answer(c->w->peers, c->peer, e->status, ms / 1e3);
 	if (!c->snap->cfg->access_log)
 		return;
 	log_format_time(when, sizeof(when), e->started_wall.tv_sec, e->started_wall.tv_nsec);

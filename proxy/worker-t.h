@@ -24,6 +24,7 @@ struct upool;
 struct conn;
 struct endpick;
 struct metrics;
+struct peerstats_shard;
 struct relay_buf;
 struct snapshot;
 struct worker;
@@ -91,6 +92,7 @@ struct worker {
 	                                 * to its service's sidecars (upool.c), made on first use */
 	size_t n_upools;
 	struct snapshot *sessions_from; /* newest snapshot an outbound handshake used */
+	struct peerstats_shard *peers;  /* this worker's per-caller counters (no lock) */
 	bool draining;
 };
 

@@ -12,6 +12,7 @@
 #include <netinet/in.h>
 
 #include "meshlet/log.h"
+#include "meshlet/metrics.h"
 #include "conn.h"
 #include "endpick.h"
 #include "snapshot.h"
@@ -224,6 +225,9 @@ int worker_init(struct worker *w, struct worker_shared *shared, int id, const st
 		return -ENOMEM;
 	w->bio_method = conn_bio_method_new();
 	if (!w->bio_method)
+		return -ENOMEM;
+	w->peers = peerstats_shard(shared->metrics->peers, (size_t)id);
+	if (!w->peers)
 		return -ENOMEM;
 	return worker_listen(w, cfg);
 }

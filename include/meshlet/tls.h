@@ -130,6 +130,10 @@ SSL_CTX *tls_server_ctx(const struct tls_material *m, const struct tls_options *
  * and the server prefers in this order: h2, then http/1.1. The server
  * context selects from it; connections that offer nothing (tcp) get none.
  */
+/* Sessions a server context keeps for resumption (stateful tickets, about
+ * 1 KB each; the least recently used go first). */
+#define TLS_SERVER_SESSIONS 1024
+
 #define TLS_ALPN_HTTP "\x02h2\x08http/1.1"
 SSL_CTX *tls_client_ctx(const struct tls_material *m, const struct tls_options *o,
                         struct meshlet_err *err);

@@ -486,6 +486,97 @@ static void test_svid_profile_in_handshakes(void **state)
 	EVP_PKEY_free(root_key);
 }
 
+/* Pumps one client-server pair until both finished the handshake (or
+ * one failed); then the client reads the session ticket the server sent. */
+static bool pair_handshake(SSL_CTX *sctx, SSL_CTX *cctx, SSL_SESSION *offer, SSL_SESSION **got,
+                           bool *reused, char *server_saw)
+{
+	struct tls_verify sv = { 0 }, cv = { .expect_id = "spiffe://" TD "/svc/orders" };
+	SSL *s = SSL_new(sctx), *c = SSL_new(cctx);
+	BIO *sb, *cb;
+	int sr = 0, cr = 0;
+	char byte;
+	bool ok;
+
+	assert_non_null(s);
+	assert_non_null(c);
+	assert_int_equal(BIO_new_bio_pair(&sb, 0, &cb, 0), 1);
+	SSL_set_bio(s, sb, sb);
+	SSL_set_bio(c, cb, cb);
+	tls_attach_verify(s, &sv);
+	tls_attach_verify(c, &cv);
+	SSL_set_accept_state(s);
+	SSL_set_connect_state(c);
+	if (offer)
+		assert_int_equal(SSL_set_session(c, offer), 1);
+	for (int i = 0; i < 20 && (sr != 1 || cr != 1); i++) {
+		if (cr != 1)
+			cr = SSL_do_handshake(c);
+		if (sr != 1)
+			sr = SSL_do_handshake(s);
+	}
+	ok = sr == 1 && cr == 1;
+	if (ok) {
+		assert_int_equal(SSL_read(c, &byte, 1), -1);    /* takes the ticket, no data */
+		*reused = SSL_session_reused(s);
+		assert_int_equal(SSL_session_reused(c), *reused);
+		assert_int_equal(tls_peer_id(s, server_saw, SPIFFE_ID_MAX + 1), 0);
+		*got = SSL_get1_session(c);
+		/* OpenSSL drops the session of a connection freed without a
+		 * close_notify from the cache; the proxy sends one (conn.c). */
+		SSL_shutdown(s);
+		SSL_shutdown(c);
+	}
+	ERR_clear_error();
+	SSL_free(s);
+	SSL_free(c);
+	return ok;
+}
+
+/*
+ * Resumption through the server context's own session cache (stateful
+ * tickets: no certificate to decode per resumption): a ticket resumes,
+ * the resumed connection still knows its peer, and a ticket from another
+ * server context (a new bundle or certificate) is refused: a full
+ * handshake, not a resumed one.
+ */
+static void test_resumption_from_server_cache(void **state)
+{
+	struct fixture *fx = *state;
+	struct tls_material *orders = load(fx, "orders", "bundle.pem");
+	struct tls_material *frontend = load(fx, "frontend", "bundle.pem");
+	SSL_CTX *sctx = tls_server_ctx(orders, &opts, NULL);
+	SSL_CTX *other = tls_server_ctx(orders, &opts, NULL);
+	SSL_CTX *cctx = tls_client_ctx(frontend, &opts, NULL);
+	SSL_SESSION *first = NULL, *second = NULL, *third = NULL;
+	char saw[SPIFFE_ID_MAX + 1];
+	bool reused = true;
+
+	assert_non_null(sctx);
+	assert_non_null(other);
+	assert_non_null(cctx);
+	assert_int_equal(SSL_CTX_sess_get_cache_size(sctx), TLS_SERVER_SESSIONS);
+	assert_true(pair_handshake(sctx, cctx, NULL, &first, &reused, saw));
+	assert_false(reused);
+	assert_non_null(first);
+	assert_int_equal(SSL_CTX_sess_number(sctx), 1);     /* one ticket, one session */
+	assert_true(pair_handshake(sctx, cctx, first, &second, &reused, saw));
+	assert_true(reused);
+	assert_string_equal(saw, "spiffe://" TD "/svc/frontend");
+	/* Another context never saw the session: full handshake. */
+	assert_true(pair_handshake(other, cctx, second, &third, &reused, saw));
+	assert_false(reused);
+	assert_string_equal(saw, "spiffe://" TD "/svc/frontend");
+	SSL_SESSION_free(first);
+	SSL_SESSION_free(second);
+	SSL_SESSION_free(third);
+	SSL_CTX_free(sctx);
+	SSL_CTX_free(other);
+	SSL_CTX_free(cctx);
+	tls_material_free(orders);
+	tls_material_free(frontend);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -497,6 +588,7 @@ int main(void)
 		cmocka_unit_test(test_material_refusals),
 		cmocka_unit_test(test_svid_profile_in_handshakes),
 		cmocka_unit_test(test_material_digest),
+		cmocka_unit_test(test_resumption_from_server_cache),
 	};
 
 	return cmocka_run_group_tests(tests, setup, teardown);
