@@ -183,6 +183,39 @@ def test_revocation_closes_the_open_connection_and_refuses_new_ones(dyn):
     assert "certificate was revoked" in inb.stderr()
 
 
+def test_revoked_upstream_closes_its_pooled_connections(dyn):
+    """http listeners carry requests over a pool of kept connections between
+    sidecars: revoking the upstream's certificate closes the pooled
+    connection to it (as it closes a single one), and no request is served
+    by the revoked peer afterwards."""
+    from http_helpers import HttpApp, HttpClient, request
+
+    dyn.start_control()
+    app = HttpApp("ok")
+    dyn.mesh.apps.append(app)
+    dyn.apply_policy(allow_policy("orders", "frontend"))
+    inb, _ = dyn.inbound(app.port, protocol="http")
+    outb, port = dyn.outbound(protocol="http")
+
+    def call():
+        try:
+            with HttpClient(port, None) as c:
+                c.send(request("GET", "/orders/1"))
+                return c.read_response().status
+        except OSError:
+            return None
+    wait_for(lambda: call() == 200, 15, what="a call through the pooled pair")
+    assert outb.metrics().get("meshlet_upstream_connections_active") == 1
+    served = len(app.requests)
+    dyn.ctl("certs", "revoke", _serial(dyn, "orders"))
+    wait_for(lambda: "certificate was revoked" in outb.stderr(), 10,
+             what="the outbound to close its pooled connection to the revoked upstream")
+    wait_for(lambda: outb.metrics().get("meshlet_upstream_connections_active") == 0, 5,
+             what="the pool to hold no connection")
+    assert call() != 200
+    assert len(app.requests) == served, "the revoked upstream served a request"
+
+
 def test_control_killed_then_restarted_and_proxy_restarted_from_cache(dyn):
     control = dyn.start_control()
     app = dyn.mesh.app("echo")
