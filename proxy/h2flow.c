@@ -10,6 +10,7 @@
 #include "meshlet/http.h"
 #include "meshlet/log.h"
 #include "apppool.h"
+#include "bytequeue.h"
 #include "conn.h"
 #include "h2session.h"
 #include "h2to1.h"
@@ -42,17 +43,9 @@ struct h2hdrs {
 	size_t n, cap_n;
 };
 
-/* Body bytes received on one side, waiting for the other side to take them. */
-struct h2chunk {
-	struct h2chunk *next;
-	size_t off, len;
-	char data[];
-};
-
 struct h2half {
 	struct h2hdrs head, trailers;
-	struct h2chunk *first, *last;
-	size_t buffered;
+	struct bytequeue body;     /* received, not yet taken by the other side */
 	bool in_trailers;          /* the header block arriving is trailers */
 	bool head_done;
 	bool end;                  /* END_STREAM received */
@@ -207,62 +200,13 @@ static nghttp2_nv nv_of(const struct h2hdrs *h, size_t i)
 
 /* ---- bodies ------------------------------------------------------------- */
 
-static int body_add(struct h2half *h, const uint8_t *data, size_t len)
-{
-	struct h2chunk *k = malloc(sizeof(*k) + len);
-
-	if (!k)
-		return -ENOMEM;
-	k->next = NULL;
-	k->off = 0;
-	k->len = len;
-	memcpy(k->data, data, len);
-	if (h->last)
-		h->last->next = k;
-	else
-		h->first = k;
-	h->last = k;
-	h->buffered += len;
-	return 0;
-}
-
-/* Takes up to len bytes into buf. Returns how many. */
-static size_t body_take(struct h2half *h, uint8_t *buf, size_t len)
-{
-	size_t got = 0;
-
-	while (got < len && h->first) {
-		struct h2chunk *k = h->first;
-		size_t n = k->len - k->off < len - got ? k->len - k->off : len - got;
-
-		memcpy(buf + got, k->data + k->off, n);
-		k->off += n;
-		got += n;
-		if (k->off == k->len) {
-			h->first = k->next;
-			if (!h->first)
-				h->last = NULL;
-			free(k);
-		}
-	}
-	h->buffered -= got;
-	return got;
-}
-
 /* Frees what was never passed on; the session it came from gets its
  * connection window back (the stream's is gone with it). */
 static void half_free(struct h2half *h, nghttp2_session *from)
 {
-	if (from && h->buffered)
-		nghttp2_session_consume_connection(from, h->buffered);
-	while (h->first) {
-		struct h2chunk *k = h->first;
-
-		h->first = k->next;
-		free(k);
-	}
-	h->last = NULL;
-	h->buffered = 0;
+	if (from && h->body.len)
+		nghttp2_session_consume_connection(from, h->body.len);
+	bq_clear(&h->body);
 	hdrs_free(&h->head);
 	hdrs_free(&h->trailers);
 }
@@ -366,7 +310,7 @@ static void answer_local(struct h2flow *f, struct h2stream *s, int status, int g
 	s->resp_started = true;
 	s->resp_due = 0;
 	/* What arrived of the request and what is still on its way are dropped. */
-	nghttp2_session_consume(f->down, s->down_id, s->req.buffered);
+	nghttp2_session_consume(f->down, s->down_id, s->req.body.len);
 	half_free(&s->req, NULL);
 	snprintf(code, sizeof(code), "%d", s->grpc ? 200 : status);
 	hdr[n++] = nv(":status", code, strlen(code));
@@ -499,14 +443,14 @@ static ssize_t pass_body(nghttp2_session *to, int32_t id, struct h2half *h, nght
                          int32_t from_id, bool more, uint64_t *count, uint8_t *buf, size_t len,
                          uint32_t *flags)
 {
-	size_t n = body_take(h, buf, len);
+	size_t n = bq_take(&h->body, buf, len);
 
 	if (n) {
 		if (from)
 			nghttp2_session_consume(from, from_id, n);
 		*count += n;
 	}
-	if (h->buffered || more)
+	if (h->body.len || more)
 		return n ? (ssize_t)n : NGHTTP2_ERR_DEFERRED;
 	*flags |= NGHTTP2_DATA_FLAG_EOF;
 	if (h->trailers.n) {
@@ -630,7 +574,7 @@ static int forward_request(struct h2flow *f, struct h2stream *s, const char *que
 		free(path);
 		return id;
 	}
-	id = nghttp2_submit_request(f->up, NULL, out, n, s->req.end && !s->req.buffered ? NULL : &prd,
+	id = nghttp2_submit_request(f->up, NULL, out, n, s->req.end && !s->req.body.len ? NULL : &prd,
 	                            s);
 	free(path);
 	if (id < 0)
@@ -751,14 +695,14 @@ static size_t app_body(void *ctx, char *buf, size_t cap, bool *end)
 {
 	struct h2stream *s = ctx;
 	struct h2flow *f = s->f;
-	size_t n = body_take(&s->req, (uint8_t *)buf, cap);
+	size_t n = bq_take(&s->req.body, (uint8_t *)buf, cap);
 
 	if (n) {
 		nghttp2_session_consume(f->down, s->down_id, n);
 		s->rec.bytes_in += n;
 		conn_kick(f->c);
 	}
-	*end = s->req.end && !s->req.buffered;
+	*end = s->req.end && !s->req.body.len;
 	return n;
 }
 
@@ -774,7 +718,7 @@ static ssize_t app_resp_read(nghttp2_session *down, int32_t id, uint8_t *buf, si
 	ssize_t n = pass_body(down, id, &s->resp, NULL, 0, !s->resp.end, &s->rec.bytes_out, buf,
 	                      len, flags);
 
-	if (s->app && s->resp.buffered < app_window(s))
+	if (s->app && s->resp.body.len < app_window(s))
 		apppool_resume(s->app);
 	return n;
 }
@@ -819,7 +763,7 @@ static bool app_data(void *ctx, const char *data, size_t len)
 
 	if (s->local)
 		return true;    /* answered by us: dropped */
-	if (body_add(&s->resp, (const uint8_t *)data, len) < 0) {
+	if (bq_add(&s->resp.body, (const uint8_t *)data, len) < 0) {
 		nghttp2_submit_rst_stream(s->f->down, NGHTTP2_FLAG_NONE, s->down_id,
 		                          NGHTTP2_INTERNAL_ERROR);
 		s->local = true;
@@ -827,7 +771,7 @@ static bool app_data(void *ctx, const char *data, size_t len)
 	}
 	nghttp2_session_resume_data(s->f->down, s->down_id);
 	conn_kick(s->f->c);
-	return s->resp.buffered < app_window(s);
+	return s->resp.body.len < app_window(s);
 }
 
 static void app_end(void *ctx, int status, const char *why)
@@ -839,7 +783,7 @@ static void app_end(void *ctx, int status, const char *why)
 	if (status == 0 && !s->req.end) {
 		/* Answered before the request was all sent: the rest of it is
 		 * dropped as it comes (the client's window must not stall). */
-		nghttp2_session_consume(f->down, s->down_id, s->req.buffered);
+		nghttp2_session_consume(f->down, s->down_id, s->req.body.len);
 		half_free(&s->req, NULL);
 		s->local = true;
 	}
@@ -995,7 +939,7 @@ static void pool_data(void *ctx, const uint8_t *data, size_t len)
 {
 	struct h2stream *s = ctx;
 
-	if (s->local || body_add(&s->resp, data, len) < 0) {
+	if (s->local || bq_add(&s->resp.body, data, len) < 0) {
 		upool_consume(s->pooled, len);    /* answered by us, or no memory: dropped */
 		return;
 	}
@@ -1053,7 +997,7 @@ static int pool_submit(struct h2flow *f, struct h2stream *s, const nghttp2_nv *n
 	if (!w->upools[c->listener])
 		return -1;
 	s->pooled = upool_submit(w->upools[c->listener], c->snap, nv, n,
-	                         !(s->req.end && !s->req.buffered), &pool_ops, s);
+	                         !(s->req.end && !s->req.body.len), &pool_ops, s);
 	if (!s->pooled)
 		return -1;
 	s->resp_due = conn_clock_ms() + c->snap->cfg->timeouts.response_head_ms;
@@ -1267,7 +1211,7 @@ static int client_data(nghttp2_session *sess, uint8_t flags, int32_t id, const u
 		nghttp2_session_consume(sess, id, len);
 		return 0;
 	}
-	if (body_add(&s->req, data, len) < 0)
+	if (bq_add(&s->req.body, data, len) < 0)
 		return NGHTTP2_ERR_CALLBACK_FAILURE;
 	if (s->up_id && f->up)
 		nghttp2_session_resume_data(f->up, s->up_id);
@@ -1353,7 +1297,7 @@ static int up_data(nghttp2_session *sess, uint8_t flags, int32_t id, const uint8
 		nghttp2_session_consume(sess, id, len);
 		return 0;
 	}
-	if (body_add(&s->resp, data, len) < 0)
+	if (bq_add(&s->resp.body, data, len) < 0)
 		return NGHTTP2_ERR_CALLBACK_FAILURE;
 	if (s->resp_started)
 		nghttp2_session_resume_data(s->f->down, s->down_id);

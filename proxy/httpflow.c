@@ -10,6 +10,7 @@
 
 #include "meshlet/http.h"
 #include "meshlet/log.h"
+#include "bytequeue.h"
 #include "conn.h"
 #include "h2flow.h"
 #include "h2session.h"
@@ -809,17 +810,10 @@ static int httpflow_produce(struct conn *c, int d)
 #define POOL_PIECE 16384
 #define POOL_NV_MAX (HTTP_DEFAULT_MAX_HEADERS + 8)
 
-struct h1piece {
-	struct h1piece *next;
-	size_t off, len;
-	char data[];
-};
-
 struct h1up {
 	struct conn *c;
 	struct upool_req *req;         /* NULL once the pool ended it */
-	struct h1piece *body, *body_tail, *resp, *resp_tail;
-	size_t body_buffered, resp_buffered;
+	struct bytequeue body, resp;   /* the request body read ahead, the response content */
 	bool body_end;                 /* the whole request body was parsed */
 	bool continue_due;             /* "100 Continue" owed to the client */
 	char *head;                    /* the response head, not yet written */
@@ -830,61 +824,6 @@ struct h1up {
 	const char *why;
 };
 
-static int pieces_add(struct h1piece **first, struct h1piece **tail, size_t *count,
-                      const void *data, size_t len)
-{
-	struct h1piece *k = malloc(sizeof(*k) + len);
-
-	if (!k)
-		return -ENOMEM;
-	k->next = NULL;
-	k->off = 0;
-	k->len = len;
-	memcpy(k->data, data, len);
-	if (*tail)
-		(*tail)->next = k;
-	else
-		*first = k;
-	*tail = k;
-	*count += len;
-	return 0;
-}
-
-static size_t pieces_take(struct h1piece **first, struct h1piece **tail, size_t *count, char *buf,
-                          size_t cap)
-{
-	size_t got = 0;
-
-	while (got < cap && *first) {
-		struct h1piece *k = *first;
-		size_t n = k->len - k->off < cap - got ? k->len - k->off : cap - got;
-
-		memcpy(buf + got, k->data + k->off, n);
-		k->off += n;
-		got += n;
-		if (k->off == k->len) {
-			*first = k->next;
-			if (!*first)
-				*tail = NULL;
-			free(k);
-		}
-	}
-	*count -= got;
-	return got;
-}
-
-static void pieces_free(struct h1piece **first, struct h1piece **tail, size_t *count)
-{
-	while (*first) {
-		struct h1piece *k = *first;
-
-		*first = k->next;
-		free(k);
-	}
-	*tail = NULL;
-	*count = 0;
-}
-
 /* The pooled request is over for us: cancelled if still running, freed. */
 static void pool_abort(struct httpflow *hf)
 {
@@ -894,8 +833,8 @@ static void pool_abort(struct httpflow *hf)
 		return;
 	if (up->req)
 		upool_cancel(up->req);
-	pieces_free(&up->body, &up->body_tail, &up->body_buffered);
-	pieces_free(&up->resp, &up->resp_tail, &up->resp_buffered);
+	bq_clear(&up->body);
+	bq_clear(&up->resp);
 	free(up->head);
 	free(up);
 	hf->up = NULL;
@@ -909,15 +848,15 @@ static bool pool_holds_requests(const struct httpflow *hf)
 
 static bool pool_body_full(const struct httpflow *hf)
 {
-	return hf->up && hf->up->body_buffered >= POOL_BODY_MAX;
+	return hf->up && hf->up->body.len >= POOL_BODY_MAX;
 }
 
 static size_t up_body(void *ctx, uint8_t *buf, size_t cap, bool *end)
 {
 	struct h1up *up = ctx;
-	size_t n = pieces_take(&up->body, &up->body_tail, &up->body_buffered, (char *)buf, cap);
+	size_t n = bq_take(&up->body, buf, cap);
 
-	*end = up->body_end && !up->body_buffered;
+	*end = up->body_end && !up->body.len;
 	if (n)
 		conn_kick(up->c);    /* room for more of the body */
 	return n;
@@ -957,7 +896,7 @@ static void up_data(void *ctx, const uint8_t *data, size_t len)
 	struct h1up *up = ctx;
 
 	if (up->framing == H2TO1_NO_BODY ||
-	    pieces_add(&up->resp, &up->resp_tail, &up->resp_buffered, data, len) < 0) {
+	    bq_add(&up->resp, data, len) < 0) {
 		upool_consume(up->req, len);    /* nothing to carry it: dropped */
 		return;
 	}
@@ -1075,7 +1014,7 @@ static void pool_body(struct conn *c, const char *data, size_t len)
 		last(hf)->bytes_in += len;
 	if (!up || up->ended)
 		return;    /* answered already: the rest is dropped */
-	if (pieces_add(&up->body, &up->body_tail, &up->body_buffered, data, len) < 0) {
+	if (bq_add(&up->body, data, len) < 0) {
 		upool_cancel(up->req);
 		up_end(up, 502, 0, "out of memory");
 		return;
@@ -1113,9 +1052,9 @@ static int pool_body_out(struct conn *c, struct h1up *up, struct req_entry *e)
 	if (!buf)
 		return conn_close(c, CR_INTERNAL), -1;
 	if (up->framing == H2TO1_CHUNKED)
-		hlen = h2to1_chunk_header(up->resp_buffered < POOL_PIECE ? up->resp_buffered : POOL_PIECE,
+		hlen = h2to1_chunk_header(up->resp.len < POOL_PIECE ? up->resp.len : POOL_PIECE,
 		                          buf);
-	n = pieces_take(&up->resp, &up->resp_tail, &up->resp_buffered, buf + hlen, POOL_PIECE);
+	n = bq_take(&up->resp, buf + hlen, POOL_PIECE);
 	if (up->framing == H2TO1_CHUNKED) {
 		memcpy(buf + hlen + n, "\r\n", 2);
 		hlen += 2;
@@ -1190,7 +1129,7 @@ static int pool_produce(struct conn *c)
 		pop_front(hf);
 		return conn_close(c, CR_RESET), -1;
 	}
-	if (up->resp_buffered)
+	if (up->resp.len)
 		return pool_body_out(c, up, e);
 	if (!up->ended || !up->resp_end || !up->head_made)
 		return 0;
