@@ -152,21 +152,28 @@ static bool child_has_key(const json_t *rec, const char *khash)
 }
 
 /* Refuses a renewal by parent when an ancestor of it was revoked
- * (another control instance on the store may not know it yet). */
+ * (another control instance on the store may not know it yet). The walk
+ * ends at the root or at an ancestor whose record is gone (it expired, so
+ * did its revocation). It fails closed: a store error, or a lineage deeper
+ * than any real renewal chain, refuses rather than letting a descendant of
+ * a revoked certificate through unchecked. */
 static int ancestors_check(struct control_state *st, const char *parent, const json_t *rec,
                            struct state_error *se)
 {
 	const char *up = json_string_value(json_object_get(rec, "parent"));
 	json_t *anc = NULL;
 	char key[STORE_KEY_MAX];
+	int depth, r = 0;
 
-	for (int depth = 0; up && depth < STATE_LINEAGE_DEPTH_MAX; depth++) {
+	for (depth = 0; up && depth < STATE_LINEAGE_DEPTH_MAX; depth++) {
 		char serial[CA_SERIAL_HEX_MAX];
 		int64_t rrev = 0;
 
 		snprintf(serial, sizeof(serial), "%s", up);
 		state_key(key, sizeof(key), "revoked/", serial);
-		if (state_is_revoked(st, serial) || (kv_rev(st, key, &rrev) == 0 && rrev > 0)) {
+		if (!state_is_revoked(st, serial) && (r = kv_rev(st, key, &rrev)) < 0)
+			break;
+		if (state_is_revoked(st, serial) || rrev > 0) {
 			json_decref(anc);
 			return state_refuse(se, -EPERM, "ancestor_revoked", "", "your SVID (serial %s) "
 			                    "descends from the revoked certificate %s", parent, serial);
@@ -174,11 +181,17 @@ static int ancestors_check(struct control_state *st, const char *parent, const j
 		state_key(key, sizeof(key), "certs/", serial);
 		json_decref(anc);
 		anc = NULL;
-		if (kv_json(st, key, &anc, NULL) < 0)
+		if ((r = kv_json(st, key, &anc, NULL)) < 0)
 			break;
 		up = json_string_value(json_object_get(anc, "parent"));
 	}
 	json_decref(anc);
+	if (r < 0 && r != -ENOENT)
+		return state_store_failed(st, se, "lineage read", r);
+	if (r == 0 && up && depth == STATE_LINEAGE_DEPTH_MAX)
+		return state_refuse(se, -EPERM, "lineage_too_deep", "", "your SVID (serial %s) has "
+		                    "more than %d unexpired ancestors; join again with a token", parent,
+		                    STATE_LINEAGE_DEPTH_MAX);
 	return 0;
 }
 

@@ -25,6 +25,7 @@
 
 #include "meshlet/api.h"
 #include "meshlet/file.h"
+#include "meshlet/store.h"
 #include "handlers.h"
 #include "state.h"
 
@@ -655,6 +656,42 @@ static void test_revoked_ancestor_other_instance(void **state)
 	assert_string_equal(se.reason, "ancestor_revoked");
 }
 
+/* A lineage that never reaches its root (here a record made its own
+ * parent, as a corrupted or hostile store could hold) is refused, not
+ * walked 64 steps and let through. */
+static void test_lineage_too_deep_refused(void **state)
+{
+	struct fixture *f = *state;
+	struct meshlet_err err = {0};
+	struct state_error se = {0};
+	struct store *db = NULL;
+	char a[CA_SERIAL_HEX_MAX], b[CA_SERIAL_HEX_MAX], key[STORE_KEY_MAX], path[256];
+	char *val = NULL, *loop;
+	size_t len = 0;
+	json_t *rec;
+
+	joined(f, "orders", a);
+	assert_int_equal(issue(f, "orders", NULL, a, NULL, b, &se), 0);
+	state_close(f->st);
+	f->st = NULL;
+	snprintf(path, sizeof(path), "%s/state.db", f->dir);
+	assert_int_equal(store_open(&db, path, &err), 0);
+	snprintf(key, sizeof(key), "certs/%s", b);
+	assert_int_equal(store_get(db, key, &val, &len, NULL), 0);
+	rec = json_loadb(val, len, 0, NULL);
+	assert_non_null(rec);
+	json_object_set_new(rec, "parent", json_string(b));
+	loop = json_dumps(rec, JSON_COMPACT);
+	assert_int_equal(store_put(db, key, loop, strlen(loop), NULL), 0);
+	free(loop);
+	free(val);
+	json_decref(rec);
+	store_close(db);
+	assert_int_equal(open_state(f), 0);
+	assert_int_equal(issue(f, "orders", NULL, b, NULL, NULL, &se), -EPERM);
+	assert_string_equal(se.reason, "lineage_too_deep");
+}
+
 static void test_certs_rotate(void **state)
 {
 	struct fixture *f = *state;
@@ -1100,6 +1137,7 @@ int main(void)
 		T(test_lineage_cap),
 		T(test_revoke_with_descendants),
 		T(test_revoked_ancestor_other_instance),
+		T(test_lineage_too_deep_refused),
 		T(test_certs_rotate),
 		T(test_registry_claims),
 		T(test_registry_revoked_entry_frees_claim),
