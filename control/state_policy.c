@@ -72,9 +72,11 @@ static void check_request(const struct api_check_req *r, const char *path,
 	req->header_ctx = r->headers;
 }
 
-/* The policy decision for req into *out: no_policy when svc has none. */
-static int check_policy(struct control_state *st, const char *svc,
-                        const struct policy_request *req, json_t **out, struct state_error *se)
+/* The policy decision for req into *out: no_policy when svc has none.
+ * override: a method-override header's method ("" for none); as on the
+ * proxy, both methods must be allowed. */
+static int check_policy(struct control_state *st, const char *svc, struct policy_request *req,
+                        const char *override, json_t **out, struct state_error *se)
 {
 	struct meshlet_err e = {0};
 	struct policy_decision d;
@@ -94,6 +96,10 @@ static int check_policy(struct control_state *st, const char *svc,
 	if (!p)
 		return state_fail(se, -EIO, e.path, "the stored policy does not parse: %s", e.message);
 	d = policy_eval(p, req);
+	if (d.action == POLICY_ALLOW && override[0] && strcmp(override, req->method) != 0) {
+		req->method = override;
+		d = policy_eval(p, req);
+	}
 	*out = json_pack("{s:s, s:s, s:I}", "decision", policy_action_str(d.action),
 	                 "rule", policy_decision_rule(&d), "policy_version", (json_int_t)version);
 	policy_free(p);
@@ -125,7 +131,8 @@ int state_check(struct control_state *st, const struct api_check_req *r, json_t 
                 struct state_error *se)
 {
 	struct policy_request req;
-	char *norm = NULL;
+	char *norm = NULL, override[32];
+	const char *why;
 	int ret;
 
 	*out = NULL;
@@ -134,7 +141,16 @@ int state_check(struct control_state *st, const struct api_check_req *r, json_t 
 	if (*out)
 		return 0;
 	check_request(r, norm ? norm : "/", &req);
-	ret = check_policy(st, r->service, &req, out, se);
+	why = http_method_override(check_header, r->headers, override, sizeof(override));
+	if (why) {
+		free(norm);
+		*out = json_pack("{s:s, s:s, s:s}", "decision", "deny", "rule", "invalid_request",
+		                 "message", why);
+		return *out ? 0 : state_fail(se, -EIO, "", "out of memory");
+	}
+	ret = check_policy(st, r->service, &req, override, out, se);
+	if (!ret && override[0])
+		json_object_set_new(*out, "method_override", json_string(override));
 	if (!ret && r->path && strcmp(norm, r->path) != 0)
 		json_object_set_new(*out, "path", json_string(norm));
 	if (!ret)

@@ -129,18 +129,15 @@ static bool override_token(const char *v, char *out, size_t cap)
 	return n > 0 && *v == '\0';
 }
 
-const char *http_head_method_override(const struct http_head *h, char *out, size_t cap)
+const char *http_method_override(http_field_lookup get, const void *ctx, char *out, size_t cap)
 {
 	size_t n = sizeof(method_override_names) / sizeof(method_override_names[0]), i;
 	char one[32];
-	const char *why, *v;
+	const char *v;
 
 	out[0] = '\0';
-	why = http_head_check_policy_fields(h, method_override_names, n);
-	if (why)
-		return "method-override header repeated, spelt with '_' or named by Connection";
 	for (i = 0; i < n; i++) {
-		if (!http_head_count(h, method_override_names[i], &v))
+		if (!(v = get(ctx, method_override_names[i])))
 			continue;
 		if (!override_token(v, one, cap < sizeof(one) ? cap : sizeof(one)))
 			return "method-override header is not a method";
@@ -149,6 +146,23 @@ const char *http_head_method_override(const struct http_head *h, char *out, size
 		strcpy(out, one);
 	}
 	return NULL;
+}
+
+static const char *head_field(const void *h, const char *lname)
+{
+	const char *v = NULL;
+
+	return http_head_count(h, lname, &v) ? v : NULL;
+}
+
+const char *http_head_method_override(const struct http_head *h, char *out, size_t cap)
+{
+	size_t n = sizeof(method_override_names) / sizeof(method_override_names[0]);
+
+	out[0] = '\0';
+	if (http_head_check_policy_fields(h, method_override_names, n))
+		return "method-override header repeated, spelt with '_' or named by Connection";
+	return http_method_override(head_field, h, out, cap);
 }
 
 /* ---- serialisation ---------------------------------------------------------- */

@@ -382,6 +382,17 @@ const char *http_head_check_policy_fields(const struct http_head *h, const char 
  */
 const char *http_head_method_override(const struct http_head *h, char *out, size_t cap);
 
+/* A field's value by lower-case name, or NULL when absent. */
+typedef const char *(*http_field_lookup)(const void *ctx, const char *lname);
+
+/*
+ * As http_head_method_override(), over fields that get() looks up (the
+ * dry run's JSON headers): the overriding method in out or "", or why the
+ * fields must be refused. The repetition and spelling checks are the
+ * head's alone.
+ */
+const char *http_method_override(http_field_lookup get, const void *ctx, char *out, size_t cap);
+
 /*
  * Normalises the path of a request target (in, len bytes; the part before
  * '?', which must not be in it) as docs/design.md says, writing a NUL-terminated

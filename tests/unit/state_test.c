@@ -493,6 +493,40 @@ static void test_check(void **state)
 	json_decref(doc);
 }
 
+/* The dry run decides a method-override header as the proxy does: both
+ * methods must be allowed, and a malformed override is refused. */
+static void test_check_method_override(void **state)
+{
+	struct fixture *f = *state;
+	struct state_error se = {0};
+	json_t *hdrs = json_pack("{s:s}", "X-HTTP-Method-Override", "delete");
+	struct api_check_req r = { .from = "spiffe://" TD "/svc/frontend", .service = "orders",
+	                           .port = 8080, .http = true, .method = "GET",
+	                           .path = "/orders/1", .headers = hdrs };
+	json_t *doc = json_pack("{s:s, s:[{s:s, s:s, s:[s], s:[s]}]}", "service", "orders",
+	                        "rules", "name", "reads", "action", "allow",
+	                        "from", "spiffe://" TD "/svc/frontend", "methods", "GET");
+	json_t *out = NULL;
+	int64_t v = 0;
+
+	assert_int_equal(state_policy_put(f->st, "orders", doc, -1, &v, &se), 0);
+	assert_int_equal(state_check(f->st, &r, &out, &se), 0);
+	assert_string_equal(jstr_of(out, "decision"), "deny");
+	assert_string_equal(jstr_of(out, "method_override"), "DELETE");
+	json_decref(out);
+	json_object_set_new(hdrs, "X-HTTP-Method-Override", json_string("GET"));
+	assert_int_equal(state_check(f->st, &r, &out, &se), 0);
+	assert_string_equal(jstr_of(out, "decision"), "allow");
+	json_decref(out);
+	json_object_set_new(hdrs, "X-Method-Override", json_string("PUT"));
+	assert_int_equal(state_check(f->st, &r, &out, &se), 0);
+	assert_string_equal(jstr_of(out, "decision"), "deny");
+	assert_string_equal(jstr_of(out, "rule"), "invalid_request");
+	json_decref(out);
+	json_decref(hdrs);
+	json_decref(doc);
+}
+
 /* ---- tokens and SVIDs ---- */
 
 static void test_join_token_single_use(void **state)
@@ -1131,6 +1165,7 @@ int main(void)
 		T(test_config_answer_shows_pending_registration),
 		T(test_policy_too_large),
 		T(test_check),
+		T(test_check_method_override),
 		T(test_join_token_single_use),
 		T(test_join_token_refusals),
 		T(test_renewal_caps),
