@@ -705,7 +705,29 @@ struct head {
 	size_t length;
 	char etag[128];
 	char content_type[128];
+	int retry_after;        /* seconds, -1 when absent or not delta-seconds */
 };
+
+/* Retry-After as delta-seconds (an HTTP-date is not something control
+ * sends): capped at a day so a hostile value cannot park a client forever
+ * in one sleep; -1 for anything else. */
+static int retry_after_value(const char *v, size_t vlen)
+{
+	long n = 0;
+	size_t i = 0;
+
+	while (i < vlen && (v[i] == ' ' || v[i] == '\t'))
+		i++;
+	if (i == vlen)
+		return -1;
+	for (; i < vlen && v[i] >= '0' && v[i] <= '9'; i++)
+		n = n < 86400 ? n * 10 + (v[i] - '0') : n;
+	while (i < vlen && (v[i] == ' ' || v[i] == '\t'))
+		i++;
+	if (i != vlen)
+		return -1;
+	return n > 86400 ? 86400 : (int)n;
+}
 
 static void copy_value(char *dst, size_t dlen, const char *v, size_t vlen)
 {
@@ -732,6 +754,7 @@ static int parse_head(const struct buf *b, struct head *hd, char *err)
 		return 0;
 	}
 	hd->hdr_len = (size_t)(end - b->d) + 4;
+	hd->retry_after = -1;
 	if (strncmp(b->d, "HTTP/1.", 7) != 0 || !isdigit((unsigned char)b->d[7]) ||
 	    b->d[8] != ' ' || !isdigit((unsigned char)b->d[9]) ||
 	    !isdigit((unsigned char)b->d[10]) || !isdigit((unsigned char)b->d[11]))
@@ -780,6 +803,8 @@ static int parse_head(const struct buf *b, struct head *hd, char *err)
 			copy_value(hd->etag, sizeof(hd->etag), colon + 1, vlen);
 		} else if (nlen == 12 && strncasecmp(line, "Content-Type", 12) == 0) {
 			copy_value(hd->content_type, sizeof(hd->content_type), colon + 1, vlen);
+		} else if (nlen == 11 && strncasecmp(line, "Retry-After", 11) == 0) {
+			hd->retry_after = retry_after_value(colon + 1, vlen);
 		}
 		line = eol + 2;
 	}
@@ -974,6 +999,7 @@ static int fill_response(const char *method, const struct buf *in, const struct 
 	resp->status = hd->status;
 	snprintf(resp->etag, sizeof(resp->etag), "%s", hd->etag);
 	snprintf(resp->content_type, sizeof(resp->content_type), "%s", hd->content_type);
+	resp->retry_after = hd->retry_after;
 	if (!body_expected(method, hd->status)) {
 		n = 0;
 	} else if (hd->chunked) {

@@ -37,6 +37,8 @@
 
 #define CTL_BACKOFF_MIN_MS 200
 #define CTL_BACKOFF_MAX_MS 30000
+/* Longest Retry-After honoured: control asks for seconds, never this. */
+#define CTL_RETRY_AFTER_MAX_MS 300000
 #define CTL_POLL_WAIT_S 30                      /* long poll: control answers by then */
 /* While traffic flows, the poll waits at most this long, so that control
  * gets a counter summary that often (an idle proxy waits CTL_POLL_WAIT_S). */
@@ -122,6 +124,7 @@ struct ctlclient {
 	time_t renew_retry_at;
 	time_t renew_at;
 	unsigned backoff_ms;
+	unsigned retry_after_ms;        /* the last refusal's Retry-After, 0 if none */
 	unsigned failures;
 	size_t url;                     /* index of the control URL in use (cfg->control_urls) */
 	bool url_failed;                /* the last call could not reach it or got a 5xx */

@@ -156,6 +156,7 @@ int ctlc_call_with(struct ctlclient *c, struct httpc *h, const char *what, const
 	pthread_mutex_unlock(&c->lock);
 	/* Another replica may do better: this one is down, or failing itself. */
 	c->url_failed = rc == HTTPC_ECONNECT || (rc == 0 && r->status >= 500);
+	c->retry_after_ms = 0;
 	if (rc != 0) {
 		snprintf(c->call_err, sizeof(c->call_err), "%s", err);
 		ctlc_fail(c, "%s: %s", what, err);
@@ -168,6 +169,9 @@ int ctlc_call_with(struct ctlclient *c, struct httpc *h, const char *what, const
 		snprintf(c->refusal, sizeof(c->refusal), "%s", e.code ? e.code : "");
 		api_error_text(r, text, sizeof(text));
 		rc = r->status;
+		if (r->retry_after > 0)
+			c->retry_after_ms = r->retry_after * 1000u > CTL_RETRY_AFTER_MAX_MS
+			                    ? CTL_RETRY_AFTER_MAX_MS : r->retry_after * 1000u;
 		httpc_response_clear(r);
 		ctlc_fail(c, "%s: control refused: %s", what, text);
 		return rc;
@@ -327,6 +331,10 @@ static void failed(struct ctlclient *c)
 	if (c->backoff_ms > CTL_BACKOFF_MAX_MS)
 		c->backoff_ms = CTL_BACKOFF_MAX_MS;
 	ms = c->backoff_ms / 2 + (unsigned)(ctlc_rand_unit() * (c->backoff_ms / 2));
+	/* Control said when it can take us again (a rate limit, a store that
+	 * is down): sooner would only be refused, and adds to its load. */
+	if (ms < c->retry_after_ms)
+		ms = c->retry_after_ms + (unsigned)(ctlc_rand_unit() * 500);
 	sleep_ms(c, ms);
 }
 

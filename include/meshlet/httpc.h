@@ -72,6 +72,7 @@ struct httpc_response {
 	json_t *json;             /* body parsed as JSON, or NULL (empty or not JSON) */
 	char etag[128];           /* ETag header value, "" if absent */
 	char content_type[128];
+	int retry_after;          /* Retry-After in seconds (at most a day), -1 if absent */
 };
 
 /*
