@@ -67,7 +67,6 @@ bool conn_pick_admit(struct conn *c)
 	const struct traffic *t = upstream_traffic(c);
 	atomic_uint *open = &c->w->shared->upstream_open[c->listener];
 
-	endpick_first_attempt(c->w->pick, c->listener, now_us());
 	if (!t || !t->max_connections)
 		return true;
 	if (atomic_fetch_add(open, 1) >= t->max_connections) {
@@ -180,6 +179,10 @@ bool conn_pick_next(struct conn *c)
 
 	if (!picked(c))
 		return c->tries++ == 0;
+	/* The retry budget's base: a call's first connect (an http listener's
+	 * pooled requests count theirs in upool.c, its tunnels here). */
+	if (c->tried.n == 0)
+		endpick_first_attempt(c->w->pick, c->listener, now_us());
 	if (c->tried.n && !may_try_again(c, upstream_traffic(c)))
 		return false;
 	i = conn_pick_choose(c->w, c->snap, c->listener, &c->tried);
