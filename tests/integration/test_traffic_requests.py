@@ -299,6 +299,29 @@ def test_request_timeout_504_and_the_hanging_endpoint_ejected(mesh):
     assert metric(p2, "meshlet_retries_total") >= 1
 
 
+def test_request_timeout_on_the_single_connection_path(mesh):
+    """A head too large for the pool goes 1:1 over a connection of its
+    own; request_seconds bounds its response head there too."""
+    hang = FlakyApp("hang", hang=True)
+    f = mesh.tmp / "traffic-1to1.json"
+    f.write_text(json.dumps({"service": "orders", "timeouts": {"request_seconds": 0.5}}))
+    port = free_port()
+    cfg = mesh.config("frontend", policy=mesh.policy("frontend", []),
+                      outbound=[{"listen": addr(port), "service": "orders", "protocol": "http",
+                                 "endpoints": [addr(sidecar(mesh, hang, "orders-hang"))]}],
+                      traffic_file=str(f), timeouts=timeouts(),
+                      http2={"max_header_list_bytes": 4096})
+    mesh.proxy("frontend-out", cfg)
+    t0 = time.monotonic()
+    with HttpClient(port, timeout=10) as c:
+        c.send(request("GET", "/orders/1", headers=[("x-big", "b" * 6000)]))
+        r = c.read_response()
+    took = time.monotonic() - t0
+    assert r is not None and r.status == 504, r
+    assert hang.count() == 1    # it did reach the app, over the 1:1 path
+    assert 0.45 <= took < 1.5, took
+
+
 def test_grpc_request_timeout_is_deadline_exceeded(mesh):
     """An h2c gRPC call whose response head does not come within
     request_seconds ends with grpc-status 4 (DEADLINE_EXCEEDED), as a
