@@ -281,7 +281,7 @@ def test_request_timeout_504_and_the_hanging_endpoint_ejected(mesh):
         else:
             assert status == 200
     assert len(times) == 2
-    assert all(0.45 <= t < 1.0 for t in times), times
+    assert all(0.45 <= t < 1.5 for t in times), times
     assert metric(p, "meshlet_outlier_ejections_total") == 1
     for _ in range(10):
         assert call(port)[0] == 200
