@@ -421,6 +421,16 @@ def test_max_pending_requests_answered_503_overloaded(mesh):
         assert r.json() == {"error": "overloaded", "limit": "max_pending_requests"}
         assert took < 0.5
         assert metric(p, "meshlet_overloaded_total") == 1
+        # An h2c caller's stream gets the same answer.
+        from h2_helpers import H2Client
+        c = H2Client(port)
+        try:
+            status, hdrs, body, _, _ = c.response(c.request("/orders/h2"), timeout=5)
+        finally:
+            c.close()
+        assert status == 503 and hdrs.get("x-meshlet-overloaded") == "1", (status, hdrs)
+        assert json.loads(body) == {"error": "overloaded", "limit": "max_pending_requests"}
+        assert metric(p, "meshlet_overloaded_total") == 2
         assert hang.count() == 2
     finally:
         for s in socks:
