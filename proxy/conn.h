@@ -20,13 +20,22 @@
  * retry budget's base). conn_pick_choose: the next endpoint index for a
  * call that tried `tried` (round robin, skipping tried and ejected ones),
  * -1 when none is left. conn_pick_listener_connect_ms: the connect timeout
- * of the listener's service (its traffic document, else timeouts). And a
- * connect's outcome, for outlier ejection.
+ * of the listener's service (its traffic document, else timeouts);
+ * conn_pick_listener_request_ms its response-head timeout
+ * (request_seconds, else timeouts.response_head_seconds). And an
+ * outcome, for outlier ejection: a connect's, or a request's (a 5xx head,
+ * a reset or a timeout failed; another head succeeded).
  */
+const struct traffic *conn_pick_listener_traffic(const struct snapshot *s, size_t listener);
 void conn_pick_first_attempt(struct worker *w, size_t listener);
+/* One retry more within the listener's budget (then counted in it)? */
+bool conn_pick_may_retry(struct worker *w, size_t listener, unsigned percent);
 int conn_pick_choose(struct worker *w, const struct snapshot *s, size_t listener,
                      struct endpick_tried *tried);
 uint32_t conn_pick_listener_connect_ms(const struct snapshot *s, size_t listener);
+uint32_t conn_pick_listener_request_ms(const struct snapshot *s, size_t listener);
+/* c's response-head timeout: outbound, its listener's; else timeouts'. */
+uint32_t conn_pick_request_ms(const struct conn *c);
 void conn_pick_outcome(struct worker *w, const struct snapshot *s, size_t listener,
                        const struct config_addr *addr, bool failed);
 

@@ -16,7 +16,7 @@
 #include "endpick.h"
 
 /* The traffic document of the service behind outbound listener `listener`, or NULL. */
-static const struct traffic *listener_traffic(const struct snapshot *s, size_t listener)
+const struct traffic *conn_pick_listener_traffic(const struct snapshot *s, size_t listener)
 {
 	const struct snapshot_traffic *t = snapshot_traffic(s, s->cfg->outbound[listener].service);
 
@@ -25,7 +25,7 @@ static const struct traffic *listener_traffic(const struct snapshot *s, size_t l
 
 static const struct traffic *upstream_traffic(const struct conn *c)
 {
-	return listener_traffic(c->snap, c->listener);
+	return conn_pick_listener_traffic(c->snap, c->listener);
 }
 
 static int64_t now_us(void)
@@ -67,7 +67,6 @@ bool conn_pick_admit(struct conn *c)
 	const struct traffic *t = upstream_traffic(c);
 	atomic_uint *open = &c->w->shared->upstream_open[c->listener];
 
-	endpick_first_attempt(c->w->pick, c->listener, now_us());
 	if (!t || !t->max_connections)
 		return true;
 	if (atomic_fetch_add(open, 1) >= t->max_connections) {
@@ -101,6 +100,11 @@ void conn_pick_first_attempt(struct worker *w, size_t listener)
 	endpick_first_attempt(w->pick, listener, now_us());
 }
 
+bool conn_pick_may_retry(struct worker *w, size_t listener, unsigned percent)
+{
+	return endpick_may_retry(w->pick, listener, percent, now_us());
+}
+
 int conn_pick_choose(struct worker *w, const struct snapshot *s, size_t listener,
                      struct endpick_tried *tried)
 {
@@ -115,15 +119,28 @@ int conn_pick_choose(struct worker *w, const struct snapshot *s, size_t listener
 
 uint32_t conn_pick_listener_connect_ms(const struct snapshot *s, size_t listener)
 {
-	const struct traffic *t = listener_traffic(s, listener);
+	const struct traffic *t = conn_pick_listener_traffic(s, listener);
 
 	return t ? t->connect_ms : s->cfg->timeouts.connect_ms;
+}
+
+uint32_t conn_pick_listener_request_ms(const struct snapshot *s, size_t listener)
+{
+	const struct traffic *t = conn_pick_listener_traffic(s, listener);
+
+	return t ? t->request_ms : s->cfg->timeouts.response_head_ms;
+}
+
+uint32_t conn_pick_request_ms(const struct conn *c)
+{
+	return picked(c) ? conn_pick_listener_request_ms(c->snap, c->listener)
+	                 : conn_cfg(c)->timeouts.response_head_ms;
 }
 
 void conn_pick_outcome(struct worker *w, const struct snapshot *s, size_t listener,
                        const struct config_addr *addr, bool failed)
 {
-	const struct traffic *t = listener_traffic(s, listener);
+	const struct traffic *t = conn_pick_listener_traffic(s, listener);
 	size_t before;
 
 	if (!t)
@@ -131,7 +148,7 @@ void conn_pick_outcome(struct worker *w, const struct snapshot *s, size_t listen
 	before = endpick_ejected(w->pick);
 	if (endpick_report(w->pick, listener, addr, failed, &t->outlier, now_us())) {
 		metrics_inc(&w->shared->metrics->outlier_ejections);
-		log_warn("endpoint %s of %s ejected after %u connect failures in a row", addr->text,
+		log_warn("endpoint %s of %s ejected after %u failures in a row", addr->text,
 		         t->service, t->outlier.consecutive_failures);
 	}
 	update_gauge(w, before);
@@ -162,6 +179,10 @@ bool conn_pick_next(struct conn *c)
 
 	if (!picked(c))
 		return c->tries++ == 0;
+	/* The retry budget's base: a call's first connect (an http listener's
+	 * pooled requests count theirs in upool.c, its tunnels here). */
+	if (c->tried.n == 0)
+		endpick_first_attempt(c->w->pick, c->listener, now_us());
 	if (c->tried.n && !may_try_again(c, upstream_traffic(c)))
 		return false;
 	i = conn_pick_choose(c->w, c->snap, c->listener, &c->tried);

@@ -127,7 +127,7 @@ int endpick_choose(struct endpick *p, size_t listener, const struct config_addr 
 		}
 		/* A call's first choice moves the rotation on; its retries do not
 		 * (they would make every call start at the same endpoint). */
-		if (tried->n == 0)
+		if (tried->n == 0 && !tried->again)
 			l->rr = (unsigned)(i + 1);
 		mark_tried(tried, i);
 		return (int)i;
@@ -167,4 +167,42 @@ void endpick_first_attempt(struct endpick *p, size_t listener, int64_t now_us)
 bool endpick_may_retry(struct endpick *p, size_t listener, unsigned percent, int64_t now_us)
 {
 	return listener < p->n && traffic_budget_try_retry(&p->ls[listener].budget, percent, now_us);
+}
+
+void endpick_tried_restart(struct endpick_tried *t)
+{
+	memset(t->bits, 0, sizeof(t->bits));
+	t->n = 0;
+	t->again = true;
+}
+
+bool endpick_idempotent(const char *method, size_t len)
+{
+	static const char *const safe[] = { "GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE" };
+
+	for (size_t i = 0; i < sizeof(safe) / sizeof(safe[0]); i++)
+		if (strlen(safe[i]) == len && memcmp(safe[i], method, len) == 0)
+			return true;
+	return false;
+}
+
+bool endpick_retryable(const struct traffic_retries *cfg, const struct endpick_request *r,
+                       enum endpick_failure why, int status)
+{
+	bool named;
+
+	if (!cfg || r->retries >= cfg->attempts || !r->idempotent || !r->resendable)
+		return false;
+	switch (why) {
+	case ENDPICK_RESET:
+		named = cfg->on & TRAFFIC_ON_RESET;
+		break;
+	case ENDPICK_TIMEOUT:
+		named = cfg->on & TRAFFIC_ON_TIMEOUT;
+		break;
+	default:
+		named = traffic_retry_on_status(cfg, status);
+		break;
+	}
+	return named;
 }

@@ -29,7 +29,12 @@
 struct endpick_tried {
 	uint64_t bits[ENDPICK_TRACKED / 64];
 	unsigned n;                     /* tries so far */
+	bool again;                     /* restarted: not a call's first choice */
 };
+
+/* Every endpoint was tried and the call may go on (a retry with one
+ * endpoint left): forgets which, keeping the rotation where it is. */
+void endpick_tried_restart(struct endpick_tried *t);
 
 struct endpick;
 
@@ -67,5 +72,34 @@ size_t endpick_ejected(const struct endpick *p);
  * more stays within percent of them over the last 10 s (then counted). */
 void endpick_first_attempt(struct endpick *p, size_t listener, int64_t now_us);
 bool endpick_may_retry(struct endpick *p, size_t listener, unsigned percent, int64_t now_us);
+
+/* ---- retries after a request was sent (the pool, upool.c) ---- */
+
+/* How an attempt of a request failed, for retries.on. */
+enum endpick_failure {
+	ENDPICK_RESET,                  /* the stream or its connection closed before the head */
+	ENDPICK_TIMEOUT,                /* no response head within request_seconds */
+	ENDPICK_STATUS,                 /* a response head with a status (5xx) */
+};
+
+/* What a request is: may it be sent again? */
+struct endpick_request {
+	unsigned retries;               /* retries made so far */
+	bool idempotent;                /* endpick_idempotent(method) */
+	bool resendable;                /* its head and its whole body (so far) are kept */
+};
+
+/* GET, HEAD, OPTIONS, PUT, DELETE and TRACE (RFC 9110 9.2.2). */
+bool endpick_idempotent(const char *method, size_t len);
+
+/*
+ * Whether the attempt that failed with why (status: the head's, for
+ * ENDPICK_STATUS) may be retried under cfg: cfg's retries.on names it,
+ * attempts are left, the request is idempotent (it reached the upstream,
+ * which may have acted on it) and can be sent again. The budget is
+ * endpick_may_retry's, asked after this.
+ */
+bool endpick_retryable(const struct traffic_retries *cfg, const struct endpick_request *r,
+                       enum endpick_failure why, int status);
 
 #endif

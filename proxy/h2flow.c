@@ -62,6 +62,7 @@ struct h2stream {
 	bool resp_started;         /* the response HEADERS went to the client's session */
 	bool local;                /* answered by the proxy: request bytes are dropped */
 	bool grpc;
+	bool overloaded;           /* refused by limits.max_pending_requests (503) */
 	int grpc_status;           /* -1: none seen */
 	uint64_t resp_due;         /* conn_clock_ms(): the response head is due (0: not awaited) */
 	uint64_t deadline;         /* grpc-timeout, 0: none */
@@ -324,7 +325,10 @@ static void answer_local(struct h2flow *f, struct h2stream *s, int status, int g
 		s->grpc_status = grpc_status;
 		s->rec.status = 200;
 	} else {
-		int len = httpreq_error_body(status, &s->verdict, message, body, sizeof(body));
+		int len = s->overloaded ?
+		          snprintf(body, sizeof(body), "{\"error\":\"overloaded\",\"limit\":"
+		                   "\"max_pending_requests\"}\n") :
+		          httpreq_error_body(status, &s->verdict, message, body, sizeof(body));
 
 		s->local_body = malloc((size_t)len);
 		if (s->local_body) {
@@ -336,6 +340,8 @@ static void answer_local(struct h2flow *f, struct h2stream *s, int status, int g
 	}
 	if (s->rid[0])
 		hdr[n++] = nv("x-request-id", s->rid, strlen(s->rid));
+	if (s->overloaded)
+		hdr[n++] = nv("x-meshlet-overloaded", "1", 1);
 	if (s->verdict.traffic_name && !s->verdict.traffic_fault) {
 		snprintf(retry, sizeof(retry), "%u", s->verdict.retry_after);
 		hdr[n++] = nv("retry-after", retry, strlen(retry));
@@ -580,7 +586,7 @@ static int forward_request(struct h2flow *f, struct h2stream *s, const char *que
 	if (id < 0)
 		return -1;
 	s->up_id = id;
-	s->resp_due = conn_clock_ms() + c->snap->cfg->timeouts.response_head_ms;
+	s->resp_due = conn_clock_ms() + conn_pick_request_ms(c);
 	return 0;
 }
 
@@ -972,6 +978,9 @@ static void pool_end(void *ctx, int status, uint32_t code, const char *why)
 	} else if (!s->local && s->resp_started && !s->down_closed) {
 		nghttp2_submit_rst_stream(f->down, NGHTTP2_FLAG_NONE, s->down_id,
 		                          code ? code : NGHTTP2_INTERNAL_ERROR);
+	} else if (!s->local && status == 504) {
+		/* request_seconds passed: gRPC's DEADLINE_EXCEEDED, as for grpc-timeout. */
+		answer_local(f, s, 504, GRPC_DEADLINE, why);
 	} else if (!s->local) {
 		answer_unavailable(f, s, status, why);
 	}
@@ -998,9 +1007,13 @@ static int pool_submit(struct h2flow *f, struct h2stream *s, const nghttp2_nv *n
 		return -1;
 	s->pooled = upool_submit(w->upools[c->listener], c->snap, nv, n,
 	                         !(s->req.end && !s->req.body.len), &pool_ops, s);
-	if (!s->pooled)
+	if (!s->pooled) {
+		s->overloaded = errno == EBUSY;
 		return -1;
-	s->resp_due = conn_clock_ms() + c->snap->cfg->timeouts.response_head_ms;
+	}
+	/* The pool times each attempt's response head (request_seconds); a
+	 * grpc-timeout (s->deadline) still ends the call here when earlier. */
+	s->resp_due = 0;
 	return 0;
 }
 
@@ -1602,7 +1615,7 @@ static bool h2flow_on_timeout(struct conn *c, uint64_t now)
 		} else if (s->resp_due && now >= s->resp_due) {
 			log_warn("conn %llu: no HTTP/2 response from %s within %u ms",
 			         (unsigned long long)c->id, conn_destination_text(c),
-			         c->snap->cfg->timeouts.response_head_ms);
+			         conn_pick_request_ms(c));
 			cancel_upstream(f, s);
 			answer_unavailable(f, s, 504, "upstream timed out");
 			handled = true;

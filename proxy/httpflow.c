@@ -35,6 +35,7 @@ struct req_entry {
 	const char *rule;           /* owned by the connection's snapshot */
 	const char *traffic_name;   /* the rate limit or fault that answers it (snapshot's) */
 	bool traffic_fault;
+	bool overloaded;            /* refused by limits.max_pending_requests (503) */
 	unsigned retry_after;
 	uint64_t hold_until;        /* conn_clock_ms(): a fault's delay holds its head (or its
 	                               abort) until then; 0: not held */
@@ -214,6 +215,11 @@ static char *local_response(const struct req_entry *e, int status, const char *r
 
 	if (v.traffic_name && !v.traffic_fault)
 		snprintf(extra, sizeof(extra), "retry-after: %u\r\n", e->retry_after);
+	if (e && e->overloaded) {
+		snprintf(extra, sizeof(extra), "x-meshlet-overloaded: 1\r\n");
+		blen = snprintf(body, sizeof(body),
+		                "{\"error\":\"overloaded\",\"limit\":\"max_pending_requests\"}\n");
+	}
 	out = malloc(1024);
 	if (!out)
 		return NULL;
@@ -980,9 +986,11 @@ static int pool_request(struct conn *c, struct req_entry *e, const struct http_h
 		                      &n, buf, cap);
 		for (size_t i = 0; rc == 0 && i < n; i++)
 			e->bytes_in += nv[i].namelen + nv[i].valuelen + 4;    /* the head, as HTTP/1.1 counts it */
-		if (rc == 0)
+		if (rc == 0) {
 			hf->up->req = upool_submit(pool, c->snap, nv, n, h->framing != HTTP_BODY_NONE,
 			                           &up_ops, hf->up);
+			e->overloaded = !hf->up->req && errno == EBUSY;
+		}
 		free(buf);
 		if (rc < 0) {
 			e->local_status = 400;
@@ -1233,7 +1241,10 @@ static uint64_t response_due(const struct conn *c)
 {
 	const struct httpflow *hf = flow(c);
 
-	return awaiting_response(hf) ? hf->waiting_since + c->snap->cfg->timeouts.response_head_ms : 0;
+	/* Detached, the pool times each attempt of the request (request_seconds). */
+	if (c->detached || !awaiting_response(hf))
+		return 0;
+	return hf->waiting_since + conn_pick_request_ms(c);
 }
 
 /* The first end of a fault's delay among the queued requests, 0: none. */
@@ -1289,7 +1300,6 @@ static bool httpflow_done(const struct conn *c)
 static bool httpflow_on_timeout(struct conn *c, uint64_t now)
 {
 	struct httpflow *hf = flow(c);
-	const struct config_timeouts *t = &c->snap->cfg->timeouts;
 	struct req_entry *e = front(hf);
 	uint64_t due = response_due(c), hold = c->inbound ? hold_due(c) : 0;
 
@@ -1307,7 +1317,7 @@ static bool httpflow_on_timeout(struct conn *c, uint64_t now)
 	}
 	if (due && now >= due) {
 		log_warn("conn %llu: no response from %s within %u ms", (unsigned long long)c->id,
-		         conn_destination_text(c), t->response_head_ms);
+		         conn_destination_text(c), conn_pick_request_ms(c));
 		e->local_status = 504;
 		e->local_reason = "upstream timed out";
 		fail_unanswered(c);

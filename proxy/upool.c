@@ -12,6 +12,7 @@
 
 #include <event2/event.h>
 #include <openssl/err.h>
+#include <openssl/rand.h>
 #include <openssl/ssl.h>
 
 #include "meshlet/log.h"
@@ -80,6 +81,23 @@ struct upool_req {
 	size_t unconsumed;               /* DATA handed to the owner, window not yet reopened */
 	struct uhdrs hdrs;
 	uint64_t queued_at;
+	/*
+	 * Sending it again (docs/traffic.md, retries): the body as taken from
+	 * the owner, kept while the listener's document retries and it stays
+	 * within UPOOL_RETRY_BODY_MAX; replay_off is how much of it this
+	 * attempt sent. The attempt's response-head clock starts once the
+	 * whole request was handed to the session.
+	 */
+	struct traffic_retries retry;    /* the document's, at submit (attempts 0: none) */
+	uint32_t request_ms;             /* request_seconds: each attempt's wait for the head */
+	uint8_t *kept;
+	size_t kept_len, kept_cap, replay_off;
+	bool keeping;                    /* kept holds the whole body taken so far */
+	bool body_end;                   /* the owner gave its whole body */
+	bool idempotent;
+	bool backing_off;                /* waiting (timer) before a retry, in p->waiting */
+	unsigned retries;
+	struct event *timer;             /* the head timeout, or a retry's backoff */
 };
 
 struct upool {
@@ -89,16 +107,22 @@ struct upool {
 	unsigned n_conns, n_ready;
 	struct upool_req *queue, *queue_tail;
 	unsigned n_queued;
+	struct upool_req *waiting;       /* backing off before a retry */
 	struct event *kick, *timer;
 	uint64_t next_id;
+	bool stopping;                   /* upool_free: nothing is retried */
 };
 
 static void uc_arm(struct uconn *uc);
+static void uc_kick(struct uconn *uc);
 static void uc_run(struct uconn *uc);
 static void uc_close(struct uconn *uc, const char *why);
 static void fail_queued(struct upool *p, const struct config_addr *addr);
 static void schedule(struct upool *p);
 static void dispatch(struct upool *p);
+static void attempt_failed(struct upool *p, struct snapshot *snap, struct upool_req *r,
+                           enum endpick_failure why, int status, uint32_t code,
+                           const char *text);
 
 static struct metrics *metrics_of(const struct upool *p)
 {
@@ -142,6 +166,8 @@ static void queue_push(struct upool *p, struct upool_req *r, bool front)
 		p->queue_tail = r;
 	}
 	p->n_queued++;
+	atomic_fetch_add_explicit(&p->w->shared->upstream_pending[p->listener], 1,
+	                          memory_order_relaxed);
 }
 
 static void queue_del(struct upool *p, struct upool_req *r)
@@ -150,10 +176,15 @@ static void queue_del(struct upool *p, struct upool_req *r)
 		p->queue_tail = r->prev;
 	list_del(&p->queue, r);
 	p->n_queued--;
+	atomic_fetch_sub_explicit(&p->w->shared->upstream_pending[p->listener], 1,
+	                          memory_order_relaxed);
 }
 
 static void req_free(struct upool_req *r)
 {
+	if (r->timer)
+		event_free(r->timer);
+	free(r->kept);
 	free(r->nvbuf);
 	free(r->nv);
 	free(r->hdrs.buf);
@@ -206,7 +237,7 @@ static int pick_endpoint(struct upool *p, const struct snapshot *snap, struct up
 
 	if (o->n_endpoints == 0)
 		return -ENOENT;
-	if (r->tried.n == 0)
+	if (r->tried.n == 0 && !r->tried.again)
 		conn_pick_first_attempt(p->w, p->listener);
 	r->n_endpoints = (uint16_t)o->n_endpoints;
 	i = conn_pick_choose(p->w, snap, p->listener, &r->tried);
@@ -275,11 +306,211 @@ static const char *hdrs_status(const struct uhdrs *h)
 	return NULL;
 }
 
+/* ---- retries (docs/traffic.md) ------------------------------------------ */
+
+/* Its head and every body byte an attempt took are here to send again. */
+static bool resendable(const struct upool_req *r)
+{
+	return r->nv && (!r->body_taken || r->keeping);
+}
+
+/* r leaves its stream (closed, or reset by us): nothing of it reaches r any more. */
+static void stream_detach(struct uconn *uc, struct upool_req *r)
+{
+	nghttp2_session_set_stream_user_data(uc->sess, r->id, NULL);
+	list_del(&uc->streams, r);
+	uc->n_streams--;
+	uc->idle_since = conn_clock_ms();
+	/* What the owner still holds has left the connection's window. */
+	if (r->unconsumed)
+		nghttp2_session_consume_connection(uc->sess, r->unconsumed);
+	r->unconsumed = 0;
+	r->uc = NULL;
+	evtimer_del(r->timer);
+}
+
+/*
+ * Whether the attempt that failed (why, status) is retried: the
+ * document's retries.on, attempts, an idempotent method, a request that
+ * can be sent again (endpick_retryable), and the listener's budget (the
+ * retry is counted then).
+ */
+static bool may_retry(struct upool *p, struct upool_req *r, enum endpick_failure why, int status)
+{
+	struct endpick_request er = { r->retries, r->idempotent, resendable(r) };
+
+	if (p->stopping || !r->ops || !endpick_retryable(&r->retry, &er, why, status) ||
+	    !conn_pick_may_retry(p->w, p->listener, r->retry.budget_percent))
+		return false;
+	metrics_inc(&metrics_of(p)->retries);
+	return true;
+}
+
+static uint64_t random_u64(void)
+{
+	uint64_t v = 0;
+
+	if (RAND_bytes((unsigned char *)&v, sizeof(v)) != 1)
+		v = 0;
+	return v;
+}
+
+/*
+ * Sends r (in no list, its stream left) again: to an endpoint it has not
+ * been sent towards where there is one (else the ones it tried, afresh),
+ * after the backoff (retries.backoff_ms doubled per retry, at most 8x,
+ * with jitter: traffic_backoff_ms).
+ */
+static void retry(struct upool *p, struct upool_req *r, const char *why)
+{
+	struct snapshot *cur = p->w->shared->snapshot(p->w->shared->arg);
+	struct config_addr was = r->addr;
+	struct timeval tv;
+	uint32_t ms;
+	int rc = -ENOENT;
+
+	r->retries++;
+	r->id = 0;
+	r->replay_off = 0;
+	r->head_done = r->in_trailers = r->resp_end = false;
+	r->hdrs.n = r->hdrs.len = 0;
+	if (cur && (rc = pick_endpoint(p, cur, r)) < 0) {
+		endpick_tried_restart(&r->tried);
+		rc = pick_endpoint(p, cur, r);
+	}
+	snapshot_unref(cur);
+	if (rc < 0) {
+		req_end(r, 502, 0, "no endpoint");
+		return;
+	}
+	ms = traffic_backoff_ms(r->retry.backoff_ms, r->retries, random_u64());
+	log_info("upstream request to %s failed (%s): retry %u to %s in %u ms", was.text, why,
+	         r->retries, r->addr.text, ms);
+	if (ms == 0) {
+		r->queued_at = conn_clock_ms();
+		queue_push(p, r, true);
+		schedule(p);
+		return;
+	}
+	r->backing_off = true;
+	list_add(&p->waiting, r);
+	tv.tv_sec = (time_t)(ms / 1000);
+	tv.tv_usec = (suseconds_t)(ms % 1000) * 1000;
+	evtimer_add(r->timer, &tv);
+}
+
+/*
+ * An attempt of r (in no list, its stream left) failed before a response
+ * head was passed on (a reset, a lost connection, the head timeout): a
+ * failure for outlier ejection, then a retry when one is allowed, else
+ * r ends with status.
+ */
+static void attempt_failed(struct upool *p, struct snapshot *snap, struct upool_req *r,
+                           enum endpick_failure why, int status, uint32_t code, const char *text)
+{
+	if (r->ops && !p->stopping)
+		conn_pick_outcome(p->w, snap, p->listener, &r->addr, true);
+	if (may_retry(p, r, why, status)) {
+		retry(p, r, text);
+		return;
+	}
+	req_end(r, status, code, text);
+}
+
+/* r's timer: its backoff is over (to the queue), or its head is late (504 or a retry). */
+static void req_timer(evutil_socket_t fd, short what, void *arg)
+{
+	struct upool_req *r = arg;
+	struct upool *p = r->p;
+	struct uconn *uc = r->uc;
+
+	if (r->backing_off) {
+		r->backing_off = false;
+		list_del(&p->waiting, r);
+		r->queued_at = conn_clock_ms();
+		queue_push(p, r, true);
+		schedule(p);
+		return;
+	}
+	if (!uc || r->head_done)
+		return;
+	log_warn("upstream conn %llu: no response head from %s within %u ms",
+	         (unsigned long long)uc->id, uc->addr.text, r->request_ms);
+	nghttp2_submit_rst_stream(uc->sess, NGHTTP2_FLAG_NONE, r->id, NGHTTP2_CANCEL);
+	stream_detach(uc, r);
+	uc_kick(uc);
+	attempt_failed(p, uc->snap, r, ENDPICK_TIMEOUT, 504, 0, "upstream timed out");
+	schedule(p);
+}
+
 /* ---- nghttp2 callbacks --------------------------------------------------- */
 
 static struct upool_req *req_of(nghttp2_session *s, int32_t id)
 {
 	return nghttp2_session_get_stream_user_data(s, id);
+}
+
+/* Keeps n more bytes of the body for a retry; past the bound, none. */
+static void keep_body(struct upool_req *r, const uint8_t *buf, size_t n)
+{
+	if (!r->keeping)
+		return;
+	if (r->kept_len + n > UPOOL_RETRY_BODY_MAX) {
+		r->keeping = false;    /* too large to hold: it will not be sent again */
+		free(r->kept);
+		r->kept = NULL;
+		r->kept_len = r->kept_cap = r->replay_off = 0;
+		return;
+	}
+	if (r->kept_len + n > r->kept_cap) {
+		size_t cap = r->kept_cap ? r->kept_cap : 4096;
+		uint8_t *k;
+
+		while (cap < r->kept_len + n)
+			cap *= 2;
+		if (!(k = realloc(r->kept, cap))) {
+			r->keeping = false;
+			return;
+		}
+		r->kept = k;
+		r->kept_cap = cap;
+	}
+	memcpy(r->kept + r->kept_len, buf, n);
+	r->kept_len += n;
+	r->replay_off = r->kept_len;
+}
+
+/* The next body bytes of this attempt: what an earlier one sent, then the owner's. */
+static size_t body_next(struct upool_req *r, uint8_t *buf, size_t len, bool *end)
+{
+	size_t n;
+
+	if (r->keeping && r->replay_off < r->kept_len) {
+		n = r->kept_len - r->replay_off < len ? r->kept_len - r->replay_off : len;
+		memcpy(buf, r->kept + r->replay_off, n);
+		r->replay_off += n;
+		*end = r->body_end && r->replay_off == r->kept_len;
+		return n;
+	}
+	if (r->body_end) {
+		*end = true;
+		return 0;
+	}
+	n = r->ops->body(r->ctx, buf, len, end);
+	r->body_end = *end;
+	keep_body(r, buf, n);
+	return n;
+}
+
+static void req_timer(evutil_socket_t fd, short what, void *arg);
+
+/* The whole request is with the upstream: its response head is due in request_ms. */
+static void head_clock_start(struct upool_req *r)
+{
+	struct timeval tv = { (time_t)(r->request_ms / 1000),
+	                      (suseconds_t)(r->request_ms % 1000) * 1000 };
+
+	evtimer_add(r->timer, &tv);
 }
 
 static ssize_t body_read(nghttp2_session *s, int32_t id, uint8_t *buf, size_t len,
@@ -293,12 +524,13 @@ static ssize_t body_read(nghttp2_session *s, int32_t id, uint8_t *buf, size_t le
 		*flags |= NGHTTP2_DATA_FLAG_EOF;    /* cancelled: its RST_STREAM follows */
 		return 0;
 	}
-	n = r->ops->body(r->ctx, buf, len, &end);
+	n = body_next(r, buf, len, &end);
 	if (n)
 		r->body_taken = true;
 	if (!end)
 		return n ? (ssize_t)n : NGHTTP2_ERR_DEFERRED;
 	*flags |= NGHTTP2_DATA_FLAG_EOF;
+	head_clock_start(r);
 	if (r->ops->trailers) {
 		nghttp2_nv t[MAX_FIELDS];
 		size_t nt = r->ops->trailers(r->ctx, t, MAX_FIELDS);
@@ -345,6 +577,21 @@ static void on_head(struct uconn *uc, struct upool_req *r, bool end)
 
 	if (status >= 100 && status < 200)
 		return;    /* interim: the final head follows */
+	evtimer_del(r->timer);    /* the head came in time */
+	if (r->ops) {
+		/* Passive ejection counts 5xx answers as failures, others as successes. */
+		conn_pick_outcome(uc->p->w, uc->snap, uc->p->listener, &uc->addr, status >= 500);
+		if (status >= 500 && may_retry(uc->p, r, ENDPICK_STATUS, status)) {
+			/* Not passed on: the stream ends here, the request goes again. */
+			if (!end || !r->body_end)
+				nghttp2_submit_rst_stream(uc->sess, NGHTTP2_FLAG_NONE, r->id,
+				                          NGHTTP2_CANCEL);
+			stream_detach(uc, r);
+			uc_kick(uc);
+			retry(uc->p, r, st);
+			return;
+		}
+	}
 	r->head_done = true;
 	hdrs_views(&r->hdrs, nv, f);
 	if (h2_check_response(f, r->hdrs.n, false, &why) != H2_OK) {
@@ -358,8 +605,11 @@ static void on_head(struct uconn *uc, struct upool_req *r, bool end)
 	r->hdrs.n = r->hdrs.len = 0;
 	free(r->nvbuf);    /* answered: it will not be sent again */
 	free(r->nv);
+	free(r->kept);
 	r->nvbuf = NULL;
 	r->nv = NULL;
+	r->kept = NULL;
+	r->keeping = false;
 }
 
 static void on_trailers(struct uconn *uc, struct upool_req *r)
@@ -425,26 +675,23 @@ static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t code, void *
 
 	if (!r)
 		return 0;
-	nghttp2_session_set_stream_user_data(s, id, NULL);
-	list_del(&uc->streams, r);
-	uc->n_streams--;
-	uc->idle_since = conn_clock_ms();
-	/* What the owner still holds has left the connection's window. */
-	if (r->unconsumed)
-		nghttp2_session_consume_connection(s, r->unconsumed);
-	r->uc = NULL;
-	if (code == NGHTTP2_REFUSED_STREAM && !r->body_taken && !r->head_done && r->ops && r->nv) {
-		/* Never processed by the peer (RFC 9113 8.7): safe on another connection. */
+	stream_detach(uc, r);
+	if (code == NGHTTP2_REFUSED_STREAM && !r->head_done && r->ops && resendable(r)) {
+		/* Never processed by the peer (RFC 9113 8.7): safe on another
+		 * connection, whatever the method; not a retry. */
 		r->id = 0;
+		r->replay_off = 0;
 		queue_push(uc->p, r, true);
 		schedule(uc->p);
 		return 0;
 	}
 	if (r->resp_end && r->head_done && code == NGHTTP2_NO_ERROR)
 		req_end(r, 0, 0, NULL);
+	else if (r->head_done)
+		req_end(r, 502, code, "upstream reset the stream");
 	else
-		req_end(r, 502, code, r->head_done ? "upstream reset the stream"
-		                                   : "upstream closed the stream");
+		attempt_failed(uc->p, uc->snap, r, ENDPICK_RESET, 502, code,
+		               "upstream closed the stream");
 	schedule(uc->p);
 	return 0;
 }
@@ -498,7 +745,11 @@ static void uc_close(struct uconn *uc, const char *why)
 		if (r->id)
 			nghttp2_session_set_stream_user_data(uc->sess, r->id, NULL);
 		r->uc = NULL;
-		req_end(r, 502, 0, "upstream unavailable");
+		evtimer_del(r->timer);
+		if (r->head_done)
+			req_end(r, 502, 0, "upstream unavailable");
+		else
+			attempt_failed(p, uc->snap, r, ENDPICK_RESET, 502, 0, "upstream unavailable");
 	}
 	if (uc->prev)
 		uc->prev->next = uc->next;
@@ -916,6 +1167,8 @@ static void start_stream(struct uconn *uc, struct upool_req *r)
 	list_add(&uc->streams, r);
 	uc->n_streams++;
 	uc->carried = true;
+	if (!r->has_body)
+		head_clock_start(r);
 	uc_kick(uc);
 }
 
@@ -956,17 +1209,11 @@ static void dispatch(struct upool *p)
 		bool opening;
 
 		next = r->next;
-		if (!r->addr.len) {
-			/* Its endpoint failed: the next one in the current list. */
-			const struct snapshot_outbound *o = &cur->outbound[p->listener];
-
-			if (o->n_endpoints == 0) {
-				queue_del(p, r);
-				req_end(r, 502, 0, "no endpoint");
-				continue;
-			}
-			r->endpoint = (uint16_t)(r->endpoint % o->n_endpoints);
-			r->addr = o->endpoints[r->endpoint];
+		if (!r->addr.len && pick_endpoint(p, cur, r) < 0) {
+			/* Its endpoint failed and every other was tried. */
+			queue_del(p, r);
+			req_end(r, 502, 0, "upstream unavailable");
+			continue;
 		}
 		for (uc = p->conns; uc; uc = uc->next)
 			if (same_addr(&uc->addr, &r->addr) && has_room(uc) &&
@@ -1043,12 +1290,19 @@ void upool_free(struct upool *p)
 {
 	if (!p)
 		return;
+	p->stopping = true;
 	while (p->conns)
 		uc_close(p->conns, "the worker stops");
 	while (p->queue) {
 		struct upool_req *r = p->queue;
 
 		queue_del(p, r);
+		req_end(r, 502, 0, "the worker stops");
+	}
+	while (p->waiting) {
+		struct upool_req *r = p->waiting;
+
+		list_del(&p->waiting, r);
 		req_end(r, 502, 0, "the worker stops");
 	}
 	if (p->kick)
@@ -1062,19 +1316,42 @@ struct upool_req *upool_submit(struct upool *p, struct snapshot *snap, const ngh
                                size_t n, bool has_body, const struct upool_owner_ops *ops,
                                void *ctx)
 {
+	const struct traffic *t = conn_pick_listener_traffic(snap, p->listener);
 	struct upool_req *r;
 
-	if (p->n_queued >= UPOOL_MAX_QUEUE)
+	if (p->n_queued >= UPOOL_MAX_QUEUE) {
+		errno = EAGAIN;
 		return NULL;
-	if (!(r = calloc(1, sizeof(*r))))
+	}
+	if (t && t->max_pending_requests &&
+	    atomic_load_explicit(&p->w->shared->upstream_pending[p->listener],
+	                         memory_order_relaxed) >= t->max_pending_requests) {
+		metrics_inc(&metrics_of(p)->overloaded);
+		log_warn("limits.max_pending_requests (%u) of %s reached", t->max_pending_requests,
+		         t->service);
+		errno = EBUSY;
 		return NULL;
+	}
+	if (!(r = calloc(1, sizeof(*r)))) {
+		errno = ENOMEM;
+		return NULL;
+	}
 	r->p = p;
 	r->ops = ops;
 	r->ctx = ctx;
 	r->has_body = has_body;
 	r->queued_at = conn_clock_ms();
-	if (copy_nv(r, nv, n) < 0 || pick_endpoint(p, snap, r) < 0) {
+	r->request_ms = conn_pick_listener_request_ms(snap, p->listener);
+	if (t)
+		r->retry = t->retries;
+	r->keeping = r->retry.attempts > 0;
+	for (size_t i = 0; i < n; i++)
+		if (nv[i].namelen == 7 && !memcmp(nv[i].name, ":method", 7))
+			r->idempotent = endpick_idempotent((const char *)nv[i].value, nv[i].valuelen);
+	if (!(r->timer = evtimer_new(p->w->base, req_timer, r)) || copy_nv(r, nv, n) < 0 ||
+	    pick_endpoint(p, snap, r) < 0) {
 		req_free(r);
+		errno = ENOMEM;
 		return NULL;
 	}
 	queue_push(p, r, false);
@@ -1102,6 +1379,11 @@ void upool_consume(struct upool_req *r, size_t n)
 
 void upool_cancel(struct upool_req *r)
 {
+	if (r->backing_off) {
+		list_del(&r->p->waiting, r);
+		req_free(r);
+		return;
+	}
 	if (!r->uc) {
 		queue_del(r->p, r);
 		req_free(r);
@@ -1109,6 +1391,7 @@ void upool_cancel(struct upool_req *r)
 	}
 	/* Freed when the session closes the stream (on_stream_close). */
 	r->ops = NULL;
+	evtimer_del(r->timer);
 	nghttp2_submit_rst_stream(r->uc->sess, NGHTTP2_FLAG_NONE, r->id, NGHTTP2_CANCEL);
 	uc_kick(r->uc);
 }

@@ -17,10 +17,21 @@
  * bundle) drain: GOAWAY, no new streams, closed when their streams end.
  * Idle connections close after pool.idle_seconds.
  *
+ * The callers' request-level traffic rules (docs/traffic.md) live here:
+ * each attempt waits request_seconds for its response head once the whole
+ * request was handed to the session (then 504); an attempt that failed
+ * before a head was passed on (a reset, a lost connection, the timeout,
+ * a 5xx head retries.on names) goes again after a backoff to another
+ * endpoint, within retries.attempts and the listener's retry budget, for
+ * idempotent methods whose body is kept (UPOOL_RETRY_BODY_MAX); 5xx heads,
+ * resets and timeouts count for outlier ejection; more than
+ * limits.max_pending_requests waiting are refused.
+ *
  * Flow control: response DATA is handed to the owner, who reopens the
  * stream's window with upool_consume() as the bytes leave toward its
  * client; request DATA is pulled only as the session can send it. Nothing
- * is buffered here beyond one gathered write and one read per connection.
+ * is buffered here beyond one gathered write and one read per connection,
+ * and a retryable request's body (at most UPOOL_RETRY_BODY_MAX).
  * Owners are called from the pool's own events, never from inside
  * upool_submit/resume/consume/cancel. The inbound side's pool of HTTP/1.1
  * connections to the local app (apppool.h) has the same shape.
@@ -40,6 +51,9 @@ struct upool_req;
 struct worker;
 
 #define UPOOL_MAX_QUEUE 1024
+/* A request body up to this is kept for a retry (Envoy's per-request
+ * buffer limit); a larger one is not sent again. */
+#define UPOOL_RETRY_BODY_MAX 65536
 
 struct upool_owner_ops {
 	/* Up to cap bytes of the request body into buf; *end once it is whole.
@@ -71,9 +85,12 @@ struct upool *upool_new(struct worker *w, size_t listener);
 void upool_free(struct upool *p);
 
 /*
- * Queues a request (nv copied) under snap (the owner's: its endpoints).
- * has_body: the body() callback gives DATA. Returns it, or NULL when the
- * queue is full or memory ran out (answer 503).
+ * Queues a request (nv copied) under snap (the owner's: its endpoints and
+ * its service's traffic document). has_body: the body() callback gives
+ * DATA. Returns it, or NULL with errno EBUSY when the document's
+ * limits.max_pending_requests are waiting already (answer 503 with
+ * x-meshlet-overloaded: 1; counted), EAGAIN when the queue is full,
+ * ENOMEM (answer 503).
  */
 struct upool_req *upool_submit(struct upool *p, struct snapshot *snap, const nghttp2_nv *nv,
                                size_t n, bool has_body, const struct upool_owner_ops *ops,

@@ -59,6 +59,9 @@ struct worker_shared {
 	/* Per outbound listener: connections to its service, for the traffic
 	 * document's limits.max_connections (conn_pick.c). */
 	atomic_uint upstream_open[CONFIG_MAX_LISTENERS];
+	/* Per outbound listener: requests waiting in the workers' pools for a
+	 * stream, for limits.max_pending_requests (upool.c). */
+	atomic_uint upstream_pending[CONFIG_MAX_LISTENERS];
 	/* The current snapshot with a new reference (snapshot_unref when done);
 	 * NULL in control mode until the first state arrived. Any thread. */
 	struct snapshot *(*snapshot)(void *arg);

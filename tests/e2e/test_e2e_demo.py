@@ -26,11 +26,14 @@ def test_demo_runs_every_step_and_cleans_up(root_before):
         assert p.returncode == 0, out[-6000:]
         for title in ("network:", "control:", "policies:", "sidecars:", "allowed:", "denied:",
                       "gRPC allowed:", "gRPC denied:", "around the sidecars:", "policy push:",
-                      "certificate rotation:", "metrics:", "cleaning up"):
+                      "certificate rotation:", "chaos:", "metrics:", "cleaning up"):
             assert title in out, f"step {title!r} missing:\n{out}"
         assert "FAIL" not in out, out
         assert "all steps OK" in out
-        assert out.count("    OK   ") == 12, out
+        assert out.count("    OK   ") == 13, out
+        # the chaos step: rates measured by the client and from the metrics
+        assert re.search(r"without retries: \d+ of 200 answered 200", out), out
+        assert re.search(r"frontend's retried \d+", out), out
         # the gRPC steps: a real grpcio call answered by the app (naming the
         # caller its sidecar vouched for), and one refused by the named rule
         assert "-> OK order 42: 2 books, 1 lamp (caller spiffe://mesh.local/svc/frontend)" in out, out

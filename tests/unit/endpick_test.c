@@ -173,6 +173,84 @@ static void test_retry_budget(void **state)
 	endpick_free(p);
 }
 
+/* Which methods may go again once they reached the upstream; hostile spellings are not. */
+static void test_idempotent(void **state)
+{
+	static const char *const yes[] = { "GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE" };
+	static const char *const no[] = { "POST", "PATCH", "CONNECT", "get", "GETX", "", "GE" };
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++)
+		assert_true(endpick_idempotent(yes[i], strlen(yes[i])));
+	for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++)
+		assert_false(endpick_idempotent(no[i], strlen(no[i])));
+	/* The length rules, not a NUL: "GET" followed by more is not GET. */
+	assert_false(endpick_idempotent("GETS", 4));
+	assert_true(endpick_idempotent("GETS", 3));
+}
+
+/* retries.on, attempts, idempotence and a body that can be sent again all decide. */
+static void test_retryable(void **state)
+{
+	struct traffic_retries cfg = { .attempts = 2, .on = TRAFFIC_ON_RESET };
+	struct endpick_request get = { 0, true, true };
+	struct endpick_request post = { 0, false, true };
+	struct endpick_request big = { 0, true, false };
+	struct endpick_request spent = { 2, true, true };
+
+	(void)state;
+	cfg.on_status[3] = true;    /* "503" */
+	assert_true(endpick_retryable(&cfg, &get, ENDPICK_RESET, 0));
+	assert_true(endpick_retryable(&cfg, &get, ENDPICK_STATUS, 503));
+	assert_false(endpick_retryable(&cfg, &get, ENDPICK_STATUS, 502));
+	assert_false(endpick_retryable(&cfg, &get, ENDPICK_STATUS, 404));
+	assert_false(endpick_retryable(&cfg, &get, ENDPICK_TIMEOUT, 0));
+	/* Never a POST once it was sent, nor a body no longer kept, nor past attempts. */
+	assert_false(endpick_retryable(&cfg, &post, ENDPICK_RESET, 0));
+	assert_false(endpick_retryable(&cfg, &post, ENDPICK_STATUS, 503));
+	assert_false(endpick_retryable(&cfg, &big, ENDPICK_STATUS, 503));
+	assert_false(endpick_retryable(&cfg, &spent, ENDPICK_RESET, 0));
+	spent.retries = 1;
+	assert_true(endpick_retryable(&cfg, &spent, ENDPICK_RESET, 0));
+	/* "5xx" and "timeout". */
+	cfg.on = TRAFFIC_ON_5XX | TRAFFIC_ON_TIMEOUT;
+	assert_true(endpick_retryable(&cfg, &get, ENDPICK_STATUS, 500));
+	assert_true(endpick_retryable(&cfg, &get, ENDPICK_STATUS, 599));
+	assert_false(endpick_retryable(&cfg, &get, ENDPICK_STATUS, 600));
+	assert_false(endpick_retryable(&cfg, &get, ENDPICK_RESET, 0));
+	assert_true(endpick_retryable(&cfg, &get, ENDPICK_TIMEOUT, 0));
+	/* No retries at all. */
+	cfg.attempts = 0;
+	assert_false(endpick_retryable(&cfg, &get, ENDPICK_TIMEOUT, 0));
+	assert_false(endpick_retryable(NULL, &get, ENDPICK_TIMEOUT, 0));
+}
+
+/* A retry after every endpoint was tried starts over without moving the rotation. */
+static void test_tried_restart(void **state)
+{
+	struct endpick *p = endpick_new(1);
+	struct config_addr a[2];
+	struct endpick_tried t = {0};
+	int first, again;
+
+	(void)state;
+	addrs(a, 2, 9100);
+	first = endpick_choose(p, 0, a, 1, &t, 0);
+	assert_int_equal(first, 0);
+	assert_int_equal(endpick_choose(p, 0, a, 1, &t, 0), -1);    /* one endpoint, tried */
+	endpick_tried_restart(&t);
+	assert_int_equal(endpick_choose(p, 0, a, 1, &t, 0), 0);     /* the same one, again */
+	/* Two endpoints: the restarted call's choice leaves the next call's start alone. */
+	memset(&t, 0, sizeof(t));
+	first = endpick_choose(p, 0, a, 2, &t, 0);
+	endpick_choose(p, 0, a, 2, &t, 0);
+	endpick_tried_restart(&t);
+	again = endpick_choose(p, 0, a, 2, &t, 0);
+	assert_in_range(again, 0, 1);
+	assert_int_equal(pick(p, a, 2, 0), 1 - first);    /* round robin went on from first */
+	endpick_free(p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -181,6 +259,9 @@ int main(void)
 		cmocka_unit_test(test_cap_and_fallback),
 		cmocka_unit_test(test_follows_endpoint_changes),
 		cmocka_unit_test(test_retry_budget),
+		cmocka_unit_test(test_idempotent),
+		cmocka_unit_test(test_retryable),
+		cmocka_unit_test(test_tried_restart),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
